@@ -1,0 +1,268 @@
+"""The single-tower PTUnifier: one vanilla pre-norm Transformer over [visual part; textual part].
+
+    model = PTUnifier(ModelConfig())
+    enc = model(image=img)                                   # image-only: text side = [CLS] + k_l textual prompts + [SEP]
+    enc = model(input_ids=ids, attention_mask=mask)          # text-only: visual side = [IMG_CLS] + k_v visual prompts
+    enc = model(image=img, input_ids=ids, attention_mask=mask)   # the pair
+    enc.pooled                                               # [B, 2D] = final IMG_CLS state ++ final CLS state
+
+The prompts (paper section 3.2) fill in the missing modality so that one backbone serves image-only, text-only and paired
+input. Names follow timm's ViT on the image side (patch_embed.proj, cls_token, pos_embed, blocks.N.attn.qkv, norm) and
+BERT on the text side (word_embeddings, position_embeddings, token_type_embeddings), so both are recognisable.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection."""
+
+    def __init__(self, dim, heads, dropout=0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, key_mask=None, manual=False):
+        # key_mask: [B, T] bool, True = may be attended to; None when nothing is padded (lets SDPA take its fastest kernel)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, T]
+        p = self.dropout if self.training else 0.0
+        if manual:  # the textbook formula, kept so tests can check the fused kernel against it
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(D // self.heads)  # [B, H, T, T]
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            y = F.dropout(att.softmax(-1), p) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, D)  # [B, T, D]
+        return F.dropout(self.proj(y), p, self.training)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, out=None, dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+        self.dropout = dropout
+
+    def forward(self, x):
+        return F.dropout(self.fc2(F.gelu(self.fc1(x))), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block (ViT / GPT-2 layout)."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, dropout=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout=dropout)
+
+    def forward(self, x, key_mask=None, manual=False):
+        x = x + self.attn(self.norm1(x), key_mask, manual)
+        return x + self.mlp(self.norm2(x))
+
+
+class Prompts(nn.Module):
+    """Stand-ins for a missing modality: none, k static prompts, or the top-k rows of a pool chosen by a query.
+
+    Pool mode (paper eq. 4): scores = query . pool rows, the k best rows in score order become the prompts. The rows
+    are gathered by indexing the pool parameter, so the selected rows receive gradients; the authors' code ran this
+    under no_grad and its pools never learned. top-k itself has no gradient, which is fine: the rows learn to be
+    good prompts, and since scores use the same rows, what they learn also moves which queries pick them.
+    """
+
+    def __init__(self, mode, pool_size, k, dim):
+        super().__init__()
+        self.mode, self.k = mode, k
+        n = {"none": 0, "static": k, "pool": pool_size}[mode]
+        # One parameter tensor per pool: every element is in the graph whenever the pool is used, so DDP needs no
+        # unused-parameter search.
+        self.weight = nn.Parameter(torch.zeros(n, dim)) if n else None
+
+    def forward(self, query):
+        # query: [B, D] -> prompts [B, k, D] and the selected rows [B, k] (None unless pooled)
+        B, D = query.shape
+        if self.mode == "none":
+            return query.new_zeros(B, 0, D), None
+        if self.mode == "static":
+            return self.weight.unsqueeze(0).expand(B, -1, -1), None
+        scores = query.float() @ self.weight.float().t()  # [B, N]; fp32 so bf16 rounding never flips a selection
+        idx = scores.topk(self.k, dim=-1).indices  # [B, k], best first
+        return self.weight[idx], idx
+
+
+@dataclass
+class Encoding:
+    hidden: torch.Tensor  # [B, Tv + Tl, D] final-norm states of the whole sequence
+    pooled: torch.Tensor  # [B, 2D] IMG_CLS ++ CLS
+    n_visual: int  # Tv: where the textual part starts
+    selected_visual: torch.Tensor | None  # [B, k_v] pool rows used for a missing image
+    selected_textual: torch.Tensor | None  # [B, k_l] pool rows used for a missing text
+
+
+class PTUnifier(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        # image side (ViT): patches -> linear projection, a learnable [IMG_CLS], learned 1-D positions (paper eq. 11)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, D))
+        # text side (BERT): WordPiece embeddings + learned positions (paper eq. 12)
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, D)
+        self.position_embeddings = nn.Embedding(cfg.max_text_len, D)
+        # modality type, added to every position of a part, prompts included: 0 = visual part, 1 = textual part
+        self.token_type_embeddings = nn.Embedding(2, D)
+        self.visual_prompts = Prompts(cfg.prompt_mode, cfg.pool_size, cfg.k_v, D)
+        self.textual_prompts = Prompts(cfg.prompt_mode, cfg.pool_size, cfg.k_l, D)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D)
+        # pre-training heads. MLM: BERT's prediction head, decoder tied to word_embeddings (paper: two-layer MLP heads)
+        self.mlm_head = nn.Module()
+        self.mlm_head.dense = nn.Linear(D, D)
+        self.mlm_head.norm = nn.LayerNorm(D)
+        self.mlm_head.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.itm_head = Mlp(2 * D, D, 2)
+        # ITC: separate projections of the pooled image-only and text-only representations (CLIP style)
+        self.itc_image_proj = nn.Linear(2 * D, cfg.itc_dim)
+        self.itc_text_proj = nn.Linear(2 * D, cfg.itc_dim)
+        scale = torch.tensor(math.log(1 / cfg.itc_temperature))
+        if cfg.learn_temperature:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale)
+        self.init_weights()
+
+    def init_weights(self):
+        """Every tensor group by name: N(0, 0.02) weights (BERT/ViT), zero biases, unit norms, CLIP's logit scale."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.pos_embed, self.visual_prompts.weight, self.textual_prompts.weight):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        nn.init.zeros_(self.mlm_head.bias)
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(1 / self.cfg.itc_temperature))
+
+    # ---- embeddings -------------------------------------------------------------------------------------------------
+    def embed_image(self, image):
+        x = self.patch_embed.proj(image).flatten(2).transpose(1, 2)  # [B, 3, H, W] -> [B, N, D]
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)  # [B, 1 + N, D]
+        return x + self.pos_embed
+
+    def embed_text(self, input_ids):
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.word_embeddings(input_ids) + self.position_embeddings(pos)  # [B, T, D]
+
+    def _query(self, x, mask=None):
+        """The pool query: mean (or max) of the present modality's input embeddings, padding excluded."""
+        if mask is None:
+            return x.mean(1) if self.cfg.query_pooling == "mean" else x.amax(1)
+        m = mask.unsqueeze(-1)  # [B, T, 1]
+        if self.cfg.query_pooling == "mean":
+            return (x * m).sum(1) / m.sum(1).clamp(min=1)
+        return x.masked_fill(~m, float("-inf")).amax(1)
+
+    def forward(self, image=None, input_ids=None, attention_mask=None, manual_attention=False):
+        if image is None and input_ids is None:
+            raise ValueError("PTUnifier needs an image, a text or both")
+        sel_v = sel_l = None
+        if input_ids is not None:
+            t = self.embed_text(input_ids)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if image is not None:
+            v = self.embed_image(image)
+        else:  # visual part = [IMG_CLS] + k_v visual prompts chosen by the text
+            prompts, sel_v = self.visual_prompts(self._query(t, attention_mask))
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(t), -1, -1)
+            v = torch.cat([cls, prompts.to(cls.dtype)], 1)  # [B, 1 + k_v, D]
+        if input_ids is None:  # textual part = [CLS] + k_l textual prompts + [SEP] chosen by the image
+            prompts, sel_l = self.textual_prompts(self._query(v[:, 1:]))
+            # [CLS] and [SEP] embedded exactly as the empty text "[CLS] [SEP]" would be: with prompt_mode none, a missing
+            # text is literally the empty text; prompts carry no position embedding (they are an unordered set of queries)
+            ends = self.embed_text(torch.tensor([[self.cfg.cls_id, self.cfg.sep_id]], device=v.device))  # [1, 2, D]
+            ends = ends.expand(len(v), -1, -1)
+            t = torch.cat([ends[:, :1], prompts.to(ends.dtype), ends[:, 1:]], 1)  # [B, k_l + 2, D]
+            attention_mask = None
+        v = v + self.token_type_embeddings.weight[0]
+        t = t + self.token_type_embeddings.weight[1]
+        x = torch.cat([v, t], 1)  # [B, Tv + Tl, D]
+        key_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_mask = torch.cat([attention_mask.new_ones(len(v), v.shape[1]), attention_mask], 1)
+        for blk in self.blocks:
+            x = blk(x, key_mask, manual_attention)
+        x = self.norm(x)
+        pooled = torch.cat([x[:, 0], x[:, v.shape[1]]], -1)  # [B, 2D]
+        return Encoding(x, pooled, v.shape[1], sel_v, sel_l)
+
+    # ---- heads ------------------------------------------------------------------------------------------------------
+    def mlm_logits(self, h):
+        """[M, D] states at masked positions -> [M, V] vocabulary logits (decoder tied to word_embeddings)."""
+        h = self.mlm_head.norm(F.gelu(self.mlm_head.dense(h)))
+        return F.linear(h, self.word_embeddings.weight, self.mlm_head.bias)
+
+    def itm_logits(self, pooled):
+        return self.itm_head(pooled)  # [B, 2]: not matched / matched
+
+    def itc_features(self, pooled, modality):
+        """L2-normalised ITC embedding in fp32 of an image-only or text-only pooled representation."""
+        proj = self.itc_image_proj if modality == "image" else self.itc_text_proj
+        return F.normalize(proj(pooled).float(), dim=-1)
+
+    def itc_scale(self):
+        # CLIP clamps the learned scale at 100 so that the logits cannot blow up
+        return self.logit_scale.clamp(max=math.log(100)).exp()
+
+
+def backbone_parameter_names(model):
+    """The backbone = embeddings + blocks + final norm; everything else (pools, heads, logit scale) is the 'rest'."""
+    heads = ("visual_prompts", "textual_prompts", "mlm_head", "itm_head", "itc_", "logit_scale")
+    return {n for n, _ in model.named_parameters() if not n.startswith(heads)}
+
+
+def flops_per_pair(cfg: ModelConfig, objectives, text_len):
+    """Training FLOPs (forward + backward) of one image-text pair in a pre-training step.
+
+    Per pass over a sequence of T positions: 6*N*T for the weight matrices (N = 12*L*D^2 block weights, 2 FLOPs per
+    multiply-add, x3 for forward + backward) plus 12*L*D*T^2 for attention scores and values (Kaplan et al. 2020;
+    nanoGPT's estimate). Summed over the passes each objective runs; MLM adds its head at the ~15% masked positions.
+    """
+    L, D = cfg.depth, cfg.dim
+    N = L * (4 * D * D + 2 * int(D * cfg.mlp_ratio) * D)
+    P = 1 + (cfg.image_size // cfg.patch_size) ** 2
+    k_v, k_l = (0, 0) if cfg.prompt_mode == "none" else (cfg.k_v, cfg.k_l)
+
+    def seq(T):
+        return 6 * N * T + 12 * L * D * T * T
+    total = 0
+    if "itc" in objectives:
+        total += seq(P + k_l + 2) + seq(1 + k_v + text_len)
+    if "mlm" in objectives:
+        total += seq(P + text_len) + 6 * (D * D + D * cfg.vocab_size) * 0.15 * text_len
+    if "itm" in objectives:
+        total += seq(P + text_len)
+    return total

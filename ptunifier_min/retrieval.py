@@ -1,0 +1,75 @@
+"""Image-text retrieval with the ITC head: one image-only pass per image, one text-only pass per text, one matrix product.
+
+    sim, txt_image = similarity(model, records, tok, image_size, max_len, device)
+    metrics.retrieval_recall(sim, txt_image)
+
+The authors scored every image-text pair with the ITM cross-encoder (N^2 fused passes for N pairs); the dual-encoder use of
+the same backbone that PTUnifier's prompts make possible needs only 2N passes. `rerank_itm` optionally re-scores each
+query's top candidates with the ITM head.
+"""
+
+import torch
+
+from . import data
+from .engine import autocast
+
+
+@torch.no_grad()
+def embed_images(model, paths, image_size, device, precision="fp32", batch_size=64):
+    transform = data.ImageTransform(image_size)
+    out = []
+    for i in range(0, len(paths), batch_size):
+        x = torch.stack([transform(data.load_image(p)) for p in paths[i:i + batch_size]]).to(device)
+        with autocast(precision, device):
+            out.append(model.itc_features(model(image=x).pooled, "image"))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(model, texts, tok, max_len, device, precision="fp32", batch_size=128):
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = data.encode_texts(tok, texts[i:i + batch_size], max_len)
+        with autocast(precision, device):
+            out.append(model.itc_features(model(input_ids=ids.to(device), attention_mask=mask.to(device)).pooled,
+                                          "text"))
+    return torch.cat(out)
+
+
+def pairs(records):
+    """Flatten records with several texts: (image paths, texts, index of each text's image)."""
+    texts, txt_image = [], []
+    for i, r in enumerate(records):
+        for t in r["texts"]:
+            texts.append(t)
+            txt_image.append(i)
+    return [r["image"] for r in records], texts, torch.tensor(txt_image)
+
+
+@torch.no_grad()
+def similarity(model, records, tok, image_size, max_len, device, precision="fp32"):
+    """[N_img, N_txt] cosine similarities of the ITC embeddings, and the image index of every text."""
+    was_training = model.training
+    model.eval()
+    paths, texts, txt_image = pairs(records)
+    zi = embed_images(model, paths, image_size, device, precision)
+    zt = embed_texts(model, texts, tok, max_len, device, precision)
+    model.train(was_training)
+    return (zi @ zt.t()).float().cpu(), txt_image
+
+
+@torch.no_grad()
+def rerank_itm(model, sim, records, tok, image_size, max_len, device, top=16, precision="fp32"):
+    """Replace the top-`top` scores of each image row by ITM match logits (plus a large offset to keep them on top)."""
+    paths, texts, _ = pairs(records)
+    transform = data.ImageTransform(image_size)
+    out = sim.clone()
+    offset = sim.abs().max() + 1
+    for i in range(sim.shape[0]):
+        cand = sim[i].topk(min(top, sim.shape[1])).indices
+        img = transform(data.load_image(paths[i]))[None].expand(len(cand), -1, -1, -1).to(device)
+        ids, mask = data.encode_texts(tok, [texts[j] for j in cand.tolist()], max_len)
+        with autocast(precision, device):
+            logits = model.itm_logits(model(image=img, input_ids=ids.to(device), attention_mask=mask.to(device)).pooled)
+        out[i, cand] = offset + (logits[:, 1] - logits[:, 0]).float().cpu()
+    return out
