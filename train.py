@@ -85,44 +85,30 @@ def main(argv=None):
     peak = engine.peak_flops(d.device)
     step_flops = flops_per_pair(cfg.model, objectives, cfg.model.max_text_len) * global_batch
     hist = {k: torch.zeros(cfg.model.pool_size, dtype=torch.long) for k in ("selected_visual", "selected_textual")}
-    skips, window, t0 = 0, [], time.perf_counter()
+    guard = engine.NonFiniteGuard(cfg.max_skips, cfg.out, log)
+    window, t0 = [], time.perf_counter()
+
+    def loss_fn(batch, micro):  # reads `step` from the loop below
+        gen = engine.step_generator(cfg.seed, step, micro)  # the same draws on every rank and after a resume
+        loss, stats = pretraining_loss(train_model, batch, cfg, gen, special_info, continuation, model)
+        for k in hist:  # pool usage: which rows the single-modality passes selected
+            rows = stats.pop(k, None)
+            if rows is not None:
+                hist[k] += torch.bincount(rows.flatten().cpu(), minlength=cfg.model.pool_size)
+        return loss, stats
+
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not d.main, desc="pre-train")
     model.train()
     for step in bar:
-        stats_sum = {}
-        for micro in range(cfg.grad_accum):
-            batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
-            gen = engine.step_generator(cfg.seed, step, micro)
-            # gradients are all-reduced only on the last micro-step; the sync state must be set before the forward
-            sync = micro == cfg.grad_accum - 1 or d.world == 1
-            with (train_model.no_sync() if not sync else contextlib.nullcontext()):
-                with engine.autocast(precision, d.device):
-                    loss, stats = pretraining_loss(train_model, batch, cfg, gen, special_info, continuation, model)
-                (loss / cfg.grad_accum).backward()
-            for k, v in stats.items():
-                if k.startswith("selected_"):
-                    if v is not None:
-                        hist[k] += torch.bincount(v.flatten().cpu(), minlength=cfg.model.pool_size)
-                else:
-                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg.grad_accum
-        if not engine.all_finite(loss, model, d):  # skip on every rank alike, keep the last good weights
-            opt.zero_grad(set_to_none=True)
-            skips += 1
-            log.write({"step": step + 1, "skipped": "non-finite loss or gradient", "consecutive": skips})
-            if skips >= cfg.max_skips:
-                raise RuntimeError(f"{skips} consecutive non-finite steps at step {step + 1}; the last good checkpoint "
-                                   f"is in {cfg.out}. Lower the learning rate or check the data.")
+        loss, stats = engine.accumulate(train_model, batches, loss_fn, cfg.grad_accum, d, precision)
+        grad_norm = engine.optimizer_step(model, opt, sched, loss, cfg.grad_clip, d)
+        if not guard(grad_norm, step + 1):
             continue
-        skips = 0
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        window.append(stats_sum)
+        window.append(stats)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             dt = time.perf_counter() - t0
             rec = {"step": step + 1, **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
-                   "grad_norm": float(grad_norm), "lr_backbone": sched.get_last_lr()[0],
+                   "grad_norm": grad_norm, "lr_backbone": sched.get_last_lr()[0],
                    "pairs_per_s": len(window) * global_batch / dt}
             rec["loss"] = sum(rec[k] for k in ("mlm_loss", "itm_loss", "itc_loss") if k in rec)
             for k in hist:
@@ -134,12 +120,11 @@ def main(argv=None):
             log.write(rec)
             bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("mlm_loss", "itm_loss", "itc_loss", "itc_acc") if k in rec})
             window, t0 = [], time.perf_counter()
-        if d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1,
-                     "rng": gather_rng(d)}
-            engine.save_checkpoint(cfg.out, step + 1, model, cfg, state, files=[tok_path])
-        elif (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            gather_rng(d)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            rng = gather_rng(d)  # a collective: every rank takes part, rank 0 writes
+            if d.main:
+                state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1, "rng": rng}
+                engine.save_checkpoint(cfg.out, step + 1, model, cfg, state, files=[tok_path])
     bar.close()
     say(f"checkpoint: {engine.resolve_checkpoint(cfg.out)}")
 

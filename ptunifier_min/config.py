@@ -104,6 +104,11 @@ class TrainConfig(RunConfig):
     eval_pairs: int = _f(2000, "ROCO test pairs for the closing zero-shot retrieval (0 = skip)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
 
+    def __post_init__(self):
+        self.objective_set()
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+
     def objective_set(self):
         names = [o for o in self.objectives.split(",") if o]
         bad = set(names) - {"mlm", "itm", "itc"}
@@ -165,7 +170,7 @@ def parse_args(cls, presets, argv=None, description=""):
         typ = _str2bool if f.type in (bool, "bool") else type(default)
         extra = {"choices": sorted(presets)} if name == "preset" else {}
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, metavar=typ.__name__.upper()
-                       if typ is not _str2bool else "BOOL", help=f"{f.metadata['help']} (default: {default})", **extra)
+                       if typ is not _str2bool else "BOOL", help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"), **extra)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = args.get("preset", getattr(defaults, "preset", None))
     overrides = dict(presets.get(preset, {})) if preset else {}
@@ -191,3 +196,44 @@ def from_dict(cls, d):
 def save_json(cfg, path):
     with open(path, "w") as f:
         json.dump(to_dict(cfg), f, indent=2)
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Fine-tuning on one downstream task of the paper's Table 2 (finetune.py; eval.py re-reads it from checkpoints).
+
+    With --init, the architecture and the tokenizer are the checkpoint's; model flags given on the command line must
+    agree with it (image_size excepted: the position embeddings are interpolated)."""
+
+    preset: str = _f("cpu", "named preset, applied before the flags: cpu | tiny | paper")
+    task: str = _f("", "downstream task: chexpert | rsna | radnli | mimic_sum | roco_retrieval | mimic_gen | vqa_rad | "
+                       "slake | medvqa2019")
+    init: str = _f("", "pre-training checkpoint (run or step folder); empty = runs/pretrain when it holds one, else "
+                       "scratch; 'scratch' forces a randomly initialised backbone")
+    out: str = _f("", "output folder (results.json, log.jsonl, best checkpoint); empty = "
+                      "runs/finetune/<task>-<pretrained|scratch>[-<percent>pct]")
+    data_frac: float = _f(1.0, "share of the training split used, a seeded subset (at least 8 samples): 0.01 | 0.1 | 1")
+    eval_every: int = _f(100, "optimizer steps between validation runs; the best weights on val are kept")
+    eval_batch_size: int = _f(64, "samples per batch at evaluation")
+    max_gen_len: int = _f(64, "generated text length in tokens, [CLS] and [SEP] included (TS, ITG targets and decoding)")
+    beam_size: int = _f(3, "beam size of the deterministic beam search (TS, ITG); 1 = greedy")
+    length_penalty: float = _f(1.0, "beam hypotheses are compared by log-prob sum / length ** length_penalty")
+    steps: int = _f(600, "optimizer steps")
+    batch_size: int = _f(32, "samples per device per micro-step (lowered to the training set size for tiny subsets)")
+    lr_backbone: float = _f(1e-4, "peak learning rate of the backbone (paper: 5e-6)")
+    lr_head: float = _f(1e-3, "peak learning rate of the task head, prompt pools and decoder (paper: 2.5e-4)")
+    log_every: int = _f(50, "optimizer steps between log lines")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
+
+
+# Fine-tuning presets. Architecture keys only matter from scratch: with --init the checkpoint decides.
+FINETUNE_PRESETS = {
+    "cpu": {},
+    "tiny": dict(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2, pool_size=8, k_v=4, k_l=3,
+                 itc_dim=16, steps=6, batch_size=4, eval_every=3, eval_batch_size=16, log_every=2, num_workers=0,
+                 synth_scale="tiny", max_gen_len=12, beam_size=2),
+    # The paper's architecture and fine-tuning rates (section 5.3: AdamW, 5e-6 backbone, 2.5e-4 task layers).
+    "paper": dict(image_size=288, patch_size=16, max_text_len=48, dim=768, depth=12, heads=12, pool_size=1024, k_v=49,
+                  k_l=32, itc_dim=256, vocab_size=30522, lr_backbone=5e-6, lr_head=2.5e-4, steps=5000,
+                  batch_size=32, eval_every=500, log_every=50, num_workers=8, max_gen_len=128, beam_size=3),
+}

@@ -161,6 +161,57 @@ def warmup_linear(total_steps, warmup_frac):
     return f
 
 
+def accumulate(train_model, batches, loss_fn, grad_accum, d, precision):
+    """One optimizer step's worth of micro-steps: forward + backward each, gradients all-reduced on the last only.
+
+    loss_fn(batch, micro) -> (loss, {name: scalar tensor}). The DDP sync state is chosen before each forward (no_sync
+    must wrap the forward too). Returns (last micro-step's loss, stats averaged over the micro-steps).
+    """
+    stats = {}
+    for micro in range(grad_accum):
+        batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        sync = micro == grad_accum - 1 or d.world == 1
+        with contextlib.nullcontext() if sync else train_model.no_sync():
+            with autocast(precision, d.device):
+                loss, s = loss_fn(batch, micro)
+            (loss / grad_accum).backward()
+        for k, v in s.items():
+            stats[k] = stats.get(k, 0.0) + float(v) / grad_accum
+    return loss, stats
+
+
+def optimizer_step(model, opt, sched, loss, grad_clip, d):
+    """Clip, step, advance the schedule; or, when the loss or any gradient is non-finite on any rank, skip the update
+    on every rank alike. Returns the gradient norm, or None for a skipped step."""
+    if not all_finite(loss, model, d):
+        opt.zero_grad(set_to_none=True)
+        return None
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped steps; after max_skips it stops training with a clear error (the last checkpoint,
+    written before the trouble, stays intact)."""
+
+    def __init__(self, max_skips, out, log):
+        self.max_skips, self.out, self.log, self.run = max_skips, out, log, 0
+
+    def __call__(self, grad_norm, step):
+        if grad_norm is not None:
+            self.run = 0
+            return True
+        self.run += 1
+        self.log.write({"step": step, "skipped": "non-finite loss or gradient", "consecutive": self.run})
+        if self.run >= self.max_skips:
+            raise FloatingPointError(f"{self.run} consecutive non-finite steps up to step {step}; the last good "
+                                     f"checkpoint is in {self.out}. Lower the learning rate or check the data.")
+        return False
+
+
 def all_finite(loss, model, d):
     """True on every rank alike when this rank's loss and all gradients are finite everywhere."""
     ok = torch.isfinite(loss.detach()).all()

@@ -30,11 +30,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, key_mask=None, manual=False):
+    def forward(self, x, key_mask=None, manual=False, causal=False):
         # key_mask: [B, T] bool, True = may be attended to; None when nothing is padded (lets SDPA take its fastest kernel)
+        # causal: position t attends to positions <= t only (the generation decoder)
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, T]
+        if causal:
+            tri = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = tri if mask is None else mask & tri
         p = self.dropout if self.training else 0.0
         if manual:  # the textbook formula, kept so tests can check the fused kernel against it
             att = (q @ k.transpose(-2, -1)) / math.sqrt(D // self.heads)  # [B, H, T, T]

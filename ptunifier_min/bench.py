@@ -1,0 +1,121 @@
+"""Pre-training throughput and MFU: a benchmark, not a test.
+
+    python -m ptunifier_min.bench                       # cpu + tiny presets on CPU; cpu + paper on a GPU
+    python -m ptunifier_min.bench --presets paper --batch-size 32 --precisions bf16
+
+For each preset and precision it times (a) the backbone alone, one paired forward + backward, and (b) the full PTUnifier
+step: ITC's image-only and text-only passes, MLM's masked pass, ITM's pass, backward and the AdamW update. Inputs are
+random tensors of the preset's shapes, so data loading is not measured. FLOPs come from model.flops_per_pair (6*N*T +
+12*L*D*T^2 per pass); the peak is a matrix-product measurement on this machine (on a GPU, the card's nominal dense bf16
+peak, and the measured one beside it). MFU = achieved FLOPs / peak of the same precision.
+"""
+
+import argparse
+import time
+
+import torch
+
+from . import engine
+from .config import PRESETS, TrainConfig, build
+from .model import PTUnifier, backbone_parameter_names, flops_per_pair
+from .objectives import pretraining_loss
+
+
+def matmul_peak(device, dtype, n=2048, seconds=1.0):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 * _rate(lambda: a @ b, device, seconds)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rate(fn, device, seconds, warmup=2):
+    """Calls per second of fn, timed for at least `seconds` after warm-up."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds or n < 2:
+        fn()
+        n += 1
+    _sync(device)
+    return n / (time.perf_counter() - t)
+
+
+def fake_batch(cfg, B, device):
+    T = cfg.model.max_text_len
+    ids = torch.randint(5, cfg.model.vocab_size, (B, T), device=device)
+    ids[:, 0], ids[:, -1] = cfg.model.cls_id, cfg.model.sep_id
+    return {"image": torch.randn(B, 3, cfg.model.image_size, cfg.model.image_size, device=device),
+            "input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.bool, device=device),
+            "index": torch.arange(B, device=device)}
+
+
+def bench(preset, precision, batch_size, device, seconds):
+    cfg = build(TrainConfig, {**PRESETS[preset], "batch_size": batch_size})
+    model = PTUnifier(cfg.model).to(device)
+    opt, _ = engine.build_optimizer(model, backbone_parameter_names(model), 1e-4, 1e-4, 0.01, (0.9, 0.98))
+    batch = fake_batch(cfg, batch_size, device)
+    special = {"ids": [cfg.model.cls_id, cfg.model.sep_id, 0], "mask": 4}
+
+    def backbone():
+        with engine.autocast(precision, device):
+            out = model(image=batch["image"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out.pooled.float().sum().backward()
+
+    def full_step():
+        with engine.autocast(precision, device):
+            loss, _ = pretraining_loss(model, batch, cfg, torch.Generator().manual_seed(0), special)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    P = 1 + (cfg.model.image_size // cfg.model.patch_size) ** 2
+    T = cfg.model.max_text_len
+    L, D = cfg.model.depth, cfg.model.dim
+    N = L * (4 * D * D + 2 * int(D * cfg.model.mlp_ratio) * D)
+    rows = []
+    for name, fn, flops in [("backbone fwd+bwd", backbone, 6 * N * (P + T) + 12 * L * D * (P + T) ** 2),
+                            ("full PTUnifier step", full_step, flops_per_pair(cfg.model, {"mlm", "itm", "itc"}, T))]:
+        rate = _rate(fn, device, seconds)
+        rows.append((name, batch_size * rate, flops * batch_size * rate))
+    params = sum(p.numel() for p in model.parameters())
+    return params, rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", default="", help="comma-separated presets (default: cpu,tiny on CPU; cpu,paper on GPU)")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated precisions to time")
+    p.add_argument("--batch-size", type=int, default=0, help="pairs per step (default: 32 for cpu/paper, 64 for tiny)")
+    p.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    presets = args.presets or ("cpu,paper" if device.type == "cuda" else "cpu,tiny")
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peaks = {}
+    for prec in args.precisions.split(","):
+        dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+        peaks[prec] = matmul_peak(device, dtype, seconds=min(args.seconds, 2.0))
+        nominal = engine.peak_flops(device) if prec == "bf16" else None
+        print(f"peak {prec}: measured {peaks[prec] / 1e12:.3f} TFLOP/s (2048^3 matmul)"
+              + (f", nominal {nominal / 1e12:.0f} TFLOP/s (used for MFU)" if nominal else ""))
+        if nominal:
+            peaks[prec] = nominal
+    print("\n| preset | params | precision | what | pairs/s | TFLOP/s | MFU |\n|---|---|---|---|---|---|---|")
+    for preset in presets.split(","):
+        B = args.batch_size or (64 if preset == "tiny" else 32)
+        for prec in args.precisions.split(","):
+            params, rows = bench(preset, prec, B, device, args.seconds)
+            for name, pairs, flops in rows:
+                print(f"| {preset} (B={B}) | {params / 1e6:.1f}M | {prec} | {name} | {pairs:.1f} | "
+                      f"{flops / 1e12:.3f} | {100 * flops / peaks[prec]:.1f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""Evaluation metrics for the downstream tasks, in numpy, each checked against its reference implementation.
+
+    auroc(scores, labels)                    # IC: one class; macro_auroc(...) over CheXpert's 5 / RSNA's 1
+    accuracy(pred, target)                   # TC (RadNLI)
+    vqa_accuracy(pred, target, answer_type)  # VQA: overall / open / closed, out-of-vocabulary answers count as wrong
+    retrieval_recall(sim, txt_image)         # ROCO retrieval: i2t / t2i Recall@1/5/10
+    nlg_metrics(refs, hyps)                  # TS, ITG: BLEU-1..4, ROUGE-L, CIDEr(-D) [, METEOR] as pycocoevalcap
+
+Array arguments may be numpy arrays, lists or torch tensors (any device or dtype). The NLG functions take dicts
+{sample id: [reference strings]} and {sample id: hypothesis string}; `bleu`, `rouge_l`, `cider_d` and `meteor` expect
+text that is already tokenised (space-separated tokens, as pycocoevalcap's scorers do), `nlg_metrics` tokenises first
+with `nlg_tokenize`. The NLG scorers re-derive pycocoevalcap 1.2 (the coco-caption code that the report-generation
+literature uses); tests/test_metrics.py compares every number with it.
+"""
+
+import math
+import re
+import shutil
+from collections import Counter
+
+import numpy as np
+
+
+def _numpy(x):
+    """Array-like (list, numpy, torch tensor on any device, bf16 included) -> numpy array, without importing torch."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.double()  # numpy has no bfloat16
+        x = x.numpy()
+    return np.asarray(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Classification
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve of one binary task; None when `labels` hold a single value (AUROC is undefined).
+
+    Computed as the Mann-Whitney statistic with average ranks for tied scores, which equals the trapezoidal area of
+    sklearn.metrics.roc_auc_score, ties included. AUROC depends only on the order of the scores, so logits and
+    sigmoid probabilities give the same value -- except that sigmoid in float32 saturates to exactly 1.0 for logits
+    above ~17, creating ties the logits did not have; pass logits when you have them.
+    """
+    scores = _numpy(scores).astype(np.float64).ravel()
+    labels = _numpy(labels).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in size")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    labels = labels.astype(bool)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    # average rank (1-based) of every score: a group of t tied values occupying ranks r+1..r+t gets r + (t+1)/2
+    _, group, size = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(size) - (size - 1) / 2.0)[group.ravel()]
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0  # pairs (pos, neg) ordered correctly, ties counting 1/2
+    return float(u / (n_pos * n_neg))
+
+
+def macro_auroc(scores, labels, names):
+    """Per-class AUROC of [N, C] scores and 0/1 labels, and their mean over the classes where it is defined.
+
+    A class whose labels hold one value in this split (e.g. no positive Edema in a small validation set) has no
+    AUROC: it is listed in "undefined", has None in "per_class", and is left out of the mean -- counting it as 0 or
+    0.5 would move the macro number by an amount that depends only on the split. "macro" is None if no class is
+    defined.
+    """
+    scores, labels = _numpy(scores), _numpy(labels)
+    if scores.ndim == 1:  # one class (RSNA) given as [N]
+        scores, labels = scores[:, None], labels[:, None]
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be [N, C]")
+    if len(names) != scores.shape[1]:
+        raise ValueError(f"{len(names)} names for {scores.shape[1]} classes")
+    per_class = {name: auroc(scores[:, c], labels[:, c]) for c, name in enumerate(names)}
+    defined = [v for v in per_class.values() if v is not None]
+    return {"macro": float(np.mean(defined)) if defined else None,
+            "per_class": per_class,
+            "undefined": [name for name, v in per_class.items() if v is None]}
+
+
+def accuracy(pred, target):
+    """Fraction of positions where pred == target (class indices)."""
+    pred, target = _numpy(pred).ravel(), _numpy(target).ravel()
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {pred.shape} and target {target.shape} differ in size")
+    if pred.size == 0:
+        raise ValueError("accuracy of an empty set")
+    return float((pred == target).mean())
+
+
+def vqa_accuracy(pred, target, answer_type):
+    """VQA accuracy over all questions and per answer type.
+
+    pred, target: [N] answer indices into the train+val answer vocabulary; target -1 marks a test answer outside that
+    vocabulary, which the classifier can never produce, so it counts as wrong (whatever pred is) -- the question stays
+    in the denominator, as in the published numbers. answer_type: [N] "open" or "closed". Returns fractions in [0, 1]:
+    {"overall", "open", "closed", "oov_share"}; a type with no questions gets None.
+    """
+    pred, target = _numpy(pred).ravel(), _numpy(target).ravel()
+    answer_type = np.asarray([str(t) for t in answer_type])
+    if not (pred.shape == target.shape == answer_type.shape):
+        raise ValueError(f"pred {pred.shape}, target {target.shape}, answer_type {answer_type.shape} differ in size")
+    if pred.size == 0:
+        raise ValueError("accuracy of an empty set")
+    if not np.isin(answer_type, ("open", "closed")).all():
+        raise ValueError(f"answer_type must be 'open' or 'closed', got {sorted(set(answer_type) - {'open', 'closed'})}")
+    correct = (pred == target) & (target >= 0)
+    out = {"overall": float(correct.mean())}
+    for kind in ("open", "closed"):
+        sel = answer_type == kind
+        out[kind] = float(correct[sel].mean()) if sel.any() else None
+    out["oov_share"] = float((target < 0).mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Retrieval
+
+
+def _first_hit_rank(sim, positive, chunk=1024):
+    """0-based rank of the best-scored positive of every row of sim [Q, K], with ties counted against the query.
+
+    A negative scored equal to the best positive is ranked ahead of it, so a model that gives every pair the same
+    similarity scores 0, not 1. Rows are processed in chunks to bound memory on large matrices.
+    """
+    ranks = np.empty(sim.shape[0], dtype=np.int64)
+    for s in range(0, sim.shape[0], chunk):
+        x, pos = sim[s:s + chunk], positive[s:s + chunk]
+        best = np.where(pos, x, -np.inf).max(axis=1, keepdims=True)
+        ranks[s:s + chunk] = ((x >= best) & ~pos).sum(axis=1)
+    return ranks
+
+
+def retrieval_recall(sim, txt_image, ks=(1, 5, 10), img_group=None):
+    """Image-to-text and text-to-image Recall@k of a similarity matrix, as fractions in [0, 1].
+
+    sim: [N_img, N_txt] similarity of every image with every text; txt_image: [N_txt] index of each text's image.
+    An image query hits at k when any of its texts is among its k most similar texts; a text query hits when its
+    image is among its k most similar images. img_group: optional [N_img] labels of images that are the same
+    (duplicated ids, identical pixels); any image of the group then counts as the text's image, and any text of the
+    group as the image's text. Ties are broken against the query (see `_first_hit_rank`).
+    Returns {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", ...} for the given ks.
+    """
+    sim = _numpy(sim)
+    txt_image = _numpy(txt_image).astype(np.int64).ravel()
+    n_img, n_txt = sim.shape
+    if txt_image.shape != (n_txt,):
+        raise ValueError(f"txt_image has {txt_image.size} entries for {n_txt} texts")
+    if txt_image.min(initial=0) < 0 or txt_image.max(initial=0) >= n_img:
+        raise ValueError(f"txt_image must index the {n_img} images")
+    if np.isnan(sim).any():
+        raise ValueError("sim contains NaN")
+    group = np.arange(n_img) if img_group is None else np.unique(_numpy(img_group).ravel(), return_inverse=True)[1]
+    if group.shape != (n_img,):
+        raise ValueError(f"img_group has {group.size} entries for {n_img} images")
+    positive = group[:, None] == group[txt_image][None, :]  # [N_img, N_txt]: text j belongs to (a twin of) image i
+    without_text = np.flatnonzero(~positive.any(axis=1))
+    if without_text.size:
+        raise ValueError(f"{without_text.size} images have no text (first: {without_text[0]}); "
+                         "image-to-text recall is undefined for them")
+    i2t = _first_hit_rank(sim, positive)
+    t2i = _first_hit_rank(sim.T, positive.T)
+    out = {f"i2t_r{k}": float((i2t < k).mean()) for k in ks}
+    out.update({f"t2i_r{k}": float((t2i < k).mean()) for k in ks})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text generation: tokenisation
+#
+# pycocoevalcap's PTBTokenizer pipes the text through Stanford CoreNLP 3.4.1's PTBTokenizer (java, -lowerCase
+# -preserveLines) and then drops the tokens '' ' `` ` -LRB- -RRB- -LCB- -RCB- . ? ! , : - -- ... ;. The lexer
+# lower-cases BEFORE that filter, so the bracket tokens come out as "-lrb-", "-rrb-", "-lsb-", ... and survive: every
+# published coco-caption score counts them, and so do we. The rules below reproduce the lexer's behaviour on
+# report-like text (probed against the jar); the java lexer also has rules for URLs, e-mail addresses, SGML tags,
+# phone numbers, some rare contractions ("rock'n'roll", "'tis", "cannot's") and the look-ahead of "No."/"Fig." across
+# a line break into the next caption (pycocoevalcap tokenises all captions as one file) that are not reproduced.
+
+# Abbreviations that keep their final period. Case-insensitive except where a letter is bracketed (the java lexer
+# writes "[P]a": "PA." and "Pa." are Pennsylvania, "pa." is not).
+_ABBREVIATIONS = (
+    # person titles
+    "mr|mrs|ms|drs?|profs?|sen|rep|atty|lt|col|gen|messrs|gov|adm|rev|rt|maj|sgt|cpl|pvt|capt|ste?|ave|pres|lieut|"
+    "hon|brig|co?mdr|pfc|spc|supt|det|mt|ft|mme|mlle|jr|sr|bros|esq|"
+    # months, weekdays
+    "jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tues?|wed|thu|thurs|fri|"
+    # US states
+    "ala|ariz|calif|colo|conn|ct|dak|fla|ga|ind|kans?|ky|md|mich|minn|mo|mont|neb|nev|okla|penn|tenn|va|vt|wisc?|wyo|"
+    "(?-i:M)iss|(?-i:A)z|(?-i:A)rk|(?-i:D)el|(?-i:I)ll|(?-i:L)a|(?-i:M)ass|(?-i:O)re|(?-i:P)a|(?-i:T)ex|(?-i:W)ash|"
+    # companies and the rest
+    "inc|cos?|corp|ltd|plc|bancorp|bhd|assn|univ|intl|sys|p(?-i:ty)|m(?-i:fg)|m(?-i:tg)|"
+    "tel|est|ext|sq|etc|al|seq|bldg|invt|elec|natl|dept|blvd|rd|v|wm|jos|cie|cf|treas|ph|vs"
+)
+# ... and these only when a number follows ("No. 5", "Fig. 3"); elsewhere the period is sentence-final.
+_ABBREVIATIONS_BEFORE_NUMBER = "ca|figs?|prop|nos?|art|pp|op"
+
+_ALNUM = r"(?:[dol]'(?=[^\W_]))?[^\W_]+(?:_[^\W_]+)*"  # x  2nd  a_b_c  o'clock (a single _ joins, ___ does not)
+_PERIOD = r"(?:\.(?=[,;:]))?"  # a period before , ; : cannot end a sentence and stays on the token ("cm.,")
+# The lexer's rules, as (kind, pattern). At each position the longest match wins, ties going to the earlier rule --
+# JFlex's semantics, which is what makes "1.5-2.5" come out as "1.5-2" ".5" and "3.5cm" as "3.5" "cm".
+_RULES = [(kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in [
+    ("abbrev", rf"(?:{_ABBREVIATIONS_BEFORE_NUMBER})\.(?=\s*\d)|(?:{_ABBREVIATIONS})\.|[a-z](?:\.[a-z])*\."),  # e.g.
+    ("clitic", r"(?:n't|'(?:s|m|d|re|ve|ll))(?![^\W\d_])"),  # split off words by _CLITIC below
+    ("word", rf"[+-]?(?:\d*(?:[.,:]\d+)+|\d+){_PERIOD}"),  # -5  3.5  1,000  10:30  .5
+    ("word", rf"{_ALNUM}(?:[.!?][^\W\d_][^\W_]*)*{_PERIOD}"),  # normal  normal.the (no space after the period)
+    ("word", rf"[^\W_][\w.,]*(?:-{_ALNUM})+{_PERIOD}"),  # x-ray  t12-l1  45-year-old  1.5-2  (not 1.5-2.5)
+    ("word", rf"{_ALNUM}(?:-[^\W\d_]+){{0,2}}(?:/{_ALNUM}(?:-[^\W\d_]+){{0,2}}){{1,2}}"),  # ap/pa  s/p  w/o  12/03/2019
+    # a fraction, mixed with a whole number before it: "1-1/2", and also "2 1/2", which the lexer returns as ONE
+    # token with a non-breaking space ("2\xa01/2"; also "74 8/27/2000" -> "74\xa08/27" "/" "2000"), copied here
+    ("word", r"(?:\d{1,4}[- \xa0])?\d{1,4}/\d{1,4}"),
+    ("keep", r"_+|\*+|#+|[?!]{2,}|-[lr][rcs]b-"),  # ___ (MIMIC's de-identification)  **  ?!  -lrb-
+    ("drop", r"\.+|-+|[?!,;:\"]|'+|`+"),  # the PTB punctuation tokens pycocoevalcap removes
+    ("other", r"\S"),  # any other symbol, one token each: % & + = < > / ~ ( ) ...
+]]
+_SPACE = re.compile(r"\s+")
+_CLITIC = re.compile(r"(?<=\w)(n't|'(?:s|m|d|re|ve|ll))(?![^\W\d_])", re.IGNORECASE)  # patient's -> patient 's
+_ASSIMILATIONS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na", "gimme": "gim me",
+                  "lemme": "lem me"}
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# typographic quotes become ASCII ones (then dropped or used as apostrophes); dashes and ellipses are dropped tokens
+_UNICODE = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'",
+                          "\u2013": " -- ", "\u2014": " -- ", "\u2026": " ... "})
+
+
+def nlg_tokenize(text):
+    """pycocoevalcap's tokenisation in Python: PTB tokens, lower-cased, punctuation tokens removed, space-joined.
+
+    "The heart (AP view) is normal. No effusion, e.g. none." -> "the heart -lrb- ap view -rrb- is normal no effusion
+    e.g. none". See the comment above _ABBREVIATIONS for what is and is not reproduced.
+    """
+    text = _CLITIC.sub(r" \1", text.replace("\n", " ").translate(_UNICODE))
+    tokens, pos = [], 0
+    while True:
+        space = _SPACE.match(text, pos)
+        pos = space.end() if space else pos
+        if pos == len(text):
+            break
+        best_kind, best = None, None
+        for kind, rule in _RULES:
+            m = rule.match(text, pos)
+            if m and m.end() > pos and (best is None or m.end() > best.end()):
+                best_kind, best = kind, m
+        tok, pos = best.group().lower().replace(" ", "\xa0"), best.end()
+        if best_kind == "drop":
+            continue
+        if best_kind == "other":
+            tok = _BRACKETS.get(tok, tok)
+        elif best_kind == "word":
+            tok = _ASSIMILATIONS.get(tok, tok)
+        tokens.append(tok)
+    return " ".join(tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text generation: scorers (pycocoevalcap 1.2 semantics; inputs already tokenised)
+
+
+def _check(refs, hyps):
+    if set(refs) != set(hyps):
+        raise ValueError("refs and hyps must have the same sample ids")
+    for k in refs:
+        if isinstance(refs[k], str) or len(refs[k]) == 0:
+            raise ValueError(f"refs[{k!r}] must be a non-empty list of strings")
+        if not isinstance(hyps[k], str):
+            raise ValueError(f"hyps[{k!r}] must be a string")
+    if not refs:
+        raise ValueError("no samples")
+    return list(refs)
+
+
+def _ngrams(tokens, n):
+    """Counter of all 1..n-grams of a token list."""
+    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+
+
+def bleu(refs, hyps, n=4):
+    """Corpus-level BLEU-1..n as pycocoevalcap's Bleu(4): a list of n floats.
+
+    Clipped n-gram matches (each hypothesis n-gram counted at most as often as in the reference that has it most) and
+    hypothesis n-gram counts are summed over the corpus; BLEU-k is the geometric mean of the k precisions times the
+    brevity penalty exp(1 - r/c) when c < r, with c the total hypothesis length and r the sum over samples of the
+    reference length closest to the hypothesis length (the shorter one on a tie). The constants 1e-15 and 1e-9 are
+    pycocoevalcap's guards against 0/0; they shift nothing a reported digit can see.
+    """
+    tiny, small = 1e-15, 1e-9
+    correct, guess = [0] * n, [0] * n
+    hyp_len = ref_len = 0
+    for k in _check(refs, hyps):
+        h = hyps[k].split()
+        r = [ref.split() for ref in refs[k]]
+        counts = _ngrams(h, n)
+        max_ref = Counter()
+        for ref in r:
+            max_ref |= _ngrams(ref, n)  # | keeps the maximum count of each n-gram
+        for g, c in counts.items():
+            correct[len(g) - 1] += min(c, max_ref[g])
+        for i in range(n):
+            guess[i] += max(0, len(h) - i)
+        hyp_len += len(h)
+        ref_len += min((abs(len(x) - len(h)), len(x)) for x in r)[1]
+    scores, product = [], 1.0
+    for i in range(n):
+        product *= (correct[i] + tiny) / (guess[i] + small)
+        scores.append(product ** (1.0 / (i + 1)))
+    ratio = (hyp_len + tiny) / (ref_len + small)
+    if ratio < 1:
+        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
+    return scores
+
+
+def _lcs(a, b):
+    """Length of the longest common subsequence of two token lists.
+
+    Bit-parallel dynamic programming (Hyyro 2004, "Bit-parallel LCS-length computation revisited"): bit i of v is
+    0 where the LCS table's column steps up at row i of `a`; one integer add per token of `b` updates a whole column.
+    Python integers are unbounded, so this works for any length, and is ~50x faster than the O(|a||b|) table in pure
+    Python.
+    """
+    match = {}
+    for i, tok in enumerate(a):
+        match[tok] = match.get(tok, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for tok in b:
+        u = v & match.get(tok, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - bin(v).count("1")
+
+
+def rouge_l(refs, hyps, beta=1.2):
+    """Mean over samples of pycocoevalcap's ROUGE-L.
+
+    Per sample: P = max over references of LCS/len(hyp), R = max over references of LCS/len(ref) -- the two maxima
+    are taken separately and may come from different references -- then F = (1 + beta^2) P R / (R + beta^2 P), 0 if
+    P or R is 0. Tokens are split on single spaces like pycocoevalcap (an empty hypothesis is one empty token).
+    This is not `rouge_score`'s ROUGE-L (F1 with stemming) that summarisation papers often report.
+    """
+    scores = []
+    for k in _check(refs, hyps):
+        h = hyps[k].split(" ")
+        p = r = 0.0
+        for ref in refs[k]:
+            t = ref.split(" ")
+            lcs = _lcs(t, h)
+            p, r = max(p, lcs / len(h)), max(r, lcs / len(t))
+        scores.append((1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p > 0 and r > 0 else 0.0)
+    return float(np.mean(scores))
+
+
+def cider_d(refs, hyps, n=4, sigma=6.0):
+    """pycocoevalcap's "Cider", which is CIDEr-D (Vedantam et al. 2015, section 4): mean over samples.
+
+    Each sentence becomes, for every n-gram size, a tf-idf vector: count x (log N_samples - log max(1, df)), where df
+    is the number of samples whose references contain the n-gram -- document frequencies come from the references of
+    the evaluated set itself, so the score of a sample depends on the rest of the set. For each reference, per size,
+    the clipped cosine sum_g min(h_g, r_g) r_g / (|h| |r|) is multiplied by the Gaussian length penalty
+    exp(-delta^2 / (2 sigma^2)), delta the difference in words; the sample score is 10 x the mean over sizes,
+    averaged over references. No stemming. (pycocoevalcap's loop counts bigrams for the length, max(0, words - 1): the
+    same delta unless a sentence is empty, and then the cosine is 0 anyway, so the scores are identical.)
+    """
+    ids = _check(refs, hyps)
+    hyp_tokens = {k: hyps[k].split() for k in ids}
+    ref_tokens = {k: [r.split() for r in refs[k]] for k in ids}
+    ref_counts = {k: [_ngrams(t, n) for t in ref_tokens[k]] for k in ids}
+    df = Counter(g for k in ids for g in set().union(*ref_counts[k]))
+    log_n = math.log(len(ids))
+
+    def vectorize(counts):
+        vec = [{} for _ in range(n)]
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, df[g])))
+        return vec, [math.sqrt(sum(w * w for w in v.values())) for v in vec]
+
+    scores = []
+    for k in ids:
+        vh, nh = vectorize(_ngrams(hyp_tokens[k], n))
+        total = 0.0
+        for tokens, rc in zip(ref_tokens[k], ref_counts[k]):
+            vr, nr = vectorize(rc)
+            penalty = math.exp(-((len(hyp_tokens[k]) - len(tokens)) ** 2) / (2 * sigma ** 2))
+            for i in range(n):
+                dot = sum(min(w, vr[i].get(g, 0.0)) * vr[i].get(g, 0.0) for g, w in vh[i].items())
+                if nh[i] != 0 and nr[i] != 0:
+                    dot /= nh[i] * nr[i]
+                total += dot * penalty
+        scores.append(10.0 * total / n / len(refs[k]))
+    return float(np.mean(scores))
+
+
+METEOR_INSTALL = ("METEOR runs pycocoevalcap's METEOR 1.5 jar, which needs `pip install pycocoevalcap` and a Java "
+                  "runtime on PATH (e.g. `apt-get install default-jre-headless`). Leave with_meteor off to skip it.")
+
+
+def meteor(refs, hyps):
+    """METEOR 1.5 (English, -norm) through pycocoevalcap's wrapper of the java program: the corpus score it reports.
+
+    Raises RuntimeError with install instructions when pycocoevalcap or java is missing.
+    """
+    try:
+        from pycocoevalcap.meteor.meteor import Meteor
+    except ImportError as e:
+        raise RuntimeError(f"pycocoevalcap is not installed. {METEOR_INSTALL}") from e
+    if shutil.which("java") is None:
+        raise RuntimeError(f"java was not found on PATH. {METEOR_INSTALL}")
+    ids = _check(refs, hyps)
+    scorer = Meteor()
+    try:
+        score, _ = scorer.compute_score({k: list(refs[k]) for k in ids}, {k: [hyps[k]] for k in ids})
+    finally:
+        del scorer  # its __del__ ends the java process
+    return float(score)
+
+
+def nlg_metrics(refs, hyps, with_meteor=False):
+    """All report-generation metrics on raw text: tokenise with nlg_tokenize, then score.
+
+    refs: {id: [reference strings]} (or {id: str} for one reference), hyps: {id: str}. Returns
+    {"BLEU_1", ..., "BLEU_4", "ROUGE_L", "CIDEr"} and "METEOR" when with_meteor (needs java, see METEOR_INSTALL),
+    named as pycocoevalcap's COCOEvalCap names them; values are fractions as it reports them (CIDEr is on its x10
+    scale).
+    """
+    refs = {k: [nlg_tokenize(r) for r in ([v] if isinstance(v, str) else v)] for k, v in refs.items()}
+    hyps = {k: nlg_tokenize(v) for k, v in hyps.items()}
+    out = {f"BLEU_{i + 1}": s for i, s in enumerate(bleu(refs, hyps))}
+    out["ROUGE_L"] = rouge_l(refs, hyps)
+    out["CIDEr"] = cider_d(refs, hyps)
+    if with_meteor:
+        out["METEOR"] = meteor(refs, hyps)
+    return out

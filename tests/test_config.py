@@ -1,0 +1,36 @@
+"""The typed config: presets, flag overrides, type checks, unknown keys, round trip."""
+
+import pytest
+
+from ptunifier_min.config import PRESETS, TrainConfig, from_dict, parse_args, to_dict
+
+
+def test_preset_then_flags():
+    cfg = parse_args(TrainConfig, PRESETS, ["--preset", "tiny", "--dim", "48", "--whole-word", "true"])
+    assert cfg.model.dim == 48 and cfg.model.depth == PRESETS["tiny"]["depth"] and cfg.whole_word is True
+    assert parse_args(TrainConfig, PRESETS, []).model.dim == TrainConfig().model.dim  # cpu preset = defaults
+    paper = parse_args(TrainConfig, PRESETS, ["--preset", "paper"])
+    assert (paper.model.dim, paper.model.depth, paper.model.pool_size, paper.model.k_v) == (768, 12, 1024, 49)
+
+
+@pytest.mark.parametrize("argv", [["--bogus", "1"], ["--steps", "ten"], ["--preset", "huge"],
+                                  ["--whole-word", "maybe"], ["--dim", "30", "--heads", "4"]])
+def test_bad_flags_exit_with_a_message(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(TrainConfig, PRESETS, argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_round_trip_and_unknown_keys():
+    cfg = parse_args(TrainConfig, PRESETS, ["--preset", "tiny"])
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="unknown config keys: colour"):
+        from_dict(TrainConfig, {**to_dict(cfg), "colour": "red"})
+
+
+def test_objectives_are_validated():
+    assert parse_args(TrainConfig, PRESETS, ["--objectives", "itc,mlm"]).objective_set() == {"itc", "mlm"}
+    with pytest.raises(SystemExit):
+        parse_args(TrainConfig, PRESETS, ["--objectives", "mim"])
+    with pytest.raises(SystemExit):
+        parse_args(TrainConfig, PRESETS, ["--precision", "fp8"])
