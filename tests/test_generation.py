@@ -1,0 +1,281 @@
+"""The generation decoder: initialisation from the backbone, weight tying, causality, encoder padding, the loss, and
+greedy / beam-search decoding (hand-built next-token tables for exact expectations, a trained tiny model end to end)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ptunifier_min.config import ModelConfig
+from ptunifier_min.generation import (TextDecoder, beam_search, encoder_memory, generation_loss, greedy)
+from ptunifier_min.model import PTUnifier
+
+PAD, UNK, CLS, SEP, MASK = range(5)
+A, B_, C, D_ = 5, 6, 7, 8  # ordinary tokens of the hand-built tables
+
+
+def backbone(seed=0, dropout=0.0):
+    """A tiny backbone whose weights look pre-trained: every tensor nudged off its init (norms no longer all ones),
+    so that 'copied from the backbone' cannot pass by coincidence."""
+    torch.manual_seed(seed)
+    model = PTUnifier(ModelConfig(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2, pool_size=8,
+                                  k_v=4, k_l=3, itc_dim=16, vocab_size=50, dropout=dropout))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def memory_batch(B=3, S=9, D=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    memory = torch.randn(B, S, D, generator=g)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[0, 6:] = False
+    mask[2, 8:] = False
+    return memory, mask
+
+
+class TableDecoder(nn.Module):
+    """A stand-in decoder: next-token log-probs from a hand-written table indexed by the last token, plus a per-example
+    bias read from memory[:, 0, :V]. Exact arithmetic, so beam-search expectations can be computed by hand."""
+
+    def __init__(self, rows, V=10, max_len=64):
+        super().__init__()
+        table = torch.full((V, V), 1e-6)
+        for prev, nxt in rows.items():
+            for tok, p in nxt.items():
+                table[prev, tok] = p
+        self.register_buffer("logp", table.log().log_softmax(-1))  # [V, V] next-token log-probs given the last token
+        self.max_len = max_len
+
+    def forward(self, ids, memory, memory_mask=None):
+        return self.logp[ids] + memory[:, :1, :self.logp.shape[0]]  # [B, T, V]
+
+
+def no_memory(B=1, V=10):
+    return torch.zeros(B, 1, V)
+
+
+# ---- initialisation and tying ---------------------------------------------------------------------------------------
+def test_decoder_starts_from_backbone_blocks_with_fresh_cross_attention():
+    bb = backbone()
+    dec = TextDecoder(bb, max_len=32)
+    assert len(dec.blocks) == 2
+    for blk, dblk in zip(bb.blocks, dec.blocks):
+        for name, value in blk.state_dict().items():  # norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2
+            copied = dblk.state_dict()[name]
+            assert torch.equal(copied, value), name
+            assert copied.data_ptr() != value.data_ptr(), f"{name} is shared, not copied"
+        D = bb.cfg.dim
+        q = dblk.cross_attn.q.weight
+        assert not torch.allclose(q, dblk.attn.qkv.weight[:D], atol=1e-3)
+        assert 0.015 < q.std() < 0.025 and 0.015 < dblk.cross_attn.kv.weight.std() < 0.025
+        assert torch.equal(dblk.norm_cross.weight, torch.ones(D))
+    assert torch.equal(dec.norm.weight, bb.norm.weight) and dec.norm.weight.data_ptr() != bb.norm.weight.data_ptr()
+    # positions: the backbone's 24 rows, then fresh ones
+    assert torch.equal(dec.position_embeddings.weight[:24], bb.position_embeddings.weight)
+    assert 0.015 < dec.position_embeddings.weight[24:].std() < 0.025
+    # the decoder embeds text exactly as the encoder embeds its textual part
+    ids = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(dec.embed(ids), bb.embed_text(ids) + bb.token_type_embeddings.weight[1])
+    # copies, not views: changing the encoder later leaves the decoder alone
+    before = dec.blocks[0].attn.qkv.weight.clone()
+    with torch.no_grad():
+        bb.blocks[0].attn.qkv.weight.add_(1.0)
+    assert torch.equal(dec.blocks[0].attn.qkv.weight, before)
+
+
+def test_depth_option():
+    bb = backbone()
+    dec = TextDecoder(bb, depth=1)
+    assert len(dec.blocks) == 1
+    assert torch.equal(dec.blocks[0].mlp.fc1.weight, bb.blocks[0].mlp.fc1.weight)
+    with pytest.raises(ValueError):
+        TextDecoder(bb, depth=3)
+
+
+def test_embeddings_and_output_are_tied_to_the_backbone():
+    bb = backbone()
+    dec = TextDecoder(bb, max_len=32)
+    # the decoder's own state holds no copy of the tied tensors
+    assert {k.split(".")[0] for k in dec.state_dict()} == {"blocks", "position_embeddings", "norm"}
+    memory, mask = memory_batch()
+    ids = torch.tensor([[CLS, 10, 11, 12, SEP]] * 3)
+    # same storage: editing the backbone's word embedding edits what the decoder reads
+    a = dec(ids, memory, mask)
+    with torch.no_grad():
+        bb.word_embeddings.weight[11] += 1.0
+    assert not torch.allclose(a, dec(ids, memory, mask))
+
+    # one optimisation step through the decoder alone trains the backbone's embeddings and MLM head
+    model = nn.ModuleDict(dict(backbone=bb, decoder=dec))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    emb, dense = bb.word_embeddings.weight.clone(), bb.mlm_head.dense.weight.clone()
+    loss = generation_loss(dec(ids[:, :-1], memory, mask), ids[:, 1:], PAD)
+    loss.backward()
+    g = bb.word_embeddings.weight.grad
+    assert g[10].abs().sum() > 0  # input side
+    assert g[40].abs().sum() > 0  # 40 is never an input: its gradient comes from the tied output projection
+    for name, p in dec.named_parameters():  # every decoder parameter takes part
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    opt.step()
+    assert not torch.equal(bb.word_embeddings.weight, emb) and not torch.equal(bb.mlm_head.dense.weight, dense)
+
+
+# ---- attention masks ------------------------------------------------------------------------------------------------
+def test_causal_later_tokens_do_not_change_earlier_logits():
+    dec = TextDecoder(backbone(), max_len=32)
+    memory, mask = memory_batch()
+    ids = torch.randint(5, 50, (3, 10), generator=torch.Generator().manual_seed(0))
+    a = dec(ids, memory, mask)
+    ids2 = ids.clone()
+    ids2[:, 6] = (ids[:, 6] + 1 - 5) % 45 + 5
+    b = dec(ids2, memory, mask)
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_cross_attention_ignores_encoder_padding(manual):
+    dec = TextDecoder(backbone(), max_len=32)
+    memory, mask = memory_batch()
+    ids = torch.tensor([[CLS, 10, 11, 12, 13]] * 3)
+    a = dec(ids, memory, mask, manual_attention=manual)
+    padded = memory.clone()
+    padded[0, 6:] = 100 * torch.randn(3, 32)
+    torch.testing.assert_close(dec(ids, padded, mask, manual_attention=manual), a)
+    real = memory.clone()
+    real[0, 2] += 1.0
+    b = dec(ids, real, mask, manual_attention=manual)
+    assert not torch.allclose(a[0], b[0])
+    torch.testing.assert_close(a[1:], b[1:])
+    # and the mask is what does it: unmasked, the padded change is seen
+    assert not torch.allclose(dec(ids, padded, None, manual_attention=manual)[0], dec(ids, memory, None)[0])
+
+
+def test_sdpa_equals_manual_attention():
+    dec = TextDecoder(backbone(), max_len=32)
+    memory, mask = memory_batch()
+    ids = torch.randint(5, 50, (3, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(dec(ids, memory, mask), dec(ids, memory, mask, manual_attention=True))
+
+
+def test_encoder_padding_is_invisible_end_to_end():
+    """Findings -> memory -> decoder: what sits under the findings' padding cannot reach the summary's logits."""
+    bb = backbone()
+    dec = TextDecoder(bb, max_len=32)
+    findings = torch.tensor([[CLS, 10, 11, SEP, PAD, PAD], [CLS, 12, 13, 14, 15, SEP]])
+    fmask = findings != PAD
+    memory, mmask = encoder_memory(bb, input_ids=findings, attention_mask=fmask)
+    n_vis = 1 + bb.cfg.k_v
+    assert mmask.shape == (2, n_vis + 6) and mmask[:, :n_vis].all() and torch.equal(mmask[:, n_vis:], fmask)
+    other = findings.clone()
+    other[0, 4:] = 33
+    memory2, _ = encoder_memory(bb, input_ids=other, attention_mask=fmask)
+    assert not torch.allclose(memory[0, n_vis + 4:], memory2[0, n_vis + 4:])  # the padded states did change
+    ids = torch.tensor([[CLS, 20, 21, 22]] * 2)
+    torch.testing.assert_close(dec(ids, memory, mmask), dec(ids, memory2, mmask))
+    # image-only memory has no padding
+    memory, mmask = encoder_memory(bb, image=torch.randn(2, 3, 32, 32))
+    assert mmask is None and memory.shape == (2, 17 + bb.cfg.k_l + 2, 32)
+
+
+# ---- loss -----------------------------------------------------------------------------------------------------------
+def test_generation_loss_matches_hand_computation():
+    logits = torch.tensor([[[0.0, 1.0, 2.0, 0.5], [1.0, -1.0, 0.0, 3.0], [5.0, 5.0, 5.0, 5.0]],
+                           [[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]])
+    targets = torch.tensor([[2, 3, 0], [1, 0, 0]])  # pad_id = 0: three real targets
+
+    def nll(row, t):
+        return math.log(sum(math.exp(v) for v in row)) - row[t]
+    rows = logits.tolist()
+    hand = (nll(rows[0][0], 2) + nll(rows[0][1], 3) + nll(rows[1][0], 1)) / 3
+    loss = generation_loss(logits, targets, pad_id=0)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - hand) < 1e-6
+    # logits at padded targets do not matter; the others do
+    other = logits.clone()
+    other[1, 1:] = torch.randn(2, 4)
+    assert abs(generation_loss(other, targets, 0).item() - hand) < 1e-6
+    other[0, 1, 3] += 1.0
+    assert abs(generation_loss(other, targets, 0).item() - hand) > 1e-3
+    assert abs(generation_loss(logits.bfloat16(), targets, 0).item() - hand) < 0.02
+
+
+# ---- decoding -------------------------------------------------------------------------------------------------------
+def test_beam_search_finds_what_greedy_misses():
+    # greedy takes A (0.6), then [SEP] (0.34): p = 0.204. Beam 2 also keeps B (0.4), then [SEP] (0.95): p = 0.38.
+    dec = TableDecoder({CLS: {A: 0.6, B_: 0.4}, A: {SEP: 0.34, C: 0.33, D_: 0.33}, B_: {SEP: 0.95},
+                        C: {SEP: 1.0}, D_: {SEP: 1.0}})
+    args = (no_memory(), None, CLS, SEP, PAD)
+    assert greedy(dec, *args) == [[A]]
+    assert beam_search(dec, *args, beam_size=1) == [[A]]
+    for lp in (0.0, 1.0):
+        assert beam_search(dec, *args, beam_size=2, length_penalty=lp) == [[B_]]
+
+
+def test_length_penalty_convention():
+    # [] = [SEP] at once: p = 0.55, len 1.  [A] = A then [SEP]: p = 0.45 * 0.9 = 0.405, len 2.
+    # Raw sums (penalty 0) prefer [], per-token means (penalty 1) prefer [A].
+    dec = TableDecoder({CLS: {SEP: 0.55, A: 0.45}, A: {SEP: 0.9, B_: 0.1}})
+    lp = dec.logp
+    short, long_ = lp[CLS, SEP].item(), (lp[CLS, A] + lp[A, SEP]).item()
+    for penalty in (0.0, 0.5, 1.0, 2.0):
+        expect = [] if short / 1 ** penalty > long_ / 2 ** penalty else [A]
+        assert beam_search(dec, no_memory(), None, CLS, SEP, PAD, beam_size=2, length_penalty=penalty) == [expect]
+    assert beam_search(dec, no_memory(), None, CLS, SEP, PAD, beam_size=2, length_penalty=0.0) == [[]]
+    assert beam_search(dec, no_memory(), None, CLS, SEP, PAD, beam_size=2, length_penalty=1.0) == [[A]]
+
+
+def test_beam_search_rows_are_independent():
+    """Batched over B x beam: each example's result equals decoding it alone (catches row bookkeeping slips)."""
+    g = torch.Generator().manual_seed(0)
+    dec = TableDecoder({})
+    dec.logp = torch.randn(10, 10, generator=g).log_softmax(-1)
+    memory = 2 * torch.randn(5, 1, 10, generator=g)
+    together = beam_search(dec, memory, None, CLS, SEP, PAD, beam_size=3, max_len=6)
+    alone = [beam_search(dec, memory[i:i + 1], None, CLS, SEP, PAD, beam_size=3, max_len=6)[0] for i in range(5)]
+    assert together == alone
+    assert len({tuple(h) for h in together}) > 1
+    assert all(len(h) <= 6 and CLS not in h and SEP not in h and PAD not in h for h in together)
+
+
+def test_beam_one_equals_greedy_and_runs_repeat():
+    dec = TextDecoder(backbone(dropout=0.5), max_len=16)
+    memory, mask = memory_batch()
+    dec.train()  # dropout on: decoding must switch it off (deterministic) and restore the mode after
+    g = greedy(dec, memory, mask, CLS, SEP, PAD, max_len=12)
+    assert dec.training
+    assert greedy(dec, memory, mask, CLS, SEP, PAD, max_len=12) == g
+    assert beam_search(dec, memory, mask, CLS, SEP, PAD, beam_size=1, max_len=12) == g
+    a = beam_search(dec, memory, mask, CLS, SEP, PAD, beam_size=3, max_len=12)
+    assert beam_search(dec, memory, mask, CLS, SEP, PAD, beam_size=3, max_len=12) == a
+    with pytest.raises(ValueError):
+        greedy(dec, memory, mask, CLS, SEP, PAD, max_len=17)
+
+
+def test_trained_decoder_reproduces_its_target():
+    """ITG in miniature: images -> backbone -> decoder, trained to always write one fixed report."""
+    bb = backbone()
+    dec = TextDecoder(bb, max_len=16)
+    model = nn.ModuleDict(dict(backbone=bb, decoder=dec)).train()
+    target = [11, 22, 33, 44, 15]
+    ids = torch.tensor([[CLS, *target, SEP, PAD]] * 4)  # a padded tail, as a batch would have
+    g = torch.Generator().manual_seed(0)
+
+    def decode(fn, **kw):
+        memory, mmask = encoder_memory(bb.eval(), image=torch.randn(3, 3, 32, 32, generator=g))
+        return fn(dec, memory, mmask, CLS, SEP, PAD, max_len=10, **kw)
+    assert decode(beam_search, beam_size=3) != [target] * 3
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(40):
+        memory, mmask = encoder_memory(bb.train(), image=torch.randn(4, 3, 32, 32, generator=g))
+        loss = generation_loss(dec(ids[:, :-1], memory, mmask), ids[:, 1:], PAD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+    with torch.no_grad():
+        assert decode(beam_search, beam_size=3) == [target] * 3
+        assert decode(greedy) == [target] * 3
