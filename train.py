@@ -7,9 +7,7 @@
 Read top to bottom: config -> data -> model -> optimizer -> loop -> checkpoint -> zero-shot retrieval.
 """
 
-import contextlib
 import os
-import sys
 import time
 
 import torch
@@ -126,7 +124,9 @@ def main(argv=None):
                 state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1, "rng": rng}
                 engine.save_checkpoint(cfg.out, step + 1, model, cfg, state, files=[tok_path])
     bar.close()
-    say(f"checkpoint: {engine.resolve_checkpoint(cfg.out)}")
+    engine.assert_in_sync(model, d)
+    say(f"checkpoint: {engine.resolve_checkpoint(cfg.out)}" + (f"; all {d.world} ranks hold identical parameters"
+                                                              if d.world > 1 else ""))
 
     # ---- zero-shot retrieval on ROCO test pairs ---------------------------------------------------------------------
     if cfg.eval_pairs and d.main:
@@ -142,6 +142,7 @@ def main(argv=None):
     engine.barrier(d)
     if d.world > 1:
         torch.distributed.destroy_process_group()
+    return model
 
 
 def gather_rng(d):
@@ -155,4 +156,4 @@ def gather_rng(d):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -235,6 +235,19 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
+def assert_in_sync(model, d):
+    """Raise unless every rank holds the same parameters (compares per-tensor float64 sums and sums of squares)."""
+    if d.world == 1:
+        return
+    sig = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()]) for p in model.parameters()])
+    sig = sig.to(d.device)
+    out = [torch.empty_like(sig) for _ in range(d.world)]
+    dist.all_gather(out, sig)
+    bad = [r for r in range(1, d.world) if not torch.equal(out[0], out[r])]
+    if bad:
+        raise RuntimeError(f"parameters of ranks {bad} differ from rank 0's: DDP lost synchronisation")
+
+
 def unwrap(model):
     model = getattr(model, "module", model)  # DDP
     return getattr(model, "_orig_mod", model)  # torch.compile

@@ -1,0 +1,294 @@
+"""What training and evaluation read: prepared manifests, images, the WordPiece tokenizer and the pre-training dataset.
+
+    records = load_pretrain_records("data/prepared", ["roco", "medicat", "mimic_cxr"], "train")
+    ds = PretrainDataset(records, ImageTransform(288), seed=0); ds.set_epoch(epoch)
+    loader = DataLoader(ds, batch_size=B, collate_fn=pretrain_collate(load_tokenizer(path), max_len=48))
+
+Folders come from prepare.py (one per downstream task, meta.json written last). Images are grayscale, replicated to
+3 channels and normalised with MEAN = STD = 0.5 to [-1, 1]. The paper resizes and center-crops to 288 x 288 and, since
+medical texts are multi-sentence narratives, samples one random sentence of the text at every access; both choices
+(and the random crop option) are a pure function of (seed, epoch, index), so a resumed run sees the same data.
+"""
+
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+MEAN, STD = 0.5, 0.5
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in a tokenizer we train
+
+
+def _read_dicom(path):
+    try:
+        import pydicom  # optional: only real RSNA data is DICOM
+    except ImportError:
+        raise ImportError(f"{path} is a DICOM file; reading it needs pydicom: pip install pydicom") from None
+    ds = pydicom.dcmread(path)
+    x = ds.pixel_array.astype(np.float32)
+    x = x * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        x = x.max() - x  # MONOCHROME1 stores bright as low values; flip so that bone is white as everywhere else
+    return _to_uint8(x)
+
+
+def _to_uint8(x):
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(x)
+    return Image.fromarray(x.round().astype(np.uint8))  # 2-D uint8 -> mode "L"
+
+
+def load_image(path):
+    """A grayscale ("L") PIL image from a JPEG / PNG (or DICOM through the optional pydicom)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    if path.lower().endswith(".dcm"):
+        try:
+            return _read_dicom(path)
+        except ImportError:
+            raise
+        except Exception as e:
+            raise ValueError(f"cannot read DICOM image {path}: {e}") from None
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so that a truncated file fails here and names the path
+            if img.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit exports: rescale instead of clipping at 255
+                return _to_uint8(np.asarray(img, dtype=np.float32))
+            return img.convert("L")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+class ImageTransform:
+    """PIL "L" image -> FloatTensor [3, size, size] in [-1, 1].
+
+    Default (eval, and training as in the paper): resize the shorter side to `size`, then center crop.
+    train=True with random_resized_crop=True: a random crop of `scale` of the area and aspect ratio in [3/4, 4/3]
+    (torchvision's RandomResizedCrop), drawn from `rng` so that it can be replayed. No flips: left and right matter
+    in radiology (heart, situs, laterality words in the reports).
+    """
+
+    def __init__(self, size, train=False, random_resized_crop=False, scale=(0.5, 1.0)):
+        self.size, self.train, self.random_resized_crop, self.scale = size, train, random_resized_crop, tuple(scale)
+
+    def _random_box(self, w, h, rng):
+        area = w * h
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = round((target * ratio) ** 0.5), round((target / ratio) ** 0.5)
+            if 0 < cw <= w and 0 < ch <= h:
+                left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+                return left, top, left + cw, top + ch
+        return self._center_box(w, h)  # the rare fallback of torchvision
+
+    @staticmethod
+    def _center_box(w, h):
+        m = min(w, h)  # resize-shorter-side + center crop == resize of the central square
+        left, top = (w - m) // 2, (h - m) // 2
+        return left, top, left + m, top + m
+
+    def __call__(self, img, rng=None):
+        w, h = img.size
+        if self.train and self.random_resized_crop:
+            box = self._random_box(w, h, rng if rng is not None else random)
+        else:
+            box = self._center_box(w, h)
+        img = img.convert("L").resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        x = (x - MEAN) / STD
+        return x.unsqueeze(0).expand(3, -1, -1).contiguous()  # [3, S, S]: grayscale replicated for a 3-channel ViT
+
+
+def read_meta(folder):
+    path = os.path.join(folder, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"incomplete or missing preparation: {folder} (no meta.json; run prepare.py)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_split(folder, split):
+    read_meta(folder)  # the jsonl files of an interrupted preparation are not to be trusted
+    path = os.path.join(folder, f"{split}.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"split file not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: malformed JSON ({e})") from None
+    return records
+
+
+def load_pretrain_records(prepared_root, datasets, split):
+    """Concatenate the pre-training records of several prepared folders; each record gains its "dataset" name."""
+    records = []
+    for name in datasets:
+        folder = os.path.join(prepared_root, name)
+        for r in read_split(folder, split):
+            if not os.path.exists(r["image"]):
+                raise FileNotFoundError(f"{folder}/{split}.jsonl, id {r['id']}: image file not found: {r['image']}")
+            if not r.get("texts"):
+                raise ValueError(f"{folder}/{split}.jsonl, id {r['id']}: record has no texts")
+            records.append({**r, "dataset": name})
+    return records
+
+
+# A sentence ends at . ! or ? followed by whitespace and a character that is not lower case ("e.g. the" stays whole).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[^a-z])")
+
+
+def split_sentences(text):
+    """Split a caption or report into sentences; never returns an empty list for a non-empty text."""
+    parts = [p.strip() for p in _SENTENCE_END.split(text.strip()) if p.strip()]
+    sentences = []
+    for p in parts:
+        # "1." / "2)" list numbers and other letterless fragments belong to the sentence that follows them
+        if sentences and not re.search(r"[A-Za-z]", sentences[-1]):
+            sentences[-1] = f"{sentences[-1]} {p}"
+        else:
+            sentences.append(p)
+    return sentences or [text.strip()]
+
+
+def _bert_pipeline(tok, lowercase):
+    # BERT's pipeline (Devlin et al.): clean text + lower case, split on whitespace and punctuation, '##' pieces
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def _continuation_pieces(texts, normalizer, pre_tokenizer):
+    """'##c' for every character c that can continue a word of the corpus (i.e. is not split off as punctuation)."""
+    chars = set()
+    for t in texts:
+        chars.update(t)
+    chars = set(normalizer.normalize_str("".join(sorted(chars)))) - {" "}
+    return ["##" + c for c in sorted(chars) if len(pre_tokenizer.pre_tokenize_str("a" + c)) == 1]
+
+
+def train_tokenizer(texts, vocab_size, path):
+    """Train a lower-cased BERT WordPiece tokenizer; save it as tokenizer.json (`path` is that file or its folder)."""
+    texts = list(texts)
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The trainer numbers the '##c' pieces in hash-map order, and merge ties are broken by those numbers, so the
+    # vocabulary changes from run to run (huggingface/tokenizers#1794). Handing it every '##c' up front, in sorted
+    # order, makes training deterministic; they are then made ordinary vocabulary entries again below.
+    pieces = _continuation_pieces(texts, normalizer, pre_tokenizer)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + pieces,
+                                        continuing_subword_prefix="##", show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok = Tokenizer(models.WordPiece(tok.get_vocab(), unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.add_special_tokens(SPECIAL_TOKENS)  # already in the vocabulary: ids 0..4 stay
+    tok = _bert_pipeline(tok, lowercase=True)
+    out = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tok.save(out)
+    return tok
+
+
+def load_tokenizer(path):
+    """tokenizer.json, or a BERT-style vocab.txt (one token per line); a folder holding either also works."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "vocab.txt"):
+            if os.path.exists(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {path}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    if path.endswith(".json"):
+        return Tokenizer.from_file(path)
+    with open(path, encoding="utf-8") as f:
+        vocab = [line.rstrip("\r\n") for line in f if line.strip()]
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"{path}: vocabulary lacks special token(s) {missing}")
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
+                                     continuing_subword_prefix="##"))
+    # an uncased vocabulary (bert-base-uncased, PubMedBERT uncased) has no upper-case tokens besides [SPECIAL]s
+    cased = any(t != t.lower() for t in vocab if not (t.startswith("[") and t.endswith("]")))
+    tok.add_special_tokens(SPECIAL_TOKENS)  # so that decode() leaves them out, as for a trained tokenizer
+    return _bert_pipeline(tok, lowercase=not cased)
+
+
+def special_ids(tok):
+    ids = {k: tok.token_to_id(t) for k, t in zip(("pad", "unk", "cls", "sep", "mask"), SPECIAL_TOKENS)}
+    missing = [SPECIAL_TOKENS[i] for i, v in enumerate(ids.values()) if v is None]
+    if missing:
+        raise ValueError(f"tokenizer lacks special token(s) {missing}")
+    return ids
+
+
+def _pad(rows, pad_id):
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (T - len(r)) for r in rows], dtype=torch.long)  # [B, T], T = longest row
+    mask = torch.tensor([[True] * len(r) + [False] * (T - len(r)) for r in rows])  # [B, T]
+    return ids, mask
+
+
+def encode_texts(tok, texts, max_len):
+    """[CLS] text [SEP] per text, truncated to max_len with the final [SEP] kept, padded with [PAD] to the longest."""
+    sp = special_ids(tok)
+    rows = [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+    rows = [[sp["cls"]] + r[:max_len - 2] + [sp["sep"]] for r in rows]
+    return _pad(rows, sp["pad"])
+
+
+def encode_pairs(tok, a, b, max_len):
+    """[CLS] a [SEP] b [SEP] (RadNLI); when too long, tokens come off the end of the longer text first (BERT)."""
+    sp = special_ids(tok)
+    ea = [e.ids for e in tok.encode_batch(list(a), add_special_tokens=False)]
+    eb = [e.ids for e in tok.encode_batch(list(b), add_special_tokens=False)]
+    rows = []
+    for x, y in zip(ea, eb):
+        x, y = list(x), list(y)
+        while len(x) + len(y) > max_len - 3:
+            (x if len(x) > len(y) else y).pop()
+        rows.append([sp["cls"]] + x + [sp["sep"]] + y + [sp["sep"]])
+    return _pad(rows, sp["pad"])
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Image-text pairs for pre-training: each access draws one text of the record and one sentence of that text."""
+
+    def __init__(self, records, transform, seed=0):
+        self.records, self.transform, self.seed, self.epoch = records, transform, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        # seeded by a string (hashed with SHA-512 by random): the same in every worker, process and Python run
+        rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
+        text = rng.choice(split_sentences(rng.choice(r["texts"])))
+        image = self.transform(load_image(r["image"]), rng)
+        return {"image": image, "text": text, "index": i}
+
+
+def pretrain_collate(tok, max_len):
+    def collate(batch):
+        ids, mask = encode_texts(tok, [b["text"] for b in batch], max_len)
+        return {"image": torch.stack([b["image"] for b in batch]),  # [B, 3, S, S]
+                "input_ids": ids, "attention_mask": mask,  # [B, T]
+                "index": torch.tensor([b["index"] for b in batch], dtype=torch.long)}
+    return collate

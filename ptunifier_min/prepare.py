@@ -1,0 +1,677 @@
+"""Turn the official release of each dataset (real, or the synthetic mirror of synth.py) into the prepared format.
+
+    python -m ptunifier_min.prepare DATASET --root RAW --out DIR [--seed 0]
+    python -m ptunifier_min.prepare all --root RAW --out DIR        # expects RAW/<dataset>/ for all nine
+
+DATASET is one of roco, medicat, mimic_cxr, chexpert, rsna, radnli, vqa_rad, slake, medvqa2019. Each writes one folder
+per downstream task under DIR (roco -> roco + roco_retrieval; mimic_cxr -> mimic_cxr + mimic_gen + mimic_sum; every
+other dataset -> a folder of its own name) holding {train,val,test}.jsonl, {train,val,test}_ids.txt and meta.json.
+The layouts read and the rules applied are those of shared/reference/datasets.md; the output is the contract that
+data.py and every training script read. meta.json is written last, through a temp file and a rename, so a folder
+without it is an interrupted preparation. A rule that drops a sample counts it in meta["dropped"]; everything else
+that is not as expected (missing file, column or field, malformed line, unknown label value) is an error that names
+the file and the row.
+"""
+
+import argparse
+import csv
+import gzip
+import json
+import os
+import random
+import re
+import sys
+import time
+
+from tqdm import tqdm
+
+DATASETS = ("roco", "medicat", "mimic_cxr", "chexpert", "rsna", "radnli", "vqa_rad", "slake", "medvqa2019")
+SPLITS = ("train", "val", "test")
+MIN_WORDS = 3  # the paper: "we exclude those samples with a text length of less than 3"
+CHEXPERT_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+# CheXpert competition policy (Irvin et al. 2019, GLoRIA/MGCA): uncertain -> 1 for these, -> 0 for the other two.
+CHEXPERT_U_ONES = {"Atelectasis", "Edema", "Pleural Effusion"}
+NLI_LABELS = ["entailment", "neutral", "contradiction"]
+
+
+def _norm(text):
+    """Strip and collapse whitespace; case is kept (the tokenizer lower-cases on its own)."""
+    return " ".join(str(text).split())
+
+
+def _nwords(text):
+    return len(text.split())
+
+
+def _bar(iterable, desc, total=None):
+    # disable=None: a bar on a terminal, silence in logs and tests
+    return tqdm(iterable, desc=desc, total=total, unit=" rows", leave=False, disable=None, mininterval=1.0)
+
+
+def _first_existing(base, names, what):
+    for name in names:
+        path = os.path.join(base, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"{what} not found; looked for {', '.join(os.path.join(base, n) for n in names)}")
+
+
+def _csv_path(base, stem):
+    """The release ships gzipped CSVs; users often unpack them. Accept both."""
+    return _first_existing(base, [stem + ".csv.gz", stem + ".csv"], f"{stem} CSV")
+
+
+def _read_csv(path, required):
+    """Yield (line number, row dict); a missing column is an error that lists the columns found."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        found = reader.fieldnames or []
+        missing = [c for c in required if c not in found]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; columns found: {found}")
+        for row in reader:
+            if any(row[c] is None for c in required):  # csv fills missing trailing fields with None
+                raise ValueError(f"{path}, line {reader.line_num}: {len(found)} columns in the header, fewer here")
+            yield reader.line_num, row
+
+
+def _read_jsonl(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: malformed JSON ({e})") from None
+
+
+def _read_json_list(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+    return rows
+
+
+def _field(row, key, where):
+    if not isinstance(row, dict) or key not in row:
+        found = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"{where}: missing field {key!r}; fields found: {found}")
+    return row[key]
+
+
+def _text(value, where, name):
+    """A text no rule may drop: empty means a broken row, not a short sample."""
+    text = _norm("" if value is None else value)
+    if not text:
+        raise ValueError(f"{where}: empty {name}")
+    return text
+
+
+def _image(path, where):
+    # Checked now (cheap) so that a missing file is found here, not hours into training.
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where}: image file not found: {path}")
+    return path
+
+
+def _seeded_split(records, seed, n_val, n_test):
+    """Shuffle (sorted by id first, so the file order does not matter) and cut test, then val; the rest is train."""
+    records = sorted(records, key=lambda r: r["id"])
+    random.Random(seed).shuffle(records)
+    return {"test": records[:n_test], "val": records[n_test:n_test + n_val], "train": records[n_test + n_val:]}
+
+
+def _sample(records, k, seed):
+    """M3AE/PTUnifier retrieval sets: shuffle with the seed and keep the first k."""
+    records = sorted(records, key=lambda r: r["id"])
+    random.Random(seed).shuffle(records)
+    return records[:k]
+
+
+def _write_atomic(path, lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def _write_folder(out, folder, splits, meta):
+    """Write {split}.jsonl and {split}_ids.txt, then meta.json last: its presence marks a complete preparation."""
+    path = os.path.join(out, folder)
+    os.makedirs(path, exist_ok=True)
+    meta_path = os.path.join(path, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # a stale meta.json would make a half-rewritten folder look complete
+    for split in SPLITS:
+        records = sorted(splits[split], key=lambda r: r["id"])
+        ids = [r["id"] for r in records]
+        dup = next((a for a, b in zip(ids, ids[1:]) if a == b), None)
+        if dup is not None:
+            raise ValueError(f"{folder}: id {dup!r} occurs twice in {split}")
+        _write_atomic(os.path.join(path, f"{split}.jsonl"), (json.dumps(r, ensure_ascii=False) for r in records))
+        _write_atomic(os.path.join(path, f"{split}_ids.txt"), (r["id"] for r in records))
+    meta = {"dataset": folder, **meta, "counts": {s: len(splits[s]) for s in SPLITS}}
+    _write_atomic(meta_path, [json.dumps(meta, indent=1, ensure_ascii=False)])
+    counts = " / ".join(f"{s} {meta['counts'][s]}" for s in SPLITS)
+    dropped = ", ".join(f"{k} {v}" for k, v in meta["dropped"].items()) or "none"
+    print(f"{folder}: kept {counts}; dropped {dropped} -> {path}")
+    return path
+
+
+def _vqa_labels(splits):
+    """Answer vocabulary from train+val only (the literature also uses test answers, which hides test OOV)."""
+    answers = sorted({r["answer"] for s in ("train", "val") for r in splits[s]})
+    index = {a: i for i, a in enumerate(answers)}
+    for s in SPLITS:
+        for r in splits[s]:
+            r["label"] = index.get(r["answer"], -1)
+    test = splits["test"]
+    oov = sum(r["label"] == -1 for r in test) / len(test) if test else 0.0
+    return {"answers": answers, "oov_test_share": oov}
+
+
+def _answer(value, where):
+    # VQA answers are class labels: lower-cased so that "Yes" and "yes" are one class (VQA-Med ships lower case).
+    return _text(value, where, "answer").lower()
+
+
+def _answer_type(value, where):
+    t = _norm(value).lower()
+    if t not in ("open", "closed"):
+        raise ValueError(f"{where}: answer_type {value!r} is neither OPEN nor CLOSED")
+    return t
+
+
+def _roco_lines(path):
+    """captions.txt / dlinks.txt: `ROCO_id<TAB>field[<TAB>field...]` per line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) < 2:
+                raise ValueError(f"{path}, line {n}: expected `ROCO_id<TAB>text`, got {line[:80]!r}")
+            yield n, parts[0].strip(), parts
+
+
+def _roco(root, seed):
+    data = os.path.join(root, "data") if os.path.isdir(os.path.join(root, "data")) else root
+    dropped = {"non_radiology": 0, "short_caption": 0}
+    splits = {}
+    for split, names in (("train", ["train"]), ("val", ["validation", "val"]), ("test", ["test"])):
+        split_dir = _first_existing(data, names, f"ROCO {split} folder")
+        non_rad = os.path.join(split_dir, "non-radiology", "captions.txt")
+        if os.path.exists(non_rad):
+            dropped["non_radiology"] += sum(1 for _ in _roco_lines(non_rad))
+        rad = os.path.join(split_dir, "radiology")
+        captions = os.path.join(rad, "captions.txt")
+        dlinks = os.path.join(rad, "dlinks.txt")
+        # dlinks.txt: id, wget command, image file name (the name the PMC archive uses)
+        file_names = {rid: parts[-1].strip() for _, rid, parts in _roco_lines(dlinks)} if os.path.exists(dlinks) else {}
+        records, seen = [], set()
+        for n, rid, parts in _bar(_roco_lines(captions), f"roco {split}"):
+            where = f"{captions}, line {n} ({rid})"
+            if rid in seen:
+                raise ValueError(f"{where}: duplicate id")
+            seen.add(rid)
+            caption = _norm(" ".join(parts[1:]))
+            if _nwords(caption) < MIN_WORDS:
+                dropped["short_caption"] += 1
+                continue
+            candidates = [os.path.join(rad, "images", rid + ".jpg")]
+            if rid in file_names:
+                candidates.append(os.path.join(rad, "images", file_names[rid]))
+            image = next((c for c in candidates if os.path.exists(c)), None)
+            if image is None:
+                raise FileNotFoundError(f"{where}: image file not found: {' or '.join(candidates)}")
+            records.append({"id": rid, "image": image, "texts": [caption]})
+        splits[split] = records
+    rules = {"non_radiology": "only the radiology subset of each split is kept",
+             "short_caption": f"captions with fewer than {MIN_WORDS} words are dropped",
+             "split": "official train / validation / test"}
+    retrieval = {"train": splits["train"],
+                 "val": _sample(splits["val"], 2000, seed), "test": _sample(splits["test"], 2000, seed)}
+    r_rules = {**rules, "split": "train = ROCO train; val / test = 2,000 pairs (all if fewer) of ROCO validation / "
+                                 "test, shuffled with the seed, first 2,000 kept; select on val, report test"}
+    return [("roco", splits, {"dropped": dropped, "rules": rules}),
+            ("roco_retrieval", retrieval, {"dropped": dict(dropped), "rules": r_rules})]
+
+
+def _medicat(root, seed):
+    path = os.path.join(root, "s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl")
+    dropped = {"non_radiology": 0, "short_text": 0, "no_text": 0}
+    records = []
+    for n, row in _bar(_read_jsonl(path), "medicat"):
+        where = f"{path}, line {n}"
+        pdf_hash, fig_uri = _field(row, "pdf_hash", where), _field(row, "fig_uri", where)
+        radiology = _field(row, "radiology", where)
+        if not isinstance(radiology, bool):
+            raise ValueError(f"{where}: radiology = {radiology!r}; expected true or false")
+        if not radiology:
+            dropped["non_radiology"] += 1
+            continue
+        # texts = the caption plus every inline reference to the figure, each kept only with >= 3 words
+        texts = [_norm(t) for t in [_field(row, "s2_caption", where)] + list(row.get("s2orc_references") or [])
+                 if t is not None]
+        kept = [t for t in texts if _nwords(t) >= MIN_WORDS]
+        dropped["short_text"] += len(texts) - len(kept)
+        if not kept:
+            dropped["no_text"] += 1
+            continue
+        name = f"{pdf_hash}_{fig_uri}"
+        image = _image(os.path.join(root, "figures", name), f"{where} ({name})")
+        records.append({"id": os.path.splitext(name)[0], "image": image, "texts": kept})
+    n_eval = min(1000, len(records) // 10)  # the paper's 1,000 / 1,000; 10% for small mirrors
+    rules = {"non_radiology": "figures with radiology != true are dropped",
+             "short_text": f"caption / inline references with fewer than {MIN_WORDS} words are dropped",
+             "no_text": "figures left without any text are dropped",
+             "split": f"seeded shuffle: min(1000, 10%) val and test each ({n_eval} here), rest train"}
+    return [("medicat", _seeded_split(records, seed, n_eval, n_eval), {"dropped": dropped, "rules": rules})]
+
+
+_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z ,/&()-]*[A-Z)])[ \t]*:", re.M)
+# Header spellings folded into the two sections we use (after MIT-LCP's mimic-cxr section_parser).
+_SECTION_NAMES = {"FINDINGS": "findings", "FINDING": "findings",
+                  "IMPRESSION": "impression", "IMPRESSIONS": "impression", "CONCLUSION": "impression",
+                  "CONCLUSIONS": "impression", "FINDINGS AND IMPRESSION": "impression",
+                  "FINDINGS/IMPRESSION": "impression"}
+FRONTAL = ("PA", "AP")
+
+
+def extract_sections(report):
+    """FINDINGS and IMPRESSION of a MIMIC-CXR free-text report: each runs from its `NAME:` header (upper case at
+    the start of a line) to the next header. Missing sections come back as ''. A repeated section is joined."""
+    found = {"findings": [], "impression": []}
+    heads = list(_HEADER.finditer(report))
+    for head, nxt in zip(heads, heads[1:] + [None]):
+        key = _SECTION_NAMES.get(" ".join(head.group(1).split()))
+        if key:
+            found[key].append(report[head.end(): nxt.start() if nxt else len(report)])
+    return {k: _norm(" ".join(v)) for k, v in found.items()}
+
+
+def _mimic_sections(root):
+    """A user's mimic_cxr_sectioned.csv (MIT-LCP script output), when present: {study_id: sections}."""
+    try:
+        path = _csv_path(root, "mimic_cxr_sectioned")
+    except FileNotFoundError:
+        return {}
+    sections = {}
+    for _, row in _read_csv(path, ["study", "impression", "findings"]):
+        sections[row["study"].strip().lstrip("s")] = {"findings": _norm(row["findings"]),
+                                                      "impression": _norm(row["impression"])}
+    return sections
+
+
+def _mimic(root, seed):
+    split_csv, meta_csv = _csv_path(root, "mimic-cxr-2.0.0-split"), _csv_path(root, "mimic-cxr-2.0.0-metadata")
+    views = {row["dicom_id"]: row["ViewPosition"].strip()
+             for _, row in _bar(_read_csv(meta_csv, ["dicom_id", "ViewPosition"]), "mimic metadata")}
+    official = {"train": "train", "validate": "val", "val": "val", "test": "test"}
+    images, studies = [], {}  # images: (dicom, study, subject, split, where); studies: study -> (subject, split, where)
+    for n, row in _bar(_read_csv(split_csv, ["dicom_id", "study_id", "subject_id", "split"]), "mimic split"):
+        where = f"{split_csv}, line {n}"
+        dicom, study, subject = row["dicom_id"].strip(), row["study_id"].strip(), row["subject_id"].strip()
+        split = official.get(row["split"].strip())
+        if split is None:
+            raise ValueError(f"{where}: split {row['split']!r} is not train / validate / test")
+        if dicom not in views:
+            raise ValueError(f"{where}: dicom_id {dicom} has no row in {meta_csv}")
+        if studies.setdefault(study, (subject, split, where))[1] != split:
+            raise ValueError(f"{where}: study {study} is in {split} here but in {studies[study][1]} at "
+                             f"{studies[study][2]}")
+        images.append((dicom, study, subject, split, where))
+
+    sectioned = _mimic_sections(root)
+    sections = {}
+    for study, (subject, _, where) in _bar(sorted(studies.items()), "mimic reports"):
+        if study in sectioned:
+            sections[study] = sectioned[study]
+            continue
+        report = os.path.join(root, "files", f"p{subject[:2]}", f"p{subject}", f"s{study}.txt")
+        if not os.path.exists(report):
+            raise FileNotFoundError(f"{where}: report file not found: {report}")
+        with open(report, encoding="utf-8") as f:
+            sections[study] = extract_sections(f.read())
+
+    def ok(text):
+        return _nwords(text) >= MIN_WORDS
+
+    pre, gen, summ = ({s: [] for s in SPLITS} for _ in range(3))
+    d_pre = {"lateral": 0, "short_text": 0, "no_text": 0}
+    d_gen = {"lateral": 0, "no_findings": 0}
+    for dicom, study, subject, split, where in _bar(images, "mimic images"):
+        if views[dicom] not in FRONTAL:
+            d_pre["lateral"] += 1
+            d_gen["lateral"] += 1
+            continue
+        sec = sections[study]
+        texts = [t for t in (sec["impression"], sec["findings"]) if t]
+        kept = [t for t in texts if ok(t)]
+        d_pre["short_text"] += len(texts) - len(kept)
+        if not kept:  # then FINDINGS is too short as well
+            d_pre["no_text"] += 1
+            d_gen["no_findings"] += 1
+            continue
+        path = os.path.join(root, "files", f"p{subject[:2]}", f"p{subject}", f"s{study}", dicom + ".jpg")
+        image = _image(path, f"{where} ({dicom})")
+        pre[split].append({"id": dicom, "image": image, "texts": kept})
+        if ok(sec["findings"]):
+            gen[split].append({"id": dicom, "image": image, "target": sec["findings"]})
+        else:
+            d_gen["no_findings"] += 1
+    d_sum = {"no_findings": 0, "no_impression": 0}
+    for study, (_, split, _) in studies.items():
+        sec = sections[study]
+        if not ok(sec["findings"]):
+            d_sum["no_findings"] += 1
+        elif not ok(sec["impression"]):
+            d_sum["no_impression"] += 1
+        else:
+            summ[split].append({"id": study, "text_a": sec["findings"], "target": sec["impression"]})
+
+    source = ("mimic_cxr_sectioned.csv where it lists the study, else " if sectioned else "") + \
+        "FINDINGS / IMPRESSION sections extracted from files/pXX/pSUBJECT/sSTUDY.txt"
+    split_rule = "official mimic-cxr-2.0.0-split (validate -> val)"
+    lateral = "images whose ViewPosition is not PA or AP (lateral, LL, blank, ...) are dropped"
+    return [
+        ("mimic_cxr", pre, {"dropped": d_pre, "rules": {
+            "lateral": lateral, "short_text": f"impression / findings with fewer than {MIN_WORDS} words are dropped",
+            "no_text": "frontal images left without any text are dropped", "texts": source, "split": split_rule}}),
+        ("mimic_gen", gen, {"dropped": d_gen, "rules": {
+            "lateral": lateral, "no_findings": f"frontal images whose FINDINGS has fewer than {MIN_WORDS} words "
+                                               "(or is missing) are dropped; target = FINDINGS (R2Gen)",
+            "texts": source, "split": split_rule + ", per image"}}),
+        ("mimic_sum", summ, {"dropped": d_sum, "rules": {
+            "no_findings": f"studies whose FINDINGS has fewer than {MIN_WORDS} words (or is missing) are dropped",
+            "no_impression": f"then studies whose IMPRESSION has fewer than {MIN_WORDS} words are dropped",
+            "texts": source, "split": split_rule + ", per study"}}),
+    ]
+
+
+def _chexpert_label(value, name, where):
+    v = value.strip()
+    if v == "":
+        return 0.0  # blank = not mentioned = negative (the common convention)
+    try:
+        x = float(v)
+    except ValueError:
+        x = None
+    if x not in (1.0, 0.0, -1.0):
+        raise ValueError(f"{where}: {name} = {value!r}; expected 1.0, 0.0, -1.0 or blank")
+    if x == -1.0:
+        return 1.0 if name in CHEXPERT_U_ONES else 0.0
+    return x
+
+
+def _chexpert(root, seed):
+    names = ["CheXpert-v1.0-small", "CheXpert-v1.0"]  # the small re-pack, or the full-size release
+    base = root if os.path.basename(root) in names else _first_existing(root, names, "CheXpert folder")
+    parent, prefix = os.path.dirname(os.path.normpath(base)), os.path.basename(os.path.normpath(base)) + "/"
+    dropped = {"lateral": 0}
+    rows = {}
+    for name in ("train", "valid"):
+        path = os.path.join(base, name + ".csv")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"file not found: {path}")
+        rows[name] = []
+        for n, row in _bar(_read_csv(path, ["Path", "Frontal/Lateral"] + CHEXPERT_LABELS), f"chexpert {name}"):
+            where = f"{path}, line {n}"
+            view = row["Frontal/Lateral"].strip()
+            if view not in ("Frontal", "Lateral"):
+                raise ValueError(f"{where}: Frontal/Lateral = {view!r}; expected Frontal or Lateral")
+            if view != "Frontal":
+                dropped["lateral"] += 1
+                continue
+            rel = row["Path"].strip()
+            labels = [_chexpert_label(row[c], c, where) for c in CHEXPERT_LABELS]
+            rid = os.path.splitext(rel[len(prefix):] if rel.startswith(prefix) else rel)[0]
+            rows[name].append({"id": rid, "image": _image(os.path.join(parent, rel), where), "labels": labels})
+    n_val = min(5000, len(rows["train"]) // 10)
+    splits = _seeded_split(rows["train"], seed, n_val, 0)
+    splits["test"] = rows["valid"]
+    rules = {"lateral": "only frontal images are kept",
+             "labels": "U-ones for Atelectasis, Edema, Pleural Effusion; U-zeros for Cardiomegaly, Consolidation; "
+                       "blank -> 0",
+             "split": f"test = official valid.csv; val = {n_val} seeded train rows (min(5000, 10%)); rest train"}
+    return [("chexpert", splits, {"dropped": dropped, "rules": rules, "label_names": list(CHEXPERT_LABELS)})]
+
+
+def _rsna(root, seed):
+    path = _csv_path(root, "stage_2_train_labels")
+    patients, order = {}, []  # patient -> {"target", "boxes", "where"}
+    n_rows = 0
+    for n, row in _bar(_read_csv(path, ["patientId", "x", "y", "width", "height", "Target"]), "rsna"):
+        where = f"{path}, line {n}"
+        n_rows += 1
+        pid, target = row["patientId"].strip(), row["Target"].strip()
+        if target not in ("0", "1"):
+            raise ValueError(f"{where}: Target = {target!r}; expected 0 or 1")
+        box = [row[k].strip() for k in ("x", "y", "width", "height")]
+        if (target == "1") != all(box) or (target == "0" and any(box)):
+            raise ValueError(f"{where}: Target {target} with box {box}: Target 1 rows need a full box, 0 rows none")
+        p = patients.get(pid)
+        if p is None:
+            p = patients[pid] = {"target": target, "boxes": [], "where": where}
+            order.append(pid)
+        elif p["target"] != target:
+            raise ValueError(f"{where}: patient {pid} has Target {target} here but {p['target']} at {p['where']}")
+        if target == "1":
+            try:
+                p["boxes"].append([float(v) for v in box])
+            except ValueError:
+                raise ValueError(f"{where}: box {box} is not numeric") from None
+    image_dir = os.path.join(root, "stage_2_train_images")
+    records = []
+    for pid in order:
+        p = patients[pid]
+        image = next((os.path.join(image_dir, pid + e) for e in (".dcm", ".png", ".jpg")
+                      if os.path.exists(os.path.join(image_dir, pid + e))), None)
+        if image is None:
+            raise FileNotFoundError(f"{p['where']} ({pid}): image file not found: "
+                                    f"{os.path.join(image_dir, pid)}.dcm (or .png / .jpg)")
+        if image.endswith(".dcm"):
+            _require_pydicom(image)  # fail now, not in the first training step
+        records.append({"id": pid, "image": image, "labels": [1 if p["target"] == "1" else 0], "boxes": p["boxes"]})
+    n_eval = round(0.15 * len(records))
+    rules = {"labels": "Pneumonia = 1 if the patient has any box",
+             "box_rows_merged": "label rows folded into one record per patient (one row per box)",
+             "split": f"70/15/15 by patient, seeded ({n_eval} val, {n_eval} test)"}
+    return [("rsna", _seeded_split(records, seed, n_eval, n_eval),
+             {"dropped": {"box_rows_merged": n_rows - len(records)}, "rules": rules, "label_names": ["Pneumonia"]})]
+
+
+def _require_pydicom(path):
+    try:
+        import pydicom  # noqa: F401  (optional: only real RSNA data is DICOM)
+    except ImportError:
+        raise ImportError(f"{path} is a DICOM file; reading it needs pydicom: pip install pydicom") from None
+
+
+def _radnli(root, seed):
+    splits = {}
+    for split, name in (("train", "mli_train_v1.jsonl"), ("val", "radnli_dev_v1.jsonl"),
+                        ("test", "radnli_test_v1.jsonl")):
+        path = os.path.join(root, name)
+        records = []
+        for n, row in _read_jsonl(path):
+            where = f"{path}, line {n}"
+            mednli = isinstance(row, dict) and "pairID" in row and "pair_id" not in row  # MedNLI spells it pairID
+            rid = _field(row, "pairID" if mednli else "pair_id", where)
+            label = _norm(_field(row, "gold_label", where)).lower()
+            if label not in NLI_LABELS:
+                raise ValueError(f"{where}: gold_label {label!r} is not one of {NLI_LABELS}")
+            records.append({"id": str(rid), "text_a": _text(_field(row, "sentence1", where), where, "sentence1"),
+                            "text_b": _text(_field(row, "sentence2", where), where, "sentence2"),
+                            "label": NLI_LABELS.index(label)})
+        splits[split] = records
+    rules = {"split": "train = mli_train_v1 (MedNLI train), val = radnli_dev_v1, test = radnli_test_v1"}
+    return [("radnli", splits, {"dropped": {}, "rules": rules, "label_names": list(NLI_LABELS)})]
+
+
+def _vqa_rad(root, seed):
+    path = os.path.join(root, "VQA_RAD Dataset Public.json")
+    image_dir = os.path.join(root, "VQA_RAD Image Folder")
+    train, test = [], []
+    for n, row in enumerate(_bar(_read_json_list(path), "vqa_rad"), 1):
+        where = f"{path}, record {n}"
+        qid = str(_field(row, "qid", where))
+        where = f"{where} (qid {qid})"
+        image = _image(os.path.join(image_dir, _norm(_field(row, "image_name", where))), where)
+        r = {"id": qid, "image": image, "question": _text(_field(row, "question", where), where, "question"),
+             "answer": _answer(_field(row, "answer", where), where),
+             "answer_type": _answer_type(_field(row, "answer_type", where), where)}
+        (test if "test" in str(_field(row, "phrase_type", where)) else train).append(r)
+    n_val = round(0.1 * len(train))
+    splits = _seeded_split(train, seed, n_val, 0)
+    splits["test"] = test
+    rules = {"split": f"test = phrase_type contains 'test'; val = {n_val} seeded train questions (10%) instead of "
+                      "the M3AE val set, which is a copy of test",
+             "answers": "vocabulary = answers of train + val (lower-cased); test answers outside it get label -1"}
+    return [("vqa_rad", splits, {"dropped": {}, "rules": rules, **_vqa_labels(splits)})]
+
+
+def _slake(root, seed):
+    dropped = {"non_english": 0}
+    splits = {}
+    for split, name in (("train", "train.json"), ("val", "validate.json"), ("test", "test.json")):
+        path = os.path.join(root, name)
+        records = []
+        for n, row in enumerate(_bar(_read_json_list(path), f"slake {split}"), 1):
+            where = f"{path}, record {n}"
+            qid = str(_field(row, "qid", where))
+            where = f"{where} (qid {qid})"
+            if _norm(_field(row, "q_lang", where)) != "en":
+                dropped["non_english"] += 1
+                continue
+            image = _image(os.path.join(root, "imgs", _norm(_field(row, "img_name", where))), where)
+            records.append({"id": qid, "image": image,
+                            "question": _text(_field(row, "question", where), where, "question"),
+                            "answer": _answer(_field(row, "answer", where), where),
+                            "answer_type": _answer_type(_field(row, "answer_type", where), where)})
+        splits[split] = records
+    rules = {"non_english": "questions with q_lang != 'en' are dropped",
+             "split": "official train / validate / test",
+             "answers": "vocabulary = answers of train + val (lower-cased); test answers outside it get label -1"}
+    return [("slake", splits, {"dropped": dropped, "rules": rules, **_vqa_labels(splits)})]
+
+
+_VQAMED_CATEGORIES = {"c1": 1, "modality": 1, "c2": 2, "plane": 2, "c3": 3, "organ": 3, "c4": 4, "abnormality": 4}
+
+
+def _vqamed_pipe(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, line.rstrip("\r\n").split("|")
+
+
+def _vqamed_image(split_dir, image_id, where):
+    # the synthetic mirror / common re-packs use images/; the ImageCLEF zips use Train_images, Val_images, ...
+    names = ["images", "Train_images", "Val_images", "VQAMed2019_Test_Images"]
+    candidates = [os.path.join(split_dir, d, image_id + ".jpg") for d in names]
+    image = next((c for c in candidates if os.path.exists(c)), None)
+    if image is None:
+        raise FileNotFoundError(f"{where}: image file not found: {candidates[0]} (also looked in {names[1:]})")
+    return image
+
+
+def _medvqa2019(root, seed):
+    dropped = {"abnormality": 0}
+    splits = {}
+    folders = {"train": ["train", "ImageClef-2019-VQA-Med-Training"],
+               "val": ["val", "ImageClef-2019-VQA-Med-Validation"]}
+    names = {1: "Modality", 2: "Plane", 3: "Organ", 4: "Abnormality"}
+    for split, candidates in folders.items():
+        split_dir = _first_existing(root, candidates, f"VQA-Med 2019 {split} folder")
+        records = []
+        for k in (1, 2, 3, 4):
+            path = os.path.join(split_dir, "QAPairsByCategory", f"C{k}_{names[k]}_{split}.txt")
+            for n, parts in _bar(_vqamed_pipe(path), f"medvqa2019 {split} C{k}"):
+                where = f"{path}, line {n}"
+                if len(parts) != 3:
+                    raise ValueError(f"{where}: expected `image_id|question|answer`, got {len(parts)} fields")
+                if k == 4:
+                    dropped["abnormality"] += 1  # the literature drops C4 (free-text abnormality answers)
+                    continue
+                image_id = _text(parts[0], where, "image_id")
+                records.append({"id": f"{image_id}_C{k}", "image": _vqamed_image(split_dir, image_id, where),
+                                "question": _text(parts[1], where, "question"),
+                                "answer": _answer(parts[2], where), "answer_type": "open"})
+        splits[split] = records
+    test_dir = _first_existing(root, ["test", "VQAMed2019Test"], "VQA-Med 2019 test folder")
+    path = os.path.join(test_dir, "VQAMed2019_Test_Questions_w_Ref_Answers.txt")
+    records = []
+    for n, parts in _bar(_vqamed_pipe(path), "medvqa2019 test"):
+        where = f"{path}, line {n}"
+        if len(parts) != 4:
+            raise ValueError(f"{where}: expected `image_id|category|question|answer`, got {len(parts)} fields")
+        k = _VQAMED_CATEGORIES.get(_norm(parts[1]).lower())
+        if k is None:
+            raise ValueError(f"{where}: category {parts[1]!r} is not one of C1..C4 / modality, plane, organ, "
+                             "abnormality")
+        if k == 4:
+            dropped["abnormality"] += 1
+            continue
+        image_id = _text(parts[0], where, "image_id")
+        records.append({"id": f"{image_id}_C{k}", "image": _vqamed_image(test_dir, image_id, where),
+                        "question": _text(parts[2], where, "question"),
+                        "answer": _answer(parts[3], where), "answer_type": "open"})
+    splits["test"] = records
+    rules = {"abnormality": "category C4 (abnormality) is dropped; C1-C3 are kept and all count as open",
+             "split": "official train / val / test",
+             "answers": "vocabulary = answers of train + val; test answers outside it get label -1"}
+    return [("medvqa2019", splits, {"dropped": dropped, "rules": rules, **_vqa_labels(splits)})]
+
+
+_READERS = {"roco": _roco, "medicat": _medicat, "mimic_cxr": _mimic, "chexpert": _chexpert, "rsna": _rsna,
+            "radnli": _radnli, "vqa_rad": _vqa_rad, "slake": _slake, "medvqa2019": _medvqa2019}
+
+
+def prepare(dataset, root, out, seed=0):
+    """Prepare one dataset (or "all": root/<name>/ for each) from its official layout; return the folders written."""
+    if dataset == "all":
+        missing = [d for d in DATASETS if not os.path.isdir(os.path.join(root, d))]
+        if missing:
+            raise FileNotFoundError(f"prepare all expects {os.path.join(root, '<dataset>')} for every dataset; "
+                                    f"missing: {missing}")
+        return [p for d in DATASETS for p in prepare(d, os.path.join(root, d), out, seed)]
+    if dataset not in _READERS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)} or all")
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{dataset}: root folder not found: {root}")
+    folders = _READERS[dataset](root, seed)  # everything is read and checked before the first file is written
+    return [_write_folder(out, name, splits, {"source": root, "seed": seed, **meta}) for name, splits, meta in folders]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare a dataset from its official layout (see datasets.md).")
+    p.add_argument("dataset", choices=DATASETS + ("all",), help="dataset to prepare, or all (expects ROOT/<dataset>/)")
+    p.add_argument("--root", required=True, help="folder of the official release (real or synthetic)")
+    p.add_argument("--out", required=True, help="output folder; one sub-folder per downstream task is written")
+    p.add_argument("--seed", type=int, default=0, help="seed of every carved split and sampled subset")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    folders = prepare(args.dataset, args.root, args.out, args.seed)
+    print(f"prepared {len(folders)} folder(s) in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

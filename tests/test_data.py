@@ -1,0 +1,228 @@
+"""data.py: image loading and transforms, manifests, sentences, the WordPiece tokenizer, encoding, PretrainDataset."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ptunifier_min import data as D
+
+
+def _gradient(path, w=40, h=30, mode="L"):
+    x = (np.arange(w)[None, :] * 255 // (w - 1)).repeat(h, 0).astype(np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(x, mode="L").convert(mode).save(path)
+    return str(path)
+
+
+def _prepared(folder, records, split="train"):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"dataset": os.path.basename(folder), "counts": {split: len(records)}}, f)
+    return folder
+
+
+CORPUS = ["There is no focal consolidation, pleural effusion or pneumothorax.",
+          "The cardiomediastinal silhouette is normal. No acute cardiopulmonary process.",
+          "Axial CT of the abdomen shows a large hepatic mass.",
+          "Moderate left pleural effusion with adjacent atelectasis."] * 5
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return D.train_tokenizer(CORPUS, 300, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+
+
+def test_load_image_modes_and_errors(tmp_path):
+    assert D.load_image(_gradient(tmp_path / "rgb.png", mode="RGB")).mode == "L"
+    x16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(x16).save(tmp_path / "deep.png")  # 16-bit PNG: rescaled, not clipped at 255
+    img = np.asarray(D.load_image(str(tmp_path / "deep.png")))
+    assert img.min() == 0 and img.max() == 255 and len(np.unique(img)) > 32
+    with pytest.raises(FileNotFoundError, match="image file not found: .*nothere.jpg"):
+        D.load_image(str(tmp_path / "nothere.jpg"))
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(ValueError, match=r"cannot read image .*corrupt\.jpg"):
+        D.load_image(str(bad))
+    half = tmp_path / "truncated.jpg"
+    Image.fromarray((np.random.RandomState(0).rand(64, 64) * 255).astype(np.uint8)).save(tmp_path / "full.jpg")
+    half.write_bytes((tmp_path / "full.jpg").read_bytes()[:300])
+    with pytest.raises(ValueError, match=r"cannot read image .*truncated\.jpg"):
+        D.load_image(str(half))
+
+
+def test_dicom_without_pydicom_says_how_to_install(tmp_path):
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"\0" * 200)
+    try:
+        import pydicom  # noqa: F401
+        pytest.skip("pydicom is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"x\.dcm .*pip install pydicom"):
+        D.load_image(str(path))
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    pytest.importorskip("pydicom")  # optional dependency: runs where it is installed
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    arr = (np.arange(64).reshape(8, 8) * 60).astype(np.uint16)
+    for photometric in ("MONOCHROME2", "MONOCHROME1"):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta, ds.Rows, ds.Columns, ds.SamplesPerPixel = meta, 8, 8, 1
+        ds.PhotometricInterpretation, ds.PixelRepresentation = photometric, 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelData = 16, 12, 11, arr.tobytes()
+        ds.save_as(str(tmp_path / f"{photometric}.dcm"), enforce_file_format=True)
+    m2 = np.asarray(D.load_image(str(tmp_path / "MONOCHROME2.dcm")), dtype=int)
+    m1 = np.asarray(D.load_image(str(tmp_path / "MONOCHROME1.dcm")), dtype=int)
+    assert m2[0, 0] == 0 and m2.max() == 255 and (m1 == 255 - m2).all()
+
+
+def test_eval_transform_center_crop(tmp_path):
+    img = D.load_image(_gradient(tmp_path / "g.png", w=40, h=20))
+    x = D.ImageTransform(16)(img)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    # center crop of a left-to-right ramp: the central square keeps the middle of the ramp, not its ends
+    assert -0.6 < x[0, :, 0].mean() < -0.3 and 0.3 < x[0, :, -1].mean() < 0.6
+    assert torch.equal(D.ImageTransform(16, train=True)(img), x)  # training without RRC = the paper's center crop
+
+
+def test_random_resized_crop(tmp_path):
+    img = D.load_image(_gradient(tmp_path / "g.png", w=50, h=37))
+    t = D.ImageTransform(24, train=True, random_resized_crop=True, scale=(0.3, 1.0))
+    a, b = t(img, random.Random(5)), t(img, random.Random(5))
+    assert a.shape == (3, 24, 24) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b)  # a pure function of the rng
+    crops = {tuple(t(img, random.Random(s))[0, 0, [0, -1]].tolist()) for s in range(8)}
+    assert len(crops) > 1  # and it does crop differently for different draws
+    assert torch.equal(D.ImageTransform(24, train=False, random_resized_crop=True)(img), D.ImageTransform(24)(img))
+
+
+def test_read_meta_and_split_errors(tmp_path):
+    folder = _prepared(str(tmp_path / "roco"), [{"id": "a", "image": "x", "texts": ["t u v"]}])
+    assert D.read_meta(folder)["dataset"] == "roco" and D.read_split(folder, "train")[0]["id"] == "a"
+    with open(os.path.join(folder, "train.jsonl"), "a") as f:
+        f.write('{"id": "b", "image": \n')
+    with pytest.raises(ValueError, match=r"roco/train\.jsonl, line 2: malformed JSON"):
+        D.read_split(folder, "train")
+    os.remove(os.path.join(folder, "meta.json"))
+    with pytest.raises(FileNotFoundError, match="incomplete or missing preparation: .*roco"):
+        D.read_meta(folder)
+
+
+def test_load_pretrain_records(tmp_path):
+    img = _gradient(tmp_path / "img" / "a.png")
+    _prepared(str(tmp_path / "p" / "roco"), [{"id": "r1", "image": img, "texts": ["one two three"]}])
+    _prepared(str(tmp_path / "p" / "medicat"), [{"id": "m1", "image": img, "texts": ["four five six"]},
+                                                {"id": "m2", "image": img, "texts": ["seven eight nine"]}])
+    recs = D.load_pretrain_records(str(tmp_path / "p"), ["roco", "medicat"], "train")
+    assert [(r["id"], r["dataset"]) for r in recs] == [("r1", "roco"), ("m1", "medicat"), ("m2", "medicat")]
+    _prepared(str(tmp_path / "p" / "roco"), [{"id": "r9", "image": str(tmp_path / "gone.png"), "texts": ["a b c"]}])
+    with pytest.raises(FileNotFoundError, match=r"roco/train\.jsonl, id r9: image file not found: .*gone\.png"):
+        D.load_pretrain_records(str(tmp_path / "p"), ["roco"], "train")
+
+
+def test_split_sentences():
+    assert D.split_sentences("No effusion. Heart size is normal!  Is there a mass? yes") == \
+        ["No effusion.", "Heart size is normal!", "Is there a mass? yes"]
+    assert D.split_sentences("1. Small effusion. 2. Mild edema, e.g. in the bases.") == \
+        ["1. Small effusion.", "2. Mild edema, e.g. in the bases."]
+    assert D.split_sentences("no period at the end") == ["no period at the end"]
+    assert D.split_sentences("...") == ["..."]
+
+
+def test_tokenizer_special_ids_and_round_trip(tok, tmp_path):
+    assert D.special_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    text = "  The  cardiomediastinal silhouette is NORMAL, no pleural effusion.  "
+    enc = tok.encode(text)
+    assert enc.ids[0] == 2 and enc.ids[-1] == 3  # the post-processor adds [CLS] ... [SEP]
+    assert tok.decode(enc.ids) == " ".join(text.split()).lower()
+
+
+def tok_path(tmp_path):
+    path = str(tmp_path / "t" / "tokenizer.json")
+    D.train_tokenizer(CORPUS, 300, str(tmp_path / "t"))  # a folder path: saved as <folder>/tokenizer.json
+    assert os.path.exists(path)
+    return path
+
+
+def test_tokenizer_save_and_load(tok, tmp_path):
+    loaded = D.load_tokenizer(tok_path(tmp_path))
+    # training is deterministic (the '##' pieces are numbered in sorted order, see data.train_tokenizer)
+    assert loaded.get_vocab() == tok.get_vocab() and 100 < tok.get_vocab_size() <= 300
+    assert loaded.encode("pleural effusion").ids == tok.encode("pleural effusion").ids
+    assert D.load_tokenizer(str(tmp_path / "t")).get_vocab_size() == tok.get_vocab_size()
+
+
+def test_vocab_txt(tmp_path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "pleural", "effusion", "eff", "##usion", ".", "mass"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = D.load_tokenizer(str(tmp_path / "vocab.txt"))
+    assert D.special_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    enc = tok.encode("No pleural EFFUSION. Cyst")
+    assert enc.tokens == ["[CLS]", "no", "pleural", "effusion", ".", "[UNK]", "[SEP]"]
+    assert tok.decode(tok.encode("no pleural effusion.").ids) == "no pleural effusion."
+    assert D.load_tokenizer(str(tmp_path)).encode("mass").ids == [2, 11, 3]  # a folder with a vocab.txt
+    (tmp_path / "bad.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match=r"bad\.txt: vocabulary lacks special token"):
+        D.load_tokenizer(str(tmp_path / "bad.txt"))
+
+
+def test_encode_texts_truncation_and_padding(tok):
+    ids, mask = D.encode_texts(tok, [CORPUS[0] * 3, "no effusion", ""], max_len=10)
+    assert ids.shape == (3, 10) and mask.dtype == torch.bool
+    assert ids[0, 0] == 2 and ids[0, -1] == 3 and mask[0].all()  # truncated, final [SEP] kept
+    n = len(tok.encode("no effusion").ids)  # with [CLS] and [SEP]
+    assert ids[1, n - 1] == 3 and mask[1].sum() == n and (ids[1, n:] == 0).all() and not mask[1, n:].any()
+    assert ids[2, :2].tolist() == [2, 3] and mask[2].sum() == 2
+    short, _ = D.encode_texts(tok, ["no effusion"], max_len=48)
+    assert short.shape == (1, n)  # padded to the longest in the batch, not to max_len
+
+
+def test_encode_pairs(tok):
+    ids, mask = D.encode_pairs(tok, ["no effusion", CORPUS[1] * 4], ["normal heart", "mass"], max_len=12)
+    row = ids[0][mask[0]].tolist()
+    assert row[0] == 2 and row.count(3) == 2 and row[-1] == 3
+    assert tok.decode(row[1:row.index(3)]) == "no effusion"
+    assert ids.shape == (2, 12) and ids[1].tolist().count(3) == 2 and ids[1, -1] == 3
+    assert tok.decode(ids[1].tolist()).endswith("mass")  # the longer text is the one truncated
+
+
+def test_pretrain_dataset_is_a_function_of_seed_epoch_index(tmp_path, tok):
+    img = _gradient(tmp_path / "a.png", w=48, h=40)
+    texts = ["First sentence here. Second sentence here. Third one here.", "Other text. With two sentences."]
+    recs = [{"id": str(i), "image": img, "texts": texts} for i in range(6)]
+    t = D.ImageTransform(16, train=True, random_resized_crop=True)
+
+    def epoch(ds, e):
+        ds.set_epoch(e)
+        return [ds[i] for i in range(len(ds))]
+
+    a, b = D.PretrainDataset(recs, t, seed=3), D.PretrainDataset(recs, t, seed=3)
+    e0, e0b, e1 = epoch(a, 0), epoch(b, 0), epoch(a, 1)
+    assert all(x["text"] == y["text"] and torch.equal(x["image"], y["image"]) for x, y in zip(e0, e0b))
+    assert epoch(a, 0)[4]["text"] == e0[4]["text"]  # back to epoch 0: the same again (exact resume)
+    assert [x["text"] for x in e0] != [x["text"] for x in e1]
+    assert any(not torch.equal(x["image"], y["image"]) for x, y in zip(e0, e1))
+    sentences = set(D.split_sentences(texts[0]) + D.split_sentences(texts[1]))
+    assert all(x["text"] in sentences for x in e0 + e1) and [x["index"] for x in e0] == list(range(6))
+    other = epoch(D.PretrainDataset(recs, t, seed=4), 0)
+    assert [x["text"] for x in other] != [x["text"] for x in e0]
+
+    batch = D.pretrain_collate(tok, max_len=8)(e0[:4])
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["input_ids"].shape[0] == 4
+    assert batch["input_ids"].shape[1] <= 8 and batch["attention_mask"].dtype == torch.bool
+    assert batch["index"].tolist() == [0, 1, 2, 3]
