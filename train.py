@@ -20,6 +20,10 @@ from ptunifier_min.model import PTUnifier, backbone_parameter_names, flops_per_p
 from ptunifier_min.objectives import freeze_unused, pretraining_loss
 from ptunifier_min.world import ensure_prepared
 
+# The tokenizers library's own thread pool cannot survive the fork into data-loader workers; batching across samples
+# gives us the parallelism instead.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 
 def main(argv=None):
     cfg = config_lib.parse_args(config_lib.TrainConfig, config_lib.PRESETS, argv, description=__doc__.split("\n")[0])

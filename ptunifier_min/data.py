@@ -8,6 +8,8 @@ Folders come from prepare.py (one per downstream task, meta.json written last). 
 3 channels and normalised with MEAN = STD = 0.5 to [-1, 1]. The paper resizes and center-crops to 288 x 288 and, since
 medical texts are multi-sentence narratives, samples one random sentence of the text at every access; both choices
 (and the random crop option) are a pure function of (seed, epoch, index), so a resumed run sees the same data.
+A file that cannot be read is an error naming it, never a skipped sample (prepare.py --on-bad-image drops bad
+images before training).
 """
 
 import json
@@ -44,7 +46,13 @@ def _to_uint8(x):
 
 
 def load_image(path):
-    """A grayscale ("L") PIL image from a JPEG / PNG (or DICOM through the optional pydicom)."""
+    """A grayscale ("L") PIL image from a JPEG / PNG (or DICOM through the optional pydicom).
+
+    Every failure is an error that names the file. Odd but valid files are converted, not refused: 16-bit and
+    32-bit grayscale are rescaled from their own min-max to 0..255 (a cast would clip a 12-bit radiograph to white);
+    RGB, CMYK and palette images go through PIL's luma conversion; an alpha channel (RGBA, LA, palette
+    transparency) is dropped, not composited, so that an export with a broken alpha cannot black out the image.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
     if path.lower().endswith(".dcm"):
@@ -56,10 +64,18 @@ def load_image(path):
             raise ValueError(f"cannot read DICOM image {path}: {e}") from None
     try:
         with Image.open(path) as img:
+            # PIL raises above 2 x MAX_IMAGE_PIXELS but only warns between 1x and 2x, and a warning scrolls past
+            # unseen while a huge decode eats the memory of every data-loader worker: refuse both, naming the file.
+            if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(
+                    f"{img.width}x{img.height} pixels exceed PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}")
             img.load()  # decode now, so that a truncated file fails here and names the path
-            if img.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit exports: rescale instead of clipping at 255
+            if img.mode.startswith("I") or img.mode == "F":  # I;16, I;16B, I (32-bit), F: rescale, do not clip
                 return _to_uint8(np.asarray(img, dtype=np.float32))
             return img.convert("L")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning under -W error
+        raise ValueError(f"cannot read image {path}: {e} (a possible decompression bomb; if the file is trusted, raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
@@ -113,8 +129,9 @@ def read_meta(folder):
         return json.load(f)
 
 
-def read_split(folder, split):
-    read_meta(folder)  # the jsonl files of an interrupted preparation are not to be trusted
+def read_split(folder, split, allow_empty=True):
+    """The records of {folder}/{split}.jsonl; allow_empty=False for a stage that cannot run on an empty split."""
+    meta = read_meta(folder)  # the jsonl files of an interrupted preparation are not to be trusted
     path = os.path.join(folder, f"{split}.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"split file not found: {path}")
@@ -126,6 +143,9 @@ def read_split(folder, split):
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {n}: malformed JSON ({e})") from None
+    if not records and not allow_empty:
+        raise ValueError(f"{path}: the {split} split has no records (prepared counts: {meta.get('counts')}); "
+                         "this stage needs some")
     return records
 
 
@@ -134,7 +154,7 @@ def load_pretrain_records(prepared_root, datasets, split):
     records = []
     for name in datasets:
         folder = os.path.join(prepared_root, name)
-        for r in read_split(folder, split):
+        for r in read_split(folder, split, allow_empty=False):
             if not os.path.exists(r["image"]):
                 raise FileNotFoundError(f"{folder}/{split}.jsonl, id {r['id']}: image file not found: {r['image']}")
             if not r.get("texts"):
@@ -277,6 +297,9 @@ class PretrainDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
+        # An image that fails to load is an error naming the file, never a skipped sample: skipping here would leave
+        # one DDP rank with a shorter batch than the others, and the ITC all-gather needs equal shapes on every rank.
+        # Bad images are dropped at prepare time instead (prepare --on-bad-image skip).
         r = self.records[i]
         # seeded by a string (hashed with SHA-512 by random): the same in every worker, process and Python run
         rng = random.Random(f"{self.seed}-{self.epoch}-{i}")

@@ -1,6 +1,6 @@
 """Turn the official release of each dataset (real, or the synthetic mirror of synth.py) into the prepared format.
 
-    python -m ptunifier_min.prepare DATASET --root RAW --out DIR [--seed 0]
+    python -m ptunifier_min.prepare DATASET --root RAW --out DIR [--seed 0] [--on-bad-image error|skip]
     python -m ptunifier_min.prepare all --root RAW --out DIR        # expects RAW/<dataset>/ for all nine
 
 DATASET is one of roco, medicat, mimic_cxr, chexpert, rsna, radnli, vqa_rad, slake, medvqa2019. Each writes one folder
@@ -9,8 +9,10 @@ other dataset -> a folder of its own name) holding {train,val,test}.jsonl, {trai
 The layouts read and the rules applied are those of shared/reference/datasets.md; the output is the contract that
 data.py and every training script read. meta.json is written last, through a temp file and a rename, so a folder
 without it is an interrupted preparation. A rule that drops a sample counts it in meta["dropped"]; everything else
-that is not as expected (missing file, column or field, malformed line, unknown label value) is an error that names
-the file and the row.
+that is not as expected (missing file, column or field, malformed line, text that is not UTF-8, empty or
+punctuation-only text no rule drops, unknown label value, a file name from the data that leaves the release folder)
+is an error that names the file and the row. Every image is decoded once: one that does not decode is an error too,
+or, with --on-bad-image skip, its records are dropped and counted under "bad_image".
 """
 
 import argparse
@@ -22,8 +24,11 @@ import random
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
+
+from . import data
 
 DATASETS = ("roco", "medicat", "mimic_cxr", "chexpert", "rsna", "radnli", "vqa_rad", "slake", "medvqa2019")
 SPLITS = ("train", "val", "test")
@@ -39,8 +44,13 @@ def _norm(text):
     return " ".join(str(text).split())
 
 
+def _has_word(text):
+    return re.search(r"[^\W_]", text) is not None  # a letter or a digit, in any script
+
+
 def _nwords(text):
-    return len(text.split())
+    # a text without a letter or digit ("...", "- -") has no words, however many pieces it splits into
+    return len(text.split()) if _has_word(text) else 0
 
 
 def _bar(iterable, desc, total=None):
@@ -61,42 +71,56 @@ def _csv_path(base, stem):
     return _first_existing(base, [stem + ".csv.gz", stem + ".csv"], f"{stem} CSV")
 
 
+def _text_lines(path):
+    """Yield (line number, line with its line end) of a UTF-8 text file, gzipped or not.
+
+    Decoded line by line, so that a byte that is not UTF-8 (a Latin-1 export, a damaged download) is an error naming
+    the file and the line, not a bare UnicodeDecodeError. A byte-order mark (spreadsheet exports) is removed."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} of "
+                                 "the line); re-encode the file as UTF-8") from None
+
+
+def _read_text(path):
+    text = "".join(line for _, line in _text_lines(path))
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal line ends, as text-mode open() gives
+
+
 def _read_csv(path, required):
     """Yield (line number, row dict); a missing column is an error that lists the columns found."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        found = reader.fieldnames or []
-        missing = [c for c in required if c not in found]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; columns found: {found}")
-        for row in reader:
-            if any(row[c] is None for c in required):  # csv fills missing trailing fields with None
-                raise ValueError(f"{path}, line {reader.line_num}: {len(found)} columns in the header, fewer here")
-            yield reader.line_num, row
+    reader = csv.DictReader(line for _, line in _text_lines(path))  # csv reads quoted line breaks across lines
+    found = reader.fieldnames or []
+    missing = [c for c in required if c not in found]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; columns found: {found}")
+    for row in reader:
+        if any(row[c] is None for c in required):  # csv fills missing trailing fields with None
+            raise ValueError(f"{path}, line {reader.line_num}: {len(found)} columns in the header, fewer here")
+        yield reader.line_num, row
 
 
 def _read_jsonl(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: malformed JSON ({e})") from None
+    for n, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: malformed JSON ({e})") from None
 
 
 def _read_json_list(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
+    try:
+        rows = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
     return rows
@@ -114,7 +138,20 @@ def _text(value, where, name):
     text = _norm("" if value is None else value)
     if not text:
         raise ValueError(f"{where}: empty {name}")
+    if not _has_word(text):
+        raise ValueError(f"{where}: {name} {text!r} has no letter or digit")
     return text
+
+
+def _under(base, name, where):
+    """base/name for a file name taken from the data, refusing one that leaves base (an absolute path, "..").
+
+    A hostile or broken release must not point training at files elsewhere (/etc/..., /dev/zero). The check is
+    lexical, so symbolic links inside the release (images kept on another disk) still work."""
+    path = os.path.normpath(os.path.join(base, name))
+    if os.path.isabs(name) or not path.startswith(os.path.join(os.path.normpath(base), "")):
+        raise ValueError(f"{where}: file name {name!r} points outside {base}")
+    return path
 
 
 def _image(path, where):
@@ -151,11 +188,12 @@ def _write_folder(out, folder, splits, meta):
     path = os.path.join(out, folder)
     os.makedirs(path, exist_ok=True)
     meta_path = os.path.join(path, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # a stale meta.json would make a half-rewritten folder look complete
     for split in SPLITS:
         records = sorted(splits[split], key=lambda r: r["id"])
         ids = [r["id"] for r in records]
+        odd = next((i for i in ids if not i or "\n" in i or "\r" in i), None)
+        if odd is not None:  # {split}_ids.txt holds one id per line
+            raise ValueError(f"{folder}: id {odd!r} in {split} is empty or holds a line break")
         dup = next((a for a, b in zip(ids, ids[1:]) if a == b), None)
         if dup is not None:
             raise ValueError(f"{folder}: id {dup!r} occurs twice in {split}")
@@ -195,17 +233,14 @@ def _answer_type(value, where):
 
 def _roco_lines(path):
     """captions.txt / dlinks.txt: `ROCO_id<TAB>field[<TAB>field...]` per line."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) < 2:
-                raise ValueError(f"{path}, line {n}: expected `ROCO_id<TAB>text`, got {line[:80]!r}")
-            yield n, parts[0].strip(), parts
+    for n, line in _text_lines(path):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise ValueError(f"{path}, line {n}: expected `ROCO_id<TAB>text`, got {line[:80]!r}")
+        yield n, parts[0].strip(), parts
 
 
 def _roco(root, seed):
@@ -232,9 +267,9 @@ def _roco(root, seed):
             if _nwords(caption) < MIN_WORDS:
                 dropped["short_caption"] += 1
                 continue
-            candidates = [os.path.join(rad, "images", rid + ".jpg")]
+            candidates = [_under(rad, os.path.join("images", rid + ".jpg"), where)]
             if rid in file_names:
-                candidates.append(os.path.join(rad, "images", file_names[rid]))
+                candidates.append(_under(rad, os.path.join("images", file_names[rid]), where))
             image = next((c for c in candidates if os.path.exists(c)), None)
             if image is None:
                 raise FileNotFoundError(f"{where}: image file not found: {' or '.join(candidates)}")
@@ -273,7 +308,7 @@ def _medicat(root, seed):
             dropped["no_text"] += 1
             continue
         name = f"{pdf_hash}_{fig_uri}"
-        image = _image(os.path.join(root, "figures", name), f"{where} ({name})")
+        image = _image(_under(root, os.path.join("figures", name), where), f"{where} ({name})")
         records.append({"id": os.path.splitext(name)[0], "image": image, "texts": kept})
     n_eval = min(1000, len(records) // 10)  # the paper's 1,000 / 1,000; 10% for small mirrors
     rules = {"non_radiology": "figures with radiology != true are dropped",
@@ -342,11 +377,10 @@ def _mimic(root, seed):
         if study in sectioned:
             sections[study] = sectioned[study]
             continue
-        report = os.path.join(root, "files", f"p{subject[:2]}", f"p{subject}", f"s{study}.txt")
+        report = _under(root, os.path.join("files", f"p{subject[:2]}", f"p{subject}", f"s{study}.txt"), where)
         if not os.path.exists(report):
             raise FileNotFoundError(f"{where}: report file not found: {report}")
-        with open(report, encoding="utf-8") as f:
-            sections[study] = extract_sections(f.read())
+        sections[study] = extract_sections(_read_text(report))
 
     def ok(text):
         return _nwords(text) >= MIN_WORDS
@@ -367,7 +401,8 @@ def _mimic(root, seed):
             d_pre["no_text"] += 1
             d_gen["no_findings"] += 1
             continue
-        path = os.path.join(root, "files", f"p{subject[:2]}", f"p{subject}", f"s{study}", dicom + ".jpg")
+        path = _under(root, os.path.join("files", f"p{subject[:2]}", f"p{subject}", f"s{study}", dicom + ".jpg"),
+                      where)
         image = _image(path, f"{where} ({dicom})")
         pre[split].append({"id": dicom, "image": image, "texts": kept})
         if ok(sec["findings"]):
@@ -440,7 +475,7 @@ def _chexpert(root, seed):
             rel = row["Path"].strip()
             labels = [_chexpert_label(row[c], c, where) for c in CHEXPERT_LABELS]
             rid = os.path.splitext(rel[len(prefix):] if rel.startswith(prefix) else rel)[0]
-            rows[name].append({"id": rid, "image": _image(os.path.join(parent, rel), where), "labels": labels})
+            rows[name].append({"id": rid, "image": _image(_under(parent, rel, where), where), "labels": labels})
     n_val = min(5000, len(rows["train"]) // 10)
     splits = _seeded_split(rows["train"], seed, n_val, 0)
     splits["test"] = rows["valid"]
@@ -479,8 +514,8 @@ def _rsna(root, seed):
     records = []
     for pid in order:
         p = patients[pid]
-        image = next((os.path.join(image_dir, pid + e) for e in (".dcm", ".png", ".jpg")
-                      if os.path.exists(os.path.join(image_dir, pid + e))), None)
+        candidates = [_under(image_dir, pid + e, f"{p['where']} ({pid})") for e in (".dcm", ".png", ".jpg")]
+        image = next((c for c in candidates if os.path.exists(c)), None)
         if image is None:
             raise FileNotFoundError(f"{p['where']} ({pid}): image file not found: "
                                     f"{os.path.join(image_dir, pid)}.dcm (or .png / .jpg)")
@@ -531,7 +566,7 @@ def _vqa_rad(root, seed):
         where = f"{path}, record {n}"
         qid = str(_field(row, "qid", where))
         where = f"{where} (qid {qid})"
-        image = _image(os.path.join(image_dir, _norm(_field(row, "image_name", where))), where)
+        image = _image(_under(image_dir, _norm(_field(row, "image_name", where)), where), where)
         r = {"id": qid, "image": image, "question": _text(_field(row, "question", where), where, "question"),
              "answer": _answer(_field(row, "answer", where), where),
              "answer_type": _answer_type(_field(row, "answer_type", where), where)}
@@ -558,7 +593,7 @@ def _slake(root, seed):
             if _norm(_field(row, "q_lang", where)) != "en":
                 dropped["non_english"] += 1
                 continue
-            image = _image(os.path.join(root, "imgs", _norm(_field(row, "img_name", where))), where)
+            image = _image(_under(os.path.join(root, "imgs"), _norm(_field(row, "img_name", where)), where), where)
             records.append({"id": qid, "image": image,
                             "question": _text(_field(row, "question", where), where, "question"),
                             "answer": _answer(_field(row, "answer", where), where),
@@ -574,18 +609,15 @@ _VQAMED_CATEGORIES = {"c1": 1, "modality": 1, "c2": 2, "plane": 2, "c3": 3, "org
 
 
 def _vqamed_pipe(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield n, line.rstrip("\r\n").split("|")
+    for n, line in _text_lines(path):
+        if line.strip():
+            yield n, line.rstrip("\r\n").split("|")
 
 
 def _vqamed_image(split_dir, image_id, where):
     # the synthetic mirror / common re-packs use images/; the ImageCLEF zips use Train_images, Val_images, ...
     names = ["images", "Train_images", "Val_images", "VQAMed2019_Test_Images"]
-    candidates = [os.path.join(split_dir, d, image_id + ".jpg") for d in names]
+    candidates = [_under(os.path.join(split_dir, d), image_id + ".jpg", where) for d in names]
     image = next((c for c in candidates if os.path.exists(c)), None)
     if image is None:
         raise FileNotFoundError(f"{where}: image file not found: {candidates[0]} (also looked in {names[1:]})")
@@ -640,24 +672,75 @@ def _medvqa2019(root, seed):
     return [("medvqa2019", splits, {"dropped": dropped, "rules": rules, **_vqa_labels(splits)})]
 
 
+def _decode_error(path):
+    try:
+        data.load_image(path)  # the loader training uses: what decodes here decodes there
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check_images(folders, on_bad_image):
+    """Decode every image once, fully, so that a corrupt, truncated or oversized file stops preparation ("error")
+    or is dropped and counted under dropped["bad_image"] ("skip") instead of failing hours into training (where a
+    bad image is always an error: see data.PretrainDataset). It runs on the finished splits, so a dropped image
+    leaves the seeded split of every other record as it was; a VQA vocabulary keeps answers of dropped questions."""
+    paths = sorted({r["image"] for _, splits, _ in folders for s in SPLITS for r in splits[s] if "image" in r})
+    # PIL releases the GIL while it decodes, so threads run the decodes in parallel; map keeps the order
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        errors = list(_bar(pool.map(_decode_error, paths), "checking images", total=len(paths)))
+    bad = {p: e for p, e in zip(paths, errors) if e}
+    if bad and on_bad_image == "error":
+        name, split, r = next((name, s, r) for name, splits, _ in folders for s in SPLITS for r in splits[s]
+                              if r.get("image") in bad)
+        raise ValueError(f"{name} {split}, id {r['id']}: {bad[r['image']]}; {len(bad)} image(s) cannot be decoded in "
+                         "all: fix or remove them, or prepare with --on-bad-image skip to drop and count them")
+    if on_bad_image == "skip":
+        for path in sorted(bad):
+            print(f"skipped: {bad[path]}")
+        for _, splits, meta in folders:
+            n = 0
+            for s in SPLITS:
+                kept = [r for r in splits[s] if r.get("image") not in bad]
+                n, splits[s] = n + len(splits[s]) - len(kept), kept
+            meta["dropped"]["bad_image"] = n
+            meta["rules"]["bad_image"] = "records whose image cannot be decoded are dropped (--on-bad-image skip)"
+            if "oov_test_share" in meta:
+                test = splits["test"]
+                meta["oov_test_share"] = sum(r["label"] == -1 for r in test) / len(test) if test else 0.0
+    return folders
+
+
 _READERS = {"roco": _roco, "medicat": _medicat, "mimic_cxr": _mimic, "chexpert": _chexpert, "rsna": _rsna,
             "radnli": _radnli, "vqa_rad": _vqa_rad, "slake": _slake, "medvqa2019": _medvqa2019}
 
 
-def prepare(dataset, root, out, seed=0):
-    """Prepare one dataset (or "all": root/<name>/ for each) from its official layout; return the folders written."""
+def prepare(dataset, root, out, seed=0, on_bad_image="error"):
+    """Prepare one dataset (or "all": root/<name>/ for each) from its official layout; return the folders written.
+
+    on_bad_image: "error" (an image that does not decode stops preparation, naming file and record) or "skip"
+    (such records are dropped and counted under dropped["bad_image"])."""
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be error or skip, got {on_bad_image!r}")
     if dataset == "all":
         missing = [d for d in DATASETS if not os.path.isdir(os.path.join(root, d))]
         if missing:
             raise FileNotFoundError(f"prepare all expects {os.path.join(root, '<dataset>')} for every dataset; "
                                     f"missing: {missing}")
-        return [p for d in DATASETS for p in prepare(d, os.path.join(root, d), out, seed)]
+        return [p for d in DATASETS for p in prepare(d, os.path.join(root, d), out, seed, on_bad_image)]
     if dataset not in _READERS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)} or all")
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{dataset}: root folder not found: {root}")
-    folders = _READERS[dataset](root, seed)  # everything is read and checked before the first file is written
+    # everything is read and checked before the first file is written
+    folders = _check_images(_READERS[dataset](root, seed), on_bad_image)
+    for name, _, _ in folders:
+        # A stale meta.json would make a half-rewritten folder look complete; removed from all folders of the dataset
+        # first, so that a crash in the second folder cannot leave an older third one beside a newer first one.
+        stale = os.path.join(out, name, "meta.json")
+        if os.path.exists(stale):
+            os.remove(stale)
     return [_write_folder(out, name, splits, {"source": root, "seed": seed, **meta}) for name, splits, meta in folders]
 
 
@@ -667,9 +750,12 @@ def main(argv=None):
     p.add_argument("--root", required=True, help="folder of the official release (real or synthetic)")
     p.add_argument("--out", required=True, help="output folder; one sub-folder per downstream task is written")
     p.add_argument("--seed", type=int, default=0, help="seed of every carved split and sampled subset")
+    p.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                   help="an image that does not decode: stop with an error naming it (default), or drop its records "
+                        "and count them in meta.json dropped['bad_image']")
     args = p.parse_args(argv)
     t0 = time.time()
-    folders = prepare(args.dataset, args.root, args.out, args.seed)
+    folders = prepare(args.dataset, args.root, args.out, args.seed, args.on_bad_image)
     print(f"prepared {len(folders)} folder(s) in {time.time() - t0:.1f}s")
 
 
