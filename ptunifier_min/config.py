@@ -25,20 +25,20 @@ def _f(default, help):
 class ModelConfig:
     """The single-tower PTUnifier backbone and its pre-training heads (method.md)."""
 
-    image_size: int = _f(64, "input image side in pixels (resize + center crop)")
+    image_size: int = _f(48, "input image side in pixels (resize + center crop)")
     patch_size: int = _f(8, "ViT patch side in pixels")
     vocab_size: int = _f(4096, "WordPiece vocabulary size (set from the tokenizer when one is loaded)")
     cls_id: int = _f(2, "[CLS] token id (set from the tokenizer)")
     sep_id: int = _f(3, "[SEP] token id (set from the tokenizer)")
-    max_text_len: int = _f(40, "text length in tokens, [CLS] and [SEP] included")
-    dim: int = _f(192, "hidden size D")
+    max_text_len: int = _f(32, "text length in tokens, [CLS] and [SEP] included")
+    dim: int = _f(128, "hidden size D")
     depth: int = _f(4, "number of Transformer blocks")
     heads: int = _f(4, "attention heads (dim must divide by heads)")
     mlp_ratio: float = _f(4.0, "MLP hidden size / dim")
     dropout: float = _f(0.0, "dropout in attention output and MLP")
     prompt_mode: str = _f("pool", "prompts for a missing modality: none | static | pool (paper section 3.2)")
     pool_size: int = _f(64, "prompts per modality pool (prompt_mode=pool)")
-    k_v: int = _f(16, "visual prompts used when the image is missing")
+    k_v: int = _f(8, "visual prompts used when the image is missing")
     k_l: int = _f(8, "textual prompts used when the text is missing")
     query_pooling: str = _f("mean", "how the present modality's embeddings become the pool query: mean | max")
     itc_dim: int = _f(128, "ITC projection size")
@@ -69,7 +69,7 @@ class RunConfig:
     out: str = _f("runs/pretrain", "output folder: config.json, log.jsonl, checkpoints")
     resume: str = _f("", "checkpoint folder to continue from (weights, optimizer, scheduler, step, RNG, data position)")
     seed: int = _f(0, "base seed; rank r uses seed + r for its own randomness")
-    steps: int = _f(1500, "optimizer steps")
+    steps: int = _f(1000, "optimizer steps")
     batch_size: int = _f(64, "samples per device per micro-step")
     grad_accum: int = _f(1, "micro-steps per optimizer step")
     lr_backbone: float = _f(1e-3, "peak learning rate of the backbone (embeddings, blocks, final norm)")
@@ -214,15 +214,18 @@ class FinetuneConfig(RunConfig):
                       "runs/finetune/<task>-<pretrained|scratch>[-<percent>pct]")
     data_frac: float = _f(1.0, "share of the training split used, a seeded subset (at least 8 samples): 0.01 | 0.1 | 1")
     eval_every: int = _f(100, "optimizer steps between validation runs; the best weights on val are kept")
+    val_max: int = _f(128, "validation records used for selection, a seeded subset (0 = all); test is always whole")
     eval_batch_size: int = _f(64, "samples per batch at evaluation")
     max_gen_len: int = _f(64, "generated text length in tokens, [CLS] and [SEP] included (TS, ITG targets and decoding)")
-    beam_size: int = _f(3, "beam size of the deterministic beam search (TS, ITG); 1 = greedy")
+    beam_size: int = _f(1, "beam size of the deterministic beam search (TS, ITG); 1 = greedy")
     length_penalty: float = _f(1.0, "beam hypotheses are compared by log-prob sum / length ** length_penalty")
-    steps: int = _f(600, "optimizer steps")
+    steps: int = _f(200, "optimizer steps")
     batch_size: int = _f(32, "samples per device per micro-step (lowered to the training set size for tiny subsets)")
-    lr_backbone: float = _f(1e-4, "peak learning rate of the backbone (paper: 5e-6)")
+    lr_backbone: float = _f(5e-4, "peak learning rate of the backbone (paper: 5e-6)")
     lr_head: float = _f(1e-3, "peak learning rate of the task head, prompt pools and decoder (paper: 2.5e-4)")
-    log_every: int = _f(50, "optimizer steps between log lines")
+    log_every: int = _f(20, "optimizer steps between log lines")
+    resume: str = _f("", "not supported by fine-tuning (runs are short): an error if given")
+    save_every: int = _f(0, "unused by fine-tuning: the selected weights are saved once, after training")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
 
 
@@ -235,5 +238,6 @@ FINETUNE_PRESETS = {
     # The paper's architecture and fine-tuning rates (section 5.3: AdamW, 5e-6 backbone, 2.5e-4 task layers).
     "paper": dict(image_size=288, patch_size=16, max_text_len=48, dim=768, depth=12, heads=12, pool_size=1024, k_v=49,
                   k_l=32, itc_dim=256, vocab_size=30522, lr_backbone=5e-6, lr_head=2.5e-4, steps=5000,
-                  batch_size=32, eval_every=500, log_every=50, num_workers=8, max_gen_len=128, beam_size=3),
+                  batch_size=32, eval_every=500, val_max=0, log_every=50, num_workers=8, max_gen_len=128,
+                  beam_size=3),
 }
