@@ -129,7 +129,7 @@ def main(argv=None):
         results = {"task": task.name, "metrics": m, "split": args.split, "zero_shot": zero_shot, "init": init,
                    "checkpoint": ckpt, "config": config_lib.to_dict(cfg),
                    "eval_config": dataclasses.asdict(args)}
-        write_json(os.path.join(args.out, "results.json"), results)
+        engine.write_json(os.path.join(args.out, "results.json"), results)
         print(f"wrote {os.path.join(args.out, 'results.json')}")
     return 0
 
@@ -188,15 +188,8 @@ def render_table(root):
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
         table.append({"run": group, "cells": out})
     markdown = "\n".join(lines)
-    write_json(os.path.join(root, "table.json"), {"columns": headings, "rows": table, "markdown": markdown})
+    engine.write_json(os.path.join(root, "table.json"), {"columns": headings, "rows": table, "markdown": markdown})
     return markdown
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

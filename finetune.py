@@ -13,7 +13,6 @@ Read top to bottom: config -> initial checkpoint -> data -> model -> optimizer -
 """
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -158,7 +157,7 @@ def main(argv=None):
                    "counts": {s: len(r) for s, r in splits.items()}, "checkpoint": path,
                    "seconds": {"train_and_val": round(train_seconds, 1),
                                "test": round(time.perf_counter() - t1, 1)}}
-        write_json(os.path.join(cfg.out, "results.json"), results)
+        engine.write_json(os.path.join(cfg.out, "results.json"), results)
         say(f"test {task.name} (weights of step {best['step']}): " + report(test))
         say(f"results: {os.path.join(cfg.out, 'results.json')}; checkpoint: {path}")
     engine.barrier(d)
@@ -236,13 +235,6 @@ def fmt(v):
 
 def report(m):
     return ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "seconds")
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def main(argv=None):
     say(f"data: {len(records):,} training images from {', '.join(names)} ({root}); tokenizer {tok_path}, "
         f"{cfg.model.vocab_size:,} tokens")
     say(f"model: {n_params:,} parameters ({pool:,} in prompt pools); frozen for these objectives: {frozen or 'none'}")
-    say(f"optimizer groups: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()))
+    say("optimizer groups: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()))
     say(f"global batch {global_batch} = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x {d.world} "
         f"ranks; ITC negatives per pair {cfg.batch_size * d.world - 1}; precision {precision}; device {d.device}")
     if d.main:
@@ -141,7 +141,7 @@ def main(argv=None):
         say(f"zero-shot retrieval on {len(test)} synthetic ROCO test pairs (chance in brackets):")
         for direction in ("i2t", "t2i"):
             say(f"  {direction}: " + "  ".join(f"R@{k} {100 * r[f'{direction}_r{k}']:.1f} "
-                                                  f"[{100 * min(1, k / len(test)):.1f}]" for k in (1, 5, 10)))
+                                                  f"[{100 * min(1, k / len(test)):.2f}]" for k in (1, 5, 10)))
         log.write({"step": cfg.steps, "zero_shot_retrieval": r, "pairs": len(test)})
     engine.barrier(d)
     if d.world > 1:

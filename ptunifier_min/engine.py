@@ -377,6 +377,14 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def write_json(path, obj):
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 # ---- logging ---------------------------------------------------------------------------------------------------------
 class Log:
     """log.jsonl with one line per logged step (rank 0 only)."""

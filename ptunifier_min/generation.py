@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import PTUnifier
+from .model import PTUnifier, attend
 
 
 class CrossAttention(nn.Module):
@@ -50,14 +50,7 @@ class CrossAttention(nn.Module):
         k, v = self.kv(memory).view(B, S, 2, self.heads, Dh).permute(2, 0, 3, 1, 4)  # 2 x [B, H, S, Dh]
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # [B, 1, 1, S]
         p = self.dropout if self.training else 0.0
-        if manual:  # textbook formula, for the SDPA equivalence test
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(Dh)  # [B, H, T, S]
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
-            y = F.dropout(att.softmax(-1), p) @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, D)  # [B, T, D]
+        y = attend(q, k, v, mask, p, manual).transpose(1, 2).reshape(B, T, D)  # [B, T, D]
         return F.dropout(self.proj(y), p, self.training)
 
 

@@ -21,6 +21,19 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+def attend(q, k, v, mask=None, dropout=0.0, manual=False):
+    """softmax(q k^T / sqrt(Dh)) v over [B, H, T, Dh] queries and [B, H, S, Dh] keys/values; mask True = may attend.
+
+    The fused SDPA kernel by default; `manual` is the textbook formula, kept so tests can check the kernel against it.
+    """
+    if not manual:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    return F.dropout(att.softmax(-1), dropout) @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection."""
 
@@ -40,14 +53,7 @@ class Attention(nn.Module):
             tri = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = tri if mask is None else mask & tri
         p = self.dropout if self.training else 0.0
-        if manual:  # the textbook formula, kept so tests can check the fused kernel against it
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(D // self.heads)  # [B, H, T, T]
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
-            y = F.dropout(att.softmax(-1), p) @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, D)  # [B, T, D]
+        y = attend(q, k, v, mask, p, manual).transpose(1, 2).reshape(B, T, D)  # [B, T, D]
         return F.dropout(self.proj(y), p, self.training)
 
 

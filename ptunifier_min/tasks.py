@@ -340,7 +340,10 @@ def _evaluate_generation(model, task, records, tok, cfg, device, precision, prog
                               cfg.beam_size, cfg.max_gen_len - 1, cfg.length_penalty)
         for i, ids in zip(batch["index"].tolist(), out):
             r = records[i]
-            hyps[r["id"]], refs[r["id"]] = tok.decode(ids), [r["target"]]
+            # The reference goes through the same WordPiece round trip as the hypothesis (untruncated), so that
+            # "4.5" vs "4. 5" or "x-ray" vs "x - ray" spacing differences are not scored as wrong words.
+            ref = tok.decode(tok.encode(r["target"], add_special_tokens=False).ids)
+            hyps[r["id"]], refs[r["id"]] = tok.decode(ids), [ref]
     return metrics.nlg_metrics(refs, hyps)
 
 

@@ -4,9 +4,7 @@ Covers every objective set (find_unused_parameters=False: a dead parameter would
 gradients, global ITM negatives and the MLM token count.
 """
 
-import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
