@@ -37,8 +37,6 @@ def main(argv=None):
     cfg = config_lib.parse_args(FinetuneConfig, config_lib.FINETUNE_PRESETS, argv,
                                 description=__doc__.split("\n")[0])
     task = tasks.get_task(cfg.task)
-    if cfg.resume:
-        raise SystemExit("finetune.py does not resume (fine-tuning runs are short): start the run again")
     d = engine.setup_distributed(cfg.seed)
     say = print if d.main else (lambda *a, **k: None)
     precision = engine.resolve_precision(cfg.precision, d.device)
@@ -88,6 +86,17 @@ def main(argv=None):
     opt, groups = engine.build_optimizer(model, backbone_names, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay,
                                          (cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.warmup_linear(cfg.steps, cfg.warmup_frac))
+    start_step, best = 0, {"score": None, "step": 0, "metrics": None, "state": None}
+    if cfg.resume:  # a killed run goes on exactly: weights, optimizer, schedule, RNG, data position, best so far
+        state_dir = os.path.join(cfg.resume, "train_state")
+        engine.load_weights(state_dir, model)
+        state = engine.load_trainer_state(state_dir)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        engine.set_rng_state(state["rng"])
+        start_step, best = state["step"], state["best"]
+        say(f"resumed from {engine.resolve_checkpoint(state_dir)} at step {start_step} (best so far: step "
+            f"{best['step']})")
     train_model = torch.compile(model) if cfg.compile else model
     if d.world > 1:
         train_model = DDP(train_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
@@ -112,11 +121,11 @@ def main(argv=None):
     def loss_fn(batch, micro):
         return tasks.task_loss(model, task, train_model(batch), batch, special["pad"])
 
-    batches = engine.micro_batches(dataset, order, collate, cfg.num_workers)
+    batches = engine.micro_batches(dataset, order, collate, cfg.num_workers, start_step * cfg.grad_accum)
     guard = engine.NonFiniteGuard(cfg.max_skips, cfg.out, log)
-    best = {"score": None, "step": 0, "metrics": None, "state": None}
     window, t_start, t0 = [], time.perf_counter(), time.perf_counter()
-    bar = tqdm(range(cfg.steps), disable=not d.main, desc=f"fine-tune {task.name}")
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not d.main,
+               desc=f"fine-tune {task.name}")
     note = bar.write if d.main else say  # messages between bar updates, without breaking the bar
     model.train()
     for step in bar:
@@ -139,6 +148,10 @@ def main(argv=None):
                     best = {"score": score, "step": step + 1, "metrics": val,
                             "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
                 log.write({"step": step + 1, "val": val, "best_step": best["step"]})
+                # the resumable state, written at every validation so that a killed run loses at most eval_every steps
+                engine.save_checkpoint(os.path.join(cfg.out, "train_state"), step + 1, model, cfg,
+                                       {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                        "step": step + 1, "rng": engine.rng_state(), "best": best})
                 note(f"step {step + 1}: val {task.main} {fmt(val.get(task.main))} (best {fmt(best['score'])} "
                     f"at step {best['step']})")
             engine.barrier(d)

@@ -224,8 +224,9 @@ class FinetuneConfig(RunConfig):
     lr_backbone: float = _f(5e-4, "peak learning rate of the backbone (paper: 5e-6)")
     lr_head: float = _f(1e-3, "peak learning rate of the task head, prompt pools and decoder (paper: 2.5e-4)")
     log_every: int = _f(20, "optimizer steps between log lines")
-    resume: str = _f("", "not supported by fine-tuning (runs are short): an error if given")
-    save_every: int = _f(0, "unused by fine-tuning: the selected weights are saved once, after training")
+    resume: str = _f("", "output folder of a killed fine-tuning run to continue exactly (its train_state, written at "
+                         "every validation: weights, optimizer, schedule, step, RNG, data position, best so far)")
+    save_every: int = _f(0, "unused by fine-tuning: the resumable state is written at every validation")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
 
 

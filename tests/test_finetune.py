@@ -170,3 +170,39 @@ def test_pos_embed_interpolation_keeps_cls_and_resizes_the_grid():
     model = PTUnifier(ModelConfig(image_size=32, patch_size=8, dim=16, depth=1, heads=2, pool_size=8, k_v=4, k_l=3))
     tasks.set_image_size(model, 48)
     assert model.cfg.image_size == 48 and model(image=torch.randn(2, 3, 48, 48)).hidden.shape[1] == 1 + 36 + 3 + 2
+
+
+def test_killed_run_resumes_exactly(world, tmp_path, monkeypatch):
+    """A run that dies after its step-4 validation and is restarted with --resume ends where the uninterrupted run ends:
+    same per-step losses, same selected step and test metrics, same saved weights. Only what is on disk survives the
+    'kill' (an exception out of the training loop), as with SIGKILL."""
+    flags = ["--task", "chexpert", "--steps", "8", "--eval-every", "2", "--log-every", "1"]
+    finetune.main(["--preset", "tiny", "--synth-root", world[0], *flags, "--init", "scratch", "--out",
+                   str(tmp_path / "ref")])
+    real, calls = engine.optimizer_step, {"n": 0}
+
+    def dies_at_step_6(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "optimizer_step", dies_at_step_6)
+    out = str(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(["--preset", "tiny", "--synth-root", world[0], *flags, "--init", "scratch", "--out", out])
+    monkeypatch.setattr(engine, "optimizer_step", real)
+    assert engine.resolve_checkpoint(os.path.join(out, "train_state")).endswith("step_0000004")
+    finetune.main(["--preset", "tiny", "--synth-root", world[0], *flags, "--init", "scratch", "--out", out,
+                   "--resume", out])
+
+    def losses(path):
+        rows = [json.loads(line) for line in open(os.path.join(path, "log.jsonl"))]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}  # the last line of a step counts
+
+    ref, res = losses(tmp_path / "ref"), losses(out)
+    assert sorted(res) == list(range(1, 9)) and res == ref
+    a, b = (json.loads(open(os.path.join(p, "results.json")).read()) for p in (tmp_path / "ref", out))
+    assert a["best_step"] == b["best_step"] and a["metrics"] == b["metrics"]
+    wa, wb = (load_file(os.path.join(engine.resolve_checkpoint(str(p)), "model.safetensors")) for p in (tmp_path / "ref", out))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
