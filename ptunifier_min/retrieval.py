@@ -60,7 +60,9 @@ def similarity(model, records, tok, image_size, max_len, device, precision="fp32
 
 @torch.no_grad()
 def rerank_itm(model, sim, records, tok, image_size, max_len, device, top=16, precision="fp32"):
-    """Replace the top-`top` scores of each image row by ITM match logits (plus a large offset to keep them on top)."""
+    """Image-to-text re-ranking: each image row's top-`top` scores become ITM match logits, offset to stay on top.
+
+    The columns of the result are no longer comparable across images, so use it for image-to-text recall only."""
     paths, texts, _ = pairs(records)
     transform = data.ImageTransform(image_size)
     out = sim.clone()

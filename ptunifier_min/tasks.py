@@ -318,10 +318,11 @@ def retrieval_metrics(backbone, records, tok, cfg, device, precision="fp32", say
     seconds = time.perf_counter() - t0
     say(f"retrieval: {len(records):,} images x {len(txt_image):,} texts = {len(records) + len(txt_image):,} encoder "
         f"passes and one matrix product in {seconds:.1f} s")
-    if rerank_top:
-        sim = retrieval.rerank_itm(backbone, sim, records, tok, cfg.model.image_size, cfg.model.max_text_len,
-                                   device, rerank_top, precision)
     out = metrics.retrieval_recall(sim, txt_image)
+    if rerank_top:  # ITM re-scores each image's candidate texts: it changes the image-to-text ranking only
+        reranked = retrieval.rerank_itm(backbone, sim, records, tok, cfg.model.image_size, cfg.model.max_text_len,
+                                        device, rerank_top, precision)
+        out.update({k: v for k, v in metrics.retrieval_recall(reranked, txt_image).items() if k.startswith("i2t")})
     out["r_mean"] = sum(out.values()) / len(out)  # the selection metric: mean of the six recalls
     out.update(seconds=seconds, pairs=len(records))
     return out

@@ -66,6 +66,28 @@ def test_zero_shot_retrieval_on_a_toy_set_with_known_answers(toy):
     assert [m[f"t2i_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0]
 
 
+class ITMKnowsBetter(MatchedEncoder):
+    """Shifted ITC embeddings (every image ranks the wrong text first), but an ITM head that knows the true pairs."""
+
+    def forward(self, image=None, input_ids=None, attention_mask=None):
+        if image is not None and input_ids is not None:
+            ki = super().forward(image=image).pooled.argmax(1)
+            kt = super().forward(input_ids=input_ids).pooled.argmax(1)
+            return SimpleNamespace(pooled=(ki == kt).float()[:, None])
+        return super().forward(image, input_ids, attention_mask)
+
+    def itm_logits(self, pooled):
+        return torch.cat([-pooled, pooled], 1)
+
+
+def test_itm_reranking_changes_image_to_text_only(toy):
+    tok, records = toy
+    cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
+    m = tasks.retrieval_metrics(ITMKnowsBetter(tok, shift=1), records, tok, cfg, torch.device("cpu"), rerank_top=8)
+    assert [m[f"i2t_r{k}"] for k in (1, 5, 10)] == [1.0, 1.0, 1.0]  # ITM puts every image's own text first
+    assert [m[f"t2i_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0]  # text-to-image stays the ITC ranking
+
+
 @pytest.fixture(scope="module")
 def pretrained(world, tmp_path_factory):  # noqa: F811
     out = str(tmp_path_factory.mktemp("pre"))
