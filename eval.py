@@ -8,14 +8,15 @@
 
 A pre-training checkpoint is evaluated zero-shot (retrieval and CheXpert only: the other tasks need a trained head);
 a fine-tuned checkpoint is rebuilt from its own config and evaluated on its task. --out DIR writes DIR/results.json in
-finetune.py's format, so that zero-shot numbers can join the table.
+finetune.py's format, so that zero-shot numbers can join the table. It runs as one process: under torchrun
+(WORLD_SIZE > 1) it refuses to start rather than have every rank evaluate and write the same files.
 """
 
 import dataclasses
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ptunifier_min import config as config_lib
 from ptunifier_min import data, engine, tasks
@@ -33,8 +34,7 @@ COLUMNS = [("CheXpert AUROC", "chexpert", "auroc"), ("RSNA AUROC", "rsna", "auro
            ("SLAKE Acc", "slake", "overall"), ("MedVQA-2019 Acc", "medvqa2019", "overall")]
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+_f = config_lib._f  # a field with its help and its allowed values, checked by parse_args
 
 
 @dataclass
@@ -47,19 +47,25 @@ class EvalConfig:
     table: str = _f("", "instead of evaluating: print Table 2 from every results.json under this folder and write "
                         "table.json")
     split: str = _f("test", "split to evaluate: test | val")
-    rerank_top: int = _f(0, "retrieval: re-rank each image's top K texts with the ITM head (0 = ITC ranking only)")
+    rerank_top: int = _f(0, "retrieval: re-rank each image's top K texts with the ITM head (0 = ITC ranking only)",
+                         valid=">= 0")
     data_root: str = _f("", "prepared data folder; empty = the one the checkpoint was trained on")
     synth_root: str = _f("", "synthetic world folder; empty = the checkpoint's")
     synth_scale: str = _f("", "synthetic world scale; empty = the checkpoint's")
-    eval_batch_size: int = _f(64, "samples per evaluation batch")
-    beam_size: int = _f(0, "beam size for TS / ITG; 0 = the fine-tuning run's")
+    eval_batch_size: int = _f(64, "samples per evaluation batch", valid=">= 1")
+    beam_size: int = _f(0, "beam size for TS / ITG; 0 = the fine-tuning run's", valid=">= 0")
     length_penalty: float = _f(-1.0, "beam length penalty; negative = the fine-tuning run's")
-    precision: str = _f("auto", "bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)")
-    num_workers: int = _f(2, "data-loader worker processes")
+    precision: str = _f("auto", "bf16 | fp32 | auto (bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32)")
+    num_workers: int = _f(2, "data-loader worker processes", valid=">= 0")
     out: str = _f("", "folder to write results.json into (finetune.py's format); empty = print only")
 
 
 def main(argv=None):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Evaluation is one pass of one process; under torchrun every rank would repeat it and write the same files.
+        raise SystemExit(f"eval.py runs as a single process, not under torchrun "
+                         f"(WORLD_SIZE={os.environ['WORLD_SIZE']}): run it with python eval.py ... (it uses one GPU "
+                         "when there is one)")
     args = config_lib.parse_args(EvalConfig, {}, argv, description=__doc__.split("\n")[0])
     if args.table:
         print(render_table(args.table))

@@ -9,6 +9,10 @@ Tasks: chexpert, rsna (image classification), radnli (text classification), mimi
 mimic_gen (report generation), vqa_rad, slake, medvqa2019 (VQA). The model is selected on val every --eval-every steps
 and only the selected weights see test. Writes <out>/results.json and the selected checkpoint.
 
+Text lengths: --max-text-len (encoder input) and --max-gen-len (generation target) default per task to the 95th
+percentile of the training split's token counts, rounded up to 8; a longer input length than the checkpoint's extends
+its learned text position embeddings. The share of inputs and targets cut in each split is printed and stored.
+
 Read top to bottom: config -> initial checkpoint -> data -> model -> optimizer -> loop with selection -> test.
 """
 
@@ -22,14 +26,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ptunifier_min import config as config_lib
-from ptunifier_min import data, engine, tasks
+from ptunifier_min import data, engine, pretrained, tasks
 from ptunifier_min.config import FinetuneConfig, ModelConfig
-from ptunifier_min.model import PTUnifier, backbone_parameter_names
+from ptunifier_min.model import PTUnifier, backbone_parameter_names, set_image_size, set_text_len
 from ptunifier_min.world import ensure_prepared
 
 DEFAULT_INIT = "runs/pretrain"  # where `python train.py` writes
 # Model fields a run may change against its checkpoint: they resize or regularise, they hold no weights of their own.
-CHANGEABLE = ("image_size", "dropout")
+CHANGEABLE = ("image_size", "max_text_len", "dropout")
+COVER = 0.95  # default text lengths hold this share of the training split's texts whole (choose_lengths)
 
 
 def main(argv=None):
@@ -42,12 +47,16 @@ def main(argv=None):
     precision = engine.resolve_precision(cfg.precision, d.device)
 
     # ---- initial weights: a pre-training checkpoint decides the architecture and the tokenizer ----------------------
-    ckpt, ckpt_image_size = resolve_init(cfg, argv, say)
+    ckpt, ckpt_model = resolve_init(cfg, argv, say)
     cfg.out = cfg.out or default_out(task.name, ckpt, cfg.data_frac)
+    if d.main:  # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
+        engine.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, say,
+                                checkpoints=os.path.join(cfg.out, "train_state"))  # where the resumable state is
 
     # ---- data --------------------------------------------------------------------------------------------------------
     root, tok_path = ensure_prepared(cfg, [task.folder], d, say)
     tok = data.load_tokenizer(tok_path)
+    tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, d.main)
     special = data.special_ids(tok)
     if ckpt is None:
         cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = tok.get_vocab_size(), special["cls"], special["sep"]
@@ -56,6 +65,8 @@ def main(argv=None):
     folder = os.path.join(root, task.folder)
     meta = data.read_meta(folder)
     splits = {s: data.read_split(folder, s) for s in ("train", "val", "test")}
+    lengths = choose_lengths(cfg, task, tasks.text_lengths(task, splits["train"], tok),
+                             "max_text_len" in given_model_flags(argv), say)
     splits["train"] = tasks.subset(splits["train"], cfg.data_frac, cfg.seed)
     n_val = len(splits["val"])
     splits["val"] = tasks.cap(splits["val"], cfg.val_max, cfg.seed)
@@ -64,6 +75,12 @@ def main(argv=None):
     empty = [s for s, recs in splits.items() if not recs]
     if empty:
         raise SystemExit(f"{folder}: no {' / '.join(empty)} records to fine-tune and select on")
+    truncated = {s: tasks.truncated_shares(tasks.text_lengths(task, recs, tok), cfg.model.max_text_len, cfg.max_gen_len)
+                 for s, recs in splits.items()}
+    if truncated["train"]:
+        say("truncated: " + "; ".join(f"{s} " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in t.items())
+                                      for s, t in truncated.items()) +
+            f" (inputs at --max-text-len {cfg.model.max_text_len}, targets at --max-gen-len {cfg.max_gen_len})")
     batch_size = min(cfg.batch_size, len(splits["train"]) // d.world)  # a 1% subset can be smaller than a batch
     transform = data.ImageTransform(cfg.model.image_size, train=True, random_resized_crop=cfg.random_resized_crop)
     dataset = tasks.TaskDataset(splits["train"], task, transform, cfg.seed, train=True)
@@ -71,12 +88,22 @@ def main(argv=None):
     order = engine.BatchOrder(len(dataset), batch_size, d.world, d.rank, cfg.seed)
 
     # ---- model: backbone (pre-trained or not), then the task head; the decoder copies the backbone's blocks ---------
-    backbone = PTUnifier(dataclasses.replace(cfg.model, image_size=ckpt_image_size or cfg.model.image_size))
+    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, say)  # scratch runs only
+    # built at the checkpoint's sizes so that its weights load as they are, then resized to this run's
+    sizes = {k: ckpt_model[k] for k in ("image_size", "max_text_len")} if ckpt else {}
+    backbone = PTUnifier(dataclasses.replace(cfg.model, **sizes))
+    pretrained.load_into(backbone, imported, say)
     if ckpt:
         engine.load_weights(ckpt, backbone, strict=True)
-        if ckpt_image_size != cfg.model.image_size:
-            say(f"image size {ckpt_image_size} -> {cfg.model.image_size}: position embeddings interpolated (bicubic)")
-            tasks.set_image_size(backbone, cfg.model.image_size)
+        if sizes["image_size"] != cfg.model.image_size:
+            say(f"image size {sizes['image_size']} -> {cfg.model.image_size}: position embeddings interpolated "
+                "(bicubic)")
+            set_image_size(backbone, cfg.model.image_size)
+        if sizes["max_text_len"] != cfg.model.max_text_len:
+            say(f"text length {sizes['max_text_len']} -> {cfg.model.max_text_len}: text position embeddings " +
+                ("extended (the learned rows, then rows 1.. repeated)" if cfg.model.max_text_len > sizes["max_text_len"]
+                 else "truncated"))
+            set_text_len(backbone, cfg.model.max_text_len)
     model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len).to(d.device)
     probe = {k: v.to(d.device) for k, v in collate([dataset[i] for i in range(min(2, len(dataset)))]).items()}
     with engine.autocast(precision, d.device):
@@ -88,15 +115,11 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.warmup_linear(cfg.steps, cfg.warmup_frac))
     start_step, best = 0, {"score": None, "step": 0, "metrics": None, "state": None}
     if cfg.resume:  # a killed run goes on exactly: weights, optimizer, schedule, RNG, data position, best so far
-        state_dir = os.path.join(cfg.resume, "train_state")
-        engine.load_weights(state_dir, model)
-        state = engine.load_trainer_state(state_dir)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        engine.set_rng_state(state["rng"])
+        # refuses the settings a resumed run cannot change; applies and prints those it may (new LRs too)
+        state = engine.resume_from(os.path.join(cfg.resume, "train_state"), cfg, model, opt, sched, say)
+        engine.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])  # its own
         start_step, best = state["step"], state["best"]
-        say(f"resumed from {engine.resolve_checkpoint(state_dir)} at step {start_step} (best so far: step "
-            f"{best['step']})")
+        say(f"best so far: step {best['step']}")
     train_model = torch.compile(model) if cfg.compile else model
     if d.world > 1:
         train_model = DDP(train_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
@@ -113,9 +136,8 @@ def main(argv=None):
     say(f"global batch {batch_size * cfg.grad_accum * d.world} = {batch_size} per device x {cfg.grad_accum} "
         f"accumulation x {d.world} ranks; {cfg.steps} steps; precision {precision}; device {d.device}")
     if d.main:
-        os.makedirs(cfg.out, exist_ok=True)
-        config_lib.save_json(cfg, os.path.join(cfg.out, "config.json"))
-    log = engine.Log(os.path.join(cfg.out, "log.jsonl"), d.main)
+        engine.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
+    log = engine.Log(os.path.join(cfg.out, "log.jsonl"), d.main, resume_step=start_step if cfg.resume else None)
 
     # ---- training loop: evaluate on val every eval_every steps, keep the best weights --------------------------------
     def loss_fn(batch, micro):
@@ -129,7 +151,8 @@ def main(argv=None):
     note = bar.write if d.main else say  # messages between bar updates, without breaking the bar
     model.train()
     for step in bar:
-        loss, stats = engine.accumulate(train_model, batches, loss_fn, cfg.grad_accum, d, precision)
+        micro_batches = engine.next_micro_batches(batches, cfg.grad_accum, d.device)
+        loss, stats = engine.accumulate(train_model, micro_batches, loss_fn, d, precision)
         grad_norm = engine.optimizer_step(model, opt, sched, loss, cfg.grad_clip, d)
         if guard(grad_norm, step + 1):
             window.append(stats)
@@ -141,17 +164,19 @@ def main(argv=None):
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             window, t0 = [], time.perf_counter()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            if d.main:  # selection on val only; the other ranks wait at the barrier
+            if d.main:  # selection on val only; the other ranks wait in gather_rng
                 val = tasks.evaluate(model, task, splits["val"], meta, tok, cfg, d.device, precision, say=note)
                 score = tasks.main_score(task, val)
                 if best["state"] is None or score > best["score"]:
                     best = {"score": score, "step": step + 1, "metrics": val,
                             "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
                 log.write({"step": step + 1, "val": val, "best_step": best["step"]})
+            rng = engine.gather_rng(d)  # a collective, after validation: each rank's own state, for --resume
+            if d.main:
                 # the resumable state, written at every validation so that a killed run loses at most eval_every steps
                 engine.save_checkpoint(os.path.join(cfg.out, "train_state"), step + 1, model, cfg,
                                        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                        "step": step + 1, "rng": engine.rng_state(), "best": best})
+                                        "step": step + 1, "rng": rng, "best": best})
                 note(f"step {step + 1}: val {task.main} {fmt(val.get(task.main))} (best {fmt(best['score'])} "
                     f"at step {best['step']})")
             engine.barrier(d)
@@ -162,12 +187,15 @@ def main(argv=None):
     # ---- test, with the weights selected on val ----------------------------------------------------------------------
     if d.main:
         model.load_state_dict(best["state"])
-        path = engine.save_checkpoint(cfg.out, best["step"], model, cfg, files=[tok_path])
+        # meta.json (label names, answers) goes along so that ptunifier_min.load(...).predict can name its outputs
+        path = engine.save_checkpoint(cfg.out, best["step"], model, cfg,
+                                      files=[tok_path, os.path.join(folder, "meta.json")])
         t1 = time.perf_counter()
         test = tasks.evaluate(model, task, splits["test"], meta, tok, cfg, d.device, precision, say=say)
         results = {"task": task.name, "metrics": test, "val_metrics": best["metrics"], "best_step": best["step"],
                    "config": config_lib.to_dict(cfg), "init": ckpt or "scratch", "split_hash": tasks.split_hash(splits),
                    "counts": {s: len(r) for s, r in splits.items()}, "checkpoint": path,
+                   "text_lengths": lengths, "truncated": truncated,
                    "seconds": {"train_and_val": round(train_seconds, 1),
                                "test": round(time.perf_counter() - t1, 1)}}
         engine.write_json(os.path.join(cfg.out, "results.json"), results)
@@ -179,9 +207,11 @@ def main(argv=None):
 
 
 def resolve_init(cfg, argv, say):
-    """The checkpoint to start from (None = scratch) and its image size. With a checkpoint, cfg.model becomes the
+    """The checkpoint to start from (None = scratch) and its model config. With a checkpoint, cfg.model becomes the
     checkpoint's architecture and cfg.tokenizer its tokenizer; model flags the user gave must agree with it."""
-    if cfg.init == "scratch":
+    if (cfg.init_vision or cfg.init_text) and cfg.init not in ("", "scratch"):
+        raise SystemExit("--init-vision / --init-text start a scratch run; they cannot be combined with --init")
+    if cfg.init == "scratch" or cfg.init_vision or cfg.init_text:
         return None, None
     path = cfg.init or DEFAULT_INIT
     try:
@@ -208,7 +238,7 @@ def resolve_init(cfg, argv, say):
     except TypeError as e:
         raise SystemExit(f"{ckpt}: its model config does not fit this version: {e}") from None
     cfg.tokenizer = engine.checkpoint_tokenizer(ckpt)
-    return ckpt, saved["model"]["image_size"]
+    return ckpt, saved["model"]
 
 
 def given_model_flags(argv):
@@ -224,6 +254,35 @@ def given_model_flags(argv):
         if len(matches) == 1 and matches[0] in model:
             names.add(matches[0])
     return sorted(names)
+
+
+def choose_lengths(cfg, task, train_lengths, text_len_given, say):
+    """Set the encoder input length (cfg.model.max_text_len) and the generation target length (cfg.max_gen_len) that
+    the command line left open from the task's whole training split, and say why. Returns the choice for results.json.
+
+    Default = the COVER (95th) percentile of the training texts' token counts, rounded up to a multiple of 8, so that
+    at least 95% of them are read whole; the input length never goes below the backbone's own (the checkpoint's, or
+    the preset's from scratch): a shorter table would cut texts the model can already read. The whole split, not the
+    --data-frac subset, so that runs on 1%, 10% and 100% of the data read texts alike.
+    """
+    chosen = {}
+    for key, flag, given, current in (("inputs", "--max-text-len", text_len_given, cfg.model.max_text_len),
+                                      ("targets", "--max-gen-len", cfg.max_gen_len > 0, cfg.max_gen_len)):
+        if key not in train_lengths:
+            continue
+        need, p = tasks.length_to_cover(train_lengths[key], COVER)
+        value = current if given else max(current, need)
+        chosen[key] = {"length": value, "percentile": p, "by": flag if given else "data"}
+        why = f"given by {flag}" if given else (
+            f"the {100 * COVER:g}th percentile of the {len(train_lengths[key]):,} training {key} is {p} tokens" +
+            (f", rounded up to {need}" if need == value else f"; the backbone's {value} is longer and kept") +
+            f" (set {flag} to choose)")
+        say(f"{task.name} {key[:-1]} length {value}: {why}")
+        if key == "inputs":
+            cfg.model.max_text_len = value
+        else:
+            cfg.max_gen_len = value
+    return chosen
 
 
 def default_out(task, ckpt, frac):

@@ -8,6 +8,9 @@ step: ITC's image-only and text-only passes, MLM's masked pass, ITM's pass, back
 random tensors of the preset's shapes, so data loading is not measured. FLOPs come from model.flops_per_pair (6*N*T +
 12*L*D*T^2 per pass); the peak is a matrix-product measurement on this machine (on a GPU, the card's nominal dense bf16
 peak, and the measured one beside it). MFU = achieved FLOPs / peak of the same precision.
+
+Then (c) decoding: beam search at the paper's lengths with and without the key/value cache, in decoded tokens/s
+(bench_decoding; on a CPU at width 128 so that the uncached search stays within seconds, --decode-dim to change it).
 """
 
 import argparse
@@ -16,9 +19,10 @@ import time
 import torch
 
 from . import engine
-from .config import PRESETS, TrainConfig, build
+from .config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build
+from .generation import TextDecoder, beam_search
 from .model import PTUnifier, backbone_parameter_names, flops_per_pair
-from .objectives import pretraining_loss
+from .objectives import mask_step, pretraining_loss
 
 
 def matmul_peak(device, dtype, n=2048, seconds=1.0):
@@ -51,7 +55,7 @@ def fake_batch(cfg, B, device):
     ids[:, 0], ids[:, -1] = cfg.model.cls_id, cfg.model.sep_id
     return {"image": torch.randn(B, 3, cfg.model.image_size, cfg.model.image_size, device=device),
             "input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.bool, device=device),
-            "index": torch.arange(B, device=device)}
+            "index": torch.arange(B, device=device), "image_id": torch.arange(B, device=device)}
 
 
 def bench(preset, precision, batch_size, device, seconds):
@@ -68,7 +72,8 @@ def bench(preset, precision, batch_size, device, seconds):
 
     def full_step():
         with engine.autocast(precision, device):
-            loss, _ = pretraining_loss(model, batch, cfg, torch.Generator().manual_seed(0), special)
+            mask_step([batch], cfg, torch.Generator().manual_seed(0), special)
+            loss, _ = pretraining_loss(model, batch, cfg, torch.Generator().manual_seed(1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -86,6 +91,39 @@ def bench(preset, precision, batch_size, device, seconds):
     return params, rows
 
 
+def bench_decoding(precision, device, dim, batch_size=2, gen_len=128):
+    """Decoded tokens/s of beam search with and without the key/value cache, at the paper preset's lengths.
+
+    ITG: the memory is an image's whole encoder sequence (1 + (288/16)^2 image positions + [CLS], k_l = 32 textual
+    prompts, [SEP]: 359 positions), beam size 3, 12 decoder layers, the 30,522-word vocabulary, and gen_len - 1 = 127
+    generated tokens (max_gen_len 128, as the paper preset used to fix it). Only the width is the caller's (`dim`;
+    the paper's 768 makes the uncached search take minutes on a CPU). Random weights and memory: [SEP] is set to
+    [PAD], which decoding never emits, so every run decodes the full length. Tokens/s counts generated tokens per
+    example, not per beam. Also returned: whether both searches chose the same tokens.
+    """
+    cfg = build(FinetuneConfig, {**FINETUNE_PRESETS["paper"], "dim": dim, "heads": max(1, dim // 64)})
+    m = cfg.model
+    torch.manual_seed(0)
+    decoder = TextDecoder(PTUnifier(m), max_len=gen_len).to(device)
+    decoder.backbone.to(device)
+    with torch.no_grad():
+        # Freshly initialised, the next-token distribution is nearly uniform over 30,522 words, and beams then tie
+        # within fp32 rounding (scores ~ -100 whose last bits depend on the order of the sums): sharpen it, as training
+        # does, so that the comparison of the two searches below is about the cache, not about ties.
+        decoder.backbone.word_embeddings.weight.mul_(8.0)
+    S = 1 + (m.image_size // m.patch_size) ** 2 + m.k_l + 2
+    memory = torch.randn(batch_size, S, dim, device=device)
+    rows = []
+    for use_cache in (True, False):
+        _sync(device)
+        t = time.perf_counter()
+        with engine.autocast(precision, device):
+            out = beam_search(decoder, memory, None, m.cls_id, 0, 0, cfg.beam_size, gen_len - 1, use_cache=use_cache)
+        _sync(device)
+        rows.append((use_cache, batch_size * (gen_len - 1) / (time.perf_counter() - t), out))
+    return cfg, S, rows, rows[0][2] == rows[1][2]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", default="", help="comma-separated presets (default: cpu,tiny on CPU; cpu,paper on GPU)")
@@ -93,6 +131,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=0, help="pairs per step (default: 32 for cpu/paper, 64 for tiny)")
     p.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--decode-dim", type=int, default=-1, help="width of the beam-search benchmark (paper lengths, "
+                   "first of --precisions); default 768 (the paper's) on a GPU, 128 on a CPU, where the uncached "
+                   "search is slow; 0 = skip it")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     presets = args.presets or ("cpu,paper" if device.type == "cuda" else "cpu,tiny")
@@ -115,6 +156,17 @@ def main(argv=None):
             for name, pairs, flops in rows:
                 print(f"| {preset} (B={B}) | {params / 1e6:.1f}M | {prec} | {name} | {pairs:.1f} | "
                       f"{flops / 1e12:.3f} | {100 * flops / peaks[prec]:.1f}% |", flush=True)
+    dim = args.decode_dim if args.decode_dim >= 0 else (768 if device.type == "cuda" else 128)
+    if dim:
+        prec = args.precisions.split(",")[0]  # fp32 by default: there, the two searches' tokens can be compared
+        cfg, S, rows, same = bench_decoding(prec, device, dim)
+        print(f"\nbeam search (ITG at the paper's lengths: memory {S}, beam {cfg.beam_size}, 127 tokens, "
+              f"{cfg.model.depth} layers, vocabulary {cfg.model.vocab_size}; width {dim}, batch 2, {prec})\n"
+              "| KV cache | tokens/s |\n|---|---|")
+        for use_cache, rate, _ in rows:
+            print(f"| {'yes' if use_cache else 'no'} | {rate:.1f} |")
+        print(f"cached / uncached: {rows[0][1] / rows[1][1]:.1f}x; same tokens: "
+              + ("yes" if same else "no (in bf16, near-equal beams can swap: the test compares them in fp32)"))
 
 
 if __name__ == "__main__":

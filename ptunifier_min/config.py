@@ -13,49 +13,104 @@ Presets:
 
 import argparse
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+def _f(default, help, valid=None, may_change=False):
+    """A config field and what is allowed of it, in one place.
+
+    valid: the values allowed, checked whenever a config is built (so by parse_args, before any data is read): a
+    bound (">= 1", "> 0"), an interval ("[0, 1)"), alternatives joined by " or " (a bare number is that value), or a
+    tuple of choices. may_change: a resumed run may set it differently from the run it continues, because it steers
+    how the run goes on (length, cadence, learning rates, workers), not what it learns; every other field must equal
+    the checkpoint's (resume_differences)."""
+    return field(default=default, metadata={"help": help, "valid": valid, "may_change": may_change})
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _allowed(value, valid):
+    if isinstance(valid, tuple):
+        return value in valid
+    for part in valid.split(" or "):
+        if part[0] in "[(":  # an interval such as "[0, 1)"
+            lo, hi = (float(x) for x in part[1:-1].split(","))
+            if (lo <= value if part[0] == "[" else lo < value) and (value <= hi if part[-1] == "]" else value < hi):
+                return True
+        elif " " in part:  # ">= 1", "> 0"
+            op, bound = part.split()
+            if value >= float(bound) if op == ">=" else value > float(bound):
+                return True
+        elif value == float(part):
+            return True
+    return False
+
+
+def check_fields(cfg):
+    """Raise one ValueError naming every field of this dataclass whose value is outside what its `valid` allows (and
+    every non-finite float: argparse's float() accepts 'nan' and 'inf')."""
+    errors = []
+    for f in dataclasses.fields(cfg):
+        value, valid = getattr(cfg, f.name), f.metadata.get("valid")
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{flag(f.name)} must be a finite number, got {value}")
+        elif valid is not None and not _allowed(value, valid):
+            allowed = f"one of {' | '.join(valid)}" if isinstance(valid, tuple) else \
+                f"{'in ' if valid[0] in '[(' else ''}{valid}"
+            errors.append(f"{flag(f.name)} must be {allowed}, got {value!r}")
+    if errors:
+        raise ValueError("; ".join(errors))
 
 
 @dataclass
 class ModelConfig:
     """The single-tower PTUnifier backbone and its pre-training heads (method.md)."""
 
-    image_size: int = _f(48, "input image side in pixels (resize + center crop)")
-    patch_size: int = _f(8, "ViT patch side in pixels")
-    vocab_size: int = _f(4096, "WordPiece vocabulary size (set from the tokenizer when one is loaded)")
-    cls_id: int = _f(2, "[CLS] token id (set from the tokenizer)")
-    sep_id: int = _f(3, "[SEP] token id (set from the tokenizer)")
-    max_text_len: int = _f(32, "text length in tokens, [CLS] and [SEP] included")
-    dim: int = _f(128, "hidden size D")
-    depth: int = _f(4, "number of Transformer blocks")
-    heads: int = _f(4, "attention heads (dim must divide by heads)")
-    mlp_ratio: float = _f(4.0, "MLP hidden size / dim")
-    dropout: float = _f(0.0, "dropout in attention output and MLP")
-    prompt_mode: str = _f("pool", "prompts for a missing modality: none | static | pool (paper section 3.2)")
-    pool_size: int = _f(64, "prompts per modality pool (prompt_mode=pool)")
-    k_v: int = _f(8, "visual prompts used when the image is missing")
-    k_l: int = _f(8, "textual prompts used when the text is missing")
-    query_pooling: str = _f("mean", "how the present modality's embeddings become the pool query: mean | max")
-    itc_dim: int = _f(128, "ITC projection size")
-    itc_temperature: float = _f(0.07, "initial ITC temperature (logit scale = log(1/T), clamped at log 100)")
+    image_size: int = _f(48, "input image side in pixels (resize + center crop)", valid=">= 1")
+    patch_size: int = _f(8, "ViT patch side in pixels", valid=">= 1")
+    vocab_size: int = _f(4096, "WordPiece vocabulary size (set from the tokenizer when one is loaded)", valid=">= 1")
+    cls_id: int = _f(2, "[CLS] token id (set from the tokenizer)", valid=">= 0")
+    sep_id: int = _f(3, "[SEP] token id (set from the tokenizer)", valid=">= 0")
+    max_text_len: int = _f(32, "text length in tokens, [CLS] and [SEP] included (finetune.py without this flag: "
+                                "the longer of the checkpoint's and the task's 95th percentile, rounded up to 8)",
+                           valid=">= 3")
+    dim: int = _f(128, "hidden size D", valid=">= 1")
+    depth: int = _f(4, "number of Transformer blocks", valid=">= 1")
+    heads: int = _f(4, "attention heads (dim must divide by heads)", valid=">= 1")
+    mlp_ratio: float = _f(4.0, "MLP hidden size / dim", valid="> 0")
+    dropout: float = _f(0.0, "dropout in attention output and MLP", valid="[0, 1)")
+    prompt_mode: str = _f("pool", "prompts for a missing modality: none | static | pool (paper section 3.2)",
+                          valid=("none", "static", "pool"))
+    pool_size: int = _f(64, "prompts per modality pool (prompt_mode=pool)", valid=">= 1")
+    k_v: int = _f(8, "visual prompts used when the image is missing", valid=">= 0")
+    k_l: int = _f(8, "textual prompts used when the text is missing", valid=">= 0")
+    query_pooling: str = _f("mean", "how the present modality's embeddings become the pool query: mean | max",
+                            valid=("mean", "max"))
+    itc_dim: int = _f(128, "ITC projection size", valid=">= 1")
+    itc_temperature: float = _f(0.07, "initial ITC temperature (logit scale = log(1/T), clamped at log 100)",
+                                valid="> 0")
     learn_temperature: bool = _f(True, "learn the ITC temperature (CLIP style); false keeps it fixed")
+    # what an imported encoder needs to compute exactly what it computed (set by --init-vision / --init-text)
+    norm_pre: bool = _f(False, "LayerNorm on the input sequence before the blocks (CLIP's ln_pre, timm's norm_pre)")
+    act: str = _f("gelu", "MLP activation of the blocks: gelu | quick_gelu (OpenAI CLIP's x * sigmoid(1.702 x))",
+                  valid=("gelu", "quick_gelu"))
+    norm_eps: float = _f(1e-5, "LayerNorm epsilon of the blocks and final norm (timm 1e-6, HF ViT 1e-12, CLIP 1e-5)",
+                         valid="> 0")
+    patch_bias: bool = _f(True, "bias in the patch projection (CLIP has none)")
+    text_norm_eps: float = _f(0.0, "epsilon of a LayerNorm on word + position embeddings (BERT / RoBERTa's "
+                                   "embeddings.LayerNorm, added by --init-text); 0 = no such norm", valid=">= 0")
 
     def __post_init__(self):
+        check_fields(self)  # first: the checks below divide by heads and patch_size
         if self.dim % self.heads:
-            raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
+            raise ValueError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
-        if self.prompt_mode not in ("none", "static", "pool"):
-            raise ValueError(f"prompt_mode must be none, static or pool, got {self.prompt_mode!r}")
-        if self.query_pooling not in ("mean", "max"):
-            raise ValueError(f"query_pooling must be mean or max, got {self.query_pooling!r}")
+            raise ValueError(f"--image-size {self.image_size} is not divisible by --patch-size {self.patch_size}")
         if self.prompt_mode == "pool" and max(self.k_v, self.k_l) > self.pool_size:
-            raise ValueError(f"k_v={self.k_v} and k_l={self.k_l} cannot exceed pool_size={self.pool_size}")
+            raise ValueError(f"--k-v {self.k_v} and --k-l {self.k_l} cannot exceed --pool-size {self.pool_size}")
 
 
 @dataclass
@@ -64,28 +119,50 @@ class RunConfig:
 
     data_root: str = _f("", "folder of prepared datasets (prepare.py output); empty = the synthetic world, made on demand")
     synth_root: str = _f("data/synthetic", "where the synthetic world and its prepared form live when data_root is empty")
-    synth_scale: str = _f("default", "size of the synthetic world made on demand: tiny | small | default")
+    synth_scale: str = _f("default", "size of the synthetic world made on demand: tiny | small | default",
+                          valid=("tiny", "small", "default"))
     tokenizer: str = _f("", "tokenizer.json or BERT vocab.txt; empty = <prepared root>/tokenizer.json (trained if missing)")
-    out: str = _f("runs/pretrain", "output folder: config.json, log.jsonl, checkpoints")
-    resume: str = _f("", "checkpoint folder to continue from (weights, optimizer, scheduler, step, RNG, data position)")
-    seed: int = _f(0, "base seed; rank r uses seed + r for its own randomness")
-    steps: int = _f(1000, "optimizer steps")
-    batch_size: int = _f(64, "samples per device per micro-step")
-    grad_accum: int = _f(1, "micro-steps per optimizer step")
-    lr_backbone: float = _f(1e-3, "peak learning rate of the backbone (embeddings, blocks, final norm)")
-    lr_head: float = _f(1e-3, "peak learning rate of everything else (prompt pools, heads, logit scale)")
-    weight_decay: float = _f(0.01, "AdamW weight decay (never on norms, biases, embeddings, pools, logit scale)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.98, "AdamW beta2")
-    warmup_frac: float = _f(0.1, "fraction of steps of linear warm-up, then linear decay to 0")
-    grad_clip: float = _f(1.0, "max global gradient norm (0 = off)")
-    precision: str = _f("auto", "bf16 | fp32 | auto (bf16 autocast on CUDA, fp32 on CPUs without fast bf16)")
-    compile: bool = _f(False, "torch.compile the model")
-    num_workers: int = _f(2, "data-loader worker processes per rank")
+    out: str = _f("runs/pretrain", "output folder: config.json, log.jsonl, checkpoints", may_change=True)
+    init_vision: str = _f("", "pretrained ViT / CLIP vision weights to start from (timm, HF ViTModel, HF CLIP, OpenAI "
+                              "CLIP / open_clip; .safetensors, or .bin / .pt read with weights_only); empty = scratch")
+    init_text: str = _f("", "BERT / PubMedBERT / RoBERTa weights whose embeddings start the text side (with "
+                            "--tokenizer: its vocab.txt, tokenizer.json or vocab.json); empty = scratch")
+    resume: str = _f("", "checkpoint folder to continue from (weights, optimizer, scheduler, step, RNG, data position)",
+                     may_change=True)
+    # below 2**31, so that engine.step_generator's seeds, (seed * 1_000_003 + step) * 1024 + stream, fit in 64 bits
+    seed: int = _f(0, "base seed; rank r uses seed + r for its own randomness", valid="[0, 2147483647]")
+    steps: int = _f(1000, "optimizer steps", valid=">= 1", may_change=True)
+    batch_size: int = _f(64, "samples per device per micro-step", valid=">= 1")
+    grad_accum: int = _f(1, "micro-steps per optimizer step (each draws from its own of 1023 generator streams)",
+                         valid="[1, 1023]")
+    lr_backbone: float = _f(1e-3, "peak learning rate of the backbone (embeddings, blocks, final norm); 0 = frozen",
+                            valid=">= 0", may_change=True)
+    lr_head: float = _f(1e-3, "peak learning rate of everything else (prompt pools, heads, logit scale)",
+                        valid="> 0", may_change=True)
+    weight_decay: float = _f(0.01, "AdamW weight decay (never on norms, biases, embeddings, pools, logit scale)",
+                             valid=">= 0", may_change=True)
+    beta1: float = _f(0.9, "AdamW beta1", valid="[0, 1)", may_change=True)
+    beta2: float = _f(0.98, "AdamW beta2", valid="[0, 1)", may_change=True)
+    warmup_frac: float = _f(0.1, "fraction of steps of linear warm-up, then linear decay to 0",
+                            valid="[0, 1)", may_change=True)
+    grad_clip: float = _f(1.0, "max global gradient norm (0 = off)", valid=">= 0", may_change=True)
+    precision: str = _f("auto", "bf16 | fp32 | auto (bf16 autocast on CUDA, fp32 on CPUs without fast bf16)",
+                        valid=("auto", "bf16", "fp32"))
+    compile: bool = _f(False, "torch.compile the model", may_change=True)
+    num_workers: int = _f(2, "data-loader worker processes per rank", valid=">= 0", may_change=True)
     random_resized_crop: bool = _f(False, "random-resized-crop augmentation for training images")
-    log_every: int = _f(20, "optimizer steps between log lines")
-    save_every: int = _f(500, "optimizer steps between checkpoints (one is always written at the end)")
-    max_skips: int = _f(5, "consecutive non-finite steps tolerated before training stops")
+    log_every: int = _f(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
+    save_every: int = _f(500, "optimizer steps between checkpoints (one is always written at the end)",
+                         valid=">= 1", may_change=True)
+    max_skips: int = _f(5, "consecutive non-finite steps tolerated before training stops",
+                        valid=">= 1", may_change=True)
+    overwrite: bool = _f(False, "start afresh in an --out that holds an earlier run: its files are moved aside into "
+                                "<out>/.replaced-<time>/, never deleted", may_change=True)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite (start afresh) and --resume (continue) exclude each other")
 
 
 @dataclass
@@ -95,19 +172,22 @@ class TrainConfig(RunConfig):
     preset: str = _f("cpu", "named preset, applied before the flags: cpu | tiny | paper")
     data: str = _f("roco,medicat,mimic_cxr", "comma-separated pre-training sets (prepared folder names)")
     objectives: str = _f("mlm,itm,itc", "comma-separated subset of mlm,itm,itc (the paper's Table 3 ablation)")
-    w_mlm: float = _f(1.0, "weight of the MLM loss")
-    w_itm: float = _f(1.0, "weight of the ITM loss")
-    w_itc: float = _f(1.0, "weight of the ITC loss")
-    mlm_prob: float = _f(0.15, "share of real text tokens masked for MLM (80% [MASK], 10% random, 10% kept)")
+    w_mlm: float = _f(1.0, "weight of the MLM loss", valid=">= 0")
+    w_itm: float = _f(1.0, "weight of the ITM loss", valid=">= 0")
+    w_itc: float = _f(1.0, "weight of the ITC loss", valid=">= 0")
+    mlm_prob: float = _f(0.15, "share of real text tokens masked for MLM (80% [MASK], 10% random, 10% kept)",
+                         valid="(0, 1)")
     whole_word: bool = _f(False, "mask whole words (a token and its ## continuations) together")
     itm_hard_negatives: bool = _f(False, "ITM negatives sampled from ITC similarities (ALBEF) instead of uniformly")
-    eval_pairs: int = _f(2000, "ROCO test pairs for the closing zero-shot retrieval (0 = skip)")
+    eval_pairs: int = _f(2000, "ROCO test pairs for the closing zero-shot retrieval (0 = skip)",
+                         valid=">= 0", may_change=True)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
 
     def __post_init__(self):
-        self.objective_set()
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        super().__post_init__()
+        if "itc" not in self.objective_set() and self.itm_hard_negatives:  # objective_set validates the names
+            raise ValueError("--itm-hard-negatives samples ITM negatives from ITC similarities: add itc to "
+                             f"--objectives (got {self.objectives!r})")
 
     def objective_set(self):
         names = [o for o in self.objectives.split(",") if o]
@@ -123,12 +203,15 @@ PRESETS = {
     "tiny": dict(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2, pool_size=8, k_v=4, k_l=3,
                  itc_dim=16, steps=30, batch_size=8, log_every=5, save_every=20, num_workers=0, synth_scale="tiny",
                  eval_pairs=64, lr_backbone=1e-3, lr_head=1e-3),
-    # The paper's architecture and schedule. Its LRs (1e-5 / 5e-5) assume encoders initialised from CLIP and RoBERTa; we
-    # cannot download those, so the backbone trains from scratch with larger rates.
+    # The paper's architecture and schedule. Its LRs (1e-5 / 5e-5) assume encoders initialised from CLIP and RoBERTa:
+    # with --init-vision they apply (PRETRAINED_INIT_LRS); from scratch the backbone needs the larger rates below.
     "paper": dict(image_size=288, patch_size=16, max_text_len=48, dim=768, depth=12, heads=12, pool_size=1024, k_v=49,
                   k_l=32, itc_dim=256, steps=100_000, batch_size=32, lr_backbone=1e-4, lr_head=5e-4, num_workers=8,
                   log_every=50, save_every=5000, vocab_size=30522),
 }
+
+# Pre-training rates of a preset when it starts from a pretrained vision encoder (--init-vision); flags still win.
+PRETRAINED_INIT_LRS = {"paper": dict(lr_backbone=1e-5, lr_head=5e-5)}
 
 
 def _str2bool(s):
@@ -169,15 +252,24 @@ def parse_args(cls, presets, argv=None, description=""):
         default = getattr(defaults.model if owner else defaults, name)
         typ = _str2bool if f.type in (bool, "bool") else type(default)
         extra = {"choices": sorted(presets)} if name == "preset" else {}
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, metavar=typ.__name__.upper()
-                       if typ is not _str2bool else "BOOL", help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"), **extra)
+        if typ is _str2bool:  # `--overwrite` alone means `--overwrite true`
+            extra.update(nargs="?", const=True)
+        valid = f.metadata.get("valid")
+        allowed = "" if valid is None else f"; {' | '.join(valid) if isinstance(valid, tuple) else valid}"
+        p.add_argument(flag(name), dest=name, type=typ, default=None, metavar=typ.__name__.upper()
+                       if typ is not _str2bool else "BOOL",
+                       help=f"{f.metadata['help']} (default: {default}{allowed})".replace("%", "%%"), **extra)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = args.get("preset", getattr(defaults, "preset", None))
     overrides = dict(presets.get(preset, {})) if preset else {}
+    if args.get("init_vision") and presets is PRESETS:
+        overrides.update(PRETRAINED_INIT_LRS.get(preset, {}))
     overrides.update(args)
     try:
-        return build(cls, overrides)
-    except (ValueError, TypeError) as e:
+        cfg = build(cls, overrides)
+        check_fields(cfg)  # the configs here check themselves when built; a plain one (eval.py's) is checked here
+        return cfg
+    except (ValueError, TypeError) as e:  # every check of the config: a usage error (exit 2), not a traceback
         p.error(str(e))
 
 
@@ -193,9 +285,22 @@ def from_dict(cls, d):
     return build(cls, flat)
 
 
-def save_json(cfg, path):
-    with open(path, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
+def _flat_dict(d):
+    return {**{k: v for k, v in d.items() if k != "model"}, **d.get("model", {})}
+
+
+def resume_differences(saved, cfg):
+    """Compare cfg with the config a checkpoint was written with (its to_dict form). Returns (refused, changed): one
+    line per differing field that a resumed run must keep (the model, the data, the objectives, the batch, the
+    seed...), and one per differing field it may change (`may_change`: steps, cadences, learning rates, workers)."""
+    may_change = {name for name, f, _ in _flat_fields(type(cfg)) if f.metadata.get("may_change")}
+    before, now = _flat_dict(saved), _flat_dict(to_dict(cfg))
+    refused, changed = [], []
+    for name in sorted((set(before) | set(now)) - {"resume", "overwrite"}):  # how a run was started, not a setting
+        a, b = before.get(name, "<none>"), now.get(name, "<none>")
+        if a != b:
+            (changed if name in may_change else refused).append(f"{flag(name)} {a!r} -> {b!r}")
+    return refused, changed
 
 
 @dataclass
@@ -203,7 +308,7 @@ class FinetuneConfig(RunConfig):
     """Fine-tuning on one downstream task of the paper's Table 2 (finetune.py; eval.py re-reads it from checkpoints).
 
     With --init, the architecture and the tokenizer are the checkpoint's; model flags given on the command line must
-    agree with it (image_size excepted: the position embeddings are interpolated)."""
+    agree with it (image_size and max_text_len excepted: the position embeddings are interpolated or extended)."""
 
     preset: str = _f("cpu", "named preset, applied before the flags: cpu | tiny | paper")
     task: str = _f("", "downstream task: chexpert | rsna | radnli | mimic_sum | roco_retrieval | mimic_gen | vqa_rad | "
@@ -211,22 +316,34 @@ class FinetuneConfig(RunConfig):
     init: str = _f("", "pre-training checkpoint (run or step folder); empty = runs/pretrain when it holds one, else "
                        "scratch; 'scratch' forces a randomly initialised backbone")
     out: str = _f("", "output folder (results.json, log.jsonl, best checkpoint); empty = "
-                      "runs/finetune/<task>-<pretrained|scratch>[-<percent>pct]")
-    data_frac: float = _f(1.0, "share of the training split used, a seeded subset (at least 8 samples): 0.01 | 0.1 | 1")
-    eval_every: int = _f(100, "optimizer steps between validation runs; the best weights on val are kept")
-    val_max: int = _f(128, "validation records used for selection, a seeded subset (0 = all); test is always whole")
-    eval_batch_size: int = _f(64, "samples per batch at evaluation")
-    max_gen_len: int = _f(64, "generated text length in tokens, [CLS] and [SEP] included (TS, ITG targets and decoding)")
-    beam_size: int = _f(1, "beam size of the deterministic beam search (TS, ITG); 1 = greedy")
+                      "runs/finetune/<task>-<pretrained|scratch>[-<percent>pct]", may_change=True)
+    data_frac: float = _f(1.0, "share of the training split used, a seeded subset (at least 8 samples): 0.01 | 0.1 | 1",
+                          valid="(0, 1]")
+    eval_every: int = _f(100, "optimizer steps between validation runs; the best weights on val are kept",
+                         valid=">= 1", may_change=True)
+    val_max: int = _f(128, "validation records used for selection, a seeded subset (0 = all); test is always whole",
+                      valid=">= 0")
+    eval_batch_size: int = _f(64, "samples per batch at evaluation", valid=">= 1", may_change=True)
+    max_gen_len: int = _f(0, "generation target length in tokens, [CLS] and [SEP] included (TS, ITG): targets are cut "
+                             "to it, beam search stops after max_gen_len - 1 tokens, the decoder has this many positions; "
+                             "separate from the encoder input length --max-text-len. 0 = the 95th percentile of the "
+                             "task's training targets, rounded up to a multiple of 8",
+                          valid="0 or >= 3")
+    beam_size: int = _f(1, "beam size of the deterministic beam search (TS, ITG); 1 = greedy", valid=">= 1")
     length_penalty: float = _f(1.0, "beam hypotheses are compared by log-prob sum / length ** length_penalty")
-    steps: int = _f(200, "optimizer steps")
-    batch_size: int = _f(32, "samples per device per micro-step (lowered to the training set size for tiny subsets)")
-    lr_backbone: float = _f(5e-4, "peak learning rate of the backbone (paper: 5e-6)")
-    lr_head: float = _f(1e-3, "peak learning rate of the task head, prompt pools and decoder (paper: 2.5e-4)")
-    log_every: int = _f(20, "optimizer steps between log lines")
+    steps: int = _f(200, "optimizer steps", valid=">= 1", may_change=True)
+    batch_size: int = _f(32, "samples per device per micro-step (lowered to the training set size for tiny subsets)",
+                         valid=">= 1")
+    lr_backbone: float = _f(5e-4, "peak learning rate of the backbone (paper: 5e-6); 0 = frozen (a linear probe)",
+                            valid=">= 0", may_change=True)
+    lr_head: float = _f(1e-3, "peak learning rate of the task head, prompt pools and decoder (paper: 2.5e-4)",
+                        valid="> 0", may_change=True)
+    log_every: int = _f(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
     resume: str = _f("", "output folder of a killed fine-tuning run to continue exactly (its train_state, written at "
-                         "every validation: weights, optimizer, schedule, step, RNG, data position, best so far)")
-    save_every: int = _f(0, "unused by fine-tuning: the resumable state is written at every validation")
+                         "every validation: weights, optimizer, schedule, step, RNG, data position, best so far)",
+                     may_change=True)
+    save_every: int = _f(0, "unused by fine-tuning: the resumable state is written at every validation",
+                         valid=">= 0", may_change=True)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
 
 
@@ -235,10 +352,9 @@ FINETUNE_PRESETS = {
     "cpu": {},
     "tiny": dict(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2, pool_size=8, k_v=4, k_l=3,
                  itc_dim=16, steps=6, batch_size=4, eval_every=3, eval_batch_size=16, log_every=2, num_workers=0,
-                 synth_scale="tiny", max_gen_len=12, beam_size=2),
+                 synth_scale="tiny", beam_size=2),
     # The paper's architecture and fine-tuning rates (section 5.3: AdamW, 5e-6 backbone, 2.5e-4 task layers).
     "paper": dict(image_size=288, patch_size=16, max_text_len=48, dim=768, depth=12, heads=12, pool_size=1024, k_v=49,
                   k_l=32, itc_dim=256, vocab_size=30522, lr_backbone=5e-6, lr_head=2.5e-4, steps=5000,
-                  batch_size=32, eval_every=500, val_max=0, log_every=50, num_workers=8, max_gen_len=128,
-                  beam_size=3),
+                  batch_size=32, eval_every=500, val_max=0, log_every=50, num_workers=8, beam_size=3),
 }

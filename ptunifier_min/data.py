@@ -9,9 +9,11 @@ Folders come from prepare.py (one per downstream task, meta.json written last). 
 medical texts are multi-sentence narratives, samples one random sentence of the text at every access; both choices
 (and the random crop option) are a pure function of (seed, epoch, index), so a resumed run sees the same data.
 A file that cannot be read is an error naming it, never a skipped sample (prepare.py --on-bad-image drops bad
-images before training).
+images before training). A tokenizer we train is bound to its corpora by a record beside it (tokenizer_record).
 """
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -19,11 +21,30 @@ import re
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 MEAN, STD = 0.5, 0.5
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in a tokenizer we train
+
+
+def write_atomic(path, text):
+    """Write text (UTF-8) through a temporary file and a rename: a reader, or a crash, never leaves half a file.
+
+    The temporary name holds the pid, so two processes writing the same file never share (and clobber) one; a failed
+    write removes its temporary, and a full disk is said as such, with the path (a bare ENOSPC names no file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full (No space left on device) while writing {path}; the previous "
+                                        "file, if any, is unchanged: free some space and run again") from None
+        raise
 
 
 def _read_dicom(path):
@@ -45,9 +66,14 @@ def _to_uint8(x):
     return Image.fromarray(x.round().astype(np.uint8))  # 2-D uint8 -> mode "L"
 
 
-def load_image(path):
-    """A grayscale ("L") PIL image from a JPEG / PNG (or DICOM through the optional pydicom).
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = upright, 2..8 = the flips and rotations a viewer undoes
 
+
+def load_image(path):
+    """A grayscale ("L") PIL image from a JPEG / PNG (or DICOM through the optional pydicom), as a viewer shows it.
+
+    A viewer applies the EXIF orientation of a JPEG (a phone photo of a film, a rotated export): so do we, or left and
+    right would be swapped in the pixels but not in the report. DICOM MONOCHROME1 is inverted (see _read_dicom).
     Every failure is an error that names the file. Odd but valid files are converted, not refused: 16-bit and
     32-bit grayscale are rescaled from their own min-max to 0..255 (a cast would clip a 12-bit radiograph to white);
     RGB, CMYK and palette images go through PIL's luma conversion; an alpha channel (RGBA, LA, palette
@@ -70,6 +96,8 @@ def load_image(path):
                 raise Image.DecompressionBombError(
                     f"{img.width}x{img.height} pixels exceed PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}")
             img.load()  # decode now, so that a truncated file fails here and names the path
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # checked first: exif_transpose copies even when upright
+                img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I") or img.mode == "F":  # I;16, I;16B, I (32-bit), F: rescale, do not clip
                 return _to_uint8(np.asarray(img, dtype=np.float32))
             return img.convert("L")
@@ -200,8 +228,11 @@ def _continuation_pieces(texts, normalizer, pre_tokenizer):
     return ["##" + c for c in sorted(chars) if len(pre_tokenizer.pre_tokenize_str("a" + c)) == 1]
 
 
-def train_tokenizer(texts, vocab_size, path):
-    """Train a lower-cased BERT WordPiece tokenizer; save it as tokenizer.json (`path` is that file or its folder)."""
+def train_tokenizer(texts, vocab_size, path, corpora=None):
+    """Train a lower-cased BERT WordPiece tokenizer; save it as tokenizer.json (`path` is that file or its folder).
+
+    corpora ({dataset: {"records": n, "texts": m}}, what `texts` came from) is written beside it as its record (see
+    tokenizer_record), so that the tokenizer is never silently reused for other data."""
     texts = list(texts)
     normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -219,12 +250,49 @@ def train_tokenizer(texts, vocab_size, path):
     tok = _bert_pipeline(tok, lowercase=True)
     out = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tok.save(out)
+    text = tok.to_str(pretty=True)  # what tok.save writes; written here through write_atomic instead
+    # The record first: a crash between the two writes leaves a record whose sha256 matches no tokenizer.json (or
+    # none at all), which tokenizer_record refuses, never a tokenizer without a word on what it was trained on.
+    record = {"corpora": corpora, "texts": len(texts), "vocab_size": tok.get_vocab_size(),
+              "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    write_atomic(tokenizer_record_path(out), json.dumps(record, indent=1) + "\n")
+    write_atomic(out, text)
     return tok
 
 
+def tokenizer_record_path(path):
+    """tokenizer.json -> tokenizer.meta.json. A file beside it, not a key inside: the tokenizers library does not
+    promise to keep (or to accept) keys of its own JSON format it does not know, and a record that another program
+    may drop on a re-save would bind nothing."""
+    return os.path.splitext(path)[0] + ".meta.json"
+
+
+def tokenizer_record(path):
+    """The record of a tokenizer.json that train_tokenizer wrote: {"corpora", "texts", "vocab_size", "sha256"}.
+
+    None when there is no record (a tokenizer made elsewhere, or by an older version); an error naming the files when
+    the record is unreadable or describes another file than the tokenizer beside it (replaced, or a crash between
+    the two writes)."""
+    meta = tokenizer_record_path(path)
+    if not os.path.exists(meta):
+        return None
+    try:
+        with open(meta, encoding="utf-8") as f:
+            record = json.load(f)
+        sha = record["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta}: not a readable tokenizer record ({e}); delete it and {path} to retrain") from None
+    with open(path, "rb") as f:
+        if hashlib.sha256(f.read()).hexdigest() != sha:
+            raise ValueError(f"{path} is not the file its record {meta} describes (replaced, damaged, or written "
+                             "half): delete both to retrain it")
+    return record
+
+
 def load_tokenizer(path):
-    """tokenizer.json, or a BERT-style vocab.txt (one token per line); a folder holding either also works."""
+    """tokenizer.json, or a BERT-style vocab.txt (one token per line); a folder holding either also works.
+
+    A file that does not parse (a 0-byte tokenizer.json, what a full disk used to leave) is an error naming it."""
     if os.path.isdir(path):
         for name in ("tokenizer.json", "vocab.txt"):
             if os.path.exists(os.path.join(path, name)):
@@ -232,10 +300,20 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {path}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer file not found: {path}")
+    if os.path.basename(path) == "vocab.json":  # RoBERTa's byte-level BPE: vocab.json + merges.txt beside it
+        return _byte_level_bpe(path)
     if path.endswith(".json"):
-        return Tokenizer.from_file(path)
-    with open(path, encoding="utf-8") as f:
-        vocab = [line.rstrip("\r\n") for line in f if line.strip()]
+        try:
+            return Tokenizer.from_file(path)
+        except Exception as e:  # the library raises a bare Exception ("EOF while parsing a value ...")
+            size = os.path.getsize(path)
+            raise ValueError(f"cannot read tokenizer {path} ({size} bytes): {e}; delete it (a tokenizer trained "
+                             "from the prepared data is retrained) or pass a valid one") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = [line.rstrip("\r\n") for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"cannot read vocabulary {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise ValueError(f"{path}: vocabulary lacks special token(s) {missing}")
@@ -247,9 +325,29 @@ def load_tokenizer(path):
     return _bert_pipeline(tok, lowercase=not cased)
 
 
+ROBERTA_SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]  # RoBERTa's names for the same five roles
+
+
+def _byte_level_bpe(path):
+    """RoBERTa's tokenizer from vocab.json and the merges.txt beside it (as transformers' RobertaTokenizerFast)."""
+    merges = os.path.join(os.path.dirname(path), "merges.txt")
+    if not os.path.exists(merges):
+        raise FileNotFoundError(f"{path} needs the merges.txt beside it (RoBERTa's BPE): not found: {merges}")
+    tok = Tokenizer(models.BPE.from_file(path, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    missing = [t for t in ROBERTA_SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"{path}: vocabulary lacks special token(s) {missing}")
+    tok.add_special_tokens(ROBERTA_SPECIAL_TOKENS)  # already in the vocabulary: ids stay, decode() leaves them out
+    return tok
+
+
 def special_ids(tok):
-    ids = {k: tok.token_to_id(t) for k, t in zip(("pad", "unk", "cls", "sep", "mask"), SPECIAL_TOKENS)}
-    missing = [SPECIAL_TOKENS[i] for i, v in enumerate(ids.values()) if v is None]
+    names = ROBERTA_SPECIAL_TOKENS if tok.token_to_id("[CLS]") is None and tok.token_to_id("<s>") is not None \
+        else SPECIAL_TOKENS
+    ids = {k: tok.token_to_id(t) for k, t in zip(("pad", "unk", "cls", "sep", "mask"), names)}
+    missing = [names[i] for i, v in enumerate(ids.values()) if v is None]
     if missing:
         raise ValueError(f"tokenizer lacks special token(s) {missing}")
     return ids
@@ -305,7 +403,15 @@ class PretrainDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
         text = rng.choice(split_sentences(rng.choice(r["texts"])))
         image = self.transform(load_image(r["image"]), rng)
-        return {"image": image, "text": text, "index": i}
+        return {"image": image, "text": text, "index": i, "image_id": file_id(r["image"])}
+
+
+def file_id(path):
+    """An int64 identity of an image file: 8 bytes of the BLAKE2 hash of its resolved path (not Python's hash(),
+    which differs between processes). ITM needs it: the same figure can appear under two record ids, and a tensor of
+    these can be gathered across ranks."""
+    digest = hashlib.blake2b(os.path.realpath(path).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def pretrain_collate(tok, max_len):
@@ -313,5 +419,6 @@ def pretrain_collate(tok, max_len):
         ids, mask = encode_texts(tok, [b["text"] for b in batch], max_len)
         return {"image": torch.stack([b["image"] for b in batch]),  # [B, 3, S, S]
                 "input_ids": ids, "attention_mask": mask,  # [B, T]
-                "index": torch.tensor([b["index"] for b in batch], dtype=torch.long)}
+                "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
+                "image_id": torch.tensor([b["image_id"] for b in batch], dtype=torch.long)}  # [B] which file
     return collate

@@ -16,8 +16,12 @@ decoder holds a reference to the backbone that is deliberately *not* a registere
 parameters() and state_dict() hold only its own tensors, and whoever owns both (the ModuleDict above) holds the backbone
 once. Moving the decoder alone (.to(), .half()) therefore does not move the backbone; move the owner.
 
-Decoding recomputes the whole prefix at every step instead of keeping a key/value cache: at our lengths (tens of
-tokens) the cost is small and the code is the plain forward pass, so it cannot disagree with training.
+Decoding keeps a key/value cache (KVCache): each step feeds only the newest token, appends its self-attention keys and
+values to those of the positions before it, reads the encoder memory's cross-attention keys and values computed once,
+and projects only that one position onto the vocabulary. Without it every step recomputes the whole prefix, the memory's
+keys/values and the vocabulary logits of every position (cost ~ length^2 x vocab). `use_cache=False` decodes that plain
+way, through the training forward pass; a test checks that both give the same tokens. (The two sum in different orders,
+so their logits differ in the last bits: only candidates whose scores tie to within float rounding could swap.)
 """
 
 import copy
@@ -41,13 +45,18 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, memory, memory_mask=None, manual=False):
+    def memory_kv(self, memory):
+        """Keys and values of the encoder output [B, S, D]: 2 x [B, H, S, Dh]."""
+        B, S, D = memory.shape
+        return self.kv(memory).view(B, S, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x, memory, memory_mask=None, manual=False, memory_kv=None):
         # memory_mask: [B, S] bool, True = real encoder position. The authors' decoder attended to the encoder's padding
         # too; we mask it, so a summary cannot depend on how much padding the findings were given.
+        # memory_kv: memory_kv(memory) computed beforehand (cached decoding computes it once, not at every step)
         B, T, D = x.shape
-        S, Dh = memory.shape[1], D // self.heads
-        q = self.q(x).view(B, T, self.heads, Dh).transpose(1, 2)  # [B, H, T, Dh]
-        k, v = self.kv(memory).view(B, S, 2, self.heads, Dh).permute(2, 0, 3, 1, 4)  # 2 x [B, H, S, Dh]
+        q = self.q(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # [B, H, T, Dh]
+        k, v = self.memory_kv(memory) if memory_kv is None else memory_kv  # 2 x [B, H, S, Dh]
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # [B, 1, 1, S]
         p = self.dropout if self.training else 0.0
         y = attend(q, k, v, mask, p, manual).transpose(1, 2).reshape(B, T, D)  # [B, T, D]
@@ -77,6 +86,38 @@ class DecoderBlock(nn.Module):
         x = x + self.attn(self.norm1(x), manual=manual, causal=True)
         x = x + self.cross_attn(self.norm_cross(x), memory, memory_mask, manual)
         return x + self.mlp(self.norm2(x))
+
+    def step(self, x, self_kv, memory_kv, memory_mask=None, manual=False):
+        """forward() for one new position x [N, 1, D] of each row, given the self-attention keys/values (k, v) of the
+        positions before it (None at the first) and the memory's cross-attention keys/values. Returns the block's
+        output [N, 1, D] and (k, v) grown by this position, each [N, H, t + 1, Dh]. Inference only: no dropout."""
+        N, _, D = x.shape
+        attn = self.attn
+        q, k, v = attn.qkv(self.norm1(x)).view(N, 1, 3, attn.heads, D // attn.heads).permute(2, 0, 3, 1, 4)
+        if self_kv is not None:
+            k, v = torch.cat([self_kv[0], k], 2), torch.cat([self_kv[1], v], 2)  # [N, H, t + 1, Dh]
+        # no causal mask: the one query is the newest position, which may attend to every cached one
+        y = attend(q, k, v, None, 0.0, manual).transpose(1, 2).reshape(N, 1, D)  # [N, 1, D]
+        x = x + attn.proj(y)
+        x = x + self.cross_attn(self.norm_cross(x), None, memory_mask, manual, memory_kv)
+        return x + self.mlp(self.norm2(x)), (k, v)
+
+
+class KVCache:
+    """What cached decoding keeps between steps, per decoder layer: the cross-attention keys/values of the encoder
+    memory, computed once, and the self-attention keys/values of the positions decoded so far."""
+
+    def __init__(self, memory_kv):
+        self.memory_kv = memory_kv  # per layer: (k, v), each [N, H, S, Dh]
+        self.self_kv = [None] * len(memory_kv)  # per layer: (k, v), each [N, H, t, Dh]; None before the first step
+
+    def __len__(self):
+        return 0 if self.self_kv[0] is None else self.self_kv[0][0].shape[2]  # t: positions decoded so far
+
+    def reorder(self, rows):
+        """Row i continues old row rows[i] (beam search re-selecting its beams). The memory's keys/values stay: a new
+        beam's parent is always a beam of the same example, so every row keeps the same memory."""
+        self.self_kv = [(k[rows], v[rows]) for k, v in self.self_kv]
 
 
 class TextDecoder(nn.Module):
@@ -121,15 +162,32 @@ class TextDecoder(nn.Module):
             x = blk(x, memory, memory_mask, manual_attention)
         return self.backbone.mlm_logits(self.norm(x))  # [B, T, V]; output = the MLM head, tied to word_embeddings
 
-    def embed(self, input_ids):
+    def start_cache(self, memory, beams=1):
+        """An empty KVCache for decoding memory [B, S, D]: each layer's cross-attention keys/values are computed on the
+        B memories once, then repeated for `beams` rows per example (row b * beams + k), as beam search lays them out.
+        """
+        kv = [blk.cross_attn.memory_kv(memory) for blk in self.blocks]
+        return KVCache([[t.repeat_interleave(beams, 0) for t in layer] for layer in kv])  # 2 x [B * beams, H, S, Dh]
+
+    def step(self, input_ids, cache, memory_mask=None, manual_attention=False):
+        """Cached decoding: forward() of the newest token input_ids [N] of each row, the cache holding every earlier
+        one. Returns the next-token logits [N, V] (the vocabulary projection at this one position only) and grows the
+        cache. memory_mask is per row, [N, S] (or None). Inference only: no dropout."""
+        x = self.embed(input_ids[:, None], start=0)  # [N, 1, D]
+        for i, blk in enumerate(self.blocks):
+            x, cache.self_kv[i] = blk.step(x, cache.self_kv[i], cache.memory_kv[i], memory_mask, manual_attention)
+        return self.backbone.mlm_logits(self.norm(x[:, 0]))  # [N, V]
+
+    def embed(self, input_ids, start=0):
         """[B, T] -> [B, T, D]: the sum the backbone gives its textual part (words + positions + text type 1), so the
-        copied blocks first see text the way they saw it in pre-training."""
-        T = input_ids.shape[1]
+        copied blocks first see text the way they saw it in pre-training. `start`: position of the first token."""
+        T = start + input_ids.shape[1]
         if T > self.max_len:
             raise ValueError(f"decoder input has {T} tokens, more than max_len={self.max_len}")
         bb = self.backbone
-        pos = torch.arange(T, device=input_ids.device)
-        return bb.word_embeddings(input_ids) + self.position_embeddings(pos) + bb.token_type_embeddings.weight[1]
+        pos = torch.arange(start, T, device=input_ids.device)
+        words = bb.text_norm(bb.word_embeddings(input_ids) + self.position_embeddings(pos))  # as bb.embed_text does
+        return words + bb.token_type_embeddings.weight[1]
 
 
 def encoder_memory(backbone, image=None, input_ids=None, attention_mask=None):
@@ -160,8 +218,14 @@ def _check_len(decoder, max_len):
         raise ValueError(f"max_len={max_len} exceeds the decoder's {decoder.max_len} positions")
 
 
-def _next_logprobs(decoder, seqs, memory, memory_mask, bos_id, pad_id):
-    logp = decoder(seqs, memory, memory_mask)[:, -1].float().log_softmax(-1)  # [N, V]
+def _next_logprobs(decoder, seqs, memory, memory_mask, cache, bos_id, pad_id):
+    """Log-probs [N, V] of the token after seqs [N, t]: from the newest token and the cache (which grows by it), or,
+    cache None, by the plain forward pass over the whole prefix (memory and memory_mask then hold one row per seq)."""
+    if cache is not None:
+        logits = decoder.step(seqs[:, -1], cache, memory_mask)
+    else:
+        logits = decoder(seqs, memory, memory_mask)[:, -1]
+    logp = logits.float().log_softmax(-1)  # [N, V]
     # [PAD] and [CLS] never follow in a target, but an under-trained decoder can still give them mass; rule them out
     logp[:, [pad_id, bos_id]] = float("-inf")
     return logp
@@ -182,14 +246,16 @@ def _decoding(fn):
 
 @_decoding
 @torch.no_grad()
-def greedy(decoder, memory, memory_mask, bos_id, eos_id, pad_id, max_len=60):
-    """Take the most likely next token until [SEP] or max_len tokens. Returns token lists without bos/eos."""
+def greedy(decoder, memory, memory_mask, bos_id, eos_id, pad_id, max_len=60, use_cache=True):
+    """Take the most likely next token until [SEP] or max_len tokens. Returns token lists without bos/eos.
+    use_cache=False recomputes the whole prefix at every step (the same tokens, slower: the reference)."""
     _check_len(decoder, max_len)
     B = memory.shape[0]
+    cache = decoder.start_cache(memory) if use_cache else None
     seqs = torch.full((B, 1), bos_id, dtype=torch.long, device=memory.device)
     done = torch.zeros(B, dtype=torch.bool, device=memory.device)
     for _ in range(max_len):
-        nxt = _next_logprobs(decoder, seqs, memory, memory_mask, bos_id, pad_id).argmax(-1)  # [B]
+        nxt = _next_logprobs(decoder, seqs, memory, memory_mask, cache, bos_id, pad_id).argmax(-1)  # [B]
         nxt = nxt.masked_fill(done, pad_id)  # finished rows feed padding, which only their own later positions see
         seqs = torch.cat([seqs, nxt[:, None]], 1)  # [B, t + 1]
         done |= nxt == eos_id
@@ -203,7 +269,8 @@ def greedy(decoder, memory, memory_mask, bos_id, eos_id, pad_id, max_len=60):
 
 @_decoding
 @torch.no_grad()
-def beam_search(decoder, memory, memory_mask, bos_id, eos_id, pad_id, beam_size=4, max_len=60, length_penalty=1.0):
+def beam_search(decoder, memory, memory_mask, bos_id, eos_id, pad_id, beam_size=4, max_len=60, length_penalty=1.0,
+                use_cache=True):
     """Deterministic beam search, batched over B x beam_size rows. Returns the best token list per example, no bos/eos.
 
     Fairseq's scheme: each step ranks the 2K best extensions of the K live beams; an extension by [SEP] among the top
@@ -213,11 +280,13 @@ def beam_search(decoder, memory, memory_mask, bos_id, eos_id, pad_id, beam_size=
     generated tokens including the closing [SEP] (bos excluded); a hypothesis cut at max_len has len = max_len.
     length_penalty = 0 compares raw sums (favours short outputs), larger values favour longer ones.
     With beam_size = 1 this is exactly greedy decoding. Like greedy(), it runs the decoder in eval mode (the mode is
-    restored after) and never emits [PAD] or [CLS].
+    restored after) and never emits [PAD] or [CLS]. use_cache=False recomputes the whole prefix at every step (the
+    same tokens, slower: the reference).
     """
     _check_len(decoder, max_len)
     B, K = memory.shape[0], beam_size
     # beam k of example b lives in row b * K + k
+    cache = decoder.start_cache(memory, K) if use_cache else None
     memory = memory.repeat_interleave(K, 0)  # [B * K, S, D]
     if memory_mask is not None:
         memory_mask = memory_mask.repeat_interleave(K, 0)  # [B * K, S]
@@ -228,7 +297,7 @@ def beam_search(decoder, memory, memory_mask, bos_id, eos_id, pad_id, beam_size=
     finished = [[] for _ in range(B)]  # (normalised score, tokens)
     offsets = torch.arange(B, device=memory.device)[:, None] * K  # [B, 1]
     for _ in range(max_len):
-        logp = _next_logprobs(decoder, seqs, memory, memory_mask, bos_id, pad_id)  # [B * K, V]
+        logp = _next_logprobs(decoder, seqs, memory, memory_mask, cache, bos_id, pad_id)  # [B * K, V]
         V = logp.shape[-1]
         cand = (scores.view(B * K, 1) + logp).view(B, K * V)  # every one-token extension of every beam
         top, idx = cand.topk(2 * K, dim=1)  # [B, 2K], best first
@@ -242,6 +311,8 @@ def beam_search(decoder, memory, memory_mask, bos_id, eos_id, pad_id, beam_size=
         scores = top.gather(1, keep)  # [B, K]
         rows = (offsets + beam.gather(1, keep)).view(-1)  # [B * K] parent row of each new beam
         seqs = torch.cat([seqs[rows], tok.gather(1, keep).view(-1, 1)], 1)  # [B * K, t + 1]
+        if cache is not None:
+            cache.reorder(rows)  # each new beam continues its parent's keys/values
         if all(len(f) >= K for f in finished):
             break
     out = []

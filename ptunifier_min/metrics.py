@@ -9,13 +9,15 @@
 Array arguments may be numpy arrays, lists or torch tensors (any device or dtype). The NLG functions take dicts
 {sample id: [reference strings]} and {sample id: hypothesis string}; `bleu`, `rouge_l`, `cider_d` and `meteor` expect
 text that is already tokenised (space-separated tokens, as pycocoevalcap's scorers do), `nlg_metrics` tokenises first
-with `nlg_tokenize`. The NLG scorers re-derive pycocoevalcap 1.2 (the coco-caption code that the report-generation
-literature uses); tests/test_metrics.py compares every number with it.
+with `nlg_tokenize_captions`, a Python port of pycocoevalcap's java PTBTokenizer. The NLG scorers re-derive
+pycocoevalcap 1.2 (the coco-caption code that the report-generation literature uses); tests/test_metrics.py compares
+every number and every token with it.
 """
 
 import math
 import re
 import shutil
+import unicodedata
 from collections import Counter
 
 import numpy as np
@@ -175,87 +177,282 @@ def retrieval_recall(sim, txt_image, ks=(1, 5, 10), img_group=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # Text generation: tokenisation
 #
-# pycocoevalcap's PTBTokenizer pipes the text through Stanford CoreNLP 3.4.1's PTBTokenizer (java, -lowerCase
-# -preserveLines) and then drops the tokens '' ' `` ` -LRB- -RRB- -LCB- -RCB- . ? ! , : - -- ... ;. The lexer
-# lower-cases BEFORE that filter, so the bracket tokens come out as "-lrb-", "-rrb-", "-lsb-", ... and survive: every
-# published coco-caption score counts them, and so do we. The rules below reproduce the lexer's behaviour on
-# report-like text (probed against the jar); the java lexer also has rules for URLs, e-mail addresses, SGML tags,
-# phone numbers, some rare contractions ("rock'n'roll", "'tis", "cannot's") and the look-ahead of "No."/"Fig." across
-# a line break into the next caption (pycocoevalcap tokenises all captions as one file) that are not reproduced.
+# pycocoevalcap's PTBTokenizer writes all captions, one a line, to a file, runs Stanford CoreNLP 3.4.1's PTBTokenizer
+# on it (java, `-preserveLines -lowerCase`: default PTB3 escaping, no americanize, assimilations split) and drops the
+# tokens '' ' `` ` -LRB- -RRB- -LCB- -RCB- . ? ! , : - -- ... ; from each line. The lexer lower-cases BEFORE that
+# filter, so bracket tokens come out as "-lrb-", "-rsb-", ... and survive: every published coco-caption score counts
+# them, and so do we. Below is a port of that lexer, PTBLexer.flex at tag v3.4.1 of github.com/stanfordnlp/CoreNLP:
+# its macros under their names and its rules in its order. JFlex semantics: at each position the rule with the longest
+# match wins, the length of a rule `r1/r2` counting its trailing context r2 (which is left for the next token); ties go
+# to the earlier rule. The spec is %caseless, which makes literal text case-insensitive but not character classes:
+# "[A]rk" matches "Ark." and "ARK." but not "ark.", so here literals sit in (?i:...) and classes stay as written.
+# Python's | takes the first alternative that matches, JFlex the longest: alternatives are ordered longest first.
+# tests/test_metrics.py compares this port with the jar on thousands of generated report-like lines.
 
-# Abbreviations that keep their final period. Case-insensitive except where a letter is bracketed (the java lexer
-# writes "[P]a": "PA." and "Pa." are Pennsylvania, "pa." is not).
-_ABBREVIATIONS = (
-    # person titles
-    "mr|mrs|ms|drs?|profs?|sen|rep|atty|lt|col|gen|messrs|gov|adm|rev|rt|maj|sgt|cpl|pvt|capt|ste?|ave|pres|lieut|"
-    "hon|brig|co?mdr|pfc|spc|supt|det|mt|ft|mme|mlle|jr|sr|bros|esq|"
-    # months, weekdays
-    "jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tues?|wed|thu|thurs|fri|"
-    # US states
-    "ala|ariz|calif|colo|conn|ct|dak|fla|ga|ind|kans?|ky|md|mich|minn|mo|mont|neb|nev|okla|penn|tenn|va|vt|wisc?|wyo|"
-    "(?-i:M)iss|(?-i:A)z|(?-i:A)rk|(?-i:D)el|(?-i:I)ll|(?-i:L)a|(?-i:M)ass|(?-i:O)re|(?-i:P)a|(?-i:T)ex|(?-i:W)ash|"
-    # companies and the rest
-    "inc|cos?|corp|ltd|plc|bancorp|bhd|assn|univ|intl|sys|p(?-i:ty)|m(?-i:fg)|m(?-i:tg)|"
-    "tel|est|ext|sq|etc|al|seq|bldg|invt|elec|natl|dept|blvd|rd|v|wm|jos|cie|cf|treas|ph|vs"
-)
-# ... and these only when a number follows ("No. 5", "Fig. 3"); elsewhere the period is sentence-final.
-_ABBREVIATIONS_BEFORE_NUMBER = "ca|figs?|prop|nos?|art|pp|op"
+def _bmp_class(keep, extra=""):
+    """A regex character class of the BMP characters for which keep(ch) holds (the lexer reads UTF-16 units)."""
+    out, start = [], None
+    for cp in range(0x10001):
+        if cp < 0x10000 and keep(chr(cp)):
+            start = cp if start is None else start
+        elif start is not None:
+            out.append(f"\\u{start:04x}" if start == cp - 1 else f"\\u{start:04x}-\\u{cp - 1:04x}")
+            start = None
+    return "[" + "".join(out) + extra + "]"
 
-_ALNUM = r"(?:[dol]'(?=[^\W_]))?[^\W_]+(?:_[^\W_]+)*"  # x  2nd  a_b_c  o'clock (a single _ joins, ___ does not)
-_PERIOD = r"(?:\.(?=[,;:]))?"  # a period before , ; : cannot end a sentence and stays on the token ("cm.,")
-# The lexer's rules, as (kind, pattern). At each position the longest match wins, ties going to the earlier rule --
-# JFlex's semantics, which is what makes "1.5-2.5" come out as "1.5-2" ".5" and "3.5cm" as "3.5" "cm".
-_RULES = [(kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in [
-    ("abbrev", rf"(?:{_ABBREVIATIONS_BEFORE_NUMBER})\.(?=\s*\d)|(?:{_ABBREVIATIONS})\.|[a-z](?:\.[a-z])*\."),  # e.g.
-    ("clitic", r"(?:n't|'(?:s|m|d|re|ve|ll))(?![^\W\d_])"),  # split off words by _CLITIC below
-    ("word", rf"[+-]?(?:\d*(?:[.,:]\d+)+|\d+){_PERIOD}"),  # -5  3.5  1,000  10:30  .5
-    ("word", rf"{_ALNUM}(?:[.!?][^\W\d_][^\W_]*)*{_PERIOD}"),  # normal  normal.the (no space after the period)
-    ("word", rf"[^\W_][\w.,]*(?:-{_ALNUM})+{_PERIOD}"),  # x-ray  t12-l1  45-year-old  1.5-2  (not 1.5-2.5)
-    ("word", rf"{_ALNUM}(?:-[^\W\d_]+){{0,2}}(?:/{_ALNUM}(?:-[^\W\d_]+){{0,2}}){{1,2}}"),  # ap/pa  s/p  w/o  12/03/2019
-    # a fraction, mixed with a whole number before it: "1-1/2", and also "2 1/2", which the lexer returns as ONE
-    # token with a non-breaking space ("2\xa01/2"; also "74 8/27/2000" -> "74\xa08/27" "/" "2000"), copied here
-    ("word", r"(?:\d{1,4}[- \xa0])?\d{1,4}/\d{1,4}"),
-    ("keep", r"_+|\*+|#+|[?!]{2,}|-[lr][rcs]b-"),  # ___ (MIMIC's de-identification)  **  ?!  -lrb-
-    ("drop", r"\.+|-+|[?!,;:\"]|'+|`+"),  # the PTB punctuation tokens pycocoevalcap removes
-    ("other", r"\S"),  # any other symbol, one token each: % & + = < > / ~ ( ) ...
-]]
-_SPACE = re.compile(r"\s+")
-_CLITIC = re.compile(r"(?<=\w)(n't|'(?:s|m|d|re|ve|ll))(?![^\W\d_])", re.IGNORECASE)  # patient's -> patient 's
-_ASSIMILATIONS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na", "gimme": "gim me",
-                  "lemme": "lem me"}
-_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-# typographic quotes become ASCII ones (then dropped or used as apostrophes); dashes and ellipses are dropped tokens
-_UNICODE = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'",
-                          "\u2013": " -- ", "\u2014": " -- ", "\u2026": " ... "})
+
+_L = _bmp_class(lambda c: unicodedata.category(c)[0] == "L")  # JFlex [:letter:] = Java's Character.isLetter
+_UPPER = _bmp_class(lambda c: unicodedata.category(c) == "Lu")  # [:uppercase:]
+_LD = _L[:-1] + r"\d]"  # [:letter:] or [:digit:] (Python's \d is Unicode Nd, as Java's isDigit)
+_SPLET = r"&[aeiouAEIOU](?i:acute|grave|uml);"
+# LETTER adds the soft hyphen and the combining marks and modifiers the spec lists to [:letter:]
+_LETTER_EXTRA = (
+    r"\u00ad\u0237-\u024f\u02c2-\u02c5\u02d2-\u02df\u02e5-\u02ff\u0300-\u036f\u0370-\u037d\u0384\u0385\u03cf\u03f6"
+    r"\u03fc-\u03ff\u0483-\u0487\u04cf\u04f6-\u04ff\u0510-\u0525\u055a-\u055f\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4"
+    r"\u05c5\u05c7\u0615-\u061a\u063b-\u063f\u064b-\u065e\u0670\u06d6-\u06ef\u06fa-\u06ff\u070f\u0711\u0730-\u074f"
+    r"\u0750-\u077f\u07a6-\u07b1\u07ca-\u07f5\u07fa\u0900-\u0903\u093c\u093e-\u094e\u0951-\u0955\u0962-\u0963"
+    r"\u0981-\u0983\u09bc-\u09c4\u09c7\u09c8\u09cb-\u09cd\u09d7\u09e2\u09e3\u0a01-\u0a03\u0a3c\u0a3e-\u0a4f"
+    r"\u0a81-\u0a83\u0abc-\u0acf\u0b82\u0bbe-\u0bc2\u0bc6-\u0bc8\u0bca-\u0bcd\u0c01-\u0c03\u0c3e-\u0c56\u0d3e-\u0d44"
+    r"\u0d46-\u0d48\u0e30-\u0e3a\u0e47-\u0e4e\u0eb1-\u0ebc\u0ec8-\u0ecd")
+_LETTER = rf"(?:{_L[:-1]}{_LETTER_EXTRA}]|{_SPLET})"  # (the extra ranges go inside _L's brackets)
+_WORD = rf"{_LETTER}(?:{_LETTER}|\d)*(?:[.!?]{_LETTER}(?:{_LETTER}|\d)*)*"  # normal  normal.the  (not 1.severe)
+_SPACE = r"[ \t\u00a0\u2000-\u200a\u3000]"
+_NEWLINE = r"(?:\r\n?|[\n\u2028\u2029\x0b\x0c\x85])"
+_SPACENL = rf"(?:{_SPACE}|{_NEWLINE})"
+_SGML_NAME = r"[A-Za-z][A-Za-z0-9_:.\-]*"
+# <br>  <XXXX>  </p>  <br/>  <p class='x'>: one token each
+_SGML = (rf"<(?:[!?][A-Za-z\-][^>\r\n]*|/{_SGML_NAME}"
+         rf"|{_SGML_NAME}(?:[ ]+(?:{_SGML_NAME}[ ]*=[ ]*(?:'[^']*'|\"[^\"]*\")|{_SGML_NAME}))*[ ]*/?)[ ]*>")
+_SENTEND = rf"{_SPACENL}(?:{_SPACENL}|{_UPPER}|{_SGML})"
+_NUM = r"(?:\d*(?:[.:,\u00ad\u066b\u066c]\d+)+|\d+)"  # 3.5  1,000  10:30  .5  (longer alternative first)
+_FRAC = r"(?:\d{1,4}[\- \u00a0])?\d{1,4}(?:\\?/|\u2044)\d{1,4}"  # 1/2  1-1/2  "2 1/2" (one token, space kept)
+_HYPHEN = r"[\-_\u058a\u2010\u2011]"
+_APOS = r"(?:['\u0092\u2019]|&(?i:apos);)"
+_APOSETC = rf"(?:{_APOS}|[`\u0091\u2018\u201b])"
+_THING = rf"(?:[dDoOlL]{_APOSETC}{_LD})?{_LD}+(?:{_HYPHEN}(?:[dDoOlL]{_APOSETC}{_LD})?{_LD}+)*"  # x-ray a_b o'clock
+_AMP = r"&(?i:amp);"
+_REDAUX = rf"{_APOS}(?:[msdMSD]|(?i:re|ve|ll))"
+_SREDAUX = rf"(?i:n){_APOSETC}(?i:t)"
+_ACRO = r"(?:(?i:canada|sino|korean|eu|japan|non)-(?i:u\.s)|(?i:u\.s\.-(?:u\.k|u\.s\.s\.r))|[A-Za-z](?:\.[A-Za-z])*)"
+_ACRO2 = _ACRO.replace(r"(?:\.[A-Za-z])*", r"(?:\.[A-Za-z])+")
+_HTHING = rf"[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:{_ACRO2}\.|[A-Za-z0-9\u00ad]+))+"  # 45-year-old 1.5-2 (not -2.5)
+_INSENTP = r"[,;:\u3001]"
+# Abbreviations: ABBREV1 is usually followed by a lower-case word, ABBREV2 by an upper-case one, ABBREV3 only counts
+# before a number ("No. 5", "Fig. 3"). A bracketed capital in the spec ("[P]a") is a case-sensitive first letter:
+# "PA." and "Pa." are Pennsylvania, "pa." is not.
+_ABBREV1 = (r"(?:(?i:jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tues?|wed|thurs|thu|fri|"  # months, weekdays
+            r"ala|ariz|calif|colo|conn|ct|dak|fla|ga|ind|kans?|ky|md|mich|minn|mo|mont|neb|nev|okla|penn|tenn|va|vt|"
+            r"wisc?|wyo|inc|cos?|corp|ltd|plc|rt|bancorp|bhd|assn|univ|intl|sys|tel|est|ext|sq|jr|sr|bros|"
+            r"(?:ed|ph)\.d|blvd|rd|esq|etc|al|seq|bldg)|(?i:pp?t)[ye](?i:s)?|"
+            r"A(?i:z|rk)|D(?i:el)|I(?i:ll)|L(?i:a)|M(?i:ass|iss)|O(?i:re)|P(?i:a)|T(?i:ex)|W(?i:ash))\.")
+_ABBREV4 = (r"(?:(?i:mrs?|ms|drs?|profs?|sens?|reps?|attys?|lt|col|gen|messrs|govs?|adm|rev|maj|sgt|cpl|pvt|capt|ste?|"
+            r"ave|pres|lieut|hon|brig|co?mdr|pfc|spc|supts?|det|mt|ft|adj|adv|asst|assoc|ens|insp|mlle|mme|msgr|sfc|"
+            r"vs|alex|wm|jos|cie|a\.k\.a|cf|treas|ph|invt|elec|natl|dept)|M(?i:iss)|(?i:m)[ft](?i:g)|" + _ACRO + ")")
+_ABBREV3 = r"(?i:ca|figs?|prop|nos?|art|bldg|pp|op)\."
+_LDOTS = r"(?:\.{3,5}|(?:\.[ \u00a0]){2,4}\.|[\x85\u2026])"
+_QUOTES = rf"(?:''|[`\u2018\u2019\u201a-\u201d\x91-\x94\u201e\u201f\u2039\u203a\xab\xbb]{{1,2}}|{_APOS})"
+_DBLQUOT = r"(?:\"|&(?i:quot);)"
+_MISCSYMBOL = ("[+%&~^|\\\\\xa6\xa7\xa8\xa9\xac\xae\xaf\xb0-\xb3\xb4-\xba\xd7\xf7\u0387\u05be\u05c0\u05c3\u05c6"
+               "\u05f3\u05f4\u0600-\u0603\u0606-\u060a\u060c\u0614\u061b\u061e\u066a\u066d\u0703-\u070d\u07f6-\u07f8"
+               "\u0964\u0965\u0e4f\u1fbd\u2016\u2017\u2020-\u2023\u2030-\u2038\u203b\u203e-\u2042\u2044\u207a-\u207f"
+               "\u208a-\u208e\u2100-\u214f\u2190-\u21ff\u2200-\u2bff\u3012\u30fb\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40"
+               "\uff5b-\uff65]")
+# words after which an acronym ends a sentence ("U.S. The"); their capital is required, the rest is caseless
+_ACRONYM_BEFORE = ("(?:A(?i:bout|ccording|dditionally|fter|n|s|t)?|B(?i:ut)|E(?i:arlier)|H(?i:e|er|ere|owever)|"
+                   "I(?i:f|n|t)|L(?i:ast)|M(?i:any|ore|r\\.|s\\.)|N(?i:ow)|O(?i:nce|ne|ther|ur)|"
+                   "S(?i:he|ince|o|ome|uch)|T(?i:hat|he|heir|hen|here|hese|hey|his)|"
+                   "W(?i:e|hen|hile|hat)|Y(?i:et|ou))")
+
+
+def _latex_quotes(tok, probably_left=False):
+    """PTBLexer.latexQuotes: straight quotes by guessed side, curly ones by their side, to ` `` ' ''."""
+    tok = re.sub(r"&apos;|'", "`" if probably_left else "'", tok)
+    tok = re.sub(r"\"|&quot;", "``" if probably_left else "''", tok)
+    for chars, latex in (("\x91\u2018\u201b\u2039", "`"), ("\x92\u2019\u203a", "'"), ("\x93\u201c\xab", "``"),
+                         ("\x94\u201d\xbb", "''")):
+        tok = re.sub(f"[{chars}]", latex, tok)
+    return tok
+
+
+def _acronym_before_sentence(tok):
+    # "I. The" is the word "I" ending a sentence; "U.S. The" keeps its period and repeats it as a sentence end
+    return (tok[:-1], len(tok) - 1) if len(tok) == 2 else (tok, len(tok) - 1)
+
+
+_FRACTIONS = str.maketrans({"\xbc": "1/4", "\xbd": "1/2", "\xbe": "3/4", "\u2153": "1/3", "\u2154": "2/3"})
+_CURRENCY = str.maketrans({"\xa2": "cents", "\xa3": "#", "\x80": "$", "\xa4": "$", "\u20a0": "$", "\u20ac": "$"})
+_PARENS = str.maketrans({"(": "-LRB-", ")": "-RRB-"})
+_BRACKETS = {"{": "-LCB-", "}": "-RCB-", "[": "-LSB-", "]": "-RSB-", "(": "-LRB-", ")": "-RRB-"}
+
+
+def _same(tok):
+    return tok
+
+
+def _nbsp(tok):
+    return tok.replace(" ", "\xa0")  # normalizeSpace: a token never contains a space
+
+
+def _no_soft_hyphen(tok):
+    return tok.replace("\u00ad", "") or "-"
+
+
+def _amp(tok):
+    return re.sub("(?i:&amp;)", "&", tok)
+
+
+def _pushback(n):
+    """Action of a rule that returns all but the last n characters and lexes those again ("cannot" -> "can")."""
+    return lambda tok: (tok[:-n], len(tok) - n)
+
+
+_SKIP = None  # whitespace, and characters the lexer cannot tokenise (deleted, as its default "firstDelete" does)
+_LINE = "\n"  # a newline: with -preserveLines the end of a caption
+# (rule, trailing context or None, action). An action maps the matched text to the token, or to (token, characters
+# consumed) when it pushes text back.
+_PTB_RULES = [
+    (r"(?i:c\+\+|[cf]#)", None, _same),
+    (r"(?i:cannot|'twas)", None, _pushback(3)),  # split assimilations: can not, 't was, 't is, gon na, ...
+    (r"(?i:'tis|gonna|gotta|lemme|gimme|wanna)", None, _pushback(2)),
+    (_SGML, None, _nbsp),
+    (r"&(?i:md|mdash|ndash);|[\x96\x97\u2013\u2014\u2015]", None, lambda tok: "--"),
+    (_AMP, None, _amp),
+    (r"&(?i:ht|tl|ur|lr|qc|ql|qr|odq|cdq|#[0-9]+);", None, _same),
+    (_WORD, _REDAUX, _no_soft_hyphen),  # patient|'s
+    (r"[A-Za-z\u00ad]*[A-MO-Za-mo-z]\u00ad*", _SREDAUX, _no_soft_hyphen),  # do|n't  ca|n't (SWORD)
+    (_WORD, None, _no_soft_hyphen),
+    # APOWORD, split into rules so that its longest alternative wins as in JFlex (Python's | takes the first match)
+    (rf"{_APOS}(?i:n){_APOS}?|[lLdDjJ]{_APOS}|(?i:dunkin|somethin|ol){_APOS}|{_APOS}(?i:em)", None, _same),
+    (rf"[A-HJ-XZn]{_APOSETC}{_L}{{2}}{_L}*", None, _same),
+    (rf"{_APOS}[2-9]0(?i:s)|{_APOS}(?i:till?|cause)", None, _same),
+    (rf"{_L}+[aeiouyAEIOUY]{_APOSETC}[aeiouA-Z]{_L}*", None, _same),
+    (r"(?i:cont'd\.?|'twas|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)" + rf"|(?i:o){_APOSETC}(?i:o)", None, _same),
+    (rf"(?i:y){_APOS}", _L, _same),
+    (r"(?i:https?)://[^ \t\n\f\r\"<>|(){}]+[^ \t\n\f\r\"<>|.!?(){},-]", None, _same),  # FULLURL
+    (r"(?:(?i:www)\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}|(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+"
+     r"(?i:com|net|org|edu))(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?", None, _same),  # LIKELYURL
+    (r"(?:&(?i:lt);|<)?[a-zA-Z0-9][^ \t\n\f\r\"<>|()\xa0{}]*@(?:[^ \t\n\f\r\"<>|(){}.\xa0]+\.)*"
+     r"[^ \t\n\f\r\"<>|(){}.\xa0]+(?:&(?i:gt);|>)?", None, _same),  # EMAIL
+    (rf"@[a-zA-Z_][a-zA-Z_0-9]*|#{_LETTER}+", None, _same),  # TWITTER
+    (_REDAUX, r"[^A-Za-z]", _latex_quotes),
+    (_SREDAUX, r"[^A-Za-z]", _latex_quotes),
+    (r"\d{1,2}[\-/]\d{1,2}[\-/]\d{2,4}", None, _same),  # DATE 12/03/2019
+    (rf"[\-+]?{_NUM}", None, _no_soft_hyphen),  # NUMBER
+    (r"[\u207a\u207b\u208a\u208b]?(?:[\u2070\xb9\xb2\xb3\u2074-\u2079]+|[\u2080-\u2089]+)", None, _same),
+    (_FRAC, None, _nbsp),
+    (r"[\xbc\xbd\xbe\u2153-\u215e]", None, lambda tok: tok.translate(_FRACTIONS)),
+    (rf"(?i:-(?:rrb|lrb|rcb|lcb|rsb|lsb)-|c\.d\.s|pro-|anti-|s(?:&|&amp;)p-500|s(?:&|&amp;)ls)"
+     rf"|(?i:cap){_APOS}(?i:n)|(?i:c){_APOS}(?i:est)", None, _amp),  # TBSPEC
+    (r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}", None, _same),  # THING3 s/p
+    (r"[A-Z]*\$|#", None, _same),  # DOLSIGN
+    (r"[\xa2\xa3\xa4\xa5\x80\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]", None,
+     lambda tok: tok.translate(_CURRENCY)),
+    (rf"{_ACRO}\.", rf"{_SPACENL}+(?:{_ACRONYM_BEFORE}|{_SGML}){_SPACENL}", _acronym_before_sentence),
+    (_ABBREV3, rf"{_SPACENL}?\d", _same),
+    (r"(?i:pt[ey]|co)\.", rf"{_SPACE}(?i:ltd|lim)", _same),
+    (_ABBREV1, _SENTEND, lambda tok: (tok, len(tok) - 1)),
+    (_ABBREV1, r"[\s\S]{2}", _same),
+    (_ABBREV1, None, lambda tok: (tok, len(tok) - 1)),
+    (rf"{_ABBREV4}\.", None, _same),  # ABBREV2: Dr.  e.g.  a.m.  x.
+    (_ABBREV4, _SPACE, _same),
+    (_ACRO, _SPACENL, _same),
+    (rf"{_APOS}[0-9][0-9]", _SPACENL, _same),  # TBSPEC2 '99
+    (rf"{_LD}+(?:[.]{_LD}+)*[.](?i:bat|bmp|c|class|cgi|cpp|dll|doc|docx|exe|gif|gz|h|htm|html|jar|java|jpeg|jpg|mov|"
+     r"mp3|pdf|php|pl|png|ppt|ps|py|sql|tar|txt|wav|x|xml|zip)", rf"(?:{_SPACENL}|[.?!,])", _same),  # FILENAME
+    (rf"{_WORD}\.", _INSENTP, _no_soft_hyphen),  # cm.,
+    (r"(?:\([0-9]{2,3}\)[ \xa0]?|(?:\+\+?)?(?:[0-9]{2,4}[\- \xa0])?[0-9]{2,4}[\- \xa0])[0-9]{3,4}[\- \xa0]?[0-9]{3,5}"
+     r"|(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}", None,
+     lambda tok: _nbsp(tok).translate(_PARENS)),  # PHONE
+    (_DBLQUOT, r"[A-Za-z0-9$]", lambda tok: _latex_quotes(tok, probably_left=True)),
+    (_DBLQUOT, None, _latex_quotes),
+    (r"\x7f", None, _SKIP),
+    (r"<|&(?i:lt);", None, lambda tok: "<"),
+    (r">|&(?i:gt);", None, lambda tok: ">"),
+    (r"[<>]?[:;=][\-o*']?[()DPdpO\\{@|\[\]]", r"[^A-Za-z0-9]", lambda tok: tok.translate(_PARENS)),  # SMILEY
+    (r"[\^x=~<>]\.\[\^(?i:x)=~<>\]|[\-\^x=~<>']_[\-\^x=~<>']|\([\-\^x=~<>'][_.]?[\-\^x=~<>']\)"
+     r"|\([\^x=~<>']-[\^x=~<>'`]\)", None, lambda tok: tok.translate(_PARENS)),  # ASIANSMILEY
+    (r"[{}\[\]()]", None, _BRACKETS.get),
+    (r"-+", None, lambda tok: "--" if len(tok) in (3, 4) else tok),
+    (_LDOTS, None, lambda tok: "..."),
+    (r"@+|#+|_+", None, _same),
+    (r"\*+|(?:\\\*){1,3}", None, _same),
+    (_INSENTP, None, _same),
+    (r"[?!]+", None, _same),
+    (r"[.\xa1\xbf\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa\u3002]", None, _same),
+    (r"=", None, _same),
+    (r"/", None, _same),
+    (rf"{_HTHING}\.", _INSENTP, _no_soft_hyphen),
+    (_HTHING, None, _no_soft_hyphen),
+    (rf"{_THING}\.", _INSENTP, _same),
+    (_THING, None, _same),
+    (rf"[A-Z]+(?:(?:{_AMP}|[+&])[A-Z]+)+\.", _INSENTP, _amp),  # THINGA AT&T
+    (rf"[A-Z]+(?:(?:{_AMP}|[+&])[A-Z]+)+", None, _amp),
+    (r"'", r"[A-Za-z][^ \t\n\r\xa0]", lambda tok: "`"),  # an opening quote, "often but not always right"
+    (_REDAUX, None, _latex_quotes),
+    (_SREDAUX, None, _latex_quotes),
+    (_QUOTES, None, _latex_quotes),
+    (r"<<|>>", None, _same),
+    (_MISCSYMBOL, None, _same),
+    (r"\x00|[ \t\xa0\u2000-\u200a\u3000]+|[\u200b\u200e\u200f\ufeff]", None, _SKIP),
+    (_NEWLINE, None, lambda tok: _LINE),
+    (r"(?i:&nbsp;)", None, _SKIP),
+    (r"[^\n]", None, _SKIP),
+]
+_PTB_RULES = [(re.compile(f"({rule})" + (f"(?:{context})" if context else "")), action)
+              for rule, context, action in _PTB_RULES]
+_PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...",
+                    ";"}  # pycocoevalcap's PUNCTUATIONS, compared AFTER lower-casing: "-lrb-" stays
+
+
+def _ptb_lines(text):
+    """What the jar prints for `text` with -preserveLines -lowerCase: the list of tokens of every line."""
+    lines, pos = [[]], 0
+    while pos < len(text):
+        best, action = None, None
+        for rule, rule_action in _PTB_RULES:  # the longest match wins, the earlier rule on a tie
+            m = rule.match(text, pos)
+            if m and (best is None or m.end() > best.end()):
+                best, action = m, rule_action
+        tok = best.group(1)  # the trailing context, if any, is lexed again
+        pos += len(tok)
+        if action is _SKIP:
+            continue
+        tok = action(tok)
+        if isinstance(tok, tuple):  # the rule pushed characters back
+            tok, pos = tok[0], best.start() + tok[1]
+        if tok == _LINE:
+            lines.append([])
+        else:
+            lines[-1].append(tok.lower())  # -lowerCase (Java's Locale.ENGLISH lower-casing, as str.lower)
+    return lines
+
+
+_LINE_BREAKS = re.compile(_NEWLINE)
+
+
+def nlg_tokenize_captions(texts):
+    """pycocoevalcap's PTBTokenizer on a list of captions, in one call: one tokenised string per caption.
+
+    pycocoevalcap feeds all captions to the jar as one text, one a line, so a caption's last token can depend on the
+    next caption's start ("... segment I." then "The heart ..." makes "i", before "no change" it makes "i."); this
+    reproduces that. Line breaks inside a caption become spaces (pycocoevalcap replaces only "\\n", and a "\\r" left
+    in a caption makes the jar print an extra line that shifts every later caption onto the wrong sample).
+    """
+    lines = _ptb_lines("\n".join(_LINE_BREAKS.sub(" ", t) for t in texts))
+    return [" ".join(t for t in line if t not in _PTB_PUNCTUATION) for line in lines[:len(texts)]]
 
 
 def nlg_tokenize(text):
-    """pycocoevalcap's tokenisation in Python: PTB tokens, lower-cased, punctuation tokens removed, space-joined.
+    """One caption as pycocoevalcap's PTBTokenizer tokenises it: PTB tokens, lower-cased, punctuation tokens removed.
 
-    "The heart (AP view) is normal. No effusion, e.g. none." -> "the heart -lrb- ap view -rrb- is normal no effusion
-    e.g. none". See the comment above _ABBREVIATIONS for what is and is not reproduced.
+    The tokens are those of CoreNLP 3.4.1's PTBLexer, ported rule by rule above (SGML tags, words and clitics,
+    numbers, dates and fractions, abbreviations and acronyms with their look-ahead, hyphenated and slashed words, PTB3
+    brackets, quotes, dashes and ellipses); tests/test_metrics.py checks it against the jar on thousands of lines.
+
+    "1.Severe cardiomegaly (AP view). No effusion, e.g. none.<BR>" -> "1 severe cardiomegaly -lrb- ap view -rrb- no
+    effusion e.g. none <br>". See nlg_tokenize_captions for a list, where the next caption is part of the context.
     """
-    text = _CLITIC.sub(r" \1", text.replace("\n", " ").translate(_UNICODE))
-    tokens, pos = [], 0
-    while True:
-        space = _SPACE.match(text, pos)
-        pos = space.end() if space else pos
-        if pos == len(text):
-            break
-        best_kind, best = None, None
-        for kind, rule in _RULES:
-            m = rule.match(text, pos)
-            if m and m.end() > pos and (best is None or m.end() > best.end()):
-                best_kind, best = kind, m
-        tok, pos = best.group().lower().replace(" ", "\xa0"), best.end()
-        if best_kind == "drop":
-            continue
-        if best_kind == "other":
-            tok = _BRACKETS.get(tok, tok)
-        elif best_kind == "word":
-            tok = _ASSIMILATIONS.get(tok, tok)
-        tokens.append(tok)
-    return " ".join(tokens)
+    return nlg_tokenize_captions([text])[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -419,15 +616,19 @@ def meteor(refs, hyps):
 
 
 def nlg_metrics(refs, hyps, with_meteor=False):
-    """All report-generation metrics on raw text: tokenise with nlg_tokenize, then score.
+    """All report-generation metrics on raw text: tokenise with nlg_tokenize_captions, then score.
 
     refs: {id: [reference strings]} (or {id: str} for one reference), hyps: {id: str}. Returns
     {"BLEU_1", ..., "BLEU_4", "ROUGE_L", "CIDEr"} and "METEOR" when with_meteor (needs java, see METEOR_INSTALL),
     named as pycocoevalcap's COCOEvalCap names them; values are fractions as it reports them (CIDEr is on its x10
     scale).
     """
-    refs = {k: [nlg_tokenize(r) for r in ([v] if isinstance(v, str) else v)] for k, v in refs.items()}
-    hyps = {k: nlg_tokenize(v) for k, v in hyps.items()}
+    refs = {k: [v] if isinstance(v, str) else list(v) for k, v in refs.items()}
+    ids = _check(refs, hyps)
+    # as COCOEvalCap: the references go through the tokenizer in one call, the hypotheses in another, in id order
+    flat = iter(nlg_tokenize_captions([r for k in ids for r in refs[k]]))
+    refs = {k: [next(flat) for _ in refs[k]] for k in ids}
+    hyps = dict(zip(ids, nlg_tokenize_captions([hyps[k] for k in ids])))
     out = {f"BLEU_{i + 1}": s for i, s in enumerate(bleu(refs, hyps))}
     out["ROUGE_L"] = rouge_l(refs, hyps)
     out["CIDEr"] = cider_d(refs, hyps)

@@ -25,8 +25,10 @@ def attend(q, k, v, mask=None, dropout=0.0, manual=False):
     """softmax(q k^T / sqrt(Dh)) v over [B, H, T, Dh] queries and [B, H, S, Dh] keys/values; mask True = may attend.
 
     The fused SDPA kernel by default; `manual` is the textbook formula, kept so tests can check the kernel against it.
+    bf16 on a CPU always takes the textbook formula: PyTorch's CPU SDPA kernels in bf16 (their backward above all) ran
+    the cpu preset's backbone step 2.5x slower than it on an AVX512-BF16 CPU (issue 11; fp32 timed the same both ways).
     """
-    if not manual:
+    if not manual and not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
     if mask is not None:
@@ -57,30 +59,42 @@ class Attention(nn.Module):
         return F.dropout(self.proj(y), p, self.training)
 
 
+def quick_gelu(x):
+    # OpenAI CLIP's sigmoid approximation of GELU; its weights were trained with it, so importing them needs it
+    return x * torch.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden, out=None, dropout=0.0):
+    def __init__(self, dim, hidden, out=None, dropout=0.0, act="gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, out or dim)
-        self.dropout = dropout
+        self.dropout, self.act = dropout, quick_gelu if act == "quick_gelu" else F.gelu
 
     def forward(self, x):
-        return F.dropout(self.fc2(F.gelu(self.fc1(x))), self.dropout, self.training)
+        return F.dropout(self.fc2(self.act(self.fc1(x))), self.dropout, self.training)
 
 
 class Block(nn.Module):
     """Pre-norm Transformer block (ViT / GPT-2 layout)."""
 
-    def __init__(self, dim, heads, mlp_ratio=4.0, dropout=0.0):
+    def __init__(self, dim, heads, mlp_ratio=4.0, dropout=0.0, act="gelu", eps=1e-5):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout=dropout, act=act)
 
     def forward(self, x, key_mask=None, manual=False):
         x = x + self.attn(self.norm1(x), key_mask, manual)
         return x + self.mlp(self.norm2(x))
+
+
+def matmul_fp32(a, b):
+    """a @ b in fp32, also inside a bf16 autocast region, which would otherwise run the product in bf16 whatever the
+    inputs' dtype. For the few products whose rounding matters: contrastive logits, pool scores, similarities."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float()
 
 
 class Prompts(nn.Module):
@@ -107,7 +121,7 @@ class Prompts(nn.Module):
             return query.new_zeros(B, 0, D), None
         if self.mode == "static":
             return self.weight.unsqueeze(0).expand(B, -1, -1), None
-        scores = query.float() @ self.weight.float().t()  # [B, N]; fp32 so bf16 rounding never flips a selection
+        scores = matmul_fp32(query, self.weight.t())  # [B, N]; fp32 so bf16 rounding never flips a selection
         idx = scores.topk(self.k, dim=-1).indices  # [B, k], best first
         return self.weight[idx], idx
 
@@ -129,18 +143,23 @@ class PTUnifier(nn.Module):
         num_patches = (cfg.image_size // cfg.patch_size) ** 2
         # image side (ViT): patches -> linear projection, a learnable [IMG_CLS], learned 1-D positions (paper eq. 11)
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed.proj = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, D))
         # text side (BERT): WordPiece embeddings + learned positions (paper eq. 12)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, D)
         self.position_embeddings = nn.Embedding(cfg.max_text_len, D)
+        # BERT / RoBERTa normalise their embedding sum; only there when imported (--init-text), so that it stays exact
+        self.text_norm = nn.LayerNorm(D, eps=cfg.text_norm_eps) if cfg.text_norm_eps else nn.Identity()
         # modality type, added to every position of a part, prompts included: 0 = visual part, 1 = textual part
         self.token_type_embeddings = nn.Embedding(2, D)
         self.visual_prompts = Prompts(cfg.prompt_mode, cfg.pool_size, cfg.k_v, D)
         self.textual_prompts = Prompts(cfg.prompt_mode, cfg.pool_size, cfg.k_l, D)
-        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(D)
+        # CLIP's ln_pre (timm: norm_pre) normalises the input sequence before the blocks; an identity otherwise
+        self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.norm_pre else nn.Identity()
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.act, cfg.norm_eps)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         # pre-training heads. MLM: BERT's prediction head, decoder tied to word_embeddings (paper: two-layer MLP heads)
         self.mlm_head = nn.Module()
         self.mlm_head.dense = nn.Linear(D, D)
@@ -175,6 +194,7 @@ class PTUnifier(nn.Module):
         nn.init.zeros_(self.mlm_head.bias)
         with torch.no_grad():
             self.logit_scale.fill_(math.log(1 / self.cfg.itc_temperature))
+        self.clamp_logit_scale()
 
     # ---- embeddings -------------------------------------------------------------------------------------------------
     def embed_image(self, image):
@@ -184,7 +204,7 @@ class PTUnifier(nn.Module):
 
     def embed_text(self, input_ids):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.word_embeddings(input_ids) + self.position_embeddings(pos)  # [B, T, D]
+        return self.text_norm(self.word_embeddings(input_ids) + self.position_embeddings(pos))  # [B, T, D]
 
     def _query(self, x, mask=None):
         """The pool query: mean (or max) of the present modality's input embeddings, padding excluded."""
@@ -219,7 +239,7 @@ class PTUnifier(nn.Module):
             attention_mask = None
         v = v + self.token_type_embeddings.weight[0]
         t = t + self.token_type_embeddings.weight[1]
-        x = torch.cat([v, t], 1)  # [B, Tv + Tl, D]
+        x = self.norm_pre(torch.cat([v, t], 1))  # [B, Tv + Tl, D]
         key_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_mask = torch.cat([attention_mask.new_ones(len(v), v.shape[1]), attention_mask], 1)
@@ -228,6 +248,14 @@ class PTUnifier(nn.Module):
         x = self.norm(x)
         pooled = torch.cat([x[:, 0], x[:, v.shape[1]]], -1)  # [B, 2D]
         return Encoding(x, pooled, v.shape[1], sel_v, sel_l)
+
+    def forward_vision(self, image, manual_attention=False):
+        """The image tokens alone through the blocks, as in a plain ViT (no type embedding, no textual part): the
+        states a pretrained vision encoder computes, so tests can check an imported one (pretrained.py) exactly."""
+        x = self.norm_pre(self.embed_image(image))
+        for blk in self.blocks:
+            x = blk(x, None, manual_attention)
+        return self.norm(x)  # [B, 1 + N, D]
 
     # ---- heads ------------------------------------------------------------------------------------------------------
     def mlm_logits(self, h):
@@ -244,8 +272,69 @@ class PTUnifier(nn.Module):
         return F.normalize(proj(pooled).float(), dim=-1)
 
     def itc_scale(self):
-        # CLIP clamps the learned scale at 100 so that the logits cannot blow up
-        return self.logit_scale.clamp(max=math.log(100)).exp()
+        # No clamp here: a clamp in the forward pass has zero gradient past its bound, so a scale pushed there would
+        # never come back. The parameter itself is clamped after every optimizer step (clamp_logit_scale).
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self):
+        """Keep the learned logit scale in [0, log 100], i.e. the scale in [1, 100], in place (CLIP, open_clip): at
+        most 100 so that the logits cannot blow up, at least 1 so that the temperature stays below 1."""
+        self.logit_scale.clamp_(0, math.log(100))
+
+
+# ---- resizing a trained backbone (fine-tuning at another image size or text length) ---------------------------------
+def interpolate_pos_embed(pos_embed, grid):
+    """[1, 1 + g*g, D] ViT position embeddings -> [1, 1 + grid*grid, D]: the [IMG_CLS] row kept, the patch grid
+    resized as a 2-D image with bicubic interpolation (as timm and DeiT do when fine-tuning at another resolution)."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    g = math.isqrt(patches.shape[1])
+    if g * g != patches.shape[1]:
+        raise ValueError(f"{patches.shape[1]} patch positions do not form a square grid")
+    D = patches.shape[-1]
+    x = patches.reshape(1, g, g, D).permute(0, 3, 1, 2).float()  # [1, D, g, g]
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)  # [1, grid*grid, D]
+    return torch.cat([cls, x], 1)
+
+
+def set_image_size(backbone, image_size):
+    """Let a backbone read images of another size: interpolate its position embeddings, update its config."""
+    patch = backbone.cfg.patch_size
+    if image_size % patch:
+        raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch}")
+    with torch.no_grad():
+        new = interpolate_pos_embed(backbone.pos_embed.data, image_size // patch)
+    backbone.pos_embed = nn.Parameter(new)
+    backbone.cfg.image_size = image_size
+
+
+def resize_text_positions(weight, n):
+    """[L, D] learned text position embeddings -> [n, D]. Shorter: the first n rows. Longer: the L learned rows, then
+    rows 1..L-1 repeated in order (new row L + j = row 1 + j mod (L - 1)).
+
+    Text positions are 1-D and learned, so there is no grid to interpolate as on the image side. Repeating the learned
+    rows keeps every new position a vector the blocks have seen, and neighbours keep the offsets that attention learned
+    over; Longformer extended RoBERTa's 512 positions this way and found it far better than fresh rows (Beltagy et al.
+    2020, section 5). Copying only the last row would give every new position one vector (word order lost past L);
+    extrapolating linearly would amplify the rows' noise with the distance. Row 0 is left out of the repeats: it only
+    ever held [CLS], whose state is the pooled output.
+    """
+    L = weight.shape[0]
+    if n < 2 or L < 2:
+        raise ValueError(f"text position tables need at least 2 rows ([CLS], [SEP]): {L} -> {n}")
+    if n <= L:
+        return weight[:n].clone()
+    body = weight[1:]  # [L - 1, D]
+    return torch.cat([weight, body.repeat(math.ceil((n - L) / (L - 1)), 1)[:n - L]])  # [n, D]
+
+
+def set_text_len(backbone, max_text_len):
+    """Let a backbone read texts of another length: resize its text position embeddings, update its config."""
+    with torch.no_grad():
+        new = resize_text_positions(backbone.position_embeddings.weight.data, max_text_len)
+    backbone.position_embeddings = nn.Embedding.from_pretrained(new, freeze=False)
+    backbone.cfg.max_text_len = max_text_len
 
 
 def backbone_parameter_names(model):

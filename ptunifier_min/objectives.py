@@ -1,11 +1,16 @@
 """The three pre-training objectives of PTUnifier (paper section 3.3) as small pure functions, and the step that sums them.
 
-    loss, stats = pretraining_loss(model, batch, cfg, generator, special)
+    mask_step(micro_batches, cfg, step_generator, special)     # MLM targets of a whole optimizer step, first
+    loss, stats = pretraining_loss(model, batch, cfg, micro_generator)   # then each micro-step
 
-- MLM on the paired pass with masked text (BERT's 15% and 80/10/10), vocabulary projection only at masked positions;
-- ITM on the paired pass, negatives by swapping in another image of the batch (or ALBEF hard negatives from ITC);
+- MLM on the paired pass with masked text (BERT's 15% and 80/10/10), vocabulary projection only at masked positions,
+  averaged over every masked token of the optimizer step (all ranks, all micro-steps);
+- ITM on the paired pass, negatives by swapping in another image of the batch (or ALBEF hard negatives from ITC),
+  never one showing the same file or captioned with the same text;
 - ITC between an image-only pass (image + textual prompts) and a text-only pass (visual prompts + text), gathered over
   all ranks with gradients so that 8 GPUs compute the loss of the global batch (open_clip's "local loss").
+ITC and ITM see one micro-step's global batch: gradient accumulation does not enlarge the contrastive batch (as in
+CLIP). Contrastive logits and every loss's log-softmax are fp32 with autocast off, also inside a bf16 region.
 The authors' code never ran ITC (a misnamed config key); here all three are trained.
 """
 
@@ -13,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+
+from .model import matmul_fp32
 
 IGNORE = -100  # cross_entropy's ignore_index: positions without an MLM target
 
@@ -57,21 +64,55 @@ def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, p
     return out, labels
 
 
-def mlm_loss(logits, labels, per_rank_count=None):
+def mask_step(micro_batches, cfg, generator, special, continuation=None):
+    """MLM targets for every micro-batch of one optimizer step, before any forward pass. Adds to each batch
+    `mlm_input_ids` / `mlm_labels` [B, T] and `mlm_norm`, what its summed MLM loss is divided by; returns the step's
+    masked-token count over all ranks (a tensor on the batch's device: reading it makes the host wait).
+
+    The micro-batches read their rows of one draw table for the step's global batch (rows = batch x world x
+    grad_accum, in the order BatchOrder hands out samples), so the mask a sample gets does not depend on how the step
+    is split over ranks and micro-steps. mlm_norm = count / (world x grad_accum): after accumulate's 1/grad_accum and
+    DDP's average over ranks, the gradient is that of the mean over every masked token of the step, so --grad-accum 2
+    at batch B is exactly batch 2B (and 2 processes at batch B), unless a micro-batch draws no token at all and takes
+    mask_tokens' fallback (a rare event for any but the shortest texts at batch 1).
+    """
+    rank, world = rank_and_world()
+    B, A = len(micro_batches[0]["input_ids"]), len(micro_batches)
+    start = generator.get_state()
+    count = 0
+    for micro, batch in enumerate(micro_batches):
+        generator.set_state(start)  # the same tables for every micro-batch; each keeps its own rows
+        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
+            batch["input_ids"], batch["attention_mask"], special["ids"], cfg.model.vocab_size, generator, cfg.mlm_prob,
+            special["mask"], continuation if cfg.whole_word else None,
+            rows=B * world * A, width=cfg.model.max_text_len, offset=(micro * world + rank) * B)
+        count = count + (batch["mlm_labels"] != IGNORE).sum()
+    if world > 1:
+        dist.all_reduce(count)  # a collective: every rank masks its micro-batches, then all sum their counts
+    for batch in micro_batches:
+        batch["mlm_norm"] = count.float() / (world * A)
+    return count
+
+
+def cross_entropy_fp32(logits, target, **kwargs):
+    """cross_entropy with its log-softmax in fp32, autocast off: no loss of ours is computed in bf16."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits.float(), target, **kwargs)
+
+
+def mlm_loss(logits, labels, norm=None):
     """logits [M, V] at the masked positions, labels [M]. Returns (loss, accuracy).
 
-    per_rank_count: the global number of masked tokens / world size. Dividing the summed loss by it instead of by this
-    rank's M makes DDP's gradient average equal the mean over every masked token of the global batch.
+    norm: what the summed loss is divided by (see mask_step); this batch's M when not given.
     """
-    denom = per_rank_count if per_rank_count is not None else len(labels)
-    loss = F.cross_entropy(logits.float(), labels, reduction="sum") / denom
+    loss = cross_entropy_fp32(logits, labels, reduction="sum") / (norm if norm is not None else len(labels))
     return loss, (logits.argmax(-1) == labels).float().mean()
 
 
 def itm_loss(logits, matched):
     """logits [B, 2], matched [B] bool. Returns (loss, accuracy)."""
     target = matched.long()
-    return F.cross_entropy(logits.float(), target), (logits.argmax(-1) == target).float().mean()
+    return cross_entropy_fp32(logits, target), (logits.argmax(-1) == target).float().mean()
 
 
 def gather(x):
@@ -92,24 +133,44 @@ def itc_loss(image_feats, text_feats, scale):
     all_image, all_text = gather(image_feats), gather(text_feats)
     B = len(image_feats)
     target = torch.arange(B, device=image_feats.device) + rank * B
-    logits_i2t = scale * image_feats.float() @ all_text.float().t()  # [B, world * B], in fp32
-    logits_t2i = scale * text_feats.float() @ all_image.float().t()
-    loss = (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
+    logits_i2t = scale.float() * matmul_fp32(image_feats, all_text.t())  # [B, world * B]
+    logits_t2i = scale.float() * matmul_fp32(text_feats, all_image.t())
+    loss = (cross_entropy_fp32(logits_i2t, target) + cross_entropy_fp32(logits_t2i, target)) / 2
     return loss, (logits_i2t.argmax(-1) == target).float().mean()
 
 
-def itm_negatives(index, generator, sim=None):
+def valid_negatives(image_id, text):
+    """[G, G] bool: may pair j's image be swapped in as the negative of pair i's text?
+
+    Only when it is another image file and pair j's text differs from pair i's (token ids after truncation): with one
+    sentence sampled per record, "No pneumothorax." under another image would be a true match labelled as a mismatch.
+    image_id [G] int64 file identities (data.file_id), text [G, L] token ids, equal rows for equal texts.
+    """
+    same_file = image_id[:, None] == image_id[None, :]  # the diagonal included
+    same_text = (text[:, None, :] == text[None, :, :]).all(-1)
+    return ~same_file & ~same_text
+
+
+def hard_negative_probs(text_feats, image_feats, scale, valid):
+    """ALBEF's hard-negative distribution: row i = softmax over images j of scale x cos(text i, image j), restricted
+    to the valid negatives. The similarities are ITC's logits (ALBEF: sim / temperature), not raw cosines: at a global
+    batch of 256, cosines in [-1, 1] would give an almost uniform choice. No gradient flows through the choice."""
+    logits = scale.detach().float() * matmul_fp32(text_feats.detach(), image_feats.detach().t())  # [G, G]
+    return F.softmax(logits.double().masked_fill(~valid, float("-inf")), -1)
+
+
+def itm_negatives(valid, generator, probs=None):
     """For each pair of the global batch, the row whose image is swapped in as its negative.
 
-    Uniform over the other rows (the paper's random negative), or, given ITC similarities sim [G, G] (text i vs image
-    j), sampled from softmax(sim) (ALBEF's hard negatives). Rows showing the same image (duplicates in the batch) are
-    excluded, so a negative is a true mismatch. Every rank computes all G rows alike and keeps its own.
+    Uniform over the valid negatives (the paper's random negative), or drawn from `probs` (hard_negative_probs).
+    Every rank computes all G rows alike and keeps its own.
     """
-    same = index[:, None] == index[None, :]  # [G, G] duplicates of the same image, the diagonal included
-    if (~same).sum(1).min() == 0:
-        raise ValueError("ITM needs at least two different images in every batch")
-    weights = (~same).double() if sim is None else F.softmax(sim.double(), -1).masked_fill(same, 0) + 1e-30 * ~same
-    return torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1).to(index.device)
+    lonely = (~valid.any(1)).nonzero().flatten().tolist()
+    if lonely:
+        raise ValueError(f"ITM needs two different images (and texts) in every batch: pair {lonely[0]} of the global "
+                         f"batch of {len(valid)} has no valid negative; raise --batch-size")
+    weights = valid.double() if probs is None else probs
+    return torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1).to(valid.device)
 
 
 def rank_and_world():
@@ -118,16 +179,17 @@ def rank_and_world():
     return 0, 1
 
 
-def pretraining_loss(model, batch, cfg, generator, special, continuation=None, raw_model=None):
+def pretraining_loss(model, batch, cfg, generator, raw_model=None):
     """One micro-step of PTUnifier pre-training. `model` may be DDP-wrapped; heads are read from `raw_model`.
 
-    batch: image [B, 3, H, W], input_ids [B, T], attention_mask [B, T], index [B] (which image: duplicates matter).
-    `generator` must be seeded alike on every rank: random draws are made for the global batch and sliced (see `draw`).
-    Returns (weighted total loss, dict of tensors for logging).
+    batch: image [B, 3, H, W], input_ids [B, T], attention_mask [B, T], image_id [B] (which file: duplicates matter),
+    and, with MLM, the targets mask_step added. `generator` (ITM's draws) must be seeded alike on every rank: draws
+    are made for the global batch and sliced (see `draw`). ITC and ITM see this micro-batch only, as in CLIP.
+    Returns (weighted total loss, dict of tensors for logging, that total among them as `loss`).
     """
     raw = raw_model or model
     objectives = cfg.objective_set()
-    image, ids, mask, index = batch["image"], batch["input_ids"], batch["attention_mask"], batch["index"]
+    image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
     rank, world = rank_and_world()
     B = len(ids)
     G, offset = B * world, rank * B  # global batch rows, and where this rank's rows start
@@ -141,32 +203,30 @@ def pretraining_loss(model, batch, cfg, generator, special, continuation=None, r
         stats.update(itc_loss=loss.detach(), itc_acc=acc, logit_scale=raw.itc_scale().detach())
         stats["selected_visual"], stats["selected_textual"] = txt.selected_visual, img.selected_textual
     if "mlm" in objectives:
-        masked, labels = mask_tokens(ids, mask, special["ids"], raw.cfg.vocab_size, generator, cfg.mlm_prob,
-                                     special["mask"], continuation if cfg.whole_word else None,
-                                     G, raw.cfg.max_text_len, offset)
-        enc = model(image=image, input_ids=masked, attention_mask=mask)
+        labels = batch["mlm_labels"]
+        enc = model(image=image, input_ids=batch["mlm_input_ids"], attention_mask=mask)
         at = labels != IGNORE  # [B, T]
-        count = at.sum().float()
-        if world > 1:
-            dist.all_reduce(count)
         logits = raw.mlm_logits(enc.hidden[:, enc.n_visual:][at])  # only the masked positions reach the vocabulary
-        loss, acc = mlm_loss(logits, labels[at], count / world)
+        loss, acc = mlm_loss(logits, labels[at], batch["mlm_norm"])
         total = total + cfg.w_mlm * loss
         stats.update(mlm_loss=loss.detach(), mlm_acc=acc)
     if "itm" in objectives:
-        # Negatives come from the whole global batch, as on one device: images and ids are gathered (no gradient
-        # needed, pixels are inputs); hard negatives use the global ITC similarities.
-        all_image, all_index = gather(image), gather(index)
-        sim = None
-        if cfg.itm_hard_negatives and "itc" in objectives:
-            sim = gather(zt.detach()) @ gather(zi.detach()).t()  # [G, G] text i vs image j
-        neg = itm_negatives(all_index, generator, sim)
+        # Negatives come from the whole global batch, as on one device: images, file ids and texts are gathered (no
+        # gradient needed, they are inputs); texts are padded to the model's length so that every rank's rows have
+        # one shape, with -1 beyond the text so that padding never tells two equal texts apart.
+        text = F.pad(ids.masked_fill(~mask.bool(), -1), (0, raw.cfg.max_text_len - ids.shape[1]), value=-1)
+        valid = valid_negatives(gather(batch["image_id"]), gather(text))
+        probs = None
+        if cfg.itm_hard_negatives:  # the config refuses it without ITC
+            probs = hard_negative_probs(gather(zt.detach()), gather(zi.detach()), raw.itc_scale(), valid)
+        neg = itm_negatives(valid, generator, probs)
         swap = torch.rand(G, generator=generator).to(ids.device) < 0.5  # half the pairs become negatives
         rows = torch.where(swap, neg, torch.arange(G, device=ids.device))[offset:offset + B]
-        enc = model(image=all_image[rows], input_ids=ids, attention_mask=mask)
-        loss, acc = itm_loss(raw.itm_logits(enc.pooled), all_index[rows] == index)
+        enc = model(image=gather(image)[rows], input_ids=ids, attention_mask=mask)
+        loss, acc = itm_loss(raw.itm_logits(enc.pooled), ~swap[offset:offset + B])
         total = total + cfg.w_itm * loss
         stats.update(itm_loss=loss.detach(), itm_acc=acc)
+    stats["loss"] = total.detach()  # the weighted sum that is optimised, as logged
     return total, stats
 
 

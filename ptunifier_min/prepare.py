@@ -1,6 +1,7 @@
 """Turn the official release of each dataset (real, or the synthetic mirror of synth.py) into the prepared format.
 
     python -m ptunifier_min.prepare DATASET --root RAW --out DIR [--seed 0] [--on-bad-image error|skip]
+                                    [--allow-empty-splits]
     python -m ptunifier_min.prepare all --root RAW --out DIR        # expects RAW/<dataset>/ for all nine
 
 DATASET is one of roco, medicat, mimic_cxr, chexpert, rsna, radnli, vqa_rad, slake, medvqa2019. Each writes one folder
@@ -9,10 +10,13 @@ other dataset -> a folder of its own name) holding {train,val,test}.jsonl, {trai
 The layouts read and the rules applied are those of shared/reference/datasets.md; the output is the contract that
 data.py and every training script read. meta.json is written last, through a temp file and a rename, so a folder
 without it is an interrupted preparation. A rule that drops a sample counts it in meta["dropped"]; everything else
-that is not as expected (missing file, column or field, malformed line, text that is not UTF-8, empty or
-punctuation-only text no rule drops, unknown label value, a file name from the data that leaves the release folder)
-is an error that names the file and the row. Every image is decoded once: one that does not decode is an error too,
-or, with --on-bad-image skip, its records are dropped and counted under "bad_image".
+that is not as expected (missing file, column or field, a field of the wrong JSON type, malformed line, text that is
+not UTF-8, empty or punctuation-only text no rule drops, unknown label value, an id seen twice in the folder's splits,
+two candidate files for one input, a file name from the data that leaves the release folder) is an error that names
+the file and the row. Every image is decoded once: one that does not decode is an error too, or, with
+--on-bad-image skip, its records are dropped and counted under "bad_image". Counts are checked before anything is
+written: a split left empty (unless --allow-empty-splits) or rules that drop over 90% of a folder's records stop
+prepare with the numbers. The output folder is checked writable before the release is read.
 """
 
 import argparse
@@ -58,17 +62,26 @@ def _bar(iterable, desc, total=None):
     return tqdm(iterable, desc=desc, total=total, unit=" rows", leave=False, disable=None, mininterval=1.0)
 
 
-def _first_existing(base, names, what):
-    for name in names:
-        path = os.path.join(base, name)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"{what} not found; looked for {', '.join(os.path.join(base, n) for n in names)}")
+def _one_existing(base, names, what):
+    """The one of base/name that exists. Two that exist (a .csv beside its .csv.gz, both val/ and validation/, both
+    CheXpert roots) are refused rather than one read in silence: they may differ, and which one is right is the
+    user's call."""
+    return _one_of([os.path.join(base, name) for name in names], what)
+
+
+def _one_of(candidates, what):
+    found = [c for c in candidates if os.path.exists(c)]
+    if not found:
+        raise FileNotFoundError(f"{what} not found: {' or '.join(candidates)}")
+    if len(found) > 1:
+        raise ValueError(f"{what}: {len(found)} candidates for one input: {' and '.join(found)}; remove or rename "
+                         "the one that should not be read")
+    return found[0]
 
 
 def _csv_path(base, stem):
     """The release ships gzipped CSVs; users often unpack them. Accept both."""
-    return _first_existing(base, [stem + ".csv.gz", stem + ".csv"], f"{stem} CSV")
+    return _one_existing(base, [stem + ".csv.gz", stem + ".csv"], f"{stem} CSV")
 
 
 def _text_lines(path):
@@ -126,11 +139,34 @@ def _read_json_list(path):
     return rows
 
 
-def _field(row, key, where):
-    if not isinstance(row, dict) or key not in row:
-        found = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise ValueError(f"{where}: missing field {key!r}; fields found: {found}")
-    return row[key]
+_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true or false", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+def _json_type(value):
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _field(row, key, where, types=(str,)):
+    """row[key], which must be one of `types`: a list where a string belongs (or a string where a list belongs)
+    would otherwise be turned into text ("['a', 'b']") or into characters, and trained on in silence."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: the record is {_json_type(row)}; expected a JSON object with field {key!r}")
+    if key not in row:
+        raise ValueError(f"{where}: missing field {key!r}; fields found: {sorted(row)}")
+    value = row[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # bool is an int in Python
+        expected = " or ".join(dict.fromkeys(_JSON_TYPES[t] for t in types))
+        raise ValueError(f"{where}: field {key!r} is {_json_type(value)} ({str(value)[:60]!r}); expected {expected}")
+    return value
+
+
+def _unique(seen, rid, where):
+    """Ids are unique across all splits of a folder: a repeat is a duplicated row, or the same sample in two splits
+    (a leak of test into train)."""
+    if rid in seen:
+        raise ValueError(f"{where}: id {rid!r} occurs again; first at {seen[rid]}")
+    seen[rid] = where
 
 
 def _text(value, where, name):
@@ -176,11 +212,7 @@ def _sample(records, k, seed):
 
 
 def _write_atomic(path, lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)  # a reader never sees half a file
+    data.write_atomic(path, "".join(line + "\n" for line in lines))  # a reader never sees half a file
 
 
 def _write_folder(out, folder, splits, meta):
@@ -188,15 +220,17 @@ def _write_folder(out, folder, splits, meta):
     path = os.path.join(out, folder)
     os.makedirs(path, exist_ok=True)
     meta_path = os.path.join(path, "meta.json")
+    seen = {}
     for split in SPLITS:
         records = sorted(splits[split], key=lambda r: r["id"])
         ids = [r["id"] for r in records]
         odd = next((i for i in ids if not i or "\n" in i or "\r" in i), None)
         if odd is not None:  # {split}_ids.txt holds one id per line
             raise ValueError(f"{folder}: id {odd!r} in {split} is empty or holds a line break")
-        dup = next((a for a, b in zip(ids, ids[1:]) if a == b), None)
-        if dup is not None:
-            raise ValueError(f"{folder}: id {dup!r} occurs twice in {split}")
+        dup = next((i for i in ids if seen.setdefault(i, split) != split), None) or \
+            next((a for a, b in zip(ids, ids[1:]) if a == b), None)
+        if dup is not None:  # the readers name the row; this backstop catches ids a rule derives
+            raise ValueError(f"{folder}: id {dup!r} occurs twice (in {seen[dup]} and {split})")
         _write_atomic(os.path.join(path, f"{split}.jsonl"), (json.dumps(r, ensure_ascii=False) for r in records))
         _write_atomic(os.path.join(path, f"{split}_ids.txt"), (r["id"] for r in records))
     meta = {"dataset": folder, **meta, "counts": {s: len(splits[s]) for s in SPLITS}}
@@ -246,9 +280,9 @@ def _roco_lines(path):
 def _roco(root, seed):
     data = os.path.join(root, "data") if os.path.isdir(os.path.join(root, "data")) else root
     dropped = {"non_radiology": 0, "short_caption": 0}
-    splits = {}
+    splits, seen = {}, {}
     for split, names in (("train", ["train"]), ("val", ["validation", "val"]), ("test", ["test"])):
-        split_dir = _first_existing(data, names, f"ROCO {split} folder")
+        split_dir = _one_existing(data, names, f"ROCO {split} folder")
         non_rad = os.path.join(split_dir, "non-radiology", "captions.txt")
         if os.path.exists(non_rad):
             dropped["non_radiology"] += sum(1 for _ in _roco_lines(non_rad))
@@ -257,12 +291,10 @@ def _roco(root, seed):
         dlinks = os.path.join(rad, "dlinks.txt")
         # dlinks.txt: id, wget command, image file name (the name the PMC archive uses)
         file_names = {rid: parts[-1].strip() for _, rid, parts in _roco_lines(dlinks)} if os.path.exists(dlinks) else {}
-        records, seen = [], set()
+        records = []
         for n, rid, parts in _bar(_roco_lines(captions), f"roco {split}"):
             where = f"{captions}, line {n} ({rid})"
-            if rid in seen:
-                raise ValueError(f"{where}: duplicate id")
-            seen.add(rid)
+            _unique(seen, rid, where)
             caption = _norm(" ".join(parts[1:]))
             if _nwords(caption) < MIN_WORDS:
                 dropped["short_caption"] += 1
@@ -270,9 +302,7 @@ def _roco(root, seed):
             candidates = [_under(rad, os.path.join("images", rid + ".jpg"), where)]
             if rid in file_names:
                 candidates.append(_under(rad, os.path.join("images", file_names[rid]), where))
-            image = next((c for c in candidates if os.path.exists(c)), None)
-            if image is None:
-                raise FileNotFoundError(f"{where}: image file not found: {' or '.join(candidates)}")
+            image = _one_of(list(dict.fromkeys(candidates)), f"{where}: image file")  # a dlinks name may be ours
             records.append({"id": rid, "image": image, "texts": [caption]})
         splits[split] = records
     rules = {"non_radiology": "only the radiology subset of each split is kept",
@@ -289,18 +319,20 @@ def _roco(root, seed):
 def _medicat(root, seed):
     path = os.path.join(root, "s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl")
     dropped = {"non_radiology": 0, "short_text": 0, "no_text": 0}
-    records = []
+    records, seen = [], {}
     for n, row in _bar(_read_jsonl(path), "medicat"):
         where = f"{path}, line {n}"
         pdf_hash, fig_uri = _field(row, "pdf_hash", where), _field(row, "fig_uri", where)
-        radiology = _field(row, "radiology", where)
-        if not isinstance(radiology, bool):
-            raise ValueError(f"{where}: radiology = {radiology!r}; expected true or false")
-        if not radiology:
+        if not _field(row, "radiology", where, (bool,)):
             dropped["non_radiology"] += 1
             continue
         # texts = the caption plus every inline reference to the figure, each kept only with >= 3 words
-        texts = [_norm(t) for t in [_field(row, "s2_caption", where)] + list(row.get("s2orc_references") or [])
+        refs = _field(row, "s2orc_references", where, (list, type(None))) if "s2orc_references" in row else None
+        if any(not isinstance(t, str) for t in refs or []):
+            bad = next(t for t in refs if not isinstance(t, str))
+            raise ValueError(f"{where}: s2orc_references holds {_json_type(bad)} ({str(bad)[:60]!r}); expected a list "
+                             "of strings")
+        texts = [_norm(t) for t in [_field(row, "s2_caption", where, (str, type(None)))] + (refs or [])
                  if t is not None]
         kept = [t for t in texts if _nwords(t) >= MIN_WORDS]
         dropped["short_text"] += len(texts) - len(kept)
@@ -309,6 +341,7 @@ def _medicat(root, seed):
             continue
         name = f"{pdf_hash}_{fig_uri}"
         image = _image(_under(root, os.path.join("figures", name), where), f"{where} ({name})")
+        _unique(seen, os.path.splitext(name)[0], where)
         records.append({"id": os.path.splitext(name)[0], "image": image, "texts": kept})
     n_eval = min(1000, len(records) // 10)  # the paper's 1,000 / 1,000; 10% for small mirrors
     rules = {"non_radiology": "figures with radiology != true are dropped",
@@ -358,6 +391,7 @@ def _mimic(root, seed):
              for _, row in _bar(_read_csv(meta_csv, ["dicom_id", "ViewPosition"]), "mimic metadata")}
     official = {"train": "train", "validate": "val", "val": "val", "test": "test"}
     images, studies = [], {}  # images: (dicom, study, subject, split, where); studies: study -> (subject, split, where)
+    seen = {}
     for n, row in _bar(_read_csv(split_csv, ["dicom_id", "study_id", "subject_id", "split"]), "mimic split"):
         where = f"{split_csv}, line {n}"
         dicom, study, subject = row["dicom_id"].strip(), row["study_id"].strip(), row["subject_id"].strip()
@@ -366,6 +400,7 @@ def _mimic(root, seed):
             raise ValueError(f"{where}: split {row['split']!r} is not train / validate / test")
         if dicom not in views:
             raise ValueError(f"{where}: dicom_id {dicom} has no row in {meta_csv}")
+        _unique(seen, dicom, where)
         if studies.setdefault(study, (subject, split, where))[1] != split:
             raise ValueError(f"{where}: study {study} is in {split} here but in {studies[study][1]} at "
                              f"{studies[study][2]}")
@@ -455,10 +490,10 @@ def _chexpert_label(value, name, where):
 
 def _chexpert(root, seed):
     names = ["CheXpert-v1.0-small", "CheXpert-v1.0"]  # the small re-pack, or the full-size release
-    base = root if os.path.basename(root) in names else _first_existing(root, names, "CheXpert folder")
+    base = root if os.path.basename(root) in names else _one_existing(root, names, "CheXpert folder")
     parent, prefix = os.path.dirname(os.path.normpath(base)), os.path.basename(os.path.normpath(base)) + "/"
     dropped = {"lateral": 0}
-    rows = {}
+    rows, seen = {}, {}
     for name in ("train", "valid"):
         path = os.path.join(base, name + ".csv")
         if not os.path.exists(path):
@@ -475,6 +510,7 @@ def _chexpert(root, seed):
             rel = row["Path"].strip()
             labels = [_chexpert_label(row[c], c, where) for c in CHEXPERT_LABELS]
             rid = os.path.splitext(rel[len(prefix):] if rel.startswith(prefix) else rel)[0]
+            _unique(seen, rid, where)
             rows[name].append({"id": rid, "image": _image(_under(parent, rel, where), where), "labels": labels})
     n_val = min(5000, len(rows["train"]) // 10)
     splits = _seeded_split(rows["train"], seed, n_val, 0)
@@ -515,10 +551,7 @@ def _rsna(root, seed):
     for pid in order:
         p = patients[pid]
         candidates = [_under(image_dir, pid + e, f"{p['where']} ({pid})") for e in (".dcm", ".png", ".jpg")]
-        image = next((c for c in candidates if os.path.exists(c)), None)
-        if image is None:
-            raise FileNotFoundError(f"{p['where']} ({pid}): image file not found: "
-                                    f"{os.path.join(image_dir, pid)}.dcm (or .png / .jpg)")
+        image = _one_of(candidates, f"{p['where']} ({pid}): image file")  # a DICOM and its PNG export: which one?
         if image.endswith(".dcm"):
             _require_pydicom(image)  # fail now, not in the first training step
         records.append({"id": pid, "image": image, "labels": [1 if p["target"] == "1" else 0], "boxes": p["boxes"]})
@@ -538,7 +571,7 @@ def _require_pydicom(path):
 
 
 def _radnli(root, seed):
-    splits = {}
+    splits, seen = {}, {}
     for split, name in (("train", "mli_train_v1.jsonl"), ("val", "radnli_dev_v1.jsonl"),
                         ("test", "radnli_test_v1.jsonl")):
         path = os.path.join(root, name)
@@ -546,11 +579,12 @@ def _radnli(root, seed):
         for n, row in _read_jsonl(path):
             where = f"{path}, line {n}"
             mednli = isinstance(row, dict) and "pairID" in row and "pair_id" not in row  # MedNLI spells it pairID
-            rid = _field(row, "pairID" if mednli else "pair_id", where)
+            rid = str(_field(row, "pairID" if mednli else "pair_id", where, (str, int)))
+            _unique(seen, rid, where)
             label = _norm(_field(row, "gold_label", where)).lower()
             if label not in NLI_LABELS:
                 raise ValueError(f"{where}: gold_label {label!r} is not one of {NLI_LABELS}")
-            records.append({"id": str(rid), "text_a": _text(_field(row, "sentence1", where), where, "sentence1"),
+            records.append({"id": rid, "text_a": _text(_field(row, "sentence1", where), where, "sentence1"),
                             "text_b": _text(_field(row, "sentence2", where), where, "sentence2"),
                             "label": NLI_LABELS.index(label)})
         splits[split] = records
@@ -561,14 +595,15 @@ def _radnli(root, seed):
 def _vqa_rad(root, seed):
     path = os.path.join(root, "VQA_RAD Dataset Public.json")
     image_dir = os.path.join(root, "VQA_RAD Image Folder")
-    train, test = [], []
+    train, test, seen = [], [], {}
     for n, row in enumerate(_bar(_read_json_list(path), "vqa_rad"), 1):
         where = f"{path}, record {n}"
-        qid = str(_field(row, "qid", where))
+        qid = str(_field(row, "qid", where, (int, str)))
         where = f"{where} (qid {qid})"
+        _unique(seen, qid, where)
         image = _image(_under(image_dir, _norm(_field(row, "image_name", where)), where), where)
         r = {"id": qid, "image": image, "question": _text(_field(row, "question", where), where, "question"),
-             "answer": _answer(_field(row, "answer", where), where),
+             "answer": _answer(_field(row, "answer", where, (str, int, float)), where),
              "answer_type": _answer_type(_field(row, "answer_type", where), where)}
         (test if "test" in str(_field(row, "phrase_type", where)) else train).append(r)
     n_val = round(0.1 * len(train))
@@ -582,21 +617,22 @@ def _vqa_rad(root, seed):
 
 def _slake(root, seed):
     dropped = {"non_english": 0}
-    splits = {}
+    splits, seen = {}, {}
     for split, name in (("train", "train.json"), ("val", "validate.json"), ("test", "test.json")):
         path = os.path.join(root, name)
         records = []
         for n, row in enumerate(_bar(_read_json_list(path), f"slake {split}"), 1):
             where = f"{path}, record {n}"
-            qid = str(_field(row, "qid", where))
+            qid = str(_field(row, "qid", where, (int, str)))
             where = f"{where} (qid {qid})"
+            _unique(seen, qid, where)
             if _norm(_field(row, "q_lang", where)) != "en":
                 dropped["non_english"] += 1
                 continue
             image = _image(_under(os.path.join(root, "imgs"), _norm(_field(row, "img_name", where)), where), where)
             records.append({"id": qid, "image": image,
                             "question": _text(_field(row, "question", where), where, "question"),
-                            "answer": _answer(_field(row, "answer", where), where),
+                            "answer": _answer(_field(row, "answer", where, (str, int, float)), where),
                             "answer_type": _answer_type(_field(row, "answer_type", where), where)})
         splits[split] = records
     rules = {"non_english": "questions with q_lang != 'en' are dropped",
@@ -618,20 +654,17 @@ def _vqamed_image(split_dir, image_id, where):
     # the synthetic mirror / common re-packs use images/; the ImageCLEF zips use Train_images, Val_images, ...
     names = ["images", "Train_images", "Val_images", "VQAMed2019_Test_Images"]
     candidates = [_under(os.path.join(split_dir, d), image_id + ".jpg", where) for d in names]
-    image = next((c for c in candidates if os.path.exists(c)), None)
-    if image is None:
-        raise FileNotFoundError(f"{where}: image file not found: {candidates[0]} (also looked in {names[1:]})")
-    return image
+    return _one_of(candidates, f"{where}: image file")
 
 
 def _medvqa2019(root, seed):
     dropped = {"abnormality": 0}
-    splits = {}
+    splits, seen = {}, {}
     folders = {"train": ["train", "ImageClef-2019-VQA-Med-Training"],
                "val": ["val", "ImageClef-2019-VQA-Med-Validation"]}
     names = {1: "Modality", 2: "Plane", 3: "Organ", 4: "Abnormality"}
     for split, candidates in folders.items():
-        split_dir = _first_existing(root, candidates, f"VQA-Med 2019 {split} folder")
+        split_dir = _one_existing(root, candidates, f"VQA-Med 2019 {split} folder")
         records = []
         for k in (1, 2, 3, 4):
             path = os.path.join(split_dir, "QAPairsByCategory", f"C{k}_{names[k]}_{split}.txt")
@@ -643,11 +676,12 @@ def _medvqa2019(root, seed):
                     dropped["abnormality"] += 1  # the literature drops C4 (free-text abnormality answers)
                     continue
                 image_id = _text(parts[0], where, "image_id")
+                _unique(seen, f"{image_id}_C{k}", where)
                 records.append({"id": f"{image_id}_C{k}", "image": _vqamed_image(split_dir, image_id, where),
                                 "question": _text(parts[1], where, "question"),
                                 "answer": _answer(parts[2], where), "answer_type": "open"})
         splits[split] = records
-    test_dir = _first_existing(root, ["test", "VQAMed2019Test"], "VQA-Med 2019 test folder")
+    test_dir = _one_existing(root, ["test", "VQAMed2019Test"], "VQA-Med 2019 test folder")
     path = os.path.join(test_dir, "VQAMed2019_Test_Questions_w_Ref_Answers.txt")
     records = []
     for n, parts in _bar(_vqamed_pipe(path), "medvqa2019 test"):
@@ -662,6 +696,7 @@ def _medvqa2019(root, seed):
             dropped["abnormality"] += 1
             continue
         image_id = _text(parts[0], where, "image_id")
+        _unique(seen, f"{image_id}_C{k}", where)
         records.append({"id": f"{image_id}_C{k}", "image": _vqamed_image(test_dir, image_id, where),
                         "question": _text(parts[2], where, "question"),
                         "answer": _answer(parts[3], where), "answer_type": "open"})
@@ -711,23 +746,75 @@ def _check_images(folders, on_bad_image):
     return folders
 
 
+# Rules whose count is not a number of records: short_text counts texts of records that may stay (MedICaT, MIMIC);
+# box_rows_merged counts label rows folded into their patient's record, not records lost.
+_NOT_RECORDS = {"short_text", "box_rows_merged"}
+IMPLAUSIBLE_DROP = 0.9  # the largest share of a folder any rule drops on the real releases is about half (SLAKE zh)
+
+
+def _check_counts(folders, allow_empty):
+    """Stop before writing when a folder would be written with an empty split, or when its rules drop more than
+    IMPLAUSIBLE_DROP of the records they saw: both mean a release that is not what its layout promises (all views
+    blank, every q_lang "EN", a split file cut short), and training would fail on it hours later, or worse, not."""
+    for name, splits, meta in folders:
+        counts = {s: len(splits[s]) for s in SPLITS}
+        kept = " / ".join(f"{s} {counts[s]}" for s in SPLITS)
+        drops = {k: v for k, v in meta["dropped"].items() if k not in _NOT_RECORDS and v}
+        seen = sum(counts.values()) + sum(drops.values())
+        if seen and sum(drops.values()) > IMPLAUSIBLE_DROP * seen:
+            rules = "; ".join(f"{k} {v} ({meta['rules'].get(k, 'see meta.json')})" for k, v in drops.items())
+            n = sum(drops.values())
+            raise ValueError(f"{name}: the rules drop {n} of {seen} records ({n / seen:.0%}, over "
+                             f"{IMPLAUSIBLE_DROP:.0%}): {rules}; kept {kept}. The release does not look like its "
+                             "official layout: check the rows these rules read")
+        empty = [s for s in SPLITS if not counts[s]]
+        if empty and not allow_empty:
+            raise ValueError(f"{name}: the {' and '.join(empty)} split(s) would be written empty (kept {kept}; "
+                             f"dropped {meta['dropped']}); a stage that reads them would fail later. Prepare the "
+                             "full release, or pass --allow-empty-splits for a deliberately cut-down one")
+
+
+def _check_writable(out):
+    """Try a file in `out` now, not after hours of decoding images: a read-only disk, a path through a file, a
+    folder of another user. Folders made for the try are removed, so a failed preparation leaves nothing behind."""
+    made, path = [], os.path.abspath(out)
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    probe = os.path.join(os.path.abspath(out), f".write_test{os.getpid()}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(e.errno, f"--out {out} is not a writable folder ({e.strerror}: {e.filename}); nothing was "
+                               "read or written") from None
+    finally:
+        for folder in made:  # deepest first
+            if os.path.isdir(folder):
+                os.rmdir(folder)
+
+
 _READERS = {"roco": _roco, "medicat": _medicat, "mimic_cxr": _mimic, "chexpert": _chexpert, "rsna": _rsna,
             "radnli": _radnli, "vqa_rad": _vqa_rad, "slake": _slake, "medvqa2019": _medvqa2019}
 
 
-def prepare(dataset, root, out, seed=0, on_bad_image="error"):
+def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False):
     """Prepare one dataset (or "all": root/<name>/ for each) from its official layout; return the folders written.
 
     on_bad_image: "error" (an image that does not decode stops preparation, naming file and record) or "skip"
-    (such records are dropped and counted under dropped["bad_image"])."""
+    (such records are dropped and counted under dropped["bad_image"]). allow_empty: write a folder with an empty
+    split (a deliberately cut-down release) instead of stopping."""
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be error or skip, got {on_bad_image!r}")
+    _check_writable(out)
     if dataset == "all":
         missing = [d for d in DATASETS if not os.path.isdir(os.path.join(root, d))]
         if missing:
             raise FileNotFoundError(f"prepare all expects {os.path.join(root, '<dataset>')} for every dataset; "
                                     f"missing: {missing}")
-        return [p for d in DATASETS for p in prepare(d, os.path.join(root, d), out, seed, on_bad_image)]
+        return [p for d in DATASETS for p in prepare(d, os.path.join(root, d), out, seed, on_bad_image, allow_empty)]
     if dataset not in _READERS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)} or all")
     root = os.path.abspath(root)
@@ -735,6 +822,7 @@ def prepare(dataset, root, out, seed=0, on_bad_image="error"):
         raise FileNotFoundError(f"{dataset}: root folder not found: {root}")
     # everything is read and checked before the first file is written
     folders = _check_images(_READERS[dataset](root, seed), on_bad_image)
+    _check_counts(folders, allow_empty)
     for name, _, _ in folders:
         # A stale meta.json would make a half-rewritten folder look complete; removed from all folders of the dataset
         # first, so that a crash in the second folder cannot leave an older third one beside a newer first one.
@@ -753,9 +841,15 @@ def main(argv=None):
     p.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
                    help="an image that does not decode: stop with an error naming it (default), or drop its records "
                         "and count them in meta.json dropped['bad_image']")
+    p.add_argument("--allow-empty-splits", action="store_true",
+                   help="write a folder even when one of its splits is empty (a deliberately cut-down release); "
+                        "by default an empty split stops prepare with the counts")
     args = p.parse_args(argv)
     t0 = time.time()
-    folders = prepare(args.dataset, args.root, args.out, args.seed, args.on_bad_image)
+    try:
+        folders = prepare(args.dataset, args.root, args.out, args.seed, args.on_bad_image, args.allow_empty_splits)
+    except (ValueError, OSError, ImportError) as e:  # every one names its file and row: the message, not a traceback
+        raise SystemExit(f"prepare {args.dataset}: {e}") from None
     print(f"prepared {len(folders)} folder(s) in {time.time() - t0:.1f}s")
 
 

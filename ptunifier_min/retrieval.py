@@ -12,6 +12,7 @@ import torch
 
 from . import data
 from .engine import autocast
+from .model import matmul_fp32
 
 
 @torch.no_grad()
@@ -55,23 +56,27 @@ def similarity(model, records, tok, image_size, max_len, device, precision="fp32
     zi = embed_images(model, paths, image_size, device, precision)
     zt = embed_texts(model, texts, tok, max_len, device, precision)
     model.train(was_training)
-    return (zi @ zt.t()).float().cpu(), txt_image
+    # fp32 even inside a caller's autocast: a bf16 product ties and swaps close candidates
+    return matmul_fp32(zi, zt.t()).cpu(), txt_image
 
 
 @torch.no_grad()
 def rerank_itm(model, sim, records, tok, image_size, max_len, device, top=16, precision="fp32"):
-    """Image-to-text re-ranking: each image row's top-`top` scores become ITM match logits, offset to stay on top.
-
-    The columns of the result are no longer comparable across images, so use it for image-to-text recall only."""
+    """Image-to-text re-ranking: each image row's top-`top` ITC candidates are re-ordered by their ITM margin
+    (logit matched - logit not matched) and stay above every other candidate of the row, whatever the margins' sign
+    and size: they get the scores row max + top, ..., row max + 1 in margin order (ties keep the ITC order), the
+    rest keep their ITC similarity. The columns of the result are no longer comparable across images, so use it for
+    image-to-text recall only."""
     paths, texts, _ = pairs(records)
     transform = data.ImageTransform(image_size)
-    out = sim.clone()
-    offset = sim.abs().max() + 1
+    out = sim.clone().float()
     for i in range(sim.shape[0]):
-        cand = sim[i].topk(min(top, sim.shape[1])).indices
+        cand = sim[i].topk(min(top, sim.shape[1])).indices  # best ITC first
         img = transform(data.load_image(paths[i]))[None].expand(len(cand), -1, -1, -1).to(device)
         ids, mask = data.encode_texts(tok, [texts[j] for j in cand.tolist()], max_len)
         with autocast(precision, device):
             logits = model.itm_logits(model(image=img, input_ids=ids.to(device), attention_mask=mask.to(device)).pooled)
-        out[i, cand] = offset + (logits[:, 1] - logits[:, 0]).float().cpu()
+        margin = (logits[:, 1].float() - logits[:, 0].float()).cpu()
+        order = margin.argsort(descending=True, stable=True)  # [top] candidates by margin, best first
+        out[i, cand[order]] = out[i].max() + torch.arange(len(cand), 0, -1, dtype=out.dtype)
     return out

@@ -145,6 +145,40 @@ class TaskDataset(torch.utils.data.Dataset):
         return item
 
 
+def text_lengths(task, records, tok):
+    """Untruncated token counts, special tokens included, of what the collate encodes for this task:
+    {"inputs": [...], "targets": [...]}, each key only where the task has such texts. A RadNLI input counts
+    [CLS] premise [SEP] hypothesis [SEP]; a ROCO record counts every caption (training draws any of them)."""
+    def count(texts):  # [CLS] text [SEP]
+        return [len(e.ids) + 2 for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+    kind, out = task.kind, {}
+    if kind == "nli":  # the pair shares one [CLS]: (a + 2) + (b + 2) - 1
+        out["inputs"] = [a + b - 1 for a, b in zip(count(r["text_a"] for r in records),
+                                                   count(r["text_b"] for r in records))]
+    elif kind == "vqa":
+        out["inputs"] = count(r["question"] for r in records)
+    elif kind == "retrieval":
+        out["inputs"] = count(t for r in records for t in r["texts"])
+    elif kind == "summarize":
+        out["inputs"] = count(r["text_a"] for r in records)
+    if kind in GENERATE:
+        out["targets"] = count(r["target"] for r in records)
+    return out
+
+
+def length_to_cover(lengths, share=0.95, multiple=8):
+    """The smallest multiple of `multiple` that holds at least `share` of the texts whole, and the percentile itself
+    (nearest rank: the length of the ceil(share * n)-th shortest text)."""
+    p = sorted(lengths)[math.ceil(share * len(lengths)) - 1]
+    return multiple * math.ceil(p / multiple), p
+
+
+def truncated_shares(lengths, max_text_len, max_gen_len):
+    """{"inputs": share, "targets": share} of texts longer than their limit, i.e. cut by the collate."""
+    limit = {"inputs": max_text_len, "targets": max_gen_len}
+    return {k: sum(n > limit[k] for n in v) / len(v) if v else 0.0 for k, v in lengths.items()}
+
+
 def make_collate(task, tok, max_len, max_gen_len):
     def collate(batch):
         out = {"index": torch.tensor([b["index"] for b in batch])}
@@ -239,37 +273,15 @@ def freeze_unreached(model, loss):
     return frozen
 
 
-def interpolate_pos_embed(pos_embed, grid):
-    """[1, 1 + g*g, D] ViT position embeddings -> [1, 1 + grid*grid, D]: the [IMG_CLS] row kept, the patch grid
-    resized as a 2-D image with bicubic interpolation (as timm and DeiT do when fine-tuning at another resolution)."""
-    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
-    g = math.isqrt(patches.shape[1])
-    if g * g != patches.shape[1]:
-        raise ValueError(f"{patches.shape[1]} patch positions do not form a square grid")
-    D = patches.shape[-1]
-    x = patches.reshape(1, g, g, D).permute(0, 3, 1, 2).float()  # [1, D, g, g]
-    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
-    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)  # [1, grid*grid, D]
-    return torch.cat([cls, x], 1)
-
-
-def set_image_size(backbone, image_size):
-    """Let a backbone read images of another size: interpolate its position embeddings, update its config."""
-    patch = backbone.cfg.patch_size
-    if image_size % patch:
-        raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch}")
-    with torch.no_grad():
-        new = interpolate_pos_embed(backbone.pos_embed.data, image_size // patch)
-    backbone.pos_embed = nn.Parameter(new)
-    backbone.cfg.image_size = image_size
-
-
 # ---- evaluation ------------------------------------------------------------------------------------------------------
 def loader(records, task, tok, cfg, train=False):
     """Evaluation batches in file order (val/test), made with the eval image transform."""
     ds = TaskDataset(records, task, data.ImageTransform(cfg.model.image_size), cfg.seed, train)
+    # its own generator: a DataLoader draws a seed from the global RNG otherwise, and validating would change the
+    # dropout masks of the training steps after it
     return torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
-                                       collate_fn=make_collate(task, tok, cfg.model.max_text_len, cfg.max_gen_len))
+                                       collate_fn=make_collate(task, tok, cfg.model.max_text_len, cfg.max_gen_len),
+                                       generator=torch.Generator())
 
 
 def _to(batch, device):

@@ -5,6 +5,8 @@
 With --data-root, every needed prepared folder must exist (the error prints the prepare command). Without it, rank 0
 generates the synthetic world (synth.py) under <synth_root>/<scale>/raw, prepares what is needed under .../prepared and
 trains the WordPiece tokenizer on the pre-training texts, saying what it creates; other ranks wait at a barrier.
+The root's tokenizer is bound to the pre-training corpora it was trained on: when more (or other) corpora have been
+prepared into the root since, it is refused with what differs (check_tokenizer_corpora).
 """
 
 import os
@@ -40,14 +42,45 @@ def ensure_prepared(cfg, names, d, say=print):
                 prepare.prepare(name, os.path.join(raw, name), root, seed=WORLD_SEED)
         engine.barrier(d)
     tok_path = cfg.tokenizer or os.path.join(root, "tokenizer.json")
+    sets = [n for n in PRETRAIN_SETS if os.path.isfile(os.path.join(root, n, "meta.json"))]
     if not os.path.isfile(tok_path):
-        sets = [n for n in PRETRAIN_SETS if os.path.isfile(os.path.join(root, n, "meta.json"))]
         if cfg.tokenizer or not sets:
             raise SystemExit(f"no tokenizer at {tok_path} and no prepared pre-training set under {root} to train one "
                              "from: pass --tokenizer (a tokenizer.json or BERT vocab.txt)")
         if d.main:
-            texts = [t for r in data.load_pretrain_records(root, sets, "train") for t in r["texts"]]
+            records = data.load_pretrain_records(root, sets, "train")
+            texts = [t for r in records for t in r["texts"]]
+            corpora = {n: {"records": sum(r["dataset"] == n for r in records),
+                           "texts": sum(len(r["texts"]) for r in records if r["dataset"] == n)} for n in sets}
             say(f"training a WordPiece tokenizer on {len(texts):,} texts of {', '.join(sets)} -> {tok_path}")
-            data.train_tokenizer(texts, cfg.model.vocab_size, tok_path)
+            data.train_tokenizer(texts, cfg.model.vocab_size, tok_path, corpora=corpora)
         engine.barrier(d)
+    elif not cfg.tokenizer:
+        check_tokenizer_corpora(tok_path, {n: data.read_meta(os.path.join(root, n))["counts"]["train"] for n in sets})
     return root, tok_path
+
+
+def check_tokenizer_corpora(tok_path, prepared):
+    """Refuse the root's tokenizer when the prepared pre-training corpora ({name: train records}) are not the ones it
+    was trained on: a vocabulary learnt on ROCO cuts MIMIC reports into ~3x as many pieces, and nothing else would
+    say so. Refused, not retrained: a run resuming under this root must keep the vocabulary its weights were trained
+    with, and deleting a file the user may still need is not ours to do. An explicit --tokenizer is used as given."""
+    try:
+        record = data.tokenizer_record(tok_path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if record is None or not isinstance(record.get("corpora"), dict):
+        raise SystemExit(f"{tok_path} has no record of the corpora it was trained on (no valid "
+                         f"{data.tokenizer_record_path(tok_path)}); delete it to retrain it on the prepared "
+                         f"pre-training sets, or pass --tokenizer {tok_path} to use it anyway")
+    trained = {n: c.get("records") if isinstance(c, dict) else None for n, c in record["corpora"].items()}
+    if trained != prepared:
+        record_name = os.path.basename(data.tokenizer_record_path(tok_path))
+        raise SystemExit(f"{tok_path} was trained on {_listing(trained)}, but the prepared pre-training corpora are "
+                         f"now {_listing(prepared)}: delete it (and {record_name}) to retrain it on them, or pass "
+                         f"--tokenizer {tok_path} to use it anyway")
+
+
+def _listing(corpora):
+    return ", ".join(f"{n} ({k:,} train records)" if isinstance(k, int) else n for n, k in sorted(corpora.items())) \
+        or "none"

@@ -230,7 +230,7 @@ def test_very_long_text_is_truncated_keeping_sep(tok):
     ids, mask = D.encode_pairs(tok, [long], ["small left pleural effusion"], 24)
     row = ids[0].tolist()
     assert len(row) == 24 and row[0] == sp["cls"] and row[-1] == sp["sep"] and row.count(sp["sep"]) == 2
-    batch = D.pretrain_collate(tok, 24)([{"image": torch.zeros(3, 8, 8), "text": long, "index": 0}])
+    batch = D.pretrain_collate(tok, 24)([{"image": torch.zeros(3, 8, 8), "text": long, "index": 0, "image_id": 0}])
     assert batch["input_ids"].shape == (1, 24) and batch["input_ids"][0, -1] == sp["sep"]
 
 
@@ -246,10 +246,11 @@ def test_csv_with_a_missing_column(tmp_path):
 
 def test_malformed_json_line(tmp_path):
     raw = tmp_path / "raw"
-    good = json.dumps({"pair_id": "1", "sentence1": "a b c", "sentence2": "d e f", "gold_label": "neutral"})
+    def good(pid):  # ids differ across the three files, as in the release
+        return json.dumps({"pair_id": pid, "sentence1": "a b c", "sentence2": "d e f", "gold_label": "neutral"})
     for name in ("mli_train_v1.jsonl", "radnli_dev_v1.jsonl", "radnli_test_v1.jsonl"):
-        _lines(str(raw / name), [good])
-    _lines(str(raw / "radnli_test_v1.jsonl"), [good, "", '{"pair_id": 2,'])
+        _lines(str(raw / name), [good(name)])
+    _lines(str(raw / "radnli_test_v1.jsonl"), [good("1"), "", '{"pair_id": 2,'])
     with pytest.raises(ValueError, match=r"radnli_test_v1\.jsonl, line 3: malformed JSON"):
         P.prepare("radnli", str(raw), str(tmp_path / "out"))
     folder = _prepared(tmp_path / "prep" / "x", [{"id": "a"}], extra_lines=['{"id": "b"'])
@@ -264,8 +265,9 @@ def test_label_out_of_range(tmp_path):
     raw = tmp_path / "nli"
     row = {"pair_id": "1", "sentence1": "a b c", "sentence2": "d e f", "gold_label": "neutral"}
     for name in ("mli_train_v1.jsonl", "radnli_dev_v1.jsonl", "radnli_test_v1.jsonl"):
-        _lines(str(raw / name), [json.dumps(row)])
-    _lines(str(raw / "radnli_dev_v1.jsonl"), [json.dumps(row), json.dumps({**row, "gold_label": "maybe"})])
+        _lines(str(raw / name), [json.dumps({**row, "pair_id": name})])
+    _lines(str(raw / "radnli_dev_v1.jsonl"), [json.dumps(row),
+                                              json.dumps({**row, "pair_id": "2", "gold_label": "maybe"})])
     with pytest.raises(ValueError, match=r"radnli_dev_v1\.jsonl, line 2: gold_label 'maybe' is not one of"):
         P.prepare("radnli", str(raw), str(tmp_path / "out"))
 
@@ -319,7 +321,7 @@ def test_unknown_task_is_tested_by_finetune():
 def test_interrupted_prepare_leaves_nothing_complete(tmp_path, monkeypatch, earlier_run):
     raw, out = make_mimic(str(tmp_path / "raw")), str(tmp_path / "out")
     if earlier_run:  # complete folders from before must not stay beside the half-written new ones
-        P.prepare("mimic_cxr", raw, out)
+        P.prepare("mimic_cxr", raw, out, allow_empty=True)  # 3 studies: some splits are empty
     write = P._write_atomic
 
     def crash_in_the_second_folder(path, lines):
@@ -329,7 +331,7 @@ def test_interrupted_prepare_leaves_nothing_complete(tmp_path, monkeypatch, earl
 
     monkeypatch.setattr(P, "_write_atomic", crash_in_the_second_folder)
     with pytest.raises(OSError, match="No space left"):
-        P.prepare("mimic_cxr", raw, out)
+        P.prepare("mimic_cxr", raw, out, allow_empty=True)
     assert D.read_meta(os.path.join(out, "mimic_cxr"))["counts"]  # finished in this run: complete and current
     for name in ("mimic_gen", "mimic_sum"):  # half written; not written (an older one, with earlier_run)
         folder = os.path.join(out, name)
@@ -422,7 +424,7 @@ def test_hostile_ids_are_written_inside_files_only(tmp_path):
     rows += [_vqa_rad_row(f"t{i}", "synpic1.jpg", "no", "test_freeform") for i in range(2)]
     raw, out = make_vqa_rad(str(tmp_path / "raw"), rows), tmp_path / "nest" / "out"
     before = set(glob.glob(str(tmp_path / "**"), recursive=True))
-    (folder,) = P.prepare("vqa_rad", raw, str(out))
+    (folder,) = P.prepare("vqa_rad", raw, str(out), allow_empty=True)  # 4 train questions: no val carved
     written = set(glob.glob(str(tmp_path / "**"), recursive=True)) - before
     expected = {str(out / "vqa_rad" / f) for f in ["meta.json"] + [f"{s}{e}" for s in P.SPLITS
                                                                   for e in (".jsonl", "_ids.txt")]}
@@ -433,4 +435,243 @@ def test_hostile_ids_are_written_inside_files_only(tmp_path):
     _json(os.path.join(raw, "VQA_RAD Dataset Public.json"), rows + [_vqa_rad_row("a\nb", "synpic1.jpg", "no",
                                                                                   "freeform")])
     with pytest.raises(ValueError, match=r"id 'a\\nb' in \w+ is empty or holds a line break"):
-        P.prepare("vqa_rad", raw, str(out))
+        P.prepare("vqa_rad", raw, str(out), allow_empty=True)
+
+
+# ---- tokenizers: bound to their data, read and written safely ------------------------------------------------------
+def test_corrupt_tokenizer_file_names_its_path(tmp_path):
+    empty = tmp_path / "tokenizer.json"
+    empty.write_bytes(b"")  # what a full disk left before tokenizer.json was written atomically
+    with pytest.raises(ValueError, match=r"cannot read tokenizer .*tokenizer\.json \(0 bytes\): EOF while parsing"):
+        D.load_tokenizer(str(empty))
+    (tmp_path / "half.json").write_text('{"version": "1.0", "model": {"type": "WordPi')
+    with pytest.raises(ValueError, match=r"cannot read tokenizer .*half\.json"):
+        D.load_tokenizer(str(tmp_path / "half.json"))
+    (tmp_path / "vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\x00binary\n")
+    with pytest.raises(ValueError, match=r"cannot read vocabulary .*vocab\.txt: not UTF-8"):
+        D.load_tokenizer(str(tmp_path / "vocab.txt"))
+
+
+def _pretrain_root(root, names_and_sizes):
+    """Prepared pre-training folders with a few records each (images exist: load_pretrain_records checks them)."""
+    img = os.path.join(root, "img.png")
+    _img(img)
+    for name, n in names_and_sizes:
+        _prepared(os.path.join(root, name), [{"id": f"{name}{i}", "image": img,
+                                               "texts": [f"{name} finding number {i}. Heart size normal."]}
+                                              for i in range(n)])
+    return str(root)
+
+
+def test_tokenizer_is_refused_for_other_pretraining_corpora(tmp_path):
+    root = _pretrain_root(tmp_path / "prep", [("roco", 3)])
+    cfg = types.SimpleNamespace(data_root=root, tokenizer="", model=types.SimpleNamespace(vocab_size=200))
+    d = types.SimpleNamespace(main=True, world=1)
+    _, tok_path = world.ensure_prepared(cfg, ["roco"], d, say=lambda *a: None)
+    assert D.tokenizer_record(tok_path)["corpora"] == {"roco": {"records": 3, "texts": 3}}
+    assert world.ensure_prepared(cfg, ["roco"], d, say=lambda *a: None)[1] == tok_path  # the same corpora: reused
+    _pretrain_root(tmp_path / "prep", [("mimic_cxr", 4)])  # then MIMIC-CXR is prepared into the same root
+    with pytest.raises(SystemExit, match=r"tokenizer\.json was trained on roco \(3 train records\), but the prepared "
+                                         r"pre-training corpora are now mimic_cxr \(4 train records\), roco \(3 train "
+                                         r"records\): delete it .* or pass --tokenizer"):
+        world.ensure_prepared(cfg, ["roco", "mimic_cxr"], d, say=lambda *a: None)
+    explicit = types.SimpleNamespace(**{**vars(cfg), "tokenizer": tok_path})  # the user's explicit choice is used
+    assert world.ensure_prepared(explicit, ["roco", "mimic_cxr"], d, say=lambda *a: None)[1] == tok_path
+    os.remove(D.tokenizer_record_path(tok_path))  # a tokenizer.json of unknown origin is refused too
+    with pytest.raises(SystemExit, match=r"tokenizer\.json has no record of the corpora it was trained on"):
+        world.ensure_prepared(cfg, ["roco"], d, say=lambda *a: None)
+    os.remove(tok_path)  # deleted, as the message says: retrained on both, and recorded
+    world.ensure_prepared(cfg, ["roco", "mimic_cxr"], d, say=lambda *a: None)
+    assert sorted(D.tokenizer_record(tok_path)["corpora"]) == ["mimic_cxr", "roco"]
+    with open(tok_path, "w") as f:
+        f.write("")  # emptied or replaced behind the record's back: named, not loaded
+    with pytest.raises(SystemExit, match=r"tokenizer\.json is not the file its record .*tokenizer\.meta\.json"):
+        world.ensure_prepared(cfg, ["roco"], d, say=lambda *a: None)
+
+
+def _disk_full_on(monkeypatch, name):
+    """open() as usual, except that writing a temporary of `name` fails as a full disk does."""
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if "w" in mode and os.path.basename(str(path)).startswith(name + ".tmp") else f
+
+    monkeypatch.setattr("builtins.open", fake_open)
+
+
+def test_disk_full_while_writing_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    folder = tmp_path / "tok"
+    D.train_tokenizer(["the heart is normal"] * 4, 60, str(folder))
+    before = (folder / "tokenizer.json").read_bytes()
+    _disk_full_on(monkeypatch, "tokenizer.json")
+    with pytest.raises(OSError, match=r"disk full .* while writing .*tok/tokenizer\.json"):
+        D.train_tokenizer(["a small left pleural effusion"] * 4, 60, str(folder))
+    monkeypatch.undo()
+    assert (folder / "tokenizer.json").read_bytes() == before  # the previous file is untouched, never half written
+    assert sorted(os.listdir(folder)) == ["tokenizer.json", "tokenizer.meta.json"]
+    raw, out = make_rsna(str(tmp_path / "raw"), 20), tmp_path / "out"
+    _disk_full_on(monkeypatch, "train.jsonl")
+    with pytest.raises(OSError, match=r"disk full .* while writing .*rsna/train\.jsonl"):
+        P.prepare("rsna", raw, str(out))
+    monkeypatch.undo()
+    assert [f for f in os.listdir(out / "rsna") if "tmp" in f] == []
+
+
+# ---- releases read strictly ----------------------------------------------------------------------------------------
+def _medicat(raw, rows):
+    for r in rows:
+        _img(str(raw / "figures" / f"{r['pdf_hash']}_{r['fig_uri']}"), "PNG")
+    _lines(str(raw / "s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl"), [json.dumps(r) for r in rows])
+    return str(raw)
+
+
+def _figure(k, **kw):
+    return {"pdf_hash": f"h{k:02d}", "fig_uri": "1-Figure1-1.png", "s2_caption": f"Axial CT number {k} of the chest.",
+            "s2orc_references": None, "radiology": True, **kw}
+
+
+def test_field_of_the_wrong_json_type_names_file_and_row(tmp_path):
+    # a string where the list belongs: read as a list of characters, each "too short", and dropped in silence
+    raw = _medicat(tmp_path / "medicat", [_figure(k) for k in range(20)] +
+                   [_figure(20, s2orc_references="The mass is seen in the left lobe.")])
+    with pytest.raises(ValueError, match=r"public\.jsonl, line 21: field 's2orc_references' is a string "
+                                         r"\('The mass is seen.*'\); expected a list or null"):
+        P.prepare("medicat", raw, str(tmp_path / "out"))
+    raw = _medicat(tmp_path / "medicat2", [_figure(k) for k in range(20)] + [_figure(20, s2orc_references=[3])])
+    with pytest.raises(ValueError, match=r"line 21: s2orc_references holds a number \('3'\); expected a list of "
+                                         r"strings"):
+        P.prepare("medicat", raw, str(tmp_path / "out"))
+    # a list where the string belongs: "['Is there', 'a fracture?']" would become the question
+    rows = [_vqa_rad_row(1, "synpic1.jpg", "yes", "freeform", q=["Is there", "a fracture?"])]
+    with pytest.raises(ValueError, match=r"Public\.json, record 1 \(qid 1\): field 'question' is a list .*expected "
+                                         r"a string"):
+        P.prepare("vqa_rad", make_vqa_rad(str(tmp_path / "vqa"), rows), str(tmp_path / "out"))
+    raw = tmp_path / "nli"
+    for k, name in enumerate(("mli_train_v1.jsonl", "radnli_dev_v1.jsonl", "radnli_test_v1.jsonl")):
+        _lines(str(raw / name), [json.dumps({"pair_id": str(k), "sentence1": "a b c", "sentence2": 42,
+                                             "gold_label": "neutral"})])
+    with pytest.raises(ValueError, match=r"mli_train_v1\.jsonl, line 1: field 'sentence2' is a number \('42'\)"):
+        P.prepare("radnli", str(raw), str(tmp_path / "out"))
+
+
+def test_record_that_is_not_a_json_object(tmp_path):
+    raw = _medicat(tmp_path / "medicat", [_figure(k) for k in range(20)])
+    with open(os.path.join(raw, "s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl"), "a") as f:
+        f.write('["h99", "1-Figure1-1.png"]\n')
+    with pytest.raises(ValueError, match=r"public\.jsonl, line 21: the record is a list; expected a JSON object"):
+        P.prepare("medicat", raw, str(tmp_path / "out"))
+
+
+def test_duplicate_id_in_one_split_names_file_and_row(tmp_path):
+    rows = [_vqa_rad_row(i, "synpic1.jpg", "yes", "freeform") for i in range(10)]
+    rows += [_vqa_rad_row(3, "synpic1.jpg", "no", "freeform"), _vqa_rad_row(20, "synpic1.jpg", "no", "test_para")]
+    with pytest.raises(ValueError, match=r"Public\.json, record 11 \(qid 3\): id '3' occurs again; first at "
+                                         r".*Public\.json, record 4 \(qid 3\)"):
+        P.prepare("vqa_rad", make_vqa_rad(str(tmp_path / "raw"), rows), str(tmp_path / "out"))
+
+
+def test_same_id_in_two_splits_is_refused(tmp_path):
+    from test_prepare import make_slake
+    raw = make_slake(str(tmp_path / "slake"))
+    test = json.load(open(os.path.join(raw, "test.json")))
+    _json(os.path.join(raw, "test.json"), test + [{**test[0], "qid": 1}])  # qid 1 is a train question
+    with pytest.raises(ValueError, match=r"test\.json, record 4 \(qid 1\): id '1' occurs again; first at "
+                                         r".*train\.json, record 1"):
+        P.prepare("slake", raw, str(tmp_path / "out"))
+    # the same figure twice in MedICaT: the seeded split may put the copies in train and test (a leak)
+    raw = _medicat(tmp_path / "medicat", [_figure(k) for k in range(20)] + [_figure(7)])
+    with pytest.raises(ValueError, match=r"public\.jsonl, line 21: id 'h07_1-Figure1-1' occurs again; first at "
+                                         r".*line 8"):
+        P.prepare("medicat", raw, str(tmp_path / "out"))
+
+
+def test_split_that_would_be_written_empty_stops_prepare(tmp_path):
+    rows = [_vqa_rad_row(i, "synpic1.jpg", "yes", "freeform") for i in range(4)]  # 10% of 4 rounds to no val
+    rows += [_vqa_rad_row(9, "synpic1.jpg", "no", "test_para")]
+    raw, out = make_vqa_rad(str(tmp_path / "raw"), rows), tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        P.main(["vqa_rad", "--root", raw, "--out", str(out)])
+    assert e.value.code not in (0, None)
+    assert "vqa_rad: the val split(s) would be written empty (kept train 4 / val 0 / test 1" in str(e.value)
+    assert "--allow-empty-splits" in str(e.value) and not os.path.exists(out / "vqa_rad")
+    P.main(["vqa_rad", "--root", raw, "--out", str(out), "--allow-empty-splits"])  # a deliberate cut-down release
+    assert D.read_meta(str(out / "vqa_rad"))["counts"] == {"train": 4, "val": 0, "test": 1}
+
+
+def test_rule_dropping_most_of_a_folder_stops_prepare(tmp_path):
+    from test_prepare import make_slake
+    raw = make_slake(str(tmp_path / "slake"))
+    for name in ("train.json", "validate.json", "test.json"):  # every q_lang upper-cased by a re-export
+        path = os.path.join(raw, name)
+        _json(path, [{**r, "q_lang": r["q_lang"].upper()} for r in json.load(open(path))])
+    with pytest.raises(ValueError, match=r"slake: the rules drop 8 of 8 records \(100%, over 90%\): non_english 8 "
+                                         r"\(questions with q_lang != 'en' are dropped\); kept train 0 / val 0 / "
+                                         r"test 0"):
+        P.prepare("slake", raw, str(tmp_path / "out"))
+
+
+def test_two_image_files_for_one_id_are_refused(tmp_path):
+    raw = make_rsna(str(tmp_path / "rsna"), 20)
+    _img(os.path.join(raw, "stage_2_train_images", "pid-004.jpg"), "JPEG")  # beside pid-004.png
+    with pytest.raises(ValueError, match=r"line \d+ \(pid-004\): image file: 2 candidates for one input: "
+                                         r".*pid-004\.png and .*pid-004\.jpg; remove or rename"):
+        P.prepare("rsna", raw, str(tmp_path / "out"))
+    raw = make_roco(str(tmp_path / "roco"))  # ROCO_00005 is stored under its dlinks.txt name, PMC1-fig2.jpg
+    _img(os.path.join(raw, "data", "train", "radiology", "images", "ROCO_00005.jpg"))
+    with pytest.raises(ValueError, match=r"captions\.txt, line 3 \(ROCO_00005\): image file: 2 candidates"):
+        P.prepare("roco", raw, str(tmp_path / "out"))
+
+
+def test_two_candidate_files_or_folders_for_one_input_are_refused(tmp_path):
+    raw = make_mimic(str(tmp_path / "mimic"), gz=True)
+    make_mimic(raw, gz=False)  # unpacked beside the .csv.gz, perhaps edited since
+    with pytest.raises(ValueError, match=r"mimic-cxr-2\.0\.0-split CSV: 2 candidates for one input: .*split\.csv\.gz "
+                                         r"and .*split\.csv;"):
+        P.prepare("mimic_cxr", raw, str(tmp_path / "out"))
+    raw = make_roco(str(tmp_path / "roco"))
+    make_roco(raw, val_name="val")  # both validation/ and val/
+    with pytest.raises(ValueError, match=r"ROCO val folder: 2 candidates for one input: .*validation and .*val;"):
+        P.prepare("roco", raw, str(tmp_path / "out"))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    ramp = _ramp(40, 30)  # dark at the left, bright at the right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": what a camera or a scanner app writes
+    path = _save(Image.fromarray(ramp), tmp_path / "rotated.jpg", exif=exif, quality=95)
+    img = D.load_image(path)
+    assert img.size == (30, 40)  # displayed upright: portrait
+    shown = np.rot90(ramp, k=-1).astype(int)  # clockwise: the ramp now runs from top (dark) to bottom (bright)
+    assert np.abs(np.asarray(img).astype(int) - shown).mean() < 3
+    _through_transform(img)
+
+
+def test_unwritable_out_is_refused_before_any_image_is_decoded(tmp_path, monkeypatch):
+    raw = make_roco(str(tmp_path / "raw"))
+    decoded = []
+    monkeypatch.setattr(D, "load_image", lambda path: decoded.append(path))
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(OSError, match=r"--out .*a_file/out is not a writable folder"):
+        P.prepare("roco", raw, str(tmp_path / "a_file" / "out"))
+    assert decoded == []
+    if os.geteuid() != 0:  # root writes into read-only folders; the check above covers the same path for root
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(OSError, match=r"--out .*ro/out is not a writable folder \(Permission denied"):
+            P.prepare("roco", raw, str(tmp_path / "ro" / "out"))
+        assert decoded == []
+    P.prepare("roco", raw, str(tmp_path / "new" / "out"))  # a folder that does not exist yet is fine
+    assert len(decoded) == 4

@@ -1,19 +1,21 @@
 """DDP equivalence: 2 gloo processes with half the batch each end where 1 process with the whole batch ends.
 
 Covers every objective set (find_unused_parameters=False: a dead parameter would make DDP raise), the ITC all-gather with
-gradients, global ITM negatives and the MLM token count.
+gradients, global ITM negatives (duplicate texts and files across ranks) and the MLM token count; and exact gradient
+accumulation for MLM: batch B x --grad-accum 2 equals batch 2B, on 1 process and on 2.
 """
 
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ptunifier_min import engine
 from ptunifier_min.config import PRESETS, TrainConfig, build
 from ptunifier_min.model import PTUnifier
-from ptunifier_min.objectives import freeze_unused, pretraining_loss
+from ptunifier_min.objectives import IGNORE, freeze_unused, mask_step, pretraining_loss
 from test_objectives import OBJECTIVE_SETS, SPECIAL, text_batch
 
 STEPS, GLOBAL_B = 3, 8
@@ -21,30 +23,55 @@ STEPS, GLOBAL_B = 3, 8
 
 def global_batch(step):
     ids, mask = text_batch(B=GLOBAL_B, T=24, V=100, seed=step)
+    ids[6], mask[6] = ids[1], mask[1]  # one text on both ranks (rows 0-3 and 4-7): never a negative of each other
     g = torch.Generator().manual_seed(100 + step)
-    index = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6])  # one duplicated image: never a negative of itself
+    image_id = torch.tensor([0, 1, 2, 2, 3, 4, 5, 1])  # one file twice on a rank, one on both ranks: never negatives
     return {"image": torch.randn(GLOBAL_B, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": mask,
-            "index": index}
+            "index": torch.arange(GLOBAL_B), "image_id": image_id}
 
 
-def train(objectives, rank=0, world=1, hard=False):
+def micro_batches(step, rank, world, accum):
+    """This rank's micro-batches of a step, laid out as BatchOrder hands them out: micro-batch m holds rows
+    [m * B * world, (m + 1) * B * world) of the step's global batch, rank r the r-th B of them."""
+    full, B = global_batch(step), GLOBAL_B // (world * accum)
+    out = []
+    for m in range(accum):
+        lo = (m * world + rank) * B
+        local = {k: v[lo:lo + B] for k, v in full.items()}
+        T = int(local["attention_mask"].sum(1).max())  # each rank pads to its own longest text, as the collate does
+        local["input_ids"], local["attention_mask"] = local["input_ids"][:, :T], local["attention_mask"][:, :T]
+        out.append(local)
+    return out
+
+
+def make(objectives, hard=False):
     cfg = build(TrainConfig, {**PRESETS["tiny"], "objectives": objectives, "vocab_size": 100,
                               "itm_hard_negatives": hard})
     torch.manual_seed(0)
     model = PTUnifier(cfg.model)
     freeze_unused(model, cfg.objective_set())
+    return cfg, model
+
+
+def step_loss(net, model, cfg, batches, step, d):
+    """What train.py does for one optimizer step before the update: masks for the step, then the micro-steps."""
+    if "mlm" in cfg.objective_set():
+        mask_step(batches, cfg, engine.step_generator(0, step), SPECIAL)
+
+    def loss_fn(batch, micro):
+        loss, stats = pretraining_loss(net, batch, cfg, engine.step_generator(0, step, micro), model)
+        return loss, {k: v for k, v in stats.items() if not k.startswith("selected_")}  # scalars only (train.py)
+    return engine.accumulate(net, batches, loss_fn, d, "fp32")
+
+
+def train(objectives, rank=0, world=1, hard=False, accum=1):
+    cfg, model = make(objectives, hard)
     # SGD, not AdamW: some gradients are zero in exact arithmetic (the key bias cannot change a softmax) and Adam
     # divides their float noise by its own size, turning 1e-9 differences into full-size steps.
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     net = DDP(model) if world > 1 else model  # find_unused_parameters=False (the default)
-    B = GLOBAL_B // world
     for step in range(STEPS):
-        full = global_batch(step)
-        local = {k: v[rank * B:(rank + 1) * B] for k, v in full.items()}
-        T = int(local["attention_mask"].sum(1).max())  # each rank pads to its own longest text, as the collate does
-        local["input_ids"], local["attention_mask"] = local["input_ids"][:, :T], local["attention_mask"][:, :T]
-        loss, _ = pretraining_loss(net, local, cfg, engine.step_generator(0, step, 0), SPECIAL, raw_model=model)
-        loss.backward()
+        step_loss(net, model, cfg, micro_batches(step, rank, world, accum), step, engine.Dist(rank, world))
         opt.step()
         opt.zero_grad()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -53,23 +80,46 @@ def train(objectives, rank=0, world=1, hard=False):
 def worker(rank, world, store, out, cases):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    results = {f"{o}|{h}": train(o, rank, world, h) for o, h in cases}
+    results = {f"{o}|{h}|{a}": train(o, rank, world, h, a) for o, h, a in cases}
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
-CASES = [(o, False) for o in OBJECTIVE_SETS] + [("mlm,itm,itc", True)]
+# (objectives, hard negatives, grad accumulation): accumulation is exact for MLM only; ITC and ITM see one micro-batch
+CASES = [(o, False, 1) for o in OBJECTIVE_SETS] + [("mlm,itm,itc", True, 1), ("mlm", False, 2)]
 
 
 def test_two_processes_equal_one(tmp_path):
     out = str(tmp_path / "params")
     mp.spawn(worker, args=(2, str(tmp_path / "store"), out, CASES), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
-    for objectives, hard in CASES:
-        key = f"{objectives}|{hard}"
-        single = train(objectives, hard=hard)
+    for objectives, hard, accum in CASES:
+        key = f"{objectives}|{hard}|{accum}"
+        single = train(objectives, hard=hard)  # 1 process, the whole global batch in one micro-step
         for name, ref in single.items():
             torch.testing.assert_close(ranks[0][key][name], ranks[1][key][name], atol=0, rtol=0,
                                        msg=f"{key}: ranks differ in {name}")
             torch.testing.assert_close(ranks[0][key][name], ref, atol=1e-5, rtol=1e-4,
                                        msg=f"{key}: 2 processes differ from 1 in {name}")
+
+
+def test_mlm_grad_accumulation_is_exact():
+    """Item 7: 1 process at batch 2B equals batch B with --grad-accum 2, in masks, loss and gradients (1e-5): every
+    micro-step divides by the masked tokens of the whole step, not by its own."""
+    results = {}
+    for accum in (1, 2, 4):
+        cfg, model = make("mlm")
+        batches = micro_batches(0, 0, 1, accum)
+        _, stats = step_loss(model, model, cfg, batches, 0, engine.Dist())
+        labels = torch.cat([F.pad(b["mlm_labels"], (0, 24 - b["mlm_labels"].shape[1]), value=IGNORE) for b in batches])
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[accum] = stats["mlm_loss"], labels, grads
+        if accum == 2:  # the halves mask different numbers of tokens, so a mean of two means would be off
+            assert len({int((b["mlm_labels"] != IGNORE).sum()) for b in batches}) == 2
+    loss, labels, grads = results[1]
+    for accum in (2, 4):
+        assert torch.equal(results[accum][1], labels), f"--grad-accum {accum} masks other tokens"
+        assert abs(results[accum][0] - loss) < 1e-5, (accum, results[accum][0], loss)
+        for name, g in grads.items():
+            torch.testing.assert_close(results[accum][2][name], g, atol=1e-5, rtol=1e-5,
+                                       msg=f"--grad-accum {accum}: gradient of {name}")

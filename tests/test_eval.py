@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 import eval as eval_script
+import finetune
 import train
-from ptunifier_min import data, tasks
+from ptunifier_min import data, engine, metrics, retrieval, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, build
 from test_finetune import TASK_KEYS, run, world  # noqa: F401  (world: the shared tiny synthetic world fixture)
 
@@ -88,6 +90,62 @@ def test_itm_reranking_changes_image_to_text_only(toy):
     assert [m[f"t2i_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0]  # text-to-image stays the ITC ranking
 
 
+class ITMMargins(ITMKnowsBetter):
+    """An ITM head that orders every candidate list correctly, with margins around `offset`: offset + 1 for the true
+    pair, offset for every other pair."""
+
+    def __init__(self, tok, offset):
+        super().__init__(tok)
+        self.offset = offset
+
+    def itm_logits(self, pooled):
+        return torch.cat([torch.zeros_like(pooled), self.offset + pooled], 1)
+
+
+@pytest.mark.parametrize("offset", [-10.0, -3.0, -1.5, -0.5, 0.0, 2.0, 10.0])
+def test_itm_reranked_candidates_stay_on_top_whatever_the_margins(toy, offset):
+    """Item 1: the re-ranked top-k stays above the rest of its row, ordered by the ITM margin. (Before: scored
+    max|sim| + 1 + margin, so margins below about -1 sank the whole top-k under the other candidates.)"""
+    tok, records = toy
+    n, top = len(records), 4
+    sim = -0.1 * ((torch.arange(n)[None, :] - torch.arange(n)[:, None] + 2) % n).float()  # own text 3rd by ITC
+    cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
+    out = retrieval.rerank_itm(ITMMargins(tok, offset), sim, records, tok, cfg.model.image_size,
+                               cfg.model.max_text_len, torch.device("cpu"), top=top)
+    for i in range(n):
+        ranked = out[i].argsort(descending=True).tolist()
+        itc_top = sim[i].topk(top).indices.tolist()
+        assert ranked[:top] == [i] + [j for j in itc_top if j != i], (i, ranked)  # ties keep the ITC order
+        assert torch.equal(out[i, ranked[top:]], sim[i, ranked[top:]])  # the rest keep their ITC scores
+    m = metrics.retrieval_recall(out, torch.arange(n))
+    assert m["i2t_r1"] == 1.0 and m["i2t_r10"] == 1.0
+
+
+class DenseEncoder(MatchedEncoder):
+    """ITC embeddings that are dense random unit vectors (one per image / word), looked up rather than multiplied,
+    so that they are exact fp32 numbers whose products bf16 would round."""
+
+    def itc_features(self, pooled, modality):
+        table = torch.randn(len(WORDS), 64, generator=torch.Generator().manual_seed(int(modality == "image")))
+        return F.normalize(table[pooled.argmax(1)], dim=-1)
+
+
+def test_retrieval_similarity_is_fp32_under_bf16_autocast(toy):
+    """Item 3: the similarity matrix is an fp32 product even when the caller runs under bf16 autocast."""
+    tok, records = toy
+    enc = DenseEncoder(tok)
+    cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
+    args = records, tok, cfg.model.image_size, cfg.model.max_text_len, torch.device("cpu")
+    reference, _ = retrieval.similarity(enc, *args)
+    zi = enc.itc_features(torch.eye(len(WORDS)), "image")
+    zt = enc.itc_features(torch.eye(len(WORDS)), "text")
+    torch.testing.assert_close(reference, zi @ zt.t(), rtol=0, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sim, _ = retrieval.similarity(enc, *args)
+    assert sim.dtype == torch.float32
+    torch.testing.assert_close(sim, reference, rtol=0, atol=1e-6)  # a bf16 product is ~1e-3 off
+
+
 @pytest.fixture(scope="module")
 def pretrained(world, tmp_path_factory):  # noqa: F811
     out = str(tmp_path_factory.mktemp("pre"))
@@ -152,3 +210,43 @@ def test_eval_errors(tmp_path):
         eval_script.main(["--task", "mnist", "--ckpt", str(tmp_path)])
     with pytest.raises(SystemExit, match="no results.json"):
         eval_script.main(["--table", str(tmp_path)])
+
+
+def test_fine_tuning_at_a_longer_text_length_than_pre_training(pretrained, world, tmp_path, monkeypatch):  # noqa: F811
+    """--max-text-len 40 from a checkpoint pre-trained at 24: the position table is extended (the learned rows kept,
+    rows 1..23 repeated after them) before training, the fine-tuned checkpoint records 40, and eval.py rebuilds it and
+    reproduces the test metrics. (Before: refused as 'another architecture'.)"""
+    extended, real = {}, finetune.set_text_len
+
+    def keep_a_copy(backbone, n):  # the table as fine-tuning starts from it
+        real(backbone, n)
+        extended["table"] = backbone.position_embeddings.weight.detach().clone()
+
+    monkeypatch.setattr(finetune, "set_text_len", keep_a_copy)
+    out = tmp_path / "ft"
+    run(world, "--task", "vqa_rad", "--init", pretrained, "--max-text-len", "40", "--out", str(out))
+    old = load_file(os.path.join(engine.resolve_checkpoint(pretrained), "model.safetensors"))
+    old = old["position_embeddings.weight"]
+    assert old.shape == (24, 32) and extended["table"].shape == (40, 32)
+    torch.testing.assert_close(extended["table"][:24], old, rtol=0, atol=0)
+    torch.testing.assert_close(extended["table"][24:], old[1:17], rtol=0, atol=0)
+    after = load_file(os.path.join(engine.resolve_checkpoint(str(out)), "model.safetensors"))
+    assert after["backbone.position_embeddings.weight"].shape == (40, 32)
+    expected = json.loads((out / "results.json").read_text())
+    assert expected["config"]["model"]["max_text_len"] == 40
+    assert expected["text_lengths"]["inputs"]["by"] == "--max-text-len"
+    eval_script.main(["--ckpt", str(out), "--num-workers", "0", "--out", str(tmp_path / "again")])
+    got = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert got["config"]["model"]["max_text_len"] == 40 and got["metrics"] == expected["metrics"]
+
+
+def test_eval_refuses_to_run_under_torchrun(monkeypatch, tmp_path):
+    """Under torchrun every rank would evaluate and write the same files: eval.py refuses before any set-up (before,
+    it went on to init_process_group, which failed here for want of torchrun's rendezvous variables)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=r"single process, not under torchrun \(WORLD_SIZE=2\)"):
+        eval_script.main(["--ckpt", str(tmp_path)])
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process is a plain run
+    with pytest.raises(SystemExit, match="needs --ckpt"):
+        eval_script.main([])

@@ -1,19 +1,24 @@
 """finetune.py: every task end to end on the tiny synthetic world, initialisation from a pre-training checkpoint
 (weights, architecture, tokenizer, image-size change), the refusals, the training subsets, the heads' gradient
-coverage and the position-embedding interpolation."""
+coverage, the position-embedding interpolation and extension, the text lengths chosen from the data and the truncated
+shares, and exact resume (1 process, and 2 DDP processes that each restore their own RNG)."""
 
 import json
 import os
+import socket
 
+import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import finetune
 import train
 from ptunifier_min import data, engine, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, ModelConfig, build
-from ptunifier_min.model import PTUnifier
+from ptunifier_min.model import (PTUnifier, interpolate_pos_embed, resize_text_positions, set_image_size,
+                                 set_text_len)
 from ptunifier_min.world import ensure_prepared
 
 TASK_KEYS = {  # the metric keys results.json must hold for each kind of task
@@ -36,7 +41,9 @@ def world(tmp_path_factory):
 
 
 def run(world, *flags):
-    finetune.main(["--preset", "tiny", "--synth-root", world[0], "--steps", "4", "--eval-every", "2", *flags])
+    # --max-gen-len 12: beam search over the tiny world's 95th-percentile targets (64 tokens) would dominate the suite
+    finetune.main(["--preset", "tiny", "--synth-root", world[0], "--steps", "4", "--eval-every", "2",
+                   "--max-gen-len", "12", *flags])
 
 
 @pytest.mark.parametrize("name", list(tasks.TASKS))
@@ -157,18 +164,18 @@ def test_every_trainable_parameter_gets_a_gradient(name):
 def test_pos_embed_interpolation_keeps_cls_and_resizes_the_grid():
     g = torch.Generator().manual_seed(0)
     pos = torch.randn(1, 1 + 4 * 4, 8, generator=g)
-    new = tasks.interpolate_pos_embed(pos, 6)
+    new = interpolate_pos_embed(pos, 6)
     assert new.shape == (1, 1 + 6 * 6, 8)
     torch.testing.assert_close(new[:, 0], pos[:, 0], rtol=0, atol=0)  # the [IMG_CLS] row is kept
-    torch.testing.assert_close(tasks.interpolate_pos_embed(pos, 4), pos)  # same grid: unchanged
+    torch.testing.assert_close(interpolate_pos_embed(pos, 4), pos)  # same grid: unchanged
     # a grid that is constant along rows stays constant along rows: the patches are resized as a 2-D image
     ramp = torch.arange(4.0).repeat_interleave(4).view(1, 16, 1).expand(1, 16, 8)  # value = row index
-    out = tasks.interpolate_pos_embed(torch.cat([torch.zeros(1, 1, 8), ramp], 1), 8)[0, 1:].view(8, 8, 8)
+    out = interpolate_pos_embed(torch.cat([torch.zeros(1, 1, 8), ramp], 1), 8)[0, 1:].view(8, 8, 8)
     torch.testing.assert_close(out, out[:, :1].expand(8, 8, 8))
     assert bool((out[1:, 0, 0] >= out[:-1, 0, 0]).all()) and not torch.allclose(out[0], out[-1])
     # a backbone moved to another image size reads images of that size
     model = PTUnifier(ModelConfig(image_size=32, patch_size=8, dim=16, depth=1, heads=2, pool_size=8, k_v=4, k_l=3))
-    tasks.set_image_size(model, 48)
+    set_image_size(model, 48)
     assert model.cfg.image_size == 48 and model(image=torch.randn(2, 3, 48, 48)).hidden.shape[1] == 1 + 36 + 3 + 2
 
 
@@ -204,5 +211,158 @@ def test_killed_run_resumes_exactly(world, tmp_path, monkeypatch):
     assert sorted(res) == list(range(1, 9)) and res == ref
     a, b = (json.loads(open(os.path.join(p, "results.json")).read()) for p in (tmp_path / "ref", out))
     assert a["best_step"] == b["best_step"] and a["metrics"] == b["metrics"]
-    wa, wb = (load_file(os.path.join(engine.resolve_checkpoint(str(p)), "model.safetensors")) for p in (tmp_path / "ref", out))
+    wa, wb = (load_file(os.path.join(engine.resolve_checkpoint(str(p)), "model.safetensors"))
+              for p in (tmp_path / "ref", out))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---- text lengths at fine-tuning (long inputs and targets) -----------------------------------------------------------
+def test_text_positions_are_extended_with_the_learned_rows_or_truncated():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(5, 4, generator=g)
+    longer = resize_text_positions(pos, 12)
+    assert longer.shape == (12, 4)
+    torch.testing.assert_close(longer[:5], pos, rtol=0, atol=0)  # the learned rows are kept as they are
+    torch.testing.assert_close(longer[5:], pos[[1, 2, 3, 4, 1, 2, 3]], rtol=0, atol=0)  # then rows 1..4 repeated
+    torch.testing.assert_close(resize_text_positions(pos, 3), pos[:3], rtol=0, atol=0)
+    torch.testing.assert_close(resize_text_positions(pos, 5), pos, rtol=0, atol=0)
+    # a backbone moved to a longer text length reads texts of that length
+    model = PTUnifier(ModelConfig(image_size=32, patch_size=8, max_text_len=8, dim=16, depth=1, heads=2, pool_size=8,
+                                  k_v=4, k_l=3))
+    old = model.position_embeddings.weight.detach().clone()
+    set_text_len(model, 20)
+    assert model.cfg.max_text_len == 20 and model.position_embeddings.weight.requires_grad
+    torch.testing.assert_close(model.position_embeddings.weight[:8], old, rtol=0, atol=0)
+    ids = torch.randint(5, 50, (2, 20))
+    assert model(input_ids=ids).hidden.shape[1] == 1 + 4 + 20
+
+
+def test_length_to_cover_is_the_rounded_up_95th_percentile():
+    lengths = list(range(1, 101))
+    assert tasks.length_to_cover(lengths) == (96, 95)  # 95 texts of 100 fit in 95 tokens; 96 is the next multiple of 8
+    assert tasks.length_to_cover([3] * 19 + [100]) == (8, 3)  # 19 of 20 texts (95%) fit in 3 tokens
+    assert tasks.length_to_cover([3] * 18 + [100, 100]) == (104, 100)  # 18 of 20 is only 90%
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 40, 333):  # against numpy's nearest-rank percentile
+        lengths = torch.randint(3, 200, (n,), generator=g).tolist()
+        p = int(np.percentile(lengths, 95, method="inverted_cdf"))
+        assert tasks.length_to_cover(lengths) == (8 * -(-p // 8), p)
+
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+
+
+def test_truncation_shares_on_a_hand_made_case(tmp_path):
+    tok = data.train_tokenizer(WORDS * 3, 200, str(tmp_path / "tokenizer.json"))
+    assert all(len(tok.encode(w, add_special_tokens=False).ids) == 1 for w in WORDS)  # one token per word
+    texts = [" ".join(WORDS[:n]) for n in range(1, 9)]  # 1..8 words = 3..10 tokens with [CLS] and [SEP]
+    # VQA questions at 8 tokens: the 7- and 8-word questions (9 and 10 tokens) are cut, 2 of 8
+    vqa = [{"question": t} for t in texts]
+    lengths = tasks.text_lengths(tasks.TASKS["vqa_rad"], vqa, tok)
+    assert lengths == {"inputs": list(range(3, 11))}
+    assert tasks.truncated_shares(lengths, 8, 6) == {"inputs": 0.25}
+    # summarisation: findings (1..8 words) -> impression (the reverse order): inputs at 6 tokens, targets at 9
+    summ = [{"text_a": a, "target": b} for a, b in zip(texts, reversed(texts))]
+    assert tasks.truncated_shares(tasks.text_lengths(tasks.TASKS["mimic_sum"], summ, tok), 6, 9) == \
+        {"inputs": 4 / 8, "targets": 1 / 8}
+    # RadNLI pairs: [CLS] a [SEP] b [SEP] = words + 3; (1 + 1) .. (8 + 8) words, cut above 10 tokens: 4..8 + 4..8
+    nli = [{"text_a": t, "text_b": t} for t in texts]
+    assert tasks.truncated_shares(tasks.text_lengths(tasks.TASKS["radnli"], nli, tok), 10, 6) == {"inputs": 5 / 8}
+    # the shares are those of the texts the collate actually shortens (words kept vs words given)
+    items = {"vqa_rad": [{"index": i, "text": r["question"]} for i, r in enumerate(vqa)],
+             "mimic_sum": [{"index": i, "text": r["text_a"], "target": r["target"]} for i, r in enumerate(summ)],
+             "radnli": [{"index": i, "text_a": r["text_a"], "text_b": r["text_b"]} for i, r in enumerate(nli)]}
+    for name, records, max_len, max_gen in (("vqa_rad", vqa, 8, 6), ("mimic_sum", summ, 6, 9), ("radnli", nli, 10, 6)):
+        task = tasks.TASKS[name]
+        batch = tasks.make_collate(task, tok, max_len, max_gen)(items[name])
+        kept = (batch["attention_mask"].sum(1) - (3 if task.kind == "nli" else 2)).tolist()
+        given = [sum(len(v.split()) for k, v in it.items() if k in ("text", "text_a", "text_b")) for it in items[name]]
+        shares = tasks.truncated_shares(tasks.text_lengths(task, records, tok), max_len, max_gen)
+        assert shares["inputs"] == sum(k < n for k, n in zip(kept, given)) / len(records)
+        if "targets" in shares:
+            kept = ((batch["target_ids"] != data.special_ids(tok)["pad"]).sum(1) - 2).tolist()
+            assert shares["targets"] == sum(k < len(r["target"].split()) for k, r in zip(kept, records)) / len(records)
+
+
+def test_lengths_default_to_the_95th_percentile_of_the_training_split(world, tmp_path, capsys):
+    """mimic_sum from scratch without --max-text-len / --max-gen-len: each is the nearest-rank 95th percentile of the
+    whole training split's token counts rounded up to 8 (the input length not below the preset's 24), and
+    results.json holds the truncated shares of every split."""
+    out = tmp_path / "sum"
+    finetune.main(["--preset", "tiny", "--synth-root", world[0], "--task", "mimic_sum", "--init", "scratch",
+                   "--steps", "2", "--eval-every", "2", "--data-frac", "0.5", "--out", str(out)])
+    tok = data.load_tokenizer(os.path.join(world[1], "tokenizer.json"))
+    splits = {s: data.read_split(os.path.join(world[1], "mimic_sum"), s) for s in ("train", "val", "test")}
+
+    def count(text):
+        return len(tok.encode(text, add_special_tokens=False).ids) + 2
+
+    def cover(texts):
+        return 8 * -(-int(np.percentile([count(t) for t in texts], 95, method="inverted_cdf")) // 8)
+
+    max_text_len = max(24, cover([r["text_a"] for r in splits["train"]]))  # the whole split, not the 50% subset
+    max_gen_len = cover([r["target"] for r in splits["train"]])
+    r = json.loads((out / "results.json").read_text())
+    assert (r["config"]["model"]["max_text_len"], r["config"]["max_gen_len"]) == (max_text_len, max_gen_len)
+    assert max_text_len > 24  # the tiny world's findings are longer than the preset: the default did extend
+    assert r["text_lengths"]["inputs"]["by"] == "data" and r["text_lengths"]["targets"]["length"] == max_gen_len
+    splits["train"] = tasks.subset(splits["train"], 0.5, 0)
+    for s, recs in splits.items():
+        assert r["truncated"][s] == {"inputs": sum(count(x["text_a"]) > max_text_len for x in recs) / len(recs),
+                                     "targets": sum(count(x["target"]) > max_gen_len for x in recs) / len(recs)}
+    printed = capsys.readouterr().out
+    assert f"mimic_sum input length {max_text_len}: the 95th percentile" in printed and "truncated: train" in printed
+    saved = engine.read_checkpoint_config(engine.resolve_checkpoint(str(out)))["config"]
+    assert saved["model"]["max_text_len"] == max_text_len and saved["max_gen_len"] == max_gen_len
+
+
+# ---- resume under DDP: each rank restores its own RNG ----------------------------------------------------------------
+def _resume_worker(rank, world, synth_root, out, ports):
+    """One rank of a 2-process fine-tune with dropout: a run killed after its step-2 validation and resumed, then the
+    same run uninterrupted. Dropout masks come from each rank's own global RNG (seeded seed + rank)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(ports[0]))
+    torch.set_num_threads(1)
+    flags = ["--preset", "tiny", "--synth-root", synth_root, "--task", "radnli", "--init", "scratch", "--steps", "4",
+             "--eval-every", "2", "--log-every", "1", "--dropout", "0.3", "--max-text-len", "24"]
+    real, calls = engine.optimizer_step, {"n": 0}
+
+    def dies_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    engine.optimizer_step = dies_at_step_3
+    try:
+        finetune.main([*flags, "--out", f"{out}/killed"])
+    except KeyboardInterrupt:
+        pass
+    engine.optimizer_step = real
+    finetune.main([*flags, "--out", f"{out}/killed", "--resume", f"{out}/killed"])  # ends the process group
+    os.environ["MASTER_PORT"] = str(ports[1])
+    finetune.main([*flags, "--out", f"{out}/ref"])
+
+
+def test_resume_under_ddp_restores_each_ranks_rng(world, tmp_path):
+    """2 gloo processes, dropout on: the killed-and-resumed run ends exactly where the uninterrupted one ends (losses,
+    weights), which needs rank 1 to restore rank 1's RNG state, not rank 0's."""
+    socks = [socket.socket() for _ in range(2)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    mp.spawn(_resume_worker, args=(2, world[0], str(tmp_path), ports), nprocs=2, join=True)
+    state = engine.load_trainer_state(os.path.join(tmp_path, "ref", "train_state"))
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+    def losses(path):
+        rows = [json.loads(line) for line in open(os.path.join(path, "log.jsonl"))]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}  # the last line of a step counts
+
+    ref, res = losses(tmp_path / "ref"), losses(tmp_path / "killed")
+    assert sorted(res) == [1, 2, 3, 4] and res == ref
+    wa, wb = (load_file(os.path.join(engine.resolve_checkpoint(os.path.join(tmp_path, p, "train_state")),
+                                     "model.safetensors")) for p in ("ref", "killed"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

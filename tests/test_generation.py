@@ -52,6 +52,21 @@ class TableDecoder(nn.Module):
     def forward(self, ids, memory, memory_mask=None):
         return self.logp[ids] + memory[:, :1, :self.logp.shape[0]]  # [B, T, V]
 
+    # the cached-decoding interface: the "cache" is each row's bias, which only depends on the memory
+    def start_cache(self, memory, beams=1):
+        return TableCache(memory[:, 0, :self.logp.shape[0]].repeat_interleave(beams, 0))
+
+    def step(self, ids, cache, memory_mask=None):
+        return self.logp[ids] + cache.bias  # [N, V]
+
+
+class TableCache:
+    def __init__(self, bias):
+        self.bias = bias  # [N, V]
+
+    def reorder(self, rows):
+        self.bias = self.bias[rows]
+
 
 def no_memory(B=1, V=10):
     return torch.zeros(B, 1, V)
@@ -204,18 +219,20 @@ def test_generation_loss_matches_hand_computation():
 
 
 # ---- decoding -------------------------------------------------------------------------------------------------------
-def test_beam_search_finds_what_greedy_misses():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_search_finds_what_greedy_misses(use_cache):
     # greedy takes A (0.6), then [SEP] (0.34): p = 0.204. Beam 2 also keeps B (0.4), then [SEP] (0.95): p = 0.38.
     dec = TableDecoder({CLS: {A: 0.6, B_: 0.4}, A: {SEP: 0.34, C: 0.33, D_: 0.33}, B_: {SEP: 0.95},
                         C: {SEP: 1.0}, D_: {SEP: 1.0}})
     args = (no_memory(), None, CLS, SEP, PAD)
-    assert greedy(dec, *args) == [[A]]
-    assert beam_search(dec, *args, beam_size=1) == [[A]]
+    assert greedy(dec, *args, use_cache=use_cache) == [[A]]
+    assert beam_search(dec, *args, beam_size=1, use_cache=use_cache) == [[A]]
     for lp in (0.0, 1.0):
-        assert beam_search(dec, *args, beam_size=2, length_penalty=lp) == [[B_]]
+        assert beam_search(dec, *args, beam_size=2, length_penalty=lp, use_cache=use_cache) == [[B_]]
 
 
-def test_length_penalty_convention():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_length_penalty_convention(use_cache):
     # [] = [SEP] at once: p = 0.55, len 1.  [A] = A then [SEP]: p = 0.45 * 0.9 = 0.405, len 2.
     # Raw sums (penalty 0) prefer [], per-token means (penalty 1) prefer [A].
     dec = TableDecoder({CLS: {SEP: 0.55, A: 0.45}, A: {SEP: 0.9, B_: 0.1}})
@@ -223,22 +240,87 @@ def test_length_penalty_convention():
     short, long_ = lp[CLS, SEP].item(), (lp[CLS, A] + lp[A, SEP]).item()
     for penalty in (0.0, 0.5, 1.0, 2.0):
         expect = [] if short / 1 ** penalty > long_ / 2 ** penalty else [A]
-        assert beam_search(dec, no_memory(), None, CLS, SEP, PAD, beam_size=2, length_penalty=penalty) == [expect]
-    assert beam_search(dec, no_memory(), None, CLS, SEP, PAD, beam_size=2, length_penalty=0.0) == [[]]
-    assert beam_search(dec, no_memory(), None, CLS, SEP, PAD, beam_size=2, length_penalty=1.0) == [[A]]
+        kw = dict(beam_size=2, length_penalty=penalty, use_cache=use_cache)
+        assert beam_search(dec, no_memory(), None, CLS, SEP, PAD, **kw) == [expect]
+    kw = dict(beam_size=2, use_cache=use_cache)
+    assert beam_search(dec, no_memory(), None, CLS, SEP, PAD, length_penalty=0.0, **kw) == [[]]
+    assert beam_search(dec, no_memory(), None, CLS, SEP, PAD, length_penalty=1.0, **kw) == [[A]]
 
 
-def test_beam_search_rows_are_independent():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_search_rows_are_independent(use_cache):
     """Batched over B x beam: each example's result equals decoding it alone (catches row bookkeeping slips)."""
     g = torch.Generator().manual_seed(0)
     dec = TableDecoder({})
     dec.logp = torch.randn(10, 10, generator=g).log_softmax(-1)
     memory = 2 * torch.randn(5, 1, 10, generator=g)
-    together = beam_search(dec, memory, None, CLS, SEP, PAD, beam_size=3, max_len=6)
-    alone = [beam_search(dec, memory[i:i + 1], None, CLS, SEP, PAD, beam_size=3, max_len=6)[0] for i in range(5)]
+    kw = dict(beam_size=3, max_len=6, use_cache=use_cache)
+    together = beam_search(dec, memory, None, CLS, SEP, PAD, **kw)
+    alone = [beam_search(dec, memory[i:i + 1], None, CLS, SEP, PAD, **kw)[0] for i in range(5)]
     assert together == alone
     assert len({tuple(h) for h in together}) > 1
     assert all(len(h) <= 6 and CLS not in h and SEP not in h and PAD not in h for h in together)
+
+
+def test_cached_step_logits_equal_the_forward_pass():
+    """Step by step through the cache, the logits at every position equal those of the whole-prefix forward pass,
+    with encoder padding, also after rows are re-selected (reordered) as beam search does."""
+    dec = TextDecoder(backbone(), max_len=16).eval()
+    memory, mask = memory_batch()  # rows 0 and 2 have encoder padding
+    ids = torch.randint(5, 50, (6, 10), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = CLS
+    rows_mask = mask.repeat_interleave(2, 0)  # 2 rows per example, as beam search lays them out
+    with torch.no_grad():
+        cache = dec.start_cache(memory, beams=2)
+        full = dec(ids, memory.repeat_interleave(2, 0), rows_mask)  # [6, 10, V]
+        for t in range(6):
+            torch.testing.assert_close(dec.step(ids[:, t], cache, rows_mask), full[:, t])
+        assert len(cache) == 6
+        # swap the two rows of example 0, duplicate row 2 of example 1: the cache must follow its rows
+        rows = torch.tensor([1, 0, 2, 2, 5, 4])
+        cache.reorder(rows)
+        ids = ids[rows]
+        full = dec(ids, memory.repeat_interleave(2, 0), rows_mask)
+        for t in range(6, 10):
+            torch.testing.assert_close(dec.step(ids[:, t], cache, rows_mask), full[:, t])
+        # what sits under the encoder padding does not reach a cached step either
+        padded = memory.clone()
+        padded[0, 6:] = 100.0
+        other = dec.start_cache(padded, beams=2)
+        first = dec.start_cache(memory, beams=2)
+        torch.testing.assert_close(dec.step(ids[:, 0], other, rows_mask), dec.step(ids[:, 0], first, rows_mask))
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_cached_decoding_gives_the_same_tokens(manual):
+    """Greedy and beam search with the cache emit exactly the tokens of the uncached search (whole prefix recomputed at
+    every step), for several beam sizes and length penalties, with padding in the memory mask."""
+    dec = TextDecoder(backbone(seed=3), max_len=16)
+    with torch.no_grad():
+        # sharper next-token distributions than the near-uniform random ones, which a memory (and its padding) sways:
+        # hypotheses of varied lengths, some ending in [SEP], so that beam size, penalty and mask all matter
+        dec.backbone.word_embeddings.weight.mul_(8.0)
+        for blk in dec.blocks:
+            for lin in (blk.cross_attn.q, blk.cross_attn.kv, blk.cross_attn.proj):
+                lin.weight.mul_(10.0)
+    memory, mask = memory_batch(B=4)
+    mask[3, 2:] = False
+    step = dec.step
+    if manual:  # the cached path with the textbook attention, against the uncached SDPA path
+        dec.step = lambda ids, cache, mmask: step(ids, cache, mmask, manual_attention=True)
+    args = (memory, mask, CLS, SEP, PAD)
+    cached = greedy(dec, *args, max_len=14)
+    assert cached == greedy(dec, *args, max_len=14, use_cache=False)
+    outs = set()
+    for K in (2, 3, 5):  # beam size 1 is greedy, compared above
+        for lp in (0.0, 1.0, 2.0):
+            kw = dict(beam_size=K, max_len=14, length_penalty=lp)
+            cached = beam_search(dec, *args, **kw)
+            assert cached == beam_search(dec, *args, **kw, use_cache=False), (K, lp)
+            outs.add(tuple(map(tuple, cached)))
+    lengths = {len(h) for hyps in outs for h in hyps}
+    assert len(outs) > 3 and len(lengths) > 3, (outs, lengths)  # the settings disagree: the comparison has teeth
+    assert beam_search(dec, memory, None, CLS, SEP, PAD, **kw) != cached  # and so does the mask
 
 
 def test_beam_one_equals_greedy_and_runs_repeat():

@@ -4,6 +4,7 @@ sklearn for AUROC and accuracy, a brute-force loop for retrieval, pycocoevalcap 
 and, where java is installed, pycocoevalcap's own PTBTokenizer and METEOR jars.
 """
 
+import json
 import os
 import random
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import ptb_cases  # tests/ptb_cases.py: the generated report text and the jar's outputs for it
 from ptunifier_min import metrics
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None,
@@ -254,6 +256,14 @@ PTB_CASES = [
      "under_score __ init __ a ___ b normal.the dr.x word.another"),
     ("(1) 2) a) -lrb- R. lung, Rt. lung, L. side, II. IV. I.",
      "-lrb- 1 -rrb- 2 -rrb- a -rrb- -lrb- r. lung rt. lung l. side ii iv i."),
+    # issue 8: a list number touching the next word, and inline tags, as in real reports
+    ("1.Severe cardiomegaly. 2.No evidence of effusion.", "1 severe cardiomegaly 2 no evidence of effusion"),
+    ("Findings:<BR>1.Normal.<br/>2.Clear <XXXX> XXXX </p><p class='x'>",
+     "findings <br> 1 normal <br/> 2 clear <xxxx> xxxx </p> <p\xa0class='x'>"),
+    ("etc.t 5.a I. The y'all '99 'tis ----- \u2018\u2019 \u00bd $5 \u20ac5 \u00a3 AT&T &amp; &lt;5 :) x_x c++",
+     "etc. t 5 a i the y' all '99 't is ----- `' 1/2 $ 5 $ 5 # at&t & < 5 :-rrb- x_x c++"),
+    ("http://a.org/x?y=1. dr.x@mgh.org (555) 123-4567 x\u00adray #tag @user \u00aba\u00bb",
+     "http://a.org/x?y=1 dr.x@mgh.org -lrb-555-rrb-\xa0123-4567 xray #tag @user a"),
 ]
 
 
@@ -307,6 +317,54 @@ def test_nlg_tokenize_matches_java_ptbtokenizer():
     mismatches = [(line, java, metrics.nlg_tokenize(line)) for line, java in zip(lines, _ptb(lines))
                   if metrics.nlg_tokenize(line) != java]
     assert not mismatches, mismatches[:3]
+
+
+def _ptb_fixture():
+    """tests/data/ptb_tokenizer_cases.json: generated report text and what the jar made of it (tests/ptb_cases.py)."""
+    with open(ptb_cases.FIXTURE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_nlg_tokenize_equals_the_jar_on_generated_report_text():
+    """Thousands of report-like lines through our port and through the jar: identical, token for token.
+
+    Against the live jar when java is installed (which must also still agree with the stored outputs), against the
+    stored jar outputs otherwise, so that this check never skips.
+    """
+    cases = _ptb_fixture()["sentences"]
+    sentences, jar = [s for s, _ in cases], [j for _, j in cases]
+    assert sentences == ptb_cases.report_sentences(0, ptb_cases.N_CASES), \
+        "tests/ptb_cases.py changed: regenerate the fixture with `python tests/ptb_cases.py` (needs java)"
+    if shutil.which("java") is not None:
+        assert ptb_cases.jar_tokenize(sentences) == jar, "the jar no longer gives the stored outputs"
+    ours = metrics.nlg_tokenize_captions(sentences)
+    mismatches = [(s, j, o) for s, j, o in zip(sentences, jar, ours) if j != o]
+    assert not mismatches, f"{len(mismatches)} lines differ from the jar (text, jar, ours): {mismatches[:3]}"
+    # the jar reads all captions as one text: the next caption can change the last token of this one
+    assert metrics.nlg_tokenize_captions(["Segment I.", "The heart.", "No.", "5 lines", "No."]) == [
+        "segment i", "the heart", "no.", "5 lines", "no"]
+    assert metrics.nlg_tokenize("Segment I.") == "segment i."
+
+
+def test_nlg_metrics_equal_pycocoevalcap_on_report_pairs():
+    """BLEU-1..4, ROUGE-L and CIDEr-D of nlg_metrics on raw report text equal pycocoevalcap's scorers on the jar's
+    tokens (COCOEvalCap's pipeline) to 1e-9, on a few hundred report pairs with list numbers, <BR> tags, XXXX."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    pairs = _ptb_fixture()["pairs"]
+    refs, hyps = {k: r for k, r, *_ in pairs}, {k: h for k, _, h, *_ in pairs}
+    gts, res = {k: jr for k, _, _, jr, _ in pairs}, {k: [jh] for k, _, _, _, jh in pairs}
+    assert (refs, hyps) == ptb_cases.report_pairs(0, ptb_cases.N_PAIRS), \
+        "tests/ptb_cases.py changed: regenerate the fixture with `python tests/ptb_cases.py` (needs java)"
+    if shutil.which("java") is not None:
+        assert ptb_cases.coco_tokenize(refs, hyps) == (gts, {k: v[0] for k, v in res.items()})
+    out = metrics.nlg_metrics(refs, hyps)
+    bleus = Bleu(4).compute_score(gts, res, verbose=0)[0]
+    for n in range(4):
+        assert out[f"BLEU_{n + 1}"] == pytest.approx(bleus[n], abs=1e-9)
+    assert out["ROUGE_L"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-9)
+    assert out["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-9)
 
 
 @needs_java

@@ -98,5 +98,5 @@ def test_missing_text_with_no_prompts_is_the_empty_text():
 def test_config_validation():
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(dim=30, heads=4)
-    with pytest.raises(ValueError, match="prompt_mode"):
+    with pytest.raises(ValueError, match="--prompt-mode"):  # the flag's name (issue 9: errors name the flag)
         ModelConfig(prompt_mode="dynamic")

@@ -1,16 +1,22 @@
-"""MLM masking, ITM negatives, the ITC loss against a hand computation, and gradients for every objective set."""
+"""MLM masking, ITM negatives, the ITC loss against a hand computation, fp32 under bf16 autocast, the logit-scale
+clamp, and gradients for every objective set."""
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from ptunifier_min import data, engine, objectives
 from ptunifier_min.config import PRESETS, TrainConfig, build
-from ptunifier_min.model import PTUnifier
-from ptunifier_min.objectives import (IGNORE, freeze_unused, itc_loss, itm_negatives, mask_tokens,
-                                      pretraining_loss)
+from ptunifier_min.model import PTUnifier, Prompts
+from ptunifier_min.objectives import (IGNORE, freeze_unused, hard_negative_probs, itc_loss, itm_loss, itm_negatives,
+                                      mask_step, mask_tokens, mlm_loss, pretraining_loss, valid_negatives)
 
 PAD, UNK, CLS, SEP, MASK = range(5)
 SPECIAL = {"ids": [CLS, SEP, PAD], "mask": MASK}
@@ -77,20 +83,76 @@ def test_itc_loss_equals_hand_computation():
 
 def test_itm_negatives_never_pick_the_same_image():
     index = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])
+    valid = valid_negatives(index, torch.arange(8)[:, None])  # eight different texts
     g = torch.Generator().manual_seed(0)
-    for sim in (None, torch.randn(8, 8)):
+    for probs in (None, hard_negative_probs(torch.randn(8, 8), torch.eye(8), torch.tensor(1.0), valid)):
         for _ in range(50):
-            neg = itm_negatives(index, g, sim)
+            neg = itm_negatives(valid, g, probs)
             assert (index[neg] != index).all()
     with pytest.raises(ValueError, match="two different images"):
-        itm_negatives(torch.tensor([5, 5]), g)
+        itm_negatives(valid_negatives(torch.tensor([5, 5]), torch.tensor([[1], [2]])), g)
+
+
+def test_itm_negatives_exclude_same_text_and_same_file(monkeypatch):
+    """Item 4: a negative must show another file AND carry another text (a shared sentence is a true match)."""
+    image_id = torch.tensor([10, 11, 12, 12, 13, 14])  # pairs 2 and 3 show one file (a figure under two ids)
+    text = torch.tensor([[1, 7, 2], [1, 8, 2], [1, 9, 2], [1, 5, 2], [1, 7, 2], [1, 6, 2]])  # pairs 0, 4: one text
+    valid = valid_negatives(image_id, text)
+    expected = torch.ones(6, 6, dtype=torch.bool)
+    for i, j in [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (2, 3), (3, 2), (0, 4), (4, 0)]:
+        expected[i, j] = False
+    assert torch.equal(valid, expected)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        assert valid[torch.arange(6), itm_negatives(valid, g)].all()
+    # pretraining_loss builds that matrix from the batch: padding differs, the texts (token ids) are what count
+    cfg = build(TrainConfig, {**PRESETS["tiny"], "objectives": "itm", "vocab_size": 100})
+    batch = fake_batch()
+    batch["image_id"] = image_id
+    batch["input_ids"][4], batch["attention_mask"][4] = batch["input_ids"][0], batch["attention_mask"][0]
+    seen = {}
+    real = objectives.itm_negatives
+
+    def spy(valid, *args):
+        seen["valid"] = valid
+        return real(valid, *args)
+    monkeypatch.setattr(objectives, "itm_negatives", spy)
+    pretraining_loss(PTUnifier(cfg.model), batch, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(seen["valid"], expected)
+
+
+def test_pretraining_batches_carry_the_image_file(tmp_path):
+    """Item 4: the collate gives every sample an int64 identity of its resolved image file, equal for one file under
+    two records (here through a symbolic link), different for different files, the same in every process."""
+    tok = data.train_tokenizer(["no pneumothorax. small effusion."] * 3, 60, str(tmp_path / "tokenizer.json"))
+    paths = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    for p in paths:
+        Image.new("L", (8, 8)).save(p)
+    os.symlink(paths[0], tmp_path / "link.png")
+    records = [{"id": str(i), "image": p, "texts": ["No pneumothorax."]}
+               for i, p in enumerate(paths + [str(tmp_path / "link.png")])]
+    ds = data.PretrainDataset(records, data.ImageTransform(8))
+    batch = data.pretrain_collate(tok, 8)([ds[i] for i in range(3)])
+    ids = batch["image_id"]
+    assert ids.dtype == torch.int64 and ids[0] == ids[2] and ids[0] != ids[1]
+    code = f"from ptunifier_min import data; print(data.file_id({paths[1]!r}))"  # another process, another hash salt
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "1"}, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert int(other.stdout) == ids[1]
 
 
 def fake_batch(B=6):
     ids, mask = text_batch(B=B, T=12, V=100)
     torch.manual_seed(1)
     return {"image": torch.randn(B, 3, 32, 32), "input_ids": ids, "attention_mask": mask,
-            "index": torch.arange(B)}
+            "index": torch.arange(B), "image_id": torch.arange(B) + 100}
+
+
+def pretraining_step_loss(model, batch, cfg, seed=0):
+    """One single-micro-step loss as train.py computes it: the step's MLM targets first, then the losses."""
+    if "mlm" in cfg.objective_set():
+        mask_step([batch], cfg, torch.Generator().manual_seed(seed), SPECIAL)
+    return pretraining_loss(model, batch, cfg, torch.Generator().manual_seed(seed + 1))
 
 
 @pytest.mark.parametrize("objectives", OBJECTIVE_SETS)
@@ -98,7 +160,7 @@ def test_every_trainable_parameter_gets_a_gradient(objectives):
     cfg = build(TrainConfig, {**PRESETS["tiny"], "objectives": objectives, "vocab_size": 100})
     model = PTUnifier(cfg.model)
     frozen = freeze_unused(model, cfg.objective_set())
-    loss, stats = pretraining_loss(model, fake_batch(), cfg, torch.Generator().manual_seed(0), SPECIAL)
+    loss, stats = pretraining_step_loss(model, fake_batch(), cfg)
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
     assert not missing, f"no gradient for {missing}"
@@ -116,13 +178,89 @@ def test_hard_negatives_follow_the_similarities():
     sim = torch.full((6, 6), -50.0)
     sim[torch.arange(6), (torch.arange(6) + 2) % 6] = 50.0  # text i looks most like image i + 2
     sim[torch.arange(6), torch.arange(6)] = 100.0  # its own image scores higher still, and must be excluded
-    neg = itm_negatives(index, torch.Generator().manual_seed(0), sim)
+    valid = valid_negatives(index, index[:, None])
+    probs = hard_negative_probs(sim, torch.eye(6), torch.tensor(1.0), valid)  # text features x identity = sim
+    neg = itm_negatives(valid, torch.Generator().manual_seed(0), probs)
     assert torch.equal(neg, (torch.arange(6) + 2) % 6)
 
 
+def test_hard_negatives_are_sharp_at_a_global_batch_of_256():
+    """Item 2: ALBEF samples from softmax(sim / temperature); softmax of raw cosines in [-1, 1] is nearly uniform."""
+    G = 256
+    g = torch.Generator().manual_seed(0)
+    sim = 0.1 + 0.05 * torch.randn(G, G, generator=g)  # realistic cosines of a young model: unrelated pairs near 0.1
+    sim[torch.arange(G), torch.arange(G)] = 0.6  # the positives
+    hardest = (torch.arange(G) + 1) % G
+    sim[torch.arange(G), hardest] = 0.45  # one look-alike per text
+    valid = valid_negatives(torch.arange(G), torch.arange(G)[:, None])
+    scale = torch.tensor(1 / 0.07, requires_grad=True)  # the ITC logit scale at initialisation, detached inside
+    probs = hard_negative_probs(sim, torch.eye(G), scale, valid)
+    p_hardest = probs[torch.arange(G), hardest]
+    assert (p_hardest > 20 / (G - 1)).all(), p_hardest.min()  # uniform is 1 / 255; raw cosines give ~1.4 / 255
+    assert not probs.requires_grad and torch.allclose(probs.sum(1), torch.ones(G, dtype=probs.dtype))
+    assert (probs[~valid] == 0).all()
+
+
+def test_hard_negatives_need_itc():
+    with pytest.raises(ValueError, match="itm-hard-negatives .* add itc to --objectives"):
+        build(TrainConfig, {"objectives": "mlm,itm", "itm_hard_negatives": True})
+    build(TrainConfig, {"objectives": "itm,itc", "itm_hard_negatives": True})
+
+
 def test_hard_negative_itm_trains():
-    cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100, "itm_hard_negatives": True})
+    cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100, "itm_hard_negatives": True, "w_mlm": 0.5,
+                              "w_itc": 2.0})
     model = PTUnifier(cfg.model)
-    loss, stats = pretraining_loss(model, fake_batch(), cfg, torch.Generator().manual_seed(0), SPECIAL)
+    loss, stats = pretraining_step_loss(model, fake_batch(), cfg)
     loss.backward()
     assert torch.isfinite(loss) and model.itm_head.fc1.weight.grad.abs().sum() > 0
+    # the logged `loss` is the weighted total that is optimised (item 9)
+    weighted = 0.5 * stats["mlm_loss"] + stats["itm_loss"] + 2.0 * stats["itc_loss"]
+    assert stats["loss"] == loss.detach() and float(stats["loss"]) == pytest.approx(float(weighted), rel=1e-6)
+
+
+def test_contrastive_products_and_losses_are_fp32_under_bf16_autocast():
+    """Item 3: inside a bf16 autocast a.float() @ b.float().t() is still a bf16 product (0.1 off at scale 100)."""
+    g = torch.Generator().manual_seed(0)
+    zi, zt = (F.normalize(torch.randn(64, 32, generator=g), dim=-1) for _ in range(2))
+    scale = torch.tensor(100.0)
+    valid = valid_negatives(torch.arange(64), torch.arange(64)[:, None])
+    logits, labels = 5 * torch.randn(40, 100, generator=g), torch.randint(0, 100, (40,), generator=g)
+    pair_logits, matched = torch.randn(40, 2, generator=g), torch.rand(40, generator=g) < 0.5
+    pool = Prompts("pool", 64, 8, 32)
+    torch.nn.init.normal_(pool.weight, generator=g)
+    query = torch.randn(512, 32, generator=g)
+
+    def compute():
+        return {"itc": itc_loss(zi, zt, scale)[0], "hard negatives": hard_negative_probs(zt, zi, scale, valid),
+                "mlm": mlm_loss(logits, labels)[0], "itm": itm_loss(pair_logits, matched)[0],
+                "pool selection": pool(query)[1]}
+    reference = compute()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compute()
+    for name, ref in reference.items():
+        assert got[name].dtype == ref.dtype and torch.equal(got[name], ref), name
+    assert reference["itc"].dtype == torch.float32
+    # the test can fail: bf16 scores would select other pool rows for some of these queries
+    bf16 = (query.bfloat16() @ pool.weight.detach().bfloat16().t()).topk(8).indices
+    assert not torch.equal(bf16, reference["pool selection"])
+
+
+def test_logit_scale_is_clamped_after_the_step_not_in_the_forward_pass():
+    """Item 6: a clamp in the forward pass zeroes the gradient past log(100), so the scale could never come back."""
+    cfg = build(TrainConfig, {**PRESETS["tiny"], "objectives": "itc", "vocab_size": 100})
+    model = PTUnifier(cfg.model)
+    freeze_unused(model, cfg.objective_set())
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100) + 0.5)  # where AdamW can push it
+    assert model.itc_scale().item() == pytest.approx(100 * math.exp(0.5))
+    loss, _ = pretraining_step_loss(model, fake_batch(), cfg)
+    loss.backward()
+    assert model.logit_scale.grad.abs() > 0
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # the clamp alone moves it
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    assert engine.optimizer_step(model, opt, sched, loss, 1.0, engine.Dist()) is not None
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    fixed = PTUnifier(build(TrainConfig, {**PRESETS["tiny"], "itc_temperature": 0.001,
+                                          "learn_temperature": False}).model)
+    assert fixed.itc_scale().item() == pytest.approx(100)  # a fixed temperature below 0.01 is bounded as before

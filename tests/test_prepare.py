@@ -226,7 +226,7 @@ def test_mimic_rules_gz_and_csv(tmp_path):
     for gz in (True, False):
         raw = make_mimic(str(tmp_path / f"raw{gz}"), gz=gz)
         out = str(tmp_path / f"out{gz}")
-        folders = P.prepare("mimic_cxr", raw, out)
+        folders = P.prepare("mimic_cxr", raw, out, allow_empty=True)  # 3 studies: some splits are empty
         assert [os.path.basename(f) for f in folders] == ["mimic_cxr", "mimic_gen", "mimic_sum"]
         results.append({os.path.basename(f): (read_meta(f)["counts"], read_meta(f)["dropped"],
                                               [read_split(f, s) for s in P.SPLITS]) for f in folders})
@@ -254,7 +254,7 @@ def test_mimic_rules_gz_and_csv(tmp_path):
 def test_mimic_sectioned_csv_is_used(tmp_path):
     raw = make_mimic(str(tmp_path / "raw"), sectioned=[["s50000002", "Line tip in the SVC.",
                                                         "Right IJ line is in place.", "", ""]])
-    folders = P.prepare("mimic_cxr", raw, str(tmp_path / "out"))
+    folders = P.prepare("mimic_cxr", raw, str(tmp_path / "out"), allow_empty=True)
     val = read_split(folders[1], "val")
     assert [r["target"] for r in val] == ["Right IJ line is in place."]
     assert "mimic_cxr_sectioned.csv" in read_meta(folders[0])["rules"]["texts"]
@@ -325,7 +325,7 @@ def test_radnli(tmp_path):
     _lines(str(raw / "mli_train_v1.jsonl"), [json.dumps({"pairID": "u1", "sentence1": "No effusion.",
                                                          "sentence2": "Lungs are clear.", "gold_label": "neutral"})])
     for name, label in (("radnli_dev_v1.jsonl", "entailment"), ("radnli_test_v1.jsonl", "contradiction")):
-        _lines(str(raw / name), [json.dumps({"pair_id": "7", "sentence1": "Heart  size normal.",
+        _lines(str(raw / name), [json.dumps({"pair_id": label[0], "sentence1": "Heart  size normal.",
                                              "sentence2": "No cardiomegaly.", "gold_label": label})])
     (folder,) = P.prepare("radnli", str(raw), str(tmp_path / "out"))
     assert read_split(folder, "train")[0] == {"id": "u1", "text_a": "No effusion.", "text_b": "Lungs are clear.",
@@ -394,10 +394,11 @@ def test_missing_column_names_columns_found(tmp_path):
 
 def test_malformed_json_line(tmp_path):
     raw = tmp_path / "raw"
-    good = json.dumps({"pair_id": "1", "sentence1": "a b c", "sentence2": "d e f", "gold_label": "neutral"})
+    def good(pid):  # ids differ across the three files, as in the release
+        return json.dumps({"pair_id": pid, "sentence1": "a b c", "sentence2": "d e f", "gold_label": "neutral"})
     for name in ("mli_train_v1.jsonl", "radnli_dev_v1.jsonl", "radnli_test_v1.jsonl"):
-        _lines(str(raw / name), [good])
-    _lines(str(raw / "radnli_dev_v1.jsonl"), [good, '{"pair_id": "2", "sentence1": '])
+        _lines(str(raw / name), [good(name)])
+    _lines(str(raw / "radnli_dev_v1.jsonl"), [good("1"), '{"pair_id": "2", "sentence1": '])
     with pytest.raises(ValueError, match=r"radnli_dev_v1\.jsonl, line 2: malformed JSON"):
         P.prepare("radnli", str(raw), str(tmp_path / "out"))
 

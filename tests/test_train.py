@@ -94,6 +94,27 @@ def test_torchrun_two_processes_stay_identical(synth_root, tmp_path):
     assert "all 2 ranks hold identical parameters" in run.stdout
     assert "global batch 8 = 4 per device x 1 accumulation x 2 ranks" in run.stdout
     assert engine.resolve_checkpoint(str(tmp_path)).endswith("step_0000006")
+    assert "on 8 synthetic ROCO test pairs" in run.stdout  # no --data-root: the embedded world
+    # pool usage counts every rank's selections: what 1 process selects for the same global batch (before: rank 0's)
+    train.main(flags(synth_root, tmp_path / "one", "--steps", 6, "--batch-size", 8))
+    two, one = read_log(tmp_path), read_log(tmp_path / "one")
+    assert sorted(two) == sorted(one) == [5, 6]
+    for step in one:
+        for k in ("selected_visual", "selected_textual"):
+            assert two[step][f"{k}_rows"] == one[step][f"{k}_rows"], (step, k)
+            assert two[step][f"{k}_entropy"] == pytest.approx(one[step][f"{k}_entropy"], rel=1e-9), (step, k)
+
+
+def test_logged_loss_is_the_weighted_total_and_real_data_is_not_called_synthetic(synth_root, tmp_path, capsys):
+    prepared = os.path.join(synth_root, "tiny", "prepared")  # given as --data-root, as a user's prepared data is
+    train.main(["--preset", "tiny", "--data-root", prepared, "--out", str(tmp_path), "--eval-pairs", "8",
+                "--steps", "3", "--log-every", "1", "--w-mlm", "0.5", "--w-itc", "2"])
+    out = capsys.readouterr().out
+    assert "zero-shot retrieval on 8 ROCO test pairs" in out
+    log = read_log(tmp_path)
+    assert sorted(log) == [1, 2, 3]
+    for rec in log.values():  # the optimised total, not the unweighted sum
+        assert rec["loss"] == pytest.approx(0.5 * rec["mlm_loss"] + rec["itm_loss"] + 2 * rec["itc_loss"], rel=1e-6)
 
 
 def test_non_finite_steps_are_skipped_then_stop_training(synth_root, tmp_path, monkeypatch):

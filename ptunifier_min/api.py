@@ -1,0 +1,195 @@
+"""Use a trained checkpoint from Python: ITC embeddings, similarities, ITM match probabilities, features, predictions.
+
+    import ptunifier_min
+    m = ptunifier_min.load("runs/pretrain")          # a run folder (its `latest`) or a step folder
+    zi = m.encode_images(["a.jpg", pil_image])       # [N, d] L2-normalised ITC embeddings (fp32)
+    zt = m.encode_texts(["pleural effusion", "no effusion"])
+    s = m.similarity(zi, zt)                         # cosine x logit scale
+    p = m.match(["a.jpg"], ["small left effusion"])  # ITM probability that image i and text i match
+    f = m.features(image="a.jpg", text="...")        # pooled [N, 2D] and token states of any of the three passes
+    m.predict(image="a.jpg")                          # fine-tuning runs: label probabilities, answer or report
+
+Loading is safe: weights from safetensors only (trainer.pt, the only pickle, is never read), the config is checked
+against this version (unknown keys are an error that lists them), and the tokenizer and image size come from the
+checkpoint itself. The model runs in eval mode under no_grad, in batches, on any device, in fp32 or bf16.
+"""
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from . import config as config_lib
+from . import data, engine, tasks
+from .generation import beam_search, encoder_memory
+from .model import PTUnifier
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class Model:
+    """A loaded checkpoint: the model in eval mode, its tokenizer, its image transform and (fine-tuning) its task."""
+
+    def __init__(self, model, tok, cfg, task=None, meta=None, device="cpu", dtype=torch.float32, batch_size=32):
+        self.model, self.tok, self.cfg, self.task, self.meta = model, tok, cfg, task, meta
+        self.backbone = model.backbone if task else model
+        self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
+        self.transform = data.ImageTransform(cfg.model.image_size)  # the evaluation transform: resize + center crop
+
+    # ---- inputs ------------------------------------------------------------------------------------------------------
+    def _images(self, images):
+        """Paths or PIL images -> [N, 3, S, S] on the model's device and dtype."""
+        x = [self.transform(data.load_image(i) if isinstance(i, (str, os.PathLike)) else i.convert("L"))
+             for i in images]
+        return torch.stack(x).to(self.device, self.dtype)
+
+    def _texts(self, texts, pairs=None):
+        if pairs is not None:
+            ids, mask = data.encode_pairs(self.tok, texts, pairs, self.cfg.model.max_text_len)
+        else:
+            ids, mask = data.encode_texts(self.tok, texts, self.cfg.model.max_text_len)
+        return ids.to(self.device), mask.to(self.device)
+
+    def _batches(self, n):
+        return [slice(i, i + self.batch_size) for i in range(0, n, self.batch_size)]
+
+    # ---- pre-training heads ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images):
+        """[N, d] L2-normalised ITC embeddings of images (paths or PIL images), image-only passes."""
+        images = _as_list(images)
+        bb = self.backbone
+        return torch.cat([bb.itc_features(bb(image=self._images(images[s])).pooled, "image") for s in
+                          self._batches(len(images))])
+
+    @torch.no_grad()
+    def encode_texts(self, texts):
+        """[N, d] L2-normalised ITC embeddings of texts, text-only passes."""
+        texts, bb = _as_list(texts), self.backbone
+        out = []
+        for s in self._batches(len(texts)):
+            ids, mask = self._texts(texts[s])
+            out.append(bb.itc_features(bb(input_ids=ids, attention_mask=mask).pooled, "text"))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def similarity(self, image_embeddings, text_embeddings):
+        """[N_img, N_txt] cosine similarities times the learned logit scale (the ITC logits)."""
+        return image_embeddings.float() @ text_embeddings.float().t() * self.backbone.itc_scale().float()
+
+    @torch.no_grad()
+    def match(self, images, texts):
+        """[N] ITM probability that images[i] and texts[i] match (one fused pass per pair)."""
+        images, texts = _as_list(images), _as_list(texts)
+        if len(images) != len(texts):
+            raise ValueError(f"match takes pairs: {len(images)} images vs {len(texts)} texts")
+        out = []
+        for s in self._batches(len(images)):
+            ids, mask = self._texts(texts[s])
+            pooled = self.backbone(image=self._images(images[s]), input_ids=ids, attention_mask=mask).pooled
+            out.append(self.backbone.itm_logits(pooled).float().softmax(-1)[:, 1])
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def features(self, image=None, text=None):
+        """The backbone's output for images, texts or pairs (whichever are given; the prompts stand in for the other).
+
+        Returns {"pooled": [N, 2D] IMG_CLS ++ CLS, "hidden": [N, T, D] final states (padding positions included),
+        "n_visual": where the textual part starts}. One batch: call it per chunk for many inputs.
+        """
+        kw = {}
+        if image is not None:
+            kw["image"] = self._images(_as_list(image))
+        if text is not None:
+            kw["input_ids"], kw["attention_mask"] = self._texts(_as_list(text))
+        enc = self.backbone(**kw)
+        return {"pooled": enc.pooled.float(), "hidden": enc.hidden.float(), "n_visual": enc.n_visual}
+
+    # ---- fine-tuned task ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, image=None, text=None, text_b=None):
+        """The task's output per input: {label: probability} (classification, NLI), the answer string (VQA) or the
+        generated text (summarisation, report generation)."""
+        if self.task is None:
+            raise ValueError("predict needs a fine-tuning checkpoint; this is a pre-training one (use encode_*, match)")
+        kind = self.task.kind
+        if kind == "retrieval":
+            raise ValueError("a retrieval checkpoint has no predict: use encode_images / encode_texts / similarity")
+        n = len(_as_list(image if image is not None else text))
+        out = []
+        for s in self._batches(n):
+            batch = {}
+            if kind in tasks.IMAGE_INPUT:
+                if image is None:
+                    raise ValueError(f"task {self.task.name} reads an image: pass image=")
+                batch["image"] = self._images(_as_list(image)[s])
+            if kind in ("nli", "vqa", "summarize"):
+                if text is None or (kind == "nli" and text_b is None):
+                    raise ValueError(f"task {self.task.name} reads " + ("text= and text_b=" if kind == "nli" else
+                                                                         "text="))
+                b = _as_list(text_b)[s] if kind == "nli" else None
+                batch["input_ids"], batch["attention_mask"] = self._texts(_as_list(text)[s], b)
+            out += self._predict_batch(batch)
+        return out
+
+    def _predict_batch(self, batch):
+        kind, m = self.task.kind, self.model
+        if kind in tasks.GENERATE:
+            sp = data.special_ids(self.tok)
+            memory, memory_mask = encoder_memory(m.backbone, **m.encoder_inputs(batch))
+            ids = beam_search(m.decoder, memory, memory_mask, sp["cls"], sp["sep"], sp["pad"], self.cfg.beam_size,
+                              self.cfg.max_gen_len - 1, self.cfg.length_penalty)
+            return [self.tok.decode(i) for i in ids]
+        logits = m(batch).float()
+        if kind == "vqa":
+            return [self.meta["answers"][i] for i in logits.argmax(-1).tolist()]
+        names = self.meta.get("label_names") or [self.task.name]
+        probs = logits.softmax(-1) if kind == "nli" else logits.sigmoid()
+        return [dict(zip(names, row)) for row in probs.tolist()]
+
+
+def _config(ckpt):
+    """The run's config from <ckpt>/config.json; keys this version does not know are an error listing them."""
+    saved = engine.read_checkpoint_config(ckpt)["config"]
+    cls = config_lib.FinetuneConfig if "task" in saved else config_lib.TrainConfig
+    known_run = {f.name for f in dataclasses.fields(cls)} - {"model"}
+    known_model = {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
+    unknown = sorted(set(saved) - known_run - {"model"}) + sorted(f"model.{k}" for k in
+                                                                  set(saved.get("model", {})) - known_model)
+    if unknown or "model" not in saved:
+        raise engine.CheckpointError(f"{os.path.join(ckpt, 'config.json')} is from another version of ptunifier-min:"
+                                     f" keys this version does not know: {', '.join(unknown) or 'no model section'}")
+    for k in ("image_size", "max_text_len"):
+        if k not in saved["model"]:
+            raise engine.CheckpointError(f"{os.path.join(ckpt, 'config.json')}: no model.{k} (the image transform "
+                                         "and the text length depend on it)")
+    return config_lib.from_dict(cls, saved)
+
+
+def load(path, device="cpu", dtype=torch.float32, batch_size=32):
+    """Load a pre-training or fine-tuning checkpoint (run folder or step folder) for inference."""
+    ckpt = engine.resolve_checkpoint(path)
+    cfg = _config(ckpt)
+    tok = data.load_tokenizer(engine.checkpoint_tokenizer(ckpt))
+    if tok.get_vocab_size() != cfg.model.vocab_size:
+        raise engine.CheckpointError(f"{engine.checkpoint_tokenizer(ckpt)} has {tok.get_vocab_size()} tokens, the "
+                                     f"model in {ckpt} {cfg.model.vocab_size}")
+    backbone = PTUnifier(cfg.model)
+    task = meta = None
+    model = backbone
+    if isinstance(cfg, config_lib.FinetuneConfig):
+        task = tasks.get_task(cfg.task)
+        meta_path = os.path.join(ckpt, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise engine.CheckpointError(f"{meta_path} not found: a fine-tuning checkpoint needs its task's label "
+                                         "names / answers (finetune.py copies meta.json into it)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len)
+    engine.load_weights(ckpt, model, strict=True)  # lists missing, unexpected and mis-shaped tensors
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Model(model, tok, cfg, task, meta, device, dtype, batch_size)
+

@@ -1,0 +1,69 @@
+"""--precision auto by the device's capability, and the attention kernel by device and precision (issue 11, item 5).
+No test here depends on the machine's own CPU: the flags are monkeypatched or read from files written here."""
+
+import pytest
+import torch
+
+from ptunifier_min import engine
+from ptunifier_min.model import attend
+
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov sse sse2 avx avx2 avx512f avx512bw"
+
+
+@pytest.mark.parametrize("flags, cpu", [(set(), "fp32"), ({"avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"),
+                                        ({"avx512_bf16", "amx_bf16"}, "bf16")])
+def test_auto_precision_follows_the_cpu_flags(monkeypatch, flags, cpu):
+    monkeypatch.setattr(engine, "cpu_bf16_flags", lambda: flags)
+    assert engine.resolve_precision("auto", CPU) == cpu
+    assert engine.resolve_precision("auto", CUDA) == "bf16"  # every CUDA card we train on has bf16 tensor cores
+    assert engine.resolve_precision("auto", MPS) == "fp32"
+    for forced in ("fp32", "bf16"):  # an explicit choice is never overridden
+        assert engine.resolve_precision(forced, CPU) == forced
+    with pytest.raises(ValueError, match="--precision must be auto, bf16 or fp32, got 'fp16'"):
+        engine.resolve_precision("fp16", CPU)
+
+
+def test_cpu_bf16_flags_reads_cpuinfo(tmp_path, monkeypatch):
+    monkeypatch.delenv("PTUNIFIER_NO_CPU_BF16", raising=False)
+
+    def cpuinfo(flags):
+        p = tmp_path / "cpuinfo"
+        p.write_text(f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\nbugs\t\t: avx512_bf16_bug\n\n"
+                     f"processor\t: 1\nflags\t\t: {flags}\n")
+        return str(p)
+    assert engine.cpu_bf16_flags(cpuinfo(FLAGS)) == set()  # AVX2 / AVX512 without bf16: emulated, slow
+    assert engine.cpu_bf16_flags(cpuinfo(FLAGS + " avx512_bf16 avx512_vnni")) == {"avx512_bf16"}
+    assert engine.cpu_bf16_flags(cpuinfo(FLAGS + " amx_bf16 amx_tile avx512_bf16")) == {"amx_bf16", "avx512_bf16"}
+    assert engine.cpu_bf16_flags(cpuinfo("avx512_bf16x")) == set()  # whole flags only
+    assert engine.cpu_bf16_flags(str(tmp_path / "absent")) == set()  # no /proc/cpuinfo (not Linux): fp32
+    # the suite's switch (conftest.py) empties it whatever the CPU says
+    monkeypatch.setenv("PTUNIFIER_NO_CPU_BF16", "1")
+    assert engine.cpu_bf16_flags(cpuinfo(FLAGS + " avx512_bf16")) == set()
+
+
+def test_attention_kernel_by_device_and_precision(monkeypatch):
+    """CPU fp32: the fused SDPA kernel. CPU bf16: the textbook formula, which ran faster there (model.attend). Both
+    agree with an fp64 reference to their precision; the SDPA-vs-manual equivalence tests live in test_model.py."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or
+                        sdpa(*a, **kw))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 16, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    ref = attend(q.double(), k.double(), v.double(), mask, manual=True)
+
+    out = attend(q, k, v, mask)
+    assert len(calls) == 1  # fp32 on a CPU: SDPA
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = attend(qb, kb, vb, mask)
+    assert len(calls) == 1 and out.dtype == torch.bfloat16  # bf16 on a CPU: not SDPA, the textbook formula
+    assert torch.equal(out, attend(qb, kb, vb, mask, manual=True))
+    torch.testing.assert_close(out.double(), ref, atol=0.05, rtol=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in training: autocast hands attend bf16 q, k, v
+        linear = torch.nn.Linear(16, 16)
+        attend(linear(q), linear(k), linear(v), mask)
+    assert len(calls) == 1

@@ -1,0 +1,291 @@
+"""Run folders are owned, and resuming is honest (issue 9): a lock per --out, no re-run into an earlier run unless
+--resume or --overwrite (which moves it aside), keep-last that deletes only this run's checkpoints, atomic writes that
+say "disk full", resume that refuses what cannot change and applies what may (learning rates included), a log cut
+back to the resumed step, and SIGTERM / SIGINT that say where the last checkpoint is and how to resume."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+import finetune
+import train
+from ptunifier_min import data, engine, tasks
+from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict
+from ptunifier_min.model import PTUnifier
+from ptunifier_min.world import ensure_prepared
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny synthetic world at the place test_finetune.py uses, so that one session prepares it once."""
+    root = str(tmp_path_factory.getbasetemp() / "ptu_world")
+    cfg = build(FinetuneConfig, {**FINETUNE_PRESETS["tiny"], "synth_root": root})
+    ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", tasks.TASKS["chexpert"].folder], engine.Dist(),
+                    lambda *a: None)
+    return root
+
+
+def pretrain(world, out, *extra):
+    return train.main(["--preset", "tiny", "--synth-root", world, "--out", str(out), "--eval-pairs", "0",
+                       "--precision", "fp32", *map(str, extra)])
+
+
+def log_steps(out):
+    """The steps of the training records in out/log.jsonl, in file order (validation records left out)."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [r["step"] for r in map(json.loads, f) if any(k.endswith("loss") for k in r)]
+
+
+def loads(ckpt):
+    """The checkpoint exists, its config rebuilds its model and its weights load into it."""
+    with open(os.path.join(ckpt, "config.json")) as f:
+        cfg = json.load(f)["config"]
+    model = PTUnifier((from_dict(FinetuneConfig, cfg) if "task" in cfg else from_dict(TrainConfig, cfg)).model)
+    if "task" in cfg:  # a fine-tuned checkpoint also holds its task head: check the backbone's tensors
+        state = load_file(os.path.join(ckpt, "model.safetensors"))
+        own = model.state_dict()
+        return all(state[f"backbone.{k}"].shape == v.shape for k, v in own.items())
+    engine.load_weights(ckpt, model)
+    return True
+
+
+def tiny_model():
+    cfg = build(TrainConfig, PRESETS["tiny"])
+    return cfg, PTUnifier(cfg.model)
+
+
+# ---- keep-last, atomic writes, the log ------------------------------------------------------------------------------
+def test_keep_last_removes_only_the_checkpoints_this_run_wrote(tmp_path):
+    """The issue's `--steps 20` then `--steps 10 --save-every 10`: the old rule kept the last of sorted(step_*), so an
+    earlier run's step_0000020 outlived the new step_0000010 and `latest` named a deleted folder."""
+    cfg, model = tiny_model()
+    engine.save_checkpoint(str(tmp_path / "earlier"), 20, model, cfg, {"step": 20})
+    os.replace(tmp_path / "earlier" / "step_0000020", tmp_path / "step_0000020")  # written by another process
+    engine.save_checkpoint(str(tmp_path), 10, model, cfg, {"step": 10})
+    assert engine.resolve_checkpoint(str(tmp_path)).endswith("step_0000010") and loads(tmp_path / "step_0000010")
+    assert (tmp_path / "step_0000020").is_dir()  # not ours to delete
+    engine.save_checkpoint(str(tmp_path), 15, model, cfg, {"step": 15})
+    assert not (tmp_path / "step_0000010").exists() and (tmp_path / "step_0000020").is_dir()
+    assert engine.resolve_checkpoint(str(tmp_path)).endswith("step_0000015")
+
+
+def test_full_disk_during_a_checkpoint_says_so_and_leaves_the_previous_one(tmp_path, monkeypatch):
+    cfg, model = tiny_model()
+    engine.save_checkpoint(str(tmp_path), 5, model, cfg, {"step": 5})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.torch, "save", full)
+    with pytest.raises(OSError, match="disk full") as e:
+        engine.save_checkpoint(str(tmp_path), 10, model, cfg, {"step": 10})
+    assert str(tmp_path / "step_0000010") in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_0000005"]  # no .tmp_ folder left behind
+    assert engine.resolve_checkpoint(str(tmp_path)).endswith("step_0000005") and loads(tmp_path / "step_0000005")
+
+
+class _FullDisk:
+    """A file whose writes stop half-way with ENOSPC, as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, s):
+        self.f.write(s[:len(s) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_during_a_json_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    engine.write_json(str(path), {"before": 1})
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        f = open(file, mode, *args, **kwargs)
+        return _FullDisk(f) if "w" in mode else f
+
+    for module in (engine, data):  # wherever the writer lives, its open() meets a full disk
+        monkeypatch.setattr(module, "open", open_on_a_full_disk, raising=False)
+    with pytest.raises(OSError, match="disk full") as e:
+        engine.write_json(str(path), {"after": 2})
+    assert str(path) in str(e.value)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["results.json"] and json.loads(path.read_text()) == {"before": 1}
+
+
+def test_log_is_cut_back_to_the_resumed_step(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    log = engine.Log(str(path), True, resume_step=4)
+    log.write({"step": 5, "loss": 0.5})
+    log.f.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert os.listdir(tmp_path) == ["log.jsonl"]
+
+
+# ---- the lock --------------------------------------------------------------------------------------------------------
+def test_second_run_on_one_out_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {REPO!r}); "
+                               "from ptunifier_min import engine; "
+                               f"engine.claim_run_folder({str(out)!r}); print('claimed', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(SystemExit, match=f"in use by another run \\(pid {holder.pid} on .*, started "):
+            engine.claim_run_folder(str(out))
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs
+        holder.wait()
+    engine.claim_run_folder(str(out))  # the kernel dropped the lock with the process
+
+
+def test_unwritable_out_is_refused_before_any_data_is_read(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write to --out"):
+        engine.claim_run_folder(str(tmp_path / "a_file" / "run"))
+    with pytest.raises(SystemExit, match="cannot write to --out"):
+        train.main(["--preset", "tiny", "--synth-root", str(tmp_path / "world"), "--out", str(tmp_path / "a_file")])
+    assert not (tmp_path / "world").exists()  # stopped before the synthetic world was made
+
+
+# ---- train.py end to end ---------------------------------------------------------------------------------------------
+def test_rerun_into_an_earlier_run_is_refused_and_overwrite_moves_it_aside(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain(world, out, "--steps", 4, "--save-every", 2)
+    with pytest.raises(SystemExit, match="holds an earlier run .*--resume.*--overwrite"):
+        pretrain(world, out, "--steps", 2, "--save-every", 2)
+    assert engine.resolve_checkpoint(str(out)).endswith("step_0000004") and loads(out / "step_0000004")
+
+    pretrain(world, out, "--steps", 2, "--save-every", 2, "--overwrite")
+    assert "--overwrite: moved the earlier run's config.json, latest, log.jsonl, step_0000004 aside" in \
+        capsys.readouterr().out
+    assert engine.resolve_checkpoint(str(out)).endswith("step_0000002") and loads(out / "step_0000002")
+    aside = [n for n in os.listdir(out) if n.startswith(".replaced-")]
+    assert len(aside) == 1 and loads(engine.resolve_checkpoint(str(out / aside[0])))
+    assert max(log_steps(out)) == 2  # a fresh log, not the earlier run's with this one appended
+
+
+def test_resume_refuses_what_cannot_change(world, tmp_path):
+    out = tmp_path / "run"
+    pretrain(world, out, "--steps", 2, "--save-every", 2)
+    with pytest.raises(SystemExit) as e:
+        pretrain(world, out, "--steps", 4, "--resume", out, "--batch-size", 4, "--query-pooling", "max",
+                 "--itc-temperature", 0.1, "--objectives", "mlm,itc", "--seed", 1)
+    message = str(e.value)
+    for name in ("--batch-size 8 -> 4", "--query-pooling 'mean' -> 'max'", "--itc-temperature 0.07 -> 0.1",
+                 "--objectives 'mlm,itm,itc' -> 'mlm,itc'", "--seed 0 -> 1"):
+        assert name in message, message
+    assert "--steps" not in message  # a resumed run may run longer
+
+
+def test_resume_from_nothing_is_an_error_naming_the_flag(world, tmp_path):
+    with pytest.raises(SystemExit, match="--resume .*: no checkpoint at"):
+        pretrain(world, tmp_path / "run", "--resume", tmp_path / "nothing")
+
+
+def test_resume_applies_new_learning_rates_and_logs_every_step_once(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    common = ["--steps", 8, "--save-every", 4, "--log-every", 1]
+    real, calls = train.pretraining_loss, {"n": 0}
+
+    def killed_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "pretraining_loss", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(world, out, *common)
+    monkeypatch.setattr(train, "pretraining_loss", real)
+    assert log_steps(out) == [1, 2, 3, 4, 5, 6] and engine.resolve_checkpoint(str(out)).endswith("step_0000004")
+
+    capsys.readouterr()
+    pretrain(world, out, *common, "--resume", out, "--lr-backbone", 5e-4, "--lr-head", 5e-4)
+    schedule = engine.warmup_linear(8, TrainConfig().warmup_frac)
+    rows = {r["step"]: r for r in map(json.loads, open(out / "log.jsonl")) if "lr_backbone" in r}
+    for step in (5, 6, 7):  # the new peak, at the resumed position of the schedule (the old code kept 1e-3)
+        assert rows[step]["lr_backbone"] == pytest.approx(5e-4 * schedule(step)), step
+    assert log_steps(out) == list(range(1, 9))  # steps 5 and 6 once, from the resumed run
+    assert "changed for the rest of the run: --lr-backbone 0.001 -> 0.0005, --lr-head 0.001 -> 0.0005" in \
+        capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["lr_head"] == 5e-4
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_says_where_the_checkpoint_is_and_how_to_resume(world, tmp_path, sig):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--preset", "tiny", "--synth-root", world, "--out", str(out),
+           "--eval-pairs", "0", "--steps", "100000", "--save-every", "2", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "latest").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    ckpt = engine.resolve_checkpoint(str(out))
+    assert last.startswith(f"{signal.Signals(sig).name}: stopped; the last checkpoint is {ckpt}") and \
+        last.endswith(f"--resume {out}"), last
+    assert loads(ckpt) and not [n for n in os.listdir(out) if n.startswith(".tmp")]
+    engine.claim_run_folder(str(out), resume=str(out))  # the lock went with the process
+
+
+# ---- finetune.py -----------------------------------------------------------------------------------------------------
+def fine_tune(world, *extra):
+    finetune.main(["--preset", "tiny", "--synth-root", world, "--task", "chexpert", "--init", "scratch",
+                   "--eval-every", "2", "--precision", "fp32", *map(str, extra)])
+
+
+def test_finetune_rerun_into_its_default_folder(world, tmp_path, monkeypatch):
+    """The issue's case: a re-run into the default folder exited 0 with results.json naming a deleted checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "finetune" / "chexpert-scratch"
+    fine_tune(world, "--steps", 4)
+    with pytest.raises(SystemExit, match="holds an earlier run"):
+        fine_tune(world, "--steps", 2)
+    fine_tune(world, "--steps", 2, "--overwrite")
+    results = json.loads((out / "results.json").read_text())
+    assert results["best_step"] == 2 and loads(results["checkpoint"])
+    assert os.path.samefile(engine.resolve_checkpoint(str(out)), results["checkpoint"])
+
+
+def test_finetune_resume_refuses_what_cannot_change_and_cuts_the_log(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ft"
+    real, calls = engine.optimizer_step, {"n": 0}
+
+    def killed_at_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "optimizer_step", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(world, "--steps", 6, "--log-every", 1, "--out", out)
+    monkeypatch.setattr(engine, "optimizer_step", real)
+    assert log_steps(out) == [1, 2, 3]
+    with pytest.raises(SystemExit) as e:
+        fine_tune(world, "--steps", 6, "--log-every", 1, "--out", out, "--resume", out, "--data-frac", 0.5,
+                  "--val-max", 4)
+    assert "--data-frac 1.0 -> 0.5" in str(e.value) and "--val-max 128 -> 4" in str(e.value)
+    fine_tune(world, "--steps", 6, "--log-every", 1, "--out", out, "--resume", out, "--lr-head", 5e-4)
+    assert "--lr-head 0.001 -> 0.0005" in capsys.readouterr().out
+    assert log_steps(out) == [1, 2, 3, 4, 5, 6]
