@@ -19,10 +19,10 @@ import sys
 from dataclasses import dataclass
 
 from ptunifier_min import config as config_lib
-from ptunifier_min import data, engine, tasks
+from ptunifier_min import checkpoint, data, distributed, tasks
 from ptunifier_min.config import FinetuneConfig
 from ptunifier_min.model import PTUnifier
-from ptunifier_min.world import ensure_prepared
+from ptunifier_min.datasets.source import ensure_prepared
 
 ZERO_SHOT = ("roco_retrieval", "chexpert")
 
@@ -76,11 +76,11 @@ def main(argv=None):
         raise SystemExit(f"--split must be test or val, got {args.split!r}")
     if args.task:
         tasks.get_task(args.task)  # an unknown name fails here, listing the tasks
-    d = engine.setup_distributed(0)
-    precision = engine.resolve_precision(args.precision, d.device)
-    ckpt = engine.resolve_checkpoint(args.ckpt)
-    saved = engine.read_checkpoint_config(ckpt)["config"]
-    tok_path = engine.checkpoint_tokenizer(ckpt)
+    proc = distributed.setup_distributed(0)
+    precision = distributed.resolve_precision(args.precision, proc.device)
+    ckpt = checkpoint.resolve_checkpoint(args.ckpt)
+    saved = checkpoint.read_checkpoint_config(ckpt)["config"]
+    tok_path = checkpoint.checkpoint_tokenizer(ckpt)
     tok = data.load_tokenizer(tok_path)
     zero_shot = "task" not in saved  # a pre-training checkpoint: no task head, the ITC head only
 
@@ -104,26 +104,30 @@ def main(argv=None):
             setattr(cfg, k, getattr(args, k))
     cfg.eval_batch_size, cfg.num_workers, cfg.tokenizer = args.eval_batch_size, args.num_workers, tok_path
 
-    root, _ = ensure_prepared(cfg, [task.folder], d)
+    root, _ = ensure_prepared(cfg, [task.folder], proc)
     folder = os.path.join(root, task.folder)
     meta = data.read_meta(folder)
     records = data.read_split(folder, args.split)
     backbone = PTUnifier(cfg.model)
     print(f"{'zero-shot' if zero_shot else 'fine-tuned'} {task.name} on {len(records):,} {args.split} records of "
           f"{folder}; checkpoint {ckpt}")
+    inputs = dict(image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len, device=proc.device,
+                  precision=precision)
     if zero_shot:
-        engine.load_weights(ckpt, backbone, strict=True)
-        backbone.to(d.device).eval()
+        checkpoint.load_weights(ckpt, backbone, strict=True)
+        backbone.to(proc.device).eval()
         if task.name == "chexpert":
-            m = tasks.zero_shot_classification(backbone, records, meta["label_names"], tok, cfg, d.device, precision)
-        else:
-            m = tasks.retrieval_metrics(backbone, records, tok, cfg, d.device, precision, rerank_top=args.rerank_top)
+            m = tasks.zero_shot_classification(backbone, records, meta["label_names"], tok, **inputs)
+        else:  # retrieval through the backbone's own ITC head
+            m = tasks.evaluate(backbone, task, records, tok, **inputs, rerank_top=args.rerank_top)
         init = ckpt
     else:
         model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len)
-        engine.load_weights(ckpt, model, strict=True)
-        model.to(d.device)
-        m = tasks.evaluate(model, task, records, meta, tok, cfg, d.device, precision, rerank_top=args.rerank_top)
+        checkpoint.load_weights(ckpt, model, strict=True)
+        model.to(proc.device)
+        m = tasks.evaluate(model, task, records, tok, **inputs, meta=meta, max_gen_len=cfg.max_gen_len,
+                           batch_size=cfg.eval_batch_size, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
+                           rerank_top=args.rerank_top, num_workers=cfg.num_workers)
         init = saved.get("init") or "scratch"
         run = os.path.join(os.path.dirname(ckpt), "results.json")
         if os.path.isfile(run):  # the fine-tuning run recorded the init it resolved
@@ -135,7 +139,7 @@ def main(argv=None):
         results = {"task": task.name, "metrics": m, "split": args.split, "zero_shot": zero_shot, "init": init,
                    "checkpoint": ckpt, "config": config_lib.to_dict(cfg),
                    "eval_config": dataclasses.asdict(args)}
-        engine.write_json(os.path.join(args.out, "results.json"), results)
+        checkpoint.write_json(os.path.join(args.out, "results.json"), results)
         print(f"wrote {os.path.join(args.out, 'results.json')}")
     return 0
 
@@ -194,7 +198,7 @@ def render_table(root):
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
         table.append({"run": group, "cells": out})
     markdown = "\n".join(lines)
-    engine.write_json(os.path.join(root, "table.json"), {"columns": headings, "rows": table, "markdown": markdown})
+    checkpoint.write_json(os.path.join(root, "table.json"), {"columns": headings, "rows": table, "markdown": markdown})
     return markdown
 
 

@@ -16,6 +16,7 @@ its learned text position embeddings. The share of inputs and targets cut in eac
 Read top to bottom: config -> initial checkpoint -> data -> model -> optimizer -> loop with selection -> test.
 """
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -26,10 +27,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ptunifier_min import config as config_lib
-from ptunifier_min import data, engine, pretrained, tasks
+from ptunifier_min import checkpoint, data, distributed, optim, pretrained, tasks
 from ptunifier_min.config import FinetuneConfig, ModelConfig
-from ptunifier_min.model import PTUnifier, backbone_parameter_names, set_image_size, set_text_len
-from ptunifier_min.world import ensure_prepared
+from ptunifier_min.model import PTUnifier, set_image_size, set_text_len
+from ptunifier_min.datasets.source import ensure_prepared
 
 DEFAULT_INIT = "runs/pretrain"  # where `python train.py` writes
 # Model fields a run may change against its checkpoint: they resize or regularise, they hold no weights of their own.
@@ -42,21 +43,21 @@ def main(argv=None):
     cfg = config_lib.parse_args(FinetuneConfig, config_lib.FINETUNE_PRESETS, argv,
                                 description=__doc__.split("\n")[0])
     task = tasks.get_task(cfg.task)
-    d = engine.setup_distributed(cfg.seed)
-    say = print if d.main else (lambda *a, **k: None)
-    precision = engine.resolve_precision(cfg.precision, d.device)
+    proc = distributed.setup_distributed(cfg.seed)
+    print0 = print if proc.main else (lambda *a, **k: None)
+    precision = distributed.resolve_precision(cfg.precision, proc.device)
 
     # ---- initial weights: a pre-training checkpoint decides the architecture and the tokenizer ----------------------
-    ckpt, ckpt_model = resolve_init(cfg, argv, say)
+    ckpt, ckpt_model = resolve_init(cfg, print0)
     cfg.out = cfg.out or default_out(task.name, ckpt, cfg.data_frac)
-    if d.main:  # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
-        engine.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, say,
+    if proc.main:  # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
+        checkpoint.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, print0,
                                 checkpoints=os.path.join(cfg.out, "train_state"))  # where the resumable state is
 
     # ---- data --------------------------------------------------------------------------------------------------------
-    root, tok_path = ensure_prepared(cfg, [task.folder], d, say)
+    root, tok_path = ensure_prepared(cfg, [task.folder], proc, print0)
     tok = data.load_tokenizer(tok_path)
-    tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, d.main)
+    tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     special = data.special_ids(tok)
     if ckpt is None:
         cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = tok.get_vocab_size(), special["cls"], special["sep"]
@@ -66,7 +67,7 @@ def main(argv=None):
     meta = data.read_meta(folder)
     splits = {s: data.read_split(folder, s) for s in ("train", "val", "test")}
     lengths = choose_lengths(cfg, task, tasks.text_lengths(task, splits["train"], tok),
-                             "max_text_len" in given_model_flags(argv), say)
+                             "max_text_len" in cfg.given, print0)
     splits["train"] = tasks.subset(splits["train"], cfg.data_frac, cfg.seed)
     n_val = len(splits["val"])
     splits["val"] = tasks.cap(splits["val"], cfg.val_max, cfg.seed)
@@ -78,135 +79,143 @@ def main(argv=None):
     truncated = {s: tasks.truncated_shares(tasks.text_lengths(task, recs, tok), cfg.model.max_text_len, cfg.max_gen_len)
                  for s, recs in splits.items()}
     if truncated["train"]:
-        say("truncated: " + "; ".join(f"{s} " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in t.items())
+        print0("truncated: " + "; ".join(f"{s} " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in t.items())
                                       for s, t in truncated.items()) +
             f" (inputs at --max-text-len {cfg.model.max_text_len}, targets at --max-gen-len {cfg.max_gen_len})")
-    batch_size = min(cfg.batch_size, len(splits["train"]) // d.world)  # a 1% subset can be smaller than a batch
+    batch_size = min(cfg.batch_size, len(splits["train"]) // proc.world)  # a 1% subset can be smaller than a batch
     transform = data.ImageTransform(cfg.model.image_size, train=True, random_resized_crop=cfg.random_resized_crop)
-    dataset = tasks.TaskDataset(splits["train"], task, transform, cfg.seed, train=True)
-    collate = tasks.make_collate(task, tok, cfg.model.max_text_len, cfg.max_gen_len)
-    order = engine.BatchOrder(len(dataset), batch_size, d.world, d.rank, cfg.seed)
+    dataset = data.TaskDataset(splits["train"], task, transform, cfg.seed, train=True)
+    collate = data.task_collate(tok, cfg.model.max_text_len, cfg.max_gen_len)
+    # what tasks.evaluate reads besides the model and the records (val during training, test at the end)
+    eval_args = dict(meta=meta, image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len,
+                     max_gen_len=cfg.max_gen_len, batch_size=cfg.eval_batch_size, device=proc.device, precision=precision,
+                     beam_size=cfg.beam_size, length_penalty=cfg.length_penalty, num_workers=cfg.num_workers)
+    order = data.BatchOrder(len(dataset), batch_size, proc.world, proc.rank, cfg.seed)
 
     # ---- model: backbone (pre-trained or not), then the task head; the decoder copies the backbone's blocks ---------
-    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, say)  # scratch runs only
+    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print0)  # scratch runs only
     # built at the checkpoint's sizes so that its weights load as they are, then resized to this run's
     sizes = {k: ckpt_model[k] for k in ("image_size", "max_text_len")} if ckpt else {}
     backbone = PTUnifier(dataclasses.replace(cfg.model, **sizes))
-    pretrained.load_into(backbone, imported, say)
+    pretrained.load_into(backbone, imported, print0)
     if ckpt:
-        engine.load_weights(ckpt, backbone, strict=True)
+        checkpoint.load_weights(ckpt, backbone, strict=True)
         if sizes["image_size"] != cfg.model.image_size:
-            say(f"image size {sizes['image_size']} -> {cfg.model.image_size}: position embeddings interpolated "
+            print0(f"image size {sizes['image_size']} -> {cfg.model.image_size}: position embeddings interpolated "
                 "(bicubic)")
             set_image_size(backbone, cfg.model.image_size)
         if sizes["max_text_len"] != cfg.model.max_text_len:
-            say(f"text length {sizes['max_text_len']} -> {cfg.model.max_text_len}: text position embeddings " +
+            print0(f"text length {sizes['max_text_len']} -> {cfg.model.max_text_len}: text position embeddings " +
                 ("extended (the learned rows, then rows 1.. repeated)" if cfg.model.max_text_len > sizes["max_text_len"]
                  else "truncated"))
             set_text_len(backbone, cfg.model.max_text_len)
-    model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len).to(d.device)
-    probe = {k: v.to(d.device) for k, v in collate([dataset[i] for i in range(min(2, len(dataset)))]).items()}
-    with engine.autocast(precision, d.device):
+    model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len).to(proc.device)
+    probe = {k: v.to(proc.device) for k, v in collate([dataset[i] for i in range(min(2, len(dataset)))]).items()}
+    with distributed.autocast(precision, proc.device):
         probe_loss, _ = tasks.task_loss(model, task, model(probe), probe, special["pad"])
-    frozen = tasks.freeze_unreached(model, probe_loss)
-    backbone_names = {f"backbone.{n}" for n in backbone_parameter_names(model.backbone)}
-    opt, groups = engine.build_optimizer(model, backbone_names, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay,
-                                         (cfg.beta1, cfg.beta2))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.warmup_linear(cfg.steps, cfg.warmup_frac))
+    frozen = optim.freeze_unreached(model, probe_loss)  # DDP then needs no unused-parameter search
+    opt, groups = optim.build_optimizer(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.warmup_linear(cfg.steps, cfg.warmup_frac))
     start_step, best = 0, {"score": None, "step": 0, "metrics": None, "state": None}
     if cfg.resume:  # a killed run goes on exactly: weights, optimizer, schedule, RNG, data position, best so far
         # refuses the settings a resumed run cannot change; applies and prints those it may (new LRs too)
-        state = engine.resume_from(os.path.join(cfg.resume, "train_state"), cfg, model, opt, sched, say)
-        engine.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])  # its own
+        state = checkpoint.resume_from(os.path.join(cfg.resume, "train_state"), cfg, model, opt, sched, print0)
+        checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"]) else state["rng"][0])  # its own
         start_step, best = state["step"], state["best"]
-        say(f"best so far: step {best['step']}")
+        print0(f"best so far: step {best['step']}")
     train_model = torch.compile(model) if cfg.compile else model
-    if d.world > 1:
-        train_model = DDP(train_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if proc.world > 1:
+        train_model = DDP(train_model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None)
 
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"config: {config_lib.to_dict(cfg)}")
-    say(f"task {task.name} ({task.kind}): {folder}; train {len(splits['train']):,} "
+    print0(f"config: {config_lib.to_dict(cfg)}")
+    print0(f"task {task.name} ({task.head} head, {task.loss} loss): {folder}; train {len(splits['train']):,} "
         f"({100 * cfg.data_frac:g}% of the split{f', {len(oov)} out-of-vocabulary answers left out' if oov else ''}), "
         f"val {len(splits['val']):,} of {n_val:,}, test {len(splits['test']):,}; selection on val by {task.main}")
-    say(f"init: {ckpt or 'scratch (random backbone)'}; tokenizer {tok_path}")
-    say(f"model: {n_params:,} parameters; not reached by this task's loss, frozen: {summarise(frozen) or 'none'}")
-    say("optimizer groups: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()) +
+    print0(f"init: {ckpt or 'scratch (random backbone)'}; tokenizer {tok_path}")
+    print0(f"model: {n_params:,} parameters; not reached by this task's loss, frozen: {summarise(frozen) or 'none'}")
+    print0("optimizer groups: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()) +
         f"; lr backbone {cfg.lr_backbone:g}, head {cfg.lr_head:g}")
-    say(f"global batch {batch_size * cfg.grad_accum * d.world} = {batch_size} per device x {cfg.grad_accum} "
-        f"accumulation x {d.world} ranks; {cfg.steps} steps; precision {precision}; device {d.device}")
-    if d.main:
-        engine.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
-    log = engine.Log(os.path.join(cfg.out, "log.jsonl"), d.main, resume_step=start_step if cfg.resume else None)
+    print0(f"global batch {batch_size * cfg.grad_accum * proc.world} = {batch_size} per device x {cfg.grad_accum} "
+        f"accumulation x {proc.world} ranks; {cfg.steps} steps; precision {precision}; device {proc.device}")
+    if proc.main:
+        checkpoint.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
+    log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main, resume_step=start_step if cfg.resume else None)
 
     # ---- training loop: evaluate on val every eval_every steps, keep the best weights --------------------------------
-    def loss_fn(batch, micro):
-        return tasks.task_loss(model, task, train_model(batch), batch, special["pad"])
-
-    batches = engine.micro_batches(dataset, order, collate, cfg.num_workers, start_step * cfg.grad_accum)
-    guard = engine.NonFiniteGuard(cfg.max_skips, cfg.out, log)
+    batches = data.micro_batches(dataset, order, collate, cfg.num_workers, start_step * cfg.grad_accum)
+    guard = optim.NonFiniteGuard(cfg.max_skips, cfg.out, log)
     window, t_start, t0 = [], time.perf_counter(), time.perf_counter()
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not d.main,
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not proc.main,
                desc=f"fine-tune {task.name}")
-    note = bar.write if d.main else say  # messages between bar updates, without breaking the bar
+    note = bar.write if proc.main else print0  # messages between bar updates, without breaking the bar
     model.train()
     for step in bar:
-        micro_batches = engine.next_micro_batches(batches, cfg.grad_accum, d.device)
-        loss, stats = engine.accumulate(train_model, micro_batches, loss_fn, d, precision)
-        grad_norm = engine.optimizer_step(model, opt, sched, loss, cfg.grad_clip, d)
+        step_stats = []
+        for micro, batch in enumerate(data.next_micro_batches(batches, cfg.grad_accum, proc.device)):
+            # DDP all-reduces the gradients on the last micro-step only; no_sync must wrap the forward pass too
+            last = micro == cfg.grad_accum - 1
+            with train_model.no_sync() if proc.world > 1 and not last else contextlib.nullcontext():
+                with distributed.autocast(precision, proc.device):
+                    loss, scalars = tasks.task_loss(model, task, train_model(batch), batch, special["pad"])
+                (loss / cfg.grad_accum).backward()  # the gradients add up to the mean over the micro-steps
+            step_stats.append(scalars)  # tensors: read on logging steps only, so the host does not wait here
+        # non-finite check (the host waits for the device here, once per step), clip, AdamW, schedule
+        grad_norm = optim.optimizer_step(model, opt, sched, loss, cfg.grad_clip, proc)
         if guard(grad_norm, step + 1):
-            window.append(stats)
+            window.append(step_stats)
         if window and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            rec = {"step": step + 1, **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
-                   "grad_norm": grad_norm, "lr_backbone": sched.get_last_lr()[0],
-                   "samples_per_s": len(window) * batch_size * cfg.grad_accum * d.world / (time.perf_counter() - t0)}
+            steps = [{k: sum(float(s[k]) for s in micros) / len(micros) for k in micros[0]} for micros in window]
+            rec = {"step": step + 1, **{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]},
+                   "grad_norm": None if grad_norm is None else float(grad_norm), "lr_backbone": sched.get_last_lr()[0],
+                   "samples_per_s": len(window) * batch_size * cfg.grad_accum * proc.world / (time.perf_counter() - t0)}
             log.write(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             window, t0 = [], time.perf_counter()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            if d.main:  # selection on val only; the other ranks wait in gather_rng
-                val = tasks.evaluate(model, task, splits["val"], meta, tok, cfg, d.device, precision, say=note)
+            if proc.main:  # selection on val only; the other ranks wait in gather_rng
+                val = tasks.evaluate(model, task, splits["val"], tok, **eval_args, print0=note)
                 score = tasks.main_score(task, val)
                 if best["state"] is None or score > best["score"]:
                     best = {"score": score, "step": step + 1, "metrics": val,
                             "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
                 log.write({"step": step + 1, "val": val, "best_step": best["step"]})
-            rng = engine.gather_rng(d)  # a collective, after validation: each rank's own state, for --resume
-            if d.main:
+            rng = checkpoint.gather_rng(proc)  # a collective, after validation: each rank's own state, for --resume
+            if proc.main:
                 # the resumable state, written at every validation so that a killed run loses at most eval_every steps
-                engine.save_checkpoint(os.path.join(cfg.out, "train_state"), step + 1, model, cfg,
+                checkpoint.save_checkpoint(os.path.join(cfg.out, "train_state"), step + 1, model, cfg,
                                        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                         "step": step + 1, "rng": rng, "best": best})
                 note(f"step {step + 1}: val {task.main} {fmt(val.get(task.main))} (best {fmt(best['score'])} "
                     f"at step {best['step']})")
-            engine.barrier(d)
+            distributed.barrier(proc)
             t0 = time.perf_counter()
     bar.close()
     train_seconds = time.perf_counter() - t_start
 
     # ---- test, with the weights selected on val ----------------------------------------------------------------------
-    if d.main:
+    if proc.main:
         model.load_state_dict(best["state"])
         # meta.json (label names, answers) goes along so that ptunifier_min.load(...).predict can name its outputs
-        path = engine.save_checkpoint(cfg.out, best["step"], model, cfg,
+        path = checkpoint.save_checkpoint(cfg.out, best["step"], model, cfg,
                                       files=[tok_path, os.path.join(folder, "meta.json")])
         t1 = time.perf_counter()
-        test = tasks.evaluate(model, task, splits["test"], meta, tok, cfg, d.device, precision, say=say)
+        test = tasks.evaluate(model, task, splits["test"], tok, **eval_args, print0=print0)
         results = {"task": task.name, "metrics": test, "val_metrics": best["metrics"], "best_step": best["step"],
                    "config": config_lib.to_dict(cfg), "init": ckpt or "scratch", "split_hash": tasks.split_hash(splits),
                    "counts": {s: len(r) for s, r in splits.items()}, "checkpoint": path,
                    "text_lengths": lengths, "truncated": truncated,
                    "seconds": {"train_and_val": round(train_seconds, 1),
                                "test": round(time.perf_counter() - t1, 1)}}
-        engine.write_json(os.path.join(cfg.out, "results.json"), results)
-        say(f"test {task.name} (weights of step {best['step']}): " + report(test))
-        say(f"results: {os.path.join(cfg.out, 'results.json')}; checkpoint: {path}")
-    engine.barrier(d)
-    if d.world > 1:
+        checkpoint.write_json(os.path.join(cfg.out, "results.json"), results)
+        print0(f"test {task.name} (weights of step {best['step']}): " + report(test))
+        print0(f"results: {os.path.join(cfg.out, 'results.json')}; checkpoint: {path}")
+    distributed.barrier(proc)
+    if proc.world > 1:
         torch.distributed.destroy_process_group()
 
 
-def resolve_init(cfg, argv, say):
+def resolve_init(cfg, print0):
     """The checkpoint to start from (None = scratch) and its model config. With a checkpoint, cfg.model becomes the
     checkpoint's architecture and cfg.tokenizer its tokenizer; model flags the user gave must agree with it."""
     if (cfg.init_vision or cfg.init_text) and cfg.init not in ("", "scratch"):
@@ -215,19 +224,19 @@ def resolve_init(cfg, argv, say):
         return None, None
     path = cfg.init or DEFAULT_INIT
     try:
-        ckpt = os.path.abspath(engine.resolve_checkpoint(path))
-    except engine.CheckpointError as e:
+        ckpt = os.path.abspath(checkpoint.resolve_checkpoint(path))
+    except checkpoint.CheckpointError as e:
         if cfg.init:
             raise SystemExit(str(e)) from None
-        say(f"no pre-training checkpoint at {DEFAULT_INIT} (python train.py writes one): fine-tuning from scratch")
+        print0(f"no pre-training checkpoint at {DEFAULT_INIT} (python train.py writes one): fine-tuning from scratch")
         return None, None
-    saved = engine.read_checkpoint_config(ckpt)["config"]
+    saved = checkpoint.read_checkpoint_config(ckpt)["config"]
     if "task" in saved:
         raise SystemExit(f"{ckpt} is a fine-tuned {saved['task']} checkpoint; --init takes a pre-training checkpoint "
                          "(evaluate this one with eval.py)")
-    given = given_model_flags(argv)
-    requested = {**saved["model"], **{k: getattr(cfg.model, k) for k in given}}
-    diffs = [line for line in engine.config_differences(saved["model"], requested)
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    requested = {**saved["model"], **{k: getattr(cfg.model, k) for k in cfg.given & model_fields}}
+    diffs = [line for line in checkpoint.config_differences(saved["model"], requested)
              if line.split(":")[0] not in CHANGEABLE]
     if diffs:
         raise SystemExit(f"--init {ckpt} was trained with another architecture than requested:\n  " +
@@ -237,26 +246,11 @@ def resolve_init(cfg, argv, say):
         cfg.model = ModelConfig(**requested)
     except TypeError as e:
         raise SystemExit(f"{ckpt}: its model config does not fit this version: {e}") from None
-    cfg.tokenizer = engine.checkpoint_tokenizer(ckpt)
+    cfg.tokenizer = checkpoint.checkpoint_tokenizer(ckpt)
     return ckpt, saved["model"]
 
 
-def given_model_flags(argv):
-    """The ModelConfig fields set on the command line (argparse's unique-prefix abbreviations resolved as it does)."""
-    flags = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "model"]
-    model = [f.name for f in dataclasses.fields(ModelConfig)]
-    names = set()
-    for a in argv:
-        if not a.startswith("--"):
-            continue
-        name = a[2:].split("=")[0].replace("-", "_")
-        matches = [name] if name in flags + model else [n for n in flags + model if n.startswith(name)]
-        if len(matches) == 1 and matches[0] in model:
-            names.add(matches[0])
-    return sorted(names)
-
-
-def choose_lengths(cfg, task, train_lengths, text_len_given, say):
+def choose_lengths(cfg, task, train_lengths, text_len_given, print0):
     """Set the encoder input length (cfg.model.max_text_len) and the generation target length (cfg.max_gen_len) that
     the command line left open from the task's whole training split, and say why. Returns the choice for results.json.
 
@@ -277,7 +271,7 @@ def choose_lengths(cfg, task, train_lengths, text_len_given, say):
             f"the {100 * COVER:g}th percentile of the {len(train_lengths[key]):,} training {key} is {p} tokens" +
             (f", rounded up to {need}" if need == value else f"; the backbone's {value} is longer and kept") +
             f" (set {flag} to choose)")
-        say(f"{task.name} {key[:-1]} length {value}: {why}")
+        print0(f"{task.name} {key[:-1]} length {value}: {why}")
         if key == "inputs":
             cfg.model.max_text_len = value
         else:

@@ -1,13 +1,13 @@
 """Pre-train PTUnifier with MLM, ITM and ITC (paper section 3.3).
 
-    python train.py                                   # CPU preset on the synthetic world (made on demand), ~10 min
+    python train.py                                   # CPU preset on the synthetic world (made on demand)
     python train.py --preset tiny --steps 20          # smoke test
     torchrun --nproc_per_node=8 train.py --preset paper --data-root /data/prepared --out runs/paper
 
 Read top to bottom: config -> data -> model -> optimizer -> loop -> checkpoint -> zero-shot retrieval.
 """
 
-import functools
+import contextlib
 import os
 import time
 
@@ -15,11 +15,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from ptunifier_min import checkpoint, data, distributed, optim, pretrained, retrieval
 from ptunifier_min import config as config_lib
-from ptunifier_min import data, engine, metrics, pretrained, retrieval
-from ptunifier_min.model import PTUnifier, backbone_parameter_names, flops_per_pair
-from ptunifier_min.objectives import freeze_unused, mask_step, pretraining_loss
-from ptunifier_min.world import ensure_prepared
+from ptunifier_min.datasets.source import ensure_prepared
+from ptunifier_min.model import PTUnifier, flops_per_pair, pool_usage
+from ptunifier_min.objectives import mask_step, pretraining_loss
 
 # The tokenizers library's own thread pool cannot survive the fork into data-loader workers; batching across samples
 # gives us the parallelism instead.
@@ -29,99 +29,109 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def main(argv=None):
     cfg = config_lib.parse_args(config_lib.TrainConfig, config_lib.PRESETS, argv, description=__doc__.split("\n")[0])
     objectives = cfg.objective_set()
-    d = engine.setup_distributed(cfg.seed)
-    say = print if d.main else (lambda *a, **k: None)
-    precision = engine.resolve_precision(cfg.precision, d.device)
-    if d.main:  # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
-        engine.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, say)
+    proc = distributed.setup_distributed(cfg.seed)
+    print0 = print if proc.main else (lambda *a, **k: None)
+    precision = distributed.resolve_precision(cfg.precision, proc.device)
+    if proc.main:  # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
+        checkpoint.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, print0)
 
     # ---- data: prepared manifests and the tokenizer (made from the synthetic world if no --data-root) ----------------
     names = [n for n in cfg.data.split(",") if n]
-    root, tok_path = ensure_prepared(cfg, names + (["roco_retrieval"] if cfg.eval_pairs else []), d, say)
+    root, tok_path = ensure_prepared(cfg, names + (["roco_retrieval"] if cfg.eval_pairs else []), proc, print0)
     tok = data.load_tokenizer(tok_path)
-    tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, d.main)
+    tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     special = data.special_ids(tok)
     cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = tok.get_vocab_size(), special["cls"], special["sep"]
     records = data.load_pretrain_records(root, names, "train")
     dataset = data.PretrainDataset(records, data.ImageTransform(cfg.model.image_size, train=True,
                                                                 random_resized_crop=cfg.random_resized_crop), cfg.seed)
     collate = data.pretrain_collate(tok, cfg.model.max_text_len)
-    order = engine.BatchOrder(len(dataset), cfg.batch_size, d.world, d.rank, cfg.seed)
+    order = data.BatchOrder(len(dataset), cfg.batch_size, proc.world, proc.rank, cfg.seed)
     vocab = tok.get_vocab()
     continuation = torch.zeros(len(vocab), dtype=torch.bool)  # [V] True for '##' pieces (whole-word masking)
     continuation[[i for t, i in vocab.items() if t.startswith("##")]] = True
     special_info = {"ids": [special["cls"], special["sep"], special["pad"]], "mask": special["mask"]}
 
     # ---- model and optimizer ----------------------------------------------------------------------------------------
-    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, say)  # sets ln_pre, QuickGELU, ..
-    model = PTUnifier(cfg.model).to(d.device)
-    pretrained.load_into(model, imported, say)
-    frozen = freeze_unused(model, objectives)
-    opt, groups = engine.build_optimizer(model, backbone_parameter_names(model), cfg.lr_backbone, cfg.lr_head,
-                                         cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.warmup_linear(cfg.steps, cfg.warmup_frac))
+    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print0)  # sets ln_pre, QuickGELU, ..
+    model = PTUnifier(cfg.model).to(proc.device)
+    pretrained.load_into(model, imported, print0)
+    # Freeze what the chosen objectives never reach (e.g. the prompt pools without ITC), measured by one backward pass
+    # of a probe batch: DDP then needs no unused-parameter search. The probe draws from its own generator.
+    probe = data.next_micro_batches(iter([collate([dataset[i] for i in range(cfg.batch_size)])]), 1, proc.device)
+    if "mlm" in objectives:
+        mask_step(probe, cfg, torch.Generator().manual_seed(cfg.seed), special_info, continuation)
+    with distributed.autocast(precision, proc.device):
+        probe_loss = pretraining_loss(model, probe[0], cfg, torch.Generator().manual_seed(cfg.seed))[0]
+    frozen = optim.freeze_unreached(model, probe_loss)
+    opt, groups = optim.build_optimizer(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.warmup_linear(cfg.steps, cfg.warmup_frac))
     start_step = 0
     if cfg.resume:  # refuses the settings a resumed run cannot change; applies and prints those it may (new LRs too)
-        state = engine.resume_from(cfg.resume, cfg, model, opt, sched, say)
-        engine.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
+        state = checkpoint.resume_from(cfg.resume, cfg, model, opt, sched, print0)
+        checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"]) else state["rng"][0])
         start_step = state["step"]
     train_model = torch.compile(model) if cfg.compile else model
-    if d.world > 1:
-        train_model = DDP(train_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if proc.world > 1:
+        train_model = DDP(train_model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None)
 
-    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    global_batch = cfg.batch_size * cfg.grad_accum * proc.world
     n_params = sum(p.numel() for p in model.parameters())
     pool = sum(p.numel() for n, p in model.named_parameters() if "prompts" in n)
-    say(f"config: {config_lib.to_dict(cfg)}")
-    say(f"data: {len(records):,} training images from {', '.join(names)} ({root}); tokenizer {tok_path}, "
+    print0(f"config: {config_lib.to_dict(cfg)}")
+    print0(f"data: {len(records):,} training images from {', '.join(names)} ({root}); tokenizer {tok_path}, "
         f"{cfg.model.vocab_size:,} tokens")
-    say(f"model: {n_params:,} parameters ({pool:,} in prompt pools); frozen for these objectives: {frozen or 'none'}")
-    say("optimizer groups: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()))
-    say(f"global batch {global_batch} = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x {d.world} "
-        f"ranks; ITC negatives per pair {cfg.batch_size * d.world - 1}; precision {precision}; device {d.device}")
-    if d.main:
-        engine.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
-    log = engine.Log(os.path.join(cfg.out, "log.jsonl"), d.main, resume_step=start_step if cfg.resume else None)
+    print0(f"model: {n_params:,} parameters ({pool:,} in prompt pools); frozen for these objectives: {frozen or 'none'}")
+    print0("optimizer groups: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()))
+    print0(f"global batch {global_batch} = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x {proc.world} "
+        f"ranks; ITC negatives per pair {cfg.batch_size * proc.world - 1}; precision {precision}; device {proc.device}")
+    if proc.main:
+        checkpoint.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
+    log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main, resume_step=start_step if cfg.resume else None)
 
     # ---- training loop ----------------------------------------------------------------------------------------------
-    batches = engine.micro_batches(dataset, order, collate, cfg.num_workers, start_step * cfg.grad_accum)
-    peak = engine.peak_flops(d.device)
+    batches = data.micro_batches(dataset, order, collate, cfg.num_workers, start_step * cfg.grad_accum)
+    peak = distributed.peak_flops(proc.device)
     step_flops = flops_per_pair(cfg.model, objectives, cfg.model.max_text_len) * global_batch
-    hist = {k: torch.zeros(cfg.model.pool_size, dtype=torch.long, device=d.device)
-            for k in ("selected_visual", "selected_textual")}
-    guard = engine.NonFiniteGuard(cfg.max_skips, cfg.out, log)
+    hist = {k: torch.zeros(cfg.model.pool_size, dtype=torch.long, device=proc.device) for k in ("visual", "textual")}
+    guard = optim.NonFiniteGuard(cfg.max_skips, cfg.out, log)
     window, t0 = [], time.perf_counter()
-
-    def loss_fn(step, batch, micro):
-        gen = engine.step_generator(cfg.seed, step, micro)  # ITM's draws: the same on every rank and after a resume
-        loss, stats = pretraining_loss(train_model, batch, cfg, gen, model)
-        for k in hist:  # pool usage: which rows the single-modality passes selected (counted on the device)
-            rows = stats.pop(k, None)
-            if rows is not None:
-                hist[k] += torch.bincount(rows.flatten(), minlength=cfg.model.pool_size)
-        return loss, stats
-
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not d.main, desc="pre-train")
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not proc.main, desc="pre-train")
     model.train()
     for step in bar:
-        micro_batches = engine.next_micro_batches(batches, cfg.grad_accum, d.device)
-        if "mlm" in objectives:  # the whole step's masks first: every micro-step divides by the step's masked tokens
-            mask_step(micro_batches, cfg, engine.step_generator(cfg.seed, step), special_info, continuation)
-        loss, stats = engine.accumulate(train_model, micro_batches, functools.partial(loss_fn, step), d, precision)
-        grad_norm = engine.optimizer_step(model, opt, sched, loss, cfg.grad_clip, d)
+        # All micro-batches of the step first: MLM's masks are drawn for the whole step, and every micro-step divides
+        # by the step's masked-token count, so --grad-accum 2 at batch B is batch 2B (objectives.mask_step).
+        micro_batches = data.next_micro_batches(batches, cfg.grad_accum, proc.device)
+        if "mlm" in objectives:
+            mask_step(micro_batches, cfg, distributed.step_generator(cfg.seed, step), special_info, continuation)
+        step_stats = []
+        for micro, batch in enumerate(micro_batches):
+            # DDP all-reduces the gradients on the last micro-step only; no_sync must wrap the forward pass too
+            last = micro == cfg.grad_accum - 1
+            with train_model.no_sync() if proc.world > 1 and not last else contextlib.nullcontext():
+                with distributed.autocast(precision, proc.device):
+                    gen = distributed.step_generator(cfg.seed, step, micro)  # ITM's draws: alike on every rank
+                    loss, scalars, selected = pretraining_loss(train_model, batch, cfg, gen, model)
+                (loss / cfg.grad_accum).backward()  # the gradients add up to the mean over the micro-steps
+            step_stats.append(scalars)  # tensors: read on logging steps only, so the host does not wait here
+            for k, rows in selected.items():  # which pool rows the single-modality passes chose, counted on the device
+                hist[k] += torch.bincount(rows.flatten(), minlength=cfg.model.pool_size)
+        # non-finite check (the host waits for the device here, once per step), clip, AdamW, logit-scale clamp, schedule
+        grad_norm = optim.optimizer_step(model, opt, sched, loss, cfg.grad_clip, proc)
         if not guard(grad_norm, step + 1):
             continue
-        window.append(stats)
+        window.append(step_stats)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            dt = time.perf_counter() - t0
-            rec = {"step": step + 1, **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
-                   "grad_norm": grad_norm, "lr_backbone": sched.get_last_lr()[0],
+            dt = time.perf_counter() - t0  # the host has waited for the device's work up to the last check
+            steps = [{k: sum(float(s[k]) for s in micros) / len(micros) for k in micros[0]} for micros in window]
+            rec = {"step": step + 1, **{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]},
+                   "grad_norm": float(grad_norm), "lr_backbone": sched.get_last_lr()[0],
                    "pairs_per_s": len(window) * global_batch / dt}
             for k, h in hist.items():  # every rank's selections; a collective, and every rank logs on the same steps
-                if d.world > 1:
+                if proc.world > 1:
                     torch.distributed.all_reduce(h)
                 if h.sum():
-                    rec[f"{k}_rows"], rec[f"{k}_entropy"] = engine.pool_usage(h.cpu())
+                    rec[f"selected_{k}_rows"], rec[f"selected_{k}_entropy"] = pool_usage(h.cpu())
                 h.zero_()
             if peak:
                 rec["mfu"] = step_flops * len(window) / dt / peak
@@ -129,41 +139,31 @@ def main(argv=None):
             bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("mlm_loss", "itm_loss", "itc_loss", "itc_acc") if k in rec})
             window, t0 = [], time.perf_counter()
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            rng = gather_rng(d)  # a collective: every rank takes part, rank 0 writes
-            if d.main:
+            rng = checkpoint.gather_rng(proc)  # a collective: every rank takes part, rank 0 writes
+            if proc.main:
                 state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1, "rng": rng}
-                engine.save_checkpoint(cfg.out, step + 1, model, cfg, state, files=[tok_path])
+                checkpoint.save_checkpoint(cfg.out, step + 1, model, cfg, state, files=[tok_path])
     bar.close()
-    engine.assert_in_sync(model, d)
-    say(f"checkpoint: {engine.resolve_checkpoint(cfg.out)}" + (f"; all {d.world} ranks hold identical parameters"
-                                                              if d.world > 1 else ""))
+    distributed.assert_in_sync(model, proc)
+    print0(f"checkpoint: {checkpoint.resolve_checkpoint(cfg.out)}" + (f"; all {proc.world} ranks hold identical parameters"
+                                                                  if proc.world > 1 else ""))
 
     # ---- zero-shot retrieval on ROCO test pairs ---------------------------------------------------------------------
-    if cfg.eval_pairs and d.main:
+    if cfg.eval_pairs and proc.main:
         test = data.read_split(os.path.join(root, "roco_retrieval"), "test")[:cfg.eval_pairs]
-        sim, txt_image = retrieval.similarity(model, test, tok, cfg.model.image_size, cfg.model.max_text_len,
-                                              d.device, precision)
-        r = metrics.retrieval_recall(sim.numpy(), txt_image.numpy())
-        say(f"zero-shot retrieval on {len(test)} {'' if cfg.data_root else 'synthetic '}ROCO test pairs "
+        # finetune.py's and eval.py's retrieval evaluation: Recall@1/5/10 both ways, r_mean, the seconds it took
+        r = retrieval.retrieval_metrics(model, test, tok, cfg.model.image_size, cfg.model.max_text_len, proc.device,
+                                        precision)
+        print0(f"zero-shot retrieval on {len(test)} {'' if cfg.data_root else 'synthetic '}ROCO test pairs "
             "(chance in brackets):")
         for direction in ("i2t", "t2i"):
-            say(f"  {direction}: " + "  ".join(f"R@{k} {100 * r[f'{direction}_r{k}']:.1f} "
+            print0(f"  {direction}: " + "  ".join(f"R@{k} {100 * r[f'{direction}_r{k}']:.1f} "
                                                   f"[{100 * min(1, k / len(test)):.2f}]" for k in (1, 5, 10)))
-        log.write({"step": cfg.steps, "zero_shot_retrieval": r, "pairs": len(test)})
-    engine.barrier(d)
-    if d.world > 1:
+        log.write({"step": cfg.steps, "zero_shot_retrieval": r})  # r["pairs"]: how many
+    distributed.barrier(proc)
+    if proc.world > 1:
         torch.distributed.destroy_process_group()
     return model
-
-
-def gather_rng(d):
-    """Every rank's RNG state, gathered on all ranks (rank 0 saves them), so a resumed rank r restores its own."""
-    state = engine.rng_state()
-    if d.world == 1:
-        return [state]
-    out = [None] * d.world
-    torch.distributed.all_gather_object(out, state)
-    return out
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import os
 import torch
 
 from . import config as config_lib
-from . import data, engine, tasks
+from . import checkpoint, data, tasks
 from .generation import beam_search, encoder_memory
 from .model import PTUnifier
 
@@ -61,18 +61,17 @@ class Model:
     def encode_images(self, images):
         """[N, d] L2-normalised ITC embeddings of images (paths or PIL images), image-only passes."""
         images = _as_list(images)
-        bb = self.backbone
-        return torch.cat([bb.itc_features(bb(image=self._images(images[s])).pooled, "image") for s in
-                          self._batches(len(images))])
+        backbone = self.backbone
+        return torch.cat([backbone.itc_embed(backbone(image=self._images(images[s]))) for s in self._batches(len(images))])
 
     @torch.no_grad()
     def encode_texts(self, texts):
         """[N, d] L2-normalised ITC embeddings of texts, text-only passes."""
-        texts, bb = _as_list(texts), self.backbone
+        texts, backbone = _as_list(texts), self.backbone
         out = []
         for s in self._batches(len(texts)):
             ids, mask = self._texts(texts[s])
-            out.append(bb.itc_features(bb(input_ids=ids, attention_mask=mask).pooled, "text"))
+            out.append(backbone.itc_embed(backbone(input_ids=ids, attention_mask=mask)))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -115,67 +114,67 @@ class Model:
         generated text (summarisation, report generation)."""
         if self.task is None:
             raise ValueError("predict needs a fine-tuning checkpoint; this is a pre-training one (use encode_*, match)")
-        kind = self.task.kind
-        if kind == "retrieval":
+        task = self.task
+        if task.head == "itc":
             raise ValueError("a retrieval checkpoint has no predict: use encode_images / encode_texts / similarity")
+        pair = len(task.text) == 2  # RadNLI: premise and hypothesis
         n = len(_as_list(image if image is not None else text))
         out = []
         for s in self._batches(n):
             batch = {}
-            if kind in tasks.IMAGE_INPUT:
+            if task.image:
                 if image is None:
-                    raise ValueError(f"task {self.task.name} reads an image: pass image=")
+                    raise ValueError(f"task {task.name} reads an image: pass image=")
                 batch["image"] = self._images(_as_list(image)[s])
-            if kind in ("nli", "vqa", "summarize"):
-                if text is None or (kind == "nli" and text_b is None):
-                    raise ValueError(f"task {self.task.name} reads " + ("text= and text_b=" if kind == "nli" else
-                                                                         "text="))
-                b = _as_list(text_b)[s] if kind == "nli" else None
+            if task.text:
+                if text is None or (pair and text_b is None):
+                    raise ValueError(f"task {task.name} reads " + ("text= and text_b=" if pair else "text="))
+                b = _as_list(text_b)[s] if pair else None
                 batch["input_ids"], batch["attention_mask"] = self._texts(_as_list(text)[s], b)
             out += self._predict_batch(batch)
         return out
 
     def _predict_batch(self, batch):
-        kind, m = self.task.kind, self.model
-        if kind in tasks.GENERATE:
+        task, m = self.task, self.model
+        if task.head == "decoder":
             sp = data.special_ids(self.tok)
             memory, memory_mask = encoder_memory(m.backbone, **m.encoder_inputs(batch))
             ids = beam_search(m.decoder, memory, memory_mask, sp["cls"], sp["sep"], sp["pad"], self.cfg.beam_size,
                               self.cfg.max_gen_len - 1, self.cfg.length_penalty)
             return [self.tok.decode(i) for i in ids]
         logits = m(batch).float()
-        if kind == "vqa":
+        if task.width == "answers":
             return [self.meta["answers"][i] for i in logits.argmax(-1).tolist()]
-        names = self.meta.get("label_names") or [self.task.name]
-        probs = logits.softmax(-1) if kind == "nli" else logits.sigmoid()
+        names = self.meta.get("label_names") or [task.name]
+        probs = logits.softmax(-1) if task.loss == "ce" else logits.sigmoid()  # one class vs independent labels
         return [dict(zip(names, row)) for row in probs.tolist()]
 
 
 def _config(ckpt):
     """The run's config from <ckpt>/config.json; keys this version does not know are an error listing them."""
-    saved = engine.read_checkpoint_config(ckpt)["config"]
+    saved = checkpoint.read_checkpoint_config(ckpt)["config"]
     cls = config_lib.FinetuneConfig if "task" in saved else config_lib.TrainConfig
     known_run = {f.name for f in dataclasses.fields(cls)} - {"model"}
     known_model = {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
     unknown = sorted(set(saved) - known_run - {"model"}) + sorted(f"model.{k}" for k in
                                                                   set(saved.get("model", {})) - known_model)
     if unknown or "model" not in saved:
-        raise engine.CheckpointError(f"{os.path.join(ckpt, 'config.json')} is from another version of ptunifier-min:"
+        raise checkpoint.CheckpointError(f"{os.path.join(ckpt, 'config.json')} is from another version of ptunifier-min:"
                                      f" keys this version does not know: {', '.join(unknown) or 'no model section'}")
     for k in ("image_size", "max_text_len"):
         if k not in saved["model"]:
-            raise engine.CheckpointError(f"{os.path.join(ckpt, 'config.json')}: no model.{k} (the image transform "
+            raise checkpoint.CheckpointError(f"{os.path.join(ckpt, 'config.json')}: no model.{k} (the image transform "
                                          "and the text length depend on it)")
     return config_lib.from_dict(cls, saved)
 
 
 def load(path, device="cpu", dtype=torch.float32, batch_size=32):
     """Load a pre-training or fine-tuning checkpoint (run folder or step folder) for inference."""
-    ckpt = engine.resolve_checkpoint(path)
+    ckpt = checkpoint.resolve_checkpoint(path)
     cfg = _config(ckpt)
-    tok = data.load_tokenizer(engine.checkpoint_tokenizer(ckpt))
+    tok = data.load_tokenizer(checkpoint.checkpoint_tokenizer(ckpt))
     if tok.get_vocab_size() != cfg.model.vocab_size:
-        raise engine.CheckpointError(f"{engine.checkpoint_tokenizer(ckpt)} has {tok.get_vocab_size()} tokens, the "
+        raise checkpoint.CheckpointError(f"{checkpoint.checkpoint_tokenizer(ckpt)} has {tok.get_vocab_size()} tokens, the "
                                      f"model in {ckpt} {cfg.model.vocab_size}")
     backbone = PTUnifier(cfg.model)
     task = meta = None
@@ -184,12 +183,12 @@ def load(path, device="cpu", dtype=torch.float32, batch_size=32):
         task = tasks.get_task(cfg.task)
         meta_path = os.path.join(ckpt, "meta.json")
         if not os.path.isfile(meta_path):
-            raise engine.CheckpointError(f"{meta_path} not found: a fine-tuning checkpoint needs its task's label "
+            raise checkpoint.CheckpointError(f"{meta_path} not found: a fine-tuning checkpoint needs its task's label "
                                          "names / answers (finetune.py copies meta.json into it)")
         with open(meta_path) as f:
             meta = json.load(f)
         model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len)
-    engine.load_weights(ckpt, model, strict=True)  # lists missing, unexpected and mis-shaped tensors
+    checkpoint.load_weights(ckpt, model, strict=True)  # lists missing, unexpected and mis-shaped tensors
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Model(model, tok, cfg, task, meta, device, dtype, batch_size)
 

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from . import engine
+from . import distributed, optim
 from .config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build
 from .generation import TextDecoder, beam_search
-from .model import PTUnifier, backbone_parameter_names, flops_per_pair
+from .model import PTUnifier, flops_per_pair, flops_per_pass
 from .objectives import mask_step, pretraining_loss
 
 
@@ -61,29 +61,27 @@ def fake_batch(cfg, B, device):
 def bench(preset, precision, batch_size, device, seconds):
     cfg = build(TrainConfig, {**PRESETS[preset], "batch_size": batch_size})
     model = PTUnifier(cfg.model).to(device)
-    opt, _ = engine.build_optimizer(model, backbone_parameter_names(model), 1e-4, 1e-4, 0.01, (0.9, 0.98))
+    opt, _ = optim.build_optimizer(model, 1e-4, 1e-4, 0.01, (0.9, 0.98))
     batch = fake_batch(cfg, batch_size, device)
     special = {"ids": [cfg.model.cls_id, cfg.model.sep_id, 0], "mask": 4}
 
     def backbone():
-        with engine.autocast(precision, device):
+        with distributed.autocast(precision, device):
             out = model(image=batch["image"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         out.pooled.float().sum().backward()
 
     def full_step():
-        with engine.autocast(precision, device):
+        with distributed.autocast(precision, device):
             mask_step([batch], cfg, torch.Generator().manual_seed(0), special)
-            loss, _ = pretraining_loss(model, batch, cfg, torch.Generator().manual_seed(1))
+            loss = pretraining_loss(model, batch, cfg, torch.Generator().manual_seed(1))[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     P = 1 + (cfg.model.image_size // cfg.model.patch_size) ** 2
     T = cfg.model.max_text_len
-    L, D = cfg.model.depth, cfg.model.dim
-    N = L * (4 * D * D + 2 * int(D * cfg.model.mlp_ratio) * D)
     rows = []
-    for name, fn, flops in [("backbone fwd+bwd", backbone, 6 * N * (P + T) + 12 * L * D * (P + T) ** 2),
+    for name, fn, flops in [("backbone fwd+bwd", backbone, flops_per_pass(cfg.model, P + T)),
                             ("full PTUnifier step", full_step, flops_per_pair(cfg.model, {"mlm", "itm", "itc"}, T))]:
         rate = _rate(fn, device, seconds)
         rows.append((name, batch_size * rate, flops * batch_size * rate))
@@ -117,7 +115,7 @@ def bench_decoding(precision, device, dim, batch_size=2, gen_len=128):
     for use_cache in (True, False):
         _sync(device)
         t = time.perf_counter()
-        with engine.autocast(precision, device):
+        with distributed.autocast(precision, device):
             out = beam_search(decoder, memory, None, m.cls_id, 0, 0, cfg.beam_size, gen_len - 1, use_cache=use_cache)
         _sync(device)
         rows.append((use_cache, batch_size * (gen_len - 1) / (time.perf_counter() - t), out))
@@ -143,7 +141,7 @@ def main(argv=None):
     for prec in args.precisions.split(","):
         dtype = torch.bfloat16 if prec == "bf16" else torch.float32
         peaks[prec] = matmul_peak(device, dtype, seconds=min(args.seconds, 2.0))
-        nominal = engine.peak_flops(device) if prec == "bf16" else None
+        nominal = distributed.peak_flops(device) if prec == "bf16" else None
         print(f"peak {prec}: measured {peaks[prec] / 1e12:.3f} TFLOP/s (2048^3 matmul)"
               + (f", nominal {nominal / 1e12:.0f} TFLOP/s (used for MFU)" if nominal else ""))
         if nominal:

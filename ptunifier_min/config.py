@@ -129,7 +129,7 @@ class RunConfig:
                             "--tokenizer: its vocab.txt, tokenizer.json or vocab.json); empty = scratch")
     resume: str = _f("", "checkpoint folder to continue from (weights, optimizer, scheduler, step, RNG, data position)",
                      may_change=True)
-    # below 2**31, so that engine.step_generator's seeds, (seed * 1_000_003 + step) * 1024 + stream, fit in 64 bits
+    # below 2**31, so that distributed.step_generator's seeds, (seed * 1_000_003 + step) * 1024 + stream, fit in 64 bits
     seed: int = _f(0, "base seed; rank r uses seed + r for its own randomness", valid="[0, 2147483647]")
     steps: int = _f(1000, "optimizer steps", valid=">= 1", may_change=True)
     batch_size: int = _f(64, "samples per device per micro-step", valid=">= 1")
@@ -152,8 +152,6 @@ class RunConfig:
     num_workers: int = _f(2, "data-loader worker processes per rank", valid=">= 0", may_change=True)
     random_resized_crop: bool = _f(False, "random-resized-crop augmentation for training images")
     log_every: int = _f(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
-    save_every: int = _f(500, "optimizer steps between checkpoints (one is always written at the end)",
-                         valid=">= 1", may_change=True)
     max_skips: int = _f(5, "consecutive non-finite steps tolerated before training stops",
                         valid=">= 1", may_change=True)
     overwrite: bool = _f(False, "start afresh in an --out that holds an earlier run: its files are moved aside into "
@@ -179,6 +177,8 @@ class TrainConfig(RunConfig):
                          valid="(0, 1)")
     whole_word: bool = _f(False, "mask whole words (a token and its ## continuations) together")
     itm_hard_negatives: bool = _f(False, "ITM negatives sampled from ITC similarities (ALBEF) instead of uniformly")
+    save_every: int = _f(500, "optimizer steps between checkpoints (one is always written at the end)",
+                         valid=">= 1", may_change=True)
     eval_pairs: int = _f(2000, "ROCO test pairs for the closing zero-shot retrieval (0 = skip)",
                          valid=">= 0", may_change=True)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
@@ -245,8 +245,12 @@ def build(cls, overrides):
 
 
 def parse_args(cls, presets, argv=None, description=""):
-    """Type-checked flags for every field of cls; preset first, then the user's flags."""
-    p = argparse.ArgumentParser(description=description)
+    """Type-checked flags for every field of cls; preset first, then the user's flags.
+
+    Flags must be spelled out (no argparse prefix abbreviations: `--lr` would otherwise mean whichever `--lr-*` is
+    unique). The returned config's `given` attribute is the set of field names the command line set, for a script
+    that must tell "the user asked for this" from "the preset's value" (finetune.py with --init)."""
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     defaults = cls()
     for name, f, owner in _flat_fields(cls):
         default = getattr(defaults.model if owner else defaults, name)
@@ -268,9 +272,10 @@ def parse_args(cls, presets, argv=None, description=""):
     try:
         cfg = build(cls, overrides)
         check_fields(cfg)  # the configs here check themselves when built; a plain one (eval.py's) is checked here
-        return cfg
     except (ValueError, TypeError) as e:  # every check of the config: a usage error (exit 2), not a traceback
         p.error(str(e))
+    cfg.given = frozenset(args)
+    return cfg
 
 
 def to_dict(cfg):
@@ -339,11 +344,10 @@ class FinetuneConfig(RunConfig):
     lr_head: float = _f(1e-3, "peak learning rate of the task head, prompt pools and decoder (paper: 2.5e-4)",
                         valid="> 0", may_change=True)
     log_every: int = _f(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
-    resume: str = _f("", "output folder of a killed fine-tuning run to continue exactly (its train_state, written at "
-                         "every validation: weights, optimizer, schedule, step, RNG, data position, best so far)",
+    resume: str = _f("", "a fine-tuning run folder (its --out) to continue exactly from the train_state it writes at "
+                         "every validation: weights, optimizer, schedule, step, RNG, data position, best so far "
+                         "(not a pre-training checkpoint: that is --init)",
                      may_change=True)
-    save_every: int = _f(0, "unused by fine-tuning: the resumable state is written at every validation",
-                         valid=">= 0", may_change=True)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
 
 

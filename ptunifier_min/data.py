@@ -15,6 +15,7 @@ images before training). A tokenizer we train is bound to its corpora by a recor
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -421,4 +422,107 @@ def pretrain_collate(tok, max_len):
                 "input_ids": ids, "attention_mask": mask,  # [B, T]
                 "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
                 "image_id": torch.tensor([b["image_id"] for b in batch], dtype=torch.long)}  # [B] which file
+    return collate
+
+
+# ---- batch order ------------------------------------------------------------------------------------------------------
+class BatchOrder:
+    """Seeded epoch permutations cut into global batches; rank r takes rows [r*B, (r+1)*B) of each global batch.
+
+    So 1 process with batch W*B and W processes with batch B see the same samples per step (DDP equivalence), and the
+    order is a pure function of (seed, epoch): resuming at micro-batch k of an epoch just skips k global batches.
+    """
+
+    def __init__(self, n, batch_size, world, rank, seed, shuffle=True, drop_last=True):
+        self.n, self.B, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.per_epoch = n // (batch_size * world) if drop_last else math.ceil(n / (batch_size * world))
+        if self.per_epoch == 0:
+            raise ValueError(f"global batch {batch_size} x {world} is larger than the {n} training samples: "
+                             "lower --batch-size")
+
+    def batches(self, epoch, start=0):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle \
+            else torch.arange(self.n)
+        G = self.B * self.world
+        for b in range(start, self.per_epoch):
+            rows = order[b * G:(b + 1) * G][self.rank * self.B:(self.rank + 1) * self.B]
+            if len(rows):
+                yield rows.tolist()
+
+
+def micro_batches(dataset, order, collate, num_workers, start_micro=0):
+    """Endless (epoch, micro-batch index, batch) from a BatchOrder, starting at a global micro-batch count."""
+    epoch, start = divmod(start_micro, order.per_epoch)
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, and a resumed run,
+        # which makes a loader where the uninterrupted one did not, would then draw other dropout masks
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=list(order.batches(epoch, start)),
+                                             collate_fn=collate, num_workers=num_workers, generator=torch.Generator(),
+                                             persistent_workers=False, pin_memory=torch.cuda.is_available())
+        for batch in loader:
+            yield batch
+        epoch, start = epoch + 1, 0
+
+
+def next_micro_batches(batches, grad_accum, device):
+    """The micro-batches of the next optimizer step, on the device. All of them are fetched before the first forward
+    pass, so that what depends on the whole step (pre-training's MLM token count) can be computed first."""
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            for _ in range(grad_accum)]
+
+
+# ---- downstream tasks ------------------------------------------------------------------------------------------------
+class TaskDataset(torch.utils.data.Dataset):
+    """A prepared split of a downstream task as model inputs: what its tasks.Task entry says it reads (the image, the
+    text fields) and its target. Random choices (crop, caption) are a pure function of (seed, epoch, i)."""
+
+    def __init__(self, records, task, transform, seed=0, train=False):
+        self.records, self.task, self.transform, self.seed, self.train, self.epoch = \
+            records, task, transform, seed, train, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r, task = self.records[i], self.task
+        rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
+        item = {"index": i}
+        if task.image:
+            item["image"] = self.transform(load_image(r["image"]), rng)
+        # a field with several texts (ROCO's captions): training reads any one, whole; evaluation the first
+        texts = [(rng.choice(r[f]) if self.train else r[f][0]) if isinstance(r[f], list) else r[f] for f in task.text]
+        if len(texts) == 2:
+            item["text_a"], item["text_b"] = texts
+        elif texts:
+            item["text"] = texts[0]
+        if task.target:
+            item[task.target] = r[task.target]
+        return item
+
+
+def task_collate(tok, max_len, max_gen_len):
+    """TaskDataset items -> a batch: images, labels, the encoded text or pair (at max_len) and the target text (at
+    max_gen_len), whichever the items hold."""
+    def collate(batch):
+        out = {"index": torch.tensor([b["index"] for b in batch])}
+        if "image" in batch[0]:
+            out["image"] = torch.stack([b["image"] for b in batch])  # [B, 3, S, S]
+        if "labels" in batch[0]:
+            out["labels"] = torch.tensor([b["labels"] for b in batch], dtype=torch.float)  # [B, C]
+        if "label" in batch[0]:
+            out["label"] = torch.tensor([b["label"] for b in batch], dtype=torch.long)  # [B]
+        if "text_a" in batch[0]:  # [CLS] premise [SEP] hypothesis [SEP]
+            out["input_ids"], out["attention_mask"] = encode_pairs(
+                tok, [b["text_a"] for b in batch], [b["text_b"] for b in batch], max_len)
+        elif "text" in batch[0]:
+            out["input_ids"], out["attention_mask"] = encode_texts(tok, [b["text"] for b in batch], max_len)
+        if "target" in batch[0]:  # [CLS] w1 .. wn [SEP] [PAD]..: [CLS] is the decoder's bos, [SEP] its eos
+            out["target_ids"], _ = encode_texts(tok, [b["target"] for b in batch], max_gen_len)
+        return out
     return collate

@@ -173,7 +173,7 @@ class TextDecoder(nn.Module):
         """Cached decoding: forward() of the newest token input_ids [N] of each row, the cache holding every earlier
         one. Returns the next-token logits [N, V] (the vocabulary projection at this one position only) and grows the
         cache. memory_mask is per row, [N, S] (or None). Inference only: no dropout."""
-        x = self.embed(input_ids[:, None], start=0)  # [N, 1, D]
+        x = self.embed(input_ids[:, None], start=len(cache))  # [N, 1, D]
         for i, blk in enumerate(self.blocks):
             x, cache.self_kv[i] = blk.step(x, cache.self_kv[i], cache.memory_kv[i], memory_mask, manual_attention)
         return self.backbone.mlm_logits(self.norm(x[:, 0]))  # [N, V]
@@ -184,10 +184,10 @@ class TextDecoder(nn.Module):
         T = start + input_ids.shape[1]
         if T > self.max_len:
             raise ValueError(f"decoder input has {T} tokens, more than max_len={self.max_len}")
-        bb = self.backbone
+        backbone = self.backbone
         pos = torch.arange(start, T, device=input_ids.device)
-        words = bb.text_norm(bb.word_embeddings(input_ids) + self.position_embeddings(pos))  # as bb.embed_text does
-        return words + bb.token_type_embeddings.weight[1]
+        words = backbone.text_norm(backbone.word_embeddings(input_ids) + self.position_embeddings(pos))  # as bb.embed_text does
+        return words + backbone.token_type_embeddings.weight[1]
 
 
 def encoder_memory(backbone, image=None, input_ids=None, attention_mask=None):

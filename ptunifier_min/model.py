@@ -133,6 +133,7 @@ class Encoding:
     n_visual: int  # Tv: where the textual part starts
     selected_visual: torch.Tensor | None  # [B, k_v] pool rows used for a missing image
     selected_textual: torch.Tensor | None  # [B, k_l] pool rows used for a missing text
+    modality: str  # what the pass read: "image", "text" or "pair" (the ITC head embeds the first two)
 
 
 class PTUnifier(nn.Module):
@@ -247,7 +248,8 @@ class PTUnifier(nn.Module):
             x = blk(x, key_mask, manual_attention)
         x = self.norm(x)
         pooled = torch.cat([x[:, 0], x[:, v.shape[1]]], -1)  # [B, 2D]
-        return Encoding(x, pooled, v.shape[1], sel_v, sel_l)
+        modality = "pair" if image is not None and input_ids is not None else "image" if image is not None else "text"
+        return Encoding(x, pooled, v.shape[1], sel_v, sel_l, modality)
 
     def forward_vision(self, image, manual_attention=False):
         """The image tokens alone through the blocks, as in a plain ViT (no type embedding, no textual part): the
@@ -266,10 +268,16 @@ class PTUnifier(nn.Module):
     def itm_logits(self, pooled):
         return self.itm_head(pooled)  # [B, 2]: not matched / matched
 
-    def itc_features(self, pooled, modality):
-        """L2-normalised ITC embedding in fp32 of an image-only or text-only pooled representation."""
-        proj = self.itc_image_proj if modality == "image" else self.itc_text_proj
-        return F.normalize(proj(pooled).float(), dim=-1)
+    def itc_embed(self, enc):
+        """[B, itc_dim] L2-normalised fp32 ITC embedding of an image-only or a text-only pass, e.g.
+        model.itc_embed(model(image=x)): the one ITC embedding of pre-training, fine-tuning, retrieval and the API.
+
+        It takes the pass's Encoding, not the inputs, so that pre-training can run the pass through its DDP wrapper
+        (DDP reduces the gradients of passes made by its own forward only) and still read the pass's prompt choices."""
+        if enc.modality == "pair":
+            raise ValueError("ITC embeds an image-only or a text-only pass; an image-text pair is ITM's input")
+        proj = self.itc_image_proj if enc.modality == "image" else self.itc_text_proj
+        return F.normalize(proj(enc.pooled).float(), dim=-1)
 
     def itc_scale(self):
         # No clamp here: a clamp in the forward pass has zero gradient past its bound, so a scale pushed there would
@@ -281,6 +289,22 @@ class PTUnifier(nn.Module):
         """Keep the learned logit scale in [0, log 100], i.e. the scale in [1, 100], in place (CLIP, open_clip): at
         most 100 so that the logits cannot blow up, at least 1 so that the temperature stays below 1."""
         self.logit_scale.clamp_(0, math.log(100))
+
+    # ---- parameter groups: the model is their one owner (the optimizer and the scripts ask it) ---------------------
+    # Not the backbone: the prompt pools and the pre-training heads, trained at the head learning rate.
+    HEADS = ("visual_prompts", "textual_prompts", "mlm_head", "itm_head", "itc_", "logit_scale")
+    # No weight decay (beyond norms and biases, which the optimizer recognises by their < 2 dims): embeddings, position
+    # and type embeddings, prompt pools and the logit scale, as BERT, ViT and CLIP train them.
+    NO_DECAY = ("cls_token", "pos_embed", "word_embeddings", "position_embeddings", "token_type_embeddings",
+                "visual_prompts", "textual_prompts", "logit_scale")
+
+    def backbone_parameter_names(self):
+        """The backbone = embeddings, blocks and norms; everything else (pools, heads, logit scale) is the 'rest'."""
+        return {n for n, _ in self.named_parameters() if not n.startswith(self.HEADS)}
+
+    def no_weight_decay(self):
+        """Parameter names AdamW must not decay (timm's `no_weight_decay()` convention)."""
+        return {n for n, _ in self.named_parameters() if n.startswith(self.NO_DECAY)}
 
 
 # ---- resizing a trained backbone (fine-tuning at another image size or text length) ---------------------------------
@@ -337,31 +361,36 @@ def set_text_len(backbone, max_text_len):
     backbone.cfg.max_text_len = max_text_len
 
 
-def backbone_parameter_names(model):
-    """The backbone = embeddings + blocks + final norm; everything else (pools, heads, logit scale) is the 'rest'."""
-    heads = ("visual_prompts", "textual_prompts", "mlm_head", "itm_head", "itc_", "logit_scale")
-    return {n for n, _ in model.named_parameters() if not n.startswith(heads)}
+def flops_per_pass(cfg: ModelConfig, T):
+    """Training FLOPs (forward + backward) of one pass of the tower over a sequence of T positions: 6*N*T for the
+    weight matrices (N = 12*L*D^2 block weights, 2 FLOPs per multiply-add, x3 for forward + backward) plus 12*L*D*T^2
+    for attention scores and values (Kaplan et al. 2020; nanoGPT's estimate)."""
+    L, D = cfg.depth, cfg.dim
+    N = L * (4 * D * D + 2 * int(D * cfg.mlp_ratio) * D)
+    return 6 * N * T + 12 * L * D * T * T
 
 
 def flops_per_pair(cfg: ModelConfig, objectives, text_len):
-    """Training FLOPs (forward + backward) of one image-text pair in a pre-training step.
-
-    Per pass over a sequence of T positions: 6*N*T for the weight matrices (N = 12*L*D^2 block weights, 2 FLOPs per
-    multiply-add, x3 for forward + backward) plus 12*L*D*T^2 for attention scores and values (Kaplan et al. 2020;
-    nanoGPT's estimate). Summed over the passes each objective runs; MLM adds its head at the ~15% masked positions.
-    """
-    L, D = cfg.depth, cfg.dim
-    N = L * (4 * D * D + 2 * int(D * cfg.mlp_ratio) * D)
+    """Training FLOPs of one image-text pair in a pre-training step: the passes each objective runs (flops_per_pass),
+    and MLM's head at the ~15% masked positions."""
+    D = cfg.dim
     P = 1 + (cfg.image_size // cfg.patch_size) ** 2
     k_v, k_l = (0, 0) if cfg.prompt_mode == "none" else (cfg.k_v, cfg.k_l)
-
-    def seq(T):
-        return 6 * N * T + 12 * L * D * T * T
     total = 0
-    if "itc" in objectives:
-        total += seq(P + k_l + 2) + seq(1 + k_v + text_len)
+    if "itc" in objectives:  # image-only pass (patches + [CLS] k_l prompts [SEP]) and text-only pass
+        total += flops_per_pass(cfg, P + k_l + 2) + flops_per_pass(cfg, 1 + k_v + text_len)
     if "mlm" in objectives:
-        total += seq(P + text_len) + 6 * (D * D + D * cfg.vocab_size) * 0.15 * text_len
+        total += flops_per_pass(cfg, P + text_len) + 6 * (D * D + D * cfg.vocab_size) * 0.15 * text_len
     if "itm" in objectives:
-        total += seq(P + text_len)
+        total += flops_per_pass(cfg, P + text_len)
     return total
+
+
+def pool_usage(hist):
+    """Distinct pool rows used and the entropy (nats) of a selection histogram [pool_size]: a collapsed pool shows here.
+    Reads the histogram on the host (the caller does it on logging steps only)."""
+    total = hist.sum()
+    if total == 0:
+        return 0, 0.0
+    p = hist[hist > 0].double() / total
+    return int((hist > 0).sum()), float(-(p * p.log()).sum())

@@ -165,11 +165,13 @@ def itm_negatives(valid, generator, probs=None):
     Uniform over the valid negatives (the paper's random negative), or drawn from `probs` (hard_negative_probs).
     Every rank computes all G rows alike and keeps its own.
     """
-    lonely = (~valid.any(1)).nonzero().flatten().tolist()
+    lonely = (~valid.any(1)).nonzero().flatten().tolist()  # the host waits for the device here
     if lonely:
         raise ValueError(f"ITM needs two different images (and texts) in every batch: pair {lonely[0]} of the global "
                          f"batch of {len(valid)} has no valid negative; raise --batch-size")
     weights = valid.double() if probs is None else probs
+    # drawn on the host with the step's CPU generator, so that every rank and a resumed run draw alike (and the host
+    # waits for the weights here)
     return torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1).to(valid.device)
 
 
@@ -179,34 +181,40 @@ def rank_and_world():
     return 0, 1
 
 
-def pretraining_loss(model, batch, cfg, generator, raw_model=None):
-    """One micro-step of PTUnifier pre-training. `model` may be DDP-wrapped; heads are read from `raw_model`.
+def pretraining_loss(model, batch, cfg, generator, unwrapped_model=None):
+    """One micro-step of PTUnifier pre-training. `model` may be DDP-wrapped; heads are read from `unwrapped_model`.
 
     batch: image [B, 3, H, W], input_ids [B, T], attention_mask [B, T], image_id [B] (which file: duplicates matter),
     and, with MLM, the targets mask_step added. `generator` (ITM's draws) must be seeded alike on every rank: draws
     are made for the global batch and sliced (see `draw`). ITC and ITM see this micro-batch only, as in CLIP.
-    Returns (weighted total loss, dict of tensors for logging, that total among them as `loss`).
+    Returns (weighted total loss, scalars, selections): scalars = {name: 0-dim tensor} for logging, the weighted total
+    among them as `loss`; selections = {"visual" | "textual": [B, k] pool rows the single-modality passes chose}
+    (pool mode with ITC only), for the pool-usage statistics.
     """
-    raw = raw_model or model
+    unwrapped = unwrapped_model or model
     objectives = cfg.objective_set()
     image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
     rank, world = rank_and_world()
     B = len(ids)
     G, offset = B * world, rank * B  # global batch rows, and where this rank's rows start
-    total, stats = 0.0, {}
+    total, stats, selections = 0.0, {}, {}
     if "itc" in objectives:
         img = model(image=image)
         txt = model(input_ids=ids, attention_mask=mask)
-        zi, zt = raw.itc_features(img.pooled, "image"), raw.itc_features(txt.pooled, "text")
-        loss, acc = itc_loss(zi, zt, raw.itc_scale())
+        # the passes ran through `model` (DDP's forward, so that DDP reduces their gradients); the head is read
+        # from the unwrapped model
+        zi, zt = unwrapped.itc_embed(img), unwrapped.itc_embed(txt)
+        loss, acc = itc_loss(zi, zt, unwrapped.itc_scale())
         total = total + cfg.w_itc * loss
-        stats.update(itc_loss=loss.detach(), itc_acc=acc, logit_scale=raw.itc_scale().detach())
-        stats["selected_visual"], stats["selected_textual"] = txt.selected_visual, img.selected_textual
+        stats.update(itc_loss=loss.detach(), itc_acc=acc, logit_scale=unwrapped.itc_scale().detach())
+        for k, rows in (("visual", txt.selected_visual), ("textual", img.selected_textual)):
+            if rows is not None:
+                selections[k] = rows
     if "mlm" in objectives:
         labels = batch["mlm_labels"]
         enc = model(image=image, input_ids=batch["mlm_input_ids"], attention_mask=mask)
         at = labels != IGNORE  # [B, T]
-        logits = raw.mlm_logits(enc.hidden[:, enc.n_visual:][at])  # only the masked positions reach the vocabulary
+        logits = unwrapped.mlm_logits(enc.hidden[:, enc.n_visual:][at])  # only masked positions reach the vocabulary
         loss, acc = mlm_loss(logits, labels[at], batch["mlm_norm"])
         total = total + cfg.w_mlm * loss
         stats.update(mlm_loss=loss.detach(), mlm_acc=acc)
@@ -214,36 +222,18 @@ def pretraining_loss(model, batch, cfg, generator, raw_model=None):
         # Negatives come from the whole global batch, as on one device: images, file ids and texts are gathered (no
         # gradient needed, they are inputs); texts are padded to the model's length so that every rank's rows have
         # one shape, with -1 beyond the text so that padding never tells two equal texts apart.
-        text = F.pad(ids.masked_fill(~mask.bool(), -1), (0, raw.cfg.max_text_len - ids.shape[1]), value=-1)
+        text = F.pad(ids.masked_fill(~mask.bool(), -1), (0, unwrapped.cfg.max_text_len - ids.shape[1]), value=-1)
         valid = valid_negatives(gather(batch["image_id"]), gather(text))
         probs = None
         if cfg.itm_hard_negatives:  # the config refuses it without ITC
-            probs = hard_negative_probs(gather(zt.detach()), gather(zi.detach()), raw.itc_scale(), valid)
+            probs = hard_negative_probs(gather(zt.detach()), gather(zi.detach()), unwrapped.itc_scale(), valid)
         neg = itm_negatives(valid, generator, probs)
         swap = torch.rand(G, generator=generator).to(ids.device) < 0.5  # half the pairs become negatives
         rows = torch.where(swap, neg, torch.arange(G, device=ids.device))[offset:offset + B]
         enc = model(image=gather(image)[rows], input_ids=ids, attention_mask=mask)
-        loss, acc = itm_loss(raw.itm_logits(enc.pooled), ~swap[offset:offset + B])
+        loss, acc = itm_loss(unwrapped.itm_logits(enc.pooled), ~swap[offset:offset + B])
         total = total + cfg.w_itm * loss
         stats.update(itm_loss=loss.detach(), itm_acc=acc)
     stats["loss"] = total.detach()  # the weighted sum that is optimised, as logged
-    return total, stats
+    return total, stats, selections
 
-
-def freeze_unused(model, objectives):
-    """Turn off gradients of heads (and prompts) that the chosen objectives never use.
-
-    DDP with find_unused_parameters=False requires every trainable parameter to get a gradient each step. Prompts
-    appear only in the single-modality passes, which only ITC runs during pre-training.
-    """
-    unused = []
-    if "mlm" not in objectives:
-        unused += ["mlm_head.dense", "mlm_head.norm", "mlm_head.bias"]
-    if "itm" not in objectives:
-        unused += ["itm_head"]
-    if "itc" not in objectives:
-        unused += ["itc_", "logit_scale", "visual_prompts", "textual_prompts"]
-    for name, p in model.named_parameters():
-        if name.startswith(tuple(unused)):
-            p.requires_grad_(False)
-    return [n for n, p in model.named_parameters() if not p.requires_grad]

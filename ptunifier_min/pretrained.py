@@ -173,7 +173,7 @@ def vision_settings(fmt, state, path):
     return shapes, numerics
 
 
-def prepare(init_vision, init_text, tok, model_cfg, say=print):
+def prepare(init_vision, init_text, tok, model_cfg, print0=print):
     """Read the pretrained files and update model_cfg with what they need; returns the tensors for load_into."""
     imported = Imported()
     if init_vision:
@@ -189,7 +189,7 @@ def prepare(init_vision, init_text, tok, model_cfg, say=print):
         grid = model_cfg.image_size // model_cfg.patch_size
         if state["pos_embed"].shape[1] != 1 + grid * grid:  # the file's resolution differs from --image-size
             state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], grid)
-        say(f"init-vision: {init_vision} is a {fmt} checkpoint ({numerics}); positions for a {grid}x{grid} grid")
+        print0(f"init-vision: {init_vision} is a {fmt} checkpoint ({numerics}); positions for a {grid}x{grid} grid")
         imported.state.update(state)
         imported.sources.append(("vision", init_vision, unused))
     if init_text:
@@ -197,7 +197,7 @@ def prepare(init_vision, init_text, tok, model_cfg, say=print):
         model_cfg.text_norm_eps = eps
         imported.state.update(state)
         imported.sources.append(("text", init_text, unused))
-        say(f"init-text: {init_text}: word and position embeddings and their LayerNorm (eps {eps:g}); its encoder "
+        print0(f"init-text: {init_text}: word and position embeddings and their LayerNorm (eps {eps:g}); its encoder "
             "blocks are not used: the single tower's blocks come from the vision side")
     return imported
 
@@ -248,7 +248,7 @@ def single_file_tokenizer(tok, path, out, main=True):
     return new
 
 
-def load_into(model, imported, say=print):
+def load_into(model, imported, print0=print):
     """Copy the imported tensors into the model; print what was loaded, what stays new and what the files left."""
     if not imported.state:
         return
@@ -262,6 +262,6 @@ def load_into(model, imported, say=print):
         for k, v in imported.state.items():
             own[k].copy_(v)
     for what, path, unused in imported.sources:
-        say(f"init-{what}: unused tensors of {os.path.basename(path)}: {_summary(unused)}")
-    say(f"pretrained: {len(imported.state)} tensors loaded; newly initialised: "
+        print0(f"init-{what}: unused tensors of {os.path.basename(path)}: {_summary(unused)}")
+    print0(f"pretrained: {len(imported.state)} tensors loaded; newly initialised: "
         f"{_summary(n for n in own if n not in imported.state)}")

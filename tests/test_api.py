@@ -13,7 +13,7 @@ from PIL import Image
 import finetune
 import train
 import ptunifier_min
-from ptunifier_min import engine, retrieval
+from ptunifier_min import checkpoint, retrieval
 
 SNIPPET = '''
 import ptunifier_min
@@ -71,7 +71,7 @@ def test_readme_snippet_runs_verbatim_and_agrees_with_training_code(runs, monkey
 def test_predict_of_a_finetuning_run(runs):
     m = ptunifier_min.load(str(runs / "runs" / "chexpert"))
     out = m.predict(image=[str(runs / "a.jpg")] * 3)
-    ckpt = engine.resolve_checkpoint(str(runs / "runs" / "chexpert"))
+    ckpt = checkpoint.resolve_checkpoint(str(runs / "runs" / "chexpert"))
     with open(os.path.join(ckpt, "meta.json")) as f:  # finetune.py copied the task's meta.json in
         names = json.load(f)["label_names"]
     assert len(out) == 3 and out[0] == out[2] and list(out[0]) == names
@@ -84,16 +84,16 @@ def test_predict_of_a_finetuning_run(runs):
 
 
 def test_refusals_name_the_file(runs, tmp_path):
-    ckpt = engine.resolve_checkpoint(str(runs / "runs" / "pretrain"))
+    ckpt = checkpoint.resolve_checkpoint(str(runs / "runs" / "pretrain"))
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
     cfg = json.loads((bad / "config.json").read_text())
     cfg["config"]["model"]["rotary"] = True  # a key of another version
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(engine.CheckpointError, match="model.rotary"):
+    with pytest.raises(checkpoint.CheckpointError, match="model.rotary"):
         ptunifier_min.load(str(bad))
     shutil.rmtree(bad)
     shutil.copytree(ckpt, bad)
     os.remove(bad / "tokenizer.json")
-    with pytest.raises(engine.CheckpointError, match="no tokenizer.json or vocab.txt"):
+    with pytest.raises(checkpoint.CheckpointError, match="no tokenizer.json or vocab.txt"):
         ptunifier_min.load(str(bad))

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from ptunifier_min import data as D
-from ptunifier_min import engine, metrics, world
-from ptunifier_min import prepare as P
+from ptunifier_min import data, metrics
+from ptunifier_min.datasets import prepare as P, source
 from test_prepare import _csv, _img, _json, _lines, _vqa_rad_row, make_chexpert, make_mimic, make_roco, make_rsna, \
     make_vqa_rad
 
@@ -297,8 +297,8 @@ def test_empty_split_is_an_error_where_a_stage_needs_it(tmp_path):
 def test_batch_larger_than_the_data():
     with pytest.raises(ValueError, match=r"global batch 8 x 2 is larger than the 10 training samples: lower "
                                          r"--batch-size"):
-        engine.BatchOrder(10, 8, world=2, rank=0, seed=0)
-    assert engine.BatchOrder(16, 8, world=2, rank=1, seed=0).per_epoch == 1
+        data.BatchOrder(10, 8, world=2, rank=0, seed=0)
+    assert data.BatchOrder(16, 8, world=2, rank=1, seed=0).per_epoch == 1
 
 
 @pytest.mark.parametrize("argv, message", [(["--bogus", "1"], "unrecognized arguments: --bogus"),
@@ -341,8 +341,8 @@ def test_interrupted_prepare_leaves_nothing_complete(tmp_path, monkeypatch, earl
                 refuse()
     cfg = types.SimpleNamespace(data_root=out, tokenizer="", model=None)
     with pytest.raises(SystemExit, match=r"no complete preparation of mimic_gen, mimic_sum; run:\n  "
-                                         r"python -m ptunifier_min\.prepare mimic_cxr"):
-        world.ensure_prepared(cfg, ["mimic_cxr", "mimic_gen", "mimic_sum"], d=None, say=lambda *a: None)
+                                         r"python -m ptunifier_min\.datasets\.prepare mimic_cxr"):
+        source.ensure_prepared(cfg, ["mimic_cxr", "mimic_gen", "mimic_sum"], proc=None, print0=lambda *a: None)
 
 
 # ---- security ------------------------------------------------------------------------------------------------------
@@ -467,26 +467,26 @@ def test_tokenizer_is_refused_for_other_pretraining_corpora(tmp_path):
     root = _pretrain_root(tmp_path / "prep", [("roco", 3)])
     cfg = types.SimpleNamespace(data_root=root, tokenizer="", model=types.SimpleNamespace(vocab_size=200))
     d = types.SimpleNamespace(main=True, world=1)
-    _, tok_path = world.ensure_prepared(cfg, ["roco"], d, say=lambda *a: None)
+    _, tok_path = source.ensure_prepared(cfg, ["roco"], d, print0=lambda *a: None)
     assert D.tokenizer_record(tok_path)["corpora"] == {"roco": {"records": 3, "texts": 3}}
-    assert world.ensure_prepared(cfg, ["roco"], d, say=lambda *a: None)[1] == tok_path  # the same corpora: reused
+    assert source.ensure_prepared(cfg, ["roco"], d, print0=lambda *a: None)[1] == tok_path  # the same corpora: reused
     _pretrain_root(tmp_path / "prep", [("mimic_cxr", 4)])  # then MIMIC-CXR is prepared into the same root
     with pytest.raises(SystemExit, match=r"tokenizer\.json was trained on roco \(3 train records\), but the prepared "
                                          r"pre-training corpora are now mimic_cxr \(4 train records\), roco \(3 train "
                                          r"records\): delete it .* or pass --tokenizer"):
-        world.ensure_prepared(cfg, ["roco", "mimic_cxr"], d, say=lambda *a: None)
+        source.ensure_prepared(cfg, ["roco", "mimic_cxr"], d, print0=lambda *a: None)
     explicit = types.SimpleNamespace(**{**vars(cfg), "tokenizer": tok_path})  # the user's explicit choice is used
-    assert world.ensure_prepared(explicit, ["roco", "mimic_cxr"], d, say=lambda *a: None)[1] == tok_path
+    assert source.ensure_prepared(explicit, ["roco", "mimic_cxr"], d, print0=lambda *a: None)[1] == tok_path
     os.remove(D.tokenizer_record_path(tok_path))  # a tokenizer.json of unknown origin is refused too
     with pytest.raises(SystemExit, match=r"tokenizer\.json has no record of the corpora it was trained on"):
-        world.ensure_prepared(cfg, ["roco"], d, say=lambda *a: None)
+        source.ensure_prepared(cfg, ["roco"], d, print0=lambda *a: None)
     os.remove(tok_path)  # deleted, as the message says: retrained on both, and recorded
-    world.ensure_prepared(cfg, ["roco", "mimic_cxr"], d, say=lambda *a: None)
+    source.ensure_prepared(cfg, ["roco", "mimic_cxr"], d, print0=lambda *a: None)
     assert sorted(D.tokenizer_record(tok_path)["corpora"]) == ["mimic_cxr", "roco"]
     with open(tok_path, "w") as f:
         f.write("")  # emptied or replaced behind the record's back: named, not loaded
     with pytest.raises(SystemExit, match=r"tokenizer\.json is not the file its record .*tokenizer\.meta\.json"):
-        world.ensure_prepared(cfg, ["roco"], d, say=lambda *a: None)
+        source.ensure_prepared(cfg, ["roco"], d, print0=lambda *a: None)
 
 
 def _disk_full_on(monkeypatch, name):

@@ -6,16 +6,18 @@ accumulation for MLM: batch B x --grad-accum 2 equals batch 2B, on 1 process and
 """
 
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ptunifier_min import engine
+from ptunifier_min import distributed, optim
 from ptunifier_min.config import PRESETS, TrainConfig, build
 from ptunifier_min.model import PTUnifier
-from ptunifier_min.objectives import IGNORE, freeze_unused, mask_step, pretraining_loss
+from ptunifier_min.objectives import IGNORE, mask_step, pretraining_loss
 from test_objectives import OBJECTIVE_SETS, SPECIAL, text_batch
 
 STEPS, GLOBAL_B = 3, 8
@@ -44,34 +46,43 @@ def micro_batches(step, rank, world, accum):
     return out
 
 
-def make(objectives, hard=False):
+def make(objectives, hard=False, rank=0, world=1):
     cfg = build(TrainConfig, {**PRESETS["tiny"], "objectives": objectives, "vocab_size": 100,
                               "itm_hard_negatives": hard})
     torch.manual_seed(0)
     model = PTUnifier(cfg.model)
-    freeze_unused(model, cfg.objective_set())
+    # what train.py does: freeze what a probe step of these objectives does not reach (a collective, on every rank)
+    probe = micro_batches(0, rank, world, 1)
+    if "mlm" in cfg.objective_set():
+        mask_step(probe, cfg, torch.Generator().manual_seed(0), SPECIAL)
+    optim.freeze_unreached(model, pretraining_loss(model, probe[0], cfg, torch.Generator().manual_seed(0))[0])
     return cfg, model
 
 
-def step_loss(net, model, cfg, batches, step, d):
-    """What train.py does for one optimizer step before the update: masks for the step, then the micro-steps."""
+def step_loss(net, model, cfg, batches, step):
+    """What train.py does for one optimizer step before the update: masks for the step, then the micro-steps, the
+    gradients all-reduced on the last. Returns (the last micro-step's loss, its scalars averaged over micro-steps)."""
     if "mlm" in cfg.objective_set():
-        mask_step(batches, cfg, engine.step_generator(0, step), SPECIAL)
-
-    def loss_fn(batch, micro):
-        loss, stats = pretraining_loss(net, batch, cfg, engine.step_generator(0, step, micro), model)
-        return loss, {k: v for k, v in stats.items() if not k.startswith("selected_")}  # scalars only (train.py)
-    return engine.accumulate(net, batches, loss_fn, d, "fp32")
+        mask_step(batches, cfg, distributed.step_generator(0, step), SPECIAL)
+    stats = {}
+    for micro, batch in enumerate(batches):
+        last = micro == len(batches) - 1
+        with net.no_sync() if isinstance(net, DDP) and not last else contextlib.nullcontext():
+            loss, scalars, _ = pretraining_loss(net, batch, cfg, distributed.step_generator(0, step, micro), model)
+            (loss / len(batches)).backward()
+        for k, v in scalars.items():
+            stats[k] = stats.get(k, 0.0) + float(v) / len(batches)
+    return loss, stats
 
 
 def train(objectives, rank=0, world=1, hard=False, accum=1):
-    cfg, model = make(objectives, hard)
+    cfg, model = make(objectives, hard, rank, world)
     # SGD, not AdamW: some gradients are zero in exact arithmetic (the key bias cannot change a softmax) and Adam
     # divides their float noise by its own size, turning 1e-9 differences into full-size steps.
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     net = DDP(model) if world > 1 else model  # find_unused_parameters=False (the default)
     for step in range(STEPS):
-        step_loss(net, model, cfg, micro_batches(step, rank, world, accum), step, engine.Dist(rank, world))
+        step_loss(net, model, cfg, micro_batches(step, rank, world, accum), step)
         opt.step()
         opt.zero_grad()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -110,7 +121,7 @@ def test_mlm_grad_accumulation_is_exact():
     for accum in (1, 2, 4):
         cfg, model = make("mlm")
         batches = micro_batches(0, 0, 1, accum)
-        _, stats = step_loss(model, model, cfg, batches, 0, engine.Dist())
+        _, stats = step_loss(model, model, cfg, batches, 0)
         labels = torch.cat([F.pad(b["mlm_labels"], (0, 24 - b["mlm_labels"].shape[1]), value=IGNORE) for b in batches])
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[accum] = stats["mlm_loss"], labels, grads

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 import eval as eval_script
 import finetune
 import train
-from ptunifier_min import data, engine, metrics, retrieval, tasks
+from ptunifier_min import checkpoint, data, metrics, retrieval, tasks
+from ptunifier_min.api import Model
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, build
+from ptunifier_min.model import PTUnifier
 from test_finetune import TASK_KEYS, run, world  # noqa: F401  (world: the shared tiny synthetic world fixture)
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
@@ -37,12 +39,15 @@ class MatchedEncoder(torch.nn.Module):
             k = ((level - 10) / 20).round().long()
         else:
             k = torch.tensor([self.word_index[int(t)] for t in input_ids[:, 1]])  # the token after [CLS]
-        return SimpleNamespace(pooled=F.one_hot(k, len(WORDS)).float())
+        return SimpleNamespace(pooled=F.one_hot(k, len(WORDS)).float(), modality="text" if image is None else "image")
 
-    def itc_features(self, pooled, modality):
-        if modality == "image":
-            pooled = pooled.roll(self.shift, 1)
+    def itc_embed(self, enc):
+        pooled = enc.pooled.roll(self.shift, 1) if enc.modality == "image" else enc.pooled
         return F.normalize(pooled, dim=-1)
+
+
+def sizes(cfg):
+    return cfg.model.image_size, cfg.model.max_text_len
 
 
 @pytest.fixture
@@ -60,10 +65,10 @@ def toy(tmp_path):
 def test_zero_shot_retrieval_on_a_toy_set_with_known_answers(toy):
     tok, records = toy
     cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
-    m = tasks.retrieval_metrics(MatchedEncoder(tok), records, tok, cfg, torch.device("cpu"))
+    m = retrieval.retrieval_metrics(MatchedEncoder(tok), records, tok, *sizes(cfg), torch.device("cpu"))
     assert all(m[f"{d}_r{k}"] == 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)) and m["pairs"] == 8
     # every image now matches the next image's text: its own text ties with 6 others behind that one -> rank 8 of 8
-    m = tasks.retrieval_metrics(MatchedEncoder(tok, shift=1), records, tok, cfg, torch.device("cpu"))
+    m = retrieval.retrieval_metrics(MatchedEncoder(tok, shift=1), records, tok, *sizes(cfg), torch.device("cpu"))
     assert [m[f"i2t_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0]
     assert [m[f"t2i_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0]
 
@@ -85,7 +90,8 @@ class ITMKnowsBetter(MatchedEncoder):
 def test_itm_reranking_changes_image_to_text_only(toy):
     tok, records = toy
     cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
-    m = tasks.retrieval_metrics(ITMKnowsBetter(tok, shift=1), records, tok, cfg, torch.device("cpu"), rerank_top=8)
+    m = retrieval.retrieval_metrics(ITMKnowsBetter(tok, shift=1), records, tok, *sizes(cfg), torch.device("cpu"),
+                                    rerank_top=8)
     assert [m[f"i2t_r{k}"] for k in (1, 5, 10)] == [1.0, 1.0, 1.0]  # ITM puts every image's own text first
     assert [m[f"t2i_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0]  # text-to-image stays the ITC ranking
 
@@ -125,9 +131,9 @@ class DenseEncoder(MatchedEncoder):
     """ITC embeddings that are dense random unit vectors (one per image / word), looked up rather than multiplied,
     so that they are exact fp32 numbers whose products bf16 would round."""
 
-    def itc_features(self, pooled, modality):
-        table = torch.randn(len(WORDS), 64, generator=torch.Generator().manual_seed(int(modality == "image")))
-        return F.normalize(table[pooled.argmax(1)], dim=-1)
+    def itc_embed(self, enc):
+        table = torch.randn(len(WORDS), 64, generator=torch.Generator().manual_seed(int(enc.modality == "image")))
+        return F.normalize(table[enc.pooled.argmax(1)], dim=-1)
 
 
 def test_retrieval_similarity_is_fp32_under_bf16_autocast(toy):
@@ -137,13 +143,53 @@ def test_retrieval_similarity_is_fp32_under_bf16_autocast(toy):
     cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
     args = records, tok, cfg.model.image_size, cfg.model.max_text_len, torch.device("cpu")
     reference, _ = retrieval.similarity(enc, *args)
-    zi = enc.itc_features(torch.eye(len(WORDS)), "image")
-    zt = enc.itc_features(torch.eye(len(WORDS)), "text")
+    zi = enc.itc_embed(SimpleNamespace(pooled=torch.eye(len(WORDS)), modality="image"))
+    zt = enc.itc_embed(SimpleNamespace(pooled=torch.eye(len(WORDS)), modality="text"))
     torch.testing.assert_close(reference, zi @ zt.t(), rtol=0, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sim, _ = retrieval.similarity(enc, *args)
     assert sim.dtype == torch.float32
     torch.testing.assert_close(sim, reference, rtol=0, atol=1e-6)  # a bf16 product is ~1e-3 off
+
+
+def test_one_itc_embedding_for_pretraining_retrieval_fine_tuning_and_the_api(toy):
+    """Issue 10 item 3: retrieval, the fine-tuning ITC head and the Python API embed an image or a text exactly as
+    the reference computation (projection of the pooled single-modality pass, L2-normalised), and a pair is refused."""
+    tok, records = toy
+    cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
+    cfg.model.vocab_size = tok.get_vocab_size()
+    torch.manual_seed(0)
+    model = PTUnifier(cfg.model).eval()
+    size, length = sizes(cfg)
+    ds = data.TaskDataset(records, tasks.TASKS["roco_retrieval"], data.ImageTransform(size))
+    batch = data.task_collate(tok, length, 0)([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        ref_image = F.normalize(model.itc_image_proj(model(image=batch["image"]).pooled), dim=-1)
+        ref_text = F.normalize(model.itc_text_proj(model(input_ids=batch["input_ids"],
+                                                         attention_mask=batch["attention_mask"]).pooled), dim=-1)
+        zi, zt = tasks.TaskModel(model, tasks.TASKS["roco_retrieval"])(batch)
+        api = Model(model, tok, cfg)
+        paths, texts = [r["image"] for r in records], [r["texts"][0] for r in records]
+        for image, text in ((zi, zt), (retrieval.embed_images(model, paths, size, torch.device("cpu")),
+                                       retrieval.embed_texts(model, texts, tok, length, torch.device("cpu"))),
+                            (api.encode_images(paths), api.encode_texts(texts))):
+            torch.testing.assert_close(image, ref_image, rtol=0, atol=1e-6)
+            torch.testing.assert_close(text, ref_text, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="ITM's input"):
+            model.itc_embed(model(image=batch["image"], input_ids=batch["input_ids"]))
+
+
+def test_zero_shot_retrieval_through_the_one_evaluation(toy):
+    """eval.py's zero-shot retrieval and finetune.py's evaluation are the one tasks.evaluate, with explicit settings:
+    a bare backbone (the ITC head is its own) gives the same recalls as retrieval_metrics, and says its timing."""
+    tok, records = toy
+    cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
+    said = []
+    m = tasks.evaluate(MatchedEncoder(tok, shift=1), tasks.TASKS["roco_retrieval"], records, tok,
+                       image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len, device=torch.device("cpu"),
+                       print0=said.append)
+    assert [m[f"i2t_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0] and m["pairs"] == 8
+    assert len(said) == 1 and said[0].startswith("retrieval: 8 images x 8 texts = 16 encoder passes")
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +204,7 @@ def test_zero_shot_from_a_pretraining_checkpoint(pretrained, tmp_path, capsys):
     eval_script.main(["--task", "roco_retrieval", "--ckpt", pretrained, "--rerank-top", "4", "--num-workers", "0",
                       "--out", str(out)])
     r = json.loads((out / "results.json").read_text())
-    assert r["zero_shot"] is True and r["task"] == "roco_retrieval" and TASK_KEYS["retrieval"] <= set(r["metrics"])
+    assert r["zero_shot"] is True and r["task"] == "roco_retrieval" and TASK_KEYS["recall"] <= set(r["metrics"])
     assert "encoder passes and one matrix product" in capsys.readouterr().out
     eval_script.main(["--task", "chexpert", "--ckpt", pretrained, "--num-workers", "0", "--out", str(out)])
     r = json.loads((out / "results.json").read_text())
@@ -225,12 +271,12 @@ def test_fine_tuning_at_a_longer_text_length_than_pre_training(pretrained, world
     monkeypatch.setattr(finetune, "set_text_len", keep_a_copy)
     out = tmp_path / "ft"
     run(world, "--task", "vqa_rad", "--init", pretrained, "--max-text-len", "40", "--out", str(out))
-    old = load_file(os.path.join(engine.resolve_checkpoint(pretrained), "model.safetensors"))
+    old = load_file(os.path.join(checkpoint.resolve_checkpoint(pretrained), "model.safetensors"))
     old = old["position_embeddings.weight"]
     assert old.shape == (24, 32) and extended["table"].shape == (40, 32)
     torch.testing.assert_close(extended["table"][:24], old, rtol=0, atol=0)
     torch.testing.assert_close(extended["table"][24:], old[1:17], rtol=0, atol=0)
-    after = load_file(os.path.join(engine.resolve_checkpoint(str(out)), "model.safetensors"))
+    after = load_file(os.path.join(checkpoint.resolve_checkpoint(str(out)), "model.safetensors"))
     assert after["backbone.position_embeddings.weight"].shape == (40, 32)
     expected = json.loads((out / "results.json").read_text())
     assert expected["config"]["model"]["max_text_len"] == 40

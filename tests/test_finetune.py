@@ -3,6 +3,7 @@
 coverage, the position-embedding interpolation and extension, the text lengths chosen from the data and the truncated
 shares, and exact resume (1 process, and 2 DDP processes that each restore their own RNG)."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -11,23 +12,23 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 from safetensors.torch import load_file
 
 import finetune
 import train
-from ptunifier_min import data, engine, tasks
+from ptunifier_min import checkpoint, data, distributed, optim, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, ModelConfig, build
 from ptunifier_min.model import (PTUnifier, interpolate_pos_embed, resize_text_positions, set_image_size,
                                  set_text_len)
-from ptunifier_min.world import ensure_prepared
+from ptunifier_min.datasets.source import ensure_prepared
 
-TASK_KEYS = {  # the metric keys results.json must hold for each kind of task
-    "multilabel": {"auroc", "per_class", "undefined"}, "binary": {"auroc", "per_class", "undefined"},
-    "nli": {"accuracy"}, "vqa": {"overall", "open", "closed", "oov_share"},
-    "retrieval": {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean"},
-    "summarize": {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr"},
+TASK_KEYS = {  # the metric keys results.json must hold for each kind of task (by its Task.metric)
+    "auroc": {"auroc", "per_class", "undefined"},
+    "accuracy": {"accuracy"}, "vqa": {"overall", "open", "closed", "oov_share"},
+    "recall": {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean"},
+    "nlg": {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr"},
 }
-TASK_KEYS["generate"] = TASK_KEYS["summarize"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def world(tmp_path_factory):
     which finds it at the same place)."""
     root = str(tmp_path_factory.getbasetemp() / "ptu_world")
     cfg = build(FinetuneConfig, {**FINETUNE_PRESETS["tiny"], "synth_root": root})
-    prepared, tok = ensure_prepared(cfg, [t.folder for t in tasks.TASKS.values()], engine.Dist(), lambda *a: None)
+    prepared, tok = ensure_prepared(cfg, [t.folder for t in tasks.TASKS.values()], distributed.Dist(), lambda *a: None)
     return root, prepared
 
 
@@ -54,16 +55,16 @@ def test_every_task_end_to_end(name, world, tmp_path, monkeypatch):
     out = tmp_path / "runs" / "finetune" / f"{name}-scratch"
     r = json.loads((out / "results.json").read_text())
     assert r["task"] == name and r["init"] == "scratch"
-    assert TASK_KEYS[task.kind] <= set(r["metrics"]) and TASK_KEYS[task.kind] <= set(r["val_metrics"])
+    assert TASK_KEYS[task.metric] <= set(r["metrics"]) and TASK_KEYS[task.metric] <= set(r["val_metrics"])
     main = r["metrics"][task.main]
     assert main is None or 0.0 <= main <= 1.0
     assert r["best_step"] in (2, 4) and r["config"]["task"] == name and r["config"]["steps"] == 4
     # the hash covers exactly the prepared splits (data_frac 1), and the selected weights are the saved checkpoint
     folder = os.path.join(world[1], task.folder)
     assert r["split_hash"] == tasks.split_hash({s: data.read_split(folder, s) for s in ("train", "val", "test")})
-    ckpt = engine.resolve_checkpoint(str(out))
+    ckpt = checkpoint.resolve_checkpoint(str(out))
     assert ckpt.endswith(f"step_{r['best_step']:07d}") and os.path.isfile(os.path.join(ckpt, "tokenizer.json"))
-    assert engine.read_checkpoint_config(ckpt)["config"]["task"] == name
+    assert checkpoint.read_checkpoint_config(ckpt)["config"]["task"] == name
 
 
 def test_init_from_pretraining_checkpoint(world, tmp_path):
@@ -73,11 +74,11 @@ def test_init_from_pretraining_checkpoint(world, tmp_path):
     # backbone LR 0: the fine-tuned backbone must still be the pre-trained one, so loading is checked tensor by tensor
     run(world, "--task", "chexpert", "--init", pre, "--image-size", "40", "--lr-backbone", "0", "--out", str(out))
     r = json.loads((out / "results.json").read_text())
-    assert r["init"] == os.path.abspath(engine.resolve_checkpoint(pre))
+    assert r["init"] == os.path.abspath(checkpoint.resolve_checkpoint(pre))
     assert r["config"]["model"]["image_size"] == 40 and r["config"]["model"]["dim"] == 32
-    assert r["config"]["tokenizer"].startswith(engine.resolve_checkpoint(pre))
-    before = load_file(os.path.join(engine.resolve_checkpoint(pre), "model.safetensors"))
-    after = load_file(os.path.join(engine.resolve_checkpoint(str(out)), "model.safetensors"))
+    assert r["config"]["tokenizer"].startswith(checkpoint.resolve_checkpoint(pre))
+    before = load_file(os.path.join(checkpoint.resolve_checkpoint(pre), "model.safetensors"))
+    after = load_file(os.path.join(checkpoint.resolve_checkpoint(str(out)), "model.safetensors"))
     for k in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "word_embeddings.weight", "cls_token"):
         torch.testing.assert_close(after[f"backbone.{k}"], before[k], rtol=0, atol=0)
     assert after["backbone.pos_embed"].shape == (1, 1 + 5 * 5, 32) and before["pos_embed"].shape == (1, 1 + 4 * 4, 32)
@@ -101,9 +102,13 @@ def test_unknown_task_lists_the_tasks():
     assert "mnist" in str(e.value) and all(name in str(e.value) for name in tasks.TASKS)
 
 
-def test_given_model_flags_resolves_abbreviations():
-    assert finetune.given_model_flags(["--dim", "4", "--image-size=48", "--dep", "3", "--steps", "2"]) == \
-        ["depth", "dim", "image_size"]
+def test_parse_args_knows_the_flags_given_and_refuses_abbreviations():
+    """finetune.py with --init compares only the model flags the user gave with the checkpoint's (config.given)."""
+    from ptunifier_min.config import parse_args
+    cfg = parse_args(FinetuneConfig, FINETUNE_PRESETS, ["--dim", "4", "--image-size=48", "--depth", "3", "--steps", "2"])
+    assert sorted(cfg.given & {f.name for f in dataclasses.fields(ModelConfig)}) == ["depth", "dim", "image_size"]
+    with pytest.raises(SystemExit):  # `--dep` would have meant --depth to argparse's prefix matching
+        parse_args(FinetuneConfig, FINETUNE_PRESETS, ["--dep", "3"])
 
 
 def test_data_frac_subsets_are_seeded_nested_and_not_too_small():
@@ -131,14 +136,37 @@ def test_data_frac_run_records_its_subset(world, tmp_path):
     assert r["split_hash"] != tasks.split_hash({"train": full, **splits})
 
 
-def _fake_batch(kind, B=3, V=50, T=7):
+def test_the_task_table_reads_what_each_task_needs(tmp_path):
+    """Issue 10 item 4: every task's dataset items, as read from its row of the table, hold exactly what the task
+    read before the table (written out here per task), and training draws any caption of a ROCO record while
+    evaluation reads its first."""
+    path = str(tmp_path / "x.png")
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(path)
+    record = {"id": "r", "image": path, "labels": [1, 0], "label": 1, "question": "q", "text_a": "a", "text_b": "b",
+              "texts": ["c0", "c1", "c2", "c3"], "target": "t", "answer_type": "open"}
+    expected = {"chexpert": {"image": path, "labels": [1, 0]}, "rsna": {"image": path, "labels": [1, 0]},
+                "radnli": {"text_a": "a", "text_b": "b", "label": 1}, "mimic_sum": {"text": "a", "target": "t"},
+                "roco_retrieval": {"image": path, "text": "c0"}, "mimic_gen": {"image": path, "target": "t"},
+                **{n: {"image": path, "text": "q", "label": 1} for n in ("vqa_rad", "slake", "medvqa2019")}}
+    assert set(expected) == set(tasks.TASKS)
+    for name, task in tasks.TASKS.items():
+        item = data.TaskDataset([record], task, lambda img, rng: path)[0]  # the "transform" returns the path
+        assert item == {"index": 0, **expected[name]}, name
+    roco = data.TaskDataset([record] * 40, tasks.TASKS["roco_retrieval"], lambda img, rng: img, train=True)
+    drawn = {roco[i]["text"] for i in range(40)}
+    assert drawn == set(record["texts"])
+    assert {tasks.num_outputs(t, {"label_names": ["x"] * 5, "answers": ["y"] * 7}) for t in tasks.TASKS.values()
+            if t.head == "mlp"} == {5, 1, 7}
+
+
+def _fake_batch(n_labels, B=3, V=50, T=7):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, V, (B, T), generator=g)
     ids[:, 0], ids[:, -1] = 2, 3
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, 5:] = False
     return {"image": torch.randn(B, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": mask,
-            "labels": torch.randint(0, 2, (B, 5), generator=g).float()[:, :5 if kind == "multilabel" else 1],
+            "labels": torch.randint(0, 2, (B, 5), generator=g).float()[:, :n_labels],
             "label": torch.tensor([0, 2, 1]), "target_ids": ids}
 
 
@@ -149,15 +177,15 @@ def test_every_trainable_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = tasks.TaskModel(PTUnifier(ModelConfig(**{k: v for k, v in FINETUNE_PRESETS["tiny"].items()
                                                      if k in ModelConfig.__dataclass_fields__}, vocab_size=50)),
-                            task, n_out=5 if task.kind == "multilabel" else 3, max_gen_len=12)
-    batch = _fake_batch(task.kind)
-    frozen = tasks.freeze_unreached(model, tasks.task_loss(model, task, model(batch), batch, 0)[0])
+                            task, n_out=5 if task.loss == "bce" else 3, max_gen_len=12)
+    batch = _fake_batch(5 if task.loss == "bce" else 1)
+    frozen = optim.freeze_unreached(model, tasks.task_loss(model, task, model(batch), batch, 0)[0])
     assert "backbone.itm_head.fc1.weight" in frozen  # no fine-tuning task uses the ITM head
     loss, _ = tasks.task_loss(model, task, model(batch), batch, 0)
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
-    uses_image = task.kind in tasks.IMAGE_INPUT
+    uses_image = task.image
     assert ("backbone.patch_embed.proj.weight" in frozen) != uses_image
 
 
@@ -186,7 +214,7 @@ def test_killed_run_resumes_exactly(world, tmp_path, monkeypatch):
     flags = ["--task", "chexpert", "--steps", "8", "--eval-every", "2", "--log-every", "1"]
     finetune.main(["--preset", "tiny", "--synth-root", world[0], *flags, "--init", "scratch", "--out",
                    str(tmp_path / "ref")])
-    real, calls = engine.optimizer_step, {"n": 0}
+    real, calls = optim.optimizer_step, {"n": 0}
 
     def dies_at_step_6(*args, **kwargs):
         calls["n"] += 1
@@ -194,12 +222,12 @@ def test_killed_run_resumes_exactly(world, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "optimizer_step", dies_at_step_6)
+    monkeypatch.setattr(optim, "optimizer_step", dies_at_step_6)
     out = str(tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
         finetune.main(["--preset", "tiny", "--synth-root", world[0], *flags, "--init", "scratch", "--out", out])
-    monkeypatch.setattr(engine, "optimizer_step", real)
-    assert engine.resolve_checkpoint(os.path.join(out, "train_state")).endswith("step_0000004")
+    monkeypatch.setattr(optim, "optimizer_step", real)
+    assert checkpoint.resolve_checkpoint(os.path.join(out, "train_state")).endswith("step_0000004")
     finetune.main(["--preset", "tiny", "--synth-root", world[0], *flags, "--init", "scratch", "--out", out,
                    "--resume", out])
 
@@ -211,7 +239,7 @@ def test_killed_run_resumes_exactly(world, tmp_path, monkeypatch):
     assert sorted(res) == list(range(1, 9)) and res == ref
     a, b = (json.loads(open(os.path.join(p, "results.json")).read()) for p in (tmp_path / "ref", out))
     assert a["best_step"] == b["best_step"] and a["metrics"] == b["metrics"]
-    wa, wb = (load_file(os.path.join(engine.resolve_checkpoint(str(p)), "model.safetensors"))
+    wa, wb = (load_file(os.path.join(checkpoint.resolve_checkpoint(str(p)), "model.safetensors"))
               for p in (tmp_path / "ref", out))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -274,8 +302,8 @@ def test_truncation_shares_on_a_hand_made_case(tmp_path):
              "radnli": [{"index": i, "text_a": r["text_a"], "text_b": r["text_b"]} for i, r in enumerate(nli)]}
     for name, records, max_len, max_gen in (("vqa_rad", vqa, 8, 6), ("mimic_sum", summ, 6, 9), ("radnli", nli, 10, 6)):
         task = tasks.TASKS[name]
-        batch = tasks.make_collate(task, tok, max_len, max_gen)(items[name])
-        kept = (batch["attention_mask"].sum(1) - (3 if task.kind == "nli" else 2)).tolist()
+        batch = data.task_collate(tok, max_len, max_gen)(items[name])
+        kept = (batch["attention_mask"].sum(1) - (3 if len(task.text) == 2 else 2)).tolist()
         given = [sum(len(v.split()) for k, v in it.items() if k in ("text", "text_a", "text_b")) for it in items[name]]
         shares = tasks.truncated_shares(tasks.text_lengths(task, records, tok), max_len, max_gen)
         assert shares["inputs"] == sum(k < n for k, n in zip(kept, given)) / len(records)
@@ -312,7 +340,7 @@ def test_lengths_default_to_the_95th_percentile_of_the_training_split(world, tmp
                                      "targets": sum(count(x["target"]) > max_gen_len for x in recs) / len(recs)}
     printed = capsys.readouterr().out
     assert f"mimic_sum input length {max_text_len}: the 95th percentile" in printed and "truncated: train" in printed
-    saved = engine.read_checkpoint_config(engine.resolve_checkpoint(str(out)))["config"]
+    saved = checkpoint.read_checkpoint_config(checkpoint.resolve_checkpoint(str(out)))["config"]
     assert saved["model"]["max_text_len"] == max_text_len and saved["max_gen_len"] == max_gen_len
 
 
@@ -325,7 +353,7 @@ def _resume_worker(rank, world, synth_root, out, ports):
     torch.set_num_threads(1)
     flags = ["--preset", "tiny", "--synth-root", synth_root, "--task", "radnli", "--init", "scratch", "--steps", "4",
              "--eval-every", "2", "--log-every", "1", "--dropout", "0.3", "--max-text-len", "24"]
-    real, calls = engine.optimizer_step, {"n": 0}
+    real, calls = optim.optimizer_step, {"n": 0}
 
     def dies_at_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -333,12 +361,12 @@ def _resume_worker(rank, world, synth_root, out, ports):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    engine.optimizer_step = dies_at_step_3
+    optim.optimizer_step = dies_at_step_3
     try:
         finetune.main([*flags, "--out", f"{out}/killed"])
     except KeyboardInterrupt:
         pass
-    engine.optimizer_step = real
+    optim.optimizer_step = real
     finetune.main([*flags, "--out", f"{out}/killed", "--resume", f"{out}/killed"])  # ends the process group
     os.environ["MASTER_PORT"] = str(ports[1])
     finetune.main([*flags, "--out", f"{out}/ref"])
@@ -354,7 +382,7 @@ def test_resume_under_ddp_restores_each_ranks_rng(world, tmp_path):
     for s in socks:
         s.close()
     mp.spawn(_resume_worker, args=(2, world[0], str(tmp_path), ports), nprocs=2, join=True)
-    state = engine.load_trainer_state(os.path.join(tmp_path, "ref", "train_state"))
+    state = checkpoint.load_trainer_state(os.path.join(tmp_path, "ref", "train_state"))
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
     def losses(path):
@@ -363,6 +391,6 @@ def test_resume_under_ddp_restores_each_ranks_rng(world, tmp_path):
 
     ref, res = losses(tmp_path / "ref"), losses(tmp_path / "killed")
     assert sorted(res) == [1, 2, 3, 4] and res == ref
-    wa, wb = (load_file(os.path.join(engine.resolve_checkpoint(os.path.join(tmp_path, p, "train_state")),
+    wa, wb = (load_file(os.path.join(checkpoint.resolve_checkpoint(os.path.join(tmp_path, p, "train_state")),
                                      "model.safetensors")) for p in ("ref", "killed"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

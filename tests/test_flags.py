@@ -9,7 +9,7 @@ import pytest
 import eval as eval_script
 import finetune
 import train
-from ptunifier_min import synth
+from ptunifier_min.datasets import synth
 from ptunifier_min.config import (FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, _flat_fields, build,
                                   parse_args)
 

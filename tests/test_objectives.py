@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ptunifier_min import data, engine, objectives
+from ptunifier_min import data, distributed, objectives, optim
 from ptunifier_min.config import PRESETS, TrainConfig, build
 from ptunifier_min.model import PTUnifier, Prompts
-from ptunifier_min.objectives import (IGNORE, freeze_unused, hard_negative_probs, itc_loss, itm_loss, itm_negatives,
+from ptunifier_min.objectives import (IGNORE, hard_negative_probs, itc_loss, itm_loss, itm_negatives,
                                       mask_step, mask_tokens, mlm_loss, pretraining_loss, valid_negatives)
 
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -159,8 +159,8 @@ def pretraining_step_loss(model, batch, cfg, seed=0):
 def test_every_trainable_parameter_gets_a_gradient(objectives):
     cfg = build(TrainConfig, {**PRESETS["tiny"], "objectives": objectives, "vocab_size": 100})
     model = PTUnifier(cfg.model)
-    frozen = freeze_unused(model, cfg.objective_set())
-    loss, stats = pretraining_step_loss(model, fake_batch(), cfg)
+    frozen = optim.freeze_unreached(model, pretraining_step_loss(model, fake_batch(), cfg)[0])  # as train.py does
+    loss, stats, _ = pretraining_step_loss(model, fake_batch(), cfg)
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
     assert not missing, f"no gradient for {missing}"
@@ -211,7 +211,7 @@ def test_hard_negative_itm_trains():
     cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100, "itm_hard_negatives": True, "w_mlm": 0.5,
                               "w_itc": 2.0})
     model = PTUnifier(cfg.model)
-    loss, stats = pretraining_step_loss(model, fake_batch(), cfg)
+    loss, stats, _ = pretraining_step_loss(model, fake_batch(), cfg)
     loss.backward()
     assert torch.isfinite(loss) and model.itm_head.fc1.weight.grad.abs().sum() > 0
     # the logged `loss` is the weighted total that is optimised (item 9)
@@ -250,16 +250,16 @@ def test_logit_scale_is_clamped_after_the_step_not_in_the_forward_pass():
     """Item 6: a clamp in the forward pass zeroes the gradient past log(100), so the scale could never come back."""
     cfg = build(TrainConfig, {**PRESETS["tiny"], "objectives": "itc", "vocab_size": 100})
     model = PTUnifier(cfg.model)
-    freeze_unused(model, cfg.objective_set())
+    optim.freeze_unreached(model, pretraining_step_loss(model, fake_batch(), cfg)[0])
     with torch.no_grad():
         model.logit_scale.fill_(math.log(100) + 0.5)  # where AdamW can push it
     assert model.itc_scale().item() == pytest.approx(100 * math.exp(0.5))
-    loss, _ = pretraining_step_loss(model, fake_batch(), cfg)
+    loss, _, _ = pretraining_step_loss(model, fake_batch(), cfg)
     loss.backward()
     assert model.logit_scale.grad.abs() > 0
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # the clamp alone moves it
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    assert engine.optimizer_step(model, opt, sched, loss, 1.0, engine.Dist()) is not None
+    assert optim.optimizer_step(model, opt, sched, loss, 1.0, distributed.Dist()) is not None
     assert model.logit_scale.item() == pytest.approx(math.log(100))
     fixed = PTUnifier(build(TrainConfig, {**PRESETS["tiny"], "itc_temperature": 0.001,
                                           "learn_temperature": False}).model)

@@ -4,7 +4,7 @@ No test here depends on the machine's own CPU: the flags are monkeypatched or re
 import pytest
 import torch
 
-from ptunifier_min import engine
+from ptunifier_min import distributed
 from ptunifier_min.model import attend
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
@@ -14,14 +14,14 @@ FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov sse sse2 
 @pytest.mark.parametrize("flags, cpu", [(set(), "fp32"), ({"avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"),
                                         ({"avx512_bf16", "amx_bf16"}, "bf16")])
 def test_auto_precision_follows_the_cpu_flags(monkeypatch, flags, cpu):
-    monkeypatch.setattr(engine, "cpu_bf16_flags", lambda: flags)
-    assert engine.resolve_precision("auto", CPU) == cpu
-    assert engine.resolve_precision("auto", CUDA) == "bf16"  # every CUDA card we train on has bf16 tensor cores
-    assert engine.resolve_precision("auto", MPS) == "fp32"
+    monkeypatch.setattr(distributed, "cpu_bf16_flags", lambda: flags)
+    assert distributed.resolve_precision("auto", CPU) == cpu
+    assert distributed.resolve_precision("auto", CUDA) == "bf16"  # every CUDA card we train on has bf16 tensor cores
+    assert distributed.resolve_precision("auto", MPS) == "fp32"
     for forced in ("fp32", "bf16"):  # an explicit choice is never overridden
-        assert engine.resolve_precision(forced, CPU) == forced
+        assert distributed.resolve_precision(forced, CPU) == forced
     with pytest.raises(ValueError, match="--precision must be auto, bf16 or fp32, got 'fp16'"):
-        engine.resolve_precision("fp16", CPU)
+        distributed.resolve_precision("fp16", CPU)
 
 
 def test_cpu_bf16_flags_reads_cpuinfo(tmp_path, monkeypatch):
@@ -32,14 +32,14 @@ def test_cpu_bf16_flags_reads_cpuinfo(tmp_path, monkeypatch):
         p.write_text(f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\nbugs\t\t: avx512_bf16_bug\n\n"
                      f"processor\t: 1\nflags\t\t: {flags}\n")
         return str(p)
-    assert engine.cpu_bf16_flags(cpuinfo(FLAGS)) == set()  # AVX2 / AVX512 without bf16: emulated, slow
-    assert engine.cpu_bf16_flags(cpuinfo(FLAGS + " avx512_bf16 avx512_vnni")) == {"avx512_bf16"}
-    assert engine.cpu_bf16_flags(cpuinfo(FLAGS + " amx_bf16 amx_tile avx512_bf16")) == {"amx_bf16", "avx512_bf16"}
-    assert engine.cpu_bf16_flags(cpuinfo("avx512_bf16x")) == set()  # whole flags only
-    assert engine.cpu_bf16_flags(str(tmp_path / "absent")) == set()  # no /proc/cpuinfo (not Linux): fp32
+    assert distributed.cpu_bf16_flags(cpuinfo(FLAGS)) == set()  # AVX2 / AVX512 without bf16: emulated, slow
+    assert distributed.cpu_bf16_flags(cpuinfo(FLAGS + " avx512_bf16 avx512_vnni")) == {"avx512_bf16"}
+    assert distributed.cpu_bf16_flags(cpuinfo(FLAGS + " amx_bf16 amx_tile avx512_bf16")) == {"amx_bf16", "avx512_bf16"}
+    assert distributed.cpu_bf16_flags(cpuinfo("avx512_bf16x")) == set()  # whole flags only
+    assert distributed.cpu_bf16_flags(str(tmp_path / "absent")) == set()  # no /proc/cpuinfo (not Linux): fp32
     # the suite's switch (conftest.py) empties it whatever the CPU says
     monkeypatch.setenv("PTUNIFIER_NO_CPU_BF16", "1")
-    assert engine.cpu_bf16_flags(cpuinfo(FLAGS + " avx512_bf16")) == set()
+    assert distributed.cpu_bf16_flags(cpuinfo(FLAGS + " avx512_bf16")) == set()
 
 
 def test_attention_kernel_by_device_and_precision(monkeypatch):

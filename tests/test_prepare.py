@@ -11,7 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
-from ptunifier_min import prepare as P
+from ptunifier_min.datasets import prepare as P
 from ptunifier_min.data import read_meta, read_split
 
 
@@ -436,7 +436,7 @@ def test_interrupted_prepare_is_detected(tmp_path):
 
 @pytest.fixture(scope="module")
 def synth_tiny(tmp_path_factory):
-    synth = pytest.importorskip("ptunifier_min.synth")
+    synth = pytest.importorskip("ptunifier_min.datasets.synth")
     raw = str(tmp_path_factory.mktemp("synth"))
     synth.generate(raw, seed=0, scale="tiny")
     with open(os.path.join(raw, "synth_counts.json")) as f:
@@ -447,7 +447,7 @@ def test_synthetic_mirrors_match_synth_counts(synth_tiny, tmp_path):
     raw, expected = synth_tiny
     out = str(tmp_path / "prepared")
     # the command line, as a user runs it
-    subprocess.run([sys.executable, "-m", "ptunifier_min.prepare", "all", "--root", raw, "--out", out], check=True,
+    subprocess.run([sys.executable, "-m", "ptunifier_min.datasets.prepare", "all", "--root", raw, "--out", out], check=True,
                    capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     folders = sorted(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d)))
     assert folders == sorted(expected)

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import finetune  # noqa: E402
 import train  # noqa: E402
-from ptunifier_min import data, engine, pretrained, world  # noqa: E402
+from ptunifier_min import checkpoint, data, distributed, pretrained# noqa: E402
+from ptunifier_min.datasets import source  # noqa: E402
 from ptunifier_min.config import PRESETS, ModelConfig, TrainConfig, build, parse_args  # noqa: E402
 from ptunifier_min.model import PTUnifier, interpolate_pos_embed  # noqa: E402
 
@@ -277,7 +278,7 @@ def test_paper_preset_takes_the_papers_rates_only_with_init_vision():
 def synth_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("world"))
     cfg = build(TrainConfig, {**PRESETS["tiny"], "synth_root": root})
-    world.ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", "chexpert"], engine.Dist(), print)
+    source.ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", "chexpert"], distributed.Dist(), print)
     return root
 
 
@@ -293,10 +294,10 @@ def test_train_and_finetune_start_from_transformers_files(synth_root, tmp_path, 
                         "--tokenizer", str(tmp_path / "rob" / "vocab.json")])
     said = capsys.readouterr().out
     assert "hf_clip checkpoint" in said and "newly initialised" in said
-    ckpt = engine.resolve_checkpoint(str(out))
-    saved = engine.read_checkpoint_config(ckpt)["config"]["model"]
+    ckpt = checkpoint.resolve_checkpoint(str(out))
+    saved = checkpoint.read_checkpoint_config(ckpt)["config"]["model"]
     assert saved["norm_pre"] and saved["act"] == "quick_gelu" and saved["text_norm_eps"] == 1e-5
-    assert data.load_tokenizer(engine.checkpoint_tokenizer(ckpt)).get_vocab_size() == model.cfg.vocab_size
+    assert data.load_tokenizer(checkpoint.checkpoint_tokenizer(ckpt)).get_vocab_size() == model.cfg.vocab_size
     fin = tmp_path / "fin"
     finetune.main(["--preset", "tiny", "--synth-root", synth_root, "--task", "chexpert", "--out", str(fin),
                    "--steps", "2", "--eval-every", "2", "--init-vision", str(tmp_path / "clip" / "model.safetensors"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ptunifier_min import synth as S
+from ptunifier_min.datasets import synth as S
 
 FIVE = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 CHEXPERT_COLUMNS = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"
@@ -328,7 +328,7 @@ def test_command_line(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "ptunifier_min.synth", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "ptunifier_min.datasets.synth", *args], capture_output=True, text=True,
                               cwd=repo)
     assert run().returncode == 2
     done = run("--out", str(tmp_path), "--scale", "tiny", "--datasets", "radnli", "--seed", "3")

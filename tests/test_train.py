@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from ptunifier_min import engine, world
+from ptunifier_min import checkpoint, distributed
+from ptunifier_min.datasets import source
 from ptunifier_min.config import PRESETS, TrainConfig, build, from_dict
 from ptunifier_min.model import PTUnifier
 
@@ -23,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def synth_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("world"))
     cfg = build(TrainConfig, {**PRESETS["tiny"], "synth_root": root})
-    world.ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", "roco_retrieval"], engine.Dist(), print)
+    source.ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", "roco_retrieval"], distributed.Dist(), print)
     return root
 
 
@@ -49,11 +50,11 @@ def test_tiny_run_learns_and_its_checkpoint_loads_back(synth_root, tmp_path):
     assert last["itc_loss"] < first["itc_loss"]
     assert {"itm_acc", "itc_acc", "logit_scale", "lr_backbone", "pairs_per_s", "selected_visual_rows",
             "selected_textual_entropy"} <= set(last)
-    ckpt = engine.resolve_checkpoint(str(tmp_path))
+    ckpt = checkpoint.resolve_checkpoint(str(tmp_path))
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg = from_dict(TrainConfig, json.load(f)["config"])
     loaded = PTUnifier(cfg.model)
-    engine.load_weights(ckpt, loaded)
+    checkpoint.load_weights(ckpt, loaded)
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     assert os.path.isfile(os.path.join(ckpt, "tokenizer.json"))
@@ -93,7 +94,7 @@ def test_torchrun_two_processes_stay_identical(synth_root, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "all 2 ranks hold identical parameters" in run.stdout
     assert "global batch 8 = 4 per device x 1 accumulation x 2 ranks" in run.stdout
-    assert engine.resolve_checkpoint(str(tmp_path)).endswith("step_0000006")
+    assert checkpoint.resolve_checkpoint(str(tmp_path)).endswith("step_0000006")
     assert "on 8 synthetic ROCO test pairs" in run.stdout  # no --data-root: the embedded world
     # pool usage counts every rank's selections: what 1 process selects for the same global batch (before: rank 0's)
     train.main(flags(synth_root, tmp_path / "one", "--steps", 6, "--batch-size", 8))
@@ -122,11 +123,12 @@ def test_non_finite_steps_are_skipped_then_stop_training(synth_root, tmp_path, m
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        loss, stats = real(*args, **kwargs)
+        loss, stats, selections = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3 or calls["n"] >= 7:  # one isolated bad step, then a run of them
+        step = calls["n"] - 1  # call 1 is the probe that finds the parameters to freeze
+        if step == 3 or step >= 7:  # one isolated bad step, then a run of them
             loss = loss * float("nan")
-        return loss, stats
+        return loss, stats, selections
 
     monkeypatch.setattr(train, "pretraining_loss", poisoned)
     with pytest.raises(FloatingPointError, match="consecutive non-finite"):
@@ -135,7 +137,7 @@ def test_non_finite_steps_are_skipped_then_stop_training(synth_root, tmp_path, m
     with open(tmp_path / "log.jsonl") as f:
         skipped = [json.loads(line)["step"] for line in f if "skipped" in line]
     assert skipped == [3, 7, 8, 9]
-    assert engine.resolve_checkpoint(str(tmp_path)).endswith("step_0000005")  # the last good checkpoint is intact
+    assert checkpoint.resolve_checkpoint(str(tmp_path)).endswith("step_0000005")  # the last good checkpoint is intact
     model = PTUnifier(from_dict(TrainConfig, json.load(open(tmp_path / "config.json"))).model)
-    engine.load_weights(str(tmp_path), model)
+    checkpoint.load_weights(str(tmp_path), model)
     assert all(torch.isfinite(p).all() for p in model.parameters())

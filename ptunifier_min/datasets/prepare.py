@@ -1,8 +1,8 @@
 """Turn the official release of each dataset (real, or the synthetic mirror of synth.py) into the prepared format.
 
-    python -m ptunifier_min.prepare DATASET --root RAW --out DIR [--seed 0] [--on-bad-image error|skip]
-                                    [--allow-empty-splits]
-    python -m ptunifier_min.prepare all --root RAW --out DIR        # expects RAW/<dataset>/ for all nine
+    python -m ptunifier_min.datasets.prepare DATASET --root RAW --out DIR [--seed 0] [--on-bad-image error|skip]
+                                             [--allow-empty-splits]
+    python -m ptunifier_min.datasets.prepare all --root RAW --out DIR     # expects RAW/<dataset>/ for all nine
 
 DATASET is one of roco, medicat, mimic_cxr, chexpert, rsna, radnli, vqa_rad, slake, medvqa2019. Each writes one folder
 per downstream task under DIR (roco -> roco + roco_retrieval; mimic_cxr -> mimic_cxr + mimic_gen + mimic_sum; every
@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from . import data
+from .. import data
 
 DATASETS = ("roco", "medicat", "mimic_cxr", "chexpert", "rsna", "radnli", "vqa_rad", "slake", "medvqa2019")
 SPLITS = ("train", "val", "test")

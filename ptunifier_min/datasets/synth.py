@@ -3,11 +3,11 @@
 Real MIMIC-CXR, CheXpert, ROCO, ... are credentialed or large; this module samples one small latent world from a seed
 and writes it out in the release formats, so that `prepare`, pre-training and every downstream task run offline:
 
-    python -m ptunifier_min.synth --out data/raw --scale default      # what `python train.py` uses: ~50 s, 2 cores
-    python -m ptunifier_min.synth --floors data/prepared              # trivial baselines of a prepared world
+    python -m ptunifier_min.datasets.synth --out data/raw --scale default  # `python train.py`'s world: ~50 s, 2 cores
+    python -m ptunifier_min.datasets.synth --floors data/prepared          # trivial baselines of a prepared world
 
-    from ptunifier_min.synth import generate
-    counts = generate("data/raw", seed=0, scale="tiny")               # what prepare must keep / drop
+    from ptunifier_min.datasets.synth import generate
+    counts = generate("data/raw", seed=0, scale="tiny")                   # what prepare must keep / drop
 
 The world has two kinds of things. Chest radiograph studies (MIMIC-CXR, CheXpert, RSNA, RadNLI) carry a latent state:
 findings with side, zone and severity, co-occurring through shared causes (heart failure, infection, intensive care),

@@ -2,7 +2,8 @@
 
     root, tokenizer_path = ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr"], d, print)
 
-With --data-root, every needed prepared folder must exist (the error prints the prepare command). Without it, rank 0
+With --data-root, every needed prepared folder must exist (the error prints the prepare command); such a run never
+imports synth.py or prepare.py, which are loaded only in the branch that makes the embedded world. Without it, rank 0
 generates the synthetic world (synth.py) under <synth_root>/<scale>/raw, prepares what is needed under .../prepared and
 trains the WordPiece tokenizer on the pre-training texts, saying what it creates; other ranks wait at a barrier.
 The root's tokenizer is bound to the pre-training corpora it was trained on: when more (or other) corpora have been
@@ -11,7 +12,7 @@ prepared into the root since, it is refused with what differs (check_tokenizer_c
 
 import os
 
-from . import data, engine, prepare, synth
+from .. import data, distributed
 
 # prepared folder -> the dataset whose prepare step writes it
 SOURCE = {"roco_retrieval": "roco", "mimic_gen": "mimic_cxr", "mimic_sum": "mimic_cxr"}
@@ -19,42 +20,43 @@ PRETRAIN_SETS = ("roco", "medicat", "mimic_cxr")
 WORLD_SEED = 0  # the synthetic world is one fixed world; --seed varies training, not the data
 
 
-def ensure_prepared(cfg, names, d, say=print):
+def ensure_prepared(cfg, names, proc, print0=print):
     if cfg.data_root:
         root = cfg.data_root
         missing = [n for n in names if not os.path.isfile(os.path.join(root, n, "meta.json"))]
         if missing:
-            cmds = "\n  ".join(f"python -m ptunifier_min.prepare {s} --root RAW/{s} --out {root}"
+            cmds = "\n  ".join(f"python -m ptunifier_min.datasets.prepare {s} --root RAW/{s} --out {root}"
                                for s in sorted({SOURCE.get(n, n) for n in missing}))
             raise SystemExit(f"--data-root {root} has no complete preparation of {', '.join(missing)}; run:\n  {cmds}")
     else:
+        from . import prepare, synth  # here, not at the top: a run on a user's --data-root never loads the generator
         base = os.path.join(cfg.synth_root, cfg.synth_scale)
         raw, root = os.path.join(base, "raw"), os.path.join(base, "prepared")
         if not cfg.tokenizer:  # the tokenizer is trained on the pre-training texts, so those must be prepared too
             names = list(names) + list(PRETRAIN_SETS)
-        if d.main:
+        if proc.main:
             if not os.path.isfile(os.path.join(raw, "synth_counts.json")):
-                say(f"no synthetic world at {raw}: generating it (scale {cfg.synth_scale}, seed {WORLD_SEED})")
+                print0(f"no synthetic world at {raw}: generating it (scale {cfg.synth_scale}, seed {WORLD_SEED})")
                 synth.generate(raw, seed=WORLD_SEED, scale=cfg.synth_scale)
             for name in sorted({SOURCE.get(n, n) for n in names
                                 if not os.path.isfile(os.path.join(root, n, "meta.json"))}):
-                say(f"preparing synthetic {name} into {root}")
+                print0(f"preparing synthetic {name} into {root}")
                 prepare.prepare(name, os.path.join(raw, name), root, seed=WORLD_SEED)
-        engine.barrier(d)
+        distributed.barrier(proc)
     tok_path = cfg.tokenizer or os.path.join(root, "tokenizer.json")
     sets = [n for n in PRETRAIN_SETS if os.path.isfile(os.path.join(root, n, "meta.json"))]
     if not os.path.isfile(tok_path):
         if cfg.tokenizer or not sets:
             raise SystemExit(f"no tokenizer at {tok_path} and no prepared pre-training set under {root} to train one "
                              "from: pass --tokenizer (a tokenizer.json or BERT vocab.txt)")
-        if d.main:
+        if proc.main:
             records = data.load_pretrain_records(root, sets, "train")
             texts = [t for r in records for t in r["texts"]]
             corpora = {n: {"records": sum(r["dataset"] == n for r in records),
                            "texts": sum(len(r["texts"]) for r in records if r["dataset"] == n)} for n in sets}
-            say(f"training a WordPiece tokenizer on {len(texts):,} texts of {', '.join(sets)} -> {tok_path}")
+            print0(f"training a WordPiece tokenizer on {len(texts):,} texts of {', '.join(sets)} -> {tok_path}")
             data.train_tokenizer(texts, cfg.model.vocab_size, tok_path, corpora=corpora)
-        engine.barrier(d)
+        distributed.barrier(proc)
     elif not cfg.tokenizer:
         check_tokenizer_corpora(tok_path, {n: data.read_meta(os.path.join(root, n))["counts"]["train"] for n in sets})
     return root, tok_path

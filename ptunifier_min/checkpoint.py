@@ -1,19 +1,20 @@
-"""Training machinery shared by train.py and finetune.py: torchrun set-up, data order, optimizer, schedule, precision,
-the optimisation step with its non-finite guard, checkpoints and logging. Nothing here knows about a particular loss.
+"""Everything a run writes and reads back: its folder, checkpoints, resume, RNG state, atomic JSON and the log.
 
-Distributed behaviour, stated once: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU; rank r
-seeds its own randomness with seed + r; only rank 0 writes files; every rank runs the same collectives in the same order.
+    claim_run_folder(out, resume, overwrite)           # rank 0, before any data is read: lock, refuse or move aside
+    save_checkpoint(out, step, model, cfg, trainer_state, files=[tokenizer])   # out/step_NNNNNNN + out/latest
+    state = resume_from(path, cfg, model, opt, sched)  # refuses what a resumed run cannot change, applies the rest
+    load_weights(path, model); resolve_checkpoint(path); write_json(path, obj); Log(path, enabled)
+
+Checkpoints are plain: safetensors weights of the unwrapped model, a readable config.json with the step, and (for
+resuming) trainer.pt with the optimizer, schedule and every rank's RNG state, read with weights_only=True. Every file
+goes through a temporary and a rename, so a kill at any moment leaves the previous version whole.
 """
 
 import atexit
-import contextlib
-import dataclasses
 import errno
 import fcntl
 import json
-import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -21,279 +22,16 @@ import sys
 import threading
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from . import config as config_lib
 from . import data
+from .distributed import unwrap
 
 
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def setup_distributed(seed):
-    """Initialise torch.distributed when launched by torchrun, pick the device, seed this rank."""
-    d = Dist()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        d.rank, d.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        d.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        d.device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(d.device)
-    if d.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo")
-    seed_everything(seed + d.rank)
-    return d
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def barrier(d):
-    if d.world > 1:
-        dist.barrier()
-
-
-def cpu_bf16_flags(cpuinfo="/proc/cpuinfo"):
-    """The native bf16 matrix instructions this CPU announces: {'avx512_bf16', 'amx_bf16'} & its /proc/cpuinfo flags.
-    Empty where there is no /proc/cpuinfo (not Linux): no claim of native bf16 is made there. Also empty when the
-    environment sets PTUNIFIER_NO_CPU_BF16=1: the test suite does, so that no test depends on the machine's CPU."""
-    if os.environ.get("PTUNIFIER_NO_CPU_BF16") == "1":
-        return set()
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return set()
-    return {"avx512_bf16", "amx_bf16"} & set(flags)
-
-
-def resolve_precision(precision, device):
-    """'auto' = bf16 on CUDA, and on a CPU with native bf16 (AVX512-BF16 or AMX); fp32 on other CPUs and devices.
-
-    Measured (issue 11, README Benchmarks): on an AVX512-BF16 CPU a bf16 training step of the cpu preset ran ~2x
-    faster than fp32; on an AVX2-only CPU, which emulates bf16, 20x slower. So the CPU's flags decide, not a guess."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and bool(cpu_bf16_flags()))
-        return "bf16" if native else "fp32"
-    return precision
-
-
-def autocast(precision, device):
-    """bf16 autocast around forward and loss only; master weights and optimizer state stay fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def step_generator(seed, step, micro=None):
-    """The generator of one optimizer step (micro=None: draws made for the whole step, the MLM masks) or of one of its
-    micro-steps (ITM's negatives), alike on every rank: masks and negatives are a pure function of the position in
-    training, so a resumed run draws exactly what the uninterrupted run drew, and 8 ranks what 1 process draws."""
-    stream = 0 if micro is None else 1 + micro  # a stream of its own for the step and for each micro-step (< 1023)
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + stream)
-
-
-class BatchOrder:
-    """Seeded epoch permutations cut into global batches; rank r takes rows [r*B, (r+1)*B) of each global batch.
-
-    So 1 process with batch W*B and W processes with batch B see the same samples per step (DDP equivalence), and the
-    order is a pure function of (seed, epoch): resuming at micro-batch k of an epoch just skips k global batches.
-    """
-
-    def __init__(self, n, batch_size, world, rank, seed, shuffle=True, drop_last=True):
-        self.n, self.B, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.per_epoch = n // (batch_size * world) if drop_last else math.ceil(n / (batch_size * world))
-        if self.per_epoch == 0:
-            raise ValueError(f"global batch {batch_size} x {world} is larger than the {n} training samples: "
-                             "lower --batch-size")
-
-    def batches(self, epoch, start=0):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle \
-            else torch.arange(self.n)
-        G = self.B * self.world
-        for b in range(start, self.per_epoch):
-            rows = order[b * G:(b + 1) * G][self.rank * self.B:(self.rank + 1) * self.B]
-            if len(rows):
-                yield rows.tolist()
-
-
-def micro_batches(dataset, order, collate, num_workers, start_micro=0):
-    """Endless (epoch, micro-batch index, batch) from a BatchOrder, starting at a global micro-batch count."""
-    epoch, start = divmod(start_micro, order.per_epoch)
-    while True:
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, and a resumed run,
-        # which makes a loader where the uninterrupted one did not, would then draw other dropout masks
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=list(order.batches(epoch, start)),
-                                             collate_fn=collate, num_workers=num_workers, generator=torch.Generator(),
-                                             persistent_workers=False, pin_memory=torch.cuda.is_available())
-        for batch in loader:
-            yield batch
-        epoch, start = epoch + 1, 0
-
-
-# ---- optimisation ----------------------------------------------------------------------------------------------------
-NO_DECAY = ("cls_token", "pos_embed", "word_embeddings", "position_embeddings", "token_type_embeddings",
-            "visual_prompts", "textual_prompts", "logit_scale")
-
-
-def build_optimizer(model, backbone, lr_backbone, lr_head, weight_decay, betas):
-    """AdamW with four groups: backbone / rest x decay / no decay.
-
-    No decay on norms and biases (any tensor with < 2 dims), embeddings, position and type embeddings, prompt pools and
-    the logit scale (paper section 5.3: AdamW, wd 0.01). `backbone` = set of parameter names trained at lr_backbone.
-    """
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.ndim >= 2 and not any(k in name for k in NO_DECAY)
-        key = ("backbone" if name in backbone else "rest", decay)
-        groups.setdefault(key, []).append((name, p))
-    param_groups, summary = [], {}
-    for (part, decay), items in sorted(groups.items()):
-        lr = lr_backbone if part == "backbone" else lr_head
-        param_groups.append(dict(params=[p for _, p in items], lr=lr, weight_decay=weight_decay if decay else 0.0,
-                                 name=f"{part}/{'decay' if decay else 'no_decay'}"))
-        summary[f"{part}/{'decay' if decay else 'no_decay'}"] = sum(p.numel() for _, p in items)
-    fused = all(p.is_cuda for g in param_groups for p in g["params"])
-    return torch.optim.AdamW(param_groups, betas=betas, fused=fused or None), summary
-
-
-def warmup_linear(total_steps, warmup_frac):
-    """LR multiplier: linear warm-up over the first warmup_frac of the steps, then linear decay to 0 (paper 5.3)."""
-    warmup = max(1, int(total_steps * warmup_frac))
-
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-    return f
-
-
-def next_micro_batches(batches, grad_accum, device):
-    """The micro-batches of the next optimizer step, on the device. All of them are fetched before the first forward
-    pass, so that what depends on the whole step (pre-training's MLM token count) can be computed first."""
-    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-            for _ in range(grad_accum)]
-
-
-def accumulate(train_model, micro_batches, loss_fn, d, precision):
-    """One optimizer step's micro-steps: forward + backward each, gradients all-reduced on the last only.
-
-    loss_fn(batch, micro) -> (loss, {name: scalar tensor}); each micro-step's loss is divided by their number, so the
-    gradients add up to their mean. The DDP sync state is chosen before each forward (no_sync must wrap the forward
-    too). Returns (last micro-step's loss, stats averaged over the micro-steps).
-    """
-    stats = {}
-    grad_accum = len(micro_batches)
-    for micro, batch in enumerate(micro_batches):
-        sync = micro == grad_accum - 1 or d.world == 1
-        with contextlib.nullcontext() if sync else train_model.no_sync():
-            with autocast(precision, d.device):
-                loss, s = loss_fn(batch, micro)
-            (loss / grad_accum).backward()
-        for k, v in s.items():
-            stats[k] = stats.get(k, 0.0) + float(v) / grad_accum
-    return loss, stats
-
-
-def optimizer_step(model, opt, sched, loss, grad_clip, d):
-    """Clip, step, advance the schedule; or, when the loss or any gradient is non-finite on any rank, skip the update
-    on every rank alike. Returns the gradient norm, or None for a skipped step."""
-    if not all_finite(loss, model, d):
-        opt.zero_grad(set_to_none=True)
-        return None
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    opt.step()
-    for m in model.modules():  # CLIP's bound on the logit scale: kept here, after the step, not by a forward clamp
-        if hasattr(m, "clamp_logit_scale"):
-            m.clamp_logit_scale()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return float(norm)
-
-
-class NonFiniteGuard:
-    """Counts consecutive skipped steps; after max_skips it stops training with a clear error (the last checkpoint,
-    written before the trouble, stays intact)."""
-
-    def __init__(self, max_skips, out, log):
-        self.max_skips, self.out, self.log, self.run = max_skips, out, log, 0
-
-    def __call__(self, grad_norm, step):
-        if grad_norm is not None:
-            self.run = 0
-            return True
-        self.run += 1
-        self.log.write({"step": step, "skipped": "non-finite loss or gradient", "consecutive": self.run})
-        if self.run >= self.max_skips:
-            raise FloatingPointError(f"{self.run} consecutive non-finite steps up to step {step}; the last good "
-                                     f"checkpoint is in {self.out}. Lower the learning rate or check the data.")
-        return False
-
-
-def all_finite(loss, model, d):
-    """True on every rank alike when this rank's loss and all gradients are finite everywhere."""
-    ok = torch.isfinite(loss.detach()).all()
-    for p in model.parameters():
-        if p.grad is not None:
-            ok = ok & torch.isfinite(p.grad).all()
-    flag = ok.float().to(d.device)
-    if d.world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
-
-
-# Nominal dense bf16 peaks (no sparsity) of common training GPUs, for MFU; None = unknown (the bench measures a CPU's).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-def assert_in_sync(model, d):
-    """Raise unless every rank holds the same parameters (compares per-tensor float64 sums and sums of squares)."""
-    if d.world == 1:
-        return
-    sig = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()]) for p in model.parameters()])
-    sig = sig.to(d.device)
-    out = [torch.empty_like(sig) for _ in range(d.world)]
-    dist.all_gather(out, sig)
-    bad = [r for r in range(1, d.world) if not torch.equal(out[0], out[r])]
-    if bad:
-        raise RuntimeError(f"parameters of ranks {bad} differ from rank 0's: DDP lost synchronisation")
-
-
-def unwrap(model):
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-# ---- run folders -----------------------------------------------------------------------------------------------------
+# ---- run folders ------------------------------------------------------------------------------------------------------
 # What a run writes into its --out (tokenizer.json: a RoBERTa tokenizer made one file, pretrained.py)
 RUN_FILES = ("config.json", "log.jsonl", "latest", "results.json", "train_state", "tokenizer.json")
 _LOCKS = {}  # realpath(out) -> the descriptor of out/.lock, flock'ed for as long as this process lives
@@ -301,7 +39,7 @@ _WRITTEN = {}  # realpath(checkpoint folder) -> the step folders this run wrote 
 _STOP = {}  # what the SIGTERM / SIGINT handler needs: this process's pid, the run folder, its checkpoint folder
 
 
-def claim_run_folder(out, resume="", overwrite=False, say=print, checkpoints=None):
+def claim_run_folder(out, resume="", overwrite=False, print0=print, checkpoints=None):
     """Make `out` this run's own, or stop saying what to do. Rank 0 calls it first, before any data is read.
 
     - An exclusive lock on out/.lock, which holds the owner's pid, host and start time: a second run on the folder is
@@ -332,7 +70,7 @@ def claim_run_folder(out, resume="", overwrite=False, say=print, checkpoints=Non
         os.makedirs(aside)
         for name in earlier:
             os.replace(os.path.join(out, name), os.path.join(aside, name))
-        say(f"--overwrite: moved the earlier run's {', '.join(earlier)} aside into {aside}")
+        print0(f"--overwrite: moved the earlier run's {', '.join(earlier)} aside into {aside}")
     _STOP.update(pid=os.getpid(), out=out, checkpoints=checkpoints or out)
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set from there
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -405,7 +143,7 @@ def write_error(e, path):
                             "version, if any, is intact")
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------------------------
+# ---- checkpoints ------------------------------------------------------------------------------------------------------
 class CheckpointError(RuntimeError):
     pass
 
@@ -532,7 +270,7 @@ def load_trainer_state(path):
         raise CheckpointError(f"corrupt or truncated trainer state {file}: {e}") from e
 
 
-def resume_from(path, cfg, model, opt, sched, say=print):
+def resume_from(path, cfg, model, opt, sched, print0=print):
     """Continue a run from its checkpoint (a run or step folder) honestly. Returns the checkpoint's trainer state.
 
     The config is compared with the checkpoint's (config.resume_differences): settings a resumed run must keep (the
@@ -558,7 +296,7 @@ def resume_from(path, cfg, model, opt, sched, say=print):
     mine = _WRITTEN.setdefault(os.path.realpath(os.path.dirname(ckpt)), [])
     if os.path.basename(ckpt) not in mine:  # the run goes on: its next checkpoint supersedes this one
         mine.insert(0, os.path.basename(ckpt))
-    say(f"resumed from {ckpt} at step {state['step']}" +
+    print0(f"resumed from {ckpt} at step {state['step']}" +
         (f"; changed for the rest of the run: {', '.join(changed)}" if changed else ""))
     return state
 
@@ -589,13 +327,13 @@ def rng_state():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def gather_rng(d):
+def gather_rng(proc):
     """Every rank's RNG state, gathered on all ranks (rank 0 saves them), so a resumed rank r restores its own.
     A collective: every rank calls it at the same point."""
     state = rng_state()
-    if d.world == 1:
+    if proc.world == 1:
         return [state]
-    out = [None] * d.world
+    out = [None] * proc.world
     dist.all_gather_object(out, state)
     return out
 
@@ -612,7 +350,7 @@ def write_json(path, obj):
     data.write_atomic(path, json.dumps(obj, indent=2))
 
 
-# ---- logging ---------------------------------------------------------------------------------------------------------
+# ---- logging ----------------------------------------------------------------------------------------------------------
 class Log:
     """log.jsonl with one line per logged step (rank 0 only).
 
@@ -641,21 +379,3 @@ class Log:
         if self.f:
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
-
-
-def pool_usage(hist):
-    """Distinct pool rows used and the entropy (nats) of the selection histogram: a collapsed pool shows here."""
-    total = hist.sum()
-    if total == 0:
-        return 0, 0.0
-    p = hist[hist > 0].double() / total
-    return int((hist > 0).sum()), float(-(p * p.log()).sum())
-
-
-class Timer:
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def lap(self):
-        t, self.t = self.t, time.perf_counter()
-        return self.t - t

@@ -1,0 +1,130 @@
+"""torchrun set-up and what every rank must do alike: device, seeding, the step generators, barriers, precision.
+
+    d = setup_distributed(seed)           # Dist(rank, world, local_rank, device); process group when torchrun set one
+    with autocast(resolve_precision("auto", proc.device), proc.device): ...
+
+Distributed behaviour, stated once: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU; rank r
+seeds its own randomness with seed + r; only rank 0 writes files; every rank runs the same collectives in the same order.
+Random draws that must agree across ranks (MLM masks, ITM negatives) come from `step_generator`, never from the global
+RNG, so that 8 ranks draw what 1 process draws and a resumed run what the uninterrupted one drew.
+"""
+
+import contextlib
+import dataclasses
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed(seed):
+    """Initialise torch.distributed when launched by torchrun, pick the device, seed this rank."""
+    proc = Dist()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        proc.rank, proc.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        proc.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        proc.device = torch.device("cuda", proc.local_rank)
+        torch.cuda.set_device(proc.device)
+    if proc.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo")
+    seed_everything(seed + proc.rank)
+    return proc
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def barrier(proc):
+    if proc.world > 1:
+        dist.barrier()
+
+
+def cpu_bf16_flags(cpuinfo="/proc/cpuinfo"):
+    """The native bf16 matrix instructions this CPU announces: {'avx512_bf16', 'amx_bf16'} & its /proc/cpuinfo flags.
+    Empty where there is no /proc/cpuinfo (not Linux): no claim of native bf16 is made there. Also empty when the
+    environment sets PTUNIFIER_NO_CPU_BF16=1: the test suite does, so that no test depends on the machine's CPU."""
+    if os.environ.get("PTUNIFIER_NO_CPU_BF16") == "1":
+        return set()
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return set()
+    return {"avx512_bf16", "amx_bf16"} & set(flags)
+
+
+def resolve_precision(precision, device):
+    """'auto' = bf16 on CUDA, and on a CPU with native bf16 (AVX512-BF16 or AMX); fp32 on other CPUs and devices.
+
+    Measured (issue 11, README Benchmarks): on an AVX512-BF16 CPU a bf16 training step of the cpu preset ran ~2x
+    faster than fp32; on an AVX2-only CPU, which emulates bf16, 20x slower. So the CPU's flags decide, not a guess."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        native = device.type == "cuda" or (device.type == "cpu" and bool(cpu_bf16_flags()))
+        return "bf16" if native else "fp32"
+    return precision
+
+
+def autocast(precision, device):
+    """bf16 autocast around forward and loss only; master weights and optimizer state stay fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_generator(seed, step, micro=None):
+    """The generator of one optimizer step (micro=None: draws made for the whole step, the MLM masks) or of one of its
+    micro-steps (ITM's negatives), alike on every rank: masks and negatives are a pure function of the position in
+    training, so a resumed run draws exactly what the uninterrupted run drew, and 8 ranks what 1 process draws."""
+    stream = 0 if micro is None else 1 + micro  # a stream of its own for the step and for each micro-step (< 1023)
+    # One distinct 64-bit seed per (seed, step, stream): 1,024 streams per step, and 1_000_003 (a prime above any
+    # realistic step count) keeps consecutive base seeds' steps apart; config caps seed < 2**31 and grad_accum < 1024.
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + stream)
+
+
+# Nominal dense bf16 peaks (no sparsity) of common training GPUs, for MFU; None = unknown (the bench measures a CPU's).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def assert_in_sync(model, proc):
+    """Raise unless every rank holds the same parameters (compares per-tensor float64 sums and sums of squares)."""
+    if proc.world == 1:
+        return
+    sig = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()]) for p in model.parameters()])
+    sig = sig.to(proc.device)
+    out = [torch.empty_like(sig) for _ in range(proc.world)]
+    dist.all_gather(out, sig)
+    bad = [r for r in range(1, proc.world) if not torch.equal(out[0], out[r])]
+    if bad:
+        raise RuntimeError(f"parameters of ranks {bad} differ from rank 0's: DDP lost synchronisation")
+
+
+def unwrap(model):
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
