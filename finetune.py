@@ -84,7 +84,7 @@ def main(argv=None):
             f" (inputs at --max-text-len {cfg.model.max_text_len}, targets at --max-gen-len {cfg.max_gen_len})")
     batch_size = min(cfg.batch_size, len(splits["train"]) // proc.world)  # a 1% subset can be smaller than a batch
     transform = data.ImageTransform(cfg.model.image_size, train=True, random_resized_crop=cfg.random_resized_crop)
-    dataset = data.TaskDataset(splits["train"], task, transform, cfg.seed, train=True)
+    dataset = data.TaskDataset(splits["train"], task, transform.pixels, cfg.seed, train=True)  # uint8 (issue 11)
     collate = data.task_collate(tok, cfg.model.max_text_len, cfg.max_gen_len)
     # what tasks.evaluate reads besides the model and the records (val during training, test at the end)
     eval_args = dict(meta=meta, image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len,
@@ -123,9 +123,11 @@ def main(argv=None):
         checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"]) else state["rng"][0])  # its own
         start_step, best = state["step"], state["best"]
         print0(f"best so far: step {best['step']}")
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(model) if config_lib.use_compile(cfg.compile, proc.device) else model
     if proc.world > 1:
-        train_model = DDP(train_model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None)
+        # the model's buffers are constants (the pixel table, the [CLS] [SEP] ids): no broadcast before every forward
+        train_model = DDP(train_model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None,
+                          broadcast_buffers=False)
 
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"config: {config_lib.to_dict(cfg)}")

@@ -43,8 +43,9 @@ def main(argv=None):
     special = data.special_ids(tok)
     cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = tok.get_vocab_size(), special["cls"], special["sep"]
     records = data.load_pretrain_records(root, names, "train")
-    dataset = data.PretrainDataset(records, data.ImageTransform(cfg.model.image_size, train=True,
-                                                                random_resized_crop=cfg.random_resized_crop), cfg.seed)
+    # uint8 one-channel pixels (ImageTransform.pixels): the model normalises them on the device (issue 11)
+    transform = data.ImageTransform(cfg.model.image_size, train=True, random_resized_crop=cfg.random_resized_crop)
+    dataset = data.PretrainDataset(records, transform.pixels, cfg.seed)
     collate = data.pretrain_collate(tok, cfg.model.max_text_len)
     order = data.BatchOrder(len(dataset), cfg.batch_size, proc.world, proc.rank, cfg.seed)
     vocab = tok.get_vocab()
@@ -71,9 +72,11 @@ def main(argv=None):
         state = checkpoint.resume_from(cfg.resume, cfg, model, opt, sched, print0)
         checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"]) else state["rng"][0])
         start_step = state["step"]
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(model) if config_lib.use_compile(cfg.compile, proc.device) else model
     if proc.world > 1:
-        train_model = DDP(train_model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None)
+        # the model's buffers are constants (the pixel table, the [CLS] [SEP] ids): no broadcast before every forward
+        train_model = DDP(train_model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None,
+                          broadcast_buffers=False)
 
     global_batch = cfg.batch_size * cfg.grad_accum * proc.world
     n_params = sum(p.numel() for p in model.parameters())
@@ -100,22 +103,26 @@ def main(argv=None):
     model.train()
     for step in bar:
         # All micro-batches of the step first: MLM's masks are drawn for the whole step, and every micro-step divides
-        # by the step's masked-token count, so --grad-accum 2 at batch B is batch 2B (objectives.mask_step).
-        micro_batches = data.next_micro_batches(batches, cfg.grad_accum, proc.device)
+        # by the step's masked-token count, so --grad-accum 2 at batch B is batch 2B (objectives.mask_step). They are
+        # drawn on the host, before the batches move: there the host knows the masked positions without asking the
+        # device. From here to the non-finite check the host never waits for the device (tests/test_sync.py).
+        micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
         if "mlm" in objectives:
-            mask_step(micro_batches, cfg, distributed.step_generator(cfg.seed, step), special_info, continuation)
+            mask_step(micro_batches, cfg, distributed.step_generator(cfg.seed, step), special_info, continuation,
+                      proc.device)
+        micro_batches = [data.to_device(batch, proc.device) for batch in micro_batches]
         step_stats = []
         for micro, batch in enumerate(micro_batches):
             # DDP all-reduces the gradients on the last micro-step only; no_sync must wrap the forward pass too
             last = micro == cfg.grad_accum - 1
             with train_model.no_sync() if proc.world > 1 and not last else contextlib.nullcontext():
                 with distributed.autocast(precision, proc.device):
-                    gen = distributed.step_generator(cfg.seed, step, micro)  # ITM's draws: alike on every rank
+                    gen = distributed.step_generator(cfg.seed, step, micro, proc.device)  # ITM's: alike on all ranks
                     loss, scalars, selected = pretraining_loss(train_model, batch, cfg, gen, model)
                 (loss / cfg.grad_accum).backward()  # the gradients add up to the mean over the micro-steps
             step_stats.append(scalars)  # tensors: read on logging steps only, so the host does not wait here
             for k, rows in selected.items():  # which pool rows the single-modality passes chose, counted on the device
-                hist[k] += torch.bincount(rows.flatten(), minlength=cfg.model.pool_size)
+                hist[k].index_add_(0, rows.flatten(), torch.ones_like(rows.flatten()))  # bincount would read max(rows)
         # non-finite check (the host waits for the device here, once per step), clip, AdamW, logit-scale clamp, schedule
         grad_norm = optim.optimizer_step(model, opt, sched, loss, cfg.grad_clip, proc)
         if not guard(grad_norm, step + 1):

@@ -41,10 +41,11 @@ class Model:
 
     # ---- inputs ------------------------------------------------------------------------------------------------------
     def _images(self, images):
-        """Paths or PIL images -> [N, 3, S, S] on the model's device and dtype."""
-        x = [self.transform(data.load_image(i) if isinstance(i, (str, os.PathLike)) else i.convert("L"))
+        """Paths or PIL images -> uint8 pixels [N, 1, S, S] on the model's device, which normalises them (in its
+        dtype: its pixel_values buffer was cast with it)."""
+        x = [self.transform.pixels(data.load_image(i) if isinstance(i, (str, os.PathLike)) else i.convert("L"))
              for i in images]
-        return torch.stack(x).to(self.device, self.dtype)
+        return torch.stack(x).to(self.device)
 
     def _texts(self, texts, pairs=None):
         if pairs is not None:

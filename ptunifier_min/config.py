@@ -28,6 +28,15 @@ def _f(default, help, valid=None, may_change=False):
     return field(default=default, metadata={"help": help, "valid": valid, "may_change": may_change})
 
 
+# A bool flag that may also be left to the device: "auto" | "true" | "false" (a str field; `--flag` alone = true).
+AUTO_BOOL = ("auto", "true", "false")
+
+
+def use_compile(setting, device):
+    """--compile's decision for a torch.device: 'auto' compiles on CUDA only."""
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
 def flag(name):
     return "--" + name.replace("_", "-")
 
@@ -148,7 +157,9 @@ class RunConfig:
     grad_clip: float = _f(1.0, "max global gradient norm (0 = off)", valid=">= 0", may_change=True)
     precision: str = _f("auto", "bf16 | fp32 | auto (bf16 autocast on CUDA, fp32 on CPUs without fast bf16)",
                         valid=("auto", "bf16", "fp32"))
-    compile: bool = _f(False, "torch.compile the model", may_change=True)
+    compile: str = _f("auto", "torch.compile the model: auto = on CUDA (its forward compiles whole, no graph breaks), "
+                              "not on a CPU (compiling takes longer than a short CPU run gains) | true | false",
+                      valid=AUTO_BOOL, may_change=True)
     num_workers: int = _f(2, "data-loader worker processes per rank", valid=">= 0", may_change=True)
     random_resized_crop: bool = _f(False, "random-resized-crop augmentation for training images")
     log_every: int = _f(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
@@ -158,6 +169,8 @@ class RunConfig:
                                 "<out>/.replaced-<time>/, never deleted", may_change=True)
 
     def __post_init__(self):
+        if isinstance(self.compile, bool):  # a config.json written when --compile was a plain bool
+            self.compile = str(self.compile).lower()
         check_fields(self)
         if self.overwrite and self.resume:
             raise ValueError("--overwrite (start afresh) and --resume (continue) exclude each other")
@@ -222,6 +235,10 @@ def _str2bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+def _auto_bool(s):
+    return "auto" if s.lower() == "auto" else str(_str2bool(s)).lower()
+
+
 def _flat_fields(cls):
     """(name, field, owner) for every leaf field, model fields included, in declaration order."""
     for f in dataclasses.fields(cls):
@@ -254,14 +271,14 @@ def parse_args(cls, presets, argv=None, description=""):
     defaults = cls()
     for name, f, owner in _flat_fields(cls):
         default = getattr(defaults.model if owner else defaults, name)
-        typ = _str2bool if f.type in (bool, "bool") else type(default)
-        extra = {"choices": sorted(presets)} if name == "preset" else {}
-        if typ is _str2bool:  # `--overwrite` alone means `--overwrite true`
-            extra.update(nargs="?", const=True)
         valid = f.metadata.get("valid")
+        typ = _str2bool if f.type in (bool, "bool") else _auto_bool if valid == AUTO_BOOL else type(default)
+        extra = {"choices": sorted(presets)} if name == "preset" else {}
+        if typ in (_str2bool, _auto_bool):  # `--overwrite` alone means `--overwrite true`
+            extra.update(nargs="?", const=True if typ is _str2bool else "true")
         allowed = "" if valid is None else f"; {' | '.join(valid) if isinstance(valid, tuple) else valid}"
-        p.add_argument(flag(name), dest=name, type=typ, default=None, metavar=typ.__name__.upper()
-                       if typ is not _str2bool else "BOOL",
+        metavar = {_str2bool: "BOOL", _auto_bool: "AUTO|BOOL"}.get(typ, typ.__name__.upper())
+        p.add_argument(flag(name), dest=name, type=typ, default=None, metavar=metavar,
                        help=f"{f.metadata['help']} (default: {default}{allowed})".replace("%", "%%"), **extra)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = args.get("preset", getattr(defaults, "preset", None))

@@ -1,13 +1,15 @@
 """What training and evaluation read: prepared manifests, images, the WordPiece tokenizer and the pre-training dataset.
 
     records = load_pretrain_records("data/prepared", ["roco", "medicat", "mimic_cxr"], "train")
-    ds = PretrainDataset(records, ImageTransform(288), seed=0); ds.set_epoch(epoch)
+    ds = PretrainDataset(records, ImageTransform(288).pixels, seed=0); ds.set_epoch(epoch)
     loader = DataLoader(ds, batch_size=B, collate_fn=pretrain_collate(load_tokenizer(path), max_len=48))
 
-Folders come from prepare.py (one per downstream task, meta.json written last). Images are grayscale, replicated to
-3 channels and normalised with MEAN = STD = 0.5 to [-1, 1]. The paper resizes and center-crops to 288 x 288 and, since
-medical texts are multi-sentence narratives, samples one random sentence of the text at every access; both choices
-(and the random crop option) are a pure function of (seed, epoch, index), so a resumed run sees the same data.
+Folders come from prepare.py (one per downstream task, meta.json written last). Images are grayscale: the loaders
+yield uint8 [1, S, S] pixels (ImageTransform.pixels) and the model normalises them on the device (`normalize`: MEAN =
+STD = 0.5 to [-1, 1], replicated to 3 channels), 12x less host-to-device traffic than float RGB. The paper resizes
+and center-crops to 288 x 288 and, since medical texts are multi-sentence narratives, samples one random sentence of
+the text at every access; both choices (and the random crop option) are a pure function of (seed, epoch, index), so
+a resumed run sees the same data.
 A file that cannot be read is an error naming it, never a skipped sample (prepare.py --on-bad-image drops bad
 images before training). A tokenizer we train is bound to its corpora by a record beside it (tokenizer_record).
 """
@@ -109,8 +111,26 @@ def load_image(path):
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
+# The 256 values a pixel can take, normalised once, on the host, with the formula of the float transform this project
+# always had (np.float32 pixel / 255.0, then (x - MEAN) / STD). Normalising is then a table look-up, which gives
+# these exact floats on every device: on a GPU, `x / 255.0` is computed as x * (1 / 255.0), which differs in the
+# last bit for some pixels (and a compiled kernel may reorder it again).
+PIXEL_VALUES = (torch.from_numpy(np.arange(256, dtype=np.float32) / 255.0) - MEAN) / STD  # [256] float32
+
+
+def normalize(pixels, table=PIXEL_VALUES):
+    """uint8 pixels [..., 1, S, S] (a grayscale film) or [..., 3, S, S] -> the model's float input [..., 3, S, S].
+
+    `table` is PIXEL_VALUES on the pixels' device (the model keeps a copy as a buffer, so that this runs there). A
+    grayscale image is replicated to the 3 channels of the ViT's patch embedding: summing its RGB filters into one
+    would change the sums' rounding, so not every result would stay bit-identical."""
+    x = table[pixels.long()]
+    return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
+
+
 class ImageTransform:
-    """PIL "L" image -> FloatTensor [3, size, size] in [-1, 1].
+    """PIL "L" image -> uint8 pixels [1, size, size] (`pixels`, what the data loaders yield) or the model's float input
+    [3, size, size] in [-1, 1] (calling it: normalize(pixels)).
 
     Default (eval, and training as in the paper): resize the shorter side to `size`, then center crop.
     train=True with random_resized_crop=True: a random crop of `scale` of the area and aspect ratio in [3/4, 4/3]
@@ -138,16 +158,18 @@ class ImageTransform:
         left, top = (w - m) // 2, (h - m) // 2
         return left, top, left + m, top + m
 
-    def __call__(self, img, rng=None):
+    def pixels(self, img, rng=None):
+        """uint8 [1, S, S]: one channel, not normalised (a quarter of a float's bytes, a third of RGB's)."""
         w, h = img.size
         if self.train and self.random_resized_crop:
             box = self._random_box(w, h, rng if rng is not None else random)
         else:
             box = self._center_box(w, h)
         img = img.convert("L").resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-        x = (x - MEAN) / STD
-        return x.unsqueeze(0).expand(3, -1, -1).contiguous()  # [3, S, S]: grayscale replicated for a 3-channel ViT
+        return torch.from_numpy(np.array(img, dtype=np.uint8))[None]  # a copy: PIL's buffer is read-only
+
+    def __call__(self, img, rng=None):
+        return normalize(self.pixels(img, rng))  # [3, S, S] float32
 
 
 def read_meta(folder):
@@ -178,14 +200,22 @@ def read_split(folder, split, allow_empty=True):
     return records
 
 
+def image_path(record):
+    """The file to read for a record's image: its resized copy when prepare made one ("image_cache", see
+    prepare.py --cache-short-side), else the original ("image"). Every reader of records' images goes through here."""
+    return record.get("image_cache") or record["image"]
+
+
 def load_pretrain_records(prepared_root, datasets, split):
     """Concatenate the pre-training records of several prepared folders; each record gains its "dataset" name."""
     records = []
     for name in datasets:
         folder = os.path.join(prepared_root, name)
         for r in read_split(folder, split, allow_empty=False):
-            if not os.path.exists(r["image"]):
-                raise FileNotFoundError(f"{folder}/{split}.jsonl, id {r['id']}: image file not found: {r['image']}")
+            if not os.path.exists(image_path(r)):
+                raise FileNotFoundError(f"{folder}/{split}.jsonl, id {r['id']}: " + (
+                    f"image cache file not found: {r['image_cache']} (the resized copy of {r['image']}); run "
+                    "prepare again to rebuild it" if r.get("image_cache") else f"image file not found: {r['image']}"))
             if not r.get("texts"):
                 raise ValueError(f"{folder}/{split}.jsonl, id {r['id']}: record has no texts")
             records.append({**r, "dataset": name})
@@ -384,7 +414,10 @@ def encode_pairs(tok, a, b, max_len):
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """Image-text pairs for pre-training: each access draws one text of the record and one sentence of that text."""
+    """Image-text pairs for pre-training: each access draws one text of the record and one sentence of that text.
+
+    transform(img, rng) makes the image tensor: ImageTransform(size).pixels in the scripts (uint8 [1, S, S], normalised
+    on the device), or any other callable, e.g. an ImageTransform itself (float [3, S, S])."""
 
     def __init__(self, records, transform, seed=0):
         self.records, self.transform, self.seed, self.epoch = records, transform, seed, 0
@@ -403,7 +436,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         # seeded by a string (hashed with SHA-512 by random): the same in every worker, process and Python run
         rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
         text = rng.choice(split_sentences(rng.choice(r["texts"])))
-        image = self.transform(load_image(r["image"]), rng)
+        image = self.transform(load_image(image_path(r)), rng)
         return {"image": image, "text": text, "index": i, "image_id": file_id(r["image"])}
 
 
@@ -418,8 +451,10 @@ def file_id(path):
 def pretrain_collate(tok, max_len):
     def collate(batch):
         ids, mask = encode_texts(tok, [b["text"] for b in batch], max_len)
-        return {"image": torch.stack([b["image"] for b in batch]),  # [B, 3, S, S]
+        return {"image": torch.stack([b["image"] for b in batch]),  # [B, 1, S, S] uint8 pixels
                 "input_ids": ids, "attention_mask": mask,  # [B, T]
+                # known here, on the host; the model would otherwise ask the device (PTUnifier.forward's `padded`)
+                "padded": not bool(mask.all()),
                 "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
                 "image_id": torch.tensor([b["image_id"] for b in batch], dtype=torch.long)}  # [B] which file
     return collate
@@ -470,8 +505,12 @@ def micro_batches(dataset, order, collate, num_workers, start_micro=0):
 def next_micro_batches(batches, grad_accum, device):
     """The micro-batches of the next optimizer step, on the device. All of them are fetched before the first forward
     pass, so that what depends on the whole step (pre-training's MLM token count) can be computed first."""
-    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-            for _ in range(grad_accum)]
+    return [to_device(next(batches), device) for _ in range(grad_accum)]
+
+
+def to_device(batch, device):
+    """A batch's tensors on the device, copied without making the host wait (the loader pins them on CUDA)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ---- downstream tasks ------------------------------------------------------------------------------------------------
@@ -494,7 +533,7 @@ class TaskDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
         item = {"index": i}
         if task.image:
-            item["image"] = self.transform(load_image(r["image"]), rng)
+            item["image"] = self.transform(load_image(image_path(r)), rng)
         # a field with several texts (ROCO's captions): training reads any one, whole; evaluation the first
         texts = [(rng.choice(r[f]) if self.train else r[f][0]) if isinstance(r[f], list) else r[f] for f in task.text]
         if len(texts) == 2:
@@ -512,7 +551,7 @@ def task_collate(tok, max_len, max_gen_len):
     def collate(batch):
         out = {"index": torch.tensor([b["index"] for b in batch])}
         if "image" in batch[0]:
-            out["image"] = torch.stack([b["image"] for b in batch])  # [B, 3, S, S]
+            out["image"] = torch.stack([b["image"] for b in batch])  # [B, 1, S, S] uint8 pixels
         if "labels" in batch[0]:
             out["labels"] = torch.tensor([b["labels"] for b in batch], dtype=torch.float)  # [B, C]
         if "label" in batch[0]:

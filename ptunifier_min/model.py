@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .data import PIXEL_VALUES, normalize
 
 
 def attend(q, k, v, mask=None, dropout=0.0, manual=False):
@@ -145,6 +146,9 @@ class PTUnifier(nn.Module):
         # image side (ViT): patches -> linear projection, a learnable [IMG_CLS], learned 1-D positions (paper eq. 11)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        # what uint8 pixels normalise to (data.normalize), kept here so that images are normalised on the device;
+        # not persistent: a constant of the input format, not a weight of the checkpoint
+        self.register_buffer("pixel_values", PIXEL_VALUES.clone(), persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, D))
         # text side (BERT): WordPiece embeddings + learned positions (paper eq. 12)
@@ -175,6 +179,9 @@ class PTUnifier(nn.Module):
             self.logit_scale = nn.Parameter(scale)
         else:
             self.register_buffer("logit_scale", scale)
+        # The ids of "[CLS] [SEP]", a missing text's ends, kept on the model's device: a tensor made from them in
+        # forward would be copied from the host, and that copy makes the host wait for the device. Not saved.
+        self.register_buffer("text_ends", torch.tensor([[cfg.cls_id, cfg.sep_id]]), persistent=False)
         self.init_weights()
 
     def init_weights(self):
@@ -199,6 +206,8 @@ class PTUnifier(nn.Module):
 
     # ---- embeddings -------------------------------------------------------------------------------------------------
     def embed_image(self, image):
+        if image.dtype == torch.uint8:  # the loaders' pixels [B, 1, H, W]: normalised here, bit-identical to the host
+            image = normalize(image, self.pixel_values)
         x = self.patch_embed.proj(image).flatten(2).transpose(1, 2)  # [B, 3, H, W] -> [B, N, D]
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)  # [B, 1 + N, D]
         return x + self.pos_embed
@@ -216,14 +225,17 @@ class PTUnifier(nn.Module):
             return (x * m).sum(1) / m.sum(1).clamp(min=1)
         return x.masked_fill(~m, float("-inf")).amax(1)
 
-    def forward(self, image=None, input_ids=None, attention_mask=None, manual_attention=False):
+    def forward(self, image=None, input_ids=None, attention_mask=None, manual_attention=False, padded=None):
+        """padded: whether attention_mask marks any padding, when the caller knows it from the host (pre-training's
+        collate does: batch["padded"]). None = read it from the mask, which makes the host wait for the device and
+        breaks a torch.compile graph. Without padding no key mask is passed on: SDPA then takes its fastest kernel."""
         if image is None and input_ids is None:
             raise ValueError("PTUnifier needs an image, a text or both")
         sel_v = sel_l = None
         if input_ids is not None:
             t = self.embed_text(input_ids)
             if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+                attention_mask, padded = torch.ones_like(input_ids, dtype=torch.bool), False
         if image is not None:
             v = self.embed_image(image)
         else:  # visual part = [IMG_CLS] + k_v visual prompts chosen by the text
@@ -234,7 +246,7 @@ class PTUnifier(nn.Module):
             prompts, sel_l = self.textual_prompts(self._query(v[:, 1:]))
             # [CLS] and [SEP] embedded exactly as the empty text "[CLS] [SEP]" would be: with prompt_mode none, a missing
             # text is literally the empty text; prompts carry no position embedding (they are an unordered set of queries)
-            ends = self.embed_text(torch.tensor([[self.cfg.cls_id, self.cfg.sep_id]], device=v.device))  # [1, 2, D]
+            ends = self.embed_text(self.text_ends)  # [1, 2, D]
             ends = ends.expand(len(v), -1, -1)
             t = torch.cat([ends[:, :1], prompts.to(ends.dtype), ends[:, 1:]], 1)  # [B, k_l + 2, D]
             attention_mask = None
@@ -242,7 +254,9 @@ class PTUnifier(nn.Module):
         t = t + self.token_type_embeddings.weight[1]
         x = self.norm_pre(torch.cat([v, t], 1))  # [B, Tv + Tl, D]
         key_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and padded is None:
+            padded = not bool(attention_mask.all())  # the host waits for the device here
+        if attention_mask is not None and padded:
             key_mask = torch.cat([attention_mask.new_ones(len(v), v.shape[1]), attention_mask], 1)
         for blk in self.blocks:
             x = blk(x, key_mask, manual_attention)

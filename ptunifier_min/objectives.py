@@ -3,6 +3,9 @@
     mask_step(micro_batches, cfg, step_generator, special)     # MLM targets of a whole optimizer step, first
     loss, stats = pretraining_loss(model, batch, cfg, micro_generator)   # then each micro-step
 
+Nothing here reads a tensor of the device on the host: a micro-step never makes the host wait for the device (train.py
+draws the MLM masks on the host, before the batches move; ITM draws its negatives on the device; tests/test_sync.py).
+
 - MLM on the paired pass with masked text (BERT's 15% and 80/10/10), vocabulary projection only at masked positions,
   averaged over every masked token of the optimizer step (all ranks, all micro-steps);
 - ITM on the paired pass, negatives by swapping in another image of the batch (or ALBEF hard negatives from ITC),
@@ -29,8 +32,9 @@ def draw(generator, rows, width, offset, B, T):
 
     Every rank draws the whole global table from the same generator and keeps its own block, so a sample gets the same
     random numbers whether it is trained on 1 process or 8 (DDP equivalence) and however its batch is padded.
+    The draws are made on the generator's device.
     """
-    return torch.rand(rows, width, generator=generator)[offset:offset + B, :T]
+    return torch.rand(rows, width, generator=generator, device=generator.device)[offset:offset + B, :T]
 
 
 def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, prob=0.15, mask_id=None,
@@ -54,8 +58,10 @@ def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, p
         start = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(1).values  # [B, T] index of the word's start
         r = r.gather(1, start)
     chosen = candidate & (r < prob)
-    if not chosen.any() and candidate.any():  # a short batch can draw no token at all: predict its likeliest one
-        chosen = candidate & (r == r.masked_fill(~candidate, 2.0).min())
+    # a short batch can draw no token at all: it predicts its likeliest one then (none if it has no candidate), decided
+    # without an `if`, which would make the host read the draws
+    likeliest = candidate & (r == r.masked_fill(~candidate, 2.0).min())
+    chosen = torch.where(chosen.any(), chosen, likeliest)
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
     action = draw(generator, rows, width, offset, B, T).to(dev)
     random_ids = (draw(generator, rows, width, offset, B, T) * vocab_size).long().clamp(max=vocab_size - 1).to(dev)
@@ -64,10 +70,15 @@ def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, p
     return out, labels
 
 
-def mask_step(micro_batches, cfg, generator, special, continuation=None):
+def mask_step(micro_batches, cfg, generator, special, continuation=None, device=None):
     """MLM targets for every micro-batch of one optimizer step, before any forward pass. Adds to each batch
-    `mlm_input_ids` / `mlm_labels` [B, T] and `mlm_norm`, what its summed MLM loss is divided by; returns the step's
-    masked-token count over all ranks (a tensor on the batch's device: reading it makes the host wait).
+    `mlm_input_ids` / `mlm_labels` [B, T], `mlm_positions` [M, 2] (row, column of each masked token, in row-major
+    order) and `mlm_norm`, what its summed MLM loss is divided by; returns the step's masked-token count over all
+    ranks (a tensor on `device`, the batches' when None: reading it makes the host wait).
+
+    train.py calls it on the batches while they are still on the host: the masks are then drawn where their CPU
+    generator is, and the host knows where the masked tokens are, so the MLM head can pick them out of the hidden
+    states without asking the device (boolean indexing would: the host needs the count to size the result).
 
     The micro-batches read their rows of one draw table for the step's global batch (rows = batch x world x
     grad_accum, in the order BatchOrder hands out samples), so the mask a sample gets does not depend on how the step
@@ -79,14 +90,16 @@ def mask_step(micro_batches, cfg, generator, special, continuation=None):
     rank, world = rank_and_world()
     B, A = len(micro_batches[0]["input_ids"]), len(micro_batches)
     start = generator.get_state()
-    count = 0
+    count = torch.zeros((), dtype=torch.long)
     for micro, batch in enumerate(micro_batches):
         generator.set_state(start)  # the same tables for every micro-batch; each keeps its own rows
         batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
             batch["input_ids"], batch["attention_mask"], special["ids"], cfg.model.vocab_size, generator, cfg.mlm_prob,
             special["mask"], continuation if cfg.whole_word else None,
             rows=B * world * A, width=cfg.model.max_text_len, offset=(micro * world + rank) * B)
-        count = count + (batch["mlm_labels"] != IGNORE).sum()
+        batch["mlm_positions"] = (batch["mlm_labels"] != IGNORE).nonzero()  # [M, 2]
+        count = count + len(batch["mlm_positions"])
+    count = count.to(device or batch["mlm_labels"].device, non_blocking=True)
     if world > 1:
         dist.all_reduce(count)  # a collective: every rank masks its micro-batches, then all sum their counts
     for batch in micro_batches:
@@ -120,6 +133,22 @@ def gather(x):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return torch.cat(dist_nn.all_gather(x), 0)
+
+
+def gather_images(image):
+    """All ranks' images [G, C, S, S] for ITM's swapped-in negatives: inputs, so no gradient and no autograd
+    all-gather, and in the dtype the loader gave them. The loader's uint8 one-channel pixels are a twelfth of the
+    float RGB the model reads (paper preset, 8 x 32 at 288 px: 21 MB per rank and micro-step instead of 255 MB);
+    the model normalises the rows it is given.
+
+    Every rank receives every image, not only the <= B rows it swaps in: an all_to_all of just those (~1.2 MB here on
+    average) would need each pair of ranks' row counts on the host, a host-device wait per micro-step, to save the
+    ~19 MB from other ranks that NVLink moves in about 0.05 ms."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image
+    out = image.new_empty((dist.get_world_size() * len(image), *image.shape[1:]))
+    dist.all_gather_into_tensor(out, image.contiguous())
+    return out
 
 
 def itc_loss(image_feats, text_feats, scale):
@@ -163,16 +192,22 @@ def itm_negatives(valid, generator, probs=None):
     """For each pair of the global batch, the row whose image is swapped in as its negative.
 
     Uniform over the valid negatives (the paper's random negative), or drawn from `probs` (hard_negative_probs).
-    Every rank computes all G rows alike and keeps its own.
+    Every rank computes all G rows alike (same generator) and keeps its own. Nothing is read on the host: a pair
+    without any valid negative raises ValueError at once on a CPU; on a GPU it is a device-side assert, which stops
+    the run at the device's next synchronisation (run the step on a CPU to see this message).
     """
-    lonely = (~valid.any(1)).nonzero().flatten().tolist()  # the host waits for the device here
-    if lonely:
-        raise ValueError(f"ITM needs two different images (and texts) in every batch: pair {lonely[0]} of the global "
-                         f"batch of {len(valid)} has no valid negative; raise --batch-size")
+    message = (f"ITM needs two different images (and texts) in every batch: a pair of the global batch of "
+               f"{len(valid)} has no valid negative; raise --batch-size")
+    try:
+        torch._assert_async(valid.any(1).all(), message)
+    except RuntimeError:  # a CPU checks at once
+        raise ValueError(message) from None
     weights = valid.double() if probs is None else probs
-    # drawn on the host with the step's CPU generator, so that every rank and a resumed run draw alike (and the host
-    # waits for the weights here)
-    return torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1).to(valid.device)
+    # torch.multinomial(weights, 1) draws exactly so (the exponential race: argmax of weight / Exp(1) noise), after
+    # reading the weights on the host to check them; here nothing is read, and the noise comes from the step's
+    # generator, on its device
+    noise = torch.empty(weights.shape, dtype=weights.dtype, device=generator.device).exponential_(generator=generator)
+    return (weights / noise.to(weights.device)).argmax(1)
 
 
 def rank_and_world():
@@ -184,23 +219,25 @@ def rank_and_world():
 def pretraining_loss(model, batch, cfg, generator, unwrapped_model=None):
     """One micro-step of PTUnifier pre-training. `model` may be DDP-wrapped; heads are read from `unwrapped_model`.
 
-    batch: image [B, 3, H, W], input_ids [B, T], attention_mask [B, T], image_id [B] (which file: duplicates matter),
-    and, with MLM, the targets mask_step added. `generator` (ITM's draws) must be seeded alike on every rank: draws
-    are made for the global batch and sliced (see `draw`). ITC and ITM see this micro-batch only, as in CLIP.
+    batch: image [B, 1, H, W] uint8 pixels (the model normalises them; or [B, 3, H, W] floats), input_ids [B, T],
+    attention_mask [B, T], image_id [B] (which file: duplicates matter), and, with MLM, the targets mask_step added;
+    optionally padded, the collate's bool: does the mask mark any padding (else each pass reads it from the device).
+    `generator` (ITM's draws) must be seeded alike on every rank: draws are made for the global batch and sliced (see
+    `draw`). ITC and ITM see this micro-batch only, as in CLIP.
     Returns (weighted total loss, scalars, selections): scalars = {name: 0-dim tensor} for logging, the weighted total
     among them as `loss`; selections = {"visual" | "textual": [B, k] pool rows the single-modality passes chose}
     (pool mode with ITC only), for the pool-usage statistics.
     """
     unwrapped = unwrapped_model or model
     objectives = cfg.objective_set()
-    image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+    image, ids, mask, padded = batch["image"], batch["input_ids"], batch["attention_mask"], batch.get("padded")
     rank, world = rank_and_world()
     B = len(ids)
     G, offset = B * world, rank * B  # global batch rows, and where this rank's rows start
     total, stats, selections = 0.0, {}, {}
     if "itc" in objectives:
         img = model(image=image)
-        txt = model(input_ids=ids, attention_mask=mask)
+        txt = model(input_ids=ids, attention_mask=mask, padded=padded)
         # the passes ran through `model` (DDP's forward, so that DDP reduces their gradients); the head is read
         # from the unwrapped model
         zi, zt = unwrapped.itc_embed(img), unwrapped.itc_embed(txt)
@@ -211,11 +248,10 @@ def pretraining_loss(model, batch, cfg, generator, unwrapped_model=None):
             if rows is not None:
                 selections[k] = rows
     if "mlm" in objectives:
-        labels = batch["mlm_labels"]
-        enc = model(image=image, input_ids=batch["mlm_input_ids"], attention_mask=mask)
-        at = labels != IGNORE  # [B, T]
-        logits = unwrapped.mlm_logits(enc.hidden[:, enc.n_visual:][at])  # only masked positions reach the vocabulary
-        loss, acc = mlm_loss(logits, labels[at], batch["mlm_norm"])
+        enc = model(image=image, input_ids=batch["mlm_input_ids"], attention_mask=mask, padded=padded)
+        row, col = batch["mlm_positions"].unbind(1)  # [M] each: the masked tokens, found by mask_step
+        logits = unwrapped.mlm_logits(enc.hidden[row, enc.n_visual + col])  # only they reach the vocabulary
+        loss, acc = mlm_loss(logits, batch["mlm_labels"][row, col], batch["mlm_norm"])
         total = total + cfg.w_mlm * loss
         stats.update(mlm_loss=loss.detach(), mlm_acc=acc)
     if "itm" in objectives:
@@ -228,9 +264,9 @@ def pretraining_loss(model, batch, cfg, generator, unwrapped_model=None):
         if cfg.itm_hard_negatives:  # the config refuses it without ITC
             probs = hard_negative_probs(gather(zt.detach()), gather(zi.detach()), unwrapped.itc_scale(), valid)
         neg = itm_negatives(valid, generator, probs)
-        swap = torch.rand(G, generator=generator).to(ids.device) < 0.5  # half the pairs become negatives
+        swap = torch.rand(G, generator=generator, device=generator.device).to(ids.device) < 0.5  # half: negatives
         rows = torch.where(swap, neg, torch.arange(G, device=ids.device))[offset:offset + B]
-        enc = model(image=gather(image)[rows], input_ids=ids, attention_mask=mask)
+        enc = model(image=gather_images(image)[rows], input_ids=ids, attention_mask=mask, padded=padded)
         loss, acc = itm_loss(unwrapped.itm_logits(enc.pooled), ~swap[offset:offset + B])
         total = total + cfg.w_itm * loss
         stats.update(itm_loss=loss.detach(), itm_acc=acc)

@@ -24,7 +24,8 @@ def embed_images(model, paths, image_size, device, precision="fp32", batch_size=
     transform = data.ImageTransform(image_size)
     out = []
     for i in range(0, len(paths), batch_size):
-        x = torch.stack([transform(data.load_image(p)) for p in paths[i:i + batch_size]]).to(device)
+        # uint8 pixels [b, 1, S, S]: the model normalises them on the device
+        x = torch.stack([transform.pixels(data.load_image(p)) for p in paths[i:i + batch_size]]).to(device)
         with autocast(precision, device):
             out.append(model.itc_embed(model(image=x)))
     return torch.cat(out)
@@ -48,7 +49,7 @@ def pairs(records):
         for t in r["texts"]:
             texts.append(t)
             txt_image.append(i)
-    return [r["image"] for r in records], texts, torch.tensor(txt_image)
+    return [data.image_path(r) for r in records], texts, torch.tensor(txt_image)
 
 
 @torch.no_grad()
@@ -76,7 +77,7 @@ def rerank_itm(model, sim, records, tok, image_size, max_len, device, top=16, pr
     out = sim.clone().float()
     for i in range(sim.shape[0]):
         cand = sim[i].topk(min(top, sim.shape[1])).indices  # best ITC first
-        img = transform(data.load_image(paths[i]))[None].expand(len(cand), -1, -1, -1).to(device)
+        img = transform.pixels(data.load_image(paths[i]))[None].expand(len(cand), -1, -1, -1).to(device)
         ids, mask = data.encode_texts(tok, [texts[j] for j in cand.tolist()], max_len)
         with autocast(precision, device):
             logits = model.itm_logits(model(image=img, input_ids=ids.to(device), attention_mask=mask.to(device)).pooled)

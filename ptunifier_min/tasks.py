@@ -220,7 +220,7 @@ def task_loss(model, task, out, batch, pad_id):
 # ---- evaluation ------------------------------------------------------------------------------------------------------
 def _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_size, num_workers):
     """Evaluation batches in file order (val/test), made with the eval image transform."""
-    ds = data.TaskDataset(records, task, data.ImageTransform(image_size))
+    ds = data.TaskDataset(records, task, data.ImageTransform(image_size).pixels)  # uint8: the model normalises it
     # its own generator: a DataLoader draws a seed from the global RNG otherwise, and validating would change the
     # dropout masks of the training steps after it
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -293,7 +293,7 @@ def zero_shot_classification(backbone, records, label_names, tok, *, image_size,
     sim(image, "no <finding>") (the positive and negative prompts of CheXzero), then macro AUROC."""
     was_training = backbone.training
     backbone.eval()
-    zi = retrieval.embed_images(backbone, [r["image"] for r in records], image_size, device, precision)
+    zi = retrieval.embed_images(backbone, [data.image_path(r) for r in records], image_size, device, precision)
     prompts = [p for name in label_names for p in (name.lower(), f"no {name.lower()}")]
     zt = retrieval.embed_texts(backbone, prompts, tok, max_text_len, device, precision)  # [2C, d]
     backbone.train(was_training)

@@ -226,3 +226,99 @@ def test_pretrain_dataset_is_a_function_of_seed_epoch_index(tmp_path, tok):
     assert batch["image"].shape == (4, 3, 16, 16) and batch["input_ids"].shape[0] == 4
     assert batch["input_ids"].shape[1] <= 8 and batch["attention_mask"].dtype == torch.bool
     assert batch["index"].tolist() == [0, 1, 2, 3]
+
+
+# ---- lean batches (issue 11 item 2): uint8 pixels from the loader, normalised on the device --------------------------
+def _old_transform(t, img, rng=None):
+    """The float transform as it was before issue 11, written out: the reference every pixel must still equal."""
+    w, h = img.size
+    box = t._random_box(w, h, rng) if t.train and t.random_resized_crop else t._center_box(w, h)
+    img = img.convert("L").resize((t.size, t.size), Image.Resampling.BICUBIC, box=box)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    return ((x - D.MEAN) / D.STD).unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+def test_uint8_pixels_normalise_bit_for_bit_to_the_old_float_transform(tmp_path, tok):
+    noise = Image.fromarray(np.random.RandomState(0).randint(0, 256, (37, 53), dtype=np.uint8))
+    every_value = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))  # all 256 levels, no resampling
+    for img in (D.load_image(_gradient(tmp_path / "g.png", w=50, h=37)), noise, every_value):
+        for t in (D.ImageTransform(16), D.ImageTransform(24, train=True, random_resized_crop=True)):
+            px = t.pixels(img, random.Random(3))
+            assert px.shape == (1, t.size, t.size) and px.dtype == torch.uint8
+            ref = _old_transform(t, img, random.Random(3))
+            assert torch.equal(D.normalize(px), ref) and torch.equal(t(img, random.Random(3)), ref)
+    assert len(D.ImageTransform(16).pixels(every_value).unique()) == 256  # the table's every entry was checked
+    # what a dataset and its collate hand the loader: one channel of uint8, normalised later to the same floats
+    recs = [{"id": str(i), "image": _gradient(tmp_path / f"{i}.png", w=30 + i, h=20), "texts": ["a b."]}
+            for i in range(3)]
+    t = D.ImageTransform(16, train=True, random_resized_crop=True)
+    ds = D.PretrainDataset(recs, t.pixels, seed=1)  # as train.py makes it
+    batch = D.pretrain_collate(tok, 8)([ds[i] for i in range(3)])
+    assert batch["image"].shape == (3, 1, 16, 16) and batch["image"].dtype == torch.uint8
+    for i, r in enumerate(recs):
+        rng = random.Random(f"1-0-{i}")  # the dataset's rng draws a text and a sentence before the crop: replay them
+        rng.choice(D.split_sentences(rng.choice(r["texts"])))
+        ref = _old_transform(t, D.load_image(r["image"]), rng)
+        assert torch.equal(D.normalize(batch["image"][i]), ref)
+
+
+def test_model_reads_uint8_pixels_exactly_as_float_images():
+    """The model normalises uint8 [B, 1, S, S] itself: every pass gives the same bits as the float [B, 3, S, S] input,
+    in fp32, under bf16 autocast, and with the model cast to bf16 (the API's dtype=), and checkpoints are unchanged."""
+    from ptunifier_min.config import PRESETS, TrainConfig, build
+    from ptunifier_min.model import PTUnifier
+    cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100})
+    torch.manual_seed(0)
+    model = PTUnifier(cfg.model).eval()
+    S = cfg.model.image_size
+    px = torch.randint(0, 256, (3, 1, S, S), dtype=torch.uint8)
+    x = torch.stack([_old_transform(D.ImageTransform(S), Image.fromarray(p[0].numpy())) for p in px])
+    ids = torch.randint(5, 100, (3, 7))
+    with torch.no_grad():
+        assert torch.equal(model(image=px).hidden, model(image=x).hidden)
+        assert torch.equal(model(image=px, input_ids=ids).hidden, model(image=x, input_ids=ids).hidden)
+        assert torch.equal(model.forward_vision(px), model.forward_vision(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(image=px, input_ids=ids).hidden, model(image=x, input_ids=ids).hidden)
+        model.to(torch.bfloat16)
+        assert torch.equal(model(image=px).hidden, model(image=x.to(torch.bfloat16)).hidden)
+    assert not any("pixel" in k for k in model.state_dict())  # a constant of the input format, not a weight
+
+
+def test_training_reads_the_image_cache_and_no_longer_needs_the_originals(tmp_path):
+    import shutil
+    import types
+
+    from ptunifier_min import retrieval
+    from ptunifier_min.datasets import prepare as P
+    from test_prepare import _noisy, make_roco
+    raw, out = make_roco(str(tmp_path / "raw")), str(tmp_path / "out")
+    images = os.path.join(raw, "data", "train", "radiology", "images")
+    _noisy(os.path.join(images, "ROCO_00007.jpg"), (100, 80), seed=1)  # larger than the short side: shrunk
+    _noisy(os.path.join(images, "PMC1-fig2.jpg"), (40, 30), seed=2)  # smaller: kept pixel for pixel
+    P.prepare("roco", raw, out, cache_short_side=64)
+    transform = D.ImageTransform(32, train=True, random_resized_crop=True)
+
+    def items(records, reading):  # the dataset's items, with every image read from the field `reading`
+        ds = D.PretrainDataset([{**r, "image": r[reading], "image_cache": None} for r in records], transform, seed=3)
+        return {r["id"]: ds[i]["image"] for i, r in enumerate(records)}
+    records = D.load_pretrain_records(out, ["roco"], "train")
+    from_original, from_cache = items(records, "image"), items(records, "image_cache")
+    shutil.rmtree(raw)  # the originals are gone: training reads the copies
+    records = D.load_pretrain_records(out, ["roco"], "train")
+    ds = D.PretrainDataset(records, transform, seed=3)
+    for i, r in enumerate(records):
+        item = ds[i]
+        assert torch.equal(item["image"], from_cache[r["id"]])
+        assert item["image_id"] == D.file_id(r["image"])  # the identity stays the original file's
+    small = [i for i, r in enumerate(records) if r["id"] == "ROCO_00005"][0]
+    assert torch.equal(ds[small]["image"], from_original["ROCO_00005"])  # identical pixels for a small image
+    task = types.SimpleNamespace(image=True, text=["texts"], target=None)
+    cached = [{**r, "image": r["image_cache"], "image_cache": None} for r in records]
+    assert torch.equal(D.TaskDataset(records, task, transform)[1]["image"],
+                       D.TaskDataset(cached, task, transform)[1]["image"])
+    assert retrieval.pairs(records)[0] == [r["image_cache"] for r in records]
+    os.remove(records[0]["image_cache"])
+    with pytest.raises(FileNotFoundError, match=r"roco/train\.jsonl, id ROCO_00005: image cache file not found: "
+                                                r".*image_cache/PMC1-fig2-\w+\.pgm .*run prepare again"):
+        D.load_pretrain_records(out, ["roco"], "train")

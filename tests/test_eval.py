@@ -35,6 +35,8 @@ class MatchedEncoder(torch.nn.Module):
 
     def forward(self, image=None, input_ids=None, attention_mask=None):
         if image is not None:
+            if image.dtype == torch.uint8:  # the loaders' pixels, which PTUnifier normalises itself
+                image = data.normalize(image)
             level = (image[:, 0].mean((1, 2)) * data.STD + data.MEAN) * 255  # back to the pixel value
             k = ((level - 10) / 20).round().long()
         else:

@@ -349,9 +349,6 @@ def test_nlg_tokenize_equals_the_jar_on_generated_report_text():
 def test_nlg_metrics_equal_pycocoevalcap_on_report_pairs():
     """BLEU-1..4, ROUGE-L and CIDEr-D of nlg_metrics on raw report text equal pycocoevalcap's scorers on the jar's
     tokens (COCOEvalCap's pipeline) to 1e-9, on a few hundred report pairs with list numbers, <BR> tags, XXXX."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
     pairs = _ptb_fixture()["pairs"]
     refs, hyps = {k: r for k, r, *_ in pairs}, {k: h for k, _, h, *_ in pairs}
     gts, res = {k: jr for k, _, _, jr, _ in pairs}, {k: [jh] for k, _, _, _, jh in pairs}
@@ -360,19 +357,12 @@ def test_nlg_metrics_equal_pycocoevalcap_on_report_pairs():
     if shutil.which("java") is not None:
         assert ptb_cases.coco_tokenize(refs, hyps) == (gts, {k: v[0] for k, v in res.items()})
     out = metrics.nlg_metrics(refs, hyps)
-    bleus = Bleu(4).compute_score(gts, res, verbose=0)[0]
-    for n in range(4):
-        assert out[f"BLEU_{n + 1}"] == pytest.approx(bleus[n], abs=1e-9)
-    assert out["ROUGE_L"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-9)
-    assert out["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-9)
+    assert_equals_pycocoevalcap(out, gts, res)
 
 
 @needs_java
 def test_nlg_metrics_match_the_coco_pipeline():
     """Raw text -> PTBTokenizer -> pycocoevalcap scorers, against nlg_metrics on the same raw text."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
     lines = _reports(1, 90)
     refs = {i: lines[3 * i:3 * i + 2] for i in range(30)}
     hyps = {i: lines[3 * i + 2] if i % 3 else lines[3 * i] for i in range(30)}
@@ -381,11 +371,7 @@ def test_nlg_metrics_match_the_coco_pipeline():
     gts = {i: tok[2 * n:2 * n + 2] for n, i in enumerate(ids)}
     res = {i: [tok[2 * len(ids) + n]] for n, i in enumerate(ids)}
     out = metrics.nlg_metrics(refs, hyps)
-    bleus = Bleu(4).compute_score(gts, res, verbose=0)[0]
-    for n in range(4):
-        assert out[f"BLEU_{n + 1}"] == pytest.approx(bleus[n], abs=1e-9)
-    assert out["ROUGE_L"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-9)
-    assert out["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-9)
+    assert_equals_pycocoevalcap(out, gts, res)
     assert "METEOR" not in out
 
 
@@ -409,3 +395,15 @@ def test_meteor_says_what_to_install(monkeypatch):
     with pytest.raises(RuntimeError, match="pycocoevalcap is not installed") as e:
         metrics.nlg_metrics(refs, hyps, with_meteor=True)
     assert "pip install pycocoevalcap" in str(e.value)
+
+
+def assert_equals_pycocoevalcap(out, gts, res):
+    """nlg_metrics' BLEU-1..4, ROUGE-L and CIDEr-D equal pycocoevalcap's scorers on the jar's tokens, to 1e-9."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    bleus = Bleu(4).compute_score(gts, res, verbose=0)[0]
+    for n in range(4):
+        assert out[f"BLEU_{n + 1}"] == pytest.approx(bleus[n], abs=1e-9)
+    assert out["ROUGE_L"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-9)
+    assert out["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-9)

@@ -264,3 +264,82 @@ def test_logit_scale_is_clamped_after_the_step_not_in_the_forward_pass():
     fixed = PTUnifier(build(TrainConfig, {**PRESETS["tiny"], "itc_temperature": 0.001,
                                           "learn_temperature": False}).model)
     assert fixed.itc_scale().item() == pytest.approx(100)  # a fixed temperature below 0.01 is bounded as before
+
+
+# ---- lean batches (issue 11 item 2): uint8 pixels through the step, ITM exchanging uint8 rows -----------------------
+def _lean_case(hard=False):
+    """A tiny pre-training model and a global batch of 8 as uint8 pixels [8, 1, 32, 32] with duplicate files and texts
+    across the halves, plus the same images as the float [8, 3, 32, 32] the loader used to yield."""
+    cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100, "itm_hard_negatives": hard})
+    torch.manual_seed(0)
+    model = PTUnifier(cfg.model)
+    ids, mask = text_batch(B=8, T=12, V=100, seed=3)
+    ids[6], mask[6] = ids[1], mask[1]
+    pixels = torch.randint(0, 256, (8, 1, 32, 32), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    floats = torch.stack([data.ImageTransform(32)(Image.fromarray(p[0].numpy())) for p in pixels])  # the old format
+    batch = {"input_ids": ids, "attention_mask": mask, "index": torch.arange(8),
+             "image_id": torch.tensor([0, 1, 2, 2, 3, 4, 5, 1])}
+    return cfg, model, batch, pixels, floats
+
+
+def _step(model, cfg, batch):
+    """A full pre-training micro-step's loss and gradients (the model's grads are cleared first)."""
+    model.zero_grad(set_to_none=True)
+    batch = dict(batch)
+    mask_step([batch], cfg, torch.Generator().manual_seed(0), SPECIAL)
+    loss, stats, _ = pretraining_loss(model, batch, cfg, torch.Generator().manual_seed(1))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_step_on_uint8_pixels_equals_the_float_images_bit_for_bit(hard):
+    cfg, model, batch, pixels, floats = _lean_case(hard)
+    loss, grads = _step(model, cfg, {**batch, "image": pixels})
+    ref_loss, ref_grads = _step(model, cfg, {**batch, "image": floats})
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        assert torch.equal(g, ref_grads[n]), n
+
+
+def _lean_worker(rank, world, store, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    gathered = []
+    all_gather_into_tensor = dist.all_gather_into_tensor
+
+    def spy(output, input, *args, **kwargs):  # what this rank sends of each all-gather that is not autograd's
+        gathered.append((input.dtype, tuple(input.shape), tuple(output.shape)))
+        return all_gather_into_tensor(output, input, *args, **kwargs)
+
+    dist.all_gather_into_tensor = spy
+    cfg, model, batch, pixels, floats = _lean_case()
+    local = {k: v[4 * rank:4 * rank + 4] for k, v in {**batch, "pixels": pixels, "floats": floats}.items()}
+    results = {"pixels": _step(model, cfg, {**local, "image": local.pop("pixels")})}
+    results["sent"] = list(gathered)
+    results["floats"] = _step(model, cfg, {**local, "image": local.pop("floats")})
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_itm_exchanges_uint8_pixels_and_two_processes_equal_one(tmp_path):
+    """2 gloo processes with 4 uint8 images each: ITM's image exchange is one all-gather of uint8 [4, 1, 32, 32] rows
+    (no float pixels), the step equals the float images' bit for bit, and the 2 ranks' mean loss and gradient equal
+    1 process with all 8 (what DDP averages)."""
+    import torch.multiprocessing as mp
+    out = str(tmp_path / "res")
+    mp.spawn(_lean_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    cfg, model, batch, pixels, floats = _lean_case()
+    single_loss, single_grads = _step(model, cfg, {**batch, "image": pixels})
+    for r in ranks:
+        images = [sent for sent in r["sent"] if len(sent[1]) == 4]  # the 4-d all-gathers: images
+        assert images == [(torch.uint8, (4, 1, 32, 32), (8, 1, 32, 32))]
+        (loss, grads), (float_loss, float_grads) = r["pixels"], r["floats"]
+        assert torch.equal(loss, float_loss) and all(torch.equal(g, float_grads[n]) for n, g in grads.items())
+    (loss0, grads0), (loss1, grads1) = ranks[0]["pixels"], ranks[1]["pixels"]
+    torch.testing.assert_close((loss0 + loss1) / 2, single_loss, atol=1e-6, rtol=1e-5)
+    for n, g in single_grads.items():
+        torch.testing.assert_close((grads0[n] + grads1[n]) / 2, g, atol=1e-5, rtol=1e-4,
+                                   msg=f"2 processes differ from 1 in the gradient of {n}")

@@ -8,10 +8,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from ptunifier_min import data as D
 from ptunifier_min.datasets import prepare as P
+from ptunifier_min.datasets.source import SOURCE
 from ptunifier_min.data import read_meta, read_split
 
 
@@ -464,6 +467,9 @@ def test_synthetic_mirrors_match_synth_counts(synth_tiny, tmp_path):
             records = read_split(os.path.join(out, name), split)
             assert len(records) == meta["counts"][split]
             assert all(os.path.exists(r["image"]) for r in records if "image" in r)
+            # the command line writes the image cache by default; the synthetic images (<= 144 px) are kept as they are
+            assert all(r["image_cache"].startswith(os.path.join(out, SOURCE.get(name, name), "image_cache", ""))
+                       and os.path.exists(r["image_cache"]) for r in records if "image" in r)
 
 
 def test_rsna_dicom_needs_pydicom(tmp_path):
@@ -477,3 +483,114 @@ def test_rsna_dicom_needs_pydicom(tmp_path):
               os.path.join(raw, "stage_2_train_images", "pid-001.dcm"))
     with pytest.raises(ImportError, match=r"pid-001\.dcm is a DICOM file; .*pip install pydicom"):
         P.prepare("rsna", raw, str(tmp_path / "out"))
+
+
+# ---- the image cache ----------------------------------------------------------------------------------------------
+def _noisy(path, size, seed=0, exif_orientation=None, **kw):
+    """An RGB JPEG of random pixels (resampling errors show), optionally with an EXIF orientation a viewer applies."""
+    x = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    exif = Image.Exif()
+    if exif_orientation:
+        exif[0x0112] = exif_orientation
+    Image.fromarray(x).save(path, exif=exif, **kw)
+
+
+def _cached(folders):
+    """{record id: record} of every split of the roco folder, which must carry the original and the cached copy."""
+    return {r["id"]: r for s in P.SPLITS for r in read_split(folders[0], s)}
+
+
+def test_image_cache_keeps_small_images_pixel_for_pixel_and_shrinks_large_ones(tmp_path):
+    raw = make_roco(str(tmp_path / "raw"))  # 12 x 10 images
+    big = os.path.join(raw, "data", "train", "radiology", "images", "ROCO_00007.jpg")
+    _noisy(big, (200, 120), exif_orientation=6)  # 200 x 120 stored, 120 x 200 as a viewer shows it
+    out = str(tmp_path / "out")
+    folders = P.prepare("roco", raw, out, cache_short_side=64)
+    recs = _cached(folders)
+    for rid, r in recs.items():
+        assert os.path.isabs(r["image"]) and r["image"].startswith(raw)  # the original stays in "image"
+        assert os.path.dirname(r["image_cache"]) == os.path.join(out, "roco", "image_cache")
+        assert D.image_path(r) == r["image_cache"]
+        cached, original = np.asarray(D.load_image(r["image_cache"])), D.load_image(r["image"])
+        if rid == "ROCO_00007":  # shrunk to a short side of 64, bicubic as the transform, after the EXIF rotation
+            assert cached.shape == (107, 64)  # 200 * 64 / 120 = 106.7
+            assert np.array_equal(cached, np.asarray(original.resize((64, 107), Image.Resampling.BICUBIC)))
+        else:  # never enlarged: the very pixels the original decodes to
+            assert cached.shape == (10, 12) and np.array_equal(cached, np.asarray(original))
+    retrieval = {r["id"]: r for s in P.SPLITS for r in read_split(folders[1], s)}
+    assert all(retrieval[i]["image_cache"] == recs[i]["image_cache"] for i in retrieval)  # one copy per image
+    assert len(os.listdir(os.path.join(out, "roco", "image_cache"))) == 4
+    assert "image_cache" not in read_split(P.prepare("roco", raw, str(tmp_path / "plain"))[0], "train")[0]
+
+
+def test_image_cache_is_rebuilt_when_an_original_changes_and_stale_copies_go(tmp_path):
+    raw, out = make_roco(str(tmp_path / "raw")), str(tmp_path / "out")
+    path = os.path.join(raw, "data", "train", "radiology", "images", "ROCO_00007.jpg")
+    stored = dict(format="PNG", compress_level=0)  # other pixels, same bytes: only the modification time tells
+    _noisy(path, (100, 80), seed=1, **stored)
+    old = _cached(P.prepare("roco", raw, out, cache_short_side=64))
+    size = os.path.getsize(path)
+    _noisy(path, (100, 80), seed=2, **stored)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # a file system with coarse timestamps
+    assert os.path.getsize(path) == size
+    new = _cached(P.prepare("roco", raw, out, cache_short_side=64))
+    assert new["ROCO_00007"]["image_cache"] != old["ROCO_00007"]["image_cache"]
+    assert not os.path.exists(old["ROCO_00007"]["image_cache"])  # the stale copy is removed
+    expected = D.load_image(path).resize((80, 64), Image.Resampling.BICUBIC)
+    assert np.array_equal(np.asarray(D.load_image(new["ROCO_00007"]["image_cache"])), np.asarray(expected))
+    assert all(new[i]["image_cache"] == old[i]["image_cache"] for i in new if i != "ROCO_00007")  # kept
+    other = _cached(P.prepare("roco", raw, out, cache_short_side=32))  # another short side: other copies
+    assert all(os.path.exists(r["image_cache"]) and r["image_cache"] != new[i]["image_cache"] for i, r in other.items())
+
+
+def test_image_cache_resumes_after_a_kill(tmp_path, monkeypatch):
+    raw, out = make_roco(str(tmp_path / "raw")), str(tmp_path / "out")
+    write, written = P.write_cached, []
+
+    def killed_after_two(img, dest, short_side):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # a kill: what was written stays, and no manifest is written
+        written.append(dest)
+        return write(img, dest, short_side)
+    monkeypatch.setattr(P, "write_cached", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare("roco", raw, out, cache_short_side=64, workers=1)
+    cache = os.path.join(out, "roco", "image_cache")
+    assert sorted(os.path.join(cache, f) for f in os.listdir(cache)) == sorted(written)
+    assert not os.path.exists(os.path.join(out, "roco", "meta.json"))
+    open(os.path.join(cache, "x.pgm.tmp999"), "w").close()  # a temporary file of a run killed mid-write
+    monkeypatch.setattr(P, "write_cached", write)
+    decoded = []
+    load = D.load_image
+    monkeypatch.setattr(D, "load_image", lambda path: decoded.append(path) or load(path))
+    recs = _cached(P.prepare("roco", raw, out, cache_short_side=64, workers=1))
+    assert len(decoded) == 2  # the 2 missing copies; the 2 written before the kill are not decoded again
+    assert sorted(os.listdir(cache)) == sorted(os.path.basename(r["image_cache"]) for r in recs.values())
+
+
+def test_image_cache_on_a_process_pool_is_the_same(tmp_path, monkeypatch):
+    raw = make_roco(str(tmp_path / "raw"))
+    _noisy(os.path.join(raw, "data", "train", "radiology", "images", "ROCO_00007.jpg"), (100, 80))
+    one = _cached(P.prepare("roco", raw, str(tmp_path / "one"), cache_short_side=64, workers=1))
+    monkeypatch.setattr(P, "POOL_MIN_IMAGES", 1)
+    two = _cached(P.prepare("roco", raw, str(tmp_path / "two"), cache_short_side=64, workers=2))
+    assert [os.path.basename(r["image_cache"]) for r in one.values()] == \
+        [os.path.basename(r["image_cache"]) for r in two.values()]
+    for i in one:
+        with open(one[i]["image_cache"], "rb") as a, open(two[i]["image_cache"], "rb") as b:
+            assert a.read() == b.read()
+
+
+def test_a_stopped_prepare_leaves_no_cache_behind(tmp_path, capsys):
+    raw = make_roco(str(tmp_path / "raw"))
+    with open(os.path.join(raw, "data", "train", "radiology", "images", "ROCO_00007.jpg"), "r+b") as f:
+        f.truncate(40)
+    with pytest.raises(ValueError, match=r"roco train, id ROCO_00007: cannot read image"):
+        P.prepare("roco", raw, str(tmp_path / "out"), cache_short_side=64)
+    assert not os.path.exists(tmp_path / "out")  # the 3 copies it made are removed with their folders
+    out = str(tmp_path / "skip")
+    P.main(["roco", "--root", raw, "--out", out, "--on-bad-image", "skip", "--cache-short-side", "64"])
+    assert "image cache" in capsys.readouterr().out  # reported: images, bytes, seconds
+    assert len(os.listdir(os.path.join(out, "roco", "image_cache"))) == 3  # none for the bad image
+    assert all(os.path.exists(r["image_cache"]) for r in _cached([os.path.join(out, "roco")]).values())

@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 import finetune  # noqa: E402
 import train  # noqa: E402
-from ptunifier_min import checkpoint, data, distributed, pretrained# noqa: E402
-from ptunifier_min.datasets import source  # noqa: E402
-from ptunifier_min.config import PRESETS, ModelConfig, TrainConfig, build, parse_args  # noqa: E402
+from test_finetune import world  # noqa: E402, F401  (the shared tiny synthetic world fixture, every task prepared)
+from ptunifier_min import checkpoint, data, pretrained  # noqa: E402
+from ptunifier_min.config import PRESETS, ModelConfig, TrainConfig, parse_args  # noqa: E402
 from ptunifier_min.model import PTUnifier, interpolate_pos_embed  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, dim=32, depth=2, heads=2, max_text_len=24)
@@ -274,15 +274,8 @@ def test_paper_preset_takes_the_papers_rates_only_with_init_vision():
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("world"))
-    cfg = build(TrainConfig, {**PRESETS["tiny"], "synth_root": root})
-    source.ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", "chexpert"], distributed.Dist(), print)
-    return root
-
-
-def test_train_and_finetune_start_from_transformers_files(synth_root, tmp_path, capsys):
+def test_train_and_finetune_start_from_transformers_files(world, tmp_path, capsys):  # noqa: F811
+    synth_root = world[0]  # the tiny world every task is prepared in (test_finetune.py)
     clip = hf_clip()
     clip.save_pretrained(tmp_path / "clip")
     roberta_files(tmp_path / "rob")

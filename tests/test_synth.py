@@ -335,3 +335,27 @@ def test_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "synth_counts.json").read_text()) == {
         "radnli": {"kept": {"train": 24, "val": 12, "test": 12}, "dropped": {}}}
+
+
+# ------------------------------------------------------------------------------------------------------- real size
+
+def test_real_size_renders_the_same_world_at_more_pixels(tiny, tmp_path):
+    out, counts = tiny
+    assert S.generate(tmp_path, seed=0, scale="tiny", progress=False, workers=1, datasets=["vqa_rad"],
+                      real_size=True) == {k: v for k, v in counts.items() if k == "vqa_rad"}
+    small, real = _tree(out / "vqa_rad"), _tree(tmp_path / "vqa_rad")
+    assert sorted(small) == sorted(real)
+    images = [k for k in small if k.endswith(".jpg")]
+    assert images and all(small[k] == real[k] for k in small if k not in images)  # questions, answers: the same
+    k = S.REAL_SIZE["figure"]
+    for name in images:
+        with Image.open(out / "vqa_rad" / name) as a, Image.open(tmp_path / "vqa_rad" / name) as b:
+            assert b.size == (a.size[0] * k, a.size[1] * k) and 896 <= min(b.size) <= max(b.size) <= 1152
+    # one chest film (~3 s): 21x the default size, an RSNA box at the same place of the body
+    st = S.sample_study(S._rng(0, 4, 0), view="PA")
+    st.update(n_boxes=1)
+    (h, w), (box,) = S._render_job(("cxr", st, (0, 4, 0), tmp_path / "small.png"))
+    (H, W), (big,) = S._render_job(("cxr", st, (0, 4, 0), tmp_path / "real.png"), real_size=True)
+    k = S.REAL_SIZE["cxr"]
+    assert (H, W) == (h * k, w * k) and 2352 <= min(H, W) <= max(H, W) <= 3024
+    assert big == pytest.approx([v * k for v in box], abs=0.05 * k + 0.1)  # boxes are rounded to 0.1 px

@@ -1,7 +1,7 @@
 """Turn the official release of each dataset (real, or the synthetic mirror of synth.py) into the prepared format.
 
     python -m ptunifier_min.datasets.prepare DATASET --root RAW --out DIR [--seed 0] [--on-bad-image error|skip]
-                                             [--allow-empty-splits]
+                                             [--allow-empty-splits] [--cache-short-side 384] [--workers N]
     python -m ptunifier_min.datasets.prepare all --root RAW --out DIR     # expects RAW/<dataset>/ for all nine
 
 DATASET is one of roco, medicat, mimic_cxr, chexpert, rsna, radnli, vqa_rad, slake, medvqa2019. Each writes one folder
@@ -17,19 +17,29 @@ the file and the row. Every image is decoded once: one that does not decode is a
 --on-bad-image skip, its records are dropped and counted under "bad_image". Counts are checked before anything is
 written: a split left empty (unless --allow-empty-splits) or rules that drop over 90% of a folder's records stop
 prepare with the numbers. The output folder is checked writable before the release is read.
+
+Image cache: while it decodes an image anyway, prepare writes a copy resized to a shorter side of 384 px (never
+enlarged) as an uncompressed (lossless, fast to read) PGM into DIR/<dataset>/image_cache/; each record keeps the
+original in "image" and gains the copy in "image_cache", which training and evaluation read (data.image_path):
+decoding a ~3,000 px JPEG per sample would starve the GPUs. A copy is named by the original's path, size and
+modification time, so an original that changes gets a new copy; copies already there are skipped, so a killed run
+resumes where it was. --workers sets the decoding processes; --cache-short-side 0 writes no cache (the images are
+still decoded once, to check them).
 """
 
 import argparse
 import csv
 import gzip
+import hashlib
 import json
+import multiprocessing
 import os
 import random
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
+from PIL import Image
 from tqdm import tqdm
 
 from .. import data
@@ -663,6 +673,18 @@ def _medvqa2019(root, seed):
     folders = {"train": ["train", "ImageClef-2019-VQA-Med-Training"],
                "val": ["val", "ImageClef-2019-VQA-Med-Validation"]}
     names = {1: "Modality", 2: "Plane", 3: "Organ", 4: "Abnormality"}
+
+    def add(records, k, folder, image_id, question, answer, where):
+        """One question of category k, or none for C4: the literature drops its free-text abnormality answers."""
+        if k == 4:
+            dropped["abnormality"] += 1
+            return
+        image_id = _text(image_id, where, "image_id")
+        _unique(seen, f"{image_id}_C{k}", where)
+        records.append({"id": f"{image_id}_C{k}", "image": _vqamed_image(folder, image_id, where),
+                        "question": _text(question, where, "question"), "answer": _answer(answer, where),
+                        "answer_type": "open"})
+
     for split, candidates in folders.items():
         split_dir = _one_existing(root, candidates, f"VQA-Med 2019 {split} folder")
         records = []
@@ -672,14 +694,7 @@ def _medvqa2019(root, seed):
                 where = f"{path}, line {n}"
                 if len(parts) != 3:
                     raise ValueError(f"{where}: expected `image_id|question|answer`, got {len(parts)} fields")
-                if k == 4:
-                    dropped["abnormality"] += 1  # the literature drops C4 (free-text abnormality answers)
-                    continue
-                image_id = _text(parts[0], where, "image_id")
-                _unique(seen, f"{image_id}_C{k}", where)
-                records.append({"id": f"{image_id}_C{k}", "image": _vqamed_image(split_dir, image_id, where),
-                                "question": _text(parts[1], where, "question"),
-                                "answer": _answer(parts[2], where), "answer_type": "open"})
+                add(records, k, split_dir, parts[0], parts[1], parts[2], where)
         splits[split] = records
     test_dir = _one_existing(root, ["test", "VQAMed2019Test"], "VQA-Med 2019 test folder")
     path = os.path.join(test_dir, "VQAMed2019_Test_Questions_w_Ref_Answers.txt")
@@ -692,14 +707,7 @@ def _medvqa2019(root, seed):
         if k is None:
             raise ValueError(f"{where}: category {parts[1]!r} is not one of C1..C4 / modality, plane, organ, "
                              "abnormality")
-        if k == 4:
-            dropped["abnormality"] += 1
-            continue
-        image_id = _text(parts[0], where, "image_id")
-        _unique(seen, f"{image_id}_C{k}", where)
-        records.append({"id": f"{image_id}_C{k}", "image": _vqamed_image(test_dir, image_id, where),
-                        "question": _text(parts[2], where, "question"),
-                        "answer": _answer(parts[3], where), "answer_type": "open"})
+        add(records, k, test_dir, parts[0], parts[2], parts[3], where)
     splits["test"] = records
     rules = {"abnormality": "category C4 (abnormality) is dropped; C1-C3 are kept and all count as open",
              "split": "official train / val / test",
@@ -707,24 +715,109 @@ def _medvqa2019(root, seed):
     return [("medvqa2019", splits, {"dropped": dropped, "rules": rules, **_vqa_labels(splits)})]
 
 
-def _decode_error(path):
+CACHE_SHORT_SIDE = 384  # the cache's default short side: >= the largest preset's image size (the paper's 288)
+
+
+def shrink(img, short_side):
+    """Resize so that the shorter side is `short_side`, with the resampling of data.ImageTransform (bicubic). Never
+    upscales: an image already that small is returned as it is, so a cached copy of it holds the very same pixels."""
+    w, h = img.size
+    if min(w, h) <= short_side:
+        return img
+    s = short_side / min(w, h)
+    size = (short_side, max(1, round(h * s))) if w <= h else (max(1, round(w * s)), short_side)
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def cache_file(cache_dir, path, short_side):
+    """Where the cached copy of the image `path` lives: <stem>-<key>.pgm in cache_dir.
+
+    The key hashes the original's real path, byte size and modification time (ns), and the short side: an original
+    that is replaced or edited gets a new name, so an entry is valid exactly when its file exists, and checking that
+    costs one stat per image. A content hash would also survive a copy that resets modification times, but it reads
+    every original in full on every run (MIMIC-CXR-JPG alone is ~570 GB) just to find that nothing changed."""
+    st = os.stat(path)
+    key = hashlib.blake2b(f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{short_side}".encode("utf-8"),
+                          digest_size=10).hexdigest()
+    stem = os.path.splitext(os.path.basename(path))[0][:80]  # readable, and short enough for any file system
+    return os.path.join(cache_dir, f"{stem}-{key}.pgm")
+
+
+def _decode(job):
+    """Decode one image (the loader training uses: what decodes here decodes there) and, when `dest` is given, write
+    its cached copy. Returns (error message or None, bytes written). A copy whose file exists is skipped without
+    decoding: it was written, through a temporary file and a rename, from this very original (see cache_file)."""
+    path, dest, short_side = job
+    if dest is not None and os.path.exists(dest):
+        return None, 0
     try:
-        data.load_image(path)  # the loader training uses: what decodes here decodes there
+        img = data.load_image(path)
     except ValueError as e:
-        return str(e)
-    return None
+        return str(e), 0
+    if dest is None:
+        return None, 0
+    return None, write_cached(img, dest, short_side)
 
 
-def _check_images(folders, on_bad_image):
+def write_cached(img, dest, short_side):
+    """Write the cached copy of a decoded image (what data.load_image returned: EXIF orientation, 16-bit rescale and
+    DICOM already applied), resized by shrink, to dest; through a temporary file and a rename, so that a kill never
+    leaves a half file under the name that marks a valid copy. Returns the bytes written.
+
+    The format is PGM: the 8-bit pixels as they are, after a 15-byte header. Lossless, as PNG is, but PIL decodes a
+    PNG of 384 x 460 in ~2.5 ms (zlib, then undoing the row filters), about what the transform itself takes, and
+    the PGM in ~0.1 ms, for ~2.7x the PNG's bytes (~170 kB an image: ~65 GB for MIMIC-CXR's 377k films, whose JPEGs
+    take 570 GB)."""
+    tmp = f"{dest}.tmp{os.getpid()}"
+    try:
+        shrink(img, short_side).save(tmp, format="PPM")  # an "L" image is written as a binary PGM (P5)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return os.path.getsize(dest)
+
+
+POOL_MIN_IMAGES = 64  # below this, starting worker processes costs more than it saves
+
+
+def _decode_all(jobs, workers):
+    """_decode over all jobs, in order, on `workers` processes. Forked, as synth.py's renderer and torch's DataLoader
+    on Linux: "spawn" would re-import the calling script (train.py prepares the synthetic world on demand)."""
+    bar = dict(desc="checking images", total=len(jobs))
+    if workers > 1 and len(jobs) >= POOL_MIN_IMAGES and "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return list(_bar(pool.imap(_decode, jobs, chunksize=8), **bar))
+    return [_decode(j) for j in _bar(jobs, **bar)]
+
+
+def _check_images(folders, on_bad_image, cache_dir=None, short_side=CACHE_SHORT_SIDE, workers=1):
     """Decode every image once, fully, so that a corrupt, truncated or oversized file stops preparation ("error")
     or is dropped and counted under dropped["bad_image"] ("skip") instead of failing hours into training (where a
     bad image is always an error: see data.PretrainDataset). It runs on the finished splits, so a dropped image
-    leaves the seeded split of every other record as it was; a VQA vocabulary keeps answers of dropped questions."""
+    leaves the seeded split of every other record as it was; a VQA vocabulary keeps answers of dropped questions.
+
+    With a cache_dir, the decoded image is also written there, resized (see shrink), and every record gains its path
+    as "image_cache" (data.image_path reads it): a loader worker then reads a ~384 px PGM instead of decoding a
+    ~3,000 px JPEG (bench.bench_loader). Copies already there are kept (a killed run resumes; see cache_file)."""
     paths = sorted({r["image"] for _, splits, _ in folders for s in SPLITS for r in splits[s] if "image" in r})
-    # PIL releases the GIL while it decodes, so threads run the decodes in parallel; map keeps the order
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        errors = list(_bar(pool.map(_decode_error, paths), "checking images", total=len(paths)))
-    bad = {p: e for p, e in zip(paths, errors) if e}
+    dest = {p: cache_file(cache_dir, p, short_side) if cache_dir else None for p in paths}
+    if cache_dir and paths:
+        os.makedirs(cache_dir, exist_ok=True)
+    t0 = time.time()
+    results = _decode_all([(p, dest[p], short_side) for p in paths], workers)
+    bad = {p: e for p, (e, _) in zip(paths, results) if e}
+    if cache_dir:
+        built = sum(n > 0 for _, n in results)
+        print(f"image cache {cache_dir}: {len(paths) - len(bad)} images at short side {short_side} ({built} built, "
+              f"{len(paths) - len(bad) - built} already there), {sum(n for _, n in results) / 1e6:.1f} MB written "
+              f"in {time.time() - t0:.1f} s")
+        for _, splits, _ in folders:
+            for s in SPLITS:
+                for r in splits[s]:
+                    if "image" in r and r["image"] not in bad:
+                        r["image_cache"] = dest[r["image"]]
     if bad and on_bad_image == "error":
         name, split, r = next((name, s, r) for name, splits, _ in folders for s in SPLITS for r in splits[s]
                               if r.get("image") in bad)
@@ -774,13 +867,31 @@ def _check_counts(folders, allow_empty):
                              "full release, or pass --allow-empty-splits for a deliberately cut-down one")
 
 
-def _check_writable(out):
-    """Try a file in `out` now, not after hours of decoding images: a read-only disk, a path through a file, a
-    folder of another user. Folders made for the try are removed, so a failed preparation leaves nothing behind."""
-    made, path = [], os.path.abspath(out)
+def _missing_folders(path):
+    """The folders that making `path` would create, deepest first."""
+    made, path = [], os.path.abspath(path)
     while not os.path.exists(path):
         made.append(path)
         path = os.path.dirname(path)
+    return made
+
+
+def _prune_cache(cache_dir, folders):
+    """Remove the copies no record of this preparation points to: those of replaced or removed originals, of another
+    short side, and the temporary files of a killed run. The folder is this dataset's alone, so nothing else's goes."""
+    if not os.path.isdir(cache_dir):
+        return
+    keep = {os.path.basename(r["image_cache"]) for _, splits, _ in folders for s in SPLITS for r in splits[s]
+            if "image_cache" in r}
+    for name in os.listdir(cache_dir):
+        if name not in keep and ".pgm" in name:
+            os.remove(os.path.join(cache_dir, name))
+
+
+def _check_writable(out):
+    """Try a file in `out` now, not after hours of decoding images: a read-only disk, a path through a file, a
+    folder of another user. Folders made for the try are removed, so a failed preparation leaves nothing behind."""
+    made = _missing_folders(out)
     probe = os.path.join(os.path.abspath(out), f".write_test{os.getpid()}")
     try:
         os.makedirs(out, exist_ok=True)
@@ -800,29 +911,55 @@ _READERS = {"roco": _roco, "medicat": _medicat, "mimic_cxr": _mimic, "chexpert":
             "radnli": _radnli, "vqa_rad": _vqa_rad, "slake": _slake, "medvqa2019": _medvqa2019}
 
 
-def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False):
+def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False, cache_short_side=0, workers=None):
     """Prepare one dataset (or "all": root/<name>/ for each) from its official layout; return the folders written.
 
     on_bad_image: "error" (an image that does not decode stops preparation, naming file and record) or "skip"
     (such records are dropped and counted under dropped["bad_image"]). allow_empty: write a folder with an empty
-    split (a deliberately cut-down release) instead of stopping."""
+    split (a deliberately cut-down release) instead of stopping. cache_short_side: write a copy of every image,
+    resized to that shorter side, into out/<dataset>/image_cache/ (see _check_images); 0, the default here, writes
+    none, so that a call writes only the manifests unless asked (the command line asks, with CACHE_SHORT_SIDE).
+    workers: processes decoding images (default: up to 8)."""
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be error or skip, got {on_bad_image!r}")
+    if cache_short_side < 0:
+        raise ValueError(f"cache_short_side must be a number of pixels, or 0 for no cache; got {cache_short_side}")
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     _check_writable(out)
     if dataset == "all":
         missing = [d for d in DATASETS if not os.path.isdir(os.path.join(root, d))]
         if missing:
             raise FileNotFoundError(f"prepare all expects {os.path.join(root, '<dataset>')} for every dataset; "
                                     f"missing: {missing}")
-        return [p for d in DATASETS for p in prepare(d, os.path.join(root, d), out, seed, on_bad_image, allow_empty)]
+        return [p for d in DATASETS for p in prepare(d, os.path.join(root, d), out, seed, on_bad_image, allow_empty,
+                                                     cache_short_side, workers)]
     if dataset not in _READERS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)} or all")
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{dataset}: root folder not found: {root}")
-    # everything is read and checked before the first file is written
-    folders = _check_images(_READERS[dataset](root, seed), on_bad_image)
-    _check_counts(folders, allow_empty)
+    # everything is read and checked before the first manifest is written
+    folders = _READERS[dataset](root, seed)
+    cache_dir = os.path.join(os.path.abspath(out), dataset, "image_cache") if cache_short_side else None
+    made = _missing_folders(cache_dir) if cache_dir else []
+    before = set(os.listdir(cache_dir)) if cache_dir and os.path.isdir(cache_dir) else set()
+    try:
+        folders = _check_images(folders, on_bad_image, cache_dir, cache_short_side, workers)
+        _check_counts(folders, allow_empty)
+    except Exception:
+        # A stop (a bad image, implausible counts) leaves the output as it found it, as it did before there was a
+        # cache. A kill or Ctrl-C (not an Exception) keeps every copy written so far: the next run resumes from them.
+        if cache_dir and os.path.isdir(cache_dir):
+            for name in set(os.listdir(cache_dir)) - before:
+                os.remove(os.path.join(cache_dir, name))
+        for folder in made:  # deepest first
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        raise
+    if cache_dir:
+        _prune_cache(cache_dir, folders)
     for name, _, _ in folders:
         # A stale meta.json would make a half-rewritten folder look complete; removed from all folders of the dataset
         # first, so that a crash in the second folder cannot leave an older third one beside a newer first one.
@@ -844,10 +981,16 @@ def main(argv=None):
     p.add_argument("--allow-empty-splits", action="store_true",
                    help="write a folder even when one of its splits is empty (a deliberately cut-down release); "
                         "by default an empty split stops prepare with the counts")
+    p.add_argument("--cache-short-side", type=int, default=CACHE_SHORT_SIDE, metavar="PIXELS",
+                   help="write a copy of every image, resized to this shorter side (never enlarged), as an "
+                        f"uncompressed PGM into OUT/<dataset>/image_cache/, which training reads instead (default "
+                        f"{CACHE_SHORT_SIDE}: at least the largest preset's image size); 0: no cache")
+    p.add_argument("--workers", type=int, help="processes decoding images (default: up to 8)")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
-        folders = prepare(args.dataset, args.root, args.out, args.seed, args.on_bad_image, args.allow_empty_splits)
+        folders = prepare(args.dataset, args.root, args.out, args.seed, args.on_bad_image, args.allow_empty_splits,
+                          args.cache_short_side, args.workers)
     except (ValueError, OSError, ImportError) as e:  # every one names its file and row: the message, not a traceback
         raise SystemExit(f"prepare {args.dataset}: {e}") from None
     print(f"prepared {len(folders)} folder(s) in {time.time() - t0:.1f}s")

@@ -41,7 +41,8 @@ def ensure_prepared(cfg, names, proc, print0=print):
             for name in sorted({SOURCE.get(n, n) for n in names
                                 if not os.path.isfile(os.path.join(root, n, "meta.json"))}):
                 print0(f"preparing synthetic {name} into {root}")
-                prepare.prepare(name, os.path.join(raw, name), root, seed=WORLD_SEED)
+                prepare.prepare(name, os.path.join(raw, name), root, seed=WORLD_SEED,
+                                cache_short_side=prepare.CACHE_SHORT_SIDE)  # what a user's run reads: the cache
         distributed.barrier(proc)
     tok_path = cfg.tokenizer or os.path.join(root, "tokenizer.json")
     sets = [n for n in PRETRAIN_SETS if os.path.isfile(os.path.join(root, n, "meta.json"))]

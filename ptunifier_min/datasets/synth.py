@@ -5,6 +5,7 @@ and writes it out in the release formats, so that `prepare`, pre-training and ev
 
     python -m ptunifier_min.datasets.synth --out data/raw --scale default  # `python train.py`'s world: ~50 s, 2 cores
     python -m ptunifier_min.datasets.synth --floors data/prepared          # trivial baselines of a prepared world
+    python -m ptunifier_min.datasets.synth --out data/raw_real --scale tiny --real-size  # real-size images (~2,500 px)
 
     from ptunifier_min.datasets.synth import generate
     counts = generate("data/raw", seed=0, scale="tiny")                   # what prepare must keep / drop
@@ -42,7 +43,7 @@ import os
 import shutil
 import textwrap
 import time
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -733,12 +734,13 @@ def _anatomy(organ, geometry):
             for c, cx, cy, rx, ry, ang, role in ANATOMY[organ]["coronal"] if cx > -0.02]
 
 
-def render_figure(fig, rng):
+def render_figure(fig, rng, scale=1):
     """Grayscale figure of a figure state: anatomy painted from the tables, lesions placed inside their host tissue on
     the stated side, then the modality's acquisition look (CT table and round field of view, MRI bias field and
-    Rician noise, radiograph blur, ultrasound fan and speckle). Size is drawn independently of the content."""
+    Rician noise, radiograph blur, ultrasound fan and speckle). Size is drawn independently of the content, and
+    multiplied by `scale` (see REAL_SIZE)."""
     h, w = _size(rng, (112, 128, 144), (112, 128, 144))
-    u, v = _grid(h, w)
+    u, v = _grid(h * scale, w * scale)
     x, y, _ = _pose(u, v, rng, rot=10, scale=(0.8, 1.02), shift=0.08)
     geometry, mod = GEOMETRY[fig["plane"]], fig["modality"]
     if geometry == "sagittal":
@@ -804,10 +806,10 @@ def _finish_figure(img, mod, u, v, rng):
     return _to_uint8((img - 0.5) * c + 0.5 + b)
 
 
-def render_nonradiology(rng):
+def render_nonradiology(rng, scale=1):
     """A figure that is not a radiograph (a bar chart or a stained micrograph): what the radiology filters drop."""
     h, w = _size(rng, (112, 128, 144), (112, 128, 144))
-    u, v = _grid(h, w)
+    u, v = _grid(h * scale, w * scale)
     if rng.random() < 0.5:
         img = np.full(u.shape, 0.97, np.float32)
         edges = np.linspace(-0.8, 0.8, int(rng.integers(3, 8)) + 1)
@@ -925,20 +927,38 @@ def questions(fig, rng):
 
 # ------------------------------------------------------------------------------------------------ image rendering
 
-def _render_job(job):
+# real_size=True multiplies every drawn image size by these: chest films of 2,352-3,024 px a side (MIMIC-CXR's JPEGs
+# are about 2,500 x 3,000), figures of 896-1,152 px (ROCO's and MedICaT's are about 500-1,500). Everything is drawn in
+# body coordinates, so the same world is rendered at more pixels: labels, texts and ids stay; pixel sizes (MIMIC-CXR's
+# Rows / Columns, RSNA's boxes) scale with the images.
+REAL_SIZE = dict(cxr=21, figure=8)
+
+
+def _render_job(job, real_size=False):
     """Render and save one image; job = (kind, latent state, rng keys, path). Returns ((H, W), pneumonia boxes)."""
     kind, state, keys, path = job
     rng = np.random.default_rng(keys)
     boxes = None
     if kind == "cxr":
         h, w = state.get("size") or _size(rng)
-        img, boxes = render_cxr(state, rng, h, w, state.get("n_boxes", 0))
+        k = REAL_SIZE["cxr"] if real_size else 1
+        img, boxes = render_cxr(state, rng, h * k, w * k, state.get("n_boxes", 0))
     elif kind == "figure":
-        img = render_figure(state, rng)
+        img = render_figure(state, rng, REAL_SIZE["figure"] if real_size else 1)
     else:
-        img = render_nonradiology(rng)
+        img = render_nonradiology(rng, REAL_SIZE["figure"] if real_size else 1)
     _save(img, path, rng)
     return img.shape, boxes
+
+
+def real_size_films(folder, n, seed=0):
+    """n chest films at real size (REAL_SIZE), written as JPEGs into folder; returns their paths (bench_loader's)."""
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"film{i}.jpg")
+        _render_job(("cxr", sample_study(_rng(seed, 99, i)), (seed, 99, i), path), real_size=True)
+        paths.append(path)
+    return paths
 
 
 POOL_MIN_JOBS = 200  # below this, starting worker processes costs more than it saves
@@ -949,16 +969,16 @@ class _Renderer:
     not depend on the number of workers. Workers are forked (as torch's DataLoader does on Linux): "spawn" would
     re-run the caller's main script, which breaks any script that calls generate() without a __main__ guard."""
 
-    def __init__(self, workers, progress):
-        self.progress, self.pool = progress, None
+    def __init__(self, workers, progress, real_size=False):
+        self.progress, self.pool, self.render = progress, None, partial(_render_job, real_size=real_size)
         self.workers = workers if "fork" in multiprocessing.get_all_start_methods() else 1
 
     def __call__(self, jobs, desc):
         bar = dict(total=len(jobs), desc=f"synth {desc}", disable=not self.progress, unit="img")
         if self.workers > 1 and len(jobs) >= POOL_MIN_JOBS:
             self.pool = self.pool or multiprocessing.get_context("fork").Pool(self.workers)
-            return list(tqdm(self.pool.imap(_render_job, jobs, chunksize=16), **bar))
-        return [_render_job(j) for j in tqdm(jobs, **bar)]
+            return list(tqdm(self.pool.imap(self.render, jobs, chunksize=16), **bar))
+        return [self.render(j) for j in tqdm(jobs, **bar)]
 
     def close(self):
         if self.pool is not None:
@@ -1396,11 +1416,14 @@ WRITERS = dict(roco=_roco, medicat=_medicat, mimic_cxr=_mimic, chexpert=_chexper
                vqa_rad=_vqa_rad, slake=_slake, medvqa2019=_medvqa)
 
 
-def generate(out_dir, seed=0, scale="default", progress=True, datasets=None, workers=None, overwrite=False):
+def generate(out_dir, seed=0, scale="default", progress=True, datasets=None, workers=None, overwrite=False,
+             real_size=False):
     """Write the synthetic mirror of `datasets` (default: all nine) under out_dir and return the synth_counts dict.
 
     The same seed gives byte-identical files whatever `workers` is (default: up to 2 processes). A dataset folder that
-    already has files is an error unless overwrite=True, which deletes it first.
+    already has files is an error unless overwrite=True, which deletes it first. real_size=True renders the images at
+    the sizes of the real releases (REAL_SIZE; ~3 s a chest film on one core), to exercise and time the input
+    pipeline at real scale (prepare's image cache, bench.bench_loader); labels, texts and ids stay the same.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
@@ -1416,7 +1439,7 @@ def generate(out_dir, seed=0, scale="default", progress=True, datasets=None, wor
                                       "or pass --overwrite")
             shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
-    render = _Renderer(min(2, os.cpu_count() or 1) if workers is None else workers, progress)
+    render = _Renderer(min(2, os.cpu_count() or 1) if workers is None else workers, progress, real_size)
     counts = {}
     try:
         for name in names:
@@ -1508,6 +1531,9 @@ def main(argv=None):
     ap.add_argument("--datasets", nargs="+", choices=DATASETS, metavar="NAME",
                     help=f"only these datasets (default: all nine: {', '.join(DATASETS)})")
     ap.add_argument("--workers", type=int, help="processes rendering images (default: up to 2)")
+    ap.add_argument("--real-size", action="store_true",
+                    help="render images at the real releases' sizes (chest films ~2,500 x 3,000 px, figures ~900-1,150 "
+                         "px) instead of ~128 px: slow (~3 s a film per core); use with --scale tiny or small")
     ap.add_argument("--overwrite", action="store_true",
                     help="delete dataset folders under --out that already have files")
     ap.add_argument("--floors", metavar="PREPARED_DIR",
@@ -1518,7 +1544,7 @@ def main(argv=None):
     if args.out:
         t0 = time.time()
         counts = generate(args.out, args.seed, args.scale, datasets=args.datasets, workers=args.workers,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, real_size=args.real_size)
         print(f"wrote {len(counts)} prepared-folder counts to {Path(args.out) / 'synth_counts.json'} "
               f"in {time.time() - t0:.1f}s")
     if args.floors:

@@ -1,0 +1,66 @@
+"""Issue 11 item 4: PTUnifier's forward compiles whole (no graph break) for each kind of pass pre-training makes, and
+--compile is on by default where it pays (CUDA), off on a CPU."""
+
+import json
+
+import pytest
+import torch
+
+from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict, \
+    parse_args, use_compile
+from ptunifier_min.model import PTUnifier
+
+
+def test_forward_compiles_without_graph_breaks():
+    """The three passes of pre-training (image-only, text-only, the pair with padded texts), as pretraining_loss makes
+    them: the collate's `padded` tells the model about padding, so nothing is read from the device while tracing."""
+    cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100})
+    model = PTUnifier(cfg.model).train()
+    B, T = 4, 12
+    image = torch.randint(0, 256, (B, 1, 32, 32), dtype=torch.uint8)  # the loader's pixels
+    ids = torch.randint(5, 100, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 8:] = False
+    passes = {"image-only": dict(image=image), "text-only": dict(input_ids=ids, attention_mask=mask, padded=True),
+              "pair": dict(image=image, input_ids=ids, attention_mask=mask, padded=True)}
+    for kind, inputs in passes.items():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(**inputs)
+        reasons = [str(b.reason).split("\n")[0] for b in explained.break_reasons]
+        assert explained.graph_break_count == 0, f"{kind} pass: {explained.graph_break_count} graph breaks: {reasons}"
+        assert explained.graph_count == 1, kind
+    torch._dynamo.reset()
+
+
+def test_the_padding_decision_is_the_masks():
+    """`padded` only spares the model a read: given or read from the mask, the encodings are the same; and a mask
+    without padding gives what no mask gives."""
+    cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100})
+    model = PTUnifier(cfg.model).eval()
+    ids = torch.randint(5, 100, (3, 10))
+    image = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    for m, padded in ((mask, True), (torch.ones_like(mask), False)):
+        read = model(image=image, input_ids=ids, attention_mask=m).hidden
+        assert torch.equal(model(image=image, input_ids=ids, attention_mask=m, padded=padded).hidden, read)
+    assert torch.equal(model(image=image, input_ids=ids).hidden,
+                       model(image=image, input_ids=ids, attention_mask=torch.ones_like(mask)).hidden)
+
+
+def test_compile_is_on_for_cuda_by_default():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    for cls, presets in ((TrainConfig, PRESETS), (FinetuneConfig, FINETUNE_PRESETS)):
+        cfg = parse_args(cls, presets, [])
+        assert cfg.compile == "auto"
+        assert use_compile(cfg.compile, cuda) and not use_compile(cfg.compile, cpu)
+        for argv, value in ((["--compile"], "true"), (["--compile", "false"], "false"), (["--compile", "yes"], "true"),
+                            (["--compile", "AUTO"], "auto")):
+            assert parse_args(cls, presets, argv).compile == value, argv
+    assert use_compile("true", cpu) and not use_compile("false", cuda)
+    with pytest.raises(SystemExit):  # a usage error naming the flag
+        parse_args(TrainConfig, PRESETS, ["--compile", "maybe"])
+    # a config.json written when --compile was a plain bool still loads (eval.py, --resume, the Python API)
+    saved = json.loads(json.dumps(dict(compile=False, model={})))
+    assert from_dict(TrainConfig, saved).compile == "false"
+    assert from_dict(TrainConfig, {**saved, "compile": True}).compile == "true"
