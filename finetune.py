@@ -110,7 +110,7 @@ def main(argv=None):
                  else "truncated"))
             set_text_len(backbone, cfg.model.max_text_len)
     model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len).to(proc.device)
-    probe = {k: v.to(proc.device) for k, v in collate([dataset[i] for i in range(min(2, len(dataset)))]).items()}
+    probe = data.to_device(collate([dataset[i] for i in range(min(2, len(dataset)))]), proc.device)
     with distributed.autocast(precision, proc.device):
         probe_loss, _ = tasks.task_loss(model, task, model(probe), probe, special["pad"])
     frozen = optim.freeze_unreached(model, probe_loss)  # DDP then needs no unused-parameter search

@@ -561,6 +561,8 @@ def task_collate(tok, max_len, max_gen_len):
                 tok, [b["text_a"] for b in batch], [b["text_b"] for b in batch], max_len)
         elif "text" in batch[0]:
             out["input_ids"], out["attention_mask"] = encode_texts(tok, [b["text"] for b in batch], max_len)
+        if "attention_mask" in out:  # known here, on the host (see pretrain_collate)
+            out["padded"] = not bool(out["attention_mask"].all())
         if "target" in batch[0]:  # [CLS] w1 .. wn [SEP] [PAD]..: [CLS] is the decoder's bos, [SEP] its eos
             out["target_ids"], _ = encode_texts(tok, [b["target"] for b in batch], max_gen_len)
         return out

@@ -190,14 +190,17 @@ class TextDecoder(nn.Module):
         return words + backbone.token_type_embeddings.weight[1]
 
 
-def encoder_memory(backbone, image=None, input_ids=None, attention_mask=None):
+def encoder_memory(backbone, image=None, input_ids=None, attention_mask=None, padded=None):
     """The decoder's memory: the backbone's whole final sequence [B, S, D] and its mask [B, S] (None if unpadded).
 
     ITG passes an image (the text side is then [CLS] + textual prompts + [SEP]); TS passes the findings (the visual side
     is then [IMG_CLS] + visual prompts). Prompts are never padding, so only the text's own padding is masked.
+    padded: whether the mask marks padding, as the collate knows it; None = read the mask (the host waits for the device).
     """
-    enc = backbone(image=image, input_ids=input_ids, attention_mask=attention_mask)
-    if input_ids is None or attention_mask is None or bool(attention_mask.all()):
+    enc = backbone(image=image, input_ids=input_ids, attention_mask=attention_mask, padded=padded)
+    if padded is None and attention_mask is not None:
+        padded = not bool(attention_mask.all())  # the host waits for the device here
+    if input_ids is None or attention_mask is None or not padded:
         return enc.hidden, None
     visual = attention_mask.new_ones(len(attention_mask), enc.n_visual)
     return enc.hidden, torch.cat([visual, attention_mask], 1)  # [B, Tv + Tl]

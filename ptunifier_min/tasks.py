@@ -178,7 +178,8 @@ class TaskModel(nn.Module):
         if self.task.image:
             inputs["image"] = batch["image"]
         if self.task.text:
-            inputs.update(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            inputs.update(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          padded=batch.get("padded"))  # from the collate: the host need not ask the device
         return inputs
 
     def forward(self, batch):
@@ -187,7 +188,8 @@ class TaskModel(nn.Module):
             return self.head(bb(**self.encoder_inputs(batch)).pooled)
         if self.task.head == "itc":  # two passes: image + textual prompts, visual prompts + text
             return (bb.itc_embed(bb(image=batch["image"])),
-                    bb.itc_embed(bb(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])))
+                    bb.itc_embed(bb(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    padded=batch.get("padded"))))
         memory, memory_mask = encoder_memory(bb, **self.encoder_inputs(batch))
         return self.decoder(batch["target_ids"][:, :-1], memory, memory_mask)  # teacher forcing
 
@@ -228,10 +230,6 @@ def _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_siz
                                        generator=torch.Generator())
 
 
-def _to(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate(model, task, records, tok, *, image_size, max_text_len, device, meta=None, max_gen_len=0,
              batch_size=64, precision="fp32", beam_size=1, length_penalty=1.0, rerank_top=0, num_workers=0,
@@ -254,7 +252,7 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
             special = data.special_ids(tok)
             hyps, refs = {}, {}
             for batch in tqdm(loader, desc=f"beam search {task.name}", disable=not progress, leave=False):
-                batch = _to(batch, device)
+                batch = data.to_device(batch, device)
                 with autocast(precision, device):
                     memory, memory_mask = encoder_memory(model.backbone, **model.encoder_inputs(batch))
                     # max_gen_len - 1 generated tokens, [SEP] included: the longest continuation of [CLS] training saw
@@ -270,7 +268,7 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
         outs = []
         for batch in tqdm(loader, desc=f"eval {task.name}", disable=not progress, leave=False):
             with autocast(precision, device):
-                outs.append(model(_to(batch, device)).float().cpu())
+                outs.append(model(data.to_device(batch, device)).float().cpu())
         logits = torch.cat(outs)  # [N, n_out]
         if task.metric == "auroc":
             labels = torch.tensor([r["labels"] for r in records])

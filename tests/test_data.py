@@ -322,3 +322,15 @@ def test_training_reads_the_image_cache_and_no_longer_needs_the_originals(tmp_pa
     with pytest.raises(FileNotFoundError, match=r"roco/train\.jsonl, id ROCO_00005: image cache file not found: "
                                                 r".*image_cache/PMC1-fig2-\w+\.pgm .*run prepare again"):
         D.load_pretrain_records(out, ["roco"], "train")
+
+
+def test_task_collate_says_on_the_host_whether_a_batch_is_padded(tmp_path):
+    """The flag that spares the model a host read of the mask (PTUnifier.forward's `padded`) matches the mask."""
+    path = str(tmp_path / "tokenizer.json")
+    D.train_tokenizer(["a small effusion", "no effusion today at all"] * 20, 100, path)
+    collate = D.task_collate(D.load_tokenizer(path), 16, 8)
+    ragged = collate([{"index": 0, "text": "a small effusion", "label": 0},
+                      {"index": 1, "text": "no effusion today at all", "label": 1}])
+    even = collate([{"index": 0, "text": "a small effusion", "label": 0}] * 2)
+    assert ragged["padded"] is True and not bool(ragged["attention_mask"].all())
+    assert even["padded"] is False and bool(even["attention_mask"].all())

@@ -191,6 +191,11 @@ def test_encoder_padding_is_invisible_end_to_end():
     assert not torch.allclose(memory[0, n_vis + 4:], memory2[0, n_vis + 4:])  # the padded states did change
     ids = torch.tensor([[CLS, 20, 21, 22]] * 2)
     torch.testing.assert_close(dec(ids, memory, mmask), dec(ids, memory2, mmask))
+    # the collate's padding flag (known on the host) gives the same memory and mask as reading the mask
+    given, given_mask = encoder_memory(bb, input_ids=findings, attention_mask=fmask, padded=True)
+    assert torch.equal(given, memory) and torch.equal(given_mask, mmask)
+    full = torch.ones_like(fmask)
+    assert encoder_memory(bb, input_ids=findings, attention_mask=full, padded=False)[1] is None
     # image-only memory has no padding
     memory, mmask = encoder_memory(bb, image=torch.randn(2, 3, 32, 32))
     assert mmask is None and memory.shape == (2, 17 + bb.cfg.k_l + 2, 32)
