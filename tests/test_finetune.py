@@ -41,6 +41,18 @@ def world(tmp_path_factory):
     return root, prepared
 
 
+def killed_at(n, real):
+    """A stand-in for `real` (e.g. optim.optimizer_step) that raises KeyboardInterrupt, a kill, at its n-th call."""
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+    return step
+
+
 def run(world, *flags):
     # --max-gen-len 12: beam search over the tiny world's 95th-percentile targets (64 tokens) would dominate the suite
     finetune.main(["--preset", "tiny", "--synth-root", world[0], "--steps", "4", "--eval-every", "2",
@@ -214,13 +226,8 @@ def test_killed_run_resumes_exactly(world, tmp_path, monkeypatch):
     flags = ["--task", "chexpert", "--steps", "8", "--eval-every", "2", "--log-every", "1"]
     finetune.main(["--preset", "tiny", "--synth-root", world[0], *flags, "--init", "scratch", "--out",
                    str(tmp_path / "ref")])
-    real, calls = optim.optimizer_step, {"n": 0}
-
-    def dies_at_step_6(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
+    real = optim.optimizer_step
+    dies_at_step_6 = killed_at(6, real)
 
     monkeypatch.setattr(optim, "optimizer_step", dies_at_step_6)
     out = str(tmp_path / "killed")
@@ -353,13 +360,8 @@ def _resume_worker(rank, world, synth_root, out, ports):
     torch.set_num_threads(1)
     flags = ["--preset", "tiny", "--synth-root", synth_root, "--task", "radnli", "--init", "scratch", "--steps", "4",
              "--eval-every", "2", "--log-every", "1", "--dropout", "0.3", "--max-text-len", "24"]
-    real, calls = optim.optimizer_step, {"n": 0}
-
-    def dies_at_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
+    real = optim.optimizer_step
+    dies_at_step_3 = killed_at(3, real)
 
     optim.optimizer_step = dies_at_step_3
     try:

@@ -20,6 +20,7 @@ from ptunifier_min import checkpoint, data, distributed, optim, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.datasets.source import ensure_prepared
+from test_finetune import killed_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,15 +203,9 @@ def test_resume_from_nothing_is_an_error_naming_the_flag(world, tmp_path):
 def test_resume_applies_new_learning_rates_and_logs_every_step_once(world, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     common = ["--steps", 8, "--save-every", 4, "--log-every", 1]
-    real, calls = train.pretraining_loss, {"n": 0}
-
-    def killed_at_step_7(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1 + 7:  # call 1 is the probe that finds the parameters to freeze
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "pretraining_loss", killed_at_step_7)
+    real = train.pretraining_loss
+    # killed in step 7; call 1 is the probe that finds the parameters to freeze
+    monkeypatch.setattr(train, "pretraining_loss", killed_at(1 + 7, real))
     with pytest.raises(KeyboardInterrupt):
         pretrain(world, out, *common)
     monkeypatch.setattr(train, "pretraining_loss", real)
@@ -269,13 +264,8 @@ def test_finetune_rerun_into_its_default_folder(world, tmp_path, monkeypatch):
 
 def test_finetune_resume_refuses_what_cannot_change_and_cuts_the_log(world, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ft"
-    real, calls = optim.optimizer_step, {"n": 0}
-
-    def killed_at_step_4(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
+    real = optim.optimizer_step
+    killed_at_step_4 = killed_at(4, real)
 
     monkeypatch.setattr(optim, "optimizer_step", killed_at_step_4)
     with pytest.raises(KeyboardInterrupt):
