@@ -15,10 +15,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ptunifier_min import checkpoint, data, distributed, optim, pretrained, retrieval
+from ptunifier_min import checkpoint, data, distributed, optim, poolstats, pretrained, retrieval
 from ptunifier_min import config as config_lib
 from ptunifier_min.datasets.source import ensure_prepared
-from ptunifier_min.model import PTUnifier, flops_per_pair, pool_usage
+from ptunifier_min.model import PTUnifier, flops_per_pair
 from ptunifier_min.objectives import mask_step, pretraining_loss
 
 # The tokenizers library's own thread pool cannot survive the fork into data-loader workers; batching across samples
@@ -96,7 +96,7 @@ def main(argv=None):
     batches = data.micro_batches(dataset, order, collate, cfg.num_workers, start_step * cfg.grad_accum)
     peak = distributed.peak_flops(proc.device)
     step_flops = flops_per_pair(cfg.model, objectives, cfg.model.max_text_len) * global_batch
-    hist = {k: torch.zeros(cfg.model.pool_size, dtype=torch.long, device=proc.device) for k in ("visual", "textual")}
+    watch = poolstats.PoolWatch(model, probe[0], precision, proc.device)  # pool usage, gradient, top-k changes
     guard = optim.NonFiniteGuard(cfg.max_skips, cfg.out, log)
     window, t0 = [], time.perf_counter()
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not proc.main, desc="pre-train")
@@ -121,8 +121,7 @@ def main(argv=None):
                     loss, scalars, selected = pretraining_loss(train_model, batch, cfg, gen, model)
                 (loss / cfg.grad_accum).backward()  # the gradients add up to the mean over the micro-steps
             step_stats.append(scalars)  # tensors: read on logging steps only, so the host does not wait here
-            for k, rows in selected.items():  # which pool rows the single-modality passes chose, counted on the device
-                hist[k].index_add_(0, rows.flatten(), torch.ones_like(rows.flatten()))  # bincount would read max(rows)
+            watch.count(selected)  # which pool rows the single-modality passes chose, counted on the device
         # non-finite check (the host waits for the device here, once per step), clip, AdamW, logit-scale clamp, schedule
         grad_norm = optim.optimizer_step(model, opt, sched, loss, cfg.grad_clip, proc)
         if not guard(grad_norm, step + 1):
@@ -134,12 +133,7 @@ def main(argv=None):
             rec = {"step": step + 1, **{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]},
                    "grad_norm": float(grad_norm), "lr_backbone": sched.get_last_lr()[0],
                    "pairs_per_s": len(window) * global_batch / dt}
-            for k, h in hist.items():  # every rank's selections; a collective, and every rank logs on the same steps
-                if proc.world > 1:
-                    torch.distributed.all_reduce(h)
-                if h.sum():
-                    rec[f"selected_{k}_rows"], rec[f"selected_{k}_entropy"] = pool_usage(h.cpu())
-                h.zero_()
+            rec.update(watch.read(model, proc.world))  # a collective: every rank logs on the same steps
             if peak:
                 rec["mfu"] = step_flops * len(window) / dt / peak
             log.write(rec)

@@ -48,11 +48,13 @@ class Model:
         return torch.stack(x).to(self.device)
 
     def _texts(self, texts, pairs=None):
+        """Texts (or text pairs) -> the model's text inputs on its device: input_ids, attention_mask and padded, which
+        is read from the host's copy of the mask, so that the model never waits for the device to learn it."""
         if pairs is not None:
             ids, mask = data.encode_pairs(self.tok, texts, pairs, self.cfg.model.max_text_len)
         else:
             ids, mask = data.encode_texts(self.tok, texts, self.cfg.model.max_text_len)
-        return ids.to(self.device), mask.to(self.device)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "padded": not bool(mask.all())}
 
     def _batches(self, n):
         return [slice(i, i + self.batch_size) for i in range(0, n, self.batch_size)]
@@ -71,8 +73,7 @@ class Model:
         texts, backbone = _as_list(texts), self.backbone
         out = []
         for s in self._batches(len(texts)):
-            ids, mask = self._texts(texts[s])
-            out.append(backbone.itc_embed(backbone(input_ids=ids, attention_mask=mask)))
+            out.append(backbone.itc_embed(backbone(**self._texts(texts[s]))))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -88,8 +89,7 @@ class Model:
             raise ValueError(f"match takes pairs: {len(images)} images vs {len(texts)} texts")
         out = []
         for s in self._batches(len(images)):
-            ids, mask = self._texts(texts[s])
-            pooled = self.backbone(image=self._images(images[s]), input_ids=ids, attention_mask=mask).pooled
+            pooled = self.backbone(image=self._images(images[s]), **self._texts(texts[s])).pooled
             out.append(self.backbone.itm_logits(pooled).float().softmax(-1)[:, 1])
         return torch.cat(out)
 
@@ -104,7 +104,7 @@ class Model:
         if image is not None:
             kw["image"] = self._images(_as_list(image))
         if text is not None:
-            kw["input_ids"], kw["attention_mask"] = self._texts(_as_list(text))
+            kw.update(self._texts(_as_list(text)))
         enc = self.backbone(**kw)
         return {"pooled": enc.pooled.float(), "hidden": enc.hidden.float(), "n_visual": enc.n_visual}
 
@@ -131,7 +131,7 @@ class Model:
                 if text is None or (pair and text_b is None):
                     raise ValueError(f"task {task.name} reads " + ("text= and text_b=" if pair else "text="))
                 b = _as_list(text_b)[s] if pair else None
-                batch["input_ids"], batch["attention_mask"] = self._texts(_as_list(text)[s], b)
+                batch.update(self._texts(_as_list(text)[s], b))
             out += self._predict_batch(batch)
         return out
 

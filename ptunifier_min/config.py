@@ -98,6 +98,15 @@ class ModelConfig:
     k_l: int = _f(8, "textual prompts used when the text is missing", valid=">= 0")
     query_pooling: str = _f("mean", "how the present modality's embeddings become the pool query: mean | max",
                             valid=("mean", "max"))
+    # pool variants of the prompt-pool literature (issue 13); the defaults are the paper's form
+    pool_select: str = _f("dot", "pool scores: dot = query . row (the paper) | cosine = of L2-normalised query and keys",
+                          valid=("dot", "cosine"))
+    pool_keys: str = _f("shared", "shared = a pool row is its own selection key (the paper) | separate = a learned key "
+                                  "per row (L2P's key-value pool; the keys learn only through --w-pool-pull)",
+                        valid=("shared", "separate"))
+    pool_query: str = _f("input", "pool query: input = pooled input embeddings of the present modality (the paper) | "
+                                  "final = its first token's final state after a no-grad pass of it alone (L2P)",
+                         valid=("input", "final"))
     itc_dim: int = _f(128, "ITC projection size", valid=">= 1")
     itc_temperature: float = _f(0.07, "initial ITC temperature (logit scale = log(1/T), clamped at log 100)",
                                 valid="> 0")
@@ -118,8 +127,16 @@ class ModelConfig:
             raise ValueError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"--image-size {self.image_size} is not divisible by --patch-size {self.patch_size}")
+        if self.prompt_mode != "pool" and self.pool_variants():
+            raise ValueError(f"{', '.join(self.pool_variants())} only apply to --prompt-mode pool, got "
+                             f"{self.prompt_mode!r}")
         if self.prompt_mode == "pool" and max(self.k_v, self.k_l) > self.pool_size:
             raise ValueError(f"--k-v {self.k_v} and --k-l {self.k_l} cannot exceed --pool-size {self.pool_size}")
+
+    def pool_variants(self):
+        """The pool switches set away from the paper's form, as flags (empty for the paper's pool)."""
+        paper = dict(pool_select="dot", pool_keys="shared", pool_query="input")
+        return [f"{flag(k)} {getattr(self, k)}" for k, v in paper.items() if getattr(self, k) != v]
 
 
 @dataclass
@@ -190,6 +207,10 @@ class TrainConfig(RunConfig):
                          valid="(0, 1)")
     whole_word: bool = _f(False, "mask whole words (a token and its ## continuations) together")
     itm_hard_negatives: bool = _f(False, "ITM negatives sampled from ITC similarities (ALBEF) instead of uniformly")
+    w_pool_pull: float = _f(0.0, "weight of the pools' pull term, mean 1 - cos(query, chosen key) with the query "
+                                 "detached (L2P's surrogate loss; needs itc, where the pools are used)", valid=">= 0")
+    w_pool_balance: float = _f(0.0, "weight of the pools' load-balancing term, N * sum_i usage_i * mean softmax "
+                                    "score_i (Switch Transformer; 1 = uniform use; needs itc)", valid=">= 0")
     save_every: int = _f(500, "optimizer steps between checkpoints (one is always written at the end)",
                          valid=">= 1", may_change=True)
     eval_pairs: int = _f(2000, "ROCO test pairs for the closing zero-shot retrieval (0 = skip)",
@@ -201,6 +222,12 @@ class TrainConfig(RunConfig):
         if "itc" not in self.objective_set() and self.itm_hard_negatives:  # objective_set validates the names
             raise ValueError("--itm-hard-negatives samples ITM negatives from ITC similarities: add itc to "
                              f"--objectives (got {self.objectives!r})")
+        pool_terms = [flag(k) for k in ("w_pool_pull", "w_pool_balance") if getattr(self, k)]
+        if pool_terms and ("itc" not in self.objective_set() or self.model.prompt_mode != "pool"):
+            raise ValueError(f"{' and '.join(pool_terms)} act on the prompt pools, which only ITC's single-modality "
+                             f"passes use: they need itc in --objectives and --prompt-mode pool")
+        if self.model.pool_keys == "separate" and not self.w_pool_pull:
+            raise ValueError("--pool-keys separate: the keys learn only through the pull term; set --w-pool-pull > 0")
 
     def objective_set(self):
         names = [o for o in self.objectives.split(",") if o]

@@ -105,26 +105,46 @@ class Prompts(nn.Module):
     are gathered by indexing the pool parameter, so the selected rows receive gradients; the authors' code ran this
     under no_grad and its pools never learned. top-k itself has no gradient, which is fine: the rows learn to be
     good prompts, and since scores use the same rows, what they learn also moves which queries pick them.
+
+    Two switches for the variants that the prompt-pool literature uses to keep a pool alive (issue 13; the paper's
+    form is the default): select="cosine" scores with L2-normalised query and keys, so that a row's norm cannot win
+    every query; keys="separate" selects by a key per row and inserts the row (L2P's key-value pool, Wang et al.
+    2022): the keys then learn only through the pull term of `terms`.
     """
 
-    def __init__(self, mode, pool_size, k, dim):
+    def __init__(self, mode, pool_size, k, dim, select="dot", keys="shared"):
         super().__init__()
-        self.mode, self.k = mode, k
+        self.mode, self.k, self.select = mode, k, select
         n = {"none": 0, "static": k, "pool": pool_size}[mode]
         # One parameter tensor per pool: every element is in the graph whenever the pool is used, so DDP needs no
         # unused-parameter search.
         self.weight = nn.Parameter(torch.zeros(n, dim)) if n else None
+        self.key = nn.Parameter(torch.zeros(n, dim)) if mode == "pool" and keys == "separate" else None
 
     def forward(self, query):
-        # query: [B, D] -> prompts [B, k, D] and the selected rows [B, k] (None unless pooled)
+        """query: [B, D] -> prompts [B, k, D], the selected rows [B, k] (None unless pooled) and the pool's two
+        auxiliary terms (None unless pooled), 0-dim tensors that pre-training adds to its loss when weighted:
+        - pull = mean over the selections of 1 - cos(query, chosen key), the query detached: L2P's surrogate loss,
+          which moves the chosen keys towards the queries that chose them;
+        - balance = N * sum_i f_i * P_i with f_i the share of the selections that went to row i and P_i the mean
+          softmax score of row i: the Switch Transformer's load-balancing loss (Fedus et al. 2022), 1 when every
+          row is used alike, larger as the selections concentrate."""
         B, D = query.shape
         if self.mode == "none":
-            return query.new_zeros(B, 0, D), None
+            return query.new_zeros(B, 0, D), None, None
         if self.mode == "static":
-            return self.weight.unsqueeze(0).expand(B, -1, -1), None
-        scores = matmul_fp32(query, self.weight.t())  # [B, N]; fp32 so bf16 rounding never flips a selection
+            return self.weight.unsqueeze(0).expand(B, -1, -1), None, None
+        keys = self.weight if self.key is None else self.key
+        q, kk = query.float(), keys.float()
+        if self.select == "cosine":
+            q, kk = F.normalize(q, dim=-1), F.normalize(kk, dim=-1)
+        scores = matmul_fp32(q, kk.t())  # [B, N]; fp32 so bf16 rounding never flips a selection
         idx = scores.topk(self.k, dim=-1).indices  # [B, k], best first
-        return self.weight[idx], idx
+        pull = 1 - F.cosine_similarity(query.detach().float()[:, None], keys[idx].float(), dim=-1).mean()
+        counts = torch.zeros(len(keys), device=idx.device).index_add_(0, idx.flatten(), idx.new_ones(idx.numel(),
+                                                                                                       dtype=torch.float))
+        balance = len(keys) * (counts / idx.numel() * scores.softmax(-1).mean(0)).sum()
+        return self.weight[idx], idx, {"pull": pull, "balance": balance}
 
 
 @dataclass
@@ -135,6 +155,7 @@ class Encoding:
     selected_visual: torch.Tensor | None  # [B, k_v] pool rows used for a missing image
     selected_textual: torch.Tensor | None  # [B, k_l] pool rows used for a missing text
     modality: str  # what the pass read: "image", "text" or "pair" (the ITC head embeds the first two)
+    pool_terms: dict | None = None  # the pool's auxiliary terms (Prompts.forward) when a pool chose the prompts
 
 
 class PTUnifier(nn.Module):
@@ -158,8 +179,8 @@ class PTUnifier(nn.Module):
         self.text_norm = nn.LayerNorm(D, eps=cfg.text_norm_eps) if cfg.text_norm_eps else nn.Identity()
         # modality type, added to every position of a part, prompts included: 0 = visual part, 1 = textual part
         self.token_type_embeddings = nn.Embedding(2, D)
-        self.visual_prompts = Prompts(cfg.prompt_mode, cfg.pool_size, cfg.k_v, D)
-        self.textual_prompts = Prompts(cfg.prompt_mode, cfg.pool_size, cfg.k_l, D)
+        self.visual_prompts = Prompts(cfg.prompt_mode, cfg.pool_size, cfg.k_v, D, cfg.pool_select, cfg.pool_keys)
+        self.textual_prompts = Prompts(cfg.prompt_mode, cfg.pool_size, cfg.k_l, D, cfg.pool_select, cfg.pool_keys)
         # CLIP's ln_pre (timm: norm_pre) normalises the input sequence before the blocks; an identity otherwise
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.norm_pre else nn.Identity()
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.act, cfg.norm_eps)
@@ -196,7 +217,8 @@ class PTUnifier(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for p in (self.cls_token, self.pos_embed, self.visual_prompts.weight, self.textual_prompts.weight):
+        for p in (self.cls_token, self.pos_embed, self.visual_prompts.weight, self.textual_prompts.weight,
+                  self.visual_prompts.key, self.textual_prompts.key):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
         nn.init.zeros_(self.mlm_head.bias)
@@ -216,8 +238,22 @@ class PTUnifier(nn.Module):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         return self.text_norm(self.word_embeddings(input_ids) + self.position_embeddings(pos))  # [B, T, D]
 
-    def _query(self, x, mask=None):
-        """The pool query: mean (or max) of the present modality's input embeddings, padding excluded."""
+    def _query(self, x, mask, type_id):
+        """The pool query of the present modality's embedded input x [B, T, D] (padding excluded through mask).
+
+        The paper's (pool_query "input"): the mean (or max) of the input embeddings, the first token left out for the
+        image (type_id 0: its [IMG_CLS] is a constant, the same for every image). pool_query "final": the final
+        state of that first token after a pass of the modality alone through the tower, without gradient, as L2P
+        queries with a frozen encoder's [CLS] (one more forward pass per prompted pass)."""
+        if self.cfg.pool_query == "final":
+            with torch.no_grad():
+                h = self.norm_pre(x + self.token_type_embeddings.weight[type_id])
+                key_mask = None if mask is None else mask.bool()  # all-True costs SDPA its fastest kernel only
+                for blk in self.blocks:
+                    h = blk(h, key_mask)
+                return self.norm(h)[:, 0]
+        if type_id == 0:
+            x = x[:, 1:]
         if mask is None:
             return x.mean(1) if self.cfg.query_pooling == "mean" else x.amax(1)
         m = mask.unsqueeze(-1)  # [B, T, 1]
@@ -231,7 +267,7 @@ class PTUnifier(nn.Module):
         breaks a torch.compile graph. Without padding no key mask is passed on: SDPA then takes its fastest kernel."""
         if image is None and input_ids is None:
             raise ValueError("PTUnifier needs an image, a text or both")
-        sel_v = sel_l = None
+        sel_v = sel_l = terms = None
         if input_ids is not None:
             t = self.embed_text(input_ids)
             if attention_mask is None:
@@ -239,11 +275,11 @@ class PTUnifier(nn.Module):
         if image is not None:
             v = self.embed_image(image)
         else:  # visual part = [IMG_CLS] + k_v visual prompts chosen by the text
-            prompts, sel_v = self.visual_prompts(self._query(t, attention_mask))
+            prompts, sel_v, terms = self.visual_prompts(self._query(t, attention_mask, 1))
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(t), -1, -1)
             v = torch.cat([cls, prompts.to(cls.dtype)], 1)  # [B, 1 + k_v, D]
         if input_ids is None:  # textual part = [CLS] + k_l textual prompts + [SEP] chosen by the image
-            prompts, sel_l = self.textual_prompts(self._query(v[:, 1:]))
+            prompts, sel_l, terms = self.textual_prompts(self._query(v, None, 0))
             # [CLS] and [SEP] embedded exactly as the empty text "[CLS] [SEP]" would be: with prompt_mode none, a missing
             # text is literally the empty text; prompts carry no position embedding (they are an unordered set of queries)
             ends = self.embed_text(self.text_ends)  # [1, 2, D]
@@ -263,7 +299,7 @@ class PTUnifier(nn.Module):
         x = self.norm(x)
         pooled = torch.cat([x[:, 0], x[:, v.shape[1]]], -1)  # [B, 2D]
         modality = "pair" if image is not None and input_ids is not None else "image" if image is not None else "text"
-        return Encoding(x, pooled, v.shape[1], sel_v, sel_l, modality)
+        return Encoding(x, pooled, v.shape[1], sel_v, sel_l, modality, terms)
 
     def forward_vision(self, image, manual_attention=False):
         """The image tokens alone through the blocks, as in a plain ViT (no type embedding, no textual part): the
@@ -399,12 +435,3 @@ def flops_per_pair(cfg: ModelConfig, objectives, text_len):
         total += flops_per_pass(cfg, P + text_len)
     return total
 
-
-def pool_usage(hist):
-    """Distinct pool rows used and the entropy (nats) of a selection histogram [pool_size]: a collapsed pool shows here.
-    Reads the histogram on the host (the caller does it on logging steps only)."""
-    total = hist.sum()
-    if total == 0:
-        return 0, 0.0
-    p = hist[hist > 0].double() / total
-    return int((hist > 0).sum()), float(-(p * p.log()).sum())

@@ -247,6 +247,13 @@ def pretraining_loss(model, batch, cfg, generator, unwrapped_model=None):
         for k, rows in (("visual", txt.selected_visual), ("textual", img.selected_textual)):
             if rows is not None:
                 selections[k] = rows
+        if img.pool_terms is not None:  # the pools chose the prompts: their auxiliary terms (Prompts.forward)
+            for name in ("pull", "balance"):
+                term = (img.pool_terms[name] + txt.pool_terms[name]) / 2  # the textual and the visual pool
+                stats[f"pool_{name}"] = term.detach()  # logged whatever the weight: how the pools are used
+                weight = getattr(cfg, f"w_pool_{name}")
+                if weight:  # only then in the graph: with weight 0 the separate keys stay unreached, hence frozen
+                    total = total + weight * term
     if "mlm" in objectives:
         enc = model(image=image, input_ids=batch["mlm_input_ids"], attention_mask=mask, padded=padded)
         row, col = batch["mlm_positions"].unbind(1)  # [M] each: the masked tokens, found by mask_step

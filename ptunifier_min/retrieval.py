@@ -37,8 +37,9 @@ def embed_texts(model, texts, tok, max_len, device, precision="fp32", batch_size
     out = []
     for i in range(0, len(texts), batch_size):
         ids, mask = data.encode_texts(tok, texts[i:i + batch_size], max_len)
+        padded = not bool(mask.all())  # read here, on the host's copy: the model need not ask the device
         with autocast(precision, device):
-            out.append(model.itc_embed(model(input_ids=ids.to(device), attention_mask=mask.to(device))))
+            out.append(model.itc_embed(model(input_ids=ids.to(device), attention_mask=mask.to(device), padded=padded)))
     return torch.cat(out)
 
 
@@ -80,7 +81,8 @@ def rerank_itm(model, sim, records, tok, image_size, max_len, device, top=16, pr
         img = transform.pixels(data.load_image(paths[i]))[None].expand(len(cand), -1, -1, -1).to(device)
         ids, mask = data.encode_texts(tok, [texts[j] for j in cand.tolist()], max_len)
         with autocast(precision, device):
-            logits = model.itm_logits(model(image=img, input_ids=ids.to(device), attention_mask=mask.to(device)).pooled)
+            logits = model.itm_logits(model(image=img, input_ids=ids.to(device), attention_mask=mask.to(device),
+                                            padded=not bool(mask.all())).pooled)  # the host's copy of the mask
         margin = (logits[:, 1].float() - logits[:, 0].float()).cpu()
         order = margin.argsort(descending=True, stable=True)  # [top] candidates by margin, best first
         out[i, cand[order]] = out[i].max() + torch.arange(len(cand), 0, -1, dtype=out.dtype)

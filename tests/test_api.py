@@ -97,3 +97,33 @@ def test_refusals_name_the_file(runs, tmp_path):
     os.remove(bad / "tokenizer.json")
     with pytest.raises(checkpoint.CheckpointError, match="no tokenizer.json or vocab.txt"):
         ptunifier_min.load(str(bad))
+
+
+def test_every_text_pass_of_the_api_and_retrieval_says_whether_it_pads(runs, monkeypatch):
+    """Issue 11: the model reads the mask on the device (a host wait) only when the caller leaves `padded` to it; the
+    API and retrieval know it from the host's copy of the mask, and the answer must be right."""
+    from ptunifier_min.model import PTUnifier
+    calls = []
+    real = PTUnifier.forward
+
+    def spy(self, image=None, input_ids=None, attention_mask=None, manual_attention=False, padded=None):
+        if input_ids is not None:
+            calls.append((padded, not bool(attention_mask.all())))
+        return real(self, image, input_ids, attention_mask, manual_attention, padded)
+
+    monkeypatch.setattr(PTUnifier, "forward", spy)
+    m = ptunifier_min.load(str(runs / "runs" / "pretrain"))
+    img = str(runs / "a.jpg")
+    m.encode_texts(["pleural effusion", "no effusion seen in the left lung today"])  # padded
+    m.encode_texts(["effusion"])  # one text: not padded
+    m.match([img], ["small left effusion"])
+    m.features(image=img, text="a b c")
+    cfg = m.cfg.model
+    retrieval.embed_texts(m.backbone, ["a", "a b c d e f"], m.tok, cfg.max_text_len, torch.device("cpu"))
+    sim = torch.tensor([[0.5, 0.1]])
+    records = [{"image": img, "texts": ["small left effusion", "no effusion seen in the left lung"]}]
+    retrieval.rerank_itm(m.backbone, sim, records, m.tok, cfg.image_size, cfg.max_text_len, torch.device("cpu"), top=2)
+    ft = ptunifier_min.load(str(runs / "runs" / "chexpert"))
+    ft.predict(image=img)  # image-only task: no text pass
+    assert len(calls) == 6 and {c[1] for c in calls} == {True, False}
+    assert all(given == actual for given, actual in calls), calls

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ptunifier_min.config import PRESETS, ModelConfig, TrainConfig, build
 from ptunifier_min.model import PTUnifier, Prompts
@@ -69,7 +70,7 @@ def test_prompt_pool_selects_top_k_and_trains_exactly_those_rows():
     pool = Prompts("pool", pool_size=10, k=3, dim=4)
     torch.nn.init.normal_(pool.weight)
     q = torch.randn(2, 4)
-    prompts, idx = pool(q)
+    prompts, idx, _ = pool(q)
     expected = torch.argsort(q @ pool.weight.detach().t(), dim=-1, descending=True)[:, :3]
     assert torch.equal(idx, expected)
     assert torch.equal(prompts, pool.weight.detach()[expected])
@@ -80,10 +81,53 @@ def test_prompt_pool_selects_top_k_and_trains_exactly_those_rows():
 
 def test_static_prompts_are_shared_and_none_is_empty():
     static = Prompts("static", pool_size=10, k=3, dim=4)
-    p, idx = static(torch.randn(5, 4))
-    assert p.shape == (5, 3, 4) and idx is None and torch.equal(p[0], p[4])
-    p, idx = Prompts("none", 10, 3, 4)(torch.randn(5, 4))
-    assert p.shape == (5, 0, 4)
+    p, idx, terms = static(torch.randn(5, 4))
+    assert p.shape == (5, 3, 4) and idx is None and terms is None and torch.equal(p[0], p[4])
+    p, idx, terms = Prompts("none", 10, 3, 4)(torch.randn(5, 4))
+    assert p.shape == (5, 0, 4) and terms is None
+
+
+def test_cosine_selection_ignores_row_norms_and_dot_does_not():
+    """Pool variant: a row scaled up wins every dot-product query but no cosine one it did not already win."""
+    torch.manual_seed(0)
+    q = torch.randn(6, 4).abs()  # queries in the positive orthant, as is row 7: a positive dot product with each
+    dot, cos = Prompts("pool", 10, 2, 4), Prompts("pool", 10, 2, 4, select="cosine")
+    with torch.no_grad():
+        dot.weight.normal_()
+        dot.weight[7] = 1000 * F.normalize(torch.rand(4), dim=0)
+        cos.weight.copy_(dot.weight)
+    assert (dot(q)[1][:, 0] == 7).all()  # the long row is every query's first choice
+    expected = (F.normalize(q, dim=-1) @ F.normalize(cos.weight.detach(), dim=-1).t()).topk(2).indices
+    assert torch.equal(cos(q)[1], expected) and not (expected[:, 0] == 7).all()
+
+
+def test_separate_keys_select_and_only_the_pull_term_trains_them():
+    """L2P's key-value pool: selection by the keys, the rows inserted; the keys get gradient from `pull` only."""
+    torch.manual_seed(0)
+    pool = Prompts("pool", 10, 3, 4, keys="separate")
+    torch.nn.init.normal_(pool.weight)
+    torch.nn.init.normal_(pool.key)
+    q = torch.randn(5, 4, requires_grad=True)
+    prompts, idx, terms = pool(q)
+    assert torch.equal(idx, (q @ pool.key.detach().t()).topk(3).indices)
+    assert torch.equal(prompts, pool.weight.detach()[idx])
+    prompts.sum().backward(retain_graph=True)
+    assert pool.key.grad is None  # top-k has no gradient: without the pull term the keys never learn
+    terms["pull"].backward()
+    expected = 1 - F.cosine_similarity(q.detach()[:, None], pool.key.detach()[idx], dim=-1).mean()
+    torch.testing.assert_close(terms["pull"], expected)
+    assert torch.equal(pool.key.grad.abs().sum(1) > 0, torch.isin(torch.arange(10), idx.flatten()))
+    assert q.grad is None or not q.grad.abs().sum()  # the query is detached in the pull term (L2P: a frozen query)
+
+
+def test_balance_term_is_one_for_uniform_use_and_grows_as_the_pool_collapses():
+    pool = Prompts("pool", 4, 1, 4)
+    with torch.no_grad():
+        pool.weight.copy_(torch.eye(4))
+    # each query picks another row and the softmax scores are uniform across the batch: f = P = 1/4
+    torch.testing.assert_close(pool(10 * torch.eye(4))[2]["balance"], torch.tensor(1.0))
+    collapsed = pool(10 * torch.eye(4)[[0, 0, 0, 0]])[2]["balance"]  # every query picks row 0 with p ~ 1
+    assert collapsed > 3.9  # N * 1 * P_0 ~ 4
 
 
 def test_missing_text_with_no_prompts_is_the_empty_text():
