@@ -310,9 +310,13 @@ def pretrain_result(folder, seconds):
     pool_params, total_params = weight_counts(ckpt)
     model_cfg = checkpoint.read_checkpoint_config(ckpt)["config"]["model"]
     final = {k: mean_of_last(k) for k in ("mlm_loss", "itm_loss", "itc_loss", "loss")}
+    # how the pools were used at the end (poolstats.PoolWatch's log fields; absent without a pool)
+    final.update({f"{k}_{m}": mean_of_last(f"{k}_{m}") for k in ("pool_grad_norm", "probe_topk_changed")
+                  for m in ("visual", "textual")})
+    final.update({k: mean_of_last(k) for k in ("pool_pull", "pool_balance")})
     # the paper's Table 4 total: the objectives' sum. `loss` is what was optimised, which also holds the weighted
     # auxiliary pool terms of some variants (--w-pool-pull, --w-pool-balance): not comparable across arms
-    final["objectives"] = sum(v for k, v in final.items() if k != "loss" and v is not None)
+    final["objectives"] = sum(final[k] for k in ("mlm_loss", "itm_loss", "itc_loss") if final[k] is not None)
     return {
         "final": final,
         "prompt_mode": model_cfg["prompt_mode"], "pool_size": model_cfg["pool_size"],
@@ -437,8 +441,35 @@ POOL_COLUMNS = {
 }
 
 
+# Pool diagnostics. A path may end in a ratio: ("/", numerator key, denominator key) of the dict it reaches.
+DIAGNOSED = ("static", "pool16", "id5-all", "pool256", "cosine", "l2p-keys", "balance", "final-query")
+_attention = ("diagnostics", "attention")
+DIAGNOSTIC_COLUMNS = {
+    "sets_v": Column("distinct top-k v", ("diagnostics", "pools", "visual", "distinct_selections"), 1, 1, True),
+    "sets_t": Column("distinct top-k t", ("diagnostics", "pools", "textual", "distinct_selections"), 1, 1, True),
+    "changed_v": Column("top-k changed v", ("pretrain", "final", "probe_topk_changed_visual"), 1, 3, True),
+    "changed_t": Column("top-k changed t", ("pretrain", "final", "probe_topk_changed_textual"), 1, 3, True),
+    "grad_v": Column("pool grad v", ("pretrain", "final", "pool_grad_norm_visual"), 1, 3, True),
+    "grad_t": Column("pool grad t", ("pretrain", "final", "pool_grad_norm_textual"), 1, 3, True),
+    "pull": Column("1 - cos(q, key)", ("pretrain", "final", "pool_pull"), 1, 3, False),
+    "cls_img": Column("[CLS]->prompts img-only",
+                      (*_attention, "image_only", ("/", "cls_to_prompts", "uniform_cls_to_prompts")), 1, 2, True),
+    "cls_txt": Column("[IMG_CLS]->prompts txt-only",
+                      (*_attention, "text_only", ("/", "cls_to_prompts", "uniform_cls_to_prompts")), 1, 2, True),
+    "read_img": Column("prompts->image",
+                       (*_attention, "image_only", ("/", "prompts_to_present_modality",
+                                                    "uniform_prompts_to_present_modality")), 1, 2, True),
+    "read_txt": Column("prompts->text",
+                       (*_attention, "text_only", ("/", "prompts_to_present_modality",
+                                                   "uniform_prompts_to_present_modality")), 1, 2, True),
+}
+
+
 def lookup(result, path):
     for key in path:
+        if isinstance(key, tuple) and isinstance(result, dict):  # ("/", a, b): the ratio result[a] / result[b]
+            a, b = result.get(key[1]), result.get(key[2])
+            return a / b if a is not None and b else None
         if not isinstance(result, dict) or result.get(key) is None:
             return None
         result = result[key]
@@ -452,17 +483,6 @@ def cell(results, arm, col):
         v = lookup(r, col.path)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[seed] = v * col.scale
-    return out
-
-
-def numeric_leaves(obj, prefix=""):
-    """{dotted.key: number} of a nested JSON object: the diagnostics' numbers, whatever their names."""
-    out = {}
-    for k, v in (obj or {}).items():
-        if isinstance(v, dict):
-            out.update(numeric_leaves(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -601,18 +621,14 @@ def report(results):
                    TABLE4, pool_labels, POOL_COLUMNS)
     tv, nv = table(results, "## Pool variants", VARIANTS, pool_labels, POOL_COLUMNS)
     lines += t3 + t4 + tv
-    # the diagnostics' numbers, whatever poolstats reports: one row per number, one column per arm (too many for
-    # columns); a cell is mean ± sd over seeds
-    diag_arms = [a for a in VARIANTS if any(r.get("diagnostics") for r in results.get(a, {}).values())]
-    leaves = {a: {s: numeric_leaves(r["diagnostics"]) for s, r in results[a].items()} for a in diag_arms}
-    keys = list(dict.fromkeys(k for a in diag_arms for per_seed in leaves[a].values() for k in per_seed))
-    if keys:
-        rows = [[k, *(fmt([d[k] for d in leaves[a].values() if k in d], 3) for a in diag_arms)] for k in keys]
-        lines += markdown("## Pool diagnostics (poolstats.json)", ["", *(pool_labels[a] for a in diag_arms)], rows)
+    td, nd = table(results, "## Pool diagnostics (end of pre-training: the last 5 log lines; poolstats on 256 ROCO "
+                            "validation pairs; attention as a ratio to uniform attention, 1 = no preference)",
+                   DIAGNOSED, pool_labels, DIAGNOSTIC_COLUMNS)
+    lines += td
     found = claims(results)
     lines += ["## Claims (paired t-test over seeds, two-sided 5%)", ""]
     lines += [f"- **{c['id']}** {c['claim']} — **{c['verdict']}** — {c['numbers']}" for c in found]
-    summary = {"seeds": n_seeds, "tables": {"table3": n3, "table4": n4, "variants": nv},
+    summary = {"seeds": n_seeds, "tables": {"table3": n3, "table4": n4, "variants": nv, "diagnostics": nd},
                "claims": [{**c, "comparisons": [{k: v for k, v in x.items() if k != "line"} for x in c["comparisons"]]}
                           for c in found]}
     return "\n".join(lines) + "\n", summary

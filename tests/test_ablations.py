@@ -81,7 +81,15 @@ def test_claims_on_hand_made_results():
         results["id1-mlm"][s]["finetune"]["radnli"]["metrics"]["accuracy"] = 0.9 + e
     by_id = {c["id"]: c for c in ablations.claims(results)}
     assert by_id["6.2 (4)"]["verdict"] == "not held" and "ID5 − ID1 RadNLI acc" in by_id["6.2 (4)"]["numbers"]
+    attention = {"cls_to_prompts": 0.3, "uniform_cls_to_prompts": 0.2, "prompts_to_present_modality": 0.5,
+                 "uniform_prompts_to_present_modality": 0.8}
+    for s in noise:
+        results["cosine"][s]["diagnostics"] = {"pools": {"textual": {"distinct_selections": 5 + s}},
+                                               "attention": {"image_only": attention}}
     text, summary = ablations.report(results)
+    cosine = summary["tables"]["diagnostics"]["cosine"]
+    assert cosine["sets_t"]["mean"] == 6 and cosine["cls_img"]["mean"] == pytest.approx(1.5)
+    assert cosine["read_img"]["mean"] == pytest.approx(0.625) and cosine["cls_txt"]["n"] == 0
     for row in ("| ID1 | ✓ |  |  | 3 |", "| ID5 | ✓ | ✓ | ✓ | 3 | 70.0 ± 1.0 |",
                 "| no prompts | 3 | 3.000 ± 0.010", "| pool 64 (id5-all) | 3 |", "| pool 16 | 3 |",
                 "| pool 64 (cosine) | 3 |", "## Pool diagnostics", "pool 16 − no prompts total: ",
