@@ -58,7 +58,7 @@ def fake_result(arm, seed, score, loss):
                          "pool_size": int(arm[4:]) if arm.startswith("pool") else 64,
                          "pool_params": 1024, "total_params": 10 ** 6,
                          "rows_in_use": {"visual": 30, "textual": 20}, "entropy": {"visual": 3.0, "textual": 2.5},
-                         "zero_shot": {"i2t_r1": score, "t2i_r1": score}, "history": [], "seconds": 1.0},
+                         "zero_shot": {"i2t_r1": score, "t2i_r1": score, "i2t_r10": score, "t2i_r10": score}, "history": [], "seconds": 1.0},
             "finetune": {name: {"metrics": metrics, "seconds": 1.0} for name in ablations.FINETUNES}}
 
 
