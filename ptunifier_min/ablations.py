@@ -603,7 +603,48 @@ def claims(results):
     for arm in VARIANTS[1:-1]:
         claim("variant", f"{arm} better than {pools['id5-all']} (not a paper claim)",
               [cmp(arm, "id5-all", cp["total"], pools), cmp(arm, "id5-all", cp["zs_i2t10"], pools)])
+    rho, n = selection_vs_retrieval(results)
+    if n:
+        out.append({"id": "observation", "claim": "the more input-dependent the selection, the worse the retrieval",
+                    "verdict": f"Spearman rho = {rho:+.2f}", "comparisons": [],
+                    "numbers": f"over the {n} runs with a pool: distinct top-k sets on 256 validation pairs (visual + "
+                               "textual) against zero-shot R@10 (mean of i2t and t2i)"})
     return out
+
+
+def _ranks(values):
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y):
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
+def selection_vs_retrieval(results):
+    """(Spearman rho, runs) between how input-dependent a run's pool selection is (distinct top-k sets on the
+    diagnostics' validation pairs, both pools) and its zero-shot R@10, over every run with a pool."""
+    x, y = [], []
+    for runs in results.values():
+        for r in runs.values():
+            pools = ((r.get("diagnostics") or {}).get("pools") or {})
+            zs = r["pretrain"]["zero_shot"]
+            if len(pools) == 2 and zs.get("i2t_r10") is not None:
+                x.append(sum(p["distinct_selections"] for p in pools.values()))
+                y.append((zs["i2t_r10"] + zs["t2i_r10"]) / 2)
+    return (spearman(x, y), len(x)) if len(x) > 2 and len(set(x)) > 1 and len(set(y)) > 1 else (None, 0)
 
 
 def paper_pool_params():

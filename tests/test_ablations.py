@@ -40,6 +40,13 @@ def test_paired_test_verdicts():
     assert combine(["inconclusive (n<2)"] * 2) == "inconclusive (n<2)"
 
 
+def test_spearman_against_a_hand_count():
+    assert ablations.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert ablations.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    # ties share their mean rank: x ranks (0, 1.5, 1.5, 3), y ranks (0, 1, 2, 3) -> rho = 4.5 / sqrt(4.5 * 5)
+    assert ablations.spearman([1, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+
+
 def test_cell_format():
     assert fmt({0: 88.71, 1: 89.29}, 1) == "89.0 ± 0.4"  # sample sd: 0.58 / sqrt(2)
     assert fmt({0: 1.05512}, 3) == "1.055"  # one seed: no spread to show
