@@ -2,18 +2,16 @@
 
 import json
 import math
-import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train
-from ptunifier_min import distributed, poolstats
+from ptunifier_min import poolstats
 from ptunifier_min.config import PRESETS, TrainConfig, build
-from ptunifier_min.datasets import source
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.objectives import pretraining_loss
+from test_train import synth_root  # noqa: F401  (the tiny pre-training world, shared)
 
 
 def tiny_cfg(**kw):
@@ -29,12 +27,17 @@ def batch(B=6, T=9):
             "attention_mask": mask, "image_id": torch.arange(B)}
 
 
-def test_watch_reads_the_gradient_that_reaches_each_pool_and_the_selection_histogram():
+def watched_model():
+    """(config, a tiny pool model, the probe batch, a PoolWatch on it)."""
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = PTUnifier(cfg.model)
     b = batch()
-    watch = poolstats.PoolWatch(model, b, "fp32", torch.device("cpu"))
+    return cfg, model, b, poolstats.PoolWatch(model, b, "fp32", torch.device("cpu"))
+
+
+def test_watch_reads_the_gradient_that_reaches_each_pool_and_the_selection_histogram():
+    cfg, model, b, watch = watched_model()
     loss, _, selected = pretraining_loss(model, b, cfg, torch.Generator().manual_seed(0))
     loss.backward()
     watch.count(selected)
@@ -49,11 +52,7 @@ def test_watch_reads_the_gradient_that_reaches_each_pool_and_the_selection_histo
 
 
 def test_watch_counts_the_share_of_probe_slots_whose_row_changed():
-    cfg = tiny_cfg()
-    torch.manual_seed(0)
-    model = PTUnifier(cfg.model)
-    b = batch()
-    watch = poolstats.PoolWatch(model, b, "fp32", torch.device("cpu"))
+    _, model, _, watch = watched_model()
     watch.read(model)
     before = watch.probe_selection(model)["textual"]
     with torch.no_grad():  # move one chosen row away from every query: each input loses it from its top-k
@@ -142,14 +141,6 @@ def test_weighted_pool_terms_enter_the_loss_and_separate_keys_learn_through_them
     torch.testing.assert_close(loss.detach(), expected)
     loss.backward()
     assert model.visual_prompts.key.grad.abs().sum() > 0 and model.textual_prompts.key.grad.abs().sum() > 0
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("world"))
-    cfg = build(TrainConfig, {**PRESETS["tiny"], "synth_root": root})
-    source.ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", "roco_retrieval"], distributed.Dist(), print)
-    return root
 
 
 def test_a_run_logs_the_pool_diagnostics_and_the_command_reports_on_its_checkpoint(synth_root, tmp_path, capsys):
