@@ -195,7 +195,11 @@ def _discard(folder):
     if os.path.isdir(folder):
         trash = os.path.join(os.path.dirname(folder), f".tmp_{os.path.basename(folder)}.{os.getpid()}.old")
         os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            shutil.rmtree(trash, ignore_errors=True)
+        finally:  # a stop signal raises SystemExit wherever it lands, rmtree included: finish the removal on the way out
+            if os.path.isdir(trash):
+                shutil.rmtree(trash, ignore_errors=True)
 
 
 def resolve_checkpoint(path):

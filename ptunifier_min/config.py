@@ -343,7 +343,9 @@ def resume_differences(saved, cfg):
     line per differing field that a resumed run must keep (the model, the data, the objectives, the batch, the
     seed...), and one per differing field it may change (`may_change`: steps, cadences, learning rates, workers)."""
     may_change = {name for name, f, _ in _flat_fields(type(cfg)) if f.metadata.get("may_change")}
-    before, now = _flat_dict(saved), _flat_dict(to_dict(cfg))
+    # a field the checkpoint lacks was added after it was written: the run had that field's default
+    defaults = {name: f.default for name, f, _ in _flat_fields(type(cfg)) if f.default is not dataclasses.MISSING}
+    before, now = {**defaults, **_flat_dict(saved)}, _flat_dict(to_dict(cfg))
     refused, changed = [], []
     for name in sorted((set(before) | set(now)) - {"resume", "overwrite"}):  # how a run was started, not a setting
         a, b = before.get(name, "<none>"), now.get(name, "<none>")

@@ -34,3 +34,16 @@ def test_objectives_are_validated():
         parse_args(TrainConfig, PRESETS, ["--objectives", "mim"])
     with pytest.raises(SystemExit):
         parse_args(TrainConfig, PRESETS, ["--precision", "fp8"])
+
+
+def test_resume_takes_a_field_newer_than_the_checkpoint_at_its_default():
+    """A checkpoint written before a field existed (e.g. --pool-select) ran with its default: not a difference."""
+    from ptunifier_min.config import PRESETS, TrainConfig, build, resume_differences, to_dict
+    cfg = build(TrainConfig, dict(PRESETS["tiny"]))
+    saved = to_dict(cfg)
+    for name in ("pool_select", "pool_keys", "pool_query"):
+        del saved["model"][name]
+    del saved["w_pool_pull"]
+    assert resume_differences(saved, cfg) == ([], [])
+    cfg.model.pool_select = "cosine"  # but a changed value still is
+    assert resume_differences(saved, cfg)[0] == ["--pool-select 'dot' -> 'cosine'"]
