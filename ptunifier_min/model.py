@@ -141,8 +141,8 @@ class Prompts(nn.Module):
         scores = matmul_fp32(q, kk.t())  # [B, N]; fp32 so bf16 rounding never flips a selection
         idx = scores.topk(self.k, dim=-1).indices  # [B, k], best first
         pull = 1 - F.cosine_similarity(query.detach().float()[:, None], keys[idx].float(), dim=-1).mean()
-        counts = torch.zeros(len(keys), device=idx.device).index_add_(0, idx.flatten(), idx.new_ones(idx.numel(),
-                                                                                                       dtype=torch.float))
+        ones = torch.ones(idx.numel(), device=idx.device)
+        counts = torch.zeros(len(keys), device=idx.device).index_add_(0, idx.flatten(), ones)  # no host read
         balance = len(keys) * (counts / idx.numel() * scores.softmax(-1).mean(0)).sum()
         return self.weight[idx], idx, {"pull": pull, "balance": balance}
 

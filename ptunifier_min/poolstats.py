@@ -44,8 +44,8 @@ def _pools(model):
 
 def _overlap(a, b, n):
     """Share of the k slots per row whose row set a [B, k] and b [B, k] have in common, on the device."""
-    one_hot = torch.zeros(len(a), n, device=a.device)
-    return (one_hot.scatter(1, a, 1) * one_hot.clone().scatter(1, b, 1)).sum() / a.numel()
+    zeros = torch.zeros(len(a), n, device=a.device)
+    return (zeros.scatter(1, a, 1) * zeros.scatter(1, b, 1)).sum() / a.numel()  # scatter is out of place
 
 
 class PoolWatch:
