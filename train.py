@@ -19,7 +19,7 @@ from ptunifier_min import checkpoint, data, distributed, optim, poolstats, pretr
 from ptunifier_min import config as config_lib
 from ptunifier_min.datasets.source import ensure_prepared
 from ptunifier_min.model import PTUnifier, flops_per_pair
-from ptunifier_min.objectives import mask_step, pretraining_loss
+from ptunifier_min.objectives import draw_step, pretraining_loss
 
 # The tokenizers library's own thread pool cannot survive the fork into data-loader workers; batching across samples
 # gives us the parallelism instead.
@@ -58,12 +58,12 @@ def main(argv=None):
     model = PTUnifier(cfg.model).to(proc.device)
     pretrained.load_into(model, imported, print0)
     # Freeze what the chosen objectives never reach (e.g. the prompt pools without ITC), measured by one backward pass
-    # of a probe batch: DDP then needs no unused-parameter search. The probe draws from its own generator.
-    probe = data.next_micro_batches(iter([collate([dataset[i] for i in range(cfg.batch_size)])]), 1, proc.device)
-    if "mlm" in objectives:
-        mask_step(probe, cfg, torch.Generator().manual_seed(cfg.seed), special_info, continuation)
+    # of a probe batch: DDP then needs no unused-parameter search.
+    probe = collate([dataset[i] for i in range(cfg.batch_size)])
+    draw_step([probe], cfg, 0, special_info, continuation, proc.host_group)  # step 0's draws
+    probe = data.to_device(probe, proc.device)
     with distributed.autocast(precision, proc.device):
-        probe_loss = pretraining_loss(model, probe[0], cfg, torch.Generator().manual_seed(cfg.seed))[0]
+        probe_loss = pretraining_loss(model, probe, cfg)[0]
     frozen = optim.freeze_unreached(model, probe_loss)
     opt, groups = optim.build_optimizer(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.warmup_linear(cfg.steps, cfg.warmup_frac))
@@ -96,20 +96,19 @@ def main(argv=None):
     batches = data.micro_batches(dataset, order, collate, cfg.num_workers, start_step * cfg.grad_accum)
     peak = distributed.peak_flops(proc.device)
     step_flops = flops_per_pair(cfg.model, objectives, cfg.model.max_text_len) * global_batch
-    watch = poolstats.PoolWatch(model, probe[0], precision, proc.device)  # pool usage, gradient, top-k changes
+    watch = poolstats.PoolWatch(model, probe, precision, proc.device)  # pool usage, gradient, top-k changes
     guard = optim.NonFiniteGuard(cfg.max_skips, cfg.out, log)
     window, t0 = [], time.perf_counter()
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not proc.main, desc="pre-train")
     model.train()
     for step in bar:
         # All micro-batches of the step first: MLM's masks are drawn for the whole step, and every micro-step divides
-        # by the step's masked-token count, so --grad-accum 2 at batch B is batch 2B (objectives.mask_step). They are
-        # drawn on the host, before the batches move: there the host knows the masked positions without asking the
-        # device. From here to the non-finite check the host never waits for the device (tests/test_sync.py).
+        # by the step's masked-token count, so --grad-accum 2 at batch B is batch 2B (objectives.mask_step). They and
+        # ITM's negatives are drawn on the host, before the batches move: there the host knows the masked positions and
+        # which images to exchange without asking the device. From here to the non-finite check the host never waits
+        # for the device (tests/test_sync.py).
         micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-        if "mlm" in objectives:
-            mask_step(micro_batches, cfg, distributed.step_generator(cfg.seed, step), special_info, continuation,
-                      proc.device)
+        draw_step(micro_batches, cfg, step, special_info, continuation, proc.host_group, proc.device)
         micro_batches = [data.to_device(batch, proc.device) for batch in micro_batches]
         step_stats = []
         for micro, batch in enumerate(micro_batches):
@@ -117,8 +116,7 @@ def main(argv=None):
             last = micro == cfg.grad_accum - 1
             with train_model.no_sync() if proc.world > 1 and not last else contextlib.nullcontext():
                 with distributed.autocast(precision, proc.device):
-                    gen = distributed.step_generator(cfg.seed, step, micro, proc.device)  # ITM's: alike on all ranks
-                    loss, scalars, selected = pretraining_loss(train_model, batch, cfg, gen, model)
+                    loss, scalars, selected = pretraining_loss(train_model, batch, cfg, model)
                 (loss / cfg.grad_accum).backward()  # the gradients add up to the mean over the micro-steps
             step_stats.append(scalars)  # tensors: read on logging steps only, so the host does not wait here
             watch.count(selected)  # which pool rows the single-modality passes chose, counted on the device

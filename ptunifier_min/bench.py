@@ -36,7 +36,7 @@ from . import data, distributed, optim
 from .config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build
 from .generation import TextDecoder, beam_search
 from .model import PTUnifier, flops_per_pair, flops_per_pass
-from .objectives import mask_step, pretraining_loss
+from .objectives import draw_step, exchange_plan, itm_negatives, pretraining_loss
 
 
 def matmul_peak(device, dtype, n=2048, seconds=1.0):
@@ -132,7 +132,8 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
     cfg = build(TrainConfig, {**(PRESETS[setup] if setup in PRESETS else SHAPES[setup]), "batch_size": batch_size})
     model = PTUnifier(cfg.model).to(device)
     opt, _ = optim.build_optimizer(model, 1e-4, 1e-4, 0.01, (0.9, 0.98))
-    batch = fake_batch(cfg, batch_size, device)
+    host = fake_batch(cfg, batch_size, torch.device("cpu"))  # where train.py's batches are when their draws are made
+    batch = data.to_device(host, device)
     special = {"ids": [cfg.model.cls_id, cfg.model.sep_id, 0], "mask": 4}
 
     def backbone(m):
@@ -146,8 +147,9 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
     def full_step(m):
         def fn():
             with distributed.autocast(precision, device):
-                mask_step([batch], cfg, torch.Generator().manual_seed(0), special)
-                loss = pretraining_loss(m, batch, cfg, torch.Generator().manual_seed(1), model)[0]
+                b = dict(host)
+                draw_step([b], cfg, 0, special)  # as train.py: on the host, then the batch moves
+                loss = pretraining_loss(m, data.to_device(b, device), cfg, model)[0]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -218,15 +220,25 @@ def bench_decoding(precision, device, dim, batch_size=2, gen_len=128):
     return cfg, S, rows, rows[0][2] == rows[1][2]
 
 
-def image_bytes(world=8, batch_size=32, image_size=PRESETS["paper"]["image_size"]):
-    """Image bytes per rank and micro-step (computed, not measured), before and after issue 11's lean batches: float32
-    RGB [B, 3, S, S] then, uint8 one-channel pixels [B, 1, S, S] now. The host-to-device copy moves this rank's B
-    images; ITM's all-gather of the images (objectives.gather_images) assembles all world x B of them, (world - 1) x B
-    coming from the other ranks. Default: the paper preset on 8 GPUs."""
+def image_bytes(world=8, batch_size=32, image_size=PRESETS["paper"]["image_size"], draws=20):
+    """Image bytes per rank and micro-step (computed from the plans, not measured on a network), before and after
+    issue 11: float32 RGB [B, 3, S, S] then, uint8 one-channel pixels [B, 1, S, S] now. host_to_device: this rank's
+    B images. itm_received: what ITM brings from other ranks; before, the autograd all-gather of every float image
+    ((world - 1) x B); now the rows itm_plan's exchange sends (objectives.exchange_plan), the mean over `draws`
+    random global batches of distinct images and texts, and, with hard negatives (chosen on the device), an
+    all-gather of every uint8 image. Default: the paper preset on 8 GPUs."""
     before, after = 3 * image_size ** 2 * 4, image_size ** 2  # bytes per image
+    G, g = world * batch_size, torch.Generator().manual_seed(0)
+    valid = ~torch.eye(G, dtype=torch.bool)
+    received = []
+    for _ in range(draws):  # itm_plan's draws
+        swap_in = itm_negatives(valid.double(), g)
+        rows = torch.where(torch.rand(G, generator=g) < 0.5, swap_in, torch.arange(G))
+        received += [sum(exchange_plan(rows, batch_size, r, world)[1][1]) for r in range(world)]
+    gathered = (world - 1) * batch_size
     return {"host_to_device": (batch_size * before, batch_size * after),
-            "itm_gathered": (world * batch_size * before, world * batch_size * after),
-            "itm_received": ((world - 1) * batch_size * before, (world - 1) * batch_size * after)}
+            "itm_received": (gathered * before, statistics.mean(received) * after),
+            "itm_received_hard_negatives": (gathered * before, gathered * after)}
 
 
 def bench_loader(images=3, image_size=PRESETS["paper"]["image_size"], seconds=3.0):

@@ -509,8 +509,12 @@ def next_micro_batches(batches, grad_accum, device):
 
 
 def to_device(batch, device):
-    """A batch's tensors on the device, copied without making the host wait (the loader pins them on CUDA)."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """A batch's tensors on the device, copied without making the host wait. On CUDA they are copied from pinned
+    memory (the loader pins its own; the host's draws added after it are pinned here): a copy from pageable memory
+    may wait for the device."""
+    pin = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
+            if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ---- downstream tasks ------------------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # a gloo group for what ranks exchange on the host (ITM's plan: objectives.itm_plan); None = the default group,
+    # which is gloo already when training on CPUs
+    host_group: object = None
 
     @property
     def main(self):
@@ -42,6 +45,8 @@ def setup_distributed(seed):
         torch.cuda.set_device(proc.device)
     if proc.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo")
+    if proc.world > 1 and proc.device.type == "cuda":
+        proc.host_group = dist.new_group(backend="gloo")
     seed_everything(seed + proc.rank)
     return proc
 
@@ -91,17 +96,15 @@ def autocast(precision, device):
     return contextlib.nullcontext()
 
 
-def step_generator(seed, step, micro=None, device="cpu"):
-    """The generator of one optimizer step (micro=None: draws made for the whole step, the MLM masks) or of one of its
-    micro-steps (ITM's negatives), alike on every rank: masks and negatives are a pure function of the position in
-    training, so a resumed run draws exactly what the uninterrupted run drew, and 8 ranks what 1 process draws.
-    device: where it draws. ITM's draws are made on the device, where their inputs are: draws made on the host would be
-    copied over, and that copy makes the host wait for the device (a CUDA generator draws other numbers than the CPU
-    one, alike on every rank all the same)."""
+def step_generator(seed, step, micro=None):
+    """The CPU generator of one optimizer step (micro=None: draws made for the whole step, the MLM masks) or of one of
+    its micro-steps (ITM's negatives), alike on every rank: masks and negatives are a pure function of the position in
+    training, so a resumed run draws exactly what the uninterrupted run drew, and 8 ranks what 1 process draws. The
+    draws are made on the host, before the batches move (objectives.mask_step, objectives.itm_plan)."""
     stream = 0 if micro is None else 1 + micro  # a stream of its own for the step and for each micro-step (< 1023)
     # One distinct 64-bit seed per (seed, step, stream): 1,024 streams per step, and 1_000_003 (a prime above any
     # realistic step count) keeps consecutive base seeds' steps apart; config caps seed < 2**31 and grad_accum < 1024.
-    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1024 + stream)
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + stream)
 
 
 # Nominal dense bf16 peaks (no sparsity) of common training GPUs, for MFU; None = unknown (the bench measures a CPU's).

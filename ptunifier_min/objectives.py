@@ -1,10 +1,11 @@
 """The three pre-training objectives of PTUnifier (paper section 3.3) as small pure functions, and the step that sums them.
 
-    mask_step(micro_batches, cfg, step_generator, special)     # MLM targets of a whole optimizer step, first
-    loss, stats = pretraining_loss(model, batch, cfg, micro_generator)   # then each micro-step
+    draw_step(micro_batches, cfg, step, special)   # on the host: MLM's targets (mask_step), ITM's negatives (itm_plan)
+    loss, stats, selections = pretraining_loss(model, batch, cfg)   # then each micro-step, on the device
 
-Nothing here reads a tensor of the device on the host: a micro-step never makes the host wait for the device (train.py
-draws the MLM masks on the host, before the batches move; ITM draws its negatives on the device; tests/test_sync.py).
+Nothing in pretraining_loss reads a tensor of the device on the host: a micro-step never makes the host wait for the
+device. Every random draw of a step is made on the host before the batches move, where the host can see it without
+asking the device (tests/test_sync.py).
 
 - MLM on the paired pass with masked text (BERT's 15% and 80/10/10), vocabulary projection only at masked positions,
   averaged over every masked token of the optimizer step (all ranks, all micro-steps);
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
+from .distributed import step_generator
 from .model import matmul_fp32
 
 IGNORE = -100  # cross_entropy's ignore_index: positions without an MLM target
@@ -135,20 +137,31 @@ def gather(x):
     return torch.cat(dist_nn.all_gather(x), 0)
 
 
-def gather_images(image):
-    """All ranks' images [G, C, S, S] for ITM's swapped-in negatives: inputs, so no gradient and no autograd
-    all-gather, and in the dtype the loader gave them. The loader's uint8 one-channel pixels are a twelfth of the
-    float RGB the model reads (paper preset, 8 x 32 at 288 px: 21 MB per rank and micro-step instead of 255 MB);
-    the model normalises the rows it is given.
-
-    Every rank receives every image, not only the <= B rows it swaps in: an all_to_all of just those (~1.2 MB here on
-    average) would need each pair of ranks' row counts on the host, a host-device wait per micro-step, to save the
-    ~19 MB from other ranks that NVLink moves in about 0.05 ms."""
+def gather_all(x, group=None):
+    """All ranks' rows of x, without gradients (inputs: ids, texts, images), in x's dtype; x itself when not
+    distributed. group: the process group to use (None = the default one, which must serve x's device)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return image
-    out = image.new_empty((dist.get_world_size() * len(image), *image.shape[1:]))
-    dist.all_gather_into_tensor(out, image.contiguous())
+        return x
+    out = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))
+    dist.all_gather_single(out, x.contiguous(), group=group)
     return out
+
+
+def exchange_images(image, batch):
+    """The images of this rank's ITM pairs [B, C, S, S]: its own, or the negative itm_plan swapped in, brought from the
+    rank that holds it by one all_to_all of exactly the rows needed, in the loader's dtype (uint8 one-channel pixels, a
+    twelfth of the float RGB the model reads; the model normalises them).
+
+    Paper preset, 8 x 32 at 288 px: about 14 rows of 83 KB (1.2 MB) arrive per rank and micro-step, where an
+    all-gather of every image would bring 224 of them (19 MB), and 4 nodes four times that. The row counts are the
+    host's (itm_plan): the exchange makes the host wait for nothing."""
+    send_counts, recv_counts = batch["itm_split"]
+    pool = image
+    if sum(send_counts) + sum(recv_counts):
+        received = image.new_empty((sum(recv_counts), *image.shape[1:]))
+        dist.all_to_all_single(received, image[batch["itm_send"]].contiguous(), recv_counts, send_counts)
+        pool = torch.cat([image, received])
+    return pool[batch["itm_source"]]
 
 
 def itc_loss(image_feats, text_feats, scale):
@@ -188,26 +201,81 @@ def hard_negative_probs(text_feats, image_feats, scale, valid):
     return F.softmax(logits.double().masked_fill(~valid, float("-inf")), -1)
 
 
-def itm_negatives(valid, generator, probs=None):
-    """For each pair of the global batch, the row whose image is swapped in as its negative.
+def itm_negatives(weights, generator, offset=0):
+    """For pairs [offset, offset + R) of the global batch, the row whose image is swapped in as each one's negative.
 
-    Uniform over the valid negatives (the paper's random negative), or drawn from `probs` (hard_negative_probs).
-    Every rank computes all G rows alike (same generator) and keeps its own. Nothing is read on the host: a pair
-    without any valid negative raises ValueError at once on a CPU; on a GPU it is a device-side assert, which stops
-    the run at the device's next synchronisation (run the step on a CPU to see this message).
+    weights [R, G]: the valid negatives as 0/1 (uniform choice, the paper's random negative) or their probabilities
+    (hard_negative_probs). Drawn as torch.multinomial(weights, 1) draws (the exponential race: argmax of weight /
+    Exp(1) noise), with the noise of the whole [G, G] table, sliced: a rank draws for its pairs what one process
+    drawing for the whole global batch draws for them. Nothing is read on the host.
     """
-    message = (f"ITM needs two different images (and texts) in every batch: a pair of the global batch of "
-               f"{len(valid)} has no valid negative; raise --batch-size")
-    try:
-        torch._assert_async(valid.any(1).all(), message)
-    except RuntimeError:  # a CPU checks at once
-        raise ValueError(message) from None
-    weights = valid.double() if probs is None else probs
-    # torch.multinomial(weights, 1) draws exactly so (the exponential race: argmax of weight / Exp(1) noise), after
-    # reading the weights on the host to check them; here nothing is read, and the noise comes from the step's
-    # generator, on its device
-    noise = torch.empty(weights.shape, dtype=weights.dtype, device=generator.device).exponential_(generator=generator)
-    return (weights / noise.to(weights.device)).argmax(1)
+    G = weights.shape[1]
+    noise = torch.empty((G, G), dtype=weights.dtype, device=generator.device).exponential_(generator=generator)
+    return (weights / noise[offset:offset + len(weights)].to(weights.device)).argmax(1)
+
+
+def exchange_plan(rows, B, rank, world):
+    """How rank `rank` gets the images of its ITM pairs when pair p of the global batch is shown row rows[p]'s image
+    ([G] int64; rank r holds rows [r * B, (r + 1) * B)). Every rank computes every rank's plan alike, so that each
+    knows what the others send. Returns (send: its own rows other ranks need, ordered by the receiving pair, hence by
+    receiving rank; (rows to each rank, rows from each rank) as lists; source [B]: each of its pairs' image in
+    cat(own images, received images), received ones ordered by sending rank, then by pair)."""
+    G, offset = len(rows), rank * B
+    mine = slice(offset, offset + B)
+    owner, pair_rank = rows // B, torch.arange(G) // B
+    remote = owner != pair_rank  # images that cross ranks
+    out = remote & (owner == rank)
+    incoming = torch.arange(offset, offset + B)[remote[mine]]
+    incoming = incoming[torch.sort(owner[incoming], stable=True).indices]
+    source = torch.where(remote[mine], 0, rows[mine] - offset)
+    source[incoming - offset] = B + torch.arange(len(incoming))
+    split = (torch.bincount(pair_rank[out], minlength=world).tolist(),
+             torch.bincount(owner[incoming], minlength=world).tolist())
+    return rows[out] - offset, split, source
+
+
+def itm_plan(batch, cfg, generator, group=None):
+    """ITM's draws for one micro-batch, made on the host before the batch moves (like mask_step's masks): which of the
+    global batch's pairs get a swapped-in image (half, at random), which image, and how each rank gets the images
+    it swaps in. Adds to the batch:
+
+        itm_swap [B] bool        this rank's pairs whose image is another pair's (the mismatches ITM must detect)
+        itm_send [S], itm_split  own images other ranks need, and (rows to each rank, rows from each rank): lists
+        itm_source [B]           each pair's image in cat(own images, received images) (exchange_images)
+
+    With cfg.itm_hard_negatives the choice of the image needs ITC's features, which only the device has:
+    itm_valid [B, G] (the valid negatives of this rank's pairs) and itm_seed (for the device's draw) instead, and
+    every rank receives every image (gather_all).
+
+    Every rank gathers the global batch's file ids and texts (small int64 tensors, through `group`, a CPU process
+    group: distributed.Dist.host_group) and draws the same tables from `generator`, so each knows what the others
+    send. A pair of the global batch without any valid negative raises ValueError here, before any pass.
+    """
+    rank, world = rank_and_world()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    B = len(ids)
+    G, mine = B * world, slice(rank * B, (rank + 1) * B)
+    # texts padded to the model's length with -1, so that every rank's rows have one shape and padding never tells
+    # two equal texts apart
+    text = F.pad(ids.masked_fill(~mask.bool(), -1), (0, cfg.model.max_text_len - ids.shape[1]), value=-1)
+    meta = gather_all(torch.cat([batch["image_id"][:, None], text], 1), group).cpu()  # [G, 1 + L]
+    valid = valid_negatives(meta[:, 0], meta[:, 1:])
+    lonely = (~valid.any(1)).nonzero().flatten().tolist()
+    if lonely:
+        raise ValueError(f"ITM needs two different images and texts in every batch: pair {lonely[0]} of the global "
+                         f"batch of {G} has no valid negative (every other pair shows its image file or has its "
+                         "text); raise --batch-size")
+    if cfg.itm_hard_negatives:
+        swap = torch.rand(G, generator=generator) < 0.5
+        batch.update(itm_swap=swap[mine], itm_valid=valid[mine],
+                     itm_seed=int(torch.randint(2**62, (), generator=generator)))
+        return batch
+    neg = itm_negatives(valid.double(), generator)
+    swap = torch.rand(G, generator=generator) < 0.5
+    rows = torch.where(swap, neg, torch.arange(G))  # [G]: the global row whose image each pair is shown
+    send, split, source = exchange_plan(rows, B, rank, world)
+    batch.update(itm_swap=swap[mine], itm_send=send, itm_split=split, itm_source=source)
+    return batch
 
 
 def rank_and_world():
@@ -216,14 +284,25 @@ def rank_and_world():
     return 0, 1
 
 
-def pretraining_loss(model, batch, cfg, generator, unwrapped_model=None):
+def draw_step(micro_batches, cfg, step, special, continuation=None, host_group=None, device=None):
+    """Every random draw of optimizer step `step`, made on the host before the batches move: MLM's targets for the
+    whole step (mask_step), then ITM's negatives for each micro-batch (itm_plan), each from its own stream of
+    distributed.step_generator. host_group, device: see itm_plan and mask_step."""
+    objectives = cfg.objective_set()
+    if "mlm" in objectives:
+        mask_step(micro_batches, cfg, step_generator(cfg.seed, step), special, continuation, device)
+    if "itm" in objectives:
+        for micro, batch in enumerate(micro_batches):
+            itm_plan(batch, cfg, step_generator(cfg.seed, step, micro), host_group)
+
+
+def pretraining_loss(model, batch, cfg, unwrapped_model=None):
     """One micro-step of PTUnifier pre-training. `model` may be DDP-wrapped; heads are read from `unwrapped_model`.
 
     batch: image [B, 1, H, W] uint8 pixels (the model normalises them; or [B, 3, H, W] floats), input_ids [B, T],
-    attention_mask [B, T], image_id [B] (which file: duplicates matter), and, with MLM, the targets mask_step added;
-    optionally padded, the collate's bool: does the mask mark any padding (else each pass reads it from the device).
-    `generator` (ITM's draws) must be seeded alike on every rank: draws are made for the global batch and sliced (see
-    `draw`). ITC and ITM see this micro-batch only, as in CLIP.
+    attention_mask [B, T], and what the host drew for the step: MLM's targets (mask_step) and ITM's negatives
+    (itm_plan); optionally padded, the collate's bool: does the mask mark any padding (else each pass reads it from
+    the device). ITC and ITM see this micro-batch only, as in CLIP.
     Returns (weighted total loss, scalars, selections): scalars = {name: 0-dim tensor} for logging, the weighted total
     among them as `loss`; selections = {"visual" | "textual": [B, k] pool rows the single-modality passes chose}
     (pool mode with ITC only), for the pool-usage statistics.
@@ -231,9 +310,7 @@ def pretraining_loss(model, batch, cfg, generator, unwrapped_model=None):
     unwrapped = unwrapped_model or model
     objectives = cfg.objective_set()
     image, ids, mask, padded = batch["image"], batch["input_ids"], batch["attention_mask"], batch.get("padded")
-    rank, world = rank_and_world()
-    B = len(ids)
-    G, offset = B * world, rank * B  # global batch rows, and where this rank's rows start
+    B, offset = len(ids), rank_and_world()[0] * len(ids)  # where this rank's rows of the global batch start
     total, stats, selections = 0.0, {}, {}
     if "itc" in objectives:
         img = model(image=image)
@@ -261,20 +338,17 @@ def pretraining_loss(model, batch, cfg, generator, unwrapped_model=None):
         loss, acc = mlm_loss(logits, batch["mlm_labels"][row, col], batch["mlm_norm"])
         total = total + cfg.w_mlm * loss
         stats.update(mlm_loss=loss.detach(), mlm_acc=acc)
-    if "itm" in objectives:
-        # Negatives come from the whole global batch, as on one device: images, file ids and texts are gathered (no
-        # gradient needed, they are inputs); texts are padded to the model's length so that every rank's rows have
-        # one shape, with -1 beyond the text so that padding never tells two equal texts apart.
-        text = F.pad(ids.masked_fill(~mask.bool(), -1), (0, unwrapped.cfg.max_text_len - ids.shape[1]), value=-1)
-        valid = valid_negatives(gather(batch["image_id"]), gather(text))
-        probs = None
+    if "itm" in objectives:  # the draws are itm_plan's, made on the host
+        swap = batch["itm_swap"]
         if cfg.itm_hard_negatives:  # the config refuses it without ITC
-            probs = hard_negative_probs(gather(zt.detach()), gather(zi.detach()), unwrapped.itc_scale(), valid)
-        neg = itm_negatives(valid, generator, probs)
-        swap = torch.rand(G, generator=generator, device=generator.device).to(ids.device) < 0.5  # half: negatives
-        rows = torch.where(swap, neg, torch.arange(G, device=ids.device))[offset:offset + B]
-        enc = model(image=gather_images(image)[rows], input_ids=ids, attention_mask=mask, padded=padded)
-        loss, acc = itm_loss(unwrapped.itm_logits(enc.pooled), ~swap[offset:offset + B])
+            probs = hard_negative_probs(zt, gather_all(zi.detach()), unwrapped.itc_scale(), batch["itm_valid"])
+            neg = itm_negatives(probs, torch.Generator(ids.device).manual_seed(batch["itm_seed"]), offset)
+            rows = torch.where(swap, neg, torch.arange(offset, offset + B, device=ids.device))
+            itm_image = gather_all(image)[rows]
+        else:
+            itm_image = exchange_images(image, batch)
+        enc = model(image=itm_image, input_ids=ids, attention_mask=mask, padded=padded)
+        loss, acc = itm_loss(unwrapped.itm_logits(enc.pooled), ~swap)
         total = total + cfg.w_itm * loss
         stats.update(itm_loss=loss.detach(), itm_acc=acc)
     stats["loss"] = total.detach()  # the weighted sum that is optimised, as logged

@@ -14,10 +14,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ptunifier_min import distributed, optim
+from ptunifier_min import optim
 from ptunifier_min.config import PRESETS, TrainConfig, build
 from ptunifier_min.model import PTUnifier
-from ptunifier_min.objectives import IGNORE, mask_step, pretraining_loss
+from ptunifier_min.objectives import IGNORE, draw_step, pretraining_loss
 from test_objectives import OBJECTIVE_SETS, SPECIAL, text_batch
 
 STEPS, GLOBAL_B = 3, 8
@@ -53,22 +53,20 @@ def make(objectives, hard=False, rank=0, world=1):
     model = PTUnifier(cfg.model)
     # what train.py does: freeze what a probe step of these objectives does not reach (a collective, on every rank)
     probe = micro_batches(0, rank, world, 1)
-    if "mlm" in cfg.objective_set():
-        mask_step(probe, cfg, torch.Generator().manual_seed(0), SPECIAL)
-    optim.freeze_unreached(model, pretraining_loss(model, probe[0], cfg, torch.Generator().manual_seed(0))[0])
+    draw_step(probe, cfg, 0, SPECIAL)
+    optim.freeze_unreached(model, pretraining_loss(model, probe[0], cfg)[0])
     return cfg, model
 
 
 def step_loss(net, model, cfg, batches, step):
     """What train.py does for one optimizer step before the update: masks for the step, then the micro-steps, the
     gradients all-reduced on the last. Returns (the last micro-step's loss, its scalars averaged over micro-steps)."""
-    if "mlm" in cfg.objective_set():
-        mask_step(batches, cfg, distributed.step_generator(0, step), SPECIAL)
+    draw_step(batches, cfg, step, SPECIAL)
     stats = {}
     for micro, batch in enumerate(batches):
         last = micro == len(batches) - 1
         with net.no_sync() if isinstance(net, DDP) and not last else contextlib.nullcontext():
-            loss, scalars, _ = pretraining_loss(net, batch, cfg, distributed.step_generator(0, step, micro), model)
+            loss, scalars, _ = pretraining_loss(net, batch, cfg, model)
             (loss / len(batches)).backward()
         for k, v in scalars.items():
             stats[k] = stats.get(k, 0.0) + float(v) / len(batches)

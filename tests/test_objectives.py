@@ -15,7 +15,7 @@ from PIL import Image
 from ptunifier_min import data, distributed, objectives, optim
 from ptunifier_min.config import PRESETS, TrainConfig, build
 from ptunifier_min.model import PTUnifier, Prompts
-from ptunifier_min.objectives import (IGNORE, hard_negative_probs, itc_loss, itm_loss, itm_negatives,
+from ptunifier_min.objectives import (IGNORE, hard_negative_probs, itc_loss, itm_loss, itm_negatives, itm_plan,
                                       mask_step, mask_tokens, mlm_loss, pretraining_loss, valid_negatives)
 
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -85,12 +85,37 @@ def test_itm_negatives_never_pick_the_same_image():
     index = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])
     valid = valid_negatives(index, torch.arange(8)[:, None])  # eight different texts
     g = torch.Generator().manual_seed(0)
-    for probs in (None, hard_negative_probs(torch.randn(8, 8), torch.eye(8), torch.tensor(1.0), valid)):
+    for weights in (valid.double(), hard_negative_probs(torch.randn(8, 8), torch.eye(8), torch.tensor(1.0), valid)):
         for _ in range(50):
-            neg = itm_negatives(valid, g, probs)
+            neg = itm_negatives(weights, g)
             assert (index[neg] != index).all()
-    with pytest.raises(ValueError, match="two different images"):
-        itm_negatives(valid_negatives(torch.tensor([5, 5]), torch.tensor([[1], [2]])), g)
+    # a batch in which some pair has no valid negative is refused on the host, before any pass, naming the flag
+    cfg = build(TrainConfig, {**PRESETS["tiny"], "objectives": "itm", "vocab_size": 100})
+    batch = fake_batch(2)
+    batch["image_id"] = torch.tensor([5, 5])
+    with pytest.raises(ValueError, match="pair 0 of the global batch of 2 has no valid negative.*--batch-size"):
+        itm_plan(batch, cfg, g)
+
+
+def test_exchange_plan_brings_every_rank_exactly_the_images_it_swaps_in():
+    """All ranks' plans, with the all_to_all simulated: each rank ends with image rows[p] for each of its pairs p,
+    and receives only the images of other ranks that it shows."""
+    world, B = 4, 5
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rows = torch.where(torch.rand(world * B, generator=g) < 0.5,
+                           torch.randint(0, world * B, (world * B,), generator=g), torch.arange(world * B))
+        plans = [objectives.exchange_plan(rows, B, r, world) for r in range(world)]
+        images = torch.arange(world * B) * 10  # image j of the global batch is the number 10 j
+        for r, (_, (_, recv_counts), source) in enumerate(plans):
+            chunks = []
+            for s, (send, (send_counts, _), _) in enumerate(plans):  # what rank s sends to rank r, in its order
+                start = sum(send_counts[:r])
+                chunks.append(images[s * B:(s + 1) * B][send[start:start + send_counts[r]]])
+                assert send_counts[r] == recv_counts[s]
+            pool = torch.cat([images[r * B:(r + 1) * B], *chunks])
+            assert torch.equal(pool[source], 10 * rows[r * B:(r + 1) * B])
+            assert len(pool) - B == int((rows[r * B:(r + 1) * B] // B != r).sum())
 
 
 def test_itm_negatives_exclude_same_text_and_same_file(monkeypatch):
@@ -104,8 +129,8 @@ def test_itm_negatives_exclude_same_text_and_same_file(monkeypatch):
     assert torch.equal(valid, expected)
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
-        assert valid[torch.arange(6), itm_negatives(valid, g)].all()
-    # pretraining_loss builds that matrix from the batch: padding differs, the texts (token ids) are what count
+        assert valid[torch.arange(6), itm_negatives(valid.double(), g)].all()
+    # itm_plan builds that matrix from the batch: padding differs, the texts (token ids) are what count
     cfg = build(TrainConfig, {**PRESETS["tiny"], "objectives": "itm", "vocab_size": 100})
     batch = fake_batch()
     batch["image_id"] = image_id
@@ -113,11 +138,11 @@ def test_itm_negatives_exclude_same_text_and_same_file(monkeypatch):
     seen = {}
     real = objectives.itm_negatives
 
-    def spy(valid, *args):
-        seen["valid"] = valid
-        return real(valid, *args)
+    def spy(weights, *args):
+        seen["valid"] = weights > 0
+        return real(weights, *args)
     monkeypatch.setattr(objectives, "itm_negatives", spy)
-    pretraining_loss(PTUnifier(cfg.model), batch, cfg, torch.Generator().manual_seed(0))
+    itm_plan(batch, cfg, torch.Generator().manual_seed(0))
     assert torch.equal(seen["valid"], expected)
 
 
@@ -152,7 +177,9 @@ def pretraining_step_loss(model, batch, cfg, seed=0):
     """One single-micro-step loss as train.py computes it: the step's MLM targets first, then the losses."""
     if "mlm" in cfg.objective_set():
         mask_step([batch], cfg, torch.Generator().manual_seed(seed), SPECIAL)
-    return pretraining_loss(model, batch, cfg, torch.Generator().manual_seed(seed + 1))
+    if "itm" in cfg.objective_set():
+        itm_plan(batch, cfg, torch.Generator().manual_seed(seed + 1))
+    return pretraining_loss(model, batch, cfg)
 
 
 @pytest.mark.parametrize("objectives", OBJECTIVE_SETS)
@@ -180,7 +207,7 @@ def test_hard_negatives_follow_the_similarities():
     sim[torch.arange(6), torch.arange(6)] = 100.0  # its own image scores higher still, and must be excluded
     valid = valid_negatives(index, index[:, None])
     probs = hard_negative_probs(sim, torch.eye(6), torch.tensor(1.0), valid)  # text features x identity = sim
-    neg = itm_negatives(valid, torch.Generator().manual_seed(0), probs)
+    neg = itm_negatives(probs, torch.Generator().manual_seed(0))
     assert torch.equal(neg, (torch.arange(6) + 2) % 6)
 
 
@@ -287,7 +314,8 @@ def _step(model, cfg, batch):
     model.zero_grad(set_to_none=True)
     batch = dict(batch)
     mask_step([batch], cfg, torch.Generator().manual_seed(0), SPECIAL)
-    loss, stats, _ = pretraining_loss(model, batch, cfg, torch.Generator().manual_seed(1))
+    itm_plan(batch, cfg, torch.Generator().manual_seed(5))  # each rank swaps in two images of the other
+    loss, stats, _ = pretraining_loss(model, batch, cfg)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -302,41 +330,49 @@ def test_step_on_uint8_pixels_equals_the_float_images_bit_for_bit(hard):
         assert torch.equal(g, ref_grads[n]), n
 
 
-def _lean_worker(rank, world, store, out):
+def _lean_worker(rank, world, store, out, hard):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    gathered = []
-    all_gather_into_tensor = dist.all_gather_into_tensor
-
-    def spy(output, input, *args, **kwargs):  # what this rank sends of each all-gather that is not autograd's
-        gathered.append((input.dtype, tuple(input.shape), tuple(output.shape)))
-        return all_gather_into_tensor(output, input, *args, **kwargs)
-
-    dist.all_gather_into_tensor = spy
-    cfg, model, batch, pixels, floats = _lean_case()
+    sent = []  # (collective, dtype, input shape, output shape) of every collective that is not autograd's
+    for name in ("all_gather_single", "all_to_all_single"):
+        def spy(output, input, *args, _real=getattr(dist, name), _name=name, **kwargs):
+            sent.append((_name, input.dtype, tuple(input.shape), tuple(output.shape)))
+            return _real(output, input, *args, **kwargs)
+        setattr(dist, name, spy)
+    cfg, model, batch, pixels, floats = _lean_case(hard)
     local = {k: v[4 * rank:4 * rank + 4] for k, v in {**batch, "pixels": pixels, "floats": floats}.items()}
     results = {"pixels": _step(model, cfg, {**local, "image": local.pop("pixels")})}
-    results["sent"] = list(gathered)
+    results["sent"] = list(sent)
     results["floats"] = _step(model, cfg, {**local, "image": local.pop("floats")})
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
-def test_itm_exchanges_uint8_pixels_and_two_processes_equal_one(tmp_path):
-    """2 gloo processes with 4 uint8 images each: ITM's image exchange is one all-gather of uint8 [4, 1, 32, 32] rows
-    (no float pixels), the step equals the float images' bit for bit, and the 2 ranks' mean loss and gradient equal
-    1 process with all 8 (what DDP averages)."""
+@pytest.mark.parametrize("hard", [False, True])
+def test_itm_exchanges_only_the_uint8_rows_needed_and_two_processes_equal_one(tmp_path, hard):
+    """2 gloo processes with 4 uint8 images each. With random negatives ITM's image exchange is one all_to_all of
+    exactly the uint8 rows a rank swaps in from the other (itm_plan's choice, as 1 process makes it); with hard
+    negatives, chosen on the device, one all-gather of every uint8 image. No float pixels are exchanged, the step
+    equals the float images' bit for bit, and the 2 ranks' mean loss and gradient equal 1 process with all 8 (what
+    DDP averages)."""
     import torch.multiprocessing as mp
     out = str(tmp_path / "res")
-    mp.spawn(_lean_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    mp.spawn(_lean_worker, args=(2, str(tmp_path / "store"), out, hard), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
-    cfg, model, batch, pixels, floats = _lean_case()
+    cfg, model, batch, pixels, floats = _lean_case(hard)
     single_loss, single_grads = _step(model, cfg, {**batch, "image": pixels})
-    for r in ranks:
-        images = [sent for sent in r["sent"] if len(sent[1]) == 4]  # the 4-d all-gathers: images
-        assert images == [(torch.uint8, (4, 1, 32, 32), (8, 1, 32, 32))]
-        (loss, grads), (float_loss, float_grads) = r["pixels"], r["floats"]
+    plan = itm_plan(dict(batch), cfg, torch.Generator().manual_seed(5))  # _step's draws, made by 1 process
+    if not hard:  # 1 process: itm_source = the global row whose image each pair is shown
+        needs = [int((plan["itm_source"][4 * r:4 * r + 4] // 4 != r).sum()) for r in range(2)]
+        assert needs == [2, 2]  # one row is needed twice: it is sent twice
+    for r, result in enumerate(ranks):
+        images = [x for x in result["sent"] if len(x[2]) == 4]  # the 4-d exchanges: images
+        if hard:
+            assert images == [("all_gather_single", torch.uint8, (4, 1, 32, 32), (8, 1, 32, 32))]
+        else:
+            assert images == [("all_to_all_single", torch.uint8, (needs[1 - r], 1, 32, 32), (needs[r], 1, 32, 32))]
+        (loss, grads), (float_loss, float_grads) = result["pixels"], result["floats"]
         assert torch.equal(loss, float_loss) and all(torch.equal(g, float_grads[n]) for n, g in grads.items())
     (loss0, grads0), (loss1, grads1) = ranks[0]["pixels"], ranks[1]["pixels"]
     torch.testing.assert_close((loss0 + loss1) / 2, single_loss, atol=1e-6, rtol=1e-5)
