@@ -118,6 +118,31 @@ def test_exchange_plan_brings_every_rank_exactly_the_images_it_swaps_in():
             assert len(pool) - B == int((rows[r * B:(r + 1) * B] // B != r).sum())
 
 
+def _exchange_worker(rank, world, store, out):
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))  # a rank left out of the collective: an error
+    rows = torch.tensor([2, 3, 0, 1, 4, 5])  # ranks 0 and 1 show each other's images; rank 2 keeps its own
+    send, split, source = objectives.exchange_plan(rows, 2, rank, world)
+    image = (10 * (2 * rank + torch.arange(2))).to(torch.uint8).view(2, 1, 1, 1)  # global row j holds 10 j
+    got = objectives.exchange_images(image, {"itm_send": send, "itm_split": split, "itm_source": source})
+    torch.save((split, got.flatten()), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_rank_that_exchanges_no_image_still_takes_part_in_the_exchange(tmp_path):
+    """3 gloo processes: rank 2 neither sends nor receives an image, and all three still get theirs (an all_to_all
+    is a collective: a rank that skipped it would leave the others waiting)."""
+    import torch.multiprocessing as mp
+    out = str(tmp_path / "res")
+    mp.spawn(_exchange_worker, args=(3, str(tmp_path / "store"), out), nprocs=3, join=True)
+    results = [torch.load(f"{out}.{r}", weights_only=False) for r in range(3)]
+    assert results[2][0] == ([0, 0, 0], [0, 0, 0])
+    for r, expected in enumerate(([20, 30], [0, 10], [40, 50])):
+        assert results[r][1].tolist() == expected
+
+
 def test_itm_negatives_exclude_same_text_and_same_file(monkeypatch):
     """Item 4: a negative must show another file AND carry another text (a shared sentence is a true match)."""
     image_id = torch.tensor([10, 11, 12, 12, 13, 14])  # pairs 2 and 3 show one file (a figure under two ids)
