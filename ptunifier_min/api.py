@@ -65,7 +65,8 @@ class Model:
         """[N, d] L2-normalised ITC embeddings of images (paths or PIL images), image-only passes."""
         images = _as_list(images)
         backbone = self.backbone
-        return torch.cat([backbone.itc_embed(backbone(image=self._images(images[s]))) for s in self._batches(len(images))])
+        return torch.cat([backbone.itc_embed(backbone(image=self._images(images[s]), read="pooled"))
+                          for s in self._batches(len(images))])
 
     @torch.no_grad()
     def encode_texts(self, texts):
@@ -73,7 +74,7 @@ class Model:
         texts, backbone = _as_list(texts), self.backbone
         out = []
         for s in self._batches(len(texts)):
-            out.append(backbone.itc_embed(backbone(**self._texts(texts[s]))))
+            out.append(backbone.itc_embed(backbone(**self._texts(texts[s]), read="pooled")))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -89,7 +90,7 @@ class Model:
             raise ValueError(f"match takes pairs: {len(images)} images vs {len(texts)} texts")
         out = []
         for s in self._batches(len(images)):
-            pooled = self.backbone(image=self._images(images[s]), **self._texts(texts[s])).pooled
+            pooled = self.backbone(image=self._images(images[s]), **self._texts(texts[s]), read="pooled").pooled
             out.append(self.backbone.itm_logits(pooled).float().softmax(-1)[:, 1])
         return torch.cat(out)
 

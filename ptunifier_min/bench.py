@@ -4,14 +4,16 @@
     python -m ptunifier_min.bench --presets paper --batch-size 32 --precisions bf16
 
 For each setup (a preset, or a shape of SHAPES: vilt384 is issue 11's HF ViLT comparison) and precision it times
-(a) the backbone alone, one paired forward + backward, and (b) the full PTUnifier step: ITC's image-only and
-text-only passes, MLM's masked pass, ITM's pass, backward and the AdamW update; both eager and under torch.compile
+(a) the backbone alone, one paired forward + backward of the pooled states (and, eager, the same pass computing every
+position, ViLT's work), and (b) the full PTUnifier step: ITC's image-only and text-only passes, MLM's masked pass,
+ITM's pass, backward and the AdamW update; both eager and under torch.compile
 (one compiled model per setup and precision, so each pass shape compiles once; the compile time is the first call,
 printed apart and left out of the rates). Beside them, when transformers is installed (a dev dependency), Hugging
 Face's ViltModel at the same shapes, randomly initialised, forward + backward, same precision, eager. Inputs are
 random tensors of the setup's shapes, so data loading is not measured. All of a setup's timings run in interleaved
 rounds and report medians, so the ratios (backbone / ViLT; full step / backbone FLOP/s) compare like with like even
-on a busy machine. FLOPs come from model.flops_per_pair (6*N*T + 12*L*D*T^2 per pass); the peak is a matrix-product
+on a busy machine. FLOPs come from model.flops_per_pass (6*N*T + 12*L*D*T^2 per pass, less the positions a last
+block does not compute) and flops_per_pair; the peak is a matrix-product
 measurement on this machine (on a GPU, the card's nominal dense bf16 peak, and the measured one beside it). MFU =
 achieved FLOPs / peak of the same precision. On a CPU, bf16 attention takes the explicit softmax(QK^T)V path
 (model.attend), ViLT's own path.
@@ -124,11 +126,13 @@ def vilt_reference(mc, batch_size, device):
 
 
 def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager", "compiled"), vilt=True):
-    """Pairs/s of (a) the backbone, one paired forward + backward, and (b) the full PTUnifier step, eager and/or under
-    torch.compile, and of HF ViltModel's forward + backward at the same shapes and precision (eager), all timed in
-    interleaved rounds (_rates) with a 2048^3 matrix product of the precision. Returns (cfg, {what: parameters},
-    {(what, mode): pairs/s}, {(what, mode): first-call seconds}, {what: FLOPs per pair}, measured matmul FLOP/s);
-    what = "backbone" | "full step" | "ViLT"."""
+    """Pairs/s of (a) the backbone, one paired forward + backward of the pooled states (ITM's pass: the last block
+    computes [IMG_CLS] and [CLS] only), and (b) the full PTUnifier step, eager and/or under torch.compile; of the
+    backbone computing every position in its last block, as ViLT does (eager); and of HF ViltModel's forward +
+    backward at the same shapes and precision (eager), all timed in interleaved rounds (_rates) with a 2048^3 matrix
+    product of the precision. Returns (cfg, {what: parameters}, {(what, mode): pairs/s}, {(what, mode): first-call
+    seconds}, {what: FLOPs per pair}, measured matmul FLOP/s); what = "backbone" | "backbone, every row" |
+    "full step" | "ViLT". FLOPs are those each computes (model.flops_per_pass's rows)."""
     cfg = build(TrainConfig, {**(PRESETS[setup] if setup in PRESETS else SHAPES[setup]), "batch_size": batch_size})
     model = PTUnifier(cfg.model).to(device)
     opt, _ = optim.build_optimizer(model, 1e-4, 1e-4, 0.01, (0.9, 0.98))
@@ -136,11 +140,11 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
     batch = data.to_device(host, device)
     special = {"ids": [cfg.model.cls_id, cfg.model.sep_id, 0], "mask": 4}
 
-    def backbone(m):
+    def backbone(m, read="pooled"):
         def fn():
             with distributed.autocast(precision, device):
                 out = m(image=batch["image"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        padded=batch["padded"])
+                        padded=batch["padded"], read=read)
             out.pooled.float().sum().backward()
         return fn
 
@@ -162,6 +166,7 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
         m = torch.compile(model) if mode == "compiled" else model  # one compiled model: each pass shape compiles once
         fns["backbone", mode] = backbone(m)
         fns["full step", mode] = full_step(m)
+    fns["backbone, every row", "eager"] = backbone(model, "all")  # the same work as ViLT's
     ref = vilt_reference(cfg.model, batch_size, device) if vilt else None
     if ref:
         vilt_model, inputs = ref
@@ -179,9 +184,9 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
     peak = 2 * 2048 ** 3 * rates.pop(("peak", "matmul"))
     P = 1 + (cfg.model.image_size // cfg.model.patch_size) ** 2
     T = cfg.model.max_text_len
-    flops = {"backbone": flops_per_pass(cfg.model, P + T), "ViLT": flops_per_pass(cfg.model, P + T),
-             "full step": flops_per_pair(cfg.model, {"mlm", "itm", "itc"}, T)}
-    params = {what: sum(p.numel() for p in model.parameters()) for what in ("backbone", "full step")}
+    flops = {"backbone": flops_per_pass(cfg.model, P + T, 2), "backbone, every row": flops_per_pass(cfg.model, P + T),
+             "ViLT": flops_per_pass(cfg.model, P + T), "full step": flops_per_pair(cfg.model, {"mlm", "itm", "itc"}, T)}
+    params = {what: sum(p.numel() for p in model.parameters()) for what in flops if what != "ViLT"}
     if ref:
         params["ViLT"] = sum(p.numel() for p in vilt_model.parameters())
     return cfg, params, {k: batch_size * r for k, r in rates.items()}, first, flops, peak
@@ -310,8 +315,8 @@ def main(argv=None):
                  "; MFU divides by the same product timed in each setup's rounds"))
     print("\n| setup | params | precision | what | mode | pairs/s | TFLOP/s | MFU | ratio |\n"
           "|---|---|---|---|---|---|---|---|---|")
-    targets, order = [], [("backbone", "eager"), ("ViLT", "eager"), ("full step", "eager"), ("backbone", "compiled"),
-                          ("full step", "compiled")]
+    targets, order = [], [("backbone", "eager"), ("backbone, every row", "eager"), ("ViLT", "eager"),
+                          ("full step", "eager"), ("backbone", "compiled"), ("full step", "compiled")]
     for setup in setups.split(","):
         B = args.batch_size or BATCH.get(setup, 32)
         for prec in args.precisions.split(","):
@@ -319,7 +324,7 @@ def main(argv=None):
             peak = nominal.get(prec) or peak  # a GPU's nominal bf16 peak; else the matmul timed with these rows
             for what, mode in [k for k in order if k in rates]:
                 pairs = rates[what, mode]
-                if what == "backbone" and ("ViLT", "eager") in rates:
+                if what.startswith("backbone") and ("ViLT", "eager") in rates:
                     ratio = f"{pairs / rates['ViLT', 'eager']:.2f}x ViLT"
                 elif what == "full step":  # efficiency: FLOP/s against the backbone's, same mode
                     ratio = f"{pairs * flops[what] / (rates['backbone', mode] * flops['backbone']):.2f}x backbone"

@@ -313,8 +313,9 @@ def pretraining_loss(model, batch, cfg, unwrapped_model=None):
     B, offset = len(ids), rank_and_world()[0] * len(ids)  # where this rank's rows of the global batch start
     total, stats, selections = 0.0, {}, {}
     if "itc" in objectives:
-        img = model(image=image)
-        txt = model(input_ids=ids, attention_mask=mask, padded=padded)
+        # every pass reads only the final states its head uses (PTUnifier.forward's `read`)
+        img = model(image=image, read="pooled")
+        txt = model(input_ids=ids, attention_mask=mask, padded=padded, read="pooled")
         # the passes ran through `model` (DDP's forward, so that DDP reduces their gradients); the head is read
         # from the unwrapped model
         zi, zt = unwrapped.itc_embed(img), unwrapped.itc_embed(txt)
@@ -332,9 +333,9 @@ def pretraining_loss(model, batch, cfg, unwrapped_model=None):
                 if weight:  # only then in the graph: with weight 0 the separate keys stay unreached, hence frozen
                     total = total + weight * term
     if "mlm" in objectives:
-        enc = model(image=image, input_ids=batch["mlm_input_ids"], attention_mask=mask, padded=padded)
+        enc = model(image=image, input_ids=batch["mlm_input_ids"], attention_mask=mask, padded=padded, read="text")
         row, col = batch["mlm_positions"].unbind(1)  # [M] each: the masked tokens, found by mask_step
-        logits = unwrapped.mlm_logits(enc.hidden[row, enc.n_visual + col])  # only they reach the vocabulary
+        logits = unwrapped.mlm_logits(enc.hidden[row, col])  # only they reach the vocabulary
         loss, acc = mlm_loss(logits, batch["mlm_labels"][row, col], batch["mlm_norm"])
         total = total + cfg.w_mlm * loss
         stats.update(mlm_loss=loss.detach(), mlm_acc=acc)
@@ -347,7 +348,7 @@ def pretraining_loss(model, batch, cfg, unwrapped_model=None):
             itm_image = gather_all(image)[rows]
         else:
             itm_image = exchange_images(image, batch)
-        enc = model(image=itm_image, input_ids=ids, attention_mask=mask, padded=padded)
+        enc = model(image=itm_image, input_ids=ids, attention_mask=mask, padded=padded, read="pooled")
         loss, acc = itm_loss(unwrapped.itm_logits(enc.pooled), ~swap)
         total = total + cfg.w_itm * loss
         stats.update(itm_loss=loss.detach(), itm_acc=acc)

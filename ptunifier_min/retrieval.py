@@ -27,7 +27,7 @@ def embed_images(model, paths, image_size, device, precision="fp32", batch_size=
         # uint8 pixels [b, 1, S, S]: the model normalises them on the device
         x = torch.stack([transform.pixels(data.load_image(p)) for p in paths[i:i + batch_size]]).to(device)
         with autocast(precision, device):
-            out.append(model.itc_embed(model(image=x)))
+            out.append(model.itc_embed(model(image=x, read="pooled")))
     return torch.cat(out)
 
 
@@ -39,7 +39,8 @@ def embed_texts(model, texts, tok, max_len, device, precision="fp32", batch_size
         ids, mask = data.encode_texts(tok, texts[i:i + batch_size], max_len)
         padded = not bool(mask.all())  # read here, on the host's copy: the model need not ask the device
         with autocast(precision, device):
-            out.append(model.itc_embed(model(input_ids=ids.to(device), attention_mask=mask.to(device), padded=padded)))
+            out.append(model.itc_embed(model(input_ids=ids.to(device), attention_mask=mask.to(device), padded=padded,
+                                             read="pooled")))
     return torch.cat(out)
 
 
@@ -82,7 +83,7 @@ def rerank_itm(model, sim, records, tok, image_size, max_len, device, top=16, pr
         ids, mask = data.encode_texts(tok, [texts[j] for j in cand.tolist()], max_len)
         with autocast(precision, device):
             logits = model.itm_logits(model(image=img, input_ids=ids.to(device), attention_mask=mask.to(device),
-                                            padded=not bool(mask.all())).pooled)  # the host's copy of the mask
+                                            padded=not bool(mask.all()), read="pooled").pooled)  # host's mask
         margin = (logits[:, 1].float() - logits[:, 0].float()).cpu()
         order = margin.argsort(descending=True, stable=True)  # [top] candidates by margin, best first
         out[i, cand[order]] = out[i].max() + torch.arange(len(cand), 0, -1, dtype=out.dtype)

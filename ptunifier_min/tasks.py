@@ -185,11 +185,11 @@ class TaskModel(nn.Module):
     def forward(self, batch):
         bb = self.backbone
         if self.task.head == "mlp":
-            return self.head(bb(**self.encoder_inputs(batch)).pooled)
+            return self.head(bb(**self.encoder_inputs(batch), read="pooled").pooled)
         if self.task.head == "itc":  # two passes: image + textual prompts, visual prompts + text
-            return (bb.itc_embed(bb(image=batch["image"])),
+            return (bb.itc_embed(bb(image=batch["image"], read="pooled")),
                     bb.itc_embed(bb(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    padded=batch.get("padded"))))
+                                    padded=batch.get("padded"), read="pooled")))
         memory, memory_mask = encoder_memory(bb, **self.encoder_inputs(batch))
         return self.decoder(batch["target_ids"][:, :-1], memory, memory_mask)  # teacher forcing
 

@@ -106,10 +106,10 @@ def test_every_text_pass_of_the_api_and_retrieval_says_whether_it_pads(runs, mon
     calls = []
     real = PTUnifier.forward
 
-    def spy(self, image=None, input_ids=None, attention_mask=None, manual_attention=False, padded=None):
+    def spy(self, image=None, input_ids=None, attention_mask=None, manual_attention=False, padded=None, read="all"):
         if input_ids is not None:
             calls.append((padded, not bool(attention_mask.all())))
-        return real(self, image, input_ids, attention_mask, manual_attention, padded)
+        return real(self, image, input_ids, attention_mask, manual_attention, padded, read)
 
     monkeypatch.setattr(PTUnifier, "forward", spy)
     m = ptunifier_min.load(str(runs / "runs" / "pretrain"))

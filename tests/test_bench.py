@@ -54,7 +54,8 @@ def test_short_run_prints_every_section(capsys):
     bench.main(["--presets", "tiny", "--precisions", "fp32", "--modes", "eager", "--seconds", "0.05", "--rounds", "1",
                 "--loader-images", "1", "--decode-dim", "8", "--decode-len", "6"])
     out = capsys.readouterr().out
-    for section in ("peak fp32", "| tiny (B=64) | 0.2M | fp32 | backbone | eager |", "| full step | eager |",
+    for section in ("peak fp32", "| tiny (B=64) | 0.2M | fp32 | backbone | eager |", "| backbone, every row | eager |",
+                    "| full step | eager |",
                     "x backbone |", "ratios (same run", "loader", "images per rank and micro-step", "beam search",
                     "cached / uncached"):
         assert section in out, section

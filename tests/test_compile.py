@@ -12,8 +12,9 @@ from ptunifier_min.model import PTUnifier
 
 
 def test_forward_compiles_without_graph_breaks():
-    """The three passes of pre-training (image-only, text-only, the pair with padded texts), as pretraining_loss makes
-    them: the collate's `padded` tells the model about padding, so nothing is read from the device while tracing."""
+    """The passes of pre-training (image-only, text-only, the pair with padded texts), as pretraining_loss makes
+    them, and a pair read whole: the collate's `padded` tells the model about padding, so nothing is read from the
+    device while tracing."""
     cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100})
     model = PTUnifier(cfg.model).train()
     B, T = 4, 12
@@ -21,8 +22,10 @@ def test_forward_compiles_without_graph_breaks():
     ids = torch.randint(5, 100, (B, T))
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 8:] = False
-    passes = {"image-only": dict(image=image), "text-only": dict(input_ids=ids, attention_mask=mask, padded=True),
-              "pair": dict(image=image, input_ids=ids, attention_mask=mask, padded=True)}
+    pair = dict(image=image, input_ids=ids, attention_mask=mask, padded=True)
+    passes = {"image-only": dict(image=image, read="pooled"),
+              "text-only": dict(input_ids=ids, attention_mask=mask, padded=True, read="pooled"),
+              "pair (ITM)": dict(pair, read="pooled"), "pair (MLM)": dict(pair, read="text"), "pair (all)": pair}
     for kind, inputs in passes.items():
         torch._dynamo.reset()
         explained = torch._dynamo.explain(model)(**inputs)

@@ -33,7 +33,7 @@ class MatchedEncoder(torch.nn.Module):
         self.shift = shift
         self.word_index = {tok.token_to_id(w): i for i, w in enumerate(WORDS)}
 
-    def forward(self, image=None, input_ids=None, attention_mask=None, padded=None):
+    def forward(self, image=None, input_ids=None, attention_mask=None, padded=None, read="all"):
         if image is not None:
             if image.dtype == torch.uint8:  # the loaders' pixels, which PTUnifier normalises itself
                 image = data.normalize(image)
@@ -78,7 +78,7 @@ def test_zero_shot_retrieval_on_a_toy_set_with_known_answers(toy):
 class ITMKnowsBetter(MatchedEncoder):
     """Shifted ITC embeddings (every image ranks the wrong text first), but an ITM head that knows the true pairs."""
 
-    def forward(self, image=None, input_ids=None, attention_mask=None, padded=None):
+    def forward(self, image=None, input_ids=None, attention_mask=None, padded=None, read="all"):
         if image is not None and input_ids is not None:
             ki = super().forward(image=image).pooled.argmax(1)
             kt = super().forward(input_ids=input_ids).pooled.argmax(1)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ptunifier_min.config import PRESETS, ModelConfig, TrainConfig, build
-from ptunifier_min.model import PTUnifier, Prompts
+from ptunifier_min.model import PTUnifier, Prompts, flops_per_pass
 
 
 def tiny(**kw):
@@ -39,6 +39,48 @@ def test_shapes_for_three_input_kinds(mode):
     # selected rows are reported only by pools, and only for the missing side
     enc = model(image=img)
     assert (enc.selected_textual is not None) == (mode == "pool") and enc.selected_visual is None
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_reading_only_the_pooled_or_textual_states_gives_the_same_states_and_gradients(manual):
+    """read="pooled" / "text": the last block computes only those positions. Its states, and every parameter's
+    gradient of a loss on them, equal those of the whole pass (the products differ in rows only: 1e-6)."""
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = PTUnifier(cfg).train()  # train mode: the pool queries of a training pass; tiny's dropout is 0
+    img, ids, mask = batch()
+    for kw in (dict(image=img), dict(input_ids=ids, attention_mask=mask),
+               dict(image=img, input_ids=ids, attention_mask=mask)):
+        full = model(**kw, manual_attention=manual)
+        Tv = full.n_visual
+        for read, expected in (("pooled", torch.stack([full.hidden[:, 0], full.hidden[:, Tv]], 1)),
+                               ("text", full.hidden[:, Tv:])):
+            part = model(**kw, manual_attention=manual, read=read)
+            torch.testing.assert_close(part.hidden, expected, atol=1e-6, rtol=1e-5)
+            if read == "pooled":
+                torch.testing.assert_close(part.pooled, full.pooled, atol=1e-6, rtol=1e-5)
+            else:
+                assert part.pooled is None
+            weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+            grads = []
+            for states in (expected, part.hidden):
+                model.zero_grad(set_to_none=True)
+                (states * weights).sum().backward(retain_graph=True)
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            assert grads[0].keys() == grads[1].keys()
+            for n, g in grads[0].items():  # within 1e-5 of the tensor's largest entry (a key bias's is ~0)
+                assert (grads[1][n] - g).abs().max() <= 1e-5 * g.abs().max(), f"{read}: gradient of {n}"
+
+
+def test_flops_of_a_pass_that_reads_some_rows():
+    """All rows: the 6 N T + 12 L D T^2 estimate. Fewer: the last block's key and value projections stay for every
+    position, its other products only for the rows computed."""
+    cfg = tiny()
+    L, D, T, H = cfg.depth, cfg.dim, 50, int(cfg.dim * cfg.mlp_ratio)
+    N = L * (4 * D * D + 2 * H * D)
+    assert flops_per_pass(cfg, T) == flops_per_pass(cfg, T, T) == 6 * N * T + 12 * L * D * T * T
+    last_rows = 6 * (2 * D * D + 2 * H * D) + 12 * D * T  # per row computed: query, output, MLP, attention
+    assert flops_per_pass(cfg, T) - flops_per_pass(cfg, T, 2) == last_rows * (T - 2)
 
 
 def test_padding_is_masked():
