@@ -294,6 +294,8 @@ def main(argv=None):
     p.add_argument("--loader-images", type=int, default=3, help="real-size films for the loader benchmark (0: skip)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        distributed.keep_freed_memory()  # as train.py's CPU runs do (distributed.setup_distributed)
     setups = args.presets or ("cpu,paper" if device.type == "cuda" else "cpu,vilt384")
     modes = args.modes.split(",")
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "

@@ -10,6 +10,7 @@ RNG, so that 8 ranks draw what 1 process draws and a resumed run what the uninte
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import os
 import random
@@ -47,8 +48,29 @@ def setup_distributed(seed):
         dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo")
     if proc.world > 1 and proc.device.type == "cuda":
         proc.host_group = dist.new_group(backend="gloo")
+    if proc.device.type == "cpu":
+        keep_freed_memory()
     seed_everything(seed + proc.rank)
     return proc
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep the memory this process frees, for the next step, instead of giving it back to the OS.
+    Returns whether it could (False where the C library is not glibc).
+
+    A CPU run's tensors come from malloc, and by default glibc returns large freed blocks to the OS (munmap, heap
+    trimming): every step's activations then come back as fresh pages, which the kernel must fault in and zero. On
+    this project's 2-core CPU the cpu preset's bf16 training step made ~34,000 page faults and ran 0.27 s; with this,
+    ~200 faults and 0.21 s (issue 11). The same as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set before start.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: other C libraries have their own knobs
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # blocks up to 32 MB (glibc's largest mmap threshold) come from the heap, and the heap is never trimmed below 2 GB
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def seed_everything(seed):
