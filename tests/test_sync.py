@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
-from ptunifier_min import distributed, optim
+from ptunifier_min import data, distributed, optim
 from ptunifier_min.config import PRESETS, TrainConfig, build
 from ptunifier_min.datasets import source
 
@@ -156,3 +156,19 @@ def test_a_training_step_waits_for_the_device_once(synth_root, tmp_path, monkeyp
     found = "\n".join(f"  {n}x {why}: {where}" for (why, where), n in sorted(watch.found.items()))
     assert not watch.found, f"the host waits for the device inside a training step:\n{found}"
     assert watch.allowed_reads == steps, "optim.all_finite should read one flag per step"
+
+
+def test_batches_bound_for_a_gpu_are_copied_from_pinned_memory(monkeypatch):
+    """A copy to CUDA from pageable memory may wait for the device: to_device pins what the loader did not (the draws
+    the host adds to a batch) and copies without blocking; nothing is pinned for a CPU run. Tensor methods are
+    stubbed, so that a CPU-only build can run this."""
+    pinned, copies = [], []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: self.shape == (3,))  # the loader pinned this one
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(tuple(self.shape)) or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(k.get("non_blocking")) or self)
+    batch = {"image": torch.zeros(3), "mlm_positions": torch.zeros(2, 2), "itm_split": ([1], [1])}
+    out = data.to_device(batch, torch.device("cuda", 0))
+    assert pinned == [(2, 2)] and copies == [True, True] and out["itm_split"] == ([1], [1])
+    pinned.clear()
+    data.to_device(batch, torch.device("cpu"))
+    assert pinned == []
