@@ -60,7 +60,7 @@ def main(argv=None):
     # Freeze what the chosen objectives never reach (e.g. the prompt pools without ITC), measured by one backward pass
     # of a probe batch: DDP then needs no unused-parameter search.
     probe = collate([dataset[i] for i in range(cfg.batch_size)])
-    draw_step([probe], cfg, 0, special_info, continuation, proc.host_group)  # step 0's draws
+    draw_step([probe], cfg, 0, special_info, continuation, proc.host_group, proc.device)  # step 0's draws
     probe = data.to_device(probe, proc.device)
     with distributed.autocast(precision, proc.device):
         probe_loss = pretraining_loss(model, probe, cfg)[0]
