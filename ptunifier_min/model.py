@@ -279,8 +279,8 @@ class PTUnifier(nn.Module):
 
         read: the final states the caller uses, "all", "pooled" ([IMG_CLS] and [CLS]: the heads of ITC, ITM and the
         classification tasks) or "text" (the textual part: MLM). The last block then computes only those positions
-        (all of them remain its keys and values): the same states, for 1/depth less of the work on the rest, e.g. 10%
-        of a paired pass at 12 layers when only the pooled states are read."""
+        (all of them remain its keys and values): the same states, for 1/depth less of the work on the rest, e.g. 7%
+        of a paired pass's FLOPs at the paper preset's 12 layers when only the pooled states are read."""
         if image is None and input_ids is None:
             raise ValueError("PTUnifier needs an image, a text or both")
         sel_v = sel_l = terms = None
