@@ -5,7 +5,8 @@
 
 For each setup (a preset, or a shape of SHAPES: vilt384 is issue 11's HF ViLT comparison) and precision it times
 (a) the backbone alone, one paired forward + backward of the pooled states (and, eager, the same pass computing every
-position, ViLT's work), and (b) the full PTUnifier step: ITC's image-only and text-only passes, MLM's masked pass,
+position, ViLT's work, and the step's three other passes, with the share of the step's time its passes take), and
+(b) the full PTUnifier step: ITC's image-only and text-only passes, MLM's masked pass,
 ITM's pass, backward and the AdamW update; both eager and under torch.compile
 (one compiled model per setup and precision, so each pass shape compiles once; the compile time is the first call,
 printed apart and left out of the rates). Beside them, when transformers is installed (a dev dependency), Hugging
@@ -37,7 +38,7 @@ import torch
 from . import data, distributed, optim
 from .config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build
 from .generation import TextDecoder, beam_search
-from .model import PTUnifier, flops_per_pair, flops_per_pass
+from .model import PTUnifier, flops_per_pair, flops_per_pass, pretraining_passes
 from .objectives import draw_step, exchange_plan, itm_negatives, pretraining_loss
 
 
@@ -132,7 +133,8 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
     backward at the same shapes and precision (eager), all timed in interleaved rounds (_rates) with a 2048^3 matrix
     product of the precision. Returns (cfg, {what: parameters}, {(what, mode): pairs/s}, {(what, mode): first-call
     seconds}, {what: FLOPs per pair}, measured matmul FLOP/s); what = "backbone" | "backbone, every row" |
-    "full step" | "ViLT". FLOPs are those each computes (model.flops_per_pass's rows)."""
+    "pass: image-only" | "pass: text-only" | "pass: pair, MLM" | "full step" | "ViLT". FLOPs are those each
+    computes (model.flops_per_pass's rows)."""
     cfg = build(TrainConfig, {**(PRESETS[setup] if setup in PRESETS else SHAPES[setup]), "batch_size": batch_size})
     model = PTUnifier(cfg.model).to(device)
     opt, _ = optim.build_optimizer(model, 1e-4, 1e-4, 0.01, (0.9, 0.98))
@@ -140,13 +142,18 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
     batch = data.to_device(host, device)
     special = {"ids": [cfg.model.cls_id, cfg.model.sep_id, 0], "mask": 4}
 
-    def backbone(m, read="pooled"):
+    image, text = dict(image=batch["image"]), dict(input_ids=batch["input_ids"],
+                                                  attention_mask=batch["attention_mask"], padded=batch["padded"])
+
+    def one_pass(m, read="pooled", **inputs):
         def fn():
             with distributed.autocast(precision, device):
-                out = m(image=batch["image"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        padded=batch["padded"], read=read)
-            out.pooled.float().sum().backward()
+                out = m(**inputs, read=read)
+            (out.pooled if read == "pooled" else out.hidden).float().sum().backward()
         return fn
+
+    def backbone(m, read="pooled"):
+        return one_pass(m, read, **image, **text)
 
     def full_step(m):
         def fn():
@@ -167,6 +174,10 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
         fns["backbone", mode] = backbone(m)
         fns["full step", mode] = full_step(m)
     fns["backbone, every row", "eager"] = backbone(model, "all")  # the same work as ViLT's
+    # the full step's other passes (its ITM pass is the backbone's), eager: where a step's time goes
+    fns["pass: image-only", "eager"] = one_pass(model, **image)
+    fns["pass: text-only", "eager"] = one_pass(model, **text)
+    fns["pass: pair, MLM", "eager"] = one_pass(model, "text", **image, **text)
     ref = vilt_reference(cfg.model, batch_size, device) if vilt else None
     if ref:
         vilt_model, inputs = ref
@@ -186,6 +197,8 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
     T = cfg.model.max_text_len
     flops = {"backbone": flops_per_pass(cfg.model, P + T, 2), "backbone, every row": flops_per_pass(cfg.model, P + T),
              "ViLT": flops_per_pass(cfg.model, P + T), "full step": flops_per_pair(cfg.model, {"mlm", "itm", "itc"}, T)}
+    for name, (positions, rows) in pretraining_passes(cfg.model, {"mlm", "itm", "itc"}, T).items():
+        flops[f"pass: {name}"] = flops_per_pass(cfg.model, positions, rows)
     params = {what: sum(p.numel() for p in model.parameters()) for what in flops if what != "ViLT"}
     if ref:
         params["ViLT"] = sum(p.numel() for p in vilt_model.parameters())
@@ -318,6 +331,7 @@ def main(argv=None):
     print("\n| setup | params | precision | what | mode | pairs/s | TFLOP/s | MFU | ratio |\n"
           "|---|---|---|---|---|---|---|---|---|")
     targets, order = [], [("backbone", "eager"), ("backbone, every row", "eager"), ("ViLT", "eager"),
+                          ("pass: image-only", "eager"), ("pass: text-only", "eager"), ("pass: pair, MLM", "eager"),
                           ("full step", "eager"), ("backbone", "compiled"), ("full step", "compiled")]
     for setup in setups.split(","):
         B = args.batch_size or BATCH.get(setup, 32)
@@ -328,15 +342,21 @@ def main(argv=None):
                 pairs = rates[what, mode]
                 if what.startswith("backbone") and ("ViLT", "eager") in rates:
                     ratio = f"{pairs / rates['ViLT', 'eager']:.2f}x ViLT"
-                elif what == "full step":  # efficiency: FLOP/s against the backbone's, same mode
+                elif what == "full step" or what.startswith("pass"):  # FLOP/s against the backbone's, same mode
                     ratio = f"{pairs * flops[what] / (rates['backbone', mode] * flops['backbone']):.2f}x backbone"
                 else:
                     ratio = "reference" if what == "ViLT" else ""
                 print(f"| {setup} (B={B}) | {params[what] / 1e6:.1f}M | {prec} | {what} | {mode} | {pairs:.1f} | "
                       f"{pairs * flops[what] / 1e12:.3f} | {100 * pairs * flops[what] / peak:.1f}% | {ratio} |",
                       flush=True)
-                if ratio.endswith(("ViLT", "backbone")):
+                if ratio.endswith(("ViLT", "backbone")) and not what.startswith("pass"):
                     targets.append(f"{setup} {prec} {mode} {what}: {ratio}")
+            if ("full step", "eager") in rates:  # its four passes' share of the step's time (the ITM pass is the
+                # backbone's); the rest is the losses, the host's draws and AdamW
+                passes = [r for (what, _), r in rates.items() if what.startswith("pass")] + [rates["backbone", "eager"]]
+                share = sum(1 / r for r in passes) * rates["full step", "eager"]
+                print(f"| {setup} (B={B}) | | {prec} | share of the full step's time in its four passes: "
+                      f"{100 * share:.0f}% | eager | | | | |", flush=True)
             if "compiled" in modes:
                 print(f"| {setup} (B={B}) | | {prec} | compile time: first call, not in the rates | compiled | "
                       + ", ".join(f"{what} {first[what, 'compiled']:.0f} s" for what in ("backbone", "full step"))

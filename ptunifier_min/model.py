@@ -442,18 +442,26 @@ def flops_per_pass(cfg: ModelConfig, T, rows=None):
     return 6 * ((L - 1) * per_token * T + kv * T + (per_token - kv) * rows) + 12 * D * T * ((L - 1) * T + rows)
 
 
+def pretraining_passes(cfg: ModelConfig, objectives, text_len):
+    """{pass: (positions, positions its last block computes)} of the passes a pre-training step runs per pair."""
+    P = 1 + (cfg.image_size // cfg.patch_size) ** 2
+    k_v, k_l = (0, 0) if cfg.prompt_mode == "none" else (cfg.k_v, cfg.k_l)
+    passes = {}
+    if "itc" in objectives:  # image-only (patches + [CLS] k_l prompts [SEP]) and text-only passes, pooled states
+        passes.update({"image-only": (P + k_l + 2, 2), "text-only": (1 + k_v + text_len, 2)})
+    if "mlm" in objectives:  # the textual part's states
+        passes["pair, MLM"] = (P + text_len, text_len)
+    if "itm" in objectives:
+        passes["pair, ITM"] = (P + text_len, 2)
+    return passes
+
+
 def flops_per_pair(cfg: ModelConfig, objectives, text_len):
     """Training FLOPs of one image-text pair in a pre-training step: the passes each objective runs (flops_per_pass),
     and MLM's head at the ~15% masked positions."""
     D = cfg.dim
-    P = 1 + (cfg.image_size // cfg.patch_size) ** 2
-    k_v, k_l = (0, 0) if cfg.prompt_mode == "none" else (cfg.k_v, cfg.k_l)
-    total = 0
-    if "itc" in objectives:  # image-only pass (patches + [CLS] k_l prompts [SEP]) and text-only pass, pooled states
-        total += flops_per_pass(cfg, P + k_l + 2, 2) + flops_per_pass(cfg, 1 + k_v + text_len, 2)
-    if "mlm" in objectives:  # the textual part's states
-        total += flops_per_pass(cfg, P + text_len, text_len) + 6 * (D * D + D * cfg.vocab_size) * 0.15 * text_len
-    if "itm" in objectives:
-        total += flops_per_pass(cfg, P + text_len, 2)
+    total = sum(flops_per_pass(cfg, T, rows) for T, rows in pretraining_passes(cfg, objectives, text_len).values())
+    if "mlm" in objectives:
+        total += 6 * (D * D + D * cfg.vocab_size) * 0.15 * text_len
     return total
 

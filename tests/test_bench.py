@@ -55,6 +55,8 @@ def test_short_run_prints_every_section(capsys):
                 "--loader-images", "1", "--decode-dim", "8", "--decode-len", "6"])
     out = capsys.readouterr().out
     for section in ("peak fp32", "| tiny (B=64) | 0.2M | fp32 | backbone | eager |", "| backbone, every row | eager |",
+                    "| pass: image-only | eager |", "| pass: text-only | eager |", "| pass: pair, MLM | eager |",
+                    "share of the full step's time in its four passes:",
                     "| full step | eager |",
                     "x backbone |", "ratios (same run", "loader", "images per rank and micro-step", "beam search",
                     "cached / uncached"):
