@@ -1,10 +1,10 @@
 """Pre-train PTUnifier with MLM, ITM and ITC (paper section 3.3).
 
-    python train.py                                   # CPU preset on the synthetic world (made on demand)
-    python train.py --preset tiny --steps 20          # smoke test
+    python train.py                             # CPU preset on the synthetic world (made on demand)
+    python train.py --preset tiny --steps 20    # smoke test
     torchrun --nproc_per_node=8 train.py --preset paper --data-root /data/prepared --out runs/paper
 
-Read top to bottom: config -> data -> model -> optimizer -> loop -> checkpoint -> zero-shot retrieval.
+Read top to bottom: config, data, model, optimizer, loop, checkpoint, zero-shot retrieval.
 """
 
 import contextlib
@@ -21,143 +21,181 @@ from ptunifier_min.datasets.source import ensure_prepared
 from ptunifier_min.model import PTUnifier, flops_per_pair
 from ptunifier_min.objectives import draw_step, pretraining_loss
 
-# The tokenizers library's own thread pool cannot survive the fork into data-loader workers; batching across samples
-# gives us the parallelism instead.
+# The tokenizers library's own thread pool cannot survive the fork into data-loader workers;
+# batching across samples gives us the parallelism instead.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv=None):
-    cfg = config_lib.parse_args(config_lib.TrainConfig, config_lib.PRESETS, argv, description=__doc__.split("\n")[0])
+    cfg = config_lib.parse_args(config_lib.TrainConfig, config_lib.PRESETS, argv,
+                                description=__doc__.split("\n")[0])
     objectives = cfg.objective_set()
     proc = distributed.setup_distributed(cfg.seed)
     print0 = print if proc.main else (lambda *a, **k: None)
     precision = distributed.resolve_precision(cfg.precision, proc.device)
-    if proc.main:  # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
+    # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
+    if proc.main:
         checkpoint.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, print0)
 
-    # ---- data: prepared manifests and the tokenizer (made from the synthetic world if no --data-root) ----------------
+    # ---- data: prepared manifests and the tokenizer ----------------------------------------------
+    # (made from the synthetic world if no --data-root)
     names = [n for n in cfg.data.split(",") if n]
-    root, tok_path = ensure_prepared(cfg, names + (["roco_retrieval"] if cfg.eval_pairs else []), proc, print0)
+    root, tok_path = ensure_prepared(cfg, names + (["roco_retrieval"] if cfg.eval_pairs else []),
+                                     proc, print0)
     tok = data.load_tokenizer(tok_path)
     tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     special = data.special_ids(tok)
-    cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = tok.get_vocab_size(), special["cls"], special["sep"]
+    cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = (
+        tok.get_vocab_size(), special["cls"], special["sep"])
     records = data.load_pretrain_records(root, names, "train")
-    # uint8 one-channel pixels (ImageTransform.pixels): the model normalises them on the device (issue 11)
-    transform = data.ImageTransform(cfg.model.image_size, train=True, random_resized_crop=cfg.random_resized_crop)
+    # uint8 one-channel pixels (ImageTransform.pixels): the model normalises them on the device
+    # (issue 11)
+    transform = data.ImageTransform(cfg.model.image_size, train=True,
+                                    random_resized_crop=cfg.random_resized_crop)
     dataset = data.PretrainDataset(records, transform.pixels, cfg.seed)
     collate = data.pretrain_collate(tok, cfg.model.max_text_len)
     order = data.BatchOrder(len(dataset), cfg.batch_size, proc.world, proc.rank, cfg.seed)
     vocab = tok.get_vocab()
-    continuation = torch.zeros(len(vocab), dtype=torch.bool)  # [V] True for '##' pieces (whole-word masking)
+    # [V] True for '##' pieces (whole-word masking)
+    continuation = torch.zeros(len(vocab), dtype=torch.bool)
     continuation[[i for t, i in vocab.items() if t.startswith("##")]] = True
-    special_info = {"ids": [special["cls"], special["sep"], special["pad"]], "mask": special["mask"]}
+    special_info = {"ids": [special["cls"], special["sep"], special["pad"]],
+                    "mask": special["mask"]}
 
-    # ---- model and optimizer ----------------------------------------------------------------------------------------
-    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print0)  # sets ln_pre, QuickGELU, ..
+    # ---- model and optimizer ---------------------------------------------------------------------
+    # sets ln_pre, QuickGELU, ..
+    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print0)
     model = PTUnifier(cfg.model).to(proc.device)
     pretrained.load_into(model, imported, print0)
-    # Freeze what the chosen objectives never reach (e.g. the prompt pools without ITC), measured by one backward pass
-    # of a probe batch: DDP then needs no unused-parameter search.
+    # Freeze what the chosen objectives never reach (e.g. the prompt pools without ITC), measured by
+    # one backward pass of a probe batch: DDP then needs no unused-parameter search.
     probe = collate([dataset[i] for i in range(cfg.batch_size)])
-    draw_step([probe], cfg, 0, special_info, continuation, proc.host_group, proc.device)  # step 0's draws
+    # step 0's draws
+    draw_step([probe], cfg, 0, special_info, continuation, proc.host_group, proc.device)
     probe = data.to_device(probe, proc.device)
     with distributed.autocast(precision, proc.device):
         probe_loss = pretraining_loss(model, probe, cfg)[0]
     frozen = optim.freeze_unreached(model, probe_loss)
-    opt, groups = optim.build_optimizer(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    opt, groups = optim.build_optimizer(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay,
+                                        (cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.warmup_linear(cfg.steps, cfg.warmup_frac))
     start_step = 0
-    if cfg.resume:  # refuses the settings a resumed run cannot change; applies and prints those it may (new LRs too)
+    # refuses the settings a resumed run cannot change;
+    # applies and prints those it may (new LRs too)
+    if cfg.resume:
         state = checkpoint.resume_from(cfg.resume, cfg, model, opt, sched, print0)
-        checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"]) else state["rng"][0])
+        checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"])
+                                 else state["rng"][0])
         start_step = state["step"]
-    train_model = torch.compile(model) if config_lib.use_compile(cfg.compile, proc.device) else model
+    train_model = (torch.compile(model) if config_lib.use_compile(cfg.compile, proc.device)
+                   else model)
     if proc.world > 1:
-        # the model's buffers are constants (the pixel table, the [CLS] [SEP] ids): no broadcast before every forward
-        train_model = DDP(train_model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None,
+        # the model's buffers are constants (the pixel table, the [CLS] [SEP] ids): no broadcast
+        # before every forward
+        train_model = DDP(train_model,
+                          device_ids=[proc.local_rank] if proc.device.type == "cuda" else None,
                           broadcast_buffers=False)
 
     global_batch = cfg.batch_size * cfg.grad_accum * proc.world
     n_params = sum(p.numel() for p in model.parameters())
     pool = sum(p.numel() for n, p in model.named_parameters() if "prompts" in n)
     print0(f"config: {config_lib.to_dict(cfg)}")
-    print0(f"data: {len(records):,} training images from {', '.join(names)} ({root}); tokenizer {tok_path}, "
-        f"{cfg.model.vocab_size:,} tokens")
-    print0(f"model: {n_params:,} parameters ({pool:,} in prompt pools); frozen for these objectives: {frozen or 'none'}")
+    print0(f"data: {len(records):,} training images from {', '.join(names)} ({root}); "
+        f"tokenizer {tok_path}, {cfg.model.vocab_size:,} tokens")
+    print0(f"model: {n_params:,} parameters ({pool:,} in prompt pools); "
+        f"frozen for these objectives: {frozen or 'none'}")
     print0("optimizer groups: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()))
-    print0(f"global batch {global_batch} = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x {proc.world} "
-        f"ranks; ITC negatives per pair {cfg.batch_size * proc.world - 1}; precision {precision}; device {proc.device}")
+    print0(f"global batch {global_batch} = {cfg.batch_size} per device x {cfg.grad_accum} "
+        f"accumulation x {proc.world} ranks; ITC negatives per pair "
+        f"{cfg.batch_size * proc.world - 1}; precision {precision}; device {proc.device}")
     if proc.main:
         checkpoint.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
-    log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main, resume_step=start_step if cfg.resume else None)
+    log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
+                         resume_step=start_step if cfg.resume else None)
 
-    # ---- training loop ----------------------------------------------------------------------------------------------
-    batches = data.micro_batches(dataset, order, collate, cfg.num_workers, start_step * cfg.grad_accum)
+    # ---- training loop ---------------------------------------------------------------------------
+    batches = data.micro_batches(dataset, order, collate, cfg.num_workers,
+                                 start_step * cfg.grad_accum)
     peak = distributed.peak_flops(proc.device)
     step_flops = flops_per_pair(cfg.model, objectives, cfg.model.max_text_len) * global_batch
-    watch = poolstats.PoolWatch(model, probe, precision, proc.device)  # pool usage, gradient, top-k changes
+    # pool usage, gradient, top-k changes
+    watch = poolstats.PoolWatch(model, probe, precision, proc.device)
     guard = optim.NonFiniteGuard(cfg.max_skips, cfg.out, log)
     window, t0 = [], time.perf_counter()
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not proc.main, desc="pre-train")
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+               disable=not proc.main, desc="pre-train")
     model.train()
     for step in bar:
-        # All micro-batches of the step first: MLM's masks are drawn for the whole step, and every micro-step divides
-        # by the step's masked-token count, so --grad-accum 2 at batch B is batch 2B (objectives.mask_step). They and
-        # ITM's negatives are drawn on the host, before the batches move: there the host knows the masked positions and
-        # which images to exchange without asking the device. From here to the non-finite check the host never waits
-        # for the device (tests/test_sync.py).
+        # All micro-batches of the step first: MLM's masks are drawn for the whole step, and every
+        # micro-step divides by the step's masked-token count, so --grad-accum 2 at batch B is batch
+        # 2B (objectives.mask_step). They and ITM's negatives are drawn on the host, before the
+        # batches move: there the host knows the masked positions and which images to exchange
+        # without asking the device. From here to the non-finite check the host never waits for the
+        # device (tests/test_sync.py).
         micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-        draw_step(micro_batches, cfg, step, special_info, continuation, proc.host_group, proc.device)
+        draw_step(micro_batches, cfg, step, special_info, continuation, proc.host_group,
+                  proc.device)
         micro_batches = [data.to_device(batch, proc.device) for batch in micro_batches]
         step_stats = []
         for micro, batch in enumerate(micro_batches):
-            # DDP all-reduces the gradients on the last micro-step only; no_sync must wrap the forward pass too
+            # DDP all-reduces the gradients on the last micro-step only; no_sync must wrap the
+            # forward pass too
             last = micro == cfg.grad_accum - 1
             with train_model.no_sync() if proc.world > 1 and not last else contextlib.nullcontext():
                 with distributed.autocast(precision, proc.device):
                     loss, scalars, selected = pretraining_loss(train_model, batch, cfg, model)
-                (loss / cfg.grad_accum).backward()  # the gradients add up to the mean over the micro-steps
-            step_stats.append(scalars)  # tensors: read on logging steps only, so the host does not wait here
-            watch.count(selected)  # which pool rows the single-modality passes chose, counted on the device
-        # non-finite check (the host waits for the device here, once per step), clip, AdamW, logit-scale clamp, schedule
+                # the gradients add up to the mean over the micro-steps
+                (loss / cfg.grad_accum).backward()
+            # tensors: read on logging steps only, so the host does not wait here
+            step_stats.append(scalars)
+            # which pool rows the single-modality passes chose, counted on the device
+            watch.count(selected)
+        # non-finite check (the host waits for the device here, once per step), clip, AdamW,
+        # logit-scale clamp, schedule
         grad_norm = optim.optimizer_step(model, opt, sched, loss, cfg.grad_clip, proc)
         if not guard(grad_norm, step + 1):
             continue
         window.append(step_stats)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            dt = time.perf_counter() - t0  # the host has waited for the device's work up to the last check
-            steps = [{k: sum(float(s[k]) for s in micros) / len(micros) for k in micros[0]} for micros in window]
+            # the host has waited for the device's work up to the last check
+            dt = time.perf_counter() - t0
+            steps = [{k: sum(float(s[k]) for s in micros) / len(micros) for k in micros[0]}
+                     for micros in window]
             rec = {"step": step + 1, **{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]},
                    "grad_norm": float(grad_norm), "lr_backbone": sched.get_last_lr()[0],
                    "pairs_per_s": len(window) * global_batch / dt}
-            rec.update(watch.read(model, proc.world))  # a collective: every rank logs on the same steps
+            # a collective: every rank logs on the same steps
+            rec.update(watch.read(model, proc.world))
             if peak:
                 rec["mfu"] = step_flops * len(window) / dt / peak
             log.write(rec)
-            bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("mlm_loss", "itm_loss", "itc_loss", "itc_acc") if k in rec})
+            bar.set_postfix({k: f"{rec[k]:.3f}"
+                             for k in ("mlm_loss", "itm_loss", "itc_loss", "itc_acc") if k in rec})
             window, t0 = [], time.perf_counter()
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             rng = checkpoint.gather_rng(proc)  # a collective: every rank takes part, rank 0 writes
             if proc.main:
-                state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1, "rng": rng}
+                state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "step": step + 1, "rng": rng}
                 checkpoint.save_checkpoint(cfg.out, step + 1, model, cfg, state, files=[tok_path])
     bar.close()
     distributed.assert_in_sync(model, proc)
-    print0(f"checkpoint: {checkpoint.resolve_checkpoint(cfg.out)}" + (f"; all {proc.world} ranks hold identical parameters"
-                                                                  if proc.world > 1 else ""))
+    print0(f"checkpoint: {checkpoint.resolve_checkpoint(cfg.out)}"
+           + (f"; all {proc.world} ranks hold identical parameters" if proc.world > 1 else ""))
 
-    # ---- zero-shot retrieval on ROCO test pairs ---------------------------------------------------------------------
+    # ---- zero-shot retrieval on ROCO test pairs --------------------------------------------------
     if cfg.eval_pairs and proc.main:
         test = data.read_split(os.path.join(root, "roco_retrieval"), "test")[:cfg.eval_pairs]
-        # finetune.py's and eval.py's retrieval evaluation: Recall@1/5/10 both ways, r_mean, the seconds it took
-        r = retrieval.retrieval_metrics(model, test, tok, cfg.model.image_size, cfg.model.max_text_len, proc.device,
-                                        precision)
-        print0(f"zero-shot retrieval on {len(test)} {'' if cfg.data_root else 'synthetic '}ROCO test pairs "
-            "(chance in brackets):")
+        # finetune.py's and eval.py's retrieval evaluation: Recall@1/5/10 both ways, r_mean, the
+        # seconds it took
+        r = retrieval.retrieval_metrics(model, test, tok, cfg.model.image_size,
+                                        cfg.model.max_text_len, proc.device, precision)
+        print0(f"zero-shot retrieval on {len(test)} {'' if cfg.data_root else 'synthetic '}"
+            "ROCO test pairs (chance in brackets):")
         for direction in ("i2t", "t2i"):
             print0(f"  {direction}: " + "  ".join(f"R@{k} {100 * r[f'{direction}_r{k}']:.1f} "
-                                                  f"[{100 * min(1, k / len(test)):.2f}]" for k in (1, 5, 10)))
+                                                  f"[{100 * min(1, k / len(test)):.2f}]"
+                                                  for k in (1, 5, 10)))
         log.write({"step": cfg.steps, "zero_shot_retrieval": r})  # r["pairs"]: how many
     distributed.barrier(proc)
     if proc.world > 1:

@@ -1,20 +1,26 @@
-"""The three pre-training objectives of PTUnifier (paper section 3.3) as small pure functions, and the step that sums them.
+"""The three pre-training objectives of PTUnifier (paper section 3.3) as small pure functions, and
+the step that sums them.
 
-    draw_step(micro_batches, cfg, step, special)   # on the host: MLM's targets (mask_step), ITM's negatives (itm_plan)
-    loss, stats, selections = pretraining_loss(model, batch, cfg)   # then each micro-step, on the device
+    draw_step(micro_batches, cfg, step, special)
+        # on the host: MLM's targets (mask_step), ITM's negatives (itm_plan)
+    loss, stats, selections = pretraining_loss(model, batch, cfg)
+        # then each micro-step, on the device
 
-Nothing in pretraining_loss reads a tensor of the device on the host: a micro-step never makes the host wait for the
-device. Every random draw of a step is made on the host before the batches move, where the host can see it without
-asking the device (tests/test_sync.py).
+Nothing in pretraining_loss reads a tensor of the device on the host: a micro-step never makes the
+host wait for the device. Every random draw of a step is made on the host before the batches move,
+where the host can see it without asking the device (tests/test_sync.py).
 
-- MLM on the paired pass with masked text (BERT's 15% and 80/10/10), vocabulary projection only at masked positions,
-  averaged over every masked token of the optimizer step (all ranks, all micro-steps);
-- ITM on the paired pass, negatives by swapping in another image of the batch (or ALBEF hard negatives from ITC),
-  never one showing the same file or captioned with the same text;
-- ITC between an image-only pass (image + textual prompts) and a text-only pass (visual prompts + text), gathered over
-  all ranks with gradients so that 8 GPUs compute the loss of the global batch (open_clip's "local loss").
-ITC and ITM see one micro-step's global batch: gradient accumulation does not enlarge the contrastive batch (as in
-CLIP). Contrastive logits and every loss's log-softmax are fp32 with autocast off, also inside a bf16 region.
+- MLM on the paired pass with masked text (BERT's 15% and 80/10/10), vocabulary projection only at
+  masked positions, averaged over every masked token of the optimizer step (all ranks, all
+  micro-steps);
+- ITM on the paired pass, negatives by swapping in another image of the batch (or ALBEF hard
+  negatives from ITC), never one showing the same file or captioned with the same text;
+- ITC between an image-only pass (image + textual prompts) and a text-only pass (visual prompts +
+  text), gathered over all ranks with gradients so that 8 GPUs compute the loss of the global batch
+  (open_clip's "local loss").
+ITC and ITM see one micro-step's global batch: gradient accumulation does not enlarge the
+contrastive batch (as in CLIP). Contrastive logits and every loss's log-softmax are fp32 with
+autocast off, also inside a bf16 region.
 The authors' code never ran ITC (a misnamed config key); here all three are trained.
 """
 
@@ -32,21 +38,24 @@ IGNORE = -100  # cross_entropy's ignore_index: positions without an MLM target
 def draw(generator, rows, width, offset, B, T):
     """Uniform draws for rows [offset, offset + B) and columns [0, T) of a [rows, width] table.
 
-    Every rank draws the whole global table from the same generator and keeps its own block, so a sample gets the same
-    random numbers whether it is trained on 1 process or 8 (DDP equivalence) and however its batch is padded.
+    Every rank draws the whole global table from the same generator and keeps its own block, so a
+    sample gets the same random numbers whether it is trained on 1 process or 8 (DDP equivalence)
+    and however its batch is padded.
     The draws are made on the generator's device.
     """
-    return torch.rand(rows, width, generator=generator, device=generator.device)[offset:offset + B, :T]
+    return torch.rand(rows, width, generator=generator,
+                      device=generator.device)[offset:offset + B, :T]
 
 
-def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, prob=0.15, mask_id=None,
-                continuation=None, rows=None, width=None, offset=0):
+def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, prob=0.15,
+                mask_id=None, continuation=None, rows=None, width=None, offset=0):
     """BERT masking. Returns (masked input ids, labels with IGNORE where nothing is predicted).
 
-    Candidates are real tokens only: never [CLS], [SEP], [PAD] (nor prompts or image positions, which are not in
-    input_ids). Of the chosen, 80% become [MASK], 10% a random token, 10% stay. With `continuation` ([V] bool: the
-    vocabulary entries that start with '##'), whole words are masked together: every piece takes the draw of its
-    word's first piece. rows/width/offset place this batch in the global draw table (see `draw`).
+    Candidates are real tokens only: never [CLS], [SEP], [PAD] (nor prompts or image positions,
+    which are not in input_ids). Of the chosen, 80% become [MASK], 10% a random token, 10% stay.
+    With `continuation` ([V] bool: the vocabulary entries that start with '##'), whole words are
+    masked together: every piece takes the draw of its word's first piece. rows/width/offset place
+    this batch in the global draw table (see `draw`).
     """
     B, T = input_ids.shape
     dev = input_ids.device
@@ -57,36 +66,41 @@ def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, p
     if continuation is not None:
         is_start = ~continuation.to(dev)[input_ids]
         pos = torch.arange(T, device=dev).expand(B, T)
-        start = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(1).values  # [B, T] index of the word's start
+        # [B, T] index of the word's start
+        start = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(1).values
         r = r.gather(1, start)
     chosen = candidate & (r < prob)
-    # a short batch can draw no token at all: it predicts its likeliest one then (none if it has no candidate), decided
-    # without an `if`, which would make the host read the draws
+    # a short batch can draw no token at all: it predicts its likeliest one then (none if it has no
+    # candidate), decided without an `if`, which would make the host read the draws
     likeliest = candidate & (r == r.masked_fill(~candidate, 2.0).min())
     chosen = torch.where(chosen.any(), chosen, likeliest)
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
     action = draw(generator, rows, width, offset, B, T).to(dev)
-    random_ids = (draw(generator, rows, width, offset, B, T) * vocab_size).long().clamp(max=vocab_size - 1).to(dev)
+    random_ids = (draw(generator, rows, width, offset, B, T)
+                  * vocab_size).long().clamp(max=vocab_size - 1).to(dev)
     out = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_id), input_ids)
     out = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, out)
     return out, labels
 
 
 def mask_step(micro_batches, cfg, generator, special, continuation=None, device=None):
-    """MLM targets for every micro-batch of one optimizer step, before any forward pass. Adds to each batch
-    `mlm_input_ids` / `mlm_labels` [B, T], `mlm_positions` [M, 2] (row, column of each masked token, in row-major
-    order) and `mlm_norm`, what its summed MLM loss is divided by; returns the step's masked-token count over all
-    ranks (a tensor on `device`, the batches' when None: reading it makes the host wait).
+    """MLM targets for every micro-batch of one optimizer step, before any forward pass. Adds to
+    each batch `mlm_input_ids` / `mlm_labels` [B, T], `mlm_positions` [M, 2] (row, column of each
+    masked token, in row-major order) and `mlm_norm`, what its summed MLM loss is divided by;
+    returns the step's masked-token count over all ranks (a tensor on `device`, the batches' when
+    None: reading it makes the host wait).
 
-    train.py calls it on the batches while they are still on the host: the masks are then drawn where their CPU
-    generator is, and the host knows where the masked tokens are, so the MLM head can pick them out of the hidden
-    states without asking the device (boolean indexing would: the host needs the count to size the result).
+    train.py calls it on the batches while they are still on the host: the masks are then drawn
+    where their CPU generator is, and the host knows where the masked tokens are, so the MLM head
+    can pick them out of the hidden states without asking the device (boolean indexing would: the
+    host needs the count to size the result).
 
-    The micro-batches read their rows of one draw table for the step's global batch (rows = batch x world x
-    grad_accum, in the order BatchOrder hands out samples), so the mask a sample gets does not depend on how the step
-    is split over ranks and micro-steps. mlm_norm = count / (world x grad_accum): after accumulate's 1/grad_accum and
-    DDP's average over ranks, the gradient is that of the mean over every masked token of the step, so --grad-accum 2
-    at batch B is exactly batch 2B (and 2 processes at batch B), unless a micro-batch draws no token at all and takes
+    The micro-batches read their rows of one draw table for the step's global batch (rows = batch x
+    world x grad_accum, in the order BatchOrder hands out samples), so the mask a sample gets does
+    not depend on how the step is split over ranks and micro-steps. mlm_norm = count / (world x
+    grad_accum): after accumulate's 1/grad_accum and DDP's average over ranks, the gradient is that
+    of the mean over every masked token of the step, so --grad-accum 2 at batch B is exactly batch
+    2B (and 2 processes at batch B), unless a micro-batch draws no token at all and takes
     mask_tokens' fallback (a rare event for any but the shortest texts at batch 1).
     """
     rank, world = rank_and_world()
@@ -96,21 +110,23 @@ def mask_step(micro_batches, cfg, generator, special, continuation=None, device=
     for micro, batch in enumerate(micro_batches):
         generator.set_state(start)  # the same tables for every micro-batch; each keeps its own rows
         batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
-            batch["input_ids"], batch["attention_mask"], special["ids"], cfg.model.vocab_size, generator, cfg.mlm_prob,
-            special["mask"], continuation if cfg.whole_word else None,
+            batch["input_ids"], batch["attention_mask"], special["ids"], cfg.model.vocab_size,
+            generator, cfg.mlm_prob, special["mask"], continuation if cfg.whole_word else None,
             rows=B * world * A, width=cfg.model.max_text_len, offset=(micro * world + rank) * B)
         batch["mlm_positions"] = (batch["mlm_labels"] != IGNORE).nonzero()  # [M, 2]
         count = count + len(batch["mlm_positions"])
     count = count.to(device or batch["mlm_labels"].device, non_blocking=True)
     if world > 1:
-        dist.all_reduce(count)  # a collective: every rank masks its micro-batches, then all sum their counts
+        # a collective: every rank masks its micro-batches, then all sum their counts
+        dist.all_reduce(count)
     for batch in micro_batches:
         batch["mlm_norm"] = count.float() / (world * A)
     return count
 
 
 def cross_entropy_fp32(logits, target, **kwargs):
-    """cross_entropy with its log-softmax in fp32, autocast off: no loss of ours is computed in bf16."""
+    """cross_entropy with its log-softmax in fp32, autocast off: no loss of ours is computed in
+    bf16."""
     with torch.autocast(logits.device.type, enabled=False):
         return F.cross_entropy(logits.float(), target, **kwargs)
 
@@ -120,7 +136,8 @@ def mlm_loss(logits, labels, norm=None):
 
     norm: what the summed loss is divided by (see mask_step); this batch's M when not given.
     """
-    loss = cross_entropy_fp32(logits, labels, reduction="sum") / (norm if norm is not None else len(labels))
+    loss = cross_entropy_fp32(logits, labels, reduction="sum") / (
+        norm if norm is not None else len(labels))
     return loss, (logits.argmax(-1) == labels).float().mean()
 
 
@@ -131,15 +148,17 @@ def itm_loss(logits, matched):
 
 
 def gather(x):
-    """All ranks' rows of x, with gradients flowing back to their owners; x itself when not distributed."""
+    """All ranks' rows of x, with gradients flowing back to their owners; x itself when not
+    distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return torch.cat(dist_nn.all_gather(x), 0)
 
 
 def gather_all(x, group=None):
-    """All ranks' rows of x, without gradients (inputs: ids, texts, images), in x's dtype; x itself when not
-    distributed. group: the process group to use (None = the default one, which must serve x's device)."""
+    """All ranks' rows of x, without gradients (inputs: ids, texts, images), in x's dtype; x itself
+    when not distributed. group: the process group to use (None = the default one, which must serve
+    x's device)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     out = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))
@@ -148,27 +167,32 @@ def gather_all(x, group=None):
 
 
 def exchange_images(image, batch):
-    """The images of this rank's ITM pairs [B, C, S, S]: its own, or the negative itm_plan swapped in, brought from the
-    rank that holds it by one all_to_all of exactly the rows needed, in the loader's dtype (uint8 one-channel pixels, a
-    twelfth of the float RGB the model reads; the model normalises them).
+    """The images of this rank's ITM pairs [B, C, S, S]: its own, or the negative itm_plan swapped
+    in, brought from the rank that holds it by one all_to_all of exactly the rows needed, in the
+    loader's dtype (uint8 one-channel pixels, a twelfth of the float RGB the model reads; the model
+    normalises them).
 
-    Paper preset, 8 x 32 at 288 px: about 14 rows of 83 KB (1.2 MB) arrive per rank and micro-step, where an
-    all-gather of every image would bring 224 of them (19 MB), and 4 nodes four times that. The row counts are the
-    host's (itm_plan): the exchange makes the host wait for nothing."""
+    Paper preset, 8 x 32 at 288 px: about 14 rows of 83 KB (1.2 MB) arrive per rank and micro-step,
+    where an all-gather of every image would bring 224 of them (19 MB), and 4 nodes four times that.
+    The row counts are the host's (itm_plan): the exchange makes the host wait for nothing."""
     send_counts, recv_counts = batch["itm_split"]
     pool = image
-    if len(send_counts) > 1:  # every rank takes part, also one that sends and receives nothing (a collective)
+    # every rank takes part, also one that sends and receives nothing (a collective)
+    if len(send_counts) > 1:
         received = image.new_empty((sum(recv_counts), *image.shape[1:]))
-        dist.all_to_all_single(received, image[batch["itm_send"]].contiguous(), recv_counts, send_counts)
+        dist.all_to_all_single(received, image[batch["itm_send"]].contiguous(),
+                               recv_counts, send_counts)
         pool = torch.cat([image, received])
     return pool[batch["itm_source"]]
 
 
 def itc_loss(image_feats, text_feats, scale):
-    """Symmetric InfoNCE (paper eqs. 7-10) between L2-normalised features [B, d] of this rank's pairs.
+    """Symmetric InfoNCE (paper eqs. 7-10) between L2-normalised features [B, d] of this rank's
+    pairs.
 
-    Each rank scores its own rows against every rank's columns. With DDP averaging the gradients over ranks and the
-    gather sending gradients back, this is exactly the loss of the global batch on one device.
+    Each rank scores its own rows against every rank's columns. With DDP averaging the gradients
+    over ranks and the gather sending gradients back, this is exactly the loss of the global batch
+    on one device.
     Returns (loss, image->text accuracy).
     """
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -184,9 +208,11 @@ def itc_loss(image_feats, text_feats, scale):
 def valid_negatives(image_id, text):
     """[G, G] bool: may pair j's image be swapped in as the negative of pair i's text?
 
-    Only when it is another image file and pair j's text differs from pair i's (token ids after truncation): with one
-    sentence sampled per record, "No pneumothorax." under another image would be a true match labelled as a mismatch.
-    image_id [G] int64 file identities (data.file_id), text [G, L] token ids, equal rows for equal texts.
+    Only when it is another image file and pair j's text differs from pair i's (token ids after
+    truncation): with one sentence sampled per record, "No pneumothorax." under another image would
+    be a true match labelled as a mismatch.
+    image_id [G] int64 file identities (data.file_id), text [G, L] token ids, equal rows for equal
+    texts.
     """
     same_file = image_id[:, None] == image_id[None, :]  # the diagonal included
     same_text = (text[:, None, :] == text[None, :, :]).all(-1)
@@ -194,32 +220,38 @@ def valid_negatives(image_id, text):
 
 
 def hard_negative_probs(text_feats, image_feats, scale, valid):
-    """ALBEF's hard-negative distribution: row i = softmax over images j of scale x cos(text i, image j), restricted
-    to the valid negatives. The similarities are ITC's logits (ALBEF: sim / temperature), not raw cosines: at a global
-    batch of 256, cosines in [-1, 1] would give an almost uniform choice. No gradient flows through the choice."""
-    logits = scale.detach().float() * matmul_fp32(text_feats.detach(), image_feats.detach().t())  # [G, G]
+    """ALBEF's hard-negative distribution: row i = softmax over images j of scale x cos(text i,
+    image j), restricted to the valid negatives. The similarities are ITC's logits (ALBEF: sim /
+    temperature), not raw cosines: at a global batch of 256, cosines in [-1, 1] would give an almost
+    uniform choice. No gradient flows through the choice."""
+    # [G, G]
+    logits = scale.detach().float() * matmul_fp32(text_feats.detach(), image_feats.detach().t())
     return F.softmax(logits.double().masked_fill(~valid, float("-inf")), -1)
 
 
 def itm_negatives(weights, generator, offset=0):
-    """For pairs [offset, offset + R) of the global batch, the row whose image is swapped in as each one's negative.
+    """For pairs [offset, offset + R) of the global batch, the row whose image is swapped in as each
+    one's negative.
 
-    weights [R, G]: the valid negatives as 0/1 (uniform choice, the paper's random negative) or their probabilities
-    (hard_negative_probs). Drawn as torch.multinomial(weights, 1) draws (the exponential race: argmax of weight /
-    Exp(1) noise), with the noise of the whole [G, G] table, sliced: a rank draws for its pairs what one process
-    drawing for the whole global batch draws for them. Nothing is read on the host.
+    weights [R, G]: the valid negatives as 0/1 (uniform choice, the paper's random negative) or
+    their probabilities (hard_negative_probs). Drawn as torch.multinomial(weights, 1) draws (the
+    exponential race: argmax of weight / Exp(1) noise), with the noise of the whole [G, G] table,
+    sliced: a rank draws for its pairs what one process drawing for the whole global batch draws for
+    them. Nothing is read on the host.
     """
     G = weights.shape[1]
-    noise = torch.empty((G, G), dtype=weights.dtype, device=generator.device).exponential_(generator=generator)
+    noise = torch.empty((G, G), dtype=weights.dtype,
+                        device=generator.device).exponential_(generator=generator)
     return (weights / noise[offset:offset + len(weights)].to(weights.device)).argmax(1)
 
 
 def exchange_plan(rows, B, rank, world):
-    """How rank `rank` gets the images of its ITM pairs when pair p of the global batch is shown row rows[p]'s image
-    ([G] int64; rank r holds rows [r * B, (r + 1) * B)). Every rank computes every rank's plan alike, so that each
-    knows what the others send. Returns (send: its own rows other ranks need, ordered by the receiving pair, hence by
-    receiving rank; (rows to each rank, rows from each rank) as lists; source [B]: each of its pairs' image in
-    cat(own images, received images), received ones ordered by sending rank, then by pair)."""
+    """How rank `rank` gets the images of its ITM pairs when pair p of the global batch is shown row
+    rows[p]'s image ([G] int64; rank r holds rows [r * B, (r + 1) * B)). Every rank computes every
+    rank's plan alike, so that each knows what the others send. Returns (send: its own rows other
+    ranks need, ordered by the receiving pair, hence by receiving rank; (rows to each rank, rows
+    from each rank) as lists; source [B]: each of its pairs' image in cat(own images, received
+    images), received ones ordered by sending rank, then by pair)."""
     G, offset = len(rows), rank * B
     mine = slice(offset, offset + B)
     owner, pair_rank = rows // B, torch.arange(G) // B
@@ -235,36 +267,41 @@ def exchange_plan(rows, B, rank, world):
 
 
 def itm_plan(batch, cfg, generator, group=None):
-    """ITM's draws for one micro-batch, made on the host before the batch moves (like mask_step's masks): which of the
-    global batch's pairs get a swapped-in image (half, at random), which image, and how each rank gets the images
-    it swaps in. Adds to the batch:
+    """ITM's draws for one micro-batch, made on the host before the batch moves (like mask_step's
+    masks): which of the global batch's pairs get a swapped-in image (half, at random), which image,
+    and how each rank gets the images it swaps in. Adds to the batch:
 
-        itm_swap [B] bool        this rank's pairs whose image is another pair's (the mismatches ITM must detect)
-        itm_send [S], itm_split  own images other ranks need, and (rows to each rank, rows from each rank): lists
-        itm_source [B]           each pair's image in cat(own images, received images) (exchange_images)
+        itm_swap [B] bool        this rank's pairs whose image is another pair's (the mismatches ITM
+                                 must detect)
+        itm_send [S], itm_split  own images other ranks need, and (rows to each rank, rows from each
+                                 rank): lists
+        itm_source [B]           each pair's image in cat(own images, received images)
+                                 (exchange_images)
 
-    With cfg.itm_hard_negatives the choice of the image needs ITC's features, which only the device has:
-    itm_valid [B, G] (the valid negatives of this rank's pairs) and itm_seed (for the device's draw) instead, and
-    every rank receives every image (gather_all).
+    With cfg.itm_hard_negatives the choice of the image needs ITC's features, which only the device
+    has: itm_valid [B, G] (the valid negatives of this rank's pairs) and itm_seed (for the device's
+    draw) instead, and every rank receives every image (gather_all).
 
-    Every rank gathers the global batch's file ids and texts (small int64 tensors, through `group`, a CPU process
-    group: distributed.Dist.host_group) and draws the same tables from `generator`, so each knows what the others
-    send. A pair of the global batch without any valid negative raises ValueError here, before any pass.
+    Every rank gathers the global batch's file ids and texts (small int64 tensors, through `group`,
+    a CPU process group: distributed.Dist.host_group) and draws the same tables from `generator`, so
+    each knows what the others send. A pair of the global batch without any valid negative raises
+    ValueError here, before any pass.
     """
     rank, world = rank_and_world()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     B = len(ids)
     G, mine = B * world, slice(rank * B, (rank + 1) * B)
-    # texts padded to the model's length with -1, so that every rank's rows have one shape and padding never tells
-    # two equal texts apart
-    text = F.pad(ids.masked_fill(~mask.bool(), -1), (0, cfg.model.max_text_len - ids.shape[1]), value=-1)
+    # texts padded to the model's length with -1, so that every rank's rows have one shape and
+    # padding never tells two equal texts apart
+    text = F.pad(ids.masked_fill(~mask.bool(), -1), (0, cfg.model.max_text_len - ids.shape[1]),
+                 value=-1)
     meta = gather_all(torch.cat([batch["image_id"][:, None], text], 1), group).cpu()  # [G, 1 + L]
     valid = valid_negatives(meta[:, 0], meta[:, 1:])
     lonely = (~valid.any(1)).nonzero().flatten().tolist()
     if lonely:
-        raise ValueError(f"ITM needs two different images and texts in every batch: pair {lonely[0]} of the global "
-                         f"batch of {G} has no valid negative (every other pair shows its image file or has its "
-                         "text); raise --batch-size")
+        raise ValueError(f"ITM needs two different images and texts in every batch: pair "
+                         f"{lonely[0]} of the global batch of {G} has no valid negative (every "
+                         "other pair shows its image file or has its text); raise --batch-size")
     if cfg.itm_hard_negatives:
         swap = torch.rand(G, generator=generator) < 0.5
         batch.update(itm_swap=swap[mine], itm_valid=valid[mine],
@@ -272,7 +309,8 @@ def itm_plan(batch, cfg, generator, group=None):
         return batch
     neg = itm_negatives(valid.double(), generator)
     swap = torch.rand(G, generator=generator) < 0.5
-    rows = torch.where(swap, neg, torch.arange(G))  # [G]: the global row whose image each pair is shown
+    # [G]: the global row whose image each pair is shown
+    rows = torch.where(swap, neg, torch.arange(G))
     send, split, source = exchange_plan(rows, B, rank, world)
     batch.update(itm_swap=swap[mine], itm_send=send, itm_split=split, itm_source=source)
     return batch
@@ -285,9 +323,10 @@ def rank_and_world():
 
 
 def draw_step(micro_batches, cfg, step, special, continuation=None, host_group=None, device=None):
-    """Every random draw of optimizer step `step`, made on the host before the batches move: MLM's targets for the
-    whole step (mask_step), then ITM's negatives for each micro-batch (itm_plan), each from its own stream of
-    distributed.step_generator. host_group, device: see itm_plan and mask_step."""
+    """Every random draw of optimizer step `step`, made on the host before the batches move: MLM's
+    targets for the whole step (mask_step), then ITM's negatives for each micro-batch (itm_plan),
+    each from its own stream of distributed.step_generator. host_group, device: see itm_plan and
+    mask_step."""
     objectives = cfg.objective_set()
     if "mlm" in objectives:
         mask_step(micro_batches, cfg, step_generator(cfg.seed, step), special, continuation, device)
@@ -297,44 +336,56 @@ def draw_step(micro_batches, cfg, step, special, continuation=None, host_group=N
 
 
 def pretraining_loss(model, batch, cfg, unwrapped_model=None):
-    """One micro-step of PTUnifier pre-training. `model` may be DDP-wrapped; heads are read from `unwrapped_model`.
+    """One micro-step of PTUnifier pre-training. `model` may be DDP-wrapped; heads are read from
+    `unwrapped_model`.
 
-    batch: image [B, 1, H, W] uint8 pixels (the model normalises them; or [B, 3, H, W] floats), input_ids [B, T],
-    attention_mask [B, T], and what the host drew for the step: MLM's targets (mask_step) and ITM's negatives
-    (itm_plan); optionally padded, the collate's bool: does the mask mark any padding (else each pass reads it from
-    the device). ITC and ITM see this micro-batch only, as in CLIP.
-    Returns (weighted total loss, scalars, selections): scalars = {name: 0-dim tensor} for logging, the weighted total
-    among them as `loss`; selections = {"visual" | "textual": [B, k] pool rows the single-modality passes chose}
-    (pool mode with ITC only), for the pool-usage statistics.
+    batch: image [B, 1, H, W] uint8 pixels (the model normalises them; or [B, 3, H, W] floats),
+    input_ids [B, T], attention_mask [B, T], and what the host drew for the step: MLM's targets
+    (mask_step) and ITM's negatives (itm_plan); optionally padded, the collate's bool: does the mask
+    mark any padding (else each pass reads it from the device). ITC and ITM see this micro-batch
+    only, as in CLIP.
+    Returns (weighted total loss, scalars, selections): scalars = {name: 0-dim tensor} for logging,
+    the weighted total among them as `loss`; selections = {"visual" | "textual": [B, k] pool rows
+    the single-modality passes chose} (pool mode with ITC only), for the pool-usage statistics.
     """
     unwrapped = unwrapped_model or model
     objectives = cfg.objective_set()
-    image, ids, mask, padded = batch["image"], batch["input_ids"], batch["attention_mask"], batch.get("padded")
-    B, offset = len(ids), rank_and_world()[0] * len(ids)  # where this rank's rows of the global batch start
+    image, ids, mask, padded = (batch["image"], batch["input_ids"], batch["attention_mask"],
+                                batch.get("padded"))
+    # where this rank's rows of the global batch start
+    B, offset = len(ids), rank_and_world()[0] * len(ids)
     total, stats, selections = 0.0, {}, {}
     if "itc" in objectives:
         # every pass reads only the final states its head uses (PTUnifier.forward's `read`)
         img = model(image=image, read="pooled")
         txt = model(input_ids=ids, attention_mask=mask, padded=padded, read="pooled")
-        # the passes ran through `model` (DDP's forward, so that DDP reduces their gradients); the head is read
-        # from the unwrapped model
+        # the passes ran through `model` (DDP's forward, so that DDP reduces their gradients); the
+        # head is read from the unwrapped model
         zi, zt = unwrapped.itc_embed(img), unwrapped.itc_embed(txt)
         loss, acc = itc_loss(zi, zt, unwrapped.itc_scale())
         total = total + cfg.w_itc * loss
-        stats.update(itc_loss=loss.detach(), itc_acc=acc, logit_scale=unwrapped.itc_scale().detach())
+        stats.update(itc_loss=loss.detach(), itc_acc=acc,
+                     logit_scale=unwrapped.itc_scale().detach())
         for k, rows in (("visual", txt.selected_visual), ("textual", img.selected_textual)):
             if rows is not None:
                 selections[k] = rows
-        if img.pool_terms is not None:  # the pools chose the prompts: their auxiliary terms (Prompts.forward)
+        # the pools chose the prompts: their auxiliary terms (Prompts.forward)
+        if img.pool_terms is not None:
             for name in ("pull", "balance"):
-                term = (img.pool_terms[name] + txt.pool_terms[name]) / 2  # the textual and the visual pool
-                stats[f"pool_{name}"] = term.detach()  # logged whatever the weight: how the pools are used
+                # the textual and the visual pool
+                term = (img.pool_terms[name] + txt.pool_terms[name]) / 2
+                # logged whatever the weight: how the pools are used
+                stats[f"pool_{name}"] = term.detach()
                 weight = getattr(cfg, f"w_pool_{name}")
-                if weight:  # only then in the graph: with weight 0 the separate keys stay unreached, hence frozen
+                # only then in the graph: with weight 0 the separate keys stay unreached, hence
+                # frozen
+                if weight:
                     total = total + weight * term
     if "mlm" in objectives:
-        enc = model(image=image, input_ids=batch["mlm_input_ids"], attention_mask=mask, padded=padded, read="text")
-        row, col = batch["mlm_positions"].unbind(1)  # [M] each: the masked tokens, found by mask_step
+        enc = model(image=image, input_ids=batch["mlm_input_ids"], attention_mask=mask,
+                    padded=padded, read="text")
+        # [M] each: the masked tokens, found by mask_step
+        row, col = batch["mlm_positions"].unbind(1)
         logits = unwrapped.mlm_logits(enc.hidden[row, col])  # only they reach the vocabulary
         loss, acc = mlm_loss(logits, batch["mlm_labels"][row, col], batch["mlm_norm"])
         total = total + cfg.w_mlm * loss
@@ -342,16 +393,18 @@ def pretraining_loss(model, batch, cfg, unwrapped_model=None):
     if "itm" in objectives:  # the draws are itm_plan's, made on the host
         swap = batch["itm_swap"]
         if cfg.itm_hard_negatives:  # the config refuses it without ITC
-            probs = hard_negative_probs(zt, gather_all(zi.detach()), unwrapped.itc_scale(), batch["itm_valid"])
-            neg = itm_negatives(probs, torch.Generator(ids.device).manual_seed(batch["itm_seed"]), offset)
+            probs = hard_negative_probs(zt, gather_all(zi.detach()), unwrapped.itc_scale(),
+                                        batch["itm_valid"])
+            neg = itm_negatives(probs, torch.Generator(ids.device).manual_seed(batch["itm_seed"]),
+                                offset)
             rows = torch.where(swap, neg, torch.arange(offset, offset + B, device=ids.device))
             itm_image = gather_all(image)[rows]
         else:
             itm_image = exchange_images(image, batch)
-        enc = model(image=itm_image, input_ids=ids, attention_mask=mask, padded=padded, read="pooled")
+        enc = model(image=itm_image, input_ids=ids, attention_mask=mask, padded=padded,
+                    read="pooled")
         loss, acc = itm_loss(unwrapped.itm_logits(enc.pooled), ~swap)
         total = total + cfg.w_itm * loss
         stats.update(itm_loss=loss.detach(), itm_acc=acc)
     stats["loss"] = total.detach()  # the weighted sum that is optimised, as logged
     return total, stats, selections
-
