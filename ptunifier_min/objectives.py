@@ -245,6 +245,16 @@ def itm_negatives(weights, generator, offset=0):
     return (weights / noise[offset:offset + len(weights)].to(weights.device)).argmax(1)
 
 
+def itm_rows(valid, generator):
+    """The random-negative draws of a global batch, from its [G, G] valid negatives: (swap [G]
+    bool, half of the pairs at random; rows [G], the global row whose image each pair is shown: a
+    uniform valid negative where swapped, its own row elsewhere)."""
+    G = len(valid)
+    neg = itm_negatives(valid.double(), generator)
+    swap = torch.rand(G, generator=generator) < 0.5
+    return swap, torch.where(swap, neg, torch.arange(G))
+
+
 def exchange_plan(rows, B, rank, world):
     """How rank `rank` gets the images of its ITM pairs when pair p of the global batch is shown row
     rows[p]'s image ([G] int64; rank r holds rows [r * B, (r + 1) * B)). Every rank computes every
@@ -307,10 +317,7 @@ def itm_plan(batch, cfg, generator, group=None):
         batch.update(itm_swap=swap[mine], itm_valid=valid[mine],
                      itm_seed=int(torch.randint(2**62, (), generator=generator)))
         return batch
-    neg = itm_negatives(valid.double(), generator)
-    swap = torch.rand(G, generator=generator) < 0.5
-    # [G]: the global row whose image each pair is shown
-    rows = torch.where(swap, neg, torch.arange(G))
+    swap, rows = itm_rows(valid, generator)
     send, split, source = exchange_plan(rows, B, rank, world)
     batch.update(itm_swap=swap[mine], itm_send=send, itm_split=split, itm_source=source)
     return batch
