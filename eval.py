@@ -1,15 +1,16 @@
-"""Evaluate a checkpoint on a downstream test set, or gather fine-tuning results into the paper's Table 2.
+"""Evaluate a checkpoint on a downstream test set, or gather fine-tuning results into Table 2.
 
-    python eval.py --task roco_retrieval --ckpt runs/pretrain                  # zero-shot retrieval (ITC head)
-    python eval.py --task roco_retrieval --ckpt runs/pretrain --rerank-top 16  # ... top 16 re-ranked by the ITM head
-    python eval.py --task chexpert --ckpt runs/pretrain                        # zero-shot CheXpert from text prompts
-    python eval.py --ckpt runs/finetune/vqa_rad-pretrained                     # re-evaluate a fine-tuned checkpoint
-    python eval.py --table runs/finetune                                       # Table 2 from every results.json
+    python eval.py --task roco_retrieval --ckpt runs/pretrain  # zero-shot retrieval (ITC head)
+    python eval.py --task roco_retrieval --ckpt runs/pretrain --rerank-top 16  # ... ITM re-ranking
+    python eval.py --task chexpert --ckpt runs/pretrain        # zero-shot CheXpert via text prompts
+    python eval.py --ckpt runs/finetune/vqa_rad-pretrained     # re-evaluate a fine-tuned checkpoint
+    python eval.py --table runs/finetune                       # Table 2 from every results.json
 
-A pre-training checkpoint is evaluated zero-shot (retrieval and CheXpert only: the other tasks need a trained head);
-a fine-tuned checkpoint is rebuilt from its own config and evaluated on its task. --out DIR writes DIR/results.json in
-finetune.py's format, so that zero-shot numbers can join the table. It runs as one process: under torchrun
-(WORLD_SIZE > 1) it refuses to start rather than have every rank evaluate and write the same files.
+A pre-training checkpoint is evaluated zero-shot (retrieval and CheXpert only: the other tasks need
+a trained head); a fine-tuned checkpoint is rebuilt from its own config and evaluated on its task.
+--out DIR writes DIR/results.json in finetune.py's format, so that zero-shot numbers can join the
+table. It runs as one process: under torchrun (WORLD_SIZE > 1) it refuses to start rather than have
+every rank evaluate and write the same files.
 """
 
 import dataclasses
@@ -39,15 +40,17 @@ _f = config_lib._f  # a field with its help and its allowed values, checked by p
 
 @dataclass
 class EvalConfig:
-    """eval.py's flags; everything else (architecture, data, decoding) comes from the checkpoint's own config."""
+    """eval.py's flags; everything else (architecture, data, decoding) comes from the checkpoint's
+    own config."""
 
-    task: str = _f("", "task to evaluate; empty = the fine-tuned checkpoint's task. Zero-shot from a pre-training "
-                       "checkpoint: roco_retrieval | chexpert")
+    task: str = _f("", "task to evaluate; empty = the fine-tuned checkpoint's task. "
+                       "Zero-shot from a pre-training checkpoint: roco_retrieval | chexpert")
     ckpt: str = _f("", "checkpoint: a run folder (follows `latest`) or a step folder")
-    table: str = _f("", "instead of evaluating: print Table 2 from every results.json under this folder and write "
-                        "table.json")
+    table: str = _f("", "instead of evaluating: print Table 2 from every results.json under this "
+                        "folder and write table.json")
     split: str = _f("test", "split to evaluate: test | val")
-    rerank_top: int = _f(0, "retrieval: re-rank each image's top K texts with the ITM head (0 = ITC ranking only)",
+    rerank_top: int = _f(0, "retrieval: re-rank each image's top K texts with the ITM head "
+                            "(0 = ITC ranking only)",
                          valid=">= 0")
     data_root: str = _f("", "prepared data folder; empty = the one the checkpoint was trained on")
     synth_root: str = _f("", "synthetic world folder; empty = the checkpoint's")
@@ -55,17 +58,20 @@ class EvalConfig:
     eval_batch_size: int = _f(64, "samples per evaluation batch", valid=">= 1")
     beam_size: int = _f(0, "beam size for TS / ITG; 0 = the fine-tuning run's", valid=">= 0")
     length_penalty: float = _f(-1.0, "beam length penalty; negative = the fine-tuning run's")
-    precision: str = _f("auto", "bf16 | fp32 | auto (bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32)")
+    precision: str = _f("auto", "bf16 | fp32 | auto (bf16 on CUDA and on CPUs with "
+                                "AVX512-BF16/AMX, else fp32)")
     num_workers: int = _f(2, "data-loader worker processes", valid=">= 0")
-    out: str = _f("", "folder to write results.json into (finetune.py's format); empty = print only")
+    out: str = _f("", "folder to write results.json into (finetune.py's format); "
+                      "empty = print only")
 
 
 def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Evaluation is one pass of one process; under torchrun every rank would repeat it and write the same files.
+        # Evaluation is one pass of one process;
+        # under torchrun every rank would repeat it and write the same files.
         raise SystemExit(f"eval.py runs as a single process, not under torchrun "
-                         f"(WORLD_SIZE={os.environ['WORLD_SIZE']}): run it with python eval.py ... (it uses one GPU "
-                         "when there is one)")
+                         f"(WORLD_SIZE={os.environ['WORLD_SIZE']}): run it with python eval.py ... "
+                         "(it uses one GPU when there is one)")
     args = config_lib.parse_args(EvalConfig, {}, argv, description=__doc__.split("\n")[0])
     if args.table:
         print(render_table(args.table))
@@ -89,8 +95,10 @@ def main(argv=None):
         if name not in ZERO_SHOT:
             raise SystemExit(f"{ckpt} is a pre-training checkpoint: zero-shot evaluation covers "
                              f"{', '.join(ZERO_SHOT)}; "
-                             f"for {name} fine-tune first: python finetune.py --task {name} --init {args.ckpt}")
-        keep = {k: saved[k] for k in ("data_root", "synth_root", "synth_scale", "seed") if k in saved}
+                             f"for {name} fine-tune first: "
+                             f"python finetune.py --task {name} --init {args.ckpt}")
+        keep = {k: saved[k] for k in ("data_root", "synth_root", "synth_scale", "seed")
+                if k in saved}
         cfg = config_lib.build(FinetuneConfig, {**keep, **saved["model"], "task": name})
     else:
         cfg = config_lib.from_dict(FinetuneConfig, saved)
@@ -102,22 +110,24 @@ def main(argv=None):
     for k in ("data_root", "synth_root", "synth_scale"):
         if getattr(args, k):
             setattr(cfg, k, getattr(args, k))
-    cfg.eval_batch_size, cfg.num_workers, cfg.tokenizer = args.eval_batch_size, args.num_workers, tok_path
+    cfg.eval_batch_size, cfg.num_workers, cfg.tokenizer = (
+        args.eval_batch_size, args.num_workers, tok_path)
 
     root, _ = ensure_prepared(cfg, [task.folder], proc)
     folder = os.path.join(root, task.folder)
     meta = data.read_meta(folder)
     records = data.read_split(folder, args.split)
     backbone = PTUnifier(cfg.model)
-    print(f"{'zero-shot' if zero_shot else 'fine-tuned'} {task.name} on {len(records):,} {args.split} records of "
-          f"{folder}; checkpoint {ckpt}")
-    inputs = dict(image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len, device=proc.device,
-                  precision=precision)
+    print(f"{'zero-shot' if zero_shot else 'fine-tuned'} {task.name} on {len(records):,} "
+          f"{args.split} records of {folder}; checkpoint {ckpt}")
+    inputs = dict(image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len,
+                  device=proc.device, precision=precision)
     if zero_shot:
         checkpoint.load_weights(ckpt, backbone, strict=True)
         backbone.to(proc.device).eval()
         if task.name == "chexpert":
-            m = tasks.zero_shot_classification(backbone, records, meta["label_names"], tok, **inputs)
+            m = tasks.zero_shot_classification(backbone, records, meta["label_names"], tok,
+                                               **inputs)
         else:  # retrieval through the backbone's own ITC head
             m = tasks.evaluate(backbone, task, records, tok, **inputs, rerank_top=args.rerank_top)
         init = ckpt
@@ -125,8 +135,9 @@ def main(argv=None):
         model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len)
         checkpoint.load_weights(ckpt, model, strict=True)
         model.to(proc.device)
-        m = tasks.evaluate(model, task, records, tok, **inputs, meta=meta, max_gen_len=cfg.max_gen_len,
-                           batch_size=cfg.eval_batch_size, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
+        m = tasks.evaluate(model, task, records, tok, **inputs, meta=meta,
+                           max_gen_len=cfg.max_gen_len, batch_size=cfg.eval_batch_size,
+                           beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
                            rerank_top=args.rerank_top, num_workers=cfg.num_workers)
         init = saved.get("init") or "scratch"
         run = os.path.join(os.path.dirname(ckpt), "results.json")
@@ -136,17 +147,18 @@ def main(argv=None):
     print(json.dumps(m, indent=1))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        results = {"task": task.name, "metrics": m, "split": args.split, "zero_shot": zero_shot, "init": init,
-                   "checkpoint": ckpt, "config": config_lib.to_dict(cfg),
+        results = {"task": task.name, "metrics": m, "split": args.split, "zero_shot": zero_shot,
+                   "init": init, "checkpoint": ckpt, "config": config_lib.to_dict(cfg),
                    "eval_config": dataclasses.asdict(args)}
         checkpoint.write_json(os.path.join(args.out, "results.json"), results)
         print(f"wrote {os.path.join(args.out, 'results.json')}")
     return 0
 
 
-# ---- Table 2 ---------------------------------------------------------------------------------------------------------
+# ---- Table 2 -------------------------------------------------------------------------------------
 def run_group(r):
-    """The table row of a results.json: zero-shot, pre-trained or scratch, and the share of training data."""
+    """The table row of a results.json: zero-shot, pre-trained or scratch, and the share of training
+    data."""
     if r.get("zero_shot"):
         return "zero-shot"
     group = "scratch" if r.get("init", "scratch") == "scratch" else "pre-trained"
@@ -171,13 +183,14 @@ def collect(root):
             r = json.load(f)
         for heading, task, key in COLUMNS:
             if r.get("task") == task and key in r.get("metrics", {}):
-                rows.setdefault(run_group(r), {}).setdefault(heading, []).append((r["metrics"][key], path))
+                rows.setdefault(run_group(r), {}).setdefault(heading, []).append(
+                    (r["metrics"][key], path))
     return rows
 
 
 def render_table(root):
-    """Markdown in the layout of the paper's Table 2 (percentages; the mean when a cell has several runs), and
-    root/table.json with the same numbers and the results.json files behind each cell."""
+    """Markdown in the layout of the paper's Table 2 (percentages; the mean when a cell has several
+    runs), and root/table.json with the same numbers and the results.json files behind each cell."""
     rows = collect(root)
     if not rows:
         raise SystemExit(f"no results.json with a Table 2 metric under {root}")
@@ -198,7 +211,8 @@ def render_table(root):
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
         table.append({"run": group, "cells": out})
     markdown = "\n".join(lines)
-    checkpoint.write_json(os.path.join(root, "table.json"), {"columns": headings, "rows": table, "markdown": markdown})
+    checkpoint.write_json(os.path.join(root, "table.json"),
+                          {"columns": headings, "rows": table, "markdown": markdown})
     return markdown
 
 

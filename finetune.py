@@ -1,19 +1,23 @@
-"""Fine-tune PTUnifier on one downstream task of the paper's Table 2 and report its test metrics (paper section 5.3).
+r"""Fine-tune PTUnifier on one downstream task of Table 2 and report its test metrics (section 5.3).
 
-    python finetune.py --task chexpert                     # CPU preset, synthetic world, from runs/pretrain if present
-    python finetune.py --task chexpert --data-frac 0.01    # label efficiency: a seeded 1% of the training split
-    python finetune.py --task vqa_rad --init scratch       # the no-pre-training baseline
-    torchrun --nproc_per_node=8 finetune.py --preset paper --task slake --init runs/paper --data-root /data/prepared
+    python finetune.py --task chexpert                   # CPU, synthetic, from runs/pretrain if any
+    python finetune.py --task chexpert --data-frac 0.01  # label efficiency: seeded 1% train subset
+    python finetune.py --task vqa_rad --init scratch     # the no-pre-training baseline
+    torchrun --nproc_per_node=8 finetune.py --preset paper --task slake --init runs/paper \
+        --data-root /data/prepared
 
-Tasks: chexpert, rsna (image classification), radnli (text classification), mimic_sum (summarisation), roco_retrieval,
-mimic_gen (report generation), vqa_rad, slake, medvqa2019 (VQA). The model is selected on val every --eval-every steps
-and only the selected weights see test. Writes <out>/results.json and the selected checkpoint.
+Tasks: chexpert, rsna (image classification), radnli (text classification), mimic_sum
+(summarisation), roco_retrieval, mimic_gen (report generation), vqa_rad, slake, medvqa2019 (VQA).
+The model is selected on val every --eval-every steps and only the selected weights see test. Writes
+<out>/results.json and the selected checkpoint.
 
-Text lengths: --max-text-len (encoder input) and --max-gen-len (generation target) default per task to the 95th
-percentile of the training split's token counts, rounded up to 8; a longer input length than the checkpoint's extends
-its learned text position embeddings. The share of inputs and targets cut in each split is printed and stored.
+Text lengths: --max-text-len (encoder input) and --max-gen-len (generation target) default per task
+to the 95th percentile of the training split's token counts, rounded up to 8; a longer input length
+than the checkpoint's extends its learned text position embeddings. The share of inputs and targets
+cut in each split is printed and stored.
 
-Read top to bottom: config -> initial checkpoint -> data -> model -> optimizer -> loop with selection -> test.
+Read top to bottom: config -> initial checkpoint -> data -> model -> optimizer -> loop with
+selection -> test.
 """
 
 import contextlib
@@ -33,9 +37,11 @@ from ptunifier_min.model import PTUnifier, set_image_size, set_text_len
 from ptunifier_min.datasets.source import ensure_prepared
 
 DEFAULT_INIT = "runs/pretrain"  # where `python train.py` writes
-# Model fields a run may change against its checkpoint: they resize or regularise, they hold no weights of their own.
+# Model fields a run may change against its checkpoint: they resize or regularise, they hold no
+# weights of their own.
 CHANGEABLE = ("image_size", "max_text_len", "dropout")
-COVER = 0.95  # default text lengths hold this share of the training split's texts whole (choose_lengths)
+# default text lengths hold this share of the training split's texts whole (choose_lengths)
+COVER = 0.95
 
 
 def main(argv=None):
@@ -47,22 +53,26 @@ def main(argv=None):
     print0 = print if proc.main else (lambda *a, **k: None)
     precision = distributed.resolve_precision(cfg.precision, proc.device)
 
-    # ---- initial weights: a pre-training checkpoint decides the architecture and the tokenizer ----------------------
+    # ---- initial weights: a pre-training checkpoint decides the architecture and the tokenizer ---
     ckpt, ckpt_model = resolve_init(cfg, print0)
     cfg.out = cfg.out or default_out(task.name, ckpt, cfg.data_frac)
-    if proc.main:  # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
+    # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
+    if proc.main:
         checkpoint.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, print0,
-                                checkpoints=os.path.join(cfg.out, "train_state"))  # where the resumable state is
+                                    # where the resumable state is
+                                    checkpoints=os.path.join(cfg.out, "train_state"))
 
-    # ---- data --------------------------------------------------------------------------------------------------------
+    # ---- data ------------------------------------------------------------------------------------
     root, tok_path = ensure_prepared(cfg, [task.folder], proc, print0)
     tok = data.load_tokenizer(tok_path)
     tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     special = data.special_ids(tok)
     if ckpt is None:
-        cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = tok.get_vocab_size(), special["cls"], special["sep"]
+        cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = (
+            tok.get_vocab_size(), special["cls"], special["sep"])
     elif tok.get_vocab_size() != cfg.model.vocab_size:
-        raise SystemExit(f"{tok_path} has {tok.get_vocab_size()} tokens, the checkpoint's model {cfg.model.vocab_size}")
+        raise SystemExit(f"{tok_path} has {tok.get_vocab_size()} tokens, "
+                         f"the checkpoint's model {cfg.model.vocab_size}")
     folder = os.path.join(root, task.folder)
     meta = data.read_meta(folder)
     splits = {s: data.read_split(folder, s) for s in ("train", "val", "test")}
@@ -71,106 +81,146 @@ def main(argv=None):
     splits["train"] = tasks.subset(splits["train"], cfg.data_frac, cfg.seed)
     n_val = len(splits["val"])
     splits["val"] = tasks.cap(splits["val"], cfg.val_max, cfg.seed)
-    oov = [r for r in splits["train"] if r.get("label") == -1]  # VQA answers outside the vocabulary: no target
+    # VQA answers outside the vocabulary: no target
+    oov = [r for r in splits["train"] if r.get("label") == -1]
     splits["train"] = [r for r in splits["train"] if r.get("label") != -1]
     empty = [s for s, recs in splits.items() if not recs]
     if empty:
         raise SystemExit(f"{folder}: no {' / '.join(empty)} records to fine-tune and select on")
-    truncated = {s: tasks.truncated_shares(tasks.text_lengths(task, recs, tok), cfg.model.max_text_len, cfg.max_gen_len)
+    truncated = {s: tasks.truncated_shares(tasks.text_lengths(task, recs, tok),
+                                           cfg.model.max_text_len, cfg.max_gen_len)
                  for s, recs in splits.items()}
     if truncated["train"]:
-        print0("truncated: " + "; ".join(f"{s} " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in t.items())
-                                      for s, t in truncated.items()) +
-            f" (inputs at --max-text-len {cfg.model.max_text_len}, targets at --max-gen-len {cfg.max_gen_len})")
-    batch_size = min(cfg.batch_size, len(splits["train"]) // proc.world)  # a 1% subset can be smaller than a batch
-    transform = data.ImageTransform(cfg.model.image_size, train=True, random_resized_crop=cfg.random_resized_crop)
-    dataset = data.TaskDataset(splits["train"], task, transform.pixels, cfg.seed, train=True)  # uint8 (issue 11)
+        print0("truncated: " +
+               "; ".join(f"{s} " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in t.items())
+                         for s, t in truncated.items()) +
+               f" (inputs at --max-text-len {cfg.model.max_text_len}, "
+               f"targets at --max-gen-len {cfg.max_gen_len})")
+    # a 1% subset can be smaller than a batch
+    batch_size = min(cfg.batch_size, len(splits["train"]) // proc.world)
+    transform = data.ImageTransform(cfg.model.image_size, train=True,
+                                    random_resized_crop=cfg.random_resized_crop)
+    # uint8 (issue 11)
+    dataset = data.TaskDataset(splits["train"], task, transform.pixels, cfg.seed, train=True)
     collate = data.task_collate(tok, cfg.model.max_text_len, cfg.max_gen_len)
-    # what tasks.evaluate reads besides the model and the records (val during training, test at the end)
-    eval_args = dict(meta=meta, image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len,
-                     max_gen_len=cfg.max_gen_len, batch_size=cfg.eval_batch_size, device=proc.device, precision=precision,
-                     beam_size=cfg.beam_size, length_penalty=cfg.length_penalty, num_workers=cfg.num_workers)
+    # what tasks.evaluate reads besides the model and the records
+    # (val during training, test at the end)
+    eval_args = dict(meta=meta, image_size=cfg.model.image_size,
+                     max_text_len=cfg.model.max_text_len, max_gen_len=cfg.max_gen_len,
+                     batch_size=cfg.eval_batch_size, device=proc.device, precision=precision,
+                     beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
+                     num_workers=cfg.num_workers)
     order = data.BatchOrder(len(dataset), batch_size, proc.world, proc.rank, cfg.seed)
 
-    # ---- model: backbone (pre-trained or not), then the task head; the decoder copies the backbone's blocks ---------
-    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print0)  # scratch runs only
-    # built at the checkpoint's sizes so that its weights load as they are, then resized to this run's
+    # ---- model: backbone (pre-trained or not), then the task head; the decoder copies the
+    # backbone's blocks ----------------------------------------------------------------------------
+    # scratch runs only
+    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print0)
+    # built at the checkpoint's sizes so that its weights load as they are, then resized to
+    # this run's
     sizes = {k: ckpt_model[k] for k in ("image_size", "max_text_len")} if ckpt else {}
     backbone = PTUnifier(dataclasses.replace(cfg.model, **sizes))
     pretrained.load_into(backbone, imported, print0)
     if ckpt:
         checkpoint.load_weights(ckpt, backbone, strict=True)
         if sizes["image_size"] != cfg.model.image_size:
-            print0(f"image size {sizes['image_size']} -> {cfg.model.image_size}: position embeddings interpolated "
-                "(bicubic)")
+            print0(f"image size {sizes['image_size']} -> {cfg.model.image_size}: "
+                   "position embeddings interpolated (bicubic)")
             set_image_size(backbone, cfg.model.image_size)
         if sizes["max_text_len"] != cfg.model.max_text_len:
-            print0(f"text length {sizes['max_text_len']} -> {cfg.model.max_text_len}: text position embeddings " +
-                ("extended (the learned rows, then rows 1.. repeated)" if cfg.model.max_text_len > sizes["max_text_len"]
-                 else "truncated"))
+            print0(f"text length {sizes['max_text_len']} -> {cfg.model.max_text_len}: "
+                   "text position embeddings " +
+                   ("extended (the learned rows, then rows 1.. repeated)"
+                    if cfg.model.max_text_len > sizes["max_text_len"] else "truncated"))
             set_text_len(backbone, cfg.model.max_text_len)
-    model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len).to(proc.device)
+    model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta),
+                            cfg.max_gen_len).to(proc.device)
     probe = data.to_device(collate([dataset[i] for i in range(min(2, len(dataset)))]), proc.device)
     with distributed.autocast(precision, proc.device):
         probe_loss, _ = tasks.task_loss(model, task, model(probe), probe, special["pad"])
     frozen = optim.freeze_unreached(model, probe_loss)  # DDP then needs no unused-parameter search
-    opt, groups = optim.build_optimizer(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    opt, groups = optim.build_optimizer(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay,
+                                        (cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.warmup_linear(cfg.steps, cfg.warmup_frac))
     start_step, best = 0, {"score": None, "step": 0, "metrics": None, "state": None}
-    if cfg.resume:  # a killed run goes on exactly: weights, optimizer, schedule, RNG, data position, best so far
-        # refuses the settings a resumed run cannot change; applies and prints those it may (new LRs too)
-        state = checkpoint.resume_from(os.path.join(cfg.resume, "train_state"), cfg, model, opt, sched, print0)
-        checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"]) else state["rng"][0])  # its own
+    # a killed run goes on exactly: weights, optimizer, schedule, RNG, data position, best so far
+    if cfg.resume:
+        # refuses the settings a resumed run cannot change;
+        # applies and prints those it may (new LRs too)
+        state = checkpoint.resume_from(os.path.join(cfg.resume, "train_state"), cfg, model, opt,
+                                       sched, print0)
+        checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"])
+                                 else state["rng"][0])  # its own
         start_step, best = state["step"], state["best"]
         print0(f"best so far: step {best['step']}")
-    train_model = torch.compile(model) if config_lib.use_compile(cfg.compile, proc.device) else model
+    train_model = (torch.compile(model) if config_lib.use_compile(cfg.compile, proc.device)
+                   else model)
     if proc.world > 1:
-        # the model's buffers are constants (the pixel table, the [CLS] [SEP] ids): no broadcast before every forward
-        train_model = DDP(train_model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None,
+        # the model's buffers are constants (the pixel table, the [CLS] [SEP] ids):
+        # no broadcast before every forward
+        train_model = DDP(train_model,
+                          device_ids=[proc.local_rank] if proc.device.type == "cuda" else None,
                           broadcast_buffers=False)
 
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"config: {config_lib.to_dict(cfg)}")
-    print0(f"task {task.name} ({task.head} head, {task.loss} loss): {folder}; train {len(splits['train']):,} "
-        f"({100 * cfg.data_frac:g}% of the split{f', {len(oov)} out-of-vocabulary answers left out' if oov else ''}), "
-        f"val {len(splits['val']):,} of {n_val:,}, test {len(splits['test']):,}; selection on val by {task.main}")
+    print0(f"task {task.name} ({task.head} head, {task.loss} loss): {folder}; "
+           f"train {len(splits['train']):,} ({100 * cfg.data_frac:g}% of the split"
+           f"{f', {len(oov)} out-of-vocabulary answers left out' if oov else ''}), "
+           f"val {len(splits['val']):,} of {n_val:,}, test {len(splits['test']):,}; "
+           f"selection on val by {task.main}")
     print0(f"init: {ckpt or 'scratch (random backbone)'}; tokenizer {tok_path}")
-    print0(f"model: {n_params:,} parameters; not reached by this task's loss, frozen: {summarise(frozen) or 'none'}")
+    print0(f"model: {n_params:,} parameters; not reached by this task's loss, frozen: "
+           f"{summarise(frozen) or 'none'}")
     print0("optimizer groups: " + ", ".join(f"{k} {v:,}" for k, v in groups.items()) +
         f"; lr backbone {cfg.lr_backbone:g}, head {cfg.lr_head:g}")
-    print0(f"global batch {batch_size * cfg.grad_accum * proc.world} = {batch_size} per device x {cfg.grad_accum} "
-        f"accumulation x {proc.world} ranks; {cfg.steps} steps; precision {precision}; device {proc.device}")
+    print0(f"global batch {batch_size * cfg.grad_accum * proc.world} = {batch_size} per device "
+           f"x {cfg.grad_accum} accumulation x {proc.world} ranks; {cfg.steps} steps; "
+           f"precision {precision}; device {proc.device}")
     if proc.main:
         checkpoint.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
-    log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main, resume_step=start_step if cfg.resume else None)
+    log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
+                         resume_step=start_step if cfg.resume else None)
 
-    # ---- training loop: evaluate on val every eval_every steps, keep the best weights --------------------------------
-    batches = data.micro_batches(dataset, order, collate, cfg.num_workers, start_step * cfg.grad_accum)
+    # ---- training loop: evaluate on val every eval_every steps, keep the best weights ------------
+    batches = data.micro_batches(dataset, order, collate, cfg.num_workers,
+                                 start_step * cfg.grad_accum)
     guard = optim.NonFiniteGuard(cfg.max_skips, cfg.out, log)
     window, t_start, t0 = [], time.perf_counter(), time.perf_counter()
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not proc.main,
-               desc=f"fine-tune {task.name}")
-    note = bar.write if proc.main else print0  # messages between bar updates, without breaking the bar
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+               disable=not proc.main, desc=f"fine-tune {task.name}")
+    # messages between bar updates, without breaking the bar
+    note = bar.write if proc.main else print0
     model.train()
     for step in bar:
         step_stats = []
-        for micro, batch in enumerate(data.next_micro_batches(batches, cfg.grad_accum, proc.device)):
-            # DDP all-reduces the gradients on the last micro-step only; no_sync must wrap the forward pass too
+        for micro, batch in enumerate(data.next_micro_batches(batches, cfg.grad_accum,
+                                                              proc.device)):
+            # DDP all-reduces the gradients on the last micro-step only;
+            # no_sync must wrap the forward pass too
             last = micro == cfg.grad_accum - 1
-            with train_model.no_sync() if proc.world > 1 and not last else contextlib.nullcontext():
+            with (train_model.no_sync() if proc.world > 1 and not last
+                  else contextlib.nullcontext()):
                 with distributed.autocast(precision, proc.device):
-                    loss, scalars = tasks.task_loss(model, task, train_model(batch), batch, special["pad"])
-                (loss / cfg.grad_accum).backward()  # the gradients add up to the mean over the micro-steps
-            step_stats.append(scalars)  # tensors: read on logging steps only, so the host does not wait here
-        # non-finite check (the host waits for the device here, once per step), clip, AdamW, schedule
+                    loss, scalars = tasks.task_loss(model, task, train_model(batch), batch,
+                                                    special["pad"])
+                # the gradients add up to the mean over the micro-steps
+                (loss / cfg.grad_accum).backward()
+            # tensors: read on logging steps only, so the host does not wait here
+            step_stats.append(scalars)
+        # non-finite check (the host waits for the device here, once per step), clip, AdamW,
+        # schedule
         grad_norm = optim.optimizer_step(model, opt, sched, loss, cfg.grad_clip, proc)
         if guard(grad_norm, step + 1):
             window.append(step_stats)
         if window and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            steps = [{k: sum(float(s[k]) for s in micros) / len(micros) for k in micros[0]} for micros in window]
+            steps = [{k: sum(float(s[k]) for s in micros) / len(micros) for k in micros[0]}
+                     for micros in window]
             rec = {"step": step + 1, **{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]},
-                   "grad_norm": None if grad_norm is None else float(grad_norm), "lr_backbone": sched.get_last_lr()[0],
-                   "samples_per_s": len(window) * batch_size * cfg.grad_accum * proc.world / (time.perf_counter() - t0)}
+                   "grad_norm": None if grad_norm is None else float(grad_norm),
+                   "lr_backbone": sched.get_last_lr()[0],
+                   "samples_per_s": (len(window) * batch_size * cfg.grad_accum * proc.world
+                                     / (time.perf_counter() - t0))}
             log.write(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             window, t0 = [], time.perf_counter()
@@ -182,29 +232,34 @@ def main(argv=None):
                     best = {"score": score, "step": step + 1, "metrics": val,
                             "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
                 log.write({"step": step + 1, "val": val, "best_step": best["step"]})
-            rng = checkpoint.gather_rng(proc)  # a collective, after validation: each rank's own state, for --resume
+            # a collective, after validation: each rank's own state, for --resume
+            rng = checkpoint.gather_rng(proc)
             if proc.main:
-                # the resumable state, written at every validation so that a killed run loses at most eval_every steps
-                checkpoint.save_checkpoint(os.path.join(cfg.out, "train_state"), step + 1, model, cfg,
-                                       {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                        "step": step + 1, "rng": rng, "best": best})
-                note(f"step {step + 1}: val {task.main} {fmt(val.get(task.main))} (best {fmt(best['score'])} "
-                    f"at step {best['step']})")
+                # the resumable state, written at every validation so that a killed run loses at
+                # most eval_every steps
+                checkpoint.save_checkpoint(
+                    os.path.join(cfg.out, "train_state"), step + 1, model, cfg,
+                    {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "step": step + 1, "rng": rng, "best": best})
+                note(f"step {step + 1}: val {task.main} {fmt(val.get(task.main))} "
+                     f"(best {fmt(best['score'])} at step {best['step']})")
             distributed.barrier(proc)
             t0 = time.perf_counter()
     bar.close()
     train_seconds = time.perf_counter() - t_start
 
-    # ---- test, with the weights selected on val ----------------------------------------------------------------------
+    # ---- test, with the weights selected on val --------------------------------------------------
     if proc.main:
         model.load_state_dict(best["state"])
-        # meta.json (label names, answers) goes along so that ptunifier_min.load(...).predict can name its outputs
+        # meta.json (label names, answers) goes along so that ptunifier_min.load(...).predict can
+        # name its outputs
         path = checkpoint.save_checkpoint(cfg.out, best["step"], model, cfg,
                                       files=[tok_path, os.path.join(folder, "meta.json")])
         t1 = time.perf_counter()
         test = tasks.evaluate(model, task, splits["test"], tok, **eval_args, print0=print0)
-        results = {"task": task.name, "metrics": test, "val_metrics": best["metrics"], "best_step": best["step"],
-                   "config": config_lib.to_dict(cfg), "init": ckpt or "scratch", "split_hash": tasks.split_hash(splits),
+        results = {"task": task.name, "metrics": test, "val_metrics": best["metrics"],
+                   "best_step": best["step"], "config": config_lib.to_dict(cfg),
+                   "init": ckpt or "scratch", "split_hash": tasks.split_hash(splits),
                    "counts": {s: len(r) for s, r in splits.items()}, "checkpoint": path,
                    "text_lengths": lengths, "truncated": truncated,
                    "seconds": {"train_and_val": round(train_seconds, 1),
@@ -218,10 +273,12 @@ def main(argv=None):
 
 
 def resolve_init(cfg, print0):
-    """The checkpoint to start from (None = scratch) and its model config. With a checkpoint, cfg.model becomes the
-    checkpoint's architecture and cfg.tokenizer its tokenizer; model flags the user gave must agree with it."""
+    """The checkpoint to start from (None = scratch) and its model config. With a checkpoint,
+    cfg.model becomes the checkpoint's architecture and cfg.tokenizer its tokenizer; model flags the
+    user gave must agree with it."""
     if (cfg.init_vision or cfg.init_text) and cfg.init not in ("", "scratch"):
-        raise SystemExit("--init-vision / --init-text start a scratch run; they cannot be combined with --init")
+        raise SystemExit("--init-vision / --init-text start a scratch run; "
+                         "they cannot be combined with --init")
     if cfg.init == "scratch" or cfg.init_vision or cfg.init_text:
         return None, None
     path = cfg.init or DEFAULT_INIT
@@ -230,19 +287,21 @@ def resolve_init(cfg, print0):
     except checkpoint.CheckpointError as e:
         if cfg.init:
             raise SystemExit(str(e)) from None
-        print0(f"no pre-training checkpoint at {DEFAULT_INIT} (python train.py writes one): fine-tuning from scratch")
+        print0(f"no pre-training checkpoint at {DEFAULT_INIT} (python train.py writes one): "
+               "fine-tuning from scratch")
         return None, None
     saved = checkpoint.read_checkpoint_config(ckpt)["config"]
     if "task" in saved:
-        raise SystemExit(f"{ckpt} is a fine-tuned {saved['task']} checkpoint; --init takes a pre-training checkpoint "
-                         "(evaluate this one with eval.py)")
+        raise SystemExit(f"{ckpt} is a fine-tuned {saved['task']} checkpoint; "
+                         "--init takes a pre-training checkpoint (evaluate this one with eval.py)")
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     requested = {**saved["model"], **{k: getattr(cfg.model, k) for k in cfg.given & model_fields}}
     diffs = [line for line in checkpoint.config_differences(saved["model"], requested)
              if line.split(":")[0] not in CHANGEABLE]
     if diffs:
-        raise SystemExit(f"--init {ckpt} was trained with another architecture than requested:\n  " +
-                         "\n  ".join(diffs) + "\ndrop these flags (the checkpoint decides the architecture) or use "
+        raise SystemExit(f"--init {ckpt} was trained with another architecture than requested:\n"
+                         "  " + "\n  ".join(diffs) +
+                         "\ndrop these flags (the checkpoint decides the architecture) or use "
                          "--init scratch")
     try:
         cfg.model = ModelConfig(**requested)
@@ -253,25 +312,30 @@ def resolve_init(cfg, print0):
 
 
 def choose_lengths(cfg, task, train_lengths, text_len_given, print0):
-    """Set the encoder input length (cfg.model.max_text_len) and the generation target length (cfg.max_gen_len) that
-    the command line left open from the task's whole training split, and say why. Returns the choice for results.json.
+    """Set the encoder input length (cfg.model.max_text_len) and the generation target length
+    (cfg.max_gen_len) that the command line left open from the task's whole training split, and say
+    why. Returns the choice for results.json.
 
-    Default = the COVER (95th) percentile of the training texts' token counts, rounded up to a multiple of 8, so that
-    at least 95% of them are read whole; the input length never goes below the backbone's own (the checkpoint's, or
-    the preset's from scratch): a shorter table would cut texts the model can already read. The whole split, not the
-    --data-frac subset, so that runs on 1%, 10% and 100% of the data read texts alike.
+    Default = the COVER (95th) percentile of the training texts' token counts, rounded up to a
+    multiple of 8, so that at least 95% of them are read whole; the input length never goes below
+    the backbone's own (the checkpoint's, or the preset's from scratch): a shorter table would cut
+    texts the model can already read. The whole split, not the --data-frac subset, so that runs on
+    1%, 10% and 100% of the data read texts alike.
     """
     chosen = {}
-    for key, flag, given, current in (("inputs", "--max-text-len", text_len_given, cfg.model.max_text_len),
-                                      ("targets", "--max-gen-len", cfg.max_gen_len > 0, cfg.max_gen_len)):
+    for key, flag, given, current in (
+            ("inputs", "--max-text-len", text_len_given, cfg.model.max_text_len),
+            ("targets", "--max-gen-len", cfg.max_gen_len > 0, cfg.max_gen_len)):
         if key not in train_lengths:
             continue
         need, p = tasks.length_to_cover(train_lengths[key], COVER)
         value = current if given else max(current, need)
         chosen[key] = {"length": value, "percentile": p, "by": flag if given else "data"}
         why = f"given by {flag}" if given else (
-            f"the {100 * COVER:g}th percentile of the {len(train_lengths[key]):,} training {key} is {p} tokens" +
-            (f", rounded up to {need}" if need == value else f"; the backbone's {value} is longer and kept") +
+            f"the {100 * COVER:g}th percentile of the {len(train_lengths[key]):,} training {key} "
+            f"is {p} tokens" +
+            (f", rounded up to {need}" if need == value
+             else f"; the backbone's {value} is longer and kept") +
             f" (set {flag} to choose)")
         print0(f"{task.name} {key[:-1]} length {value}: {why}")
         if key == "inputs":
@@ -287,7 +351,8 @@ def default_out(task, ckpt, frac):
 
 
 def summarise(names):
-    """Parameter names -> their top-level groups, e.g. ['backbone.mlm_head', 'backbone.visual_prompts']."""
+    """Parameter names -> their top-level groups, e.g.
+    ['backbone.mlm_head', 'backbone.visual_prompts']."""
     groups = []
     for n in names:
         parts = n.split(".")
@@ -302,7 +367,8 @@ def fmt(v):
 
 
 def report(m):
-    return ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "seconds")
+    return ", ".join(f"{k} {v:.4f}" for k, v in m.items()
+                     if isinstance(v, float) and k != "seconds")
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
-"""ptunifier-min: a minimal pure-PyTorch reference implementation of PTUnifier (medical vision-language pre-training)."""
+"""ptunifier-min: a minimal pure-PyTorch reference implementation of PTUnifier
+(medical vision-language pre-training)."""
 
-from .api import load  # noqa: E402,F401  ptunifier_min.load(path): a trained checkpoint for inference
+# ptunifier_min.load(path): a trained checkpoint for inference
+from .api import load  # noqa: E402,F401

@@ -1,28 +1,33 @@
-"""The paper's ablations (Tables 3 and 4, prompt-pool variants) over seeds, resumably, with verdicts on its claims.
+"""The paper's ablations (Tables 3 and 4, pool variants) over seeds, resumably, with claim verdicts.
 
-Table 3 ablates the pre-training objectives, Table 4 the prompt-pool size, and the variants change how the pool picks
-its rows; each arm x seed is run on our synthetic world through train.py and finetune.py as subprocesses.
+Table 3 ablates the pre-training objectives, Table 4 the prompt-pool size, and the variants change
+how the pool picks its rows; each arm x seed is run on our synthetic world through train.py and
+finetune.py as subprocesses.
 
-    python -m ptunifier_min.ablations                                   # every arm, seeds 0-4: runs/ablations/
+    python -m ptunifier_min.ablations                 # every arm, seeds 0-4: runs/ablations/
     python -m ptunifier_min.ablations --arms id5-all,none --seeds 0,1 --jobs 1
-    python -m ptunifier_min.ablations --table-only                      # only rebuild the tables from what is there
+    python -m ptunifier_min.ablations --table-only    # only rebuild the tables from what is there
 
-One run = one arm x one seed, in <out>/<arm>/seed<S>/: pre-training (pretrain/, every arm: the cpu preset for --steps
-steps, then zero-shot ROCO retrieval on --eval-pairs pairs), the pool diagnostics of its checkpoint (poolstats.json,
-arms with prompts), the six fine-tunes of Table 3 (its five arms only: CheXpert at 1% / 10% / 100% of the labels,
-RadNLI, MIMIC-CXR report generation, VQA-RAD, each from the arm's checkpoint), then result.json, the run's numbers in
-one file. Each subprocess writes its console into <run>/<step>.out; the console here shows one bar over the runs and
-one line per finished step. Work goes seed by seed (every arm of seed 0 first), so a cut-short call leaves whole seeds.
+One run = one arm x one seed, in <out>/<arm>/seed<S>/: pre-training (pretrain/, every arm: the cpu
+preset for --steps steps, then zero-shot ROCO retrieval on --eval-pairs pairs), the pool diagnostics
+of its checkpoint (poolstats.json, arms with prompts), the six fine-tunes of Table 3 (its five arms
+only: CheXpert at 1% / 10% / 100% of the labels, RadNLI, MIMIC-CXR report generation, VQA-RAD, each
+from the arm's checkpoint), then result.json, the run's numbers in one file. Each subprocess writes
+its console into <run>/<step>.out; the console here shows one bar over the runs and one line per
+finished step. Work goes seed by seed (every arm of seed 0 first), so a cut-short call leaves whole
+seeds.
 
-Resuming is by outputs: a pre-training is done when its log.jsonl holds the closing zero_shot_retrieval line, a
-fine-tune when its results.json exists, the diagnostics when poolstats.json exists (both newer than the pre-training
-they read); anything else is started afresh with --overwrite (the scripts move an earlier attempt aside into
-.replaced-<time>/, never delete it). So killing this command and starting it again continues where it stopped. One
---out holds one recipe (preset, steps, eval pairs, fine-tune steps, data): <out>/recipe.json records it and another
+Resuming is by outputs: a pre-training is done when its log.jsonl holds the closing
+zero_shot_retrieval line, a fine-tune when its results.json exists, the diagnostics when
+poolstats.json exists (both newer than the pre-training they read); anything else is started afresh
+with --overwrite (the scripts move an earlier attempt aside into .replaced-<time>/, never delete
+it). So killing this command and starting it again continues where it stopped. One --out holds one
+recipe (preset, steps, eval pairs, fine-tune steps, data): <out>/recipe.json records it and another
 recipe is refused, since the done checks cannot tell a 400-step run from an 800-step one.
 
-Then <out>/tables.md (also printed) and <out>/summary.json: every cell is mean ± sample sd over the seeds present, and
-each of the paper's claims of sections 6.2 and 6.3 gets a verdict from a paired t-test over seeds (see `paired`).
+Then <out>/tables.md (also printed) and <out>/summary.json: every cell is mean ± sample sd over the
+seeds present, and each of the paper's claims of sections 6.2 and 6.3 gets a verdict from a paired
+t-test over seeds (see `paired`).
 """
 
 import argparse
@@ -51,15 +56,16 @@ from .model import PTUnifier
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOLSTATS = "ptunifier_min.poolstats"
 
-# ---- the arms -------------------------------------------------------------------------------------------------------
-# Arm name (its folder) -> its own train.py flags, on top of the shared recipe (`plan`). The order is the
-# order of work within a seed: Table 3, then the rest of Table 4, then the pool variants.
+# ---- the arms ------------------------------------------------------------------------------------
+# Arm name (its folder) -> its own train.py flags, on top of the shared recipe (`plan`). The order
+# is the order of work within a seed: Table 3, then the rest of Table 4, then the pool variants.
 ARMS = {
     "id1-mlm": ["--objectives", "mlm"],
     "id2-itm": ["--objectives", "itm"],
     "id3-mlm-itm": ["--objectives", "mlm,itm"],
     "id4-itc": ["--objectives", "itc"],
-    "id5-all": ["--objectives", "mlm,itm,itc"],  # also Table 4's pool-64 row (the cpu preset's pool): run once
+    # also Table 4's pool-64 row (the cpu preset's pool): run once
+    "id5-all": ["--objectives", "mlm,itm,itc"],
     "none": ["--prompt-mode", "none"],
     "static": ["--prompt-mode", "static"],
     "pool16": ["--pool-size", "16"],
@@ -69,12 +75,15 @@ ARMS = {
     "balance": ["--w-pool-balance", "0.01"],
     "final-query": ["--pool-query", "final"],
 }
+# arm -> (row label, objectives)
 TABLE3 = {"id1-mlm": ("ID1", "mlm"), "id2-itm": ("ID2", "itm"), "id3-mlm-itm": ("ID3", "mlm,itm"),
-          "id4-itc": ("ID4", "itc"), "id5-all": ("ID5", "mlm,itm,itc")}  # arm -> (row label, objectives)
+          "id4-itc": ("ID4", "itc"), "id5-all": ("ID5", "mlm,itm,itc")}
 TABLE4 = ("none", "static", "pool16", "id5-all", "pool256")
-VARIANTS = ("id5-all", "cosine", "l2p-keys", "balance", "final-query", "none")  # pool 64 and no prompts for reference
+# pool 64 and no prompts for reference
+VARIANTS = ("id5-all", "cosine", "l2p-keys", "balance", "final-query", "none")
 
-# Fine-tune name (its folder) -> finetune.py flags; each runs with the recipe's defaults from the arm's checkpoint.
+# Fine-tune name (its folder) -> finetune.py flags; each runs with the recipe's defaults from the
+# arm's checkpoint.
 FINETUNES = {
     "chexpert-1pct": ["--task", "chexpert", "--data-frac", "0.01"],
     "chexpert-10pct": ["--task", "chexpert", "--data-frac", "0.1"],
@@ -83,15 +92,18 @@ FINETUNES = {
     "mimic_gen": ["--task", "mimic_gen"],
     "vqa_rad": ["--task", "vqa_rad"],
 }
-PRETRAIN_DATA = ("roco", "medicat", "mimic_cxr", "roco_retrieval")  # train.py's corpora and its zero-shot pairs
+# train.py's corpora and its zero-shot pairs
+PRETRAIN_DATA = ("roco", "medicat", "mimic_cxr", "roco_retrieval")
 
 
-# ---- running ---------------------------------------------------------------------------------------------------------
-Step = namedtuple("Step", "name cmd output")  # output: the file whose existence says the step is done
+# ---- running -------------------------------------------------------------------------------------
+# output: the file whose existence says the step is done
+Step = namedtuple("Step", "name cmd output")
 
 
 def read_jsonl(path):
-    """The JSON lines of a file; a line torn by a kill mid-write is skipped (train.py's Log drops it too)."""
+    """The JSON lines of a file; a line torn by a kill mid-write is skipped (train.py's Log drops it
+    too)."""
     rows = []
     if os.path.isfile(path):
         with open(path) as f:
@@ -104,7 +116,8 @@ def read_jsonl(path):
 
 
 def pretrain_done(folder):
-    # the closing line is written after the last checkpoint: with it, the run and its evaluation are complete
+    # the closing line is written after the last checkpoint: with it, the run and its evaluation
+    # are complete
     return any("zero_shot_retrieval" in r for r in read_jsonl(os.path.join(folder, "log.jsonl")))
 
 
@@ -113,9 +126,11 @@ def step_done(step, pretrain):
 
 
 def fresh(path, pretrain):
-    # make's rule: an output older than the pre-training it was made from (one redone since) is stale
+    # make's rule: an output older than the pre-training it was made from (one redone since)
+    # is stale
     log = os.path.join(pretrain, "log.jsonl")
-    return os.path.isfile(path) and os.path.isfile(log) and os.path.getmtime(path) >= os.path.getmtime(log)
+    return (os.path.isfile(path) and os.path.isfile(log)
+            and os.path.getmtime(path) >= os.path.getmtime(log))
 
 
 def data_flags(args):
@@ -123,26 +138,34 @@ def data_flags(args):
 
 
 def plan(arm, seed, args):
-    """The steps of one run, in order; the pre-training first, everything else reads its checkpoint."""
+    """The steps of one run, in order; the pre-training first, everything else reads its
+    checkpoint."""
     run = os.path.join(args.out, arm, f"seed{seed}")
     pretrain = os.path.join(run, "pretrain")
-    steps = [Step("pretrain", [sys.executable, os.path.join(REPO, "train.py"), "--preset", args.preset,
-                               "--steps", str(args.steps), "--seed", str(seed), "--log-every", "10",
-                               "--eval-pairs", str(args.eval_pairs), "--save-every", str(args.steps),
-                               "--num-workers", "1", *data_flags(args), *ARMS[arm], "--out", pretrain, "--overwrite"],
+    steps = [Step("pretrain",
+                  [sys.executable, os.path.join(REPO, "train.py"), "--preset", args.preset,
+                   "--steps", str(args.steps), "--seed", str(seed), "--log-every", "10",
+                   "--eval-pairs", str(args.eval_pairs), "--save-every", str(args.steps),
+                   "--num-workers", "1", *data_flags(args), *ARMS[arm], "--out", pretrain,
+                   "--overwrite"],
                   os.path.join(pretrain, "log.jsonl"))]
     if args.diagnostics and prompt_mode(arm) != "none":
         out = os.path.join(run, "poolstats.json")
-        steps.append(Step("diagnostics", [sys.executable, "-m", POOLSTATS, pretrain, "--out", out,
-                                          *(["--data-root", args.data_root] if args.data_root else [])], out))
+        steps.append(Step("diagnostics",
+                          [sys.executable, "-m", POOLSTATS, pretrain, "--out", out,
+                           *(["--data-root", args.data_root] if args.data_root else [])],
+                          out))
     if arm in TABLE3:
         for name in args.finetunes:
             flags, folder = FINETUNES[name], os.path.join(run, name)
-            steps.append(Step(name, [sys.executable, os.path.join(REPO, "finetune.py"), "--preset", args.preset,
-                                     *flags, "--init", pretrain, "--out", folder, "--seed", str(seed),
-                                     "--num-workers", "1", *data_flags(args),
-                                     *(["--steps", str(args.finetune_steps)] if args.finetune_steps else []),
-                                     "--overwrite"], os.path.join(folder, "results.json")))
+            steps.append(Step(name,
+                              [sys.executable, os.path.join(REPO, "finetune.py"),
+                               "--preset", args.preset, *flags, "--init", pretrain, "--out", folder,
+                               "--seed", str(seed), "--num-workers", "1", *data_flags(args),
+                               *(["--steps", str(args.finetune_steps)]
+                                 if args.finetune_steps else []),
+                               "--overwrite"],
+                              os.path.join(folder, "results.json")))
     return run, steps
 
 
@@ -152,23 +175,29 @@ def prompt_mode(arm):
 
 
 class Runner:
-    """Runs the runs of a call, `jobs` at a time, each in a worker thread that starts its steps' subprocesses in turn.
-    Threads are enough: the work is in the subprocesses, a thread only waits for them."""
+    """Runs the runs of a call, `jobs` at a time, each in a worker thread that starts its steps'
+    subprocesses in turn. Threads are enough: the work is in the subprocesses, a thread only waits
+    for them."""
 
     def __init__(self, args):
-        self.args, self.lock, self.stop, self.live = args, threading.Lock(), threading.Event(), set()
-        # each subprocess gets its share of the cores: torch would otherwise start one thread per core in every one
-        self.env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)),
+        self.args, self.lock, self.stop, self.live = (
+            args, threading.Lock(), threading.Event(), set())
+        # each subprocess gets its share of the cores: torch would otherwise start one thread per
+        # core in every one
+        self.env = dict(os.environ,
+                        OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)),
                         TOKENIZERS_PARALLELISM="false",
-                        PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+                        PYTHONPATH=os.pathsep.join(
+                            [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 
     def say(self, line):
         with self.lock:
             tqdm.write(line)
 
     def call(self, step, log_path):
-        """One subprocess, its stdout and stderr into log_path; returns its exit code. Popen rather than
-        subprocess.run, so that an interrupted runner can stop the children it started (`terminate`)."""
+        """One subprocess, its stdout and stderr into log_path; returns its exit code. Popen rather
+        than subprocess.run, so that an interrupted runner can stop the children it started
+        (`terminate`)."""
         with open(log_path, "w") as log:
             log.write(shlex.join(step.cmd) + "\n")
             log.flush()
@@ -190,14 +219,17 @@ class Runner:
                 proc.terminate()
 
     def run(self, arm, seed):
-        """All steps of one run that are not done yet, then its result.json. Returns the names of the failed steps."""
+        """All steps of one run that are not done yet, then its result.json. Returns the names of
+        the failed steps."""
         run, steps = plan(arm, seed, self.args)
         os.makedirs(run, exist_ok=True)
         pretrain = os.path.join(run, "pretrain")
         seconds_path = os.path.join(run, "seconds.json")
         failed = []
-        if not all(step_done(step, pretrain) for step in steps) and os.path.isfile(os.path.join(run, "result.json")):
-            # derived from the step folders, and about to be out of date: a failed step must not leave it standing
+        if (not all(step_done(step, pretrain) for step in steps)
+                and os.path.isfile(os.path.join(run, "result.json"))):
+            # derived from the step folders, and about to be out of date: a failed step must not
+            # leave it standing
             os.remove(os.path.join(run, "result.json"))
         for step in steps:
             if self.stop.is_set():
@@ -207,16 +239,18 @@ class Runner:
             log_path, t0 = os.path.join(run, f"{step.name}.out"), time.time()
             if step.name == "diagnostics" and importlib.util.find_spec(POOLSTATS) is None:
                 with open(log_path, "w") as f:
-                    f.write(f"{POOLSTATS} does not exist (yet): the diagnostics step cannot run; pass "
-                            "--no-diagnostics to leave it out\n")
+                    f.write(f"{POOLSTATS} does not exist (yet): the diagnostics step cannot run; "
+                            "pass --no-diagnostics to leave it out\n")
                 rc = 1
             else:
                 rc = self.call(step, log_path)
             if self.stop.is_set():
                 return failed + ["interrupted"]
             if rc != 0:
-                self.say(f"FAILED {arm} seed{seed} {step.name} (exit code {rc}): {shlex.join(step.cmd)}\n"
-                         f"  last lines of {log_path}:\n" + "\n".join("  | " + line for line in tail(log_path, 20)))
+                self.say(f"FAILED {arm} seed{seed} {step.name} (exit code {rc}): "
+                         f"{shlex.join(step.cmd)}\n"
+                         f"  last lines of {log_path}:\n"
+                         + "\n".join("  | " + line for line in tail(log_path, 20)))
                 failed.append(step.name)
                 if step.name == "pretrain":
                     return failed  # everything else reads its checkpoint
@@ -232,7 +266,8 @@ class Runner:
 
 
 def tail(path, n):
-    """The last n lines of a console log as a terminal would show them: a progress bar's redraws (\\r) collapsed."""
+    """The last n lines of a console log as a terminal would show them: a progress bar's redraws
+    (\\r) collapsed."""
     with open(path, errors="replace") as f:
         lines = [line.rstrip().split("\r")[-1] for line in f.read().split("\n")]
     return [line for line in lines if line.strip()][-n:]
@@ -251,11 +286,14 @@ def _interrupt(signum, frame):
 
 def run_all(args):
     """Every run of the call; returns ["arm seedS (steps)", ...] for the runs that failed."""
-    runs = [(arm, seed) for seed in args.seeds for arm in ARMS if arm in args.arms]  # seed-major: whole seeds first
+    # seed-major: whole seeds first
+    runs = [(arm, seed) for seed in args.seeds for arm in ARMS if arm in args.arms]
     runner, failures = Runner(args), []
     pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
-    # SIGTERM (a scheduler, `kill`) becomes the KeyboardInterrupt below, so that the children go with us
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    # SIGTERM (a scheduler, `kill`) becomes the KeyboardInterrupt below, so that the children
+    # go with us
+    # only it may set signal handlers
+    main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         futures = {pool.submit(runner.run, arm, seed): (arm, seed) for arm, seed in runs}
@@ -264,7 +302,8 @@ def run_all(args):
             arm, seed = futures[future]
             try:
                 failed = future.result()
-            except Exception as e:  # e.g. a result.json that cannot be built: this run fails, the others go on
+            # e.g. a result.json that cannot be built: this run fails, the others go on
+            except Exception as e:
                 runner.say(f"FAILED {arm} seed{seed}: {type(e).__name__}: {e}")
                 failed = ["result.json"]
             if failed:
@@ -275,7 +314,8 @@ def run_all(args):
         runner.stop.set()
         runner.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
-        raise SystemExit("interrupted: the finished steps are kept; run the same command again to continue")
+        raise SystemExit("interrupted: the finished steps are kept; "
+                         "run the same command again to continue")
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -283,10 +323,10 @@ def run_all(args):
     return failures
 
 
-# ---- one run's numbers -----------------------------------------------------------------------------------------------
+# ---- one run's numbers ---------------------------------------------------------------------------
 def weight_counts(ckpt):
-    """(pool parameters, all parameters) of a checkpoint's model.safetensors, from the tensor shapes in its header:
-    safe_open reads no values."""
+    """(pool parameters, all parameters) of a checkpoint's model.safetensors, from the tensor shapes
+    in its header: safe_open reads no values."""
     pool = total = 0
     with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
         for name in f.keys():  # noqa: SIM118 (a safe_open handle is no dict)
@@ -298,11 +338,13 @@ def weight_counts(ckpt):
 
 def pretrain_result(folder, seconds):
     rows = read_jsonl(os.path.join(folder, "log.jsonl"))
-    logged = [r for r in rows if "loss" in r]  # the training lines; the closing line holds zero_shot_retrieval only
+    # the training lines; the closing line holds zero_shot_retrieval only
+    logged = [r for r in rows if "loss" in r]
     last = logged[-1] if logged else {}
     zero_shot = [r["zero_shot_retrieval"] for r in rows if "zero_shot_retrieval" in r][-1]
 
-    def mean_of_last(key):  # the last 5 logged windows: one window's loss is a noisy reading of where training ended
+    # the last 5 logged windows: one window's loss is a noisy reading of where training ended
+    def mean_of_last(key):
         values = [r[key] for r in logged[-5:] if key in r]
         return statistics.mean(values) if values else None
 
@@ -311,12 +353,15 @@ def pretrain_result(folder, seconds):
     model_cfg = checkpoint.read_checkpoint_config(ckpt)["config"]["model"]
     final = {k: mean_of_last(k) for k in ("mlm_loss", "itm_loss", "itc_loss", "loss")}
     # how the pools were used at the end (poolstats.PoolWatch's log fields; absent without a pool)
-    final.update({f"{k}_{m}": mean_of_last(f"{k}_{m}") for k in ("pool_grad_norm", "probe_topk_changed")
+    final.update({f"{k}_{m}": mean_of_last(f"{k}_{m}")
+                  for k in ("pool_grad_norm", "probe_topk_changed")
                   for m in ("visual", "textual")})
     final.update({k: mean_of_last(k) for k in ("pool_pull", "pool_balance")})
-    # the paper's Table 4 total: the objectives' sum. `loss` is what was optimised, which also holds the weighted
-    # auxiliary pool terms of some variants (--w-pool-pull, --w-pool-balance): not comparable across arms
-    final["objectives"] = sum(final[k] for k in ("mlm_loss", "itm_loss", "itc_loss") if final[k] is not None)
+    # the paper's Table 4 total: the objectives' sum. `loss` is what was optimised, which also holds
+    # the weighted auxiliary pool terms of some variants (--w-pool-pull, --w-pool-balance): not
+    # comparable across arms
+    final["objectives"] = sum(final[k] for k in ("mlm_loss", "itm_loss", "itc_loss")
+                              if final[k] is not None)
     return {
         "final": final,
         "prompt_mode": model_cfg["prompt_mode"], "pool_size": model_cfg["pool_size"],
@@ -324,7 +369,8 @@ def pretrain_result(folder, seconds):
         "rows_in_use": {k: last.get(f"selected_{k}_rows") for k in ("visual", "textual")},
         "entropy": {k: last.get(f"selected_{k}_entropy") for k in ("visual", "textual")},
         "zero_shot": {k: zero_shot[k] for k in ("i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10")},
-        # the diagnostics train.py logs (pool_*, probe_*) are copied whatever their names, so new ones need no change
+        # the diagnostics train.py logs (pool_*, probe_*) are copied whatever their names, so new
+        # ones need no change
         "history": [{k: v for k, v in r.items() if k == "step" or k == "loss" or k.endswith("_loss")
                      or k.startswith(("selected_", "pool_", "probe_"))} for r in logged],
         "seconds": seconds,
@@ -332,8 +378,8 @@ def pretrain_result(folder, seconds):
 
 
 def run_result(arm, seed, run):
-    """result.json of a run, from what its folder holds: also the outputs of steps this call left out
-    (--no-diagnostics, --finetunes) that an earlier call made from this same pre-training."""
+    """result.json of a run, from what its folder holds: also the outputs of steps this call left
+    out (--no-diagnostics, --finetunes) that an earlier call made from this same pre-training."""
     times = read_json(os.path.join(run, "seconds.json")) or {}
     pretrain, diagnostics = os.path.join(run, "pretrain"), os.path.join(run, "poolstats.json")
     finetuned = {name: os.path.join(run, name, "results.json") for name in FINETUNES}
@@ -355,10 +401,12 @@ def load_results(out):
     return results
 
 
-# ---- statistics ------------------------------------------------------------------------------------------------------
-# Student t, 0.975 quantile (two-sided 5%), by degrees of freedom; beyond 30 the normal's 1.960 is within 4%.
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+# ---- statistics ----------------------------------------------------------------------------------
+# Student t, 0.975 quantile (two-sided 5%), by degrees of freedom; beyond 30 the normal's 1.960 is
+# within 4%.
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 def t_crit(df):
@@ -366,35 +414,39 @@ def t_crit(df):
 
 
 def paired(a, b, higher=True):
-    """Paired t-test of "A better than B" over the seeds both have (a, b: {seed: value}); higher=False for losses.
-    Returns {n, mean, sd, t, verdict}, mean and sd of the differences A - B: "held" when the mean favours A with
-    |t| >= the two-sided 5% critical value, "not held" when it favours B as clearly, else "inconclusive". Seeds
-    pair up because a seed fixes the data order of both arms alike, and their initialisation where the shapes agree."""
+    """Paired t-test of "A better than B" over the seeds both have (a, b: {seed: value});
+    higher=False for losses. Returns {n, mean, sd, t, verdict}, mean and sd of the differences
+    A - B: "held" when the mean favours A with |t| >= the two-sided 5% critical value, "not held"
+    when it favours B as clearly, else "inconclusive". Seeds pair up because a seed fixes the data
+    order of both arms alike, and their initialisation where the shapes agree."""
     d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
     n = len(d)
-    out = {"n": n, "mean": statistics.mean(d) if d else None, "sd": statistics.stdev(d) if n > 1 else None,
-           "t": None}
+    out = {"n": n, "mean": statistics.mean(d) if d else None,
+           "sd": statistics.stdev(d) if n > 1 else None, "t": None}
     if n < 2:
         return {**out, "verdict": "inconclusive (n<2)"}
     m, sd = out["mean"], out["sd"]
-    # identical differences on every seed (sd 0, up to float rounding: a recall moves in steps of 1 / pairs) are as
-    # clear as a difference can be, unless they are all 0
+    # identical differences on every seed (sd 0, up to float rounding: a recall moves in steps of
+    # 1 / pairs) are as clear as a difference can be, unless they are all 0
     if sd <= 1e-9 * max(1.0, abs(m)):
         t = math.copysign(math.inf, m) if abs(m) > 1e-12 else 0.0
     else:
         t = m / (sd / math.sqrt(n))
     favours = m > 0 if higher else m < 0
     significant = abs(t) >= t_crit(n - 1)
-    return {**out, "t": t, "verdict": ("held" if favours else "not held") if significant else "inconclusive"}
+    return {**out, "t": t,
+            "verdict": ("held" if favours else "not held") if significant else "inconclusive"}
 
 
 def combine(verdicts):
-    """A claim made of several comparisons: held if all are, not held if any is not, else inconclusive."""
+    """A claim made of several comparisons: held if all are, not held if any is not, else
+    inconclusive."""
     if "not held" in verdicts:
         return "not held"
     if all(v == "held" for v in verdicts):
         return "held"
-    return "inconclusive (n<2)" if all(v == "inconclusive (n<2)" for v in verdicts) else "inconclusive"
+    return ("inconclusive (n<2)" if all(v == "inconclusive (n<2)" for v in verdicts)
+            else "inconclusive")
 
 
 def fmt(values, digits):
@@ -407,9 +459,10 @@ def fmt(values, digits):
     return f"{statistics.mean(v):,.{digits}f} ± {statistics.stdev(v):,.{digits}f}"
 
 
-# ---- tables ---------------------------------------------------------------------------------------------------------
-# A column: header, where its number is in result.json, the factor it is shown with (100: a fraction shown in %, as
-# the paper does, CIDEr and BLEU-4 included), the decimals, and whether higher is better (losses: lower).
+# ---- tables --------------------------------------------------------------------------------------
+# A column: header, where its number is in result.json, the factor it is shown with (100: a fraction
+# shown in %, as the paper does, CIDEr and BLEU-4 included), the decimals, and whether higher is
+# better (losses: lower).
 Column = namedtuple("Column", "label path scale digits higher")
 
 
@@ -442,39 +495,53 @@ POOL_COLUMNS = {
     "entropy_t": Column("entropy t", ("pretrain", "entropy", "textual"), 1, 2, True),
     "zs_i2t": TABLE3_COLUMNS["zs_i2t"],
     "zs_t2i": TABLE3_COLUMNS["zs_t2i"],
-    # R@1 at this scale is a handful of hits in 1,000 pairs; R@10 moves in finer steps relative to its size
+    # R@1 at this scale is a handful of hits in 1,000 pairs; R@10 moves in finer steps relative to
+    # its size
     "zs_i2t10": Column("ZS i2t R@10", ("pretrain", "zero_shot", "i2t_r10"), 100, 1, True),
     "zs_t2i10": Column("ZS t2i R@10", ("pretrain", "zero_shot", "t2i_r10"), 100, 1, True),
 }
 
 
-# Pool diagnostics. A path may end in a ratio: ("/", numerator key, denominator key) of the dict it reaches.
-DIAGNOSED = ("static", "pool16", "id5-all", "pool256", "cosine", "l2p-keys", "balance", "final-query")
+# Pool diagnostics. A path may end in a ratio: ("/", numerator key, denominator key) of the dict it
+# reaches.
+DIAGNOSED = ("static", "pool16", "id5-all", "pool256", "cosine", "l2p-keys", "balance",
+             "final-query")
 _attention = ("diagnostics", "attention")
 DIAGNOSTIC_COLUMNS = {
-    "sets_v": Column("distinct top-k v", ("diagnostics", "pools", "visual", "distinct_selections"), 1, 1, True),
-    "sets_t": Column("distinct top-k t", ("diagnostics", "pools", "textual", "distinct_selections"), 1, 1, True),
-    "changed_v": Column("top-k changed v", ("pretrain", "final", "probe_topk_changed_visual"), 1, 3, True),
-    "changed_t": Column("top-k changed t", ("pretrain", "final", "probe_topk_changed_textual"), 1, 3, True),
-    "grad_v": Column("pool grad v", ("pretrain", "final", "pool_grad_norm_visual"), 1, 3, True),
-    "grad_t": Column("pool grad t", ("pretrain", "final", "pool_grad_norm_textual"), 1, 3, True),
+    "sets_v": Column("distinct top-k v",
+                     ("diagnostics", "pools", "visual", "distinct_selections"), 1, 1, True),
+    "sets_t": Column("distinct top-k t",
+                     ("diagnostics", "pools", "textual", "distinct_selections"), 1, 1, True),
+    "changed_v": Column("top-k changed v",
+                        ("pretrain", "final", "probe_topk_changed_visual"), 1, 3, True),
+    "changed_t": Column("top-k changed t",
+                        ("pretrain", "final", "probe_topk_changed_textual"), 1, 3, True),
+    "grad_v": Column("pool grad v",
+                     ("pretrain", "final", "pool_grad_norm_visual"), 1, 3, True),
+    "grad_t": Column("pool grad t",
+                     ("pretrain", "final", "pool_grad_norm_textual"), 1, 3, True),
     "pull": Column("1 - cos(q, key)", ("pretrain", "final", "pool_pull"), 1, 3, False),
     "cls_img": Column("[CLS]->prompts img-only",
-                      (*_attention, "image_only", ("/", "cls_to_prompts", "uniform_cls_to_prompts")), 1, 2, True),
+                      (*_attention, "image_only",
+                       ("/", "cls_to_prompts", "uniform_cls_to_prompts")), 1, 2, True),
     "cls_txt": Column("[IMG_CLS]->prompts txt-only",
-                      (*_attention, "text_only", ("/", "cls_to_prompts", "uniform_cls_to_prompts")), 1, 2, True),
+                      (*_attention, "text_only",
+                       ("/", "cls_to_prompts", "uniform_cls_to_prompts")), 1, 2, True),
     "read_img": Column("prompts->image",
-                       (*_attention, "image_only", ("/", "prompts_to_present_modality",
-                                                    "uniform_prompts_to_present_modality")), 1, 2, True),
+                       (*_attention, "image_only",
+                        ("/", "prompts_to_present_modality",
+                         "uniform_prompts_to_present_modality")), 1, 2, True),
     "read_txt": Column("prompts->text",
-                       (*_attention, "text_only", ("/", "prompts_to_present_modality",
-                                                   "uniform_prompts_to_present_modality")), 1, 2, True),
+                       (*_attention, "text_only",
+                        ("/", "prompts_to_present_modality",
+                         "uniform_prompts_to_present_modality")), 1, 2, True),
 }
 
 
 def lookup(result, path):
     for key in path:
-        if isinstance(key, tuple) and isinstance(result, dict):  # ("/", a, b): the ratio result[a] / result[b]
+        # ("/", a, b): the ratio result[a] / result[b]
+        if isinstance(key, tuple) and isinstance(result, dict):
             a, b = result.get(key[1]), result.get(key[2])
             return a / b if a is not None and b else None
         if not isinstance(result, dict) or result.get(key) is None:
@@ -484,7 +551,8 @@ def lookup(result, path):
 
 
 def cell(results, arm, col):
-    """{seed: value in the column's units} over the seeds of `arm` where the number exists and is finite."""
+    """{seed: value in the column's units} over the seeds of `arm` where the number exists and is
+    finite."""
     out = {}
     for seed, r in results.get(arm, {}).items():
         v = lookup(r, col.path)
@@ -499,8 +567,9 @@ def markdown(title, header, rows):
 
 
 def table(results, title, arms, labels, columns, lead=None):
-    """Rows = arms present, a cell = mean ± sd; n per row (seeds with a result.json), and per cell where it has fewer.
-    lead: extra leading cells per arm (Table 3's check marks). Returns (markdown lines, {arm: {column: stats}})."""
+    """Rows = arms present, a cell = mean ± sd; n per row (seeds with a result.json), and per cell
+    where it has fewer. lead: extra leading cells per arm (Table 3's check marks). Returns (markdown
+    lines, {arm: {column: stats}})."""
     rows, numbers = [], {}
     for arm in arms:
         if arm not in results:
@@ -509,13 +578,15 @@ def table(results, title, arms, labels, columns, lead=None):
         cells = []
         for key, col in columns.items():
             v = cell(results, arm, col)
-            numbers.setdefault(arm, {})[key] = {"mean": statistics.mean(v.values()) if v else None,
-                                                "sd": statistics.stdev(v.values()) if len(v) > 1 else None,
-                                                "n": len(v), "values": {str(s): x for s, x in sorted(v.items())}}
+            numbers.setdefault(arm, {})[key] = {
+                "mean": statistics.mean(v.values()) if v else None,
+                "sd": statistics.stdev(v.values()) if len(v) > 1 else None,
+                "n": len(v), "values": {str(s): x for s, x in sorted(v.items())}}
             cells.append(fmt(v, col.digits) + (f" (n={len(v)})" if v and len(v) != n else ""))
         rows.append([labels[arm], *lead(arm), n, *cells] if lead else [labels[arm], n, *cells])
     lead_header = ["MLM", "ITM", "ITC"] if lead else []
-    return markdown(title, ["", *lead_header, "n", *(c.label for c in columns.values())], rows), numbers
+    return (markdown(title, ["", *lead_header, "n", *(c.label for c in columns.values())], rows),
+            numbers)
 
 
 def pool_label(results, arm):
@@ -528,18 +599,22 @@ def pool_label(results, arm):
     return f"pool {size}" if arm.startswith("pool") else f"pool {size} ({arm})"
 
 
-# ---- the claims ------------------------------------------------------------------------------------------------------
+# ---- the claims ----------------------------------------------------------------------------------
 def comparison(results, a, b, col, labels):
     """One paired comparison "a better than b on col", with the line that shows its numbers."""
     p = paired(cell(results, a, col), cell(results, b, col), col.higher)
     d = col.digits
-    numbers = "no paired seeds" if p["n"] == 0 else f"{p['mean']:+.{d}f} (n = 1)" if p["n"] == 1 else \
-        f"{p['mean']:+.{d}f} ± {p['sd']:.{d}f}, t = {p['t']:.3g}, n = {p['n']} ({p['verdict']})"
-    return {**p, "a": a, "b": b, "column": col.label, "line": f"{labels[a]} − {labels[b]} {col.label}: {numbers}"}
+    numbers = ("no paired seeds" if p["n"] == 0
+               else f"{p['mean']:+.{d}f} (n = 1)" if p["n"] == 1
+               else f"{p['mean']:+.{d}f} ± {p['sd']:.{d}f}, t = {p['t']:.3g}, n = {p['n']} "
+                    f"({p['verdict']})")
+    return {**p, "a": a, "b": b, "column": col.label,
+            "line": f"{labels[a]} − {labels[b]} {col.label}: {numbers}"}
 
 
 def claims(results):
-    labels = {arm: TABLE3[arm][0] if arm in TABLE3 else arm for arm in ARMS}  # section 6.2 speaks of IDs
+    # section 6.2 speaks of IDs
+    labels = {arm: TABLE3[arm][0] if arm in TABLE3 else arm for arm in ARMS}
     pools = {arm: pool_label(results, arm) for arm in ARMS}  # section 6.3 of pool sizes
     c3, cp = TABLE3_COLUMNS, POOL_COLUMNS
     out = []
@@ -547,36 +622,45 @@ def claims(results):
     def claim(cid, text, comps, verdict=None, note="", shown=None):
         """shown: the comparisons the line prints (default: all; summary.json keeps all)"""
         lines = [note] * bool(note) + [c["line"] for c in (comps if shown is None else shown)]
-        out.append({"id": cid, "claim": text, "verdict": verdict or combine([c["verdict"] for c in comps]),
+        out.append({"id": cid, "claim": text,
+                    "verdict": verdict or combine([c["verdict"] for c in comps]),
                     "comparisons": comps, "numbers": "; ".join(lines)})
 
     def cmp(a, b, col, names=labels):
         return comparison(results, a, b, col, names)
 
     claim("6.2 (1)", "MLM and ITM give the better multi-modal representations (VQA-RAD)",
-          [cmp("id3-mlm-itm", "id4-itc", c3["vqa_overall"]), cmp("id5-all", "id4-itc", c3["vqa_overall"])])
-    claim("6.2 (2)", "ITC helps uni-modal image and cross-modal representations, and label efficiency",
-          [cmp("id5-all", "id3-mlm-itm", c3[k]) for k in ("chexpert_1", "chexpert_10", "chexpert_100", "cider",
-                                                          "zs_i2t")]
+          [cmp("id3-mlm-itm", "id4-itc", c3["vqa_overall"]),
+           cmp("id5-all", "id4-itc", c3["vqa_overall"])])
+    claim("6.2 (2)",
+          "ITC helps uni-modal image and cross-modal representations, and label efficiency",
+          [cmp("id5-all", "id3-mlm-itm", c3[k])
+           for k in ("chexpert_1", "chexpert_10", "chexpert_100", "cider", "zs_i2t")]
           + [cmp("id4-itc", "id3-mlm-itm", c3[k]) for k in ("chexpert_1", "chexpert_10")])
     radnli = cmp("id5-all", "id3-mlm-itm", c3["radnli"])
     claim("6.2 (3)", "ITC does not improve text classification (RadNLI)", [radnli],
-          {"held": "not held", "not held": "held", "inconclusive": "held"}.get(radnli["verdict"], radnli["verdict"]),
-          "a claim of an absence: held unless ID5 is significantly better than ID3 on RadNLI accuracy")
+          {"held": "not held", "not held": "held", "inconclusive": "held"}.get(
+              radnli["verdict"], radnli["verdict"]),
+          "a claim of an absence: "
+          "held unless ID5 is significantly better than ID3 on RadNLI accuracy")
 
-    # (4): ID5 against every other ID on every task column. Not held if any beats it significantly; held if none
-    # does, every comparison has 2+ paired seeds, and ID5 has the highest mean on every column.
+    # (4): ID5 against every other ID on every task column. Not held if any beats it significantly;
+    # held if none does, every comparison has 2+ paired seeds, and ID5 has the highest mean on every
+    # column.
     comps, leaders = [], {}
     for key, col in c3.items():
         if key.startswith("zs_"):
             continue
         comps += [cmp("id5-all", other, col) for other in TABLE3 if other != "id5-all"]
-        means = {arm: statistics.mean(v.values()) for arm in TABLE3 if (v := cell(results, arm, col))}
-        leaders[col.label] = max(means, key=lambda arm: means[arm] if col.higher else -means[arm]) if means else None
+        means = {arm: statistics.mean(v.values())
+                 for arm in TABLE3 if (v := cell(results, arm, col))}
+        leaders[col.label] = (max(means, key=lambda arm: means[arm] if col.higher else -means[arm])
+                              if means else None)
     verdicts = [c["verdict"] for c in comps]
     top = all(arm == "id5-all" for arm in leaders.values())
-    verdict = "not held" if "not held" in verdicts else "inconclusive (n<2)" if "inconclusive (n<2)" in verdicts \
-        else "held" if top else "inconclusive"
+    verdict = ("not held" if "not held" in verdicts
+               else "inconclusive (n<2)" if "inconclusive (n<2)" in verdicts
+               else "held" if top else "inconclusive")
     note = "highest mean: " + ", ".join(f"{k} {labels.get(a, '–')}" for k, a in leaders.items())
     few = sum(v == "inconclusive (n<2)" for v in verdicts)
     note += f"; {few} of {len(comps)} comparisons have fewer than 2 paired seeds" if few else ""
@@ -584,20 +668,25 @@ def claims(results):
           shown=[c for c in comps if c["verdict"] == "not held"])
 
     # 6.3 (i): a fact about parameter counts
-    shares = [r["pretrain"]["pool_params"] / r["pretrain"]["total_params"] for r in results.get("id5-all", {}).values()]
+    shares = [r["pretrain"]["pool_params"] / r["pretrain"]["total_params"]
+              for r in results.get("id5-all", {}).values()]
     pool, total = paper_pool_params()
-    note = f"paper preset: {pool:,} of {total:,} = {100 * pool / total:.2f}% (paper: 784.4k of 350M = 0.22%)"
+    note = (f"paper preset: {pool:,} of {total:,} = {100 * pool / total:.2f}% "
+            "(paper: 784.4k of 350M = 0.22%)")
     if shares:
         r = next(iter(results["id5-all"].values()))["pretrain"]
-        note = f"id5-all: {r['pool_params']:,} of {r['total_params']:,} = {100 * shares[0]:.2f}%; " + note
+        note = (f"id5-all: {r['pool_params']:,} of {r['total_params']:,} = {100 * shares[0]:.2f}%; "
+                + note)
     claim("6.3 (i)", "the pools add few parameters (< 0.5% of the model)", [],
-          ("held" if shares[0] < 0.005 else "not held") if shares else "inconclusive (no id5-all run)", note)
+          (("held" if shares[0] < 0.005 else "not held") if shares
+           else "inconclusive (no id5-all run)"), note)
 
     claim("6.3 (ii)", "every pool size lowers the pre-training loss against no prompts",
           [cmp(arm, "none", cp["total"], pools) for arm in ("pool16", "id5-all", "pool256")])
     claim("6.3 (iii)", "a proper (middle) pool size is best",
           [cmp("id5-all", arm, cp["total"], pools) for arm in ("pool16", "pool256")])
-    claim("extra", "pool beats static prompts (not a paper claim)", [cmp("id5-all", "static", cp["total"], pools)])
+    claim("extra", "pool beats static prompts (not a paper claim)",
+          [cmp("id5-all", "static", cp["total"], pools)])
     claim("extra", "pool beats no prompts at zero-shot retrieval (not a paper claim)",
           [cmp("id5-all", "none", cp[k], pools) for k in ("zs_i2t10", "zs_t2i10")])
     for arm in VARIANTS[1:-1]:
@@ -605,10 +694,12 @@ def claims(results):
               [cmp(arm, "id5-all", cp["total"], pools), cmp(arm, "id5-all", cp["zs_i2t10"], pools)])
     rho, n = selection_vs_retrieval(results)
     if n:
-        out.append({"id": "observation", "claim": "the more input-dependent the selection, the worse the retrieval",
+        out.append({"id": "observation",
+                    "claim": "the more input-dependent the selection, the worse the retrieval",
                     "verdict": f"Spearman rho = {rho:+.2f}", "comparisons": [],
-                    "numbers": f"over the {n} runs with a pool and all objectives: distinct top-k sets on 256 validation pairs (visual + "
-                               "textual) against zero-shot R@10 (mean of i2t and t2i)"})
+                    "numbers": f"over the {n} runs with a pool and all objectives: distinct top-k "
+                               "sets on 256 validation pairs (visual + textual) against zero-shot "
+                               "R@10 (mean of i2t and t2i)"})
     return out
 
 
@@ -634,12 +725,13 @@ def spearman(x, y):
 
 
 def selection_vs_retrieval(results):
-    """(Spearman rho, runs) between how input-dependent a run's pool selection is (distinct top-k sets on the
-    diagnostics' validation pairs, both pools) and its zero-shot R@10, over every run with a pool and all three
-    objectives."""
+    """(Spearman rho, runs) between how input-dependent a run's pool selection is (distinct top-k
+    sets on the diagnostics' validation pairs, both pools) and its zero-shot R@10, over every run
+    with a pool and all three objectives."""
     x, y = [], []
     for arm, runs in results.items():
-        if arm in TABLE3 and arm != "id5-all":  # other objectives: without ITC, retrieval stays at chance anyway
+        # other objectives: without ITC, retrieval stays at chance anyway
+        if arm in TABLE3 and arm != "id5-all":
             continue
         for r in runs.values():
             pools = ((r.get("diagnostics") or {}).get("pools") or {})
@@ -647,11 +739,13 @@ def selection_vs_retrieval(results):
             if len(pools) == 2 and zs.get("i2t_r10") is not None:
                 x.append(sum(p["distinct_selections"] for p in pools.values()))
                 y.append((zs["i2t_r10"] + zs["t2i_r10"]) / 2)
-    return (spearman(x, y), len(x)) if len(x) > 2 and len(set(x)) > 1 and len(set(y)) > 1 else (None, 0)
+    return ((spearman(x, y), len(x)) if len(x) > 2 and len(set(x)) > 1 and len(set(y)) > 1
+            else (None, 0))
 
 
 def paper_pool_params():
-    """(pool, all) parameters of the paper preset's model, built on the meta device: shapes only, nothing allocated."""
+    """(pool, all) parameters of the paper preset's model, built on the meta device: shapes only,
+    nothing allocated."""
     cfg = config.build(config.TrainConfig, dict(config.PRESETS["paper"]))
     with torch.device("meta"):
         model = PTUnifier(cfg.model)
@@ -666,28 +760,34 @@ def report(results):
              for arm, (_, objectives) in TABLE3.items()}
     pool_labels = {arm: pool_label(results, arm) for arm in ARMS}
     n_seeds = sorted({s for runs in results.values() for s in runs})
-    lines = [(f"# Ablations: mean ± sample sd over seeds ({', '.join(map(str, n_seeds))}); n = seeds per row, and per "
-              "cell where fewer. Percentages: AUROC, accuracy, BLEU-4, CIDEr, R@1 x100."), ""]
-    t3, n3 = table(results, "## Table 3: pre-training objectives", TABLE3, t3_labels, TABLE3_COLUMNS, marks.get)
-    t4, n4 = table(results, "## Table 4: prompt-pool size (final pre-training losses, mean of the last 5 log lines; "
-                            "total = MLM + ITM + ITC)",
+    lines = [(f"# Ablations: mean ± sample sd over seeds ({', '.join(map(str, n_seeds))}); "
+              "n = seeds per row, and per cell where fewer. "
+              "Percentages: AUROC, accuracy, BLEU-4, CIDEr, R@1 x100."), ""]
+    t3, n3 = table(results, "## Table 3: pre-training objectives", TABLE3, t3_labels,
+                   TABLE3_COLUMNS, marks.get)
+    t4, n4 = table(results, "## Table 4: prompt-pool size (final pre-training losses, mean of the "
+                            "last 5 log lines; total = MLM + ITM + ITC)",
                    TABLE4, pool_labels, POOL_COLUMNS)
     tv, nv = table(results, "## Pool variants", VARIANTS, pool_labels, POOL_COLUMNS)
     lines += t3 + t4 + tv
-    td, nd = table(results, "## Pool diagnostics (end of pre-training: the last 5 log lines; poolstats on 256 ROCO "
-                            "validation pairs; attention as a ratio to uniform attention, 1 = no preference)",
+    td, nd = table(results, "## Pool diagnostics (end of pre-training: the last 5 log lines; "
+                            "poolstats on 256 ROCO validation pairs; attention as a ratio to "
+                            "uniform attention, 1 = no preference)",
                    DIAGNOSED, pool_labels, DIAGNOSTIC_COLUMNS)
     lines += td
     found = claims(results)
     lines += ["## Claims (paired t-test over seeds, two-sided 5%)", ""]
-    lines += [f"- **{c['id']}** {c['claim']} — **{c['verdict']}** — {c['numbers']}" for c in found]
-    summary = {"seeds": n_seeds, "tables": {"table3": n3, "table4": n4, "variants": nv, "diagnostics": nd},
-               "claims": [{**c, "comparisons": [{k: v for k, v in x.items() if k != "line"} for x in c["comparisons"]]}
+    lines += [f"- **{c['id']}** {c['claim']} — **{c['verdict']}** — {c['numbers']}"
+              for c in found]
+    summary = {"seeds": n_seeds,
+               "tables": {"table3": n3, "table4": n4, "variants": nv, "diagnostics": nd},
+               "claims": [{**c, "comparisons": [{k: v for k, v in x.items() if k != "line"}
+                                                for x in c["comparisons"]]}
                           for c in found]}
     return "\n".join(lines) + "\n", summary
 
 
-# ---- command line ----------------------------------------------------------------------------------------------------
+# ---- command line --------------------------------------------------------------------------------
 def at_least(minimum):
     def parse(s):
         v = int(s)
@@ -699,23 +799,28 @@ def at_least(minimum):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--out", default="runs/ablations", help="folder of the runs, tables.md and summary.json "
-                                                           "(default: runs/ablations)")
-    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default: 0,1,2,3,4; 3 is the "
-                   "least that gives a spread)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms (default: all: {', '.join(ARMS)})")
+    p.add_argument("--out", default="runs/ablations",
+                   help="folder of the runs, tables.md and summary.json (default: runs/ablations)")
+    p.add_argument("--seeds", default="0,1,2,3,4",
+                   help="comma-separated seeds (default: 0,1,2,3,4; 3 is the least that gives a "
+                        "spread)")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma-separated arms (default: all: {', '.join(ARMS)})")
     p.add_argument("--finetunes", default=",".join(FINETUNES),
-                   help=f"comma-separated fine-tunes of the Table 3 arms (default: all: {', '.join(FINETUNES)})")
-    p.add_argument("--steps", type=at_least(1), default=400, help="pre-training steps of every arm (default: 400)")
+                   help=f"comma-separated fine-tunes of the Table 3 arms (default: all: "
+                        f"{', '.join(FINETUNES)})")
+    p.add_argument("--steps", type=at_least(1), default=400,
+                   help="pre-training steps of every arm (default: 400)")
     p.add_argument("--eval-pairs", type=at_least(1), default=1000,
-                   help="ROCO test pairs of the closing zero-shot retrieval, whose log line marks a finished "
-                        "pre-training (default: 1000)")
-    p.add_argument("--jobs", type=at_least(1), default=2, help="runs at once; each subprocess gets cores / jobs "
-                                                               "threads (default: 2)")
+                   help="ROCO test pairs of the closing zero-shot retrieval, whose log line marks "
+                        "a finished pre-training (default: 1000)")
+    p.add_argument("--jobs", type=at_least(1), default=2,
+                   help="runs at once; each subprocess gets cores / jobs threads (default: 2)")
     p.add_argument("--preset", default="cpu", choices=sorted(config.PRESETS),
                    help="train.py and finetune.py preset (default: cpu; tiny for a smoke test)")
-    p.add_argument("--data-root", default="", help="prepared datasets, passed to every subprocess; empty = the "
-                                                   "synthetic world (default: empty)")
+    p.add_argument("--data-root", default="",
+                   help="prepared datasets, passed to every subprocess; empty = the synthetic "
+                        "world (default: empty)")
     p.add_argument("--synth-root", default=config.RunConfig.synth_root,
                    help=f"where the synthetic world lives when --data-root is empty (default: "
                         f"{config.RunConfig.synth_root})")
@@ -723,15 +828,18 @@ def parse_args(argv=None):
                    help="fine-tuning steps; 0 = finetune.py's default for the preset (default: 0)")
     p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                    help=f"leave out the {POOLSTATS} step of the arms with prompts")
-    p.add_argument("--table-only", action="store_true", help="run nothing; rebuild tables.md and summary.json from "
-                                                             "the result.json files present")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing; rebuild tables.md and summary.json from the result.json "
+                        "files present")
     args = p.parse_args(argv)
     for name, valid in (("arms", ARMS), ("finetunes", FINETUNES)):
         given = list(dict.fromkeys(a for a in getattr(args, name).split(",") if a))
         unknown = [a for a in given if a not in valid]
         if unknown or not given:
-            p.error(f"unknown --{name} {', '.join(unknown) or '(none given)'}; valid: {', '.join(valid)}")
-        setattr(args, name, [a for a in valid if a in given])  # the order of work is ours, whatever the order given
+            p.error(f"unknown --{name} {', '.join(unknown) or '(none given)'}; "
+                    f"valid: {', '.join(valid)}")
+        # the order of work is ours, whatever the order given
+        setattr(args, name, [a for a in valid if a in given])
     try:
         args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s))
     except ValueError:
@@ -744,25 +852,30 @@ def parse_args(argv=None):
 def check_recipe(args):
     """Refuse to mix recipes in one --out: outputs count as done whatever flags made them."""
     recipe = {"preset": args.preset, "steps": args.steps, "eval_pairs": args.eval_pairs,
-              "finetune_steps": args.finetune_steps, "data_root": os.path.abspath(args.data_root) if args.data_root
-              else "", "synth_root": "" if args.data_root else os.path.abspath(args.synth_root)}
+              "finetune_steps": args.finetune_steps,
+              "data_root": os.path.abspath(args.data_root) if args.data_root else "",
+              "synth_root": "" if args.data_root else os.path.abspath(args.synth_root)}
     path = os.path.join(args.out, "recipe.json")
     saved = read_json(path)
     if saved is not None and saved != recipe:
-        diff = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in recipe.items() if saved.get(k) != v)
-        raise SystemExit(f"{args.out} holds runs of another recipe ({diff}): choose another --out, or run with the "
-                         f"same flags to continue them")
+        diff = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}"
+                         for k, v in recipe.items() if saved.get(k) != v)
+        raise SystemExit(f"{args.out} holds runs of another recipe ({diff}): choose another --out, "
+                         f"or run with the same flags to continue them")
     os.makedirs(args.out, exist_ok=True)
     checkpoint.write_json(path, recipe)
 
 
 def prepare_data(args):
-    """The datasets every run reads, made here, once, before the runs start in parallel: two subprocesses making the
-    synthetic world at once would race on its files."""
-    from .datasets import source  # here: the method's modules never load the data plumbing at import
-    from .distributed import Dist  # a single process: rank 0 of 1, so ensure_prepared makes what is missing
+    """The datasets every run reads, made here, once, before the runs start in parallel: two
+    subprocesses making the synthetic world at once would race on its files."""
+    # here: the method's modules never load the data plumbing at import
+    from .datasets import source
+    # a single process: rank 0 of 1, so ensure_prepared makes what is missing
+    from .distributed import Dist
 
-    cfg = config.build(config.TrainConfig, {**config.PRESETS[args.preset], "data_root": args.data_root,
+    cfg = config.build(config.TrainConfig, {**config.PRESETS[args.preset],
+                                            "data_root": args.data_root,
                                             "synth_root": args.synth_root})
     tasks_run = dict.fromkeys(flags[flags.index("--task") + 1] for flags in FINETUNES.values())
     names = list(PRETRAIN_DATA) + [tasks.TASKS[t].folder for t in tasks_run]
@@ -777,8 +890,9 @@ def main(argv=None):
         check_recipe(args)
         prepare_data(args)
         n = len(args.arms) * len(args.seeds)
-        print(f"{n} runs ({len(args.arms)} arms x seeds {','.join(map(str, args.seeds))}) into {args.out}, "
-              f"{args.jobs} at a time; each step's console goes to <run>/<step>.out")
+        print(f"{n} runs ({len(args.arms)} arms x seeds {','.join(map(str, args.seeds))}) "
+              f"into {args.out}, {args.jobs} at a time; "
+              f"each step's console goes to <run>/<step>.out")
         failures = run_all(args)
     results = load_results(args.out)
     if not results:
@@ -787,10 +901,12 @@ def main(argv=None):
     print(text, end="")
     data.write_atomic(os.path.join(args.out, "tables.md"), text)
     checkpoint.write_json(os.path.join(args.out, "summary.json"), summary)
-    print(f"tables: {os.path.join(args.out, 'tables.md')}, numbers: {os.path.join(args.out, 'summary.json')}")
+    print(f"tables: {os.path.join(args.out, 'tables.md')}, "
+          f"numbers: {os.path.join(args.out, 'summary.json')}")
     if failures:
-        raise SystemExit(f"{len(failures)} run(s) failed: {'; '.join(failures)}; each step's .out file in its run "
-                         "folder says why; run the same command again to retry them")
+        raise SystemExit(f"{len(failures)} run(s) failed: {'; '.join(failures)}; "
+                         "each step's .out file in its run folder says why; "
+                         "run the same command again to retry them")
     return summary
 
 

@@ -1,13 +1,15 @@
-"""Everything a run writes and reads back: its folder, checkpoints, resume, RNG state, atomic JSON and the log.
+"""Everything a run writes and reads back: its folder, checkpoints, resume, RNG state, atomic JSON
+and the log.
 
-    claim_run_folder(out, resume, overwrite)           # rank 0, before any data is read: lock, refuse or move aside
-    save_checkpoint(out, step, model, cfg, trainer_state, files=[tokenizer])   # out/step_NNNNNNN + out/latest
-    state = resume_from(path, cfg, model, opt, sched)  # refuses what a resumed run cannot change, applies the rest
+    claim_run_folder(out, resume, overwrite)           # rank 0, first: lock, refuse or move aside
+    save_checkpoint(out, step, model, cfg, trainer_state, files=[tokenizer])  # out/step_N + latest
+    state = resume_from(path, cfg, model, opt, sched)  # refuses what can't change, applies the rest
     load_weights(path, model); resolve_checkpoint(path); write_json(path, obj); Log(path, enabled)
 
-Checkpoints are plain: safetensors weights of the unwrapped model, a readable config.json with the step, and (for
-resuming) trainer.pt with the optimizer, schedule and every rank's RNG state, read with weights_only=True. Every file
-goes through a temporary and a rename, so a kill at any moment leaves the previous version whole.
+Checkpoints are plain: safetensors weights of the unwrapped model, a readable config.json with the
+step, and (for resuming) trainer.pt with the optimizer, schedule and every rank's RNG state, read
+with weights_only=True. Every file goes through a temporary and a rename, so a kill at any moment
+leaves the previous version whole.
 """
 
 import atexit
@@ -31,24 +33,33 @@ from . import data
 from .distributed import unwrap
 
 
-# ---- run folders ------------------------------------------------------------------------------------------------------
-# What a run writes into its --out (tokenizer.json: a RoBERTa tokenizer made one file, pretrained.py)
+# ---- run folders ---------------------------------------------------------------------------------
+# What a run writes into its --out
+# (tokenizer.json: a RoBERTa tokenizer made one file, pretrained.py)
 RUN_FILES = ("config.json", "log.jsonl", "latest", "results.json", "train_state", "tokenizer.json")
-_LOCKS = {}  # realpath(out) -> the descriptor of out/.lock, flock'ed for as long as this process lives
-_WRITTEN = {}  # realpath(checkpoint folder) -> the step folders this run wrote there (or resumed from), oldest first
-_STOP = {}  # what the SIGTERM / SIGINT handler needs: this process's pid, the run folder, its checkpoint folder
+# realpath(out) -> the descriptor of out/.lock, flock'ed for as long as this process lives
+_LOCKS = {}
+# realpath(checkpoint folder) -> the step folders this run wrote there (or resumed from),
+# oldest first
+_WRITTEN = {}
+# what the SIGTERM / SIGINT handler needs: this process's pid, the run folder, its checkpoint folder
+_STOP = {}
 
 
 def claim_run_folder(out, resume="", overwrite=False, print0=print, checkpoints=None):
-    """Make `out` this run's own, or stop saying what to do. Rank 0 calls it first, before any data is read.
+    """Make `out` this run's own, or stop saying what to do. Rank 0 calls it first, before any data
+    is read.
 
-    - An exclusive lock on out/.lock, which holds the owner's pid, host and start time: a second run on the folder is
-      refused with them (two writers would mix their logs and swap each other's `latest`). The kernel drops the lock
-      with the process, so not even a SIGKILL leaves a stale one.
-    - A folder holding an earlier run (RUN_FILES, step_*) is refused, unless this run continues it (--resume from
-      inside `out`) or --overwrite moves those entries aside into out/.replaced-<time>/: said, never deleted.
-    - SIGTERM / SIGINT then print where the last checkpoint (in `checkpoints`, default `out`) is and the flag that
-      resumes it, and exit non-zero; every write below is atomic, so nothing is left half-written.
+    - An exclusive lock on out/.lock, which holds the owner's pid, host and start time: a second run
+      on the folder is refused with them (two writers would mix their logs and swap each other's
+      `latest`). The kernel drops the lock with the process, so not even a SIGKILL leaves a stale
+      one.
+    - A folder holding an earlier run (RUN_FILES, step_*) is refused, unless this run continues it
+      (--resume from inside `out`) or --overwrite moves those entries aside into
+      out/.replaced-<time>/: said, never deleted.
+    - SIGTERM / SIGINT then print where the last checkpoint (in `checkpoints`, default `out`) is and
+      the flag that resumes it, and exit non-zero; every write below is atomic, so nothing is left
+      half-written.
     """
     if not out:
         raise SystemExit("--out is empty: name the run's output folder")
@@ -58,13 +69,16 @@ def claim_run_folder(out, resume="", overwrite=False, print0=print, checkpoints=
     except OSError as e:
         raise SystemExit(f"cannot write to --out {out}: {e.strerror or e}") from None
     for key in [k for k in _WRITTEN if _inside(k, out)]:
-        del _WRITTEN[key]  # a new run (in a process that has run before: tests) owns none of the folders' contents
-    earlier = sorted(n for n in os.listdir(out) if n in RUN_FILES or n.startswith(("step_", ".tmp_")))
+        # a new run (in a process that has run before: tests) owns none of the folders' contents
+        del _WRITTEN[key]
+    earlier = sorted(n for n in os.listdir(out)
+                     if n in RUN_FILES or n.startswith(("step_", ".tmp_")))
     if earlier and not (resume and _inside(resume, out)):
         if not overwrite:
-            raise SystemExit(f"--out {out} holds an earlier run ({', '.join(earlier)}): continue it with --resume "
-                             f"{out}, start afresh with --overwrite (moves these into {out}/.replaced-<time>/), or "
-                             "choose another --out. Nothing was changed.")
+            raise SystemExit(f"--out {out} holds an earlier run ({', '.join(earlier)}): continue "
+                             f"it with --resume {out}, start afresh with --overwrite (moves these "
+                             f"into {out}/.replaced-<time>/), or choose another --out. "
+                             "Nothing was changed.")
         aside = os.path.join(out, time.strftime(".replaced-%Y%m%d-%H%M%S"))
         aside += f"-{os.getpid()}" if os.path.exists(aside) else ""
         os.makedirs(aside)
@@ -72,7 +86,8 @@ def claim_run_folder(out, resume="", overwrite=False, print0=print, checkpoints=
             os.replace(os.path.join(out, name), os.path.join(aside, name))
         print0(f"--overwrite: moved the earlier run's {', '.join(earlier)} aside into {aside}")
     _STOP.update(pid=os.getpid(), out=out, checkpoints=checkpoints or out)
-    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set from there
+    # signal handlers can only be set from there
+    if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             if signal.getsignal(signum) is not _on_stop:
                 _STOP.setdefault("previous", {})[signum] = signal.getsignal(signum)
@@ -86,7 +101,8 @@ def _inside(path, folder):
 
 def _lock(out):
     key = os.path.realpath(out)
-    if key in _LOCKS:  # this process holds it already (a script's main() run again in one process, as tests do)
+    # this process holds it already (a script's main() run again in one process, as tests do)
+    if key in _LOCKS:
         return
     fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -94,69 +110,84 @@ def _lock(out):
     except BlockingIOError:
         holder = os.read(fd, 1000).decode(errors="replace").strip() or "a process that is starting"
         os.close(fd)
-        raise SystemExit(f"--out {out} is in use by another run ({holder}): two runs writing one folder would mix "
-                         "their logs and checkpoints; wait for it to end, or choose another --out") from None
-    except OSError as e:  # a file system without flock (some network mounts): run, but say that nothing guards it
-        print(f"warning: cannot lock {out} ({e.strerror}): make sure no other run writes there", file=sys.stderr)
+        raise SystemExit(f"--out {out} is in use by another run ({holder}): two runs writing one "
+                         "folder would mix their logs and checkpoints; wait for it to end, or "
+                         "choose another --out") from None
+    except OSError as e:
+        # a file system without flock (some network mounts): run, but say that nothing guards it
+        print(f"warning: cannot lock {out} ({e.strerror}): make sure no other run writes there",
+              file=sys.stderr)
     # Written in place, not through a temporary and a rename: the lock belongs to this inode.
     os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-             .encode())
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, "
+                 f"started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     _LOCKS[key] = fd
 
 
 def _on_stop(signum, frame):
-    if os.getpid() != _STOP["pid"]:  # a data-loader worker forked from the run: behave as it would have without us
+    # a data-loader worker forked from the run: behave as it would have without us
+    if os.getpid() != _STOP["pid"]:
         previous = _STOP["previous"][signum]
         if callable(previous):
             return previous(signum, frame)
         signal.signal(signum, previous)
         os.kill(os.getpid(), signum)
         return
-    # Data-loader workers get the signal too (Ctrl-C, or a kill of the process group) and die with the run: the loader's
-    # SIGCHLD check would report each of them as a failure in the middle of the shutdown.
-    signal.signal(signal.SIGCHLD, lambda *args: None)  # not SIG_DFL: a pending SIGCHLD would then raise its own error
-    # Said at exit, after the unwinding has closed the progress bar, so that it is the last line on the terminal; once,
-    # however many signals come.
+    # Data-loader workers get the signal too (Ctrl-C, or a kill of the process group) and die with
+    # the run: the loader's SIGCHLD check would report each of them as a failure in the middle of
+    # the shutdown.
+    # not SIG_DFL: a pending SIGCHLD would then raise its own error
+    signal.signal(signal.SIGCHLD, lambda *args: None)
+    # Said at exit, after the unwinding has closed the progress bar, so that it is the last line on
+    # the terminal; once, however many signals come.
     if not _STOP.get("stopping"):
         _STOP["stopping"] = True
-        atexit.register(lambda: print(stop_message(signal.Signals(signum).name), file=sys.stderr, flush=True))
-    # 128 + N is the shell's "ended by signal N"; SystemExit unwinds through the writers, which remove their temporaries
+        atexit.register(lambda: print(stop_message(signal.Signals(signum).name), file=sys.stderr,
+                                      flush=True))
+    # 128 + N is the shell's "ended by signal N"; SystemExit unwinds through the writers, which
+    # remove their temporaries
     raise SystemExit(128 + signum)
 
 
 def stop_message(why):
-    """One line: where the last checkpoint of the current run is, and the flag that continues from it."""
+    """One line: where the last checkpoint of the current run is, and the flag that continues
+    from it."""
     try:
         ckpt = resolve_checkpoint(_STOP["checkpoints"])
     except CheckpointError:
-        return (f"{why}: stopped before the first checkpoint in {_STOP['checkpoints']}; nothing to resume: run the "
-                "same command with --overwrite to start again")
-    return f"{why}: stopped; the last checkpoint is {ckpt}: run the same command with --resume {_STOP['out']}"
+        return (f"{why}: stopped before the first checkpoint in {_STOP['checkpoints']}; nothing to "
+                "resume: run the same command with --overwrite to start again")
+    return (f"{why}: stopped; the last checkpoint is {ckpt}: run the same command with --resume "
+            f"{_STOP['out']}")
 
 
 def write_error(e, path):
-    """An OSError that says what could not be written and why, a full disk as such (ENOSPC alone names no file)."""
-    why = "disk full (no space left on device)" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    where = f" ({e.filename})" if e.filename and e.errno != errno.ENOSPC else ""  # e.g. a source file that vanished
-    return OSError(e.errno, f"could not write {path}: {why}{where}; the temporary copy was removed and the previous "
-                            "version, if any, is intact")
+    """An OSError that says what could not be written and why, a full disk as such (ENOSPC
+    alone names no file)."""
+    why = ("disk full (no space left on device)" if e.errno == errno.ENOSPC
+           else (e.strerror or str(e)))
+    # e.g. a source file that vanished
+    where = f" ({e.filename})" if e.filename and e.errno != errno.ENOSPC else ""
+    return OSError(e.errno, f"could not write {path}: {why}{where}; the temporary copy was removed "
+                            "and the previous version, if any, is intact")
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------------------
+# ---- checkpoints ---------------------------------------------------------------------------------
 class CheckpointError(RuntimeError):
     pass
 
 
 def save_checkpoint(out, step, model, cfg, trainer_state=None, files=(), keep=1):
-    """Write out/step_NNNNNNN/{model.safetensors, config.json, trainer.pt, the tokenizer file}, then point out/latest
-    at it. `files` are copied in (the tokenizer: a checkpoint is useless without its vocabulary).
+    """Write out/step_NNNNNNN/{model.safetensors, config.json, trainer.pt, the tokenizer file}, then
+    point out/latest at it. `files` are copied in (the tokenizer: a checkpoint is useless without
+    its vocabulary).
 
-    Written into a temporary folder (named with the pid: no two processes share one) that is renamed when complete,
-    and `latest` is replaced atomically, so a kill at any moment leaves the previous checkpoint intact and never a
-    half-written one in its place; a failed write removes the temporary and says what failed, a full disk as such.
-    To keep the last `keep`, only step folders this run wrote here (or resumed from) are removed, never an earlier
-    run's, whatever their names sort to: `latest` always names a folder that exists.
+    Written into a temporary folder (named with the pid: no two processes share one) that is renamed
+    when complete, and `latest` is replaced atomically, so a kill at any moment leaves the previous
+    checkpoint intact and never a half-written one in its place; a failed write removes the
+    temporary and says what failed, a full disk as such. To keep the last `keep`, only step folders
+    this run wrote here (or resumed from) are removed, never an earlier run's, whatever their names
+    sort to: `latest` always names a folder that exists.
     """
     name = f"step_{step:07d}"
     tmp, final = os.path.join(out, f".tmp_{name}.{os.getpid()}"), os.path.join(out, name)
@@ -174,7 +205,8 @@ def save_checkpoint(out, step, model, cfg, trainer_state=None, files=(), keep=1)
         for fname in os.listdir(tmp):  # flush file contents before the rename makes them visible
             with open(os.path.join(tmp, fname), "rb+") as f:
                 os.fsync(f.fileno())
-        _discard(final)  # the same step written again (a finished run resumed): the new one replaces it
+        # the same step written again (a finished run resumed): the new one replaces it
+        _discard(final)
         os.replace(tmp, final)
         data.write_atomic(os.path.join(out, "latest"), name + "\n")
     except BaseException as e:
@@ -191,24 +223,30 @@ def save_checkpoint(out, step, model, cfg, trainer_state=None, files=(), keep=1)
 
 
 def _discard(folder):
-    """Remove a folder by renaming it to a temporary name first: a kill mid-way never leaves half a checkpoint."""
+    """Remove a folder by renaming it to a temporary name first: a kill mid-way never leaves
+    half a checkpoint."""
     if os.path.isdir(folder):
-        trash = os.path.join(os.path.dirname(folder), f".tmp_{os.path.basename(folder)}.{os.getpid()}.old")
+        trash = os.path.join(os.path.dirname(folder),
+                             f".tmp_{os.path.basename(folder)}.{os.getpid()}.old")
         os.replace(folder, trash)
         try:
             shutil.rmtree(trash, ignore_errors=True)
-        finally:  # a stop signal raises SystemExit wherever it lands, rmtree included: finish the removal on the way out
+        finally:
+            # a stop signal raises SystemExit wherever it lands, rmtree included: finish the
+            # removal on the way out
             if os.path.isdir(trash):
                 shutil.rmtree(trash, ignore_errors=True)
 
 
 def resolve_checkpoint(path):
-    """A run folder (follows its `latest`) or a step folder -> the step folder, with a clear error otherwise."""
+    """A run folder (follows its `latest`) or a step folder -> the step folder, with a clear
+    error otherwise."""
     if os.path.isfile(os.path.join(path, "latest")):
         with open(os.path.join(path, "latest")) as f:
             path = os.path.join(path, f.read().strip())
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise CheckpointError(f"no checkpoint at {path}: expected model.safetensors (or a run folder with `latest`)")
+        raise CheckpointError(f"no checkpoint at {path}: expected model.safetensors (or a run "
+                              "folder with `latest`)")
     return path
 
 
@@ -241,10 +279,11 @@ def config_differences(saved: dict, current: dict, prefix=""):
 
 
 def load_weights(path, model, strict=True):
-    """Load model.safetensors into model; a corrupt file or mismatched tensors give a CheckpointError.
+    """Load model.safetensors into model; a corrupt file or mismatched tensors give a
+    CheckpointError.
 
-    With strict=False, keys the model lacks or the file lacks are allowed (a new task head); shapes must still match.
-    Returns (missing, unexpected) key lists.
+    With strict=False, keys the model lacks or the file lacks are allowed (a new task head); shapes
+    must still match. Returns (missing, unexpected) key lists.
     """
     path = resolve_checkpoint(path)
     file = os.path.join(path, "model.safetensors")
@@ -253,13 +292,14 @@ def load_weights(path, model, strict=True):
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         raise CheckpointError(f"corrupt or truncated checkpoint {file}: {e}") from e
     own = unwrap(model).state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-           if k in own and own[k].shape != v.shape]
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad:
         raise CheckpointError(f"{file} does not fit this model:\n  " + "\n  ".join(bad))
     missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
-        raise CheckpointError(f"{file} does not fit this model: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{file} does not fit this model: missing {missing}, "
+                              f"unexpected {unexpected}")
     return missing, unexpected
 
 
@@ -267,7 +307,8 @@ def load_trainer_state(path):
     path = resolve_checkpoint(path)
     file = os.path.join(path, "trainer.pt")
     if not os.path.isfile(file):
-        raise CheckpointError(f"{path} has no trainer.pt: it holds weights only and cannot be resumed")
+        raise CheckpointError(f"{path} has no trainer.pt: it holds weights only and cannot be "
+                              "resumed")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -275,30 +316,37 @@ def load_trainer_state(path):
 
 
 def resume_from(path, cfg, model, opt, sched, print0=print):
-    """Continue a run from its checkpoint (a run or step folder) honestly. Returns the checkpoint's trainer state.
+    """Continue a run from its checkpoint (a run or step folder) honestly. Returns the checkpoint's
+    trainer state.
 
-    The config is compared with the checkpoint's (config.resume_differences): settings a resumed run must keep (the
-    model, the data, the objectives, the batch, the seed...) are refused with the list of differences; those it may
-    change (steps, cadences, learning rates, workers) are applied and printed. Weights, optimizer moments and the
-    position in the schedule are restored; learning rates, weight decay and betas stay this run's (see
-    load_optimizer_state). Every failure is a SystemExit naming the checkpoint, not a traceback.
+    The config is compared with the checkpoint's (config.resume_differences): settings a resumed run
+    must keep (the model, the data, the objectives, the batch, the seed...) are refused with the
+    list of differences; those it may change (steps, cadences, learning rates, workers) are applied
+    and printed. Weights, optimizer moments and the position in the schedule are restored; learning
+    rates, weight decay and betas stay this run's (see load_optimizer_state). Every failure is a
+    SystemExit naming the checkpoint, not a traceback.
     """
     try:
         ckpt = resolve_checkpoint(path)
-        refused, changed = config_lib.resume_differences(read_checkpoint_config(ckpt)["config"], cfg)
+        refused, changed = config_lib.resume_differences(
+            read_checkpoint_config(ckpt)["config"], cfg)
         if refused:
-            raise SystemExit(f"--resume {path}: these settings differ from the run being continued, and a resumed run "
-                             "cannot change them:\n  " + "\n  ".join(refused) + "\nuse the checkpoint's values (in "
-                             f"{os.path.join(ckpt, 'config.json')}) or start a new run in another --out")
+            raise SystemExit(f"--resume {path}: these settings differ from the run being "
+                             "continued, and a resumed run cannot change them:\n  "
+                             + "\n  ".join(refused) + "\nuse the checkpoint's values (in "
+                             f"{os.path.join(ckpt, 'config.json')}) or start a new run in "
+                             "another --out")
         load_weights(ckpt, model)
         state = load_trainer_state(ckpt)
         load_optimizer_state(opt, sched, state)
     except CheckpointError as e:
         raise SystemExit(f"--resume {path}: {e}") from None
     except ValueError as e:  # torch: the saved parameter groups do not fit this optimizer's
-        raise SystemExit(f"--resume {path}: {ckpt}/trainer.pt does not fit this model's optimizer: {e}") from None
+        raise SystemExit(f"--resume {path}: {ckpt}/trainer.pt does not fit this model's "
+                         f"optimizer: {e}") from None
     mine = _WRITTEN.setdefault(os.path.realpath(os.path.dirname(ckpt)), [])
-    if os.path.basename(ckpt) not in mine:  # the run goes on: its next checkpoint supersedes this one
+    # the run goes on: its next checkpoint supersedes this one
+    if os.path.basename(ckpt) not in mine:
         mine.insert(0, os.path.basename(ckpt))
     print0(f"resumed from {ckpt} at step {state['step']}" +
         (f"; changed for the rest of the run: {', '.join(changed)}" if changed else ""))
@@ -306,13 +354,15 @@ def resume_from(path, cfg, model, opt, sched, print0=print):
 
 
 def load_optimizer_state(opt, sched, state):
-    """Restore the optimizer's moments and the schedule's position from a trainer state, keeping this run's settings.
+    """Restore the optimizer's moments and the schedule's position from a trainer state, keeping
+    this run's settings.
 
-    load_state_dict would also bring back the checkpoint's hyperparameters (every group's lr, initial_lr,
-    weight_decay, betas) and LambdaLR its base_lrs: new learning rates given to a resumed run would be silently
-    ignored. So they are put back from the optimizer as built from this run's flags, and the current LR is
-    recomputed at the resumed position with LambdaLR's own formula (base_lr * lambda(step)): with unchanged flags
-    it is bit for bit the saved one, with a new --steps it follows the new schedule.
+    load_state_dict would also bring back the checkpoint's hyperparameters (every group's lr,
+    initial_lr, weight_decay, betas) and LambdaLR its base_lrs: new learning rates given to a
+    resumed run would be silently ignored. So they are put back from the optimizer as built from
+    this run's flags, and the current LR is recomputed at the resumed position with LambdaLR's own
+    formula (base_lr * lambda(step)): with unchanged flags it is bit for bit the saved one, with a
+    new --steps it follows the new schedule.
     """
     own = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     opt.load_state_dict(state["optimizer"])
@@ -326,14 +376,15 @@ def load_optimizer_state(opt, sched, state):
 
 
 def rng_state():
-    # Masks, negatives, crops and sentence choices derive from (seed, step); only dropout draws from the global RNG.
+    # Masks, negatives, crops and sentence choices derive from (seed, step); only dropout draws from
+    # the global RNG.
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def gather_rng(proc):
-    """Every rank's RNG state, gathered on all ranks (rank 0 saves them), so a resumed rank r restores its own.
-    A collective: every rank calls it at the same point."""
+    """Every rank's RNG state, gathered on all ranks (rank 0 saves them), so a resumed rank r
+    restores its own. A collective: every rank calls it at the same point."""
     state = rng_state()
     if proc.world == 1:
         return [state]
@@ -349,18 +400,20 @@ def set_rng_state(s):
 
 
 def write_json(path, obj):
-    """Write JSON through a temporary file and a rename (data.write_atomic): readers never see half a file, a failed
-    write leaves the previous file and no temporary, a full disk is said as such."""
+    """Write JSON through a temporary file and a rename (data.write_atomic): readers never see
+    half a file, a failed write leaves the previous file and no temporary, a full disk is said
+    as such."""
     data.write_atomic(path, json.dumps(obj, indent=2))
 
 
-# ---- logging ----------------------------------------------------------------------------------------------------------
+# ---- logging -------------------------------------------------------------------------------------
 class Log:
     """log.jsonl with one line per logged step (rank 0 only).
 
-    A resumed run passes resume_step: the log is first cut back to the records of steps up to it (rewritten through
-    a temporary file and a rename), because the steps the stopped run logged after its last checkpoint are trained
-    again and must not appear twice. A line torn by a kill mid-write is dropped with them."""
+    A resumed run passes resume_step: the log is first cut back to the records of steps up to it
+    (rewritten through a temporary file and a rename), because the steps the stopped run logged
+    after its last checkpoint are trained again and must not appear twice. A line torn by a kill
+    mid-write is dropped with them."""
 
     def __init__(self, path, enabled, resume_step=None):
         self.f = None

@@ -1,14 +1,18 @@
-"""One typed config for the whole project: the model, pre-training and fine-tuning, with named presets.
+"""One typed config for the whole project: the model, pre-training and fine-tuning,
+with named presets.
 
-Every field carries its `help` text; `parse_args` turns the fields into type-checked command-line flags
-(unknown flags are an error), applies the chosen preset and then the flags the user gave, in that order:
+Every field carries its `help` text; `parse_args` turns the fields into type-checked command-line
+flags (unknown flags are an error), applies the chosen preset and then the flags the user gave, in
+that order:
 
     cfg = parse_args(TrainConfig, PRESETS, argv, description=...)
 
 Presets:
-- `cpu` (default of `python train.py`): a small single tower that pre-trains on the synthetic world in ~10 min on 2 cores;
+- `cpu` (default of `python train.py`): a small single tower that pre-trains on the synthetic world
+  in ~10 min on 2 cores;
 - `tiny`: the smallest thing that still exercises every code path, for tests;
-- `paper`: the paper's scale (hidden 768, 12 layers, 12 heads, image 288, patch 16, pools of 1,024, k_v 49, k_l 32).
+- `paper`: the paper's scale (hidden 768, 12 layers, 12 heads, image 288, patch 16, pools of 1,024,
+  k_v 49, k_l 32).
 """
 
 import argparse
@@ -20,15 +24,17 @@ from dataclasses import dataclass, field
 def _f(default, help, valid=None, may_change=False):
     """A config field and what is allowed of it, in one place.
 
-    valid: the values allowed, checked whenever a config is built (so by parse_args, before any data is read): a
-    bound (">= 1", "> 0"), an interval ("[0, 1)"), alternatives joined by " or " (a bare number is that value), or a
-    tuple of choices. may_change: a resumed run may set it differently from the run it continues, because it steers
-    how the run goes on (length, cadence, learning rates, workers), not what it learns; every other field must equal
-    the checkpoint's (resume_differences)."""
+    valid: the values allowed, checked whenever a config is built (so by parse_args, before any data
+    is read): a bound (">= 1", "> 0"), an interval ("[0, 1)"), alternatives joined by " or " (a bare
+    number is that value), or a tuple of choices. may_change: a resumed run may set it differently
+    from the run it continues, because it steers how the run goes on (length, cadence, learning
+    rates, workers), not what it learns; every other field must equal the checkpoint's
+    (resume_differences)."""
     return field(default=default, metadata={"help": help, "valid": valid, "may_change": may_change})
 
 
-# A bool flag that may also be left to the device: "auto" | "true" | "false" (a str field; `--flag` alone = true).
+# A bool flag that may also be left to the device: "auto" | "true" | "false"
+# (a str field; `--flag` alone = true).
 AUTO_BOOL = ("auto", "true", "false")
 
 
@@ -47,7 +53,8 @@ def _allowed(value, valid):
     for part in valid.split(" or "):
         if part[0] in "[(":  # an interval such as "[0, 1)"
             lo, hi = (float(x) for x in part[1:-1].split(","))
-            if (lo <= value if part[0] == "[" else lo < value) and (value <= hi if part[-1] == "]" else value < hi):
+            if ((lo <= value if part[0] == "[" else lo < value)
+                    and (value <= hi if part[-1] == "]" else value < hi)):
                 return True
         elif " " in part:  # ">= 1", "> 0"
             op, bound = part.split()
@@ -59,8 +66,8 @@ def _allowed(value, valid):
 
 
 def check_fields(cfg):
-    """Raise one ValueError naming every field of this dataclass whose value is outside what its `valid` allows (and
-    every non-finite float: argparse's float() accepts 'nan' and 'inf')."""
+    """Raise one ValueError naming every field of this dataclass whose value is outside what its
+    `valid` allows (and every non-finite float: argparse's float() accepts 'nan' and 'inf')."""
     errors = []
     for f in dataclasses.fields(cfg):
         value, valid = getattr(cfg, f.name), f.metadata.get("valid")
@@ -80,117 +87,144 @@ class ModelConfig:
 
     image_size: int = _f(48, "input image side in pixels (resize + center crop)", valid=">= 1")
     patch_size: int = _f(8, "ViT patch side in pixels", valid=">= 1")
-    vocab_size: int = _f(4096, "WordPiece vocabulary size (set from the tokenizer when one is loaded)", valid=">= 1")
+    vocab_size: int = _f(4096, "WordPiece vocabulary size "
+                               "(set from the tokenizer when one is loaded)", valid=">= 1")
     cls_id: int = _f(2, "[CLS] token id (set from the tokenizer)", valid=">= 0")
     sep_id: int = _f(3, "[SEP] token id (set from the tokenizer)", valid=">= 0")
-    max_text_len: int = _f(32, "text length in tokens, [CLS] and [SEP] included (finetune.py without this flag: "
-                                "the longer of the checkpoint's and the task's 95th percentile, rounded up to 8)",
-                           valid=">= 3")
+    max_text_len: int = _f(32, "text length in tokens, [CLS] and [SEP] included "
+                               "(finetune.py without this flag: the longer of the checkpoint's "
+                               "and the task's 95th percentile, rounded up to 8)", valid=">= 3")
     dim: int = _f(128, "hidden size D", valid=">= 1")
     depth: int = _f(4, "number of Transformer blocks", valid=">= 1")
     heads: int = _f(4, "attention heads (dim must divide by heads)", valid=">= 1")
     mlp_ratio: float = _f(4.0, "MLP hidden size / dim", valid="> 0")
     dropout: float = _f(0.0, "dropout in attention output and MLP", valid="[0, 1)")
-    prompt_mode: str = _f("pool", "prompts for a missing modality: none | static | pool (paper section 3.2)",
-                          valid=("none", "static", "pool"))
+    prompt_mode: str = _f("pool", "prompts for a missing modality: none | static | pool "
+                                  "(paper section 3.2)", valid=("none", "static", "pool"))
     pool_size: int = _f(64, "prompts per modality pool (prompt_mode=pool)", valid=">= 1")
     k_v: int = _f(8, "visual prompts used when the image is missing", valid=">= 0")
     k_l: int = _f(8, "textual prompts used when the text is missing", valid=">= 0")
-    query_pooling: str = _f("mean", "how the present modality's embeddings become the pool query: mean | max",
-                            valid=("mean", "max"))
+    query_pooling: str = _f("mean", "how the present modality's embeddings become the pool "
+                                    "query: mean | max", valid=("mean", "max"))
     # pool variants of the prompt-pool literature (issue 13); the defaults are the paper's form
-    pool_select: str = _f("dot", "pool scores: dot = query . row (the paper) | cosine = of L2-normalised query and keys",
+    pool_select: str = _f("dot", "pool scores: dot = query . row (the paper) | "
+                                 "cosine = of L2-normalised query and keys",
                           valid=("dot", "cosine"))
-    pool_keys: str = _f("shared", "shared = a pool row is its own selection key (the paper) | separate = a learned key "
-                                  "per row (L2P's key-value pool; the keys learn only through --w-pool-pull)",
+    pool_keys: str = _f("shared", "shared = a pool row is its own selection key (the paper) | "
+                                  "separate = a learned key per row (L2P's key-value pool; "
+                                  "the keys learn only through --w-pool-pull)",
                         valid=("shared", "separate"))
-    pool_query: str = _f("input", "pool query: input = pooled input embeddings of the present modality (the paper) | "
-                                  "final = its first token's final state after a no-grad pass of it alone (L2P)",
+    pool_query: str = _f("input", "pool query: input = pooled input embeddings of the present "
+                                  "modality (the paper) | final = its first token's final state "
+                                  "after a no-grad pass of it alone (L2P)",
                          valid=("input", "final"))
     itc_dim: int = _f(128, "ITC projection size", valid=">= 1")
-    itc_temperature: float = _f(0.07, "initial ITC temperature (logit scale = log(1/T), clamped at log 100)",
-                                valid="> 0")
-    learn_temperature: bool = _f(True, "learn the ITC temperature (CLIP style); false keeps it fixed")
-    # what an imported encoder needs to compute exactly what it computed (set by --init-vision / --init-text)
-    norm_pre: bool = _f(False, "LayerNorm on the input sequence before the blocks (CLIP's ln_pre, timm's norm_pre)")
-    act: str = _f("gelu", "MLP activation of the blocks: gelu | quick_gelu (OpenAI CLIP's x * sigmoid(1.702 x))",
-                  valid=("gelu", "quick_gelu"))
-    norm_eps: float = _f(1e-5, "LayerNorm epsilon of the blocks and final norm (timm 1e-6, HF ViT 1e-12, CLIP 1e-5)",
-                         valid="> 0")
+    itc_temperature: float = _f(0.07, "initial ITC temperature "
+                                      "(logit scale = log(1/T), clamped at log 100)", valid="> 0")
+    learn_temperature: bool = _f(True, "learn the ITC temperature (CLIP style); "
+                                       "false keeps it fixed")
+    # what an imported encoder needs to compute exactly what it computed
+    # (set by --init-vision / --init-text)
+    norm_pre: bool = _f(False, "LayerNorm on the input sequence before the blocks "
+                               "(CLIP's ln_pre, timm's norm_pre)")
+    act: str = _f("gelu", "MLP activation of the blocks: gelu | quick_gelu "
+                          "(OpenAI CLIP's x * sigmoid(1.702 x))", valid=("gelu", "quick_gelu"))
+    norm_eps: float = _f(1e-5, "LayerNorm epsilon of the blocks and final norm "
+                               "(timm 1e-6, HF ViT 1e-12, CLIP 1e-5)", valid="> 0")
     patch_bias: bool = _f(True, "bias in the patch projection (CLIP has none)")
-    text_norm_eps: float = _f(0.0, "epsilon of a LayerNorm on word + position embeddings (BERT / RoBERTa's "
-                                   "embeddings.LayerNorm, added by --init-text); 0 = no such norm", valid=">= 0")
+    text_norm_eps: float = _f(0.0, "epsilon of a LayerNorm on word + position embeddings "
+                                   "(BERT / RoBERTa's embeddings.LayerNorm, "
+                                   "added by --init-text); 0 = no such norm", valid=">= 0")
 
     def __post_init__(self):
         check_fields(self)  # first: the checks below divide by heads and patch_size
         if self.dim % self.heads:
             raise ValueError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"--image-size {self.image_size} is not divisible by --patch-size {self.patch_size}")
+            raise ValueError(f"--image-size {self.image_size} is not divisible by "
+                             f"--patch-size {self.patch_size}")
         if self.prompt_mode != "pool" and self.pool_variants():
-            raise ValueError(f"{', '.join(self.pool_variants())} only apply to --prompt-mode pool, got "
-                             f"{self.prompt_mode!r}")
+            raise ValueError(f"{', '.join(self.pool_variants())} only apply to --prompt-mode pool, "
+                             f"got {self.prompt_mode!r}")
         if self.prompt_mode == "pool" and max(self.k_v, self.k_l) > self.pool_size:
-            raise ValueError(f"--k-v {self.k_v} and --k-l {self.k_l} cannot exceed --pool-size {self.pool_size}")
+            raise ValueError(f"--k-v {self.k_v} and --k-l {self.k_l} cannot exceed "
+                             f"--pool-size {self.pool_size}")
 
     def pool_variants(self):
-        """The pool switches set away from the paper's form, as flags (empty for the paper's pool)."""
+        """The pool switches set away from the paper's form, as flags
+        (empty for the paper's pool)."""
         paper = dict(pool_select="dot", pool_keys="shared", pool_query="input")
         return [f"{flag(k)} {getattr(self, k)}" for k, v in paper.items() if getattr(self, k) != v]
 
 
 @dataclass
 class RunConfig:
-    """What pre-training and fine-tuning share: data, optimisation, precision, logging and checkpoints."""
+    """What pre-training and fine-tuning share: data, optimisation, precision, logging and
+    checkpoints."""
 
-    data_root: str = _f("", "folder of prepared datasets (prepare.py output); empty = the synthetic world, made on demand")
-    synth_root: str = _f("data/synthetic", "where the synthetic world and its prepared form live when data_root is empty")
-    synth_scale: str = _f("default", "size of the synthetic world made on demand: tiny | small | default",
-                          valid=("tiny", "small", "default"))
-    tokenizer: str = _f("", "tokenizer.json or BERT vocab.txt; empty = <prepared root>/tokenizer.json (trained if missing)")
-    out: str = _f("runs/pretrain", "output folder: config.json, log.jsonl, checkpoints", may_change=True)
-    init_vision: str = _f("", "pretrained ViT / CLIP vision weights to start from (timm, HF ViTModel, HF CLIP, OpenAI "
-                              "CLIP / open_clip; .safetensors, or .bin / .pt read with weights_only); empty = scratch")
-    init_text: str = _f("", "BERT / PubMedBERT / RoBERTa weights whose embeddings start the text side (with "
-                            "--tokenizer: its vocab.txt, tokenizer.json or vocab.json); empty = scratch")
-    resume: str = _f("", "checkpoint folder to continue from (weights, optimizer, scheduler, step, RNG, data position)",
+    data_root: str = _f("", "folder of prepared datasets (prepare.py output); "
+                            "empty = the synthetic world, made on demand")
+    synth_root: str = _f("data/synthetic", "where the synthetic world and its prepared form live "
+                                           "when data_root is empty")
+    synth_scale: str = _f("default", "size of the synthetic world made on demand: "
+                                     "tiny | small | default", valid=("tiny", "small", "default"))
+    tokenizer: str = _f("", "tokenizer.json or BERT vocab.txt; "
+                            "empty = <prepared root>/tokenizer.json (trained if missing)")
+    out: str = _f("runs/pretrain", "output folder: config.json, log.jsonl, checkpoints",
+                  may_change=True)
+    init_vision: str = _f("", "pretrained ViT / CLIP vision weights to start from (timm, "
+                              "HF ViTModel, HF CLIP, OpenAI CLIP / open_clip; .safetensors, "
+                              "or .bin / .pt read with weights_only); empty = scratch")
+    init_text: str = _f("", "BERT / PubMedBERT / RoBERTa weights whose embeddings start the text "
+                            "side (with --tokenizer: its vocab.txt, tokenizer.json or vocab.json); "
+                            "empty = scratch")
+    resume: str = _f("", "checkpoint folder to continue from "
+                         "(weights, optimizer, scheduler, step, RNG, data position)",
                      may_change=True)
-    # below 2**31, so that distributed.step_generator's seeds, (seed * 1_000_003 + step) * 1024 + stream, fit in 64 bits
-    seed: int = _f(0, "base seed; rank r uses seed + r for its own randomness", valid="[0, 2147483647]")
+    # below 2**31, so that distributed.step_generator's seeds,
+    # (seed * 1_000_003 + step) * 1024 + stream, fit in 64 bits
+    seed: int = _f(0, "base seed; rank r uses seed + r for its own randomness",
+                   valid="[0, 2147483647]")
     steps: int = _f(1000, "optimizer steps", valid=">= 1", may_change=True)
     batch_size: int = _f(64, "samples per device per micro-step", valid=">= 1")
-    grad_accum: int = _f(1, "micro-steps per optimizer step (each draws from its own of 1023 generator streams)",
+    grad_accum: int = _f(1, "micro-steps per optimizer step "
+                            "(each draws from its own of 1023 generator streams)",
                          valid="[1, 1023]")
-    lr_backbone: float = _f(1e-3, "peak learning rate of the backbone (embeddings, blocks, final norm); 0 = frozen",
+    lr_backbone: float = _f(1e-3, "peak learning rate of the backbone "
+                                  "(embeddings, blocks, final norm); 0 = frozen",
                             valid=">= 0", may_change=True)
-    lr_head: float = _f(1e-3, "peak learning rate of everything else (prompt pools, heads, logit scale)",
-                        valid="> 0", may_change=True)
-    weight_decay: float = _f(0.01, "AdamW weight decay (never on norms, biases, embeddings, pools, logit scale)",
-                             valid=">= 0", may_change=True)
+    lr_head: float = _f(1e-3, "peak learning rate of everything else "
+                              "(prompt pools, heads, logit scale)", valid="> 0", may_change=True)
+    weight_decay: float = _f(0.01, "AdamW weight decay (never on norms, biases, embeddings, "
+                                   "pools, logit scale)", valid=">= 0", may_change=True)
     beta1: float = _f(0.9, "AdamW beta1", valid="[0, 1)", may_change=True)
     beta2: float = _f(0.98, "AdamW beta2", valid="[0, 1)", may_change=True)
     warmup_frac: float = _f(0.1, "fraction of steps of linear warm-up, then linear decay to 0",
                             valid="[0, 1)", may_change=True)
     grad_clip: float = _f(1.0, "max global gradient norm (0 = off)", valid=">= 0", may_change=True)
-    precision: str = _f("auto", "bf16 | fp32 | auto (bf16 autocast on CUDA, fp32 on CPUs without fast bf16)",
+    precision: str = _f("auto", "bf16 | fp32 | auto "
+                                "(bf16 autocast on CUDA, fp32 on CPUs without fast bf16)",
                         valid=("auto", "bf16", "fp32"))
-    compile: str = _f("auto", "torch.compile the model: auto = on CUDA (its forward compiles whole, no graph breaks), "
-                              "not on a CPU (compiling takes longer than a short CPU run gains) | true | false",
+    compile: str = _f("auto", "torch.compile the model: auto = on CUDA "
+                              "(its forward compiles whole, no graph breaks), not on a CPU "
+                              "(compiling takes longer than a short CPU run gains) | true | false",
                       valid=AUTO_BOOL, may_change=True)
     num_workers: int = _f(2, "data-loader worker processes per rank", valid=">= 0", may_change=True)
     random_resized_crop: bool = _f(False, "random-resized-crop augmentation for training images")
     log_every: int = _f(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
     max_skips: int = _f(5, "consecutive non-finite steps tolerated before training stops",
                         valid=">= 1", may_change=True)
-    overwrite: bool = _f(False, "start afresh in an --out that holds an earlier run: its files are moved aside into "
-                                "<out>/.replaced-<time>/, never deleted", may_change=True)
+    overwrite: bool = _f(False, "start afresh in an --out that holds an earlier run: its files "
+                                "are moved aside into <out>/.replaced-<time>/, never deleted",
+                         may_change=True)
 
     def __post_init__(self):
         if isinstance(self.compile, bool):  # a config.json written when --compile was a plain bool
             self.compile = str(self.compile).lower()
         check_fields(self)
         if self.overwrite and self.resume:
-            raise ValueError("--overwrite (start afresh) and --resume (continue) exclude each other")
+            raise ValueError(
+                "--overwrite (start afresh) and --resume (continue) exclude each other")
 
 
 @dataclass
@@ -198,59 +232,75 @@ class TrainConfig(RunConfig):
     """Pre-training (train.py)."""
 
     preset: str = _f("cpu", "named preset, applied before the flags: cpu | tiny | paper")
-    data: str = _f("roco,medicat,mimic_cxr", "comma-separated pre-training sets (prepared folder names)")
-    objectives: str = _f("mlm,itm,itc", "comma-separated subset of mlm,itm,itc (the paper's Table 3 ablation)")
+    data: str = _f("roco,medicat,mimic_cxr", "comma-separated pre-training sets "
+                                             "(prepared folder names)")
+    objectives: str = _f("mlm,itm,itc", "comma-separated subset of mlm,itm,itc "
+                                        "(the paper's Table 3 ablation)")
     w_mlm: float = _f(1.0, "weight of the MLM loss", valid=">= 0")
     w_itm: float = _f(1.0, "weight of the ITM loss", valid=">= 0")
     w_itc: float = _f(1.0, "weight of the ITC loss", valid=">= 0")
-    mlm_prob: float = _f(0.15, "share of real text tokens masked for MLM (80% [MASK], 10% random, 10% kept)",
-                         valid="(0, 1)")
+    mlm_prob: float = _f(0.15, "share of real text tokens masked for MLM "
+                               "(80% [MASK], 10% random, 10% kept)", valid="(0, 1)")
     whole_word: bool = _f(False, "mask whole words (a token and its ## continuations) together")
-    itm_hard_negatives: bool = _f(False, "ITM negatives sampled from ITC similarities (ALBEF) instead of uniformly")
-    w_pool_pull: float = _f(0.0, "weight of the pools' pull term, mean 1 - cos(query, chosen key) with the query "
-                                 "detached (L2P's surrogate loss; needs itc, where the pools are used)", valid=">= 0")
-    w_pool_balance: float = _f(0.0, "weight of the pools' load-balancing term, N * sum_i usage_i * mean softmax "
-                                    "score_i (Switch Transformer; 1 = uniform use; needs itc)", valid=">= 0")
-    save_every: int = _f(500, "optimizer steps between checkpoints (one is always written at the end)",
-                         valid=">= 1", may_change=True)
+    itm_hard_negatives: bool = _f(False, "ITM negatives sampled from ITC similarities "
+                                         "(ALBEF) instead of uniformly")
+    w_pool_pull: float = _f(0.0, "weight of the pools' pull term, "
+                                 "mean 1 - cos(query, chosen key) with the query detached "
+                                 "(L2P's surrogate loss; needs itc, where the pools are used)",
+                            valid=">= 0")
+    w_pool_balance: float = _f(0.0, "weight of the pools' load-balancing term, "
+                                    "N * sum_i usage_i * mean softmax score_i "
+                                    "(Switch Transformer; 1 = uniform use; needs itc)",
+                               valid=">= 0")
+    save_every: int = _f(500, "optimizer steps between checkpoints "
+                              "(one is always written at the end)", valid=">= 1", may_change=True)
     eval_pairs: int = _f(2000, "ROCO test pairs for the closing zero-shot retrieval (0 = skip)",
                          valid=">= 0", may_change=True)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
 
     def __post_init__(self):
         super().__post_init__()
-        if "itc" not in self.objective_set() and self.itm_hard_negatives:  # objective_set validates the names
-            raise ValueError("--itm-hard-negatives samples ITM negatives from ITC similarities: add itc to "
-                             f"--objectives (got {self.objectives!r})")
+        # objective_set validates the names
+        if "itc" not in self.objective_set() and self.itm_hard_negatives:
+            raise ValueError("--itm-hard-negatives samples ITM negatives from ITC similarities: "
+                             f"add itc to --objectives (got {self.objectives!r})")
         pool_terms = [flag(k) for k in ("w_pool_pull", "w_pool_balance") if getattr(self, k)]
         if pool_terms and ("itc" not in self.objective_set() or self.model.prompt_mode != "pool"):
-            raise ValueError(f"{' and '.join(pool_terms)} act on the prompt pools, which only ITC's single-modality "
-                             f"passes use: they need itc in --objectives and --prompt-mode pool")
+            raise ValueError(f"{' and '.join(pool_terms)} act on the prompt pools, which only "
+                             f"ITC's single-modality passes use: they need itc in --objectives "
+                             f"and --prompt-mode pool")
         if self.model.pool_keys == "separate" and not self.w_pool_pull:
-            raise ValueError("--pool-keys separate: the keys learn only through the pull term; set --w-pool-pull > 0")
+            raise ValueError("--pool-keys separate: the keys learn only through the pull term; "
+                             "set --w-pool-pull > 0")
 
     def objective_set(self):
         names = [o for o in self.objectives.split(",") if o]
         bad = set(names) - {"mlm", "itm", "itc"}
         if bad or not names:
-            raise ValueError(f"--objectives must be a non-empty subset of mlm,itm,itc, got {self.objectives!r}")
+            raise ValueError(f"--objectives must be a non-empty subset of mlm,itm,itc, "
+                             f"got {self.objectives!r}")
         return set(names)
 
 
-# Presets override defaults; user flags override presets. Model keys and run keys share one flat namespace.
+# Presets override defaults; user flags override presets.
+# Model keys and run keys share one flat namespace.
 PRESETS = {
     "cpu": {},
-    "tiny": dict(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2, pool_size=8, k_v=4, k_l=3,
-                 itc_dim=16, steps=30, batch_size=8, log_every=5, save_every=20, num_workers=0, synth_scale="tiny",
-                 eval_pairs=64, lr_backbone=1e-3, lr_head=1e-3),
-    # The paper's architecture and schedule. Its LRs (1e-5 / 5e-5) assume encoders initialised from CLIP and RoBERTa:
-    # with --init-vision they apply (PRETRAINED_INIT_LRS); from scratch the backbone needs the larger rates below.
-    "paper": dict(image_size=288, patch_size=16, max_text_len=48, dim=768, depth=12, heads=12, pool_size=1024, k_v=49,
-                  k_l=32, itc_dim=256, steps=100_000, batch_size=32, lr_backbone=1e-4, lr_head=5e-4, num_workers=8,
-                  log_every=50, save_every=5000, vocab_size=30522),
+    "tiny": dict(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2,
+                 pool_size=8, k_v=4, k_l=3, itc_dim=16, steps=30, batch_size=8, log_every=5,
+                 save_every=20, num_workers=0, synth_scale="tiny", eval_pairs=64, lr_backbone=1e-3,
+                 lr_head=1e-3),
+    # The paper's architecture and schedule. Its LRs (1e-5 / 5e-5) assume encoders initialised from
+    # CLIP and RoBERTa: with --init-vision they apply (PRETRAINED_INIT_LRS); from scratch the
+    # backbone needs the larger rates below.
+    "paper": dict(image_size=288, patch_size=16, max_text_len=48, dim=768, depth=12, heads=12,
+                  pool_size=1024, k_v=49, k_l=32, itc_dim=256, steps=100_000, batch_size=32,
+                  lr_backbone=1e-4, lr_head=5e-4, num_workers=8, log_every=50, save_every=5000,
+                  vocab_size=30522),
 }
 
-# Pre-training rates of a preset when it starts from a pretrained vision encoder (--init-vision); flags still win.
+# Pre-training rates of a preset when it starts from a pretrained vision encoder (--init-vision);
+# flags still win.
 PRETRAINED_INIT_LRS = {"paper": dict(lr_backbone=1e-5, lr_head=5e-5)}
 
 
@@ -284,29 +334,34 @@ def build(cls, overrides):
         raise ValueError(f"unknown config keys: {', '.join(unknown)}")
     top = {k: v for k, v in overrides.items() if known[k] is None}
     model = {k: v for k, v in overrides.items() if known[k] == "model"}
-    return cls(**top, model=ModelConfig(**model)) if "model" in {f.name for f in dataclasses.fields(cls)} \
-        else cls(**top)
+    return (cls(**top, model=ModelConfig(**model))
+            if "model" in {f.name for f in dataclasses.fields(cls)} else cls(**top))
 
 
 def parse_args(cls, presets, argv=None, description=""):
     """Type-checked flags for every field of cls; preset first, then the user's flags.
 
-    Flags must be spelled out (no argparse prefix abbreviations: `--lr` would otherwise mean whichever `--lr-*` is
-    unique). The returned config's `given` attribute is the set of field names the command line set, for a script
-    that must tell "the user asked for this" from "the preset's value" (finetune.py with --init)."""
+    Flags must be spelled out (no argparse prefix abbreviations: `--lr` would otherwise mean
+    whichever `--lr-*` is unique). The returned config's `given` attribute is the set of field names
+    the command line set, for a script that must tell "the user asked for this" from "the preset's
+    value" (finetune.py with --init)."""
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     defaults = cls()
     for name, f, owner in _flat_fields(cls):
         default = getattr(defaults.model if owner else defaults, name)
         valid = f.metadata.get("valid")
-        typ = _str2bool if f.type in (bool, "bool") else _auto_bool if valid == AUTO_BOOL else type(default)
+        typ = (_str2bool if f.type in (bool, "bool")
+               else _auto_bool if valid == AUTO_BOOL else type(default))
         extra = {"choices": sorted(presets)} if name == "preset" else {}
         if typ in (_str2bool, _auto_bool):  # `--overwrite` alone means `--overwrite true`
             extra.update(nargs="?", const=True if typ is _str2bool else "true")
-        allowed = "" if valid is None else f"; {' | '.join(valid) if isinstance(valid, tuple) else valid}"
+        allowed = ("" if valid is None
+                   else f"; {' | '.join(valid) if isinstance(valid, tuple) else valid}")
         metavar = {_str2bool: "BOOL", _auto_bool: "AUTO|BOOL"}.get(typ, typ.__name__.upper())
         p.add_argument(flag(name), dest=name, type=typ, default=None, metavar=metavar,
-                       help=f"{f.metadata['help']} (default: {default}{allowed})".replace("%", "%%"), **extra)
+                       help=(f"{f.metadata['help']} (default: {default}{allowed})"
+                             .replace("%", "%%")),
+                       **extra)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = args.get("preset", getattr(defaults, "preset", None))
     overrides = dict(presets.get(preset, {})) if preset else {}
@@ -315,8 +370,10 @@ def parse_args(cls, presets, argv=None, description=""):
     overrides.update(args)
     try:
         cfg = build(cls, overrides)
-        check_fields(cfg)  # the configs here check themselves when built; a plain one (eval.py's) is checked here
-    except (ValueError, TypeError) as e:  # every check of the config: a usage error (exit 2), not a traceback
+        # the configs here check themselves when built; a plain one (eval.py's) is checked here
+        check_fields(cfg)
+    except (ValueError, TypeError) as e:
+        # every check of the config: a usage error (exit 2), not a traceback
         p.error(str(e))
     cfg.given = frozenset(args)
     return cfg
@@ -339,15 +396,18 @@ def _flat_dict(d):
 
 
 def resume_differences(saved, cfg):
-    """Compare cfg with the config a checkpoint was written with (its to_dict form). Returns (refused, changed): one
-    line per differing field that a resumed run must keep (the model, the data, the objectives, the batch, the
-    seed...), and one per differing field it may change (`may_change`: steps, cadences, learning rates, workers)."""
+    """Compare cfg with the config a checkpoint was written with (its to_dict form). Returns
+    (refused, changed): one line per differing field that a resumed run must keep (the model, the
+    data, the objectives, the batch, the seed...), and one per differing field it may change
+    (`may_change`: steps, cadences, learning rates, workers)."""
     may_change = {name for name, f, _ in _flat_fields(type(cfg)) if f.metadata.get("may_change")}
     # a field the checkpoint lacks was added after it was written: the run had that field's default
-    defaults = {name: f.default for name, f, _ in _flat_fields(type(cfg)) if f.default is not dataclasses.MISSING}
+    defaults = {name: f.default for name, f, _ in _flat_fields(type(cfg))
+                if f.default is not dataclasses.MISSING}
     before, now = {**defaults, **_flat_dict(saved)}, _flat_dict(to_dict(cfg))
     refused, changed = [], []
-    for name in sorted((set(before) | set(now)) - {"resume", "overwrite"}):  # how a run was started, not a setting
+    # how a run was started, not a setting
+    for name in sorted((set(before) | set(now)) - {"resume", "overwrite"}):
         a, b = before.get(name, "<none>"), now.get(name, "<none>")
         if a != b:
             (changed if name in may_change else refused).append(f"{flag(name)} {a!r} -> {b!r}")
@@ -356,55 +416,65 @@ def resume_differences(saved, cfg):
 
 @dataclass
 class FinetuneConfig(RunConfig):
-    """Fine-tuning on one downstream task of the paper's Table 2 (finetune.py; eval.py re-reads it from checkpoints).
+    """Fine-tuning on one downstream task of the paper's Table 2
+    (finetune.py; eval.py re-reads it from checkpoints).
 
-    With --init, the architecture and the tokenizer are the checkpoint's; model flags given on the command line must
-    agree with it (image_size and max_text_len excepted: the position embeddings are interpolated or extended)."""
+    With --init, the architecture and the tokenizer are the checkpoint's; model flags given on the
+    command line must agree with it (image_size and max_text_len excepted: the position embeddings
+    are interpolated or extended)."""
 
     preset: str = _f("cpu", "named preset, applied before the flags: cpu | tiny | paper")
-    task: str = _f("", "downstream task: chexpert | rsna | radnli | mimic_sum | roco_retrieval | mimic_gen | vqa_rad | "
-                       "slake | medvqa2019")
-    init: str = _f("", "pre-training checkpoint (run or step folder); empty = runs/pretrain when it holds one, else "
-                       "scratch; 'scratch' forces a randomly initialised backbone")
+    task: str = _f("", "downstream task: chexpert | rsna | radnli | mimic_sum | roco_retrieval | "
+                       "mimic_gen | vqa_rad | slake | medvqa2019")
+    init: str = _f("", "pre-training checkpoint (run or step folder); "
+                       "empty = runs/pretrain when it holds one, else scratch; "
+                       "'scratch' forces a randomly initialised backbone")
     out: str = _f("", "output folder (results.json, log.jsonl, best checkpoint); empty = "
                       "runs/finetune/<task>-<pretrained|scratch>[-<percent>pct]", may_change=True)
-    data_frac: float = _f(1.0, "share of the training split used, a seeded subset (at least 8 samples): 0.01 | 0.1 | 1",
-                          valid="(0, 1]")
-    eval_every: int = _f(100, "optimizer steps between validation runs; the best weights on val are kept",
-                         valid=">= 1", may_change=True)
-    val_max: int = _f(128, "validation records used for selection, a seeded subset (0 = all); test is always whole",
-                      valid=">= 0")
+    data_frac: float = _f(1.0, "share of the training split used, a seeded subset "
+                               "(at least 8 samples): 0.01 | 0.1 | 1", valid="(0, 1]")
+    eval_every: int = _f(100, "optimizer steps between validation runs; "
+                              "the best weights on val are kept", valid=">= 1", may_change=True)
+    val_max: int = _f(128, "validation records used for selection, a seeded subset (0 = all); "
+                           "test is always whole", valid=">= 0")
     eval_batch_size: int = _f(64, "samples per batch at evaluation", valid=">= 1", may_change=True)
-    max_gen_len: int = _f(0, "generation target length in tokens, [CLS] and [SEP] included (TS, ITG): targets are cut "
-                             "to it, beam search stops after max_gen_len - 1 tokens, the decoder has this many positions; "
-                             "separate from the encoder input length --max-text-len. 0 = the 95th percentile of the "
-                             "task's training targets, rounded up to a multiple of 8",
+    max_gen_len: int = _f(0, "generation target length in tokens, [CLS] and [SEP] included "
+                             "(TS, ITG): targets are cut to it, beam search stops after "
+                             "max_gen_len - 1 tokens, the decoder has this many positions; "
+                             "separate from the encoder input length --max-text-len. "
+                             "0 = the 95th percentile of the task's training targets, "
+                             "rounded up to a multiple of 8",
                           valid="0 or >= 3")
-    beam_size: int = _f(1, "beam size of the deterministic beam search (TS, ITG); 1 = greedy", valid=">= 1")
-    length_penalty: float = _f(1.0, "beam hypotheses are compared by log-prob sum / length ** length_penalty")
+    beam_size: int = _f(1, "beam size of the deterministic beam search (TS, ITG); 1 = greedy",
+                        valid=">= 1")
+    length_penalty: float = _f(1.0, "beam hypotheses are compared by "
+                                    "log-prob sum / length ** length_penalty")
     steps: int = _f(200, "optimizer steps", valid=">= 1", may_change=True)
-    batch_size: int = _f(32, "samples per device per micro-step (lowered to the training set size for tiny subsets)",
-                         valid=">= 1")
-    lr_backbone: float = _f(5e-4, "peak learning rate of the backbone (paper: 5e-6); 0 = frozen (a linear probe)",
-                            valid=">= 0", may_change=True)
-    lr_head: float = _f(1e-3, "peak learning rate of the task head, prompt pools and decoder (paper: 2.5e-4)",
-                        valid="> 0", may_change=True)
+    batch_size: int = _f(32, "samples per device per micro-step "
+                             "(lowered to the training set size for tiny subsets)", valid=">= 1")
+    lr_backbone: float = _f(5e-4, "peak learning rate of the backbone (paper: 5e-6); 0 = frozen "
+                                  "(a linear probe)", valid=">= 0", may_change=True)
+    lr_head: float = _f(1e-3, "peak learning rate of the task head, prompt pools and decoder "
+                              "(paper: 2.5e-4)", valid="> 0", may_change=True)
     log_every: int = _f(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
-    resume: str = _f("", "a fine-tuning run folder (its --out) to continue exactly from the train_state it writes at "
-                         "every validation: weights, optimizer, schedule, step, RNG, data position, best so far "
-                         "(not a pre-training checkpoint: that is --init)",
-                     may_change=True)
+    resume: str = _f("", "a fine-tuning run folder (its --out) to continue exactly from the "
+                         "train_state it writes at every validation: weights, optimizer, "
+                         "schedule, step, RNG, data position, best so far "
+                         "(not a pre-training checkpoint: that is --init)", may_change=True)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
 
 
-# Fine-tuning presets. Architecture keys only matter from scratch: with --init the checkpoint decides.
+# Fine-tuning presets. Architecture keys only matter from scratch:
+# with --init the checkpoint decides.
 FINETUNE_PRESETS = {
     "cpu": {},
-    "tiny": dict(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2, pool_size=8, k_v=4, k_l=3,
-                 itc_dim=16, steps=6, batch_size=4, eval_every=3, eval_batch_size=16, log_every=2, num_workers=0,
-                 synth_scale="tiny", beam_size=2),
-    # The paper's architecture and fine-tuning rates (section 5.3: AdamW, 5e-6 backbone, 2.5e-4 task layers).
-    "paper": dict(image_size=288, patch_size=16, max_text_len=48, dim=768, depth=12, heads=12, pool_size=1024, k_v=49,
-                  k_l=32, itc_dim=256, vocab_size=30522, lr_backbone=5e-6, lr_head=2.5e-4, steps=5000,
-                  batch_size=32, eval_every=500, val_max=0, log_every=50, num_workers=8, beam_size=3),
+    "tiny": dict(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2,
+                 pool_size=8, k_v=4, k_l=3, itc_dim=16, steps=6, batch_size=4, eval_every=3,
+                 eval_batch_size=16, log_every=2, num_workers=0, synth_scale="tiny", beam_size=2),
+    # The paper's architecture and fine-tuning rates
+    # (section 5.3: AdamW, 5e-6 backbone, 2.5e-4 task layers).
+    "paper": dict(image_size=288, patch_size=16, max_text_len=48, dim=768, depth=12, heads=12,
+                  pool_size=1024, k_v=49, k_l=32, itc_dim=256, vocab_size=30522, lr_backbone=5e-6,
+                  lr_head=2.5e-4, steps=5000, batch_size=32, eval_every=500, val_max=0,
+                  log_every=50, num_workers=8, beam_size=3),
 }

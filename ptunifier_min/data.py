@@ -1,17 +1,21 @@
-"""What training and evaluation read: prepared manifests, images, the WordPiece tokenizer and the pre-training dataset.
+"""What training and evaluation read: prepared manifests, images, the WordPiece tokenizer and the
+pre-training dataset.
 
     records = load_pretrain_records("data/prepared", ["roco", "medicat", "mimic_cxr"], "train")
     ds = PretrainDataset(records, ImageTransform(288).pixels, seed=0); ds.set_epoch(epoch)
-    loader = DataLoader(ds, batch_size=B, collate_fn=pretrain_collate(load_tokenizer(path), max_len=48))
+    loader = DataLoader(ds, batch_size=B,
+                        collate_fn=pretrain_collate(load_tokenizer(path), max_len=48))
 
-Folders come from prepare.py (one per downstream task, meta.json written last). Images are grayscale: the loaders
-yield uint8 [1, S, S] pixels (ImageTransform.pixels) and the model normalises them on the device (`normalize`: MEAN =
-STD = 0.5 to [-1, 1], replicated to 3 channels), 12x less host-to-device traffic than float RGB. The paper resizes
-and center-crops to 288 x 288 and, since medical texts are multi-sentence narratives, samples one random sentence of
-the text at every access; both choices (and the random crop option) are a pure function of (seed, epoch, index), so
-a resumed run sees the same data.
-A file that cannot be read is an error naming it, never a skipped sample (prepare.py --on-bad-image drops bad
-images before training). A tokenizer we train is bound to its corpora by a record beside it (tokenizer_record).
+Folders come from prepare.py (one per downstream task, meta.json written last). Images are
+grayscale: the loaders yield uint8 [1, S, S] pixels (ImageTransform.pixels) and the model normalises
+them on the device (`normalize`: MEAN = STD = 0.5 to [-1, 1], replicated to 3 channels), 12x less
+host-to-device traffic than float RGB. The paper resizes and center-crops to 288 x 288 and, since
+medical texts are multi-sentence narratives, samples one random sentence of the text at every
+access; both choices (and the random crop option) are a pure function of (seed, epoch, index), so a
+resumed run sees the same data.
+A file that cannot be read is an error naming it, never a skipped sample (prepare.py --on-bad-image
+drops bad images before training). A tokenizer we train is bound to its corpora by a record beside
+it (tokenizer_record).
 """
 
 import errno
@@ -25,17 +29,21 @@ import re
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 MEAN, STD = 0.5, 0.5
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in a tokenizer we train
+# ids 0..4 in a tokenizer we train
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def write_atomic(path, text):
-    """Write text (UTF-8) through a temporary file and a rename: a reader, or a crash, never leaves half a file.
+    """Write text (UTF-8) through a temporary file and a rename: a reader, or a crash, never leaves
+    half a file.
 
-    The temporary name holds the pid, so two processes writing the same file never share (and clobber) one; a failed
-    write removes its temporary, and a full disk is said as such, with the path (a bare ENOSPC names no file)."""
+    The temporary name holds the pid, so two processes writing the same file never share (and
+    clobber) one; a failed write removes its temporary, and a full disk is said as such, with the
+    path (a bare ENOSPC names no file)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -45,8 +53,9 @@ def write_atomic(path, text):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"disk full (No space left on device) while writing {path}; the previous "
-                                        "file, if any, is unchanged: free some space and run again") from None
+            raise OSError(errno.ENOSPC,
+                          f"disk full (No space left on device) while writing {path}; the previous "
+                          "file, if any, is unchanged: free some space and run again") from None
         raise
 
 
@@ -54,12 +63,14 @@ def _read_dicom(path):
     try:
         import pydicom  # optional: only real RSNA data is DICOM
     except ImportError:
-        raise ImportError(f"{path} is a DICOM file; reading it needs pydicom: pip install pydicom") from None
+        raise ImportError(f"{path} is a DICOM file; reading it needs pydicom: "
+                          "pip install pydicom") from None
     ds = pydicom.dcmread(path)
     x = ds.pixel_array.astype(np.float32)
     x = x * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        x = x.max() - x  # MONOCHROME1 stores bright as low values; flip so that bone is white as everywhere else
+        # MONOCHROME1 stores bright as low values; flip so that bone is white as everywhere else
+        x = x.max() - x
     return _to_uint8(x)
 
 
@@ -69,18 +80,21 @@ def _to_uint8(x):
     return Image.fromarray(x.round().astype(np.uint8))  # 2-D uint8 -> mode "L"
 
 
-_EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = upright, 2..8 = the flips and rotations a viewer undoes
+# the EXIF tag; 1 = upright, 2..8 = the flips and rotations a viewer undoes
+_EXIF_ORIENTATION = 0x0112
 
 
 def load_image(path):
-    """A grayscale ("L") PIL image from a JPEG / PNG (or DICOM through the optional pydicom), as a viewer shows it.
+    """A grayscale ("L") PIL image from a JPEG / PNG (or DICOM through the optional pydicom), as a
+    viewer shows it.
 
-    A viewer applies the EXIF orientation of a JPEG (a phone photo of a film, a rotated export): so do we, or left and
-    right would be swapped in the pixels but not in the report. DICOM MONOCHROME1 is inverted (see _read_dicom).
-    Every failure is an error that names the file. Odd but valid files are converted, not refused: 16-bit and
-    32-bit grayscale are rescaled from their own min-max to 0..255 (a cast would clip a 12-bit radiograph to white);
-    RGB, CMYK and palette images go through PIL's luma conversion; an alpha channel (RGBA, LA, palette
-    transparency) is dropped, not composited, so that an export with a broken alpha cannot black out the image.
+    A viewer applies the EXIF orientation of a JPEG (a phone photo of a film, a rotated export): so
+    do we, or left and right would be swapped in the pixels but not in the report. DICOM MONOCHROME1
+    is inverted (see _read_dicom). Every failure is an error that names the file. Odd but valid
+    files are converted, not refused: 16-bit and 32-bit grayscale are rescaled from their own
+    min-max to 0..255 (a cast would clip a 12-bit radiograph to white); RGB, CMYK and palette images
+    go through PIL's luma conversion; an alpha channel (RGBA, LA, palette transparency) is dropped,
+    not composited, so that an export with a broken alpha cannot black out the image.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
@@ -93,53 +107,64 @@ def load_image(path):
             raise ValueError(f"cannot read DICOM image {path}: {e}") from None
     try:
         with Image.open(path) as img:
-            # PIL raises above 2 x MAX_IMAGE_PIXELS but only warns between 1x and 2x, and a warning scrolls past
-            # unseen while a huge decode eats the memory of every data-loader worker: refuse both, naming the file.
+            # PIL raises above 2 x MAX_IMAGE_PIXELS but only warns between 1x and 2x, and a warning
+            # scrolls past unseen while a huge decode eats the memory of every data-loader worker:
+            # refuse both, naming the file.
             if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(
-                    f"{img.width}x{img.height} pixels exceed PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}")
+                    f"{img.width}x{img.height} pixels exceed PIL.Image.MAX_IMAGE_PIXELS = "
+                    f"{Image.MAX_IMAGE_PIXELS}")
             img.load()  # decode now, so that a truncated file fails here and names the path
-            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # checked first: exif_transpose copies even when upright
+            # checked first: exif_transpose copies even when upright
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)
-            if img.mode.startswith("I") or img.mode == "F":  # I;16, I;16B, I (32-bit), F: rescale, do not clip
+            # I;16, I;16B, I (32-bit), F: rescale, do not clip
+            if img.mode.startswith("I") or img.mode == "F":
                 return _to_uint8(np.asarray(img, dtype=np.float32))
             return img.convert("L")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning under -W error
-        raise ValueError(f"cannot read image {path}: {e} (a possible decompression bomb; if the file is trusted, raise "
-                         "PIL.Image.MAX_IMAGE_PIXELS)") from None
+    # the warning under -W error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"cannot read image {path}: {e} (a possible decompression bomb; if the "
+                         "file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-# The 256 values a pixel can take, normalised once, on the host, with the formula of the float transform this project
-# always had (np.float32 pixel / 255.0, then (x - MEAN) / STD). Normalising is then a table look-up, which gives
-# these exact floats on every device: on a GPU, `x / 255.0` is computed as x * (1 / 255.0), which differs in the
-# last bit for some pixels (and a compiled kernel may reorder it again).
-PIXEL_VALUES = (torch.from_numpy(np.arange(256, dtype=np.float32) / 255.0) - MEAN) / STD  # [256] float32
+# The 256 values a pixel can take, normalised once, on the host, with the formula of the float
+# transform this project always had (np.float32 pixel / 255.0, then (x - MEAN) / STD). Normalising
+# is then a table look-up, which gives these exact floats on every device: on a GPU, `x / 255.0` is
+# computed as x * (1 / 255.0), which differs in the last bit for some pixels (and a compiled kernel
+# may reorder it again).
+# [256] float32
+PIXEL_VALUES = (torch.from_numpy(np.arange(256, dtype=np.float32) / 255.0) - MEAN) / STD
 
 
 def normalize(pixels, table=PIXEL_VALUES):
-    """uint8 pixels [..., 1, S, S] (a grayscale film) or [..., 3, S, S] -> the model's float input [..., 3, S, S].
+    """uint8 pixels [..., 1, S, S] (a grayscale film) or [..., 3, S, S] -> the model's float input
+    [..., 3, S, S].
 
-    `table` is PIXEL_VALUES on the pixels' device (the model keeps a copy as a buffer, so that this runs there). A
-    grayscale image is replicated to the 3 channels of the ViT's patch embedding: summing its RGB filters into one
-    would change the sums' rounding, so not every result would stay bit-identical."""
+    `table` is PIXEL_VALUES on the pixels' device (the model keeps a copy as a buffer, so that this
+    runs there). A grayscale image is replicated to the 3 channels of the ViT's patch embedding:
+    summing its RGB filters into one would change the sums' rounding, so not every result would stay
+    bit-identical."""
     x = table[pixels.long()]
     return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
 
 
 class ImageTransform:
-    """PIL "L" image -> uint8 pixels [1, size, size] (`pixels`, what the data loaders yield) or the model's float input
-    [3, size, size] in [-1, 1] (calling it: normalize(pixels)).
+    """PIL "L" image -> uint8 pixels [1, size, size] (`pixels`, what the data loaders yield) or the
+    model's float input [3, size, size] in [-1, 1] (calling it: normalize(pixels)).
 
-    Default (eval, and training as in the paper): resize the shorter side to `size`, then center crop.
-    train=True with random_resized_crop=True: a random crop of `scale` of the area and aspect ratio in [3/4, 4/3]
-    (torchvision's RandomResizedCrop), drawn from `rng` so that it can be replayed. No flips: left and right matter
-    in radiology (heart, situs, laterality words in the reports).
+    Default (eval, and training as in the paper): resize the shorter side to `size`, then center
+    crop.
+    train=True with random_resized_crop=True: a random crop of `scale` of the area and aspect ratio
+    in [3/4, 4/3] (torchvision's RandomResizedCrop), drawn from `rng` so that it can be replayed. No
+    flips: left and right matter in radiology (heart, situs, laterality words in the reports).
     """
 
     def __init__(self, size, train=False, random_resized_crop=False, scale=(0.5, 1.0)):
-        self.size, self.train, self.random_resized_crop, self.scale = size, train, random_resized_crop, tuple(scale)
+        self.size, self.train, self.random_resized_crop, self.scale = (
+            size, train, random_resized_crop, tuple(scale))
 
     def _random_box(self, w, h, rng):
         area = w * h
@@ -159,14 +184,16 @@ class ImageTransform:
         return left, top, left + m, top + m
 
     def pixels(self, img, rng=None):
-        """uint8 [1, S, S]: one channel, not normalised (a quarter of a float's bytes, a third of RGB's)."""
+        """uint8 [1, S, S]: one channel, not normalised (a quarter of a float's bytes, a third of
+        RGB's)."""
         w, h = img.size
         if self.train and self.random_resized_crop:
             box = self._random_box(w, h, rng if rng is not None else random)
         else:
             box = self._center_box(w, h)
         img = img.convert("L").resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-        return torch.from_numpy(np.array(img, dtype=np.uint8))[None]  # a copy: PIL's buffer is read-only
+        # a copy: PIL's buffer is read-only
+        return torch.from_numpy(np.array(img, dtype=np.uint8))[None]
 
     def __call__(self, img, rng=None):
         return normalize(self.pixels(img, rng))  # [3, S, S] float32
@@ -175,13 +202,15 @@ class ImageTransform:
 def read_meta(folder):
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"incomplete or missing preparation: {folder} (no meta.json; run prepare.py)")
+        raise FileNotFoundError(f"incomplete or missing preparation: {folder} "
+                                "(no meta.json; run prepare.py)")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 def read_split(folder, split, allow_empty=True):
-    """The records of {folder}/{split}.jsonl; allow_empty=False for a stage that cannot run on an empty split."""
+    """The records of {folder}/{split}.jsonl; allow_empty=False for a stage that cannot run on an
+    empty split."""
     meta = read_meta(folder)  # the jsonl files of an interrupted preparation are not to be trusted
     path = os.path.join(folder, f"{split}.jsonl")
     if not os.path.exists(path):
@@ -195,43 +224,50 @@ def read_split(folder, split, allow_empty=True):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {n}: malformed JSON ({e})") from None
     if not records and not allow_empty:
-        raise ValueError(f"{path}: the {split} split has no records (prepared counts: {meta.get('counts')}); "
+        raise ValueError(f"{path}: the {split} split has no records "
+                         f"(prepared counts: {meta.get('counts')}); "
                          "this stage needs some")
     return records
 
 
 def image_path(record):
-    """The file to read for a record's image: its resized copy when prepare made one ("image_cache", see
-    prepare.py --cache-short-side), else the original ("image"). Every reader of records' images goes through here."""
+    """The file to read for a record's image: its resized copy when prepare made one ("image_cache",
+    see prepare.py --cache-short-side), else the original ("image"). Every reader of records' images
+    goes through here."""
     return record.get("image_cache") or record["image"]
 
 
 def load_pretrain_records(prepared_root, datasets, split):
-    """Concatenate the pre-training records of several prepared folders; each record gains its "dataset" name."""
+    """Concatenate the pre-training records of several prepared folders; each record gains its
+    "dataset" name."""
     records = []
     for name in datasets:
         folder = os.path.join(prepared_root, name)
         for r in read_split(folder, split, allow_empty=False):
             if not os.path.exists(image_path(r)):
                 raise FileNotFoundError(f"{folder}/{split}.jsonl, id {r['id']}: " + (
-                    f"image cache file not found: {r['image_cache']} (the resized copy of {r['image']}); run "
-                    "prepare again to rebuild it" if r.get("image_cache") else f"image file not found: {r['image']}"))
+                    f"image cache file not found: {r['image_cache']} "
+                    f"(the resized copy of {r['image']}); run prepare again to rebuild it"
+                    if r.get("image_cache") else f"image file not found: {r['image']}"))
             if not r.get("texts"):
                 raise ValueError(f"{folder}/{split}.jsonl, id {r['id']}: record has no texts")
             records.append({**r, "dataset": name})
     return records
 
 
-# A sentence ends at . ! or ? followed by whitespace and a character that is not lower case ("e.g. the" stays whole).
+# A sentence ends at . ! or ? followed by whitespace and a character that is not lower case
+# ("e.g. the" stays whole).
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[^a-z])")
 
 
 def split_sentences(text):
-    """Split a caption or report into sentences; never returns an empty list for a non-empty text."""
+    """Split a caption or report into sentences; never returns an empty list for a non-empty
+    text."""
     parts = [p.strip() for p in _SENTENCE_END.split(text.strip()) if p.strip()]
     sentences = []
     for p in parts:
-        # "1." / "2)" list numbers and other letterless fragments belong to the sentence that follows them
+        # "1." / "2)" list numbers and other letterless fragments belong to the sentence that
+        # follows them
         if sentences and not re.search(r"[A-Za-z]", sentences[-1]):
             sentences[-1] = f"{sentences[-1]} {p}"
         else:
@@ -240,18 +276,22 @@ def split_sentences(text):
 
 
 def _bert_pipeline(tok, lowercase):
-    # BERT's pipeline (Devlin et al.): clean text + lower case, split on whitespace and punctuation, '##' pieces
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
+    # BERT's pipeline (Devlin et al.): clean text + lower case, split on whitespace and punctuation,
+    # '##' pieces
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return tok
 
 
 def _continuation_pieces(texts, normalizer, pre_tokenizer):
-    """'##c' for every character c that can continue a word of the corpus (i.e. is not split off as punctuation)."""
+    """'##c' for every character c that can continue a word of the corpus (i.e. is not split off as
+    punctuation)."""
     chars = set()
     for t in texts:
         chars.update(t)
@@ -260,30 +300,38 @@ def _continuation_pieces(texts, normalizer, pre_tokenizer):
 
 
 def train_tokenizer(texts, vocab_size, path, corpora=None):
-    """Train a lower-cased BERT WordPiece tokenizer; save it as tokenizer.json (`path` is that file or its folder).
+    """Train a lower-cased BERT WordPiece tokenizer; save it as tokenizer.json (`path` is that file
+    or its folder).
 
-    corpora ({dataset: {"records": n, "texts": m}}, what `texts` came from) is written beside it as its record (see
-    tokenizer_record), so that the tokenizer is never silently reused for other data."""
+    corpora ({dataset: {"records": n, "texts": m}}, what `texts` came from) is written beside it as
+    its record (see tokenizer_record), so that the tokenizer is never silently reused for other
+    data."""
     texts = list(texts)
-    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                            lowercase=True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    # The trainer numbers the '##c' pieces in hash-map order, and merge ties are broken by those numbers, so the
-    # vocabulary changes from run to run (huggingface/tokenizers#1794). Handing it every '##c' up front, in sorted
-    # order, makes training deterministic; they are then made ordinary vocabulary entries again below.
+    # The trainer numbers the '##c' pieces in hash-map order, and merge ties are broken by those
+    # numbers, so the vocabulary changes from run to run (huggingface/tokenizers#1794). Handing it
+    # every '##c' up front, in sorted order, makes training deterministic; they are then made
+    # ordinary vocabulary entries again below.
     pieces = _continuation_pieces(texts, normalizer, pre_tokenizer)
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
     tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + pieces,
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                        special_tokens=SPECIAL_TOKENS + pieces,
                                         continuing_subword_prefix="##", show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    tok = Tokenizer(models.WordPiece(tok.get_vocab(), unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok = Tokenizer(models.WordPiece(tok.get_vocab(), unk_token="[UNK]",
+                                     continuing_subword_prefix="##"))
     tok.add_special_tokens(SPECIAL_TOKENS)  # already in the vocabulary: ids 0..4 stay
     tok = _bert_pipeline(tok, lowercase=True)
     out = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    text = tok.to_str(pretty=True)  # what tok.save writes; written here through write_atomic instead
-    # The record first: a crash between the two writes leaves a record whose sha256 matches no tokenizer.json (or
-    # none at all), which tokenizer_record refuses, never a tokenizer without a word on what it was trained on.
+    # what tok.save writes; written here through write_atomic instead
+    text = tok.to_str(pretty=True)
+    # The record first: a crash between the two writes leaves a record whose sha256 matches no
+    # tokenizer.json (or none at all), which tokenizer_record refuses, never a tokenizer without a
+    # word on what it was trained on.
     record = {"corpora": corpora, "texts": len(texts), "vocab_size": tok.get_vocab_size(),
               "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
     write_atomic(tokenizer_record_path(out), json.dumps(record, indent=1) + "\n")
@@ -292,18 +340,19 @@ def train_tokenizer(texts, vocab_size, path, corpora=None):
 
 
 def tokenizer_record_path(path):
-    """tokenizer.json -> tokenizer.meta.json. A file beside it, not a key inside: the tokenizers library does not
-    promise to keep (or to accept) keys of its own JSON format it does not know, and a record that another program
-    may drop on a re-save would bind nothing."""
+    """tokenizer.json -> tokenizer.meta.json. A file beside it, not a key inside: the tokenizers
+    library does not promise to keep (or to accept) keys of its own JSON format it does not know,
+    and a record that another program may drop on a re-save would bind nothing."""
     return os.path.splitext(path)[0] + ".meta.json"
 
 
 def tokenizer_record(path):
-    """The record of a tokenizer.json that train_tokenizer wrote: {"corpora", "texts", "vocab_size", "sha256"}.
+    """The record of a tokenizer.json that train_tokenizer wrote: {"corpora", "texts", "vocab_size",
+    "sha256"}.
 
-    None when there is no record (a tokenizer made elsewhere, or by an older version); an error naming the files when
-    the record is unreadable or describes another file than the tokenizer beside it (replaced, or a crash between
-    the two writes)."""
+    None when there is no record (a tokenizer made elsewhere, or by an older version); an error
+    naming the files when the record is unreadable or describes another file than the tokenizer
+    beside it (replaced, or a crash between the two writes)."""
     meta = tokenizer_record_path(path)
     if not os.path.exists(meta):
         return None
@@ -312,18 +361,21 @@ def tokenizer_record(path):
             record = json.load(f)
         sha = record["sha256"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta}: not a readable tokenizer record ({e}); delete it and {path} to retrain") from None
+        raise ValueError(f"{meta}: not a readable tokenizer record ({e}); "
+                         f"delete it and {path} to retrain") from None
     with open(path, "rb") as f:
         if hashlib.sha256(f.read()).hexdigest() != sha:
-            raise ValueError(f"{path} is not the file its record {meta} describes (replaced, damaged, or written "
-                             "half): delete both to retrain it")
+            raise ValueError(f"{path} is not the file its record {meta} describes "
+                             "(replaced, damaged, or written half): delete both to retrain it")
     return record
 
 
 def load_tokenizer(path):
-    """tokenizer.json, or a BERT-style vocab.txt (one token per line); a folder holding either also works.
+    """tokenizer.json, or a BERT-style vocab.txt (one token per line); a folder holding either also
+    works.
 
-    A file that does not parse (a 0-byte tokenizer.json, what a full disk used to leave) is an error naming it."""
+    A file that does not parse (a 0-byte tokenizer.json, what a full disk used to leave) is an error
+    naming it."""
     if os.path.isdir(path):
         for name in ("tokenizer.json", "vocab.txt"):
             if os.path.exists(os.path.join(path, name)):
@@ -331,52 +383,63 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {path}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer file not found: {path}")
-    if os.path.basename(path) == "vocab.json":  # RoBERTa's byte-level BPE: vocab.json + merges.txt beside it
+    # RoBERTa's byte-level BPE: vocab.json + merges.txt beside it
+    if os.path.basename(path) == "vocab.json":
         return _byte_level_bpe(path)
     if path.endswith(".json"):
         try:
             return Tokenizer.from_file(path)
-        except Exception as e:  # the library raises a bare Exception ("EOF while parsing a value ...")
+        # the library raises a bare Exception ("EOF while parsing a value ...")
+        except Exception as e:
             size = os.path.getsize(path)
-            raise ValueError(f"cannot read tokenizer {path} ({size} bytes): {e}; delete it (a tokenizer trained "
-                             "from the prepared data is retrained) or pass a valid one") from None
+            raise ValueError(f"cannot read tokenizer {path} ({size} bytes): {e}; delete it "
+                             "(a tokenizer trained from the prepared data is retrained) "
+                             "or pass a valid one") from None
     try:
         with open(path, encoding="utf-8") as f:
             vocab = [line.rstrip("\r\n") for line in f if line.strip()]
     except UnicodeDecodeError as e:
-        raise ValueError(f"cannot read vocabulary {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise ValueError(f"cannot read vocabulary {path}: not UTF-8 text "
+                         f"({e.reason} at byte {e.start})") from None
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise ValueError(f"{path}: vocabulary lacks special token(s) {missing}")
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
                                      continuing_subword_prefix="##"))
-    # an uncased vocabulary (bert-base-uncased, PubMedBERT uncased) has no upper-case tokens besides [SPECIAL]s
+    # an uncased vocabulary (bert-base-uncased, PubMedBERT uncased) has no upper-case tokens besides
+    # [SPECIAL]s
     cased = any(t != t.lower() for t in vocab if not (t.startswith("[") and t.endswith("]")))
-    tok.add_special_tokens(SPECIAL_TOKENS)  # so that decode() leaves them out, as for a trained tokenizer
+    # so that decode() leaves them out, as for a trained tokenizer
+    tok.add_special_tokens(SPECIAL_TOKENS)
     return _bert_pipeline(tok, lowercase=not cased)
 
 
-ROBERTA_SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]  # RoBERTa's names for the same five roles
+# RoBERTa's names for the same five roles
+ROBERTA_SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
 
 
 def _byte_level_bpe(path):
-    """RoBERTa's tokenizer from vocab.json and the merges.txt beside it (as transformers' RobertaTokenizerFast)."""
+    """RoBERTa's tokenizer from vocab.json and the merges.txt beside it (as transformers'
+    RobertaTokenizerFast)."""
     merges = os.path.join(os.path.dirname(path), "merges.txt")
     if not os.path.exists(merges):
-        raise FileNotFoundError(f"{path} needs the merges.txt beside it (RoBERTa's BPE): not found: {merges}")
+        raise FileNotFoundError(f"{path} needs the merges.txt beside it (RoBERTa's BPE): "
+                                f"not found: {merges}")
     tok = Tokenizer(models.BPE.from_file(path, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     missing = [t for t in ROBERTA_SPECIAL_TOKENS if tok.token_to_id(t) is None]
     if missing:
         raise ValueError(f"{path}: vocabulary lacks special token(s) {missing}")
-    tok.add_special_tokens(ROBERTA_SPECIAL_TOKENS)  # already in the vocabulary: ids stay, decode() leaves them out
+    # already in the vocabulary: ids stay, decode() leaves them out
+    tok.add_special_tokens(ROBERTA_SPECIAL_TOKENS)
     return tok
 
 
 def special_ids(tok):
-    names = ROBERTA_SPECIAL_TOKENS if tok.token_to_id("[CLS]") is None and tok.token_to_id("<s>") is not None \
-        else SPECIAL_TOKENS
+    names = (ROBERTA_SPECIAL_TOKENS
+             if tok.token_to_id("[CLS]") is None and tok.token_to_id("<s>") is not None
+             else SPECIAL_TOKENS)
     ids = {k: tok.token_to_id(t) for k, t in zip(("pad", "unk", "cls", "sep", "mask"), names)}
     missing = [names[i] for i, v in enumerate(ids.values()) if v is None]
     if missing:
@@ -386,13 +449,15 @@ def special_ids(tok):
 
 def _pad(rows, pad_id):
     T = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (T - len(r)) for r in rows], dtype=torch.long)  # [B, T], T = longest row
+    # [B, T], T = longest row
+    ids = torch.tensor([r + [pad_id] * (T - len(r)) for r in rows], dtype=torch.long)
     mask = torch.tensor([[True] * len(r) + [False] * (T - len(r)) for r in rows])  # [B, T]
     return ids, mask
 
 
 def encode_texts(tok, texts, max_len):
-    """[CLS] text [SEP] per text, truncated to max_len with the final [SEP] kept, padded with [PAD] to the longest."""
+    """[CLS] text [SEP] per text, truncated to max_len with the final [SEP] kept, padded with [PAD]
+    to the longest."""
     sp = special_ids(tok)
     rows = [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
     rows = [[sp["cls"]] + r[:max_len - 2] + [sp["sep"]] for r in rows]
@@ -400,7 +465,8 @@ def encode_texts(tok, texts, max_len):
 
 
 def encode_pairs(tok, a, b, max_len):
-    """[CLS] a [SEP] b [SEP] (RadNLI); when too long, tokens come off the end of the longer text first (BERT)."""
+    """[CLS] a [SEP] b [SEP] (RadNLI); when too long, tokens come off the end of the longer text
+    first (BERT)."""
     sp = special_ids(tok)
     ea = [e.ids for e in tok.encode_batch(list(a), add_special_tokens=False)]
     eb = [e.ids for e in tok.encode_batch(list(b), add_special_tokens=False)]
@@ -414,10 +480,12 @@ def encode_pairs(tok, a, b, max_len):
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """Image-text pairs for pre-training: each access draws one text of the record and one sentence of that text.
+    """Image-text pairs for pre-training: each access draws one text of the record and one sentence
+    of that text.
 
-    transform(img, rng) makes the image tensor: ImageTransform(size).pixels in the scripts (uint8 [1, S, S], normalised
-    on the device), or any other callable, e.g. an ImageTransform itself (float [3, S, S])."""
+    transform(img, rng) makes the image tensor: ImageTransform(size).pixels in the scripts (uint8
+    [1, S, S], normalised on the device), or any other callable, e.g. an ImageTransform itself
+    (float [3, S, S])."""
 
     def __init__(self, records, transform, seed=0):
         self.records, self.transform, self.seed, self.epoch = records, transform, seed, 0
@@ -429,11 +497,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
-        # An image that fails to load is an error naming the file, never a skipped sample: skipping here would leave
-        # one DDP rank with a shorter batch than the others, and the ITC all-gather needs equal shapes on every rank.
-        # Bad images are dropped at prepare time instead (prepare --on-bad-image skip).
+        # An image that fails to load is an error naming the file, never a skipped sample: skipping
+        # here would leave one DDP rank with a shorter batch than the others, and the ITC all-gather
+        # needs equal shapes on every rank. Bad images are dropped at prepare time instead
+        # (prepare --on-bad-image skip).
         r = self.records[i]
-        # seeded by a string (hashed with SHA-512 by random): the same in every worker, process and Python run
+        # seeded by a string (hashed with SHA-512 by random): the same in every worker, process and
+        # Python run
         rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
         text = rng.choice(split_sentences(rng.choice(r["texts"])))
         image = self.transform(load_image(image_path(r)), rng)
@@ -441,9 +511,9 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 
 def file_id(path):
-    """An int64 identity of an image file: 8 bytes of the BLAKE2 hash of its resolved path (not Python's hash(),
-    which differs between processes). ITM needs it: the same figure can appear under two record ids, and a tensor of
-    these can be gathered across ranks."""
+    """An int64 identity of an image file: 8 bytes of the BLAKE2 hash of its resolved path (not
+    Python's hash(), which differs between processes). ITM needs it: the same figure can appear
+    under two record ids, and a tensor of these can be gathered across ranks."""
     digest = hashlib.blake2b(os.path.realpath(path).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
@@ -453,32 +523,37 @@ def pretrain_collate(tok, max_len):
         ids, mask = encode_texts(tok, [b["text"] for b in batch], max_len)
         return {"image": torch.stack([b["image"] for b in batch]),  # [B, 1, S, S] uint8 pixels
                 "input_ids": ids, "attention_mask": mask,  # [B, T]
-                # known here, on the host; the model would otherwise ask the device (PTUnifier.forward's `padded`)
+                # known here, on the host; the model would otherwise ask the device
+                # (PTUnifier.forward's `padded`)
                 "padded": not bool(mask.all()),
                 "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
-                "image_id": torch.tensor([b["image_id"] for b in batch], dtype=torch.long)}  # [B] which file
+                # [B] which file
+                "image_id": torch.tensor([b["image_id"] for b in batch], dtype=torch.long)}
     return collate
 
 
-# ---- batch order ------------------------------------------------------------------------------------------------------
+# ---- batch order ---------------------------------------------------------------------------------
 class BatchOrder:
-    """Seeded epoch permutations cut into global batches; rank r takes rows [r*B, (r+1)*B) of each global batch.
+    """Seeded epoch permutations cut into global batches; rank r takes rows [r*B, (r+1)*B) of each
+    global batch.
 
-    So 1 process with batch W*B and W processes with batch B see the same samples per step (DDP equivalence), and the
-    order is a pure function of (seed, epoch): resuming at micro-batch k of an epoch just skips k global batches.
+    So 1 process with batch W*B and W processes with batch B see the same samples per step (DDP
+    equivalence), and the order is a pure function of (seed, epoch): resuming at micro-batch k of an
+    epoch just skips k global batches.
     """
 
     def __init__(self, n, batch_size, world, rank, seed, shuffle=True, drop_last=True):
         self.n, self.B, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
         self.shuffle, self.drop_last = shuffle, drop_last
-        self.per_epoch = n // (batch_size * world) if drop_last else math.ceil(n / (batch_size * world))
+        self.per_epoch = (n // (batch_size * world) if drop_last
+                          else math.ceil(n / (batch_size * world)))
         if self.per_epoch == 0:
-            raise ValueError(f"global batch {batch_size} x {world} is larger than the {n} training samples: "
-                             "lower --batch-size")
+            raise ValueError(f"global batch {batch_size} x {world} is larger than the {n} "
+                             "training samples: lower --batch-size")
 
     def batches(self, epoch, start=0):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle \
-            else torch.arange(self.n)
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                 if self.shuffle else torch.arange(self.n))
         G = self.B * self.world
         for b in range(start, self.per_epoch):
             rows = order[b * G:(b + 1) * G][self.rank * self.B:(self.rank + 1) * self.B]
@@ -487,40 +562,45 @@ class BatchOrder:
 
 
 def micro_batches(dataset, order, collate, num_workers, start_micro=0):
-    """Endless (epoch, micro-batch index, batch) from a BatchOrder, starting at a global micro-batch count."""
+    """Endless (epoch, micro-batch index, batch) from a BatchOrder, starting at a global micro-batch
+    count."""
     epoch, start = divmod(start_micro, order.per_epoch)
     while True:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, and a resumed run,
-        # which makes a loader where the uninterrupted one did not, would then draw other dropout masks
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=list(order.batches(epoch, start)),
-                                             collate_fn=collate, num_workers=num_workers, generator=torch.Generator(),
-                                             persistent_workers=False, pin_memory=torch.cuda.is_available())
+        # its own generator: a DataLoader otherwise draws its workers' base seed from the global
+        # RNG, and a resumed run, which makes a loader where the uninterrupted one did not, would
+        # then draw other dropout masks
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=list(order.batches(epoch, start)), collate_fn=collate,
+            num_workers=num_workers, generator=torch.Generator(), persistent_workers=False,
+            pin_memory=torch.cuda.is_available())
         for batch in loader:
             yield batch
         epoch, start = epoch + 1, 0
 
 
 def next_micro_batches(batches, grad_accum, device):
-    """The micro-batches of the next optimizer step, on the device. All of them are fetched before the first forward
-    pass, so that what depends on the whole step (pre-training's MLM token count) can be computed first."""
+    """The micro-batches of the next optimizer step, on the device. All of them are fetched before
+    the first forward pass, so that what depends on the whole step (pre-training's MLM token count)
+    can be computed first."""
     return [to_device(next(batches), device) for _ in range(grad_accum)]
 
 
 def to_device(batch, device):
-    """A batch's tensors on the device, copied without making the host wait. On CUDA they are copied from pinned
-    memory (the loader pins its own; the host's draws added after it are pinned here): a copy from pageable memory
-    may wait for the device."""
+    """A batch's tensors on the device, copied without making the host wait. On CUDA they are copied
+    from pinned memory (the loader pins its own; the host's draws added after it are pinned here): a
+    copy from pageable memory may wait for the device."""
     pin = torch.device(device).type == "cuda"
     return {k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
             if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# ---- downstream tasks ------------------------------------------------------------------------------------------------
+# ---- downstream tasks ----------------------------------------------------------------------------
 class TaskDataset(torch.utils.data.Dataset):
-    """A prepared split of a downstream task as model inputs: what its tasks.Task entry says it reads (the image, the
-    text fields) and its target. Random choices (crop, caption) are a pure function of (seed, epoch, i)."""
+    """A prepared split of a downstream task as model inputs: what its tasks.Task entry says it
+    reads (the image, the text fields) and its target. Random choices (crop, caption) are a pure
+    function of (seed, epoch, i)."""
 
     def __init__(self, records, task, transform, seed=0, train=False):
         self.records, self.task, self.transform, self.seed, self.train, self.epoch = \
@@ -538,8 +618,10 @@ class TaskDataset(torch.utils.data.Dataset):
         item = {"index": i}
         if task.image:
             item["image"] = self.transform(load_image(image_path(r)), rng)
-        # a field with several texts (ROCO's captions): training reads any one, whole; evaluation the first
-        texts = [(rng.choice(r[f]) if self.train else r[f][0]) if isinstance(r[f], list) else r[f] for f in task.text]
+        # a field with several texts (ROCO's captions): training reads any one, whole; evaluation
+        # the first
+        texts = [(rng.choice(r[f]) if self.train else r[f][0]) if isinstance(r[f], list) else r[f]
+                 for f in task.text]
         if len(texts) == 2:
             item["text_a"], item["text_b"] = texts
         elif texts:
@@ -550,8 +632,8 @@ class TaskDataset(torch.utils.data.Dataset):
 
 
 def task_collate(tok, max_len, max_gen_len):
-    """TaskDataset items -> a batch: images, labels, the encoded text or pair (at max_len) and the target text (at
-    max_gen_len), whichever the items hold."""
+    """TaskDataset items -> a batch: images, labels, the encoded text or pair (at max_len) and the
+    target text (at max_gen_len), whichever the items hold."""
     def collate(batch):
         out = {"index": torch.tensor([b["index"] for b in batch])}
         if "image" in batch[0]:
@@ -564,10 +646,12 @@ def task_collate(tok, max_len, max_gen_len):
             out["input_ids"], out["attention_mask"] = encode_pairs(
                 tok, [b["text_a"] for b in batch], [b["text_b"] for b in batch], max_len)
         elif "text" in batch[0]:
-            out["input_ids"], out["attention_mask"] = encode_texts(tok, [b["text"] for b in batch], max_len)
+            out["input_ids"], out["attention_mask"] = encode_texts(
+                tok, [b["text"] for b in batch], max_len)
         if "attention_mask" in out:  # known here, on the host (see pretrain_collate)
             out["padded"] = not bool(out["attention_mask"].all())
-        if "target" in batch[0]:  # [CLS] w1 .. wn [SEP] [PAD]..: [CLS] is the decoder's bos, [SEP] its eos
+        # [CLS] w1 .. wn [SEP] [PAD]..: [CLS] is the decoder's bos, [SEP] its eos
+        if "target" in batch[0]:
             out["target_ids"], _ = encode_texts(tok, [b["target"] for b in batch], max_gen_len)
         return out
     return collate

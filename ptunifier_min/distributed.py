@@ -1,12 +1,14 @@
-"""torchrun set-up and what every rank must do alike: device, seeding, the step generators, barriers, precision.
+"""torchrun set-up and what every rank must do alike: device, seeding, the step generators,
+barriers, precision.
 
-    d = setup_distributed(seed)           # Dist(rank, world, local_rank, device); process group when torchrun set one
+    d = setup_distributed(seed)  # Dist(rank, world, local_rank, device); group if torchrun set one
     with autocast(resolve_precision("auto", proc.device), proc.device): ...
 
-Distributed behaviour, stated once: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU; rank r
-seeds its own randomness with seed + r; only rank 0 writes files; every rank runs the same collectives in the same order.
-Random draws that must agree across ranks (MLM masks, ITM negatives) come from `step_generator`, never from the global
-RNG, so that 8 ranks draw what 1 process draws and a resumed run what the uninterrupted one drew.
+Distributed behaviour, stated once: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo
+on CPU; rank r seeds its own randomness with seed + r; only rank 0 writes files; every rank runs the
+same collectives in the same order. Random draws that must agree across ranks (MLM masks, ITM
+negatives) come from `step_generator`, never from the global RNG, so that 8 ranks draw what 1
+process draws and a resumed run what the uninterrupted one drew.
 """
 
 import contextlib
@@ -26,8 +28,8 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    # a gloo group for what ranks exchange on the host (ITM's plan: objectives.itm_plan); None = the default group,
-    # which is gloo already when training on CPUs
+    # a gloo group for what ranks exchange on the host (ITM's plan: objectives.itm_plan); None = the
+    # default group, which is gloo already when training on CPUs
     host_group: object = None
 
     @property
@@ -55,13 +57,14 @@ def setup_distributed(seed):
 
 
 def keep_freed_memory():
-    """Make glibc's malloc keep the memory this process frees, for the next step, instead of giving it back to the OS.
-    Returns whether it could (False where the C library is not glibc).
+    """Make glibc's malloc keep the memory this process frees, for the next step, instead of giving
+    it back to the OS. Returns whether it could (False where the C library is not glibc).
 
-    A CPU run's tensors come from malloc, and by default glibc returns large freed blocks to the OS (munmap, heap
-    trimming): every step's activations then come back as fresh pages, which the kernel must fault in and zero. On
-    this project's 2-core CPU the cpu preset's bf16 training step made ~34,000 page faults and ran 0.27 s; with this,
-    ~200 faults and 0.21 s (issue 11). The same as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set before start.
+    A CPU run's tensors come from malloc, and by default glibc returns large freed blocks to the OS
+    (munmap, heap trimming): every step's activations then come back as fresh pages, which the
+    kernel must fault in and zero. On this project's 2-core CPU the cpu preset's bf16 training step
+    made ~34,000 page faults and ran 0.27 s; with this, ~200 faults and 0.21 s (issue 11). The same
+    as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set before start.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -69,8 +72,10 @@ def keep_freed_memory():
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # blocks up to 32 MB (glibc's largest mmap threshold) come from the heap, and the heap is never trimmed below 2 GB
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    # blocks up to 32 MB (glibc's largest mmap threshold) come from the heap, and the heap is never
+    # trimmed below 2 GB
+    return (bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
+            and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def seed_everything(seed):
@@ -85,24 +90,28 @@ def barrier(proc):
 
 
 def cpu_bf16_flags(cpuinfo="/proc/cpuinfo"):
-    """The native bf16 matrix instructions this CPU announces: {'avx512_bf16', 'amx_bf16'} & its /proc/cpuinfo flags.
-    Empty where there is no /proc/cpuinfo (not Linux): no claim of native bf16 is made there. Also empty when the
-    environment sets PTUNIFIER_NO_CPU_BF16=1: the test suite does, so that no test depends on the machine's CPU."""
+    """The native bf16 matrix instructions this CPU announces: {'avx512_bf16', 'amx_bf16'} & its
+    /proc/cpuinfo flags. Empty where there is no /proc/cpuinfo (not Linux): no claim of native bf16
+    is made there. Also empty when the environment sets PTUNIFIER_NO_CPU_BF16=1: the test suite
+    does, so that no test depends on the machine's CPU."""
     if os.environ.get("PTUNIFIER_NO_CPU_BF16") == "1":
         return set()
     try:
         with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return set()
     return {"avx512_bf16", "amx_bf16"} & set(flags)
 
 
 def resolve_precision(precision, device):
-    """'auto' = bf16 on CUDA, and on a CPU with native bf16 (AVX512-BF16 or AMX); fp32 on other CPUs and devices.
+    """'auto' = bf16 on CUDA, and on a CPU with native bf16 (AVX512-BF16 or AMX); fp32 on other CPUs
+    and devices.
 
-    Measured (issue 11, README Benchmarks): on an AVX512-BF16 CPU a bf16 training step of the cpu preset ran ~2x
-    faster than fp32; on an AVX2-only CPU, which emulates bf16, 20x slower. So the CPU's flags decide, not a guess."""
+    Measured (issue 11, README Benchmarks): on an AVX512-BF16 CPU a bf16 training step of the cpu
+    preset ran ~2x faster than fp32; on an AVX2-only CPU, which emulates bf16, 20x slower. So the
+    CPU's flags decide, not a guess."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "auto":
@@ -119,18 +128,23 @@ def autocast(precision, device):
 
 
 def step_generator(seed, step, micro=None):
-    """The CPU generator of one optimizer step (micro=None: draws made for the whole step, the MLM masks) or of one of
-    its micro-steps (ITM's negatives), alike on every rank: masks and negatives are a pure function of the position in
-    training, so a resumed run draws exactly what the uninterrupted run drew, and 8 ranks what 1 process draws. The
-    draws are made on the host, before the batches move (objectives.mask_step, objectives.itm_plan)."""
-    stream = 0 if micro is None else 1 + micro  # a stream of its own for the step and for each micro-step (< 1023)
-    # One distinct 64-bit seed per (seed, step, stream): 1,024 streams per step, and 1_000_003 (a prime above any
-    # realistic step count) keeps consecutive base seeds' steps apart; config caps seed < 2**31 and grad_accum < 1024.
+    """The CPU generator of one optimizer step (micro=None: draws made for the whole step, the MLM
+    masks) or of one of its micro-steps (ITM's negatives), alike on every rank: masks and negatives
+    are a pure function of the position in training, so a resumed run draws exactly what the
+    uninterrupted run drew, and 8 ranks what 1 process draws. The draws are made on the host, before
+    the batches move (objectives.mask_step, objectives.itm_plan)."""
+    # a stream of its own for the step and for each micro-step (< 1023)
+    stream = 0 if micro is None else 1 + micro
+    # One distinct 64-bit seed per (seed, step, stream): 1,024 streams per step, and 1_000_003 (a
+    # prime above any realistic step count) keeps consecutive base seeds' steps apart; config caps
+    # seed < 2**31 and grad_accum < 1024.
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + stream)
 
 
-# Nominal dense bf16 peaks (no sparsity) of common training GPUs, for MFU; None = unknown (the bench measures a CPU's).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+# Nominal dense bf16 peaks (no sparsity) of common training GPUs, for MFU; None = unknown (the bench
+# measures a CPU's).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
+             "4090": 165e12}
 
 
 def peak_flops(device):
@@ -141,16 +155,19 @@ def peak_flops(device):
 
 
 def assert_in_sync(model, proc):
-    """Raise unless every rank holds the same parameters (compares per-tensor float64 sums and sums of squares)."""
+    """Raise unless every rank holds the same parameters (compares per-tensor float64 sums and sums
+    of squares)."""
     if proc.world == 1:
         return
-    sig = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()]) for p in model.parameters()])
+    sig = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()])
+                       for p in model.parameters()])
     sig = sig.to(proc.device)
     out = [torch.empty_like(sig) for _ in range(proc.world)]
     dist.all_gather(out, sig)
     bad = [r for r in range(1, proc.world) if not torch.equal(out[0], out[r])]
     if bad:
-        raise RuntimeError(f"parameters of ranks {bad} differ from rank 0's: DDP lost synchronisation")
+        raise RuntimeError(f"parameters of ranks {bad} differ from rank 0's: "
+                           "DDP lost synchronisation")
 
 
 def unwrap(model):

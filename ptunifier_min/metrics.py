@@ -1,17 +1,19 @@
-"""Evaluation metrics for the downstream tasks, in numpy, each checked against its reference implementation.
+"""Evaluation metrics for the downstream tasks, in numpy, each checked against its reference
+implementation.
 
-    auroc(scores, labels)                    # IC: one class; macro_auroc(...) over CheXpert's 5 / RSNA's 1
+    auroc(scores, labels)                    # IC: one class; macro_auroc(...): CheXpert 5 / RSNA 1
     accuracy(pred, target)                   # TC (RadNLI)
-    vqa_accuracy(pred, target, answer_type)  # VQA: overall / open / closed, out-of-vocabulary answers count as wrong
+    vqa_accuracy(pred, target, answer_type)  # VQA: overall / open / closed; OOV answers are wrong
     retrieval_recall(sim, txt_image)         # ROCO retrieval: i2t / t2i Recall@1/5/10
-    nlg_metrics(refs, hyps)                  # TS, ITG: BLEU-1..4, ROUGE-L, CIDEr(-D) [, METEOR] as pycocoevalcap
+    nlg_metrics(refs, hyps)                  # TS, ITG: BLEU-1..4, ROUGE-L, CIDEr(-D) [, METEOR]
 
-Array arguments may be numpy arrays, lists or torch tensors (any device or dtype). The NLG functions take dicts
-{sample id: [reference strings]} and {sample id: hypothesis string}; `bleu`, `rouge_l`, `cider_d` and `meteor` expect
-text that is already tokenised (space-separated tokens, as pycocoevalcap's scorers do), `nlg_metrics` tokenises first
-with `nlg_tokenize_captions`, a Python port of pycocoevalcap's java PTBTokenizer. The NLG scorers re-derive
-pycocoevalcap 1.2 (the coco-caption code that the report-generation literature uses); tests/test_metrics.py compares
-every number and every token with it.
+Array arguments may be numpy arrays, lists or torch tensors (any device or dtype). The NLG functions
+take dicts {sample id: [reference strings]} and {sample id: hypothesis string}; `bleu`, `rouge_l`,
+`cider_d` and `meteor` expect text that is already tokenised (space-separated tokens, as
+pycocoevalcap's scorers do), `nlg_metrics` tokenises first with `nlg_tokenize_captions`, a Python
+port of pycocoevalcap's java PTBTokenizer. The NLG scorers re-derive pycocoevalcap 1.2 (the
+coco-caption code that the report-generation literature uses); tests/test_metrics.py compares every
+number and every token with it.
 """
 
 import math
@@ -24,7 +26,8 @@ import numpy as np
 
 
 def _numpy(x):
-    """Array-like (list, numpy, torch tensor on any device, bf16 included) -> numpy array, without importing torch."""
+    """Array-like (list, numpy, torch tensor on any device, bf16 included) -> numpy array, without
+    importing torch."""
     if hasattr(x, "detach"):
         x = x.detach().cpu()
         if x.is_floating_point():
@@ -33,17 +36,19 @@ def _numpy(x):
     return np.asarray(x)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Classification
 
 
 def auroc(scores, labels):
-    """Area under the ROC curve of one binary task; None when `labels` hold a single value (AUROC is undefined).
+    """Area under the ROC curve of one binary task; None when `labels` hold a single value (AUROC is
+    undefined).
 
-    Computed as the Mann-Whitney statistic with average ranks for tied scores, which equals the trapezoidal area of
-    sklearn.metrics.roc_auc_score, ties included. AUROC depends only on the order of the scores, so logits and
-    sigmoid probabilities give the same value -- except that sigmoid in float32 saturates to exactly 1.0 for logits
-    above ~17, creating ties the logits did not have; pass logits when you have them.
+    Computed as the Mann-Whitney statistic with average ranks for tied scores, which equals the
+    trapezoidal area of sklearn.metrics.roc_auc_score, ties included. AUROC depends only on the
+    order of the scores, so logits and sigmoid probabilities give the same value -- except that
+    sigmoid in float32 saturates to exactly 1.0 for logits above ~17, creating ties the logits did
+    not have; pass logits when you have them.
     """
     scores = _numpy(scores).astype(np.float64).ravel()
     labels = _numpy(labels).ravel()
@@ -58,20 +63,23 @@ def auroc(scores, labels):
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    # average rank (1-based) of every score: a group of t tied values occupying ranks r+1..r+t gets r + (t+1)/2
+    # average rank (1-based) of every score: a group of t tied values occupying ranks r+1..r+t gets
+    # r + (t+1)/2
     _, group, size = np.unique(scores, return_inverse=True, return_counts=True)
     ranks = (np.cumsum(size) - (size - 1) / 2.0)[group.ravel()]
-    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0  # pairs (pos, neg) ordered correctly, ties counting 1/2
+    # pairs (pos, neg) ordered correctly, ties counting 1/2
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
 
 def macro_auroc(scores, labels, names):
-    """Per-class AUROC of [N, C] scores and 0/1 labels, and their mean over the classes where it is defined.
-
-    A class whose labels hold one value in this split (e.g. no positive Edema in a small validation set) has no
-    AUROC: it is listed in "undefined", has None in "per_class", and is left out of the mean -- counting it as 0 or
-    0.5 would move the macro number by an amount that depends only on the split. "macro" is None if no class is
+    """Per-class AUROC of [N, C] scores and 0/1 labels, and their mean over the classes where it is
     defined.
+
+    A class whose labels hold one value in this split (e.g. no positive Edema in a small validation
+    set) has no AUROC: it is listed in "undefined", has None in "per_class", and is left out of the
+    mean -- counting it as 0 or 0.5 would move the macro number by an amount that depends only on
+    the split. "macro" is None if no class is defined.
     """
     scores, labels = _numpy(scores), _numpy(labels)
     if scores.ndim == 1:  # one class (RSNA) given as [N]
@@ -100,19 +108,22 @@ def accuracy(pred, target):
 def vqa_accuracy(pred, target, answer_type):
     """VQA accuracy over all questions and per answer type.
 
-    pred, target: [N] answer indices into the train+val answer vocabulary; target -1 marks a test answer outside that
-    vocabulary, which the classifier can never produce, so it counts as wrong (whatever pred is) -- the question stays
-    in the denominator, as in the published numbers. answer_type: [N] "open" or "closed". Returns fractions in [0, 1]:
+    pred, target: [N] answer indices into the train+val answer vocabulary; target -1 marks a test
+    answer outside that vocabulary, which the classifier can never produce, so it counts as wrong
+    (whatever pred is) -- the question stays in the denominator, as in the published numbers.
+    answer_type: [N] "open" or "closed". Returns fractions in [0, 1]:
     {"overall", "open", "closed", "oov_share"}; a type with no questions gets None.
     """
     pred, target = _numpy(pred).ravel(), _numpy(target).ravel()
     answer_type = np.asarray([str(t) for t in answer_type])
     if not (pred.shape == target.shape == answer_type.shape):
-        raise ValueError(f"pred {pred.shape}, target {target.shape}, answer_type {answer_type.shape} differ in size")
+        raise ValueError(f"pred {pred.shape}, target {target.shape}, "
+                         f"answer_type {answer_type.shape} differ in size")
     if pred.size == 0:
         raise ValueError("accuracy of an empty set")
     if not np.isin(answer_type, ("open", "closed")).all():
-        raise ValueError(f"answer_type must be 'open' or 'closed', got {sorted(set(answer_type) - {'open', 'closed'})}")
+        raise ValueError(f"answer_type must be 'open' or 'closed', "
+                         f"got {sorted(set(answer_type) - {'open', 'closed'})}")
     correct = (pred == target) & (target >= 0)
     out = {"overall": float(correct.mean())}
     for kind in ("open", "closed"):
@@ -122,15 +133,17 @@ def vqa_accuracy(pred, target, answer_type):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Retrieval
 
 
 def _first_hit_rank(sim, positive, chunk=1024):
-    """0-based rank of the best-scored positive of every row of sim [Q, K], with ties counted against the query.
+    """0-based rank of the best-scored positive of every row of sim [Q, K], with ties counted
+    against the query.
 
-    A negative scored equal to the best positive is ranked ahead of it, so a model that gives every pair the same
-    similarity scores 0, not 1. Rows are processed in chunks to bound memory on large matrices.
+    A negative scored equal to the best positive is ranked ahead of it, so a model that gives every
+    pair the same similarity scores 0, not 1. Rows are processed in chunks to bound memory on large
+    matrices.
     """
     ranks = np.empty(sim.shape[0], dtype=np.int64)
     for s in range(0, sim.shape[0], chunk):
@@ -143,11 +156,12 @@ def _first_hit_rank(sim, positive, chunk=1024):
 def retrieval_recall(sim, txt_image, ks=(1, 5, 10), img_group=None):
     """Image-to-text and text-to-image Recall@k of a similarity matrix, as fractions in [0, 1].
 
-    sim: [N_img, N_txt] similarity of every image with every text; txt_image: [N_txt] index of each text's image.
-    An image query hits at k when any of its texts is among its k most similar texts; a text query hits when its
-    image is among its k most similar images. img_group: optional [N_img] labels of images that are the same
-    (duplicated ids, identical pixels); any image of the group then counts as the text's image, and any text of the
-    group as the image's text. Ties are broken against the query (see `_first_hit_rank`).
+    sim: [N_img, N_txt] similarity of every image with every text; txt_image: [N_txt] index of each
+    text's image. An image query hits at k when any of its texts is among its k most similar texts;
+    a text query hits when its image is among its k most similar images. img_group: optional [N_img]
+    labels of images that are the same (duplicated ids, identical pixels); any image of the group
+    then counts as the text's image, and any text of the group as the image's text. Ties are broken
+    against the query (see `_first_hit_rank`).
     Returns {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", ...} for the given ks.
     """
     sim = _numpy(sim)
@@ -159,10 +173,12 @@ def retrieval_recall(sim, txt_image, ks=(1, 5, 10), img_group=None):
         raise ValueError(f"txt_image must index the {n_img} images")
     if np.isnan(sim).any():
         raise ValueError("sim contains NaN")
-    group = np.arange(n_img) if img_group is None else np.unique(_numpy(img_group).ravel(), return_inverse=True)[1]
+    group = (np.arange(n_img) if img_group is None
+             else np.unique(_numpy(img_group).ravel(), return_inverse=True)[1])
     if group.shape != (n_img,):
         raise ValueError(f"img_group has {group.size} entries for {n_img} images")
-    positive = group[:, None] == group[txt_image][None, :]  # [N_img, N_txt]: text j belongs to (a twin of) image i
+    # [N_img, N_txt]: text j belongs to (a twin of) image i
+    positive = group[:, None] == group[txt_image][None, :]
     without_text = np.flatnonzero(~positive.any(axis=1))
     if without_text.size:
         raise ValueError(f"{without_text.size} images have no text (first: {without_text[0]}); "
@@ -174,23 +190,27 @@ def retrieval_recall(sim, txt_image, ks=(1, 5, 10), img_group=None):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Text generation: tokenisation
 #
-# pycocoevalcap's PTBTokenizer writes all captions, one a line, to a file, runs Stanford CoreNLP 3.4.1's PTBTokenizer
-# on it (java, `-preserveLines -lowerCase`: default PTB3 escaping, no americanize, assimilations split) and drops the
-# tokens '' ' `` ` -LRB- -RRB- -LCB- -RCB- . ? ! , : - -- ... ; from each line. The lexer lower-cases BEFORE that
-# filter, so bracket tokens come out as "-lrb-", "-rsb-", ... and survive: every published coco-caption score counts
-# them, and so do we. Below is a port of that lexer, PTBLexer.flex at tag v3.4.1 of github.com/stanfordnlp/CoreNLP:
-# its macros under their names and its rules in its order. JFlex semantics: at each position the rule with the longest
-# match wins, the length of a rule `r1/r2` counting its trailing context r2 (which is left for the next token); ties go
-# to the earlier rule. The spec is %caseless, which makes literal text case-insensitive but not character classes:
-# "[A]rk" matches "Ark." and "ARK." but not "ark.", so here literals sit in (?i:...) and classes stay as written.
-# Python's | takes the first alternative that matches, JFlex the longest: alternatives are ordered longest first.
+# pycocoevalcap's PTBTokenizer writes all captions, one a line, to a file, runs Stanford CoreNLP
+# 3.4.1's PTBTokenizer on it (java, `-preserveLines -lowerCase`: default PTB3 escaping, no
+# americanize, assimilations split) and drops the tokens
+# '' ' `` ` -LRB- -RRB- -LCB- -RCB- . ? ! , : - -- ... ; from each line. The lexer lower-cases
+# BEFORE that filter, so bracket tokens come out as "-lrb-", "-rsb-", ... and survive: every
+# published coco-caption score counts them, and so do we. Below is a port of that lexer,
+# PTBLexer.flex at tag v3.4.1 of github.com/stanfordnlp/CoreNLP: its macros under their names and
+# its rules in its order. JFlex semantics: at each position the rule with the longest match wins,
+# the length of a rule `r1/r2` counting its trailing context r2 (which is left for the next token);
+# ties go to the earlier rule. The spec is %caseless, which makes literal text case-insensitive but
+# not character classes: "[A]rk" matches "Ark." and "ARK." but not "ark.", so here literals sit in
+# (?i:...) and classes stay as written. Python's | takes the first alternative that matches, JFlex
+# the longest: alternatives are ordered longest first.
 # tests/test_metrics.py compares this port with the jar on thousands of generated report-like lines.
 
 def _bmp_class(keep, extra=""):
-    """A regex character class of the BMP characters for which keep(ch) holds (the lexer reads UTF-16 units)."""
+    """A regex character class of the BMP characters for which keep(ch) holds (the lexer reads
+    UTF-16 units)."""
     out, start = [], None
     for cp in range(0x10001):
         if cp < 0x10000 and keep(chr(cp)):
@@ -201,86 +221,105 @@ def _bmp_class(keep, extra=""):
     return "[" + "".join(out) + extra + "]"
 
 
-_L = _bmp_class(lambda c: unicodedata.category(c)[0] == "L")  # JFlex [:letter:] = Java's Character.isLetter
+# JFlex [:letter:] = Java's Character.isLetter
+_L = _bmp_class(lambda c: unicodedata.category(c)[0] == "L")
 _UPPER = _bmp_class(lambda c: unicodedata.category(c) == "Lu")  # [:uppercase:]
 _LD = _L[:-1] + r"\d]"  # [:letter:] or [:digit:] (Python's \d is Unicode Nd, as Java's isDigit)
 _SPLET = r"&[aeiouAEIOU](?i:acute|grave|uml);"
 # LETTER adds the soft hyphen and the combining marks and modifiers the spec lists to [:letter:]
 _LETTER_EXTRA = (
-    r"\u00ad\u0237-\u024f\u02c2-\u02c5\u02d2-\u02df\u02e5-\u02ff\u0300-\u036f\u0370-\u037d\u0384\u0385\u03cf\u03f6"
-    r"\u03fc-\u03ff\u0483-\u0487\u04cf\u04f6-\u04ff\u0510-\u0525\u055a-\u055f\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4"
-    r"\u05c5\u05c7\u0615-\u061a\u063b-\u063f\u064b-\u065e\u0670\u06d6-\u06ef\u06fa-\u06ff\u070f\u0711\u0730-\u074f"
-    r"\u0750-\u077f\u07a6-\u07b1\u07ca-\u07f5\u07fa\u0900-\u0903\u093c\u093e-\u094e\u0951-\u0955\u0962-\u0963"
-    r"\u0981-\u0983\u09bc-\u09c4\u09c7\u09c8\u09cb-\u09cd\u09d7\u09e2\u09e3\u0a01-\u0a03\u0a3c\u0a3e-\u0a4f"
-    r"\u0a81-\u0a83\u0abc-\u0acf\u0b82\u0bbe-\u0bc2\u0bc6-\u0bc8\u0bca-\u0bcd\u0c01-\u0c03\u0c3e-\u0c56\u0d3e-\u0d44"
-    r"\u0d46-\u0d48\u0e30-\u0e3a\u0e47-\u0e4e\u0eb1-\u0ebc\u0ec8-\u0ecd")
+    r"\u00ad\u0237-\u024f\u02c2-\u02c5\u02d2-\u02df\u02e5-\u02ff\u0300-\u036f\u0370-\u037d\u0384"
+    r"\u0385\u03cf\u03f6\u03fc-\u03ff\u0483-\u0487\u04cf\u04f6-\u04ff\u0510-\u0525\u055a-\u055f"
+    r"\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4\u05c5\u05c7\u0615-\u061a\u063b-\u063f\u064b-\u065e"
+    r"\u0670\u06d6-\u06ef\u06fa-\u06ff\u070f\u0711\u0730-\u074f\u0750-\u077f\u07a6-\u07b1"
+    r"\u07ca-\u07f5\u07fa\u0900-\u0903\u093c\u093e-\u094e\u0951-\u0955\u0962-\u0963\u0981-\u0983"
+    r"\u09bc-\u09c4\u09c7\u09c8\u09cb-\u09cd\u09d7\u09e2\u09e3\u0a01-\u0a03\u0a3c\u0a3e-\u0a4f"
+    r"\u0a81-\u0a83\u0abc-\u0acf\u0b82\u0bbe-\u0bc2\u0bc6-\u0bc8\u0bca-\u0bcd\u0c01-\u0c03"
+    r"\u0c3e-\u0c56\u0d3e-\u0d44\u0d46-\u0d48\u0e30-\u0e3a\u0e47-\u0e4e\u0eb1-\u0ebc\u0ec8-\u0ecd")
 _LETTER = rf"(?:{_L[:-1]}{_LETTER_EXTRA}]|{_SPLET})"  # (the extra ranges go inside _L's brackets)
-_WORD = rf"{_LETTER}(?:{_LETTER}|\d)*(?:[.!?]{_LETTER}(?:{_LETTER}|\d)*)*"  # normal  normal.the  (not 1.severe)
+# normal  normal.the  (not 1.severe)
+_WORD = rf"{_LETTER}(?:{_LETTER}|\d)*(?:[.!?]{_LETTER}(?:{_LETTER}|\d)*)*"
 _SPACE = r"[ \t\u00a0\u2000-\u200a\u3000]"
 _NEWLINE = r"(?:\r\n?|[\n\u2028\u2029\x0b\x0c\x85])"
 _SPACENL = rf"(?:{_SPACE}|{_NEWLINE})"
 _SGML_NAME = r"[A-Za-z][A-Za-z0-9_:.\-]*"
 # <br>  <XXXX>  </p>  <br/>  <p class='x'>: one token each
 _SGML = (rf"<(?:[!?][A-Za-z\-][^>\r\n]*|/{_SGML_NAME}"
-         rf"|{_SGML_NAME}(?:[ ]+(?:{_SGML_NAME}[ ]*=[ ]*(?:'[^']*'|\"[^\"]*\")|{_SGML_NAME}))*[ ]*/?)[ ]*>")
+         rf"|{_SGML_NAME}(?:[ ]+(?:{_SGML_NAME}[ ]*=[ ]*(?:'[^']*'|\"[^\"]*\")|{_SGML_NAME}))*"
+         rf"[ ]*/?)[ ]*>")
 _SENTEND = rf"{_SPACENL}(?:{_SPACENL}|{_UPPER}|{_SGML})"
-_NUM = r"(?:\d*(?:[.:,\u00ad\u066b\u066c]\d+)+|\d+)"  # 3.5  1,000  10:30  .5  (longer alternative first)
-_FRAC = r"(?:\d{1,4}[\- \u00a0])?\d{1,4}(?:\\?/|\u2044)\d{1,4}"  # 1/2  1-1/2  "2 1/2" (one token, space kept)
+# 3.5  1,000  10:30  .5  (longer alternative first)
+_NUM = r"(?:\d*(?:[.:,\u00ad\u066b\u066c]\d+)+|\d+)"
+# 1/2  1-1/2  "2 1/2" (one token, space kept)
+_FRAC = r"(?:\d{1,4}[\- \u00a0])?\d{1,4}(?:\\?/|\u2044)\d{1,4}"
 _HYPHEN = r"[\-_\u058a\u2010\u2011]"
 _APOS = r"(?:['\u0092\u2019]|&(?i:apos);)"
 _APOSETC = rf"(?:{_APOS}|[`\u0091\u2018\u201b])"
-_THING = rf"(?:[dDoOlL]{_APOSETC}{_LD})?{_LD}+(?:{_HYPHEN}(?:[dDoOlL]{_APOSETC}{_LD})?{_LD}+)*"  # x-ray a_b o'clock
+# x-ray a_b o'clock
+_THING = rf"(?:[dDoOlL]{_APOSETC}{_LD})?{_LD}+(?:{_HYPHEN}(?:[dDoOlL]{_APOSETC}{_LD})?{_LD}+)*"
 _AMP = r"&(?i:amp);"
 _REDAUX = rf"{_APOS}(?:[msdMSD]|(?i:re|ve|ll))"
 _SREDAUX = rf"(?i:n){_APOSETC}(?i:t)"
-_ACRO = r"(?:(?i:canada|sino|korean|eu|japan|non)-(?i:u\.s)|(?i:u\.s\.-(?:u\.k|u\.s\.s\.r))|[A-Za-z](?:\.[A-Za-z])*)"
+_ACRO = (r"(?:(?i:canada|sino|korean|eu|japan|non)-(?i:u\.s)|(?i:u\.s\.-(?:u\.k|u\.s\.s\.r))"
+         r"|[A-Za-z](?:\.[A-Za-z])*)")
 _ACRO2 = _ACRO.replace(r"(?:\.[A-Za-z])*", r"(?:\.[A-Za-z])+")
-_HTHING = rf"[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:{_ACRO2}\.|[A-Za-z0-9\u00ad]+))+"  # 45-year-old 1.5-2 (not -2.5)
+# 45-year-old 1.5-2 (not -2.5)
+_HTHING = rf"[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:{_ACRO2}\.|[A-Za-z0-9\u00ad]+))+"
 _INSENTP = r"[,;:\u3001]"
-# Abbreviations: ABBREV1 is usually followed by a lower-case word, ABBREV2 by an upper-case one, ABBREV3 only counts
-# before a number ("No. 5", "Fig. 3"). A bracketed capital in the spec ("[P]a") is a case-sensitive first letter:
-# "PA." and "Pa." are Pennsylvania, "pa." is not.
-_ABBREV1 = (r"(?:(?i:jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tues?|wed|thurs|thu|fri|"  # months, weekdays
-            r"ala|ariz|calif|colo|conn|ct|dak|fla|ga|ind|kans?|ky|md|mich|minn|mo|mont|neb|nev|okla|penn|tenn|va|vt|"
-            r"wisc?|wyo|inc|cos?|corp|ltd|plc|rt|bancorp|bhd|assn|univ|intl|sys|tel|est|ext|sq|jr|sr|bros|"
-            r"(?:ed|ph)\.d|blvd|rd|esq|etc|al|seq|bldg)|(?i:pp?t)[ye](?i:s)?|"
-            r"A(?i:z|rk)|D(?i:el)|I(?i:ll)|L(?i:a)|M(?i:ass|iss)|O(?i:re)|P(?i:a)|T(?i:ex)|W(?i:ash))\.")
-_ABBREV4 = (r"(?:(?i:mrs?|ms|drs?|profs?|sens?|reps?|attys?|lt|col|gen|messrs|govs?|adm|rev|maj|sgt|cpl|pvt|capt|ste?|"
-            r"ave|pres|lieut|hon|brig|co?mdr|pfc|spc|supts?|det|mt|ft|adj|adv|asst|assoc|ens|insp|mlle|mme|msgr|sfc|"
-            r"vs|alex|wm|jos|cie|a\.k\.a|cf|treas|ph|invt|elec|natl|dept)|M(?i:iss)|(?i:m)[ft](?i:g)|" + _ACRO + ")")
+# Abbreviations: ABBREV1 is usually followed by a lower-case word, ABBREV2 by an upper-case one,
+# ABBREV3 only counts before a number ("No. 5", "Fig. 3"). A bracketed capital in the spec ("[P]a")
+# is a case-sensitive first letter: "PA." and "Pa." are Pennsylvania, "pa." is not.
+_ABBREV1 = (
+    # months, weekdays
+    r"(?:(?i:jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tues?|wed|thurs|thu|fri|"
+    r"ala|ariz|calif|colo|conn|ct|dak|fla|ga|ind|kans?|ky|md|mich|minn|mo|mont|neb|nev|okla|penn|"
+    r"tenn|va|vt|wisc?|wyo|inc|cos?|corp|ltd|plc|rt|bancorp|bhd|assn|univ|intl|sys|tel|est|ext|sq|"
+    r"jr|sr|bros|(?:ed|ph)\.d|blvd|rd|esq|etc|al|seq|bldg)|(?i:pp?t)[ye](?i:s)?|"
+    r"A(?i:z|rk)|D(?i:el)|I(?i:ll)|L(?i:a)|M(?i:ass|iss)|O(?i:re)|P(?i:a)|T(?i:ex)|W(?i:ash))\.")
+_ABBREV4 = (r"(?:(?i:mrs?|ms|drs?|profs?|sens?|reps?|attys?|lt|col|gen|messrs|govs?|adm|rev|maj|"
+            r"sgt|cpl|pvt|capt|ste?|ave|pres|lieut|hon|brig|co?mdr|pfc|spc|supts?|det|mt|ft|adj|"
+            r"adv|asst|assoc|ens|insp|mlle|mme|msgr|sfc|vs|alex|wm|jos|cie|a\.k\.a|cf|treas|ph|"
+            r"invt|elec|natl|dept)|M(?i:iss)|(?i:m)[ft](?i:g)|" + _ACRO + ")")
 _ABBREV3 = r"(?i:ca|figs?|prop|nos?|art|bldg|pp|op)\."
 _LDOTS = r"(?:\.{3,5}|(?:\.[ \u00a0]){2,4}\.|[\x85\u2026])"
-_QUOTES = rf"(?:''|[`\u2018\u2019\u201a-\u201d\x91-\x94\u201e\u201f\u2039\u203a\xab\xbb]{{1,2}}|{_APOS})"
+_QUOTES = (rf"(?:''|[`\u2018\u2019\u201a-\u201d\x91-\x94\u201e\u201f\u2039\u203a\xab\xbb]{{1,2}}"
+           rf"|{_APOS})")
 _DBLQUOT = r"(?:\"|&(?i:quot);)"
-_MISCSYMBOL = ("[+%&~^|\\\\\xa6\xa7\xa8\xa9\xac\xae\xaf\xb0-\xb3\xb4-\xba\xd7\xf7\u0387\u05be\u05c0\u05c3\u05c6"
-               "\u05f3\u05f4\u0600-\u0603\u0606-\u060a\u060c\u0614\u061b\u061e\u066a\u066d\u0703-\u070d\u07f6-\u07f8"
-               "\u0964\u0965\u0e4f\u1fbd\u2016\u2017\u2020-\u2023\u2030-\u2038\u203b\u203e-\u2042\u2044\u207a-\u207f"
-               "\u208a-\u208e\u2100-\u214f\u2190-\u21ff\u2200-\u2bff\u3012\u30fb\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40"
-               "\uff5b-\uff65]")
-# words after which an acronym ends a sentence ("U.S. The"); their capital is required, the rest is caseless
-_ACRONYM_BEFORE = ("(?:A(?i:bout|ccording|dditionally|fter|n|s|t)?|B(?i:ut)|E(?i:arlier)|H(?i:e|er|ere|owever)|"
-                   "I(?i:f|n|t)|L(?i:ast)|M(?i:any|ore|r\\.|s\\.)|N(?i:ow)|O(?i:nce|ne|ther|ur)|"
-                   "S(?i:he|ince|o|ome|uch)|T(?i:hat|he|heir|hen|here|hese|hey|his)|"
-                   "W(?i:e|hen|hile|hat)|Y(?i:et|ou))")
+_MISCSYMBOL = ("[+%&~^|\\\\\xa6\xa7\xa8\xa9\xac\xae\xaf\xb0-\xb3\xb4-\xba\xd7\xf7"
+               "\u0387\u05be\u05c0\u05c3\u05c6\u05f3\u05f4\u0600-\u0603\u0606-\u060a\u060c\u0614"
+               "\u061b\u061e\u066a\u066d\u0703-\u070d\u07f6-\u07f8\u0964\u0965\u0e4f\u1fbd\u2016"
+               "\u2017\u2020-\u2023\u2030-\u2038\u203b\u203e-\u2042\u2044\u207a-\u207f\u208a-\u208e"
+               "\u2100-\u214f\u2190-\u21ff\u2200-\u2bff\u3012\u30fb\uff01-\uff0f\uff1a-\uff20"
+               "\uff3b-\uff40\uff5b-\uff65]")
+# words after which an acronym ends a sentence ("U.S. The");
+# their capital is required, the rest is caseless
+_ACRONYM_BEFORE = ("(?:A(?i:bout|ccording|dditionally|fter|n|s|t)?|B(?i:ut)|E(?i:arlier)|"
+                   "H(?i:e|er|ere|owever)|I(?i:f|n|t)|L(?i:ast)|M(?i:any|ore|r\\.|s\\.)|N(?i:ow)|"
+                   "O(?i:nce|ne|ther|ur)|S(?i:he|ince|o|ome|uch)|"
+                   "T(?i:hat|he|heir|hen|here|hese|hey|his)|W(?i:e|hen|hile|hat)|Y(?i:et|ou))")
 
 
 def _latex_quotes(tok, probably_left=False):
-    """PTBLexer.latexQuotes: straight quotes by guessed side, curly ones by their side, to ` `` ' ''."""
+    """PTBLexer.latexQuotes: straight quotes by guessed side, curly ones by their side, to
+    ` `` ' ''."""
     tok = re.sub(r"&apos;|'", "`" if probably_left else "'", tok)
     tok = re.sub(r"\"|&quot;", "``" if probably_left else "''", tok)
-    for chars, latex in (("\x91\u2018\u201b\u2039", "`"), ("\x92\u2019\u203a", "'"), ("\x93\u201c\xab", "``"),
-                         ("\x94\u201d\xbb", "''")):
+    for chars, latex in (("\x91\u2018\u201b\u2039", "`"), ("\x92\u2019\u203a", "'"),
+                         ("\x93\u201c\xab", "``"), ("\x94\u201d\xbb", "''")):
         tok = re.sub(f"[{chars}]", latex, tok)
     return tok
 
 
 def _acronym_before_sentence(tok):
-    # "I. The" is the word "I" ending a sentence; "U.S. The" keeps its period and repeats it as a sentence end
+    # "I. The" is the word "I" ending a sentence;
+    # "U.S. The" keeps its period and repeats it as a sentence end
     return (tok[:-1], len(tok) - 1) if len(tok) == 2 else (tok, len(tok) - 1)
 
 
-_FRACTIONS = str.maketrans({"\xbc": "1/4", "\xbd": "1/2", "\xbe": "3/4", "\u2153": "1/3", "\u2154": "2/3"})
-_CURRENCY = str.maketrans({"\xa2": "cents", "\xa3": "#", "\x80": "$", "\xa4": "$", "\u20a0": "$", "\u20ac": "$"})
+_FRACTIONS = str.maketrans({"\xbc": "1/4", "\xbd": "1/2", "\xbe": "3/4", "\u2153": "1/3",
+                            "\u2154": "2/3"})
+_CURRENCY = str.maketrans({"\xa2": "cents", "\xa3": "#", "\x80": "$", "\xa4": "$", "\u20a0": "$",
+                           "\u20ac": "$"})
 _PARENS = str.maketrans({"(": "-LRB-", ")": "-RRB-"})
 _BRACKETS = {"{": "-LCB-", "}": "-RCB-", "[": "-LSB-", "]": "-RSB-", "(": "-LRB-", ")": "-RRB-"}
 
@@ -302,17 +341,20 @@ def _amp(tok):
 
 
 def _pushback(n):
-    """Action of a rule that returns all but the last n characters and lexes those again ("cannot" -> "can")."""
+    """Action of a rule that returns all but the last n characters and lexes those again
+    ("cannot" -> "can")."""
     return lambda tok: (tok[:-n], len(tok) - n)
 
 
-_SKIP = None  # whitespace, and characters the lexer cannot tokenise (deleted, as its default "firstDelete" does)
+# whitespace, and characters the lexer cannot tokenise (deleted, as its default "firstDelete" does)
+_SKIP = None
 _LINE = "\n"  # a newline: with -preserveLines the end of a caption
-# (rule, trailing context or None, action). An action maps the matched text to the token, or to (token, characters
-# consumed) when it pushes text back.
+# (rule, trailing context or None, action). An action maps the matched text to the token, or to
+# (token, characters consumed) when it pushes text back.
 _PTB_RULES = [
     (r"(?i:c\+\+|[cf]#)", None, _same),
-    (r"(?i:cannot|'twas)", None, _pushback(3)),  # split assimilations: can not, 't was, 't is, gon na, ...
+    # split assimilations: can not, 't was, 't is, gon na, ...
+    (r"(?i:cannot|'twas)", None, _pushback(3)),
     (r"(?i:'tis|gonna|gotta|lemme|gimme|wanna)", None, _pushback(2)),
     (_SGML, None, _nbsp),
     (r"&(?i:md|mdash|ndash);|[\x96\x97\u2013\u2014\u2015]", None, lambda tok: "--"),
@@ -321,16 +363,20 @@ _PTB_RULES = [
     (_WORD, _REDAUX, _no_soft_hyphen),  # patient|'s
     (r"[A-Za-z\u00ad]*[A-MO-Za-mo-z]\u00ad*", _SREDAUX, _no_soft_hyphen),  # do|n't  ca|n't (SWORD)
     (_WORD, None, _no_soft_hyphen),
-    # APOWORD, split into rules so that its longest alternative wins as in JFlex (Python's | takes the first match)
-    (rf"{_APOS}(?i:n){_APOS}?|[lLdDjJ]{_APOS}|(?i:dunkin|somethin|ol){_APOS}|{_APOS}(?i:em)", None, _same),
+    # APOWORD, split into rules so that its longest alternative wins as in JFlex
+    # (Python's | takes the first match)
+    (rf"{_APOS}(?i:n){_APOS}?|[lLdDjJ]{_APOS}|(?i:dunkin|somethin|ol){_APOS}|{_APOS}(?i:em)",
+     None, _same),
     (rf"[A-HJ-XZn]{_APOSETC}{_L}{{2}}{_L}*", None, _same),
     (rf"{_APOS}[2-9]0(?i:s)|{_APOS}(?i:till?|cause)", None, _same),
     (rf"{_L}+[aeiouyAEIOUY]{_APOSETC}[aeiouA-Z]{_L}*", None, _same),
-    (r"(?i:cont'd\.?|'twas|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)" + rf"|(?i:o){_APOSETC}(?i:o)", None, _same),
+    (r"(?i:cont'd\.?|'twas|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)"
+     + rf"|(?i:o){_APOSETC}(?i:o)", None, _same),
     (rf"(?i:y){_APOS}", _L, _same),
     (r"(?i:https?)://[^ \t\n\f\r\"<>|(){}]+[^ \t\n\f\r\"<>|.!?(){},-]", None, _same),  # FULLURL
-    (r"(?:(?i:www)\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}|(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+"
-     r"(?i:com|net|org|edu))(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?", None, _same),  # LIKELYURL
+    (r"(?:(?i:www)\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}"
+     r"|(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+(?i:com|net|org|edu))"
+     r"(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?", None, _same),  # LIKELYURL
     (r"(?:&(?i:lt);|<)?[a-zA-Z0-9][^ \t\n\f\r\"<>|()\xa0{}]*@(?:[^ \t\n\f\r\"<>|(){}.\xa0]+\.)*"
      r"[^ \t\n\f\r\"<>|(){}.\xa0]+(?:&(?i:gt);|>)?", None, _same),  # EMAIL
     (rf"@[a-zA-Z_][a-zA-Z_0-9]*|#{_LETTER}+", None, _same),  # TWITTER
@@ -338,16 +384,19 @@ _PTB_RULES = [
     (_SREDAUX, r"[^A-Za-z]", _latex_quotes),
     (r"\d{1,2}[\-/]\d{1,2}[\-/]\d{2,4}", None, _same),  # DATE 12/03/2019
     (rf"[\-+]?{_NUM}", None, _no_soft_hyphen),  # NUMBER
-    (r"[\u207a\u207b\u208a\u208b]?(?:[\u2070\xb9\xb2\xb3\u2074-\u2079]+|[\u2080-\u2089]+)", None, _same),
+    (r"[\u207a\u207b\u208a\u208b]?(?:[\u2070\xb9\xb2\xb3\u2074-\u2079]+|[\u2080-\u2089]+)", None,
+     _same),
     (_FRAC, None, _nbsp),
     (r"[\xbc\xbd\xbe\u2153-\u215e]", None, lambda tok: tok.translate(_FRACTIONS)),
     (rf"(?i:-(?:rrb|lrb|rcb|lcb|rsb|lsb)-|c\.d\.s|pro-|anti-|s(?:&|&amp;)p-500|s(?:&|&amp;)ls)"
      rf"|(?i:cap){_APOS}(?i:n)|(?i:c){_APOS}(?i:est)", None, _amp),  # TBSPEC
-    (r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}", None, _same),  # THING3 s/p
+    (r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}", None,
+     _same),  # THING3 s/p
     (r"[A-Z]*\$|#", None, _same),  # DOLSIGN
     (r"[\xa2\xa3\xa4\xa5\x80\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]", None,
      lambda tok: tok.translate(_CURRENCY)),
-    (rf"{_ACRO}\.", rf"{_SPACENL}+(?:{_ACRONYM_BEFORE}|{_SGML}){_SPACENL}", _acronym_before_sentence),
+    (rf"{_ACRO}\.", rf"{_SPACENL}+(?:{_ACRONYM_BEFORE}|{_SGML}){_SPACENL}",
+     _acronym_before_sentence),
     (_ABBREV3, rf"{_SPACENL}?\d", _same),
     (r"(?i:pt[ey]|co)\.", rf"{_SPACE}(?i:ltd|lim)", _same),
     (_ABBREV1, _SENTEND, lambda tok: (tok, len(tok) - 1)),
@@ -357,10 +406,12 @@ _PTB_RULES = [
     (_ABBREV4, _SPACE, _same),
     (_ACRO, _SPACENL, _same),
     (rf"{_APOS}[0-9][0-9]", _SPACENL, _same),  # TBSPEC2 '99
-    (rf"{_LD}+(?:[.]{_LD}+)*[.](?i:bat|bmp|c|class|cgi|cpp|dll|doc|docx|exe|gif|gz|h|htm|html|jar|java|jpeg|jpg|mov|"
-     r"mp3|pdf|php|pl|png|ppt|ps|py|sql|tar|txt|wav|x|xml|zip)", rf"(?:{_SPACENL}|[.?!,])", _same),  # FILENAME
+    (rf"{_LD}+(?:[.]{_LD}+)*[.](?i:bat|bmp|c|class|cgi|cpp|dll|doc|docx|exe|gif|gz|h|htm|html|jar|"
+     r"java|jpeg|jpg|mov|mp3|pdf|php|pl|png|ppt|ps|py|sql|tar|txt|wav|x|xml|zip)",
+     rf"(?:{_SPACENL}|[.?!,])", _same),  # FILENAME
     (rf"{_WORD}\.", _INSENTP, _no_soft_hyphen),  # cm.,
-    (r"(?:\([0-9]{2,3}\)[ \xa0]?|(?:\+\+?)?(?:[0-9]{2,4}[\- \xa0])?[0-9]{2,4}[\- \xa0])[0-9]{3,4}[\- \xa0]?[0-9]{3,5}"
+    (r"(?:\([0-9]{2,3}\)[ \xa0]?|(?:\+\+?)?(?:[0-9]{2,4}[\- \xa0])?[0-9]{2,4}[\- \xa0])"
+     r"[0-9]{3,4}[\- \xa0]?[0-9]{3,5}"
      r"|(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}", None,
      lambda tok: _nbsp(tok).translate(_PARENS)),  # PHONE
     (_DBLQUOT, r"[A-Za-z0-9$]", lambda tok: _latex_quotes(tok, probably_left=True)),
@@ -368,7 +419,8 @@ _PTB_RULES = [
     (r"\x7f", None, _SKIP),
     (r"<|&(?i:lt);", None, lambda tok: "<"),
     (r">|&(?i:gt);", None, lambda tok: ">"),
-    (r"[<>]?[:;=][\-o*']?[()DPdpO\\{@|\[\]]", r"[^A-Za-z0-9]", lambda tok: tok.translate(_PARENS)),  # SMILEY
+    (r"[<>]?[:;=][\-o*']?[()DPdpO\\{@|\[\]]", r"[^A-Za-z0-9]",
+     lambda tok: tok.translate(_PARENS)),  # SMILEY
     (r"[\^x=~<>]\.\[\^(?i:x)=~<>\]|[\-\^x=~<>']_[\-\^x=~<>']|\([\-\^x=~<>'][_.]?[\-\^x=~<>']\)"
      r"|\([\^x=~<>']-[\^x=~<>'`]\)", None, lambda tok: tok.translate(_PARENS)),  # ASIANSMILEY
     (r"[{}\[\]()]", None, _BRACKETS.get),
@@ -387,7 +439,8 @@ _PTB_RULES = [
     (_THING, None, _same),
     (rf"[A-Z]+(?:(?:{_AMP}|[+&])[A-Z]+)+\.", _INSENTP, _amp),  # THINGA AT&T
     (rf"[A-Z]+(?:(?:{_AMP}|[+&])[A-Z]+)+", None, _amp),
-    (r"'", r"[A-Za-z][^ \t\n\r\xa0]", lambda tok: "`"),  # an opening quote, "often but not always right"
+    # an opening quote, "often but not always right"
+    (r"'", r"[A-Za-z][^ \t\n\r\xa0]", lambda tok: "`"),
     (_REDAUX, None, _latex_quotes),
     (_SREDAUX, None, _latex_quotes),
     (_QUOTES, None, _latex_quotes),
@@ -400,12 +453,14 @@ _PTB_RULES = [
 ]
 _PTB_RULES = [(re.compile(f"({rule})" + (f"(?:{context})" if context else "")), action)
               for rule, context, action in _PTB_RULES]
-_PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...",
-                    ";"}  # pycocoevalcap's PUNCTUATIONS, compared AFTER lower-casing: "-lrb-" stays
+# pycocoevalcap's PUNCTUATIONS, compared AFTER lower-casing: "-lrb-" stays
+_PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",",
+                    ":", "-", "--", "...", ";"}
 
 
 def _ptb_lines(text):
-    """What the jar prints for `text` with -preserveLines -lowerCase: the list of tokens of every line."""
+    """What the jar prints for `text` with -preserveLines -lowerCase: the list of tokens of every
+    line."""
     lines, pos = [[]], 0
     while pos < len(text):
         best, action = None, None
@@ -423,7 +478,8 @@ def _ptb_lines(text):
         if tok == _LINE:
             lines.append([])
         else:
-            lines[-1].append(tok.lower())  # -lowerCase (Java's Locale.ENGLISH lower-casing, as str.lower)
+            # -lowerCase (Java's Locale.ENGLISH lower-casing, as str.lower)
+            lines[-1].append(tok.lower())
     return lines
 
 
@@ -431,31 +487,36 @@ _LINE_BREAKS = re.compile(_NEWLINE)
 
 
 def nlg_tokenize_captions(texts):
-    """pycocoevalcap's PTBTokenizer on a list of captions, in one call: one tokenised string per caption.
+    """pycocoevalcap's PTBTokenizer on a list of captions, in one call: one tokenised string per
+    caption.
 
-    pycocoevalcap feeds all captions to the jar as one text, one a line, so a caption's last token can depend on the
-    next caption's start ("... segment I." then "The heart ..." makes "i", before "no change" it makes "i."); this
-    reproduces that. Line breaks inside a caption become spaces (pycocoevalcap replaces only "\\n", and a "\\r" left
-    in a caption makes the jar print an extra line that shifts every later caption onto the wrong sample).
+    pycocoevalcap feeds all captions to the jar as one text, one a line, so a caption's last token
+    can depend on the next caption's start ("... segment I." then "The heart ..." makes "i", before
+    "no change" it makes "i."); this reproduces that. Line breaks inside a caption become spaces
+    (pycocoevalcap replaces only "\\n", and a "\\r" left in a caption makes the jar print an extra
+    line that shifts every later caption onto the wrong sample).
     """
     lines = _ptb_lines("\n".join(_LINE_BREAKS.sub(" ", t) for t in texts))
     return [" ".join(t for t in line if t not in _PTB_PUNCTUATION) for line in lines[:len(texts)]]
 
 
 def nlg_tokenize(text):
-    """One caption as pycocoevalcap's PTBTokenizer tokenises it: PTB tokens, lower-cased, punctuation tokens removed.
+    """One caption as pycocoevalcap's PTBTokenizer tokenises it: PTB tokens, lower-cased,
+    punctuation tokens removed.
 
-    The tokens are those of CoreNLP 3.4.1's PTBLexer, ported rule by rule above (SGML tags, words and clitics,
-    numbers, dates and fractions, abbreviations and acronyms with their look-ahead, hyphenated and slashed words, PTB3
-    brackets, quotes, dashes and ellipses); tests/test_metrics.py checks it against the jar on thousands of lines.
+    The tokens are those of CoreNLP 3.4.1's PTBLexer, ported rule by rule above (SGML tags, words
+    and clitics, numbers, dates and fractions, abbreviations and acronyms with their look-ahead,
+    hyphenated and slashed words, PTB3 brackets, quotes, dashes and ellipses); tests/test_metrics.py
+    checks it against the jar on thousands of lines.
 
-    "1.Severe cardiomegaly (AP view). No effusion, e.g. none.<BR>" -> "1 severe cardiomegaly -lrb- ap view -rrb- no
-    effusion e.g. none <br>". See nlg_tokenize_captions for a list, where the next caption is part of the context.
+    "1.Severe cardiomegaly (AP view). No effusion, e.g. none.<BR>"
+    -> "1 severe cardiomegaly -lrb- ap view -rrb- no effusion e.g. none <br>".
+    See nlg_tokenize_captions for a list, where the next caption is part of the context.
     """
     return nlg_tokenize_captions([text])[0]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Text generation: scorers (pycocoevalcap 1.2 semantics; inputs already tokenised)
 
 
@@ -474,17 +535,19 @@ def _check(refs, hyps):
 
 def _ngrams(tokens, n):
     """Counter of all 1..n-grams of a token list."""
-    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+    return Counter(tuple(tokens[i:i + k])
+                   for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
 
 
 def bleu(refs, hyps, n=4):
     """Corpus-level BLEU-1..n as pycocoevalcap's Bleu(4): a list of n floats.
 
-    Clipped n-gram matches (each hypothesis n-gram counted at most as often as in the reference that has it most) and
-    hypothesis n-gram counts are summed over the corpus; BLEU-k is the geometric mean of the k precisions times the
-    brevity penalty exp(1 - r/c) when c < r, with c the total hypothesis length and r the sum over samples of the
-    reference length closest to the hypothesis length (the shorter one on a tie). The constants 1e-15 and 1e-9 are
-    pycocoevalcap's guards against 0/0; they shift nothing a reported digit can see.
+    Clipped n-gram matches (each hypothesis n-gram counted at most as often as in the reference that
+    has it most) and hypothesis n-gram counts are summed over the corpus; BLEU-k is the geometric
+    mean of the k precisions times the brevity penalty exp(1 - r/c) when c < r, with c the total
+    hypothesis length and r the sum over samples of the reference length closest to the hypothesis
+    length (the shorter one on a tie). The constants 1e-15 and 1e-9 are pycocoevalcap's guards
+    against 0/0; they shift nothing a reported digit can see.
     """
     tiny, small = 1e-15, 1e-9
     correct, guess = [0] * n, [0] * n
@@ -515,10 +578,10 @@ def bleu(refs, hyps, n=4):
 def _lcs(a, b):
     """Length of the longest common subsequence of two token lists.
 
-    Bit-parallel dynamic programming (Hyyro 2004, "Bit-parallel LCS-length computation revisited"): bit i of v is
-    0 where the LCS table's column steps up at row i of `a`; one integer add per token of `b` updates a whole column.
-    Python integers are unbounded, so this works for any length, and is ~50x faster than the O(|a||b|) table in pure
-    Python.
+    Bit-parallel dynamic programming (Hyyro 2004, "Bit-parallel LCS-length computation revisited"):
+    bit i of v is 0 where the LCS table's column steps up at row i of `a`; one integer add per token
+    of `b` updates a whole column. Python integers are unbounded, so this works for any length, and
+    is ~50x faster than the O(|a||b|) table in pure Python.
     """
     match = {}
     for i, tok in enumerate(a):
@@ -534,10 +597,11 @@ def _lcs(a, b):
 def rouge_l(refs, hyps, beta=1.2):
     """Mean over samples of pycocoevalcap's ROUGE-L.
 
-    Per sample: P = max over references of LCS/len(hyp), R = max over references of LCS/len(ref) -- the two maxima
-    are taken separately and may come from different references -- then F = (1 + beta^2) P R / (R + beta^2 P), 0 if
-    P or R is 0. Tokens are split on single spaces like pycocoevalcap (an empty hypothesis is one empty token).
-    This is not `rouge_score`'s ROUGE-L (F1 with stemming) that summarisation papers often report.
+    Per sample: P = max over references of LCS/len(hyp), R = max over references of LCS/len(ref) --
+    the two maxima are taken separately and may come from different references -- then
+    F = (1 + beta^2) P R / (R + beta^2 P), 0 if P or R is 0. Tokens are split on single spaces like
+    pycocoevalcap (an empty hypothesis is one empty token). This is not `rouge_score`'s ROUGE-L
+    (F1 with stemming) that summarisation papers often report.
     """
     scores = []
     for k in _check(refs, hyps):
@@ -552,15 +616,18 @@ def rouge_l(refs, hyps, beta=1.2):
 
 
 def cider_d(refs, hyps, n=4, sigma=6.0):
-    """pycocoevalcap's "Cider", which is CIDEr-D (Vedantam et al. 2015, section 4): mean over samples.
+    """pycocoevalcap's "Cider", which is CIDEr-D (Vedantam et al. 2015, section 4): mean over
+    samples.
 
-    Each sentence becomes, for every n-gram size, a tf-idf vector: count x (log N_samples - log max(1, df)), where df
-    is the number of samples whose references contain the n-gram -- document frequencies come from the references of
-    the evaluated set itself, so the score of a sample depends on the rest of the set. For each reference, per size,
-    the clipped cosine sum_g min(h_g, r_g) r_g / (|h| |r|) is multiplied by the Gaussian length penalty
-    exp(-delta^2 / (2 sigma^2)), delta the difference in words; the sample score is 10 x the mean over sizes,
-    averaged over references. No stemming. (pycocoevalcap's loop counts bigrams for the length, max(0, words - 1): the
-    same delta unless a sentence is empty, and then the cosine is 0 anyway, so the scores are identical.)
+    Each sentence becomes, for every n-gram size, a tf-idf vector:
+    count x (log N_samples - log max(1, df)), where df is the number of samples whose references
+    contain the n-gram -- document frequencies come from the references of the evaluated set itself,
+    so the score of a sample depends on the rest of the set. For each reference, per size, the
+    clipped cosine sum_g min(h_g, r_g) r_g / (|h| |r|) is multiplied by the Gaussian length penalty
+    exp(-delta^2 / (2 sigma^2)), delta the difference in words; the sample score is 10 x the mean
+    over sizes, averaged over references. No stemming. (pycocoevalcap's loop counts bigrams for the
+    length, max(0, words - 1): the same delta unless a sentence is empty, and then the cosine is 0
+    anyway, so the scores are identical.)
     """
     ids = _check(refs, hyps)
     hyp_tokens = {k: hyps[k].split() for k in ids}
@@ -591,12 +658,14 @@ def cider_d(refs, hyps, n=4, sigma=6.0):
     return float(np.mean(scores))
 
 
-METEOR_INSTALL = ("METEOR runs pycocoevalcap's METEOR 1.5 jar, which needs `pip install pycocoevalcap` and a Java "
-                  "runtime on PATH (e.g. `apt-get install default-jre-headless`). Leave with_meteor off to skip it.")
+METEOR_INSTALL = ("METEOR runs pycocoevalcap's METEOR 1.5 jar, which needs "
+                  "`pip install pycocoevalcap` and a Java runtime on PATH (e.g. "
+                  "`apt-get install default-jre-headless`). Leave with_meteor off to skip it.")
 
 
 def meteor(refs, hyps):
-    """METEOR 1.5 (English, -norm) through pycocoevalcap's wrapper of the java program: the corpus score it reports.
+    """METEOR 1.5 (English, -norm) through pycocoevalcap's wrapper of the java program: the corpus
+    score it reports.
 
     Raises RuntimeError with install instructions when pycocoevalcap or java is missing.
     """
@@ -609,7 +678,8 @@ def meteor(refs, hyps):
     ids = _check(refs, hyps)
     scorer = Meteor()
     try:
-        score, _ = scorer.compute_score({k: list(refs[k]) for k in ids}, {k: [hyps[k]] for k in ids})
+        score, _ = scorer.compute_score({k: list(refs[k]) for k in ids},
+                                        {k: [hyps[k]] for k in ids})
     finally:
         del scorer  # its __del__ ends the java process
     return float(score)
@@ -619,13 +689,14 @@ def nlg_metrics(refs, hyps, with_meteor=False):
     """All report-generation metrics on raw text: tokenise with nlg_tokenize_captions, then score.
 
     refs: {id: [reference strings]} (or {id: str} for one reference), hyps: {id: str}. Returns
-    {"BLEU_1", ..., "BLEU_4", "ROUGE_L", "CIDEr"} and "METEOR" when with_meteor (needs java, see METEOR_INSTALL),
-    named as pycocoevalcap's COCOEvalCap names them; values are fractions as it reports them (CIDEr is on its x10
-    scale).
+    {"BLEU_1", ..., "BLEU_4", "ROUGE_L", "CIDEr"} and "METEOR" when with_meteor (needs java, see
+    METEOR_INSTALL), named as pycocoevalcap's COCOEvalCap names them; values are fractions as it
+    reports them (CIDEr is on its x10 scale).
     """
     refs = {k: [v] if isinstance(v, str) else list(v) for k, v in refs.items()}
     ids = _check(refs, hyps)
-    # as COCOEvalCap: the references go through the tokenizer in one call, the hypotheses in another, in id order
+    # as COCOEvalCap: the references go through the tokenizer in one call,
+    # the hypotheses in another, in id order
     flat = iter(nlg_tokenize_captions([r for k in ids for r in refs[k]]))
     refs = {k: [next(flat) for _ in refs[k]] for k in ids}
     hyps = dict(zip(ids, nlg_tokenize_captions([hyps[k] for k in ids])))

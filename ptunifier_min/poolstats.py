@@ -1,19 +1,22 @@
-"""Is the prompt pool alive, and what do the prompts do? Diagnostics during pre-training and of a checkpoint.
+"""Is the prompt pool alive, and what do the prompts do? Diagnostics during pre-training and of a
+checkpoint.
 
 During pre-training (train.py), `PoolWatch` adds to every log line, read on logging steps only:
-- selected_{visual,textual}_rows / _entropy: distinct pool rows the window's selections used, and their entropy (nats);
-- pool_grad_norm_{visual,textual}: RMS over the window's micro-steps of the gradient norm reaching each pool (this
-  rank's, before DDP's averaging); a pool that is selected but gets no gradient cannot learn;
-- probe_topk_changed_{visual,textual}: share of the k slots of a fixed probe batch whose pool row changed since the
-  last logging step (0 = the selection is frozen, 1 = it changes completely).
+- selected_{visual,textual}_rows / _entropy: distinct pool rows the window's selections used, and
+  their entropy (nats);
+- pool_grad_norm_{visual,textual}: RMS over the window's micro-steps of the gradient norm reaching
+  each pool (this rank's, before DDP's averaging); a pool that is selected but gets no gradient
+  cannot learn;
+- probe_topk_changed_{visual,textual}: share of the k slots of a fixed probe batch whose pool row
+  changed since the last logging step (0 = the selection is frozen, 1 = it changes completely).
 
 Of a checkpoint, from the command line:
 
     python -m ptunifier_min.poolstats runs/pretrain [--pairs 256] [--out poolstats.json]
 
-prints, on ROCO validation pairs: the rows each pool uses and their entropy, the norms of used and unused rows, and
-what the prompts attend to (attention mass, averaged over heads, layers and inputs) next to the share that uniform
-attention would give them.
+prints, on ROCO validation pairs: the rows each pool uses and their entropy, the norms of used and
+unused rows, and what the prompts attend to (attention mass, averaged over heads, layers and inputs)
+next to the share that uniform attention would give them.
 """
 
 import argparse
@@ -29,8 +32,9 @@ from .distributed import autocast
 
 
 def pool_usage(hist):
-    """Distinct pool rows used and the entropy (nats) of a selection histogram [pool_size]: a collapsed pool shows here.
-    Reads the histogram on the host (the caller does it on logging steps only)."""
+    """Distinct pool rows used and the entropy (nats) of a selection histogram [pool_size]: a
+    collapsed pool shows here. Reads the histogram on the host (the caller does it on logging steps
+    only)."""
     total = hist.sum()
     if total == 0:
         return 0, 0.0
@@ -43,21 +47,26 @@ def _pools(model):
 
 
 def _overlap(a, b, n):
-    """Share of the k slots per row whose row set a [B, k] and b [B, k] have in common, on the device."""
+    """Share of the k slots per row whose row set a [B, k] and b [B, k] have in common, on the
+    device."""
     zeros = torch.zeros(len(a), n, device=a.device)
-    return (zeros.scatter(1, a, 1) * zeros.scatter(1, b, 1)).sum() / a.numel()  # scatter is out of place
+    # scatter is out of place
+    return (zeros.scatter(1, a, 1) * zeros.scatter(1, b, 1)).sum() / a.numel()
 
 
 class PoolWatch:
-    """Pool statistics over a logging window; nothing is read on the host until `read`, on logging steps."""
+    """Pool statistics over a logging window; nothing is read on the host until `read`, on logging
+    steps."""
 
     def __init__(self, model, probe, precision, device):
         pools = {k: p for k, p in _pools(model).items() if p.mode == "pool"}
-        self.hist = {k: torch.zeros(len(p.weight), dtype=torch.long, device=device) for k, p in pools.items()}
+        self.hist = {k: torch.zeros(len(p.weight), dtype=torch.long, device=device)
+                     for k, p in pools.items()}
         self.grad_sq = {k: torch.zeros((), device=device) for k in pools}
         self.micro_steps = 0
         for k, p in pools.items():
-            if p.weight.requires_grad:  # frozen when no objective reaches it (a pool without ITC)
+            # frozen when no objective reaches it (a pool without ITC)
+            if p.weight.requires_grad:
                 p.weight.register_hook(self._grad_hook(k))
         self.probe = {k: probe[k] for k in ("image", "input_ids", "attention_mask")}
         self.precision, self.device, self.last = precision, device, None
@@ -68,26 +77,29 @@ class PoolWatch:
         return hook
 
     def count(self, selected):
-        """selected: {"visual" | "textual": [B, k] rows} of one micro-step (pretraining_loss's selections)."""
+        """selected: {"visual" | "textual": [B, k] rows} of one micro-step (pretraining_loss's
+        selections)."""
         self.micro_steps += 1
-        for k, rows in selected.items():  # index_add_ rather than bincount, which would read max(rows) on the host
+        # index_add_ rather than bincount, which would read max(rows) on the host
+        for k, rows in selected.items():
             self.hist[k].index_add_(0, rows.flatten(), torch.ones_like(rows.flatten()))
 
     @torch.no_grad()
     def probe_selection(self, model):
-        """The probe batch's selections: {"visual": [B, k_v], "textual": [B, k_l]}, in eval mode (no dropout, so the
-        training's random stream is not touched)."""
+        """The probe batch's selections: {"visual": [B, k_v], "textual": [B, k_l]}, in eval mode (no
+        dropout, so the training's random stream is not touched)."""
         was_training = model.training
         model.eval()
         with autocast(self.precision, self.device):
-            txt = model(input_ids=self.probe["input_ids"], attention_mask=self.probe["attention_mask"])
+            txt = model(input_ids=self.probe["input_ids"],
+                        attention_mask=self.probe["attention_mask"])
             img = model(image=self.probe["image"])
         model.train(was_training)
         return {"visual": txt.selected_visual, "textual": img.selected_textual}
 
     def read(self, model, world=1):
-        """The window's statistics as floats (the host waits for the device here), then a new window. With several
-        ranks, a collective: every rank must call it on the same steps."""
+        """The window's statistics as floats (the host waits for the device here), then a new
+        window. With several ranks, a collective: every rank must call it on the same steps."""
         rec = {}
         selection = self.probe_selection(model) if self.hist else {}
         for k, h in self.hist.items():
@@ -98,17 +110,19 @@ class PoolWatch:
             if self.micro_steps and self.grad_sq[k]:
                 rec[f"pool_grad_norm_{k}"] = math.sqrt(float(self.grad_sq[k]) / self.micro_steps)
             if self.last is not None:
-                rec[f"probe_topk_changed_{k}"] = 1 - float(_overlap(selection[k], self.last[k], len(h)))
+                rec[f"probe_topk_changed_{k}"] = 1 - float(
+                    _overlap(selection[k], self.last[k], len(h)))
             h.zero_()
             self.grad_sq[k].zero_()
         self.micro_steps, self.last = 0, selection
         return rec
 
 
-# ---- a checkpoint's pools ---------------------------------------------------------------------------------------------
+# ---- a checkpoint's pools ------------------------------------------------------------------------
 def _attention_maps(model, heads_mean=True, **inputs):
-    """(Encoding, [layers] x [B, T, T] attention probabilities averaged over heads, or [B, H, T, T] per head) of one
-    pass, recomputed from each block's input with the textbook formula (the fused kernel does not return them)."""
+    """(Encoding, [layers] x [B, T, T] attention probabilities averaged over heads, or [B, H, T, T]
+    per head) of one pass, recomputed from each block's input with the textbook formula (the fused
+    kernel does not return them)."""
     captured = []
     hooks = [blk.register_forward_pre_hook(lambda m, args: captured.append((m, args[0], args[1])))
              for blk in model.blocks]
@@ -118,7 +132,8 @@ def _attention_maps(model, heads_mean=True, **inputs):
         for h in hooks:
             h.remove()
     maps = []
-    for blk, x, key_mask in captured[-len(model.blocks):]:  # the pass itself (pool_query final runs one before)
+    # the pass itself (pool_query final runs one before)
+    for blk, x, key_mask in captured[-len(model.blocks):]:
         B, T, D = x.shape
         H = blk.attn.heads
         q, k, _ = blk.attn.qkv(blk.norm1(x)).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
@@ -132,9 +147,9 @@ def _attention_maps(model, heads_mean=True, **inputs):
 
 @torch.no_grad()
 def attention_report(model, image, input_ids, attention_mask):
-    """What the prompts attend to and who attends to them, in the image-only pass (textual prompts) and the text-only
-    pass (visual prompts): attention mass averaged over heads, layers and inputs, and the share uniform attention over
-    the keys would give (`uniform_*`)."""
+    """What the prompts attend to and who attends to them, in the image-only pass (textual prompts)
+    and the text-only pass (visual prompts): attention mass averaged over heads, layers and inputs,
+    and the share uniform attention over the keys would give (`uniform_*`)."""
     out = {}
     for name, kw in (("image_only", dict(image=image)),
                      ("text_only", dict(input_ids=input_ids, attention_mask=attention_mask))):
@@ -142,7 +157,8 @@ def attention_report(model, image, input_ids, attention_mask):
         Tv, T = enc.n_visual, enc.hidden.shape[1]
         if name == "image_only":  # [IMG_CLS, patches | CLS, prompts, SEP]
             k = T - Tv - 2
-            cls, prompts, other, keys = Tv, slice(Tv + 1, Tv + 1 + k), slice(0, Tv), torch.ones(len(image), T)
+            cls, prompts, other, keys = (Tv, slice(Tv + 1, Tv + 1 + k), slice(0, Tv),
+                                         torch.ones(len(image), T))
         else:  # [IMG_CLS, prompts | text]
             k = Tv - 1
             cls, prompts, other = 0, slice(1, Tv), slice(Tv, T)
@@ -152,7 +168,8 @@ def attention_report(model, image, input_ids, attention_mask):
         att = torch.stack(maps).mean(0).cpu()  # [B, T, T]
         n_keys = keys.sum(1)
         out[name] = {
-            # the pooled [CLS] of the prompted side: how much of what it reads comes from the prompts
+            # the pooled [CLS] of the prompted side: how much of what it reads comes from the
+            # prompts
             "cls_to_prompts": float(att[:, cls, prompts].sum(-1).mean()),
             "uniform_cls_to_prompts": float((k / n_keys).mean()),
             # the prompts: do they read the present modality (input-specific) or themselves?
@@ -167,7 +184,8 @@ def attention_report(model, image, input_ids, attention_mask):
 
 @torch.no_grad()
 def pool_report(model, image, input_ids, attention_mask):
-    """Selections of the checkpoint's pools on a batch: rows used, entropy, norms of used and unused rows."""
+    """Selections of the checkpoint's pools on a batch: rows used, entropy, norms of used and unused
+    rows."""
     out = {}
     txt = model(input_ids=input_ids, attention_mask=attention_mask)
     img = model(image=image)
@@ -182,25 +200,32 @@ def pool_report(model, image, input_ids, attention_mask):
                   "max_entropy": math.log(min(len(pool.weight), rows.numel())),
                   "norm_used": float(norms[hist > 0].mean()),
                   "norm_unused": float(norms[hist == 0].mean()) if (hist == 0).any() else None,
-                  "distinct_selections": len({tuple(sorted(r)) for r in rows.tolist()}), "inputs": len(rows)}
+                  "distinct_selections": len({tuple(sorted(r)) for r in rows.tolist()}),
+                  "inputs": len(rows)}
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Diagnostics of a checkpoint's prompt pools on ROCO validation pairs",
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description="Diagnostics of a checkpoint's prompt pools on ROCO validation pairs",
+        allow_abbrev=False)
     p.add_argument("ckpt", help="pre-training run folder (its latest checkpoint) or step folder")
-    p.add_argument("--pairs", type=int, default=256, help="ROCO validation pairs read (default: 256)")
-    p.add_argument("--data-root", default="", help="prepared datasets; empty = the checkpoint's own (default: empty)")
-    p.add_argument("--out", default="", help="also write the report here as JSON (default: print only)")
+    p.add_argument("--pairs", type=int, default=256,
+                   help="ROCO validation pairs read (default: 256)")
+    p.add_argument("--data-root", default="",
+                   help="prepared datasets; empty = the checkpoint's own (default: empty)")
+    p.add_argument("--out", default="",
+                   help="also write the report here as JSON (default: print only)")
     args = p.parse_args(argv)
     if args.pairs < 1:
         p.error(f"--pairs must be >= 1, got {args.pairs}")
-    from .api import load  # here: the API module loads the checkpoint formats; the watch above needs none of it
+    # here: the API module loads the checkpoint formats; the watch above needs none of it
+    from .api import load
 
     m = load(args.ckpt)
     cfg = m.cfg
-    root = args.data_root or cfg.data_root or os.path.join(cfg.synth_root, cfg.synth_scale, "prepared")
+    root = (args.data_root or cfg.data_root
+            or os.path.join(cfg.synth_root, cfg.synth_scale, "prepared"))
     folder = os.path.join(root, "roco_retrieval")
     if not os.path.isfile(os.path.join(folder, "val.jsonl")):
         raise SystemExit(f"no prepared ROCO retrieval pairs at {folder}: pass --data-root")
@@ -210,18 +235,23 @@ def main(argv=None):
     ids, mask = text["input_ids"], text["attention_mask"]
     model = m.backbone
     report = {"ckpt": args.ckpt, "pairs": len(records), "prompt_mode": cfg.model.prompt_mode,
-              "pools": pool_report(model, image, ids, mask) if cfg.model.prompt_mode == "pool" else {},
-              "attention": attention_report(model, image, ids, mask) if cfg.model.prompt_mode != "none" else {}}
+              "pools": (pool_report(model, image, ids, mask)
+                        if cfg.model.prompt_mode == "pool" else {}),
+              "attention": (attention_report(model, image, ids, mask)
+                            if cfg.model.prompt_mode != "none" else {})}
     for k, r in report["pools"].items():
-        print(f"{k} pool: {r['rows_in_use']} of {r['pool_size']} rows in use on {r['inputs']} inputs "
-              f"({r['distinct_selections']} distinct top-k sets), entropy {r['entropy']:.2f} of at most "
-              f"{r['max_entropy']:.2f} nats; mean row norm used {r['norm_used']:.3f}, unused "
+        print(f"{k} pool: {r['rows_in_use']} of {r['pool_size']} rows in use on {r['inputs']} "
+              f"inputs ({r['distinct_selections']} distinct top-k sets), entropy "
+              f"{r['entropy']:.2f} of at most {r['max_entropy']:.2f} nats; mean row norm used "
+              f"{r['norm_used']:.3f}, unused "
               + ("-" if r["norm_unused"] is None else f"{r['norm_unused']:.3f}"))
     for name, a in report["attention"].items():
-        print(f"{name}: [CLS] -> prompts {a['cls_to_prompts']:.3f} (uniform {a['uniform_cls_to_prompts']:.3f}); "
-              f"prompts -> present modality {a['prompts_to_present_modality']:.3f} (uniform "
-              f"{a['uniform_prompts_to_present_modality']:.3f}), -> prompts {a['prompts_to_prompts']:.3f}; "
-              f"present modality -> prompts {a['present_modality_to_prompts']:.3f}")
+        print(f"{name}: [CLS] -> prompts {a['cls_to_prompts']:.3f} (uniform "
+              f"{a['uniform_cls_to_prompts']:.3f}); prompts -> present modality "
+              f"{a['prompts_to_present_modality']:.3f} (uniform "
+              f"{a['uniform_prompts_to_present_modality']:.3f}), -> prompts "
+              f"{a['prompts_to_prompts']:.3f}; present modality -> prompts "
+              f"{a['present_modality_to_prompts']:.3f}")
     if args.out:
         data.write_atomic(args.out, json.dumps(report, indent=2))
     return report

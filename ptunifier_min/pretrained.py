@@ -1,21 +1,29 @@
-"""Start from public pretrained encoders (the paper's recipe): a ViT / CLIP vision tower and BERT / RoBERTa embeddings.
+"""Start from public pretrained encoders (the paper's recipe): a ViT / CLIP vision tower and BERT /
+RoBERTa embeddings.
 
-    imported = prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print)  # sets ln_pre, QuickGELU, .. in cfg
+    imported = prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print)  # sets cfg's numerics
     model = PTUnifier(cfg.model)
     load_into(model, imported, print)
 
-Local files only, nothing is downloaded: safetensors, or a PyTorch .bin / .pt read with torch.load(weights_only=True)
-(no unpickling of code). The vision format is detected from the tensor names:
-- timm ViT (`patch_embed.proj`, `blocks.N.attn.qkv`, `norm`; the CLIP variants add `norm_pre`) - our own names;
-- Hugging Face ViTModel (`embeddings.patch_embeddings.projection`, `encoder.layer.N.attention.attention.query`, ...);
-- Hugging Face CLIPVisionModel / CLIPModel (`[vision_model.]embeddings.class_embedding`, `pre_layrnorm`, ...);
-- OpenAI CLIP / open_clip (`visual.conv1`, `visual.transformer.resblocks.N.attn.in_proj_weight`, `visual.ln_post`).
-The single tower's blocks, patch embedding, [IMG_CLS] and positions come from the vision file; the text file gives the
-word and position embeddings (and its embedding LayerNorm), nothing of its encoder: a single tower has one set of
-blocks, and ViLT's recipe takes them from the ViT. Our final norm takes CLIP's `ln_post` / `post_layernorm`, which CLIP
-applies to the CLS token only (timm's `norm` and HF ViT's `layernorm` apply to all tokens, as ours does).
-Images: our films are grayscale replicated to 3 channels (data.ImageTransform), so the RGB filters are used as they
-are; that is exactly the sum of the filters over channels applied to the gray image, without changing any weight.
+Local files only, nothing is downloaded: safetensors, or a PyTorch .bin / .pt read with
+torch.load(weights_only=True) (no unpickling of code). The vision format is detected from the tensor
+names:
+- timm ViT (`patch_embed.proj`, `blocks.N.attn.qkv`, `norm`; the CLIP variants add `norm_pre`) - our
+  own names;
+- Hugging Face ViTModel (`embeddings.patch_embeddings.projection`,
+  `encoder.layer.N.attention.attention.query`, ...);
+- Hugging Face CLIPVisionModel / CLIPModel (`[vision_model.]embeddings.class_embedding`,
+  `pre_layrnorm`, ...);
+- OpenAI CLIP / open_clip (`visual.conv1`, `visual.transformer.resblocks.N.attn.in_proj_weight`,
+  `visual.ln_post`).
+The single tower's blocks, patch embedding, [IMG_CLS] and positions come from the vision file; the
+text file gives the word and position embeddings (and its embedding LayerNorm), nothing of its
+encoder: a single tower has one set of blocks, and ViLT's recipe takes them from the ViT. Our final
+norm takes CLIP's `ln_post` / `post_layernorm`, which CLIP applies to the CLS token only (timm's
+`norm` and HF ViT's `layernorm` apply to all tokens, as ours does).
+Images: our films are grayscale replicated to 3 channels (data.ImageTransform), so the RGB filters
+are used as they are; that is exactly the sum of the filters over channels applied to the gray
+image, without changing any weight.
 """
 
 import json
@@ -28,26 +36,35 @@ from safetensors.torch import load_file
 
 from .model import interpolate_pos_embed
 
-# Per-format numerics the tensors cannot tell: (activation, LayerNorm epsilon); a Hugging Face config.json beside the
-# weights overrides them. OpenAI-named files are taken as OpenAI CLIP (QuickGELU): an open_clip model trained with
-# plain GELU (the LAION ones) has the same names; convert it to the HF CLIP format with its config.json instead.
+# Per-format numerics the tensors cannot tell: (activation, LayerNorm epsilon); a Hugging Face
+# config.json beside the weights overrides them. OpenAI-named files are taken as OpenAI CLIP
+# (QuickGELU): an open_clip model trained with plain GELU (the LAION ones) has the same names;
+# convert it to the HF CLIP format with its config.json instead.
 FORMATS = {"timm": ("gelu", 1e-6), "timm_clip": ("quick_gelu", 1e-5), "hf_vit": ("gelu", 1e-12),
            "hf_clip": ("quick_gelu", 1e-5), "openai_clip": ("quick_gelu", 1e-5)}
-B = r"(?:blocks|encoder\.layers?|transformer\.resblocks)\.(\d+)\."  # one block's prefix in any of the formats
-# source name (prefix removed) -> our name; "qkv:q" etc. are concatenated into one fused qkv in q, k, v order
+# one block's prefix in any of the formats
+B = r"(?:blocks|encoder\.layers?|transformer\.resblocks)\.(\d+)\."
+# source name (prefix removed) -> our name; "qkv:q" etc. are concatenated into one fused qkv
+# in q, k, v order
 RULES = {
-    "hf_vit": [(r"embeddings\.cls_token", "cls_token"), (r"embeddings\.position_embeddings", "pos_embed"),
+    "hf_vit": [(r"embeddings\.cls_token", "cls_token"),
+               (r"embeddings\.position_embeddings", "pos_embed"),
                (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-               (B + r"layernorm_before\.", r"blocks.\1.norm1."), (B + r"layernorm_after\.", r"blocks.\1.norm2."),
+               (B + r"layernorm_before\.", r"blocks.\1.norm1."),
+               (B + r"layernorm_after\.", r"blocks.\1.norm2."),
                (B + r"attention\.attention\.query\.", r"blocks.\1.attn.qkv:q."),
                (B + r"attention\.attention\.key\.", r"blocks.\1.attn.qkv:k."),
                (B + r"attention\.attention\.value\.", r"blocks.\1.attn.qkv:v."),
                (B + r"attention\.output\.dense\.", r"blocks.\1.attn.proj."),
-               (B + r"intermediate\.dense\.", r"blocks.\1.mlp.fc1."), (B + r"output\.dense\.", r"blocks.\1.mlp.fc2."),
+               (B + r"intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+               (B + r"output\.dense\.", r"blocks.\1.mlp.fc2."),
                (r"layernorm\.", "norm.")],
-    "hf_clip": [(r"embeddings\.class_embedding", "cls_token"), (r"embeddings\.position_embedding\.weight", "pos_embed"),
-                (r"embeddings\.patch_embedding\.", "patch_embed.proj."), (r"pre_layrnorm\.", "norm_pre."),
-                (B + r"layer_norm1\.", r"blocks.\1.norm1."), (B + r"layer_norm2\.", r"blocks.\1.norm2."),
+    "hf_clip": [(r"embeddings\.class_embedding", "cls_token"),
+                (r"embeddings\.position_embedding\.weight", "pos_embed"),
+                (r"embeddings\.patch_embedding\.", "patch_embed.proj."),
+                (r"pre_layrnorm\.", "norm_pre."),
+                (B + r"layer_norm1\.", r"blocks.\1.norm1."),
+                (B + r"layer_norm2\.", r"blocks.\1.norm2."),
                 (B + r"self_attn\.([qkv])_proj\.", r"blocks.\1.attn.qkv:\2."),
                 (B + r"self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
                 (B + r"mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
@@ -56,7 +73,8 @@ RULES = {
                     (r"conv1\.", "patch_embed.proj."), (r"ln_pre\.", "norm_pre."),
                     (B + r"ln_1\.", r"blocks.\1.norm1."), (B + r"ln_2\.", r"blocks.\1.norm2."),
                     (B + r"attn\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
-                    (B + r"attn\.out_proj\.", r"blocks.\1.attn.proj."), (B + r"mlp\.c_fc\.", r"blocks.\1.mlp.fc1."),
+                    (B + r"attn\.out_proj\.", r"blocks.\1.attn.proj."),
+                    (B + r"mlp\.c_fc\.", r"blocks.\1.mlp.fc1."),
                     (B + r"mlp\.c_proj\.", r"blocks.\1.mlp.fc2."), (r"ln_post\.", "norm.")],
     "timm": [(r"(patch_embed\.proj\.|cls_token$|pos_embed$|norm_pre\.|norm\.)", r"\1"),
              (B + r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.", r"blocks.\1.\2.")],
@@ -78,18 +96,21 @@ class Imported:
 
 
 def read_state_dict(path):
-    """A flat {name: tensor} from safetensors (no code can run) or a .bin / .pt through torch.load(weights_only)."""
+    """A flat {name: tensor} from safetensors (no code can run) or a .bin / .pt through
+    torch.load(weights_only)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights not found: {path}")
     if path.endswith(".safetensors"):
         return load_file(path)
     if not path.endswith((".bin", ".pt", ".pth")):
-        raise ValueError(f"{path}: expected .safetensors, or .bin / .pt / .pth (read with weights_only=True)")
+        raise ValueError(f"{path}: expected .safetensors, or .bin / .pt / .pth "
+                         "(read with weights_only=True)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code: say so instead of a long unpickler trace
-        raise ValueError(f"{path}: not a plain tensor file torch.load(weights_only=True) can read ({e}); convert it "
-                         "to safetensors") from None
+    # weights_only refuses pickled code: say so instead of a long unpickler trace
+    except Exception as e:
+        raise ValueError(f"{path}: not a plain tensor file torch.load(weights_only=True) can read "
+                         f"({e}); convert it to safetensors") from None
     for key in ("state_dict", "model"):  # training checkpoints wrap the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -97,7 +118,8 @@ def read_state_dict(path):
 
 
 def _summary(names):
-    """Names with block numbers collapsed ('blocks.N.attn.qkv.weight x12'), for short printed lists."""
+    """Names with block numbers collapsed ('blocks.N.attn.qkv.weight x12'), for short printed
+    lists."""
     counts = {}
     for n in names:
         k = re.sub(r"\.\d+\.", ".N.", n)
@@ -116,14 +138,16 @@ def _hf_config(path):
 
 
 def convert_vision(src, path=""):
-    """(format, our-named tensors, unused source names) of a vision state dict; the format comes from its names."""
+    """(format, our-named tensors, unused source names) of a vision state dict; the format comes
+    from its names."""
     for fmt, marker, prefixes in MARKERS:
         prefix = next((p for p in prefixes if p + marker in src), None)
         if prefix is not None:
             break
     else:
-        raise ValueError(f"{path}: not a ViT / CLIP vision checkpoint this version knows (timm, HF ViTModel, HF "
-                         f"CLIP, OpenAI CLIP / open_clip); first tensors: {', '.join(list(src)[:8])}")
+        raise ValueError(f"{path}: not a ViT / CLIP vision checkpoint this version knows (timm, HF "
+                         "ViTModel, HF CLIP, OpenAI CLIP / open_clip); first tensors: "
+                         f"{', '.join(list(src)[:8])}")
     if fmt == "timm" and prefix + "norm_pre.weight" in src:
         fmt = "timm_clip"
     out, parts, unused = {}, {}, []
@@ -142,7 +166,8 @@ def convert_vision(src, path=""):
         else:
             out[ours] = t
     blocks = [n for n in unused if n.startswith(prefix) and re.match(B, n[len(prefix):])]
-    if blocks:  # e.g. timm's LayerScale ls1.gamma: leaving it out would change what the blocks compute
+    # e.g. timm's LayerScale ls1.gamma: leaving it out would change what the blocks compute
+    if blocks:
         raise ValueError(f"{path}: block tensors this version cannot map: {_summary(blocks)}")
     for name, qkv in parts.items():
         out[name] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
@@ -153,7 +178,8 @@ def convert_vision(src, path=""):
 
 
 def vision_settings(fmt, state, path):
-    """The ModelConfig fields the file decides: shapes (checked against the config) and format numerics (set)."""
+    """The ModelConfig fields the file decides: shapes (checked against the config) and format
+    numerics (set)."""
     D, w = state["cls_token"].shape[-1], state["patch_embed.proj.weight"]
     depth = len({n.split(".")[1] for n in state if n.startswith("blocks.")})
     act, eps = FORMATS[fmt]
@@ -164,17 +190,19 @@ def vision_settings(fmt, state, path):
     if "num_attention_heads" in hf:
         shapes["heads"] = hf["num_attention_heads"]
     if w.shape[1] != 3:
-        raise ValueError(f"{path}: the patch projection takes {w.shape[1]} channels; our images have 3 (grayscale "
-                         "replicated)")
+        raise ValueError(f"{path}: the patch projection takes {w.shape[1]} channels; our images "
+                         "have 3 (grayscale replicated)")
     if act not in ("gelu", "quick_gelu"):
-        raise ValueError(f"{path}: activation {act!r} (its config.json) is not one of gelu, quick_gelu")
+        raise ValueError(f"{path}: activation {act!r} (its config.json) is not one of gelu, "
+                         "quick_gelu")
     numerics = {"norm_pre": "norm_pre.weight" in state, "act": act, "norm_eps": float(eps),
                 "patch_bias": "patch_embed.proj.bias" in state}
     return shapes, numerics
 
 
 def prepare(init_vision, init_text, tok, model_cfg, print0=print):
-    """Read the pretrained files and update model_cfg with what they need; returns the tensors for load_into."""
+    """Read the pretrained files and update model_cfg with what they need; returns the tensors for
+    load_into."""
     imported = Imported()
     if init_vision:
         fmt, state, unused = convert_vision(read_state_dict(init_vision), init_vision)
@@ -182,14 +210,16 @@ def prepare(init_vision, init_text, tok, model_cfg, print0=print):
         bad = [f"{k}: file {v:g} vs config {getattr(model_cfg, k):g} (--{k.replace('_', '-')})"
                for k, v in shapes.items() if v != getattr(model_cfg, k)]
         if bad:
-            raise SystemExit(f"--init-vision {init_vision} has another architecture than the config:\n  " +
-                             "\n  ".join(bad))
+            raise SystemExit(f"--init-vision {init_vision} has another architecture than the "
+                             "config:\n  " + "\n  ".join(bad))
         for k, v in numerics.items():
             setattr(model_cfg, k, v)
         grid = model_cfg.image_size // model_cfg.patch_size
-        if state["pos_embed"].shape[1] != 1 + grid * grid:  # the file's resolution differs from --image-size
+        # the file's resolution differs from --image-size
+        if state["pos_embed"].shape[1] != 1 + grid * grid:
             state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], grid)
-        print0(f"init-vision: {init_vision} is a {fmt} checkpoint ({numerics}); positions for a {grid}x{grid} grid")
+        print0(f"init-vision: {init_vision} is a {fmt} checkpoint ({numerics}); positions for a "
+               f"{grid}x{grid} grid")
         imported.state.update(state)
         imported.sources.append(("vision", init_vision, unused))
     if init_text:
@@ -197,48 +227,57 @@ def prepare(init_vision, init_text, tok, model_cfg, print0=print):
         model_cfg.text_norm_eps = eps
         imported.state.update(state)
         imported.sources.append(("text", init_text, unused))
-        print0(f"init-text: {init_text}: word and position embeddings and their LayerNorm (eps {eps:g}); its encoder "
-            "blocks are not used: the single tower's blocks come from the vision side")
+        print0(f"init-text: {init_text}: word and position embeddings and their LayerNorm (eps "
+               f"{eps:g}); its encoder blocks are not used: the single tower's blocks come from "
+               "the vision side")
     return imported
 
 
 def convert_text(src, tok, model_cfg, path):
-    """Our word / position embeddings and text_norm from a BERT or RoBERTa state dict (and the tokenizer's ids)."""
-    prefix = next((p for p in TEXT_PREFIXES if p + "embeddings.word_embeddings.weight" in src), None)
+    """Our word / position embeddings and text_norm from a BERT or RoBERTa state dict (and the
+    tokenizer's ids)."""
+    prefix = next((p for p in TEXT_PREFIXES if p + "embeddings.word_embeddings.weight" in src),
+                  None)
     if prefix is None:
-        raise ValueError(f"{path}: no embeddings.word_embeddings.weight (BERT / RoBERTa); first tensors: "
-                         f"{', '.join(list(src)[:8])}")
-    e = {k[len(prefix) + len("embeddings."):]: v for k, v in src.items() if k.startswith(prefix + "embeddings.")}
-    e = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+        raise ValueError(f"{path}: no embeddings.word_embeddings.weight (BERT / RoBERTa); first "
+                         f"tensors: {', '.join(list(src)[:8])}")
+    e = {k[len(prefix) + len("embeddings."):]: v
+         for k, v in src.items() if k.startswith(prefix + "embeddings.")}
+    e = {k.replace("LayerNorm.gamma", "LayerNorm.weight")
+          .replace("LayerNorm.beta", "LayerNorm.bias"): v
          for k, v in e.items()}  # the original TensorFlow BERT names
     words, pos = e["word_embeddings.weight"], e["position_embeddings.weight"]
     if words.shape[0] != tok.get_vocab_size():
-        raise SystemExit(f"--init-text {path} has {words.shape[0]} word embeddings, the tokenizer (--tokenizer) "
-                         f"{tok.get_vocab_size()} tokens: pass the model's own vocabulary")
+        raise SystemExit(f"--init-text {path} has {words.shape[0]} word embeddings, the tokenizer "
+                         f"(--tokenizer) {tok.get_vocab_size()} tokens: pass the model's own "
+                         "vocabulary")
     if words.shape[1] != model_cfg.dim:
-        raise SystemExit(f"--init-text {path} has width {words.shape[1]}, the model --dim {model_cfg.dim} (the "
-                         "vision encoder's): the widths must match")
+        raise SystemExit(f"--init-text {path} has width {words.shape[1]}, the model --dim "
+                         f"{model_cfg.dim} (the vision encoder's): the widths must match")
     # RoBERTa numbers positions from padding_idx + 1 (its position ids skip the pad id); BERT from 0
     roberta = tok.token_to_id("<s>") is not None and tok.token_to_id("[CLS]") is None
     offset = tok.token_to_id("<pad>") + 1 if roberta else 0
     if offset + model_cfg.max_text_len > pos.shape[0]:
-        raise SystemExit(f"--init-text {path} has {pos.shape[0] - offset} positions, --max-text-len is "
-                         f"{model_cfg.max_text_len}")
+        raise SystemExit(f"--init-text {path} has {pos.shape[0] - offset} positions, "
+                         f"--max-text-len is {model_cfg.max_text_len}")
     pos = pos[offset:offset + model_cfg.max_text_len]
-    if "token_type_embeddings.weight" in e:  # every text of ours is segment 0: its embedding is a constant, fold it
+    # every text of ours is segment 0: its embedding is a constant, fold it
+    if "token_type_embeddings.weight" in e:
         pos = pos + e["token_type_embeddings.weight"][0]
     eps = _hf_config(path).get("layer_norm_eps", 1e-5 if roberta else 1e-12)
     state = {"word_embeddings.weight": words, "position_embeddings.weight": pos,
              "text_norm.weight": e["LayerNorm.weight"], "text_norm.bias": e["LayerNorm.bias"]}
-    used = {prefix + "embeddings." + k for k in ("word_embeddings.weight", "position_embeddings.weight",
-                                                   "token_type_embeddings.weight")}
+    used = {prefix + "embeddings." + k
+            for k in ("word_embeddings.weight", "position_embeddings.weight",
+                      "token_type_embeddings.weight")}
     used |= {n for n in src if n.startswith(prefix + "embeddings.LayerNorm.")}
     return state, [n for n in src if n not in used], float(eps)
 
 
 def single_file_tokenizer(tok, path, out, main=True):
-    """RoBERTa's vocab.json + merges.txt -> <out>/tokenizer.json, so that every checkpoint carries its tokenizer as
-    one file (checkpoints copy the tokenizer file in); other tokenizers are one file already."""
+    """RoBERTa's vocab.json + merges.txt -> <out>/tokenizer.json, so that every checkpoint carries
+    its tokenizer as one file (checkpoints copy the tokenizer file in); other tokenizers are one
+    file already."""
     if os.path.basename(path) != "vocab.json":
         return path
     new = os.path.join(out, "tokenizer.json")
@@ -249,12 +288,13 @@ def single_file_tokenizer(tok, path, out, main=True):
 
 
 def load_into(model, imported, print0=print):
-    """Copy the imported tensors into the model; print what was loaded, what stays new and what the files left."""
+    """Copy the imported tensors into the model; print what was loaded, what stays new and what the
+    files left."""
     if not imported.state:
         return
     own = model.state_dict()
-    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in imported.state.items()
-           if k in own and own[k].shape != v.shape]
+    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in imported.state.items() if k in own and own[k].shape != v.shape]
     extra = [k for k in imported.state if k not in own]
     if bad or extra:
         raise SystemExit("pretrained tensors do not fit the model:\n  " + "\n  ".join(bad + extra))

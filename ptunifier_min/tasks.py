@@ -1,18 +1,25 @@
-"""The nine downstream tasks of the paper's Table 2 (paper section 5.3): one table says what each task reads, its head,
-loss and metric; the rest of this file (and data.TaskDataset) reads the table's columns, never a task's name.
+"""The nine downstream tasks of the paper's Table 2 (paper section 5.3): one table says what each
+task reads, its head, loss and metric; the rest of this file (and data.TaskDataset) reads the
+table's columns, never a task's name.
 
     task = TASKS["chexpert"]
-    model = TaskModel(backbone, task, num_outputs(task, meta))  # the backbone + a fresh two-layer MLP on enc.pooled
+    model = TaskModel(backbone, task, num_outputs(task, meta))  # + fresh 2-layer MLP on enc.pooled
     loss, stats = task_loss(model, task, model(batch), batch, pad_id)
-    m = evaluate(model, task, records, tok, meta=meta, image_size=288, max_text_len=40, device=device)
+    m = evaluate(model, task, records, tok, meta=meta, image_size=288, max_text_len=40,
+                 device=device)
 
 The prompts stand in for the missing modality, so one backbone serves every task:
-- image classification (CheXpert multi-label, RSNA one logit): image + textual prompts -> MLP -> BCE, macro AUROC;
-- text classification (RadNLI): premise/hypothesis pair + visual prompts -> MLP -> softmax CE, accuracy;
-- VQA (VQA-RAD, SLAKE, VQA-Med 2019): image + question -> MLP over the train+val answers -> CE, accuracy;
-- retrieval (ROCO): image-only and text-only passes -> the pre-training ITC head -> ITC loss, Recall@K;
-- summarisation (MIMIC findings -> impression): text-only pass, generation (MIMIC image -> findings): image-only pass;
-  both feed the encoder's whole output sequence to a TextDecoder, scored after deterministic beam search.
+- image classification (CheXpert multi-label, RSNA one logit): image + textual prompts -> MLP ->
+  BCE, macro AUROC;
+- text classification (RadNLI): premise/hypothesis pair + visual prompts -> MLP -> softmax CE,
+  accuracy;
+- VQA (VQA-RAD, SLAKE, VQA-Med 2019): image + question -> MLP over the train+val answers -> CE,
+  accuracy;
+- retrieval (ROCO): image-only and text-only passes -> the pre-training ITC head -> ITC loss,
+  Recall@K;
+- summarisation (MIMIC findings -> impression): text-only pass, generation (MIMIC image ->
+  findings): image-only pass; both feed the encoder's whole output sequence to a TextDecoder, scored
+  after deterministic beam search.
 """
 
 import hashlib
@@ -31,20 +38,24 @@ from .generation import TextDecoder, beam_search, encoder_memory, generation_los
 from .model import Mlp
 from .objectives import itc_loss
 
-MIN_TRAIN = 8  # the smallest training subset --data-frac gives (1% of a small split can be 0 or 1 samples)
+# the smallest training subset --data-frac gives (1% of a small split can be 0 or 1 samples)
+MIN_TRAIN = 8
 
 
 @dataclass(frozen=True)
 class Task:
-    name: str  # --task, and the prepared folder it reads (prepare.py writes one folder per task, named after it)
+    name: str  # --task, and the prepared folder it reads (prepare.py writes one folder per task,
+    #            named after it)
     image: bool  # the encoder reads the record's image
-    text: tuple  # the record fields the encoder reads as text: none, one, or two read as one pair ([SEP]-joined);
-    #              a field that holds a list (ROCO's captions) gives one of its texts per access
-    head: str  # "mlp": a fresh MLP(2D, 2D, width) on enc.pooled | "itc": the pre-training ITC head on separate
-    #            image-only and text-only passes | "decoder": a TextDecoder over the encoder's whole output sequence
+    text: tuple  # the record fields the encoder reads as text: none, one, or two read as one pair
+    #              ([SEP]-joined); a field that holds a list (ROCO's captions) gives one of its
+    #              texts per access
+    head: str  # "mlp": a fresh MLP(2D, 2D, width) on enc.pooled | "itc": the pre-training ITC head
+    #            on separate image-only and text-only passes | "decoder": a TextDecoder over the
+    #            encoder's whole output sequence
     width: object  # the MLP's outputs: a number, or the meta.json list it has one logit per item of
-    loss: str  # "bce" on "labels" (multi-hot) | "ce" on "label" (a class; -1 = none) | "itc" (the pairs are the
-    #            targets) | "nll" on "target" (a text: next-token cross-entropy)
+    loss: str  # "bce" on "labels" (multi-hot) | "ce" on "label" (a class; -1 = none) | "itc" (the
+    #            pairs are the targets) | "nll" on "target" (a text: next-token cross-entropy)
     metric: str  # how evaluate scores it: "auroc" | "accuracy" | "vqa" | "recall" | "nlg"
     main: str  # the metric that selects the checkpoint on val and fills Table 2
 
@@ -58,6 +69,7 @@ class Task:
         return {"bce": "labels", "ce": "label", "nll": "target"}.get(self.loss, "")
 
 
+# one row per task, wider than 100 columns so that it reads as a table
 TASKS = {t.name: t for t in (
     #    name              image  text                  head       width          loss   metric      main
     Task("chexpert",       True,  (),                   "mlp",     "label_names", "bce", "auroc",    "auroc"),
@@ -79,16 +91,18 @@ def get_task(name):
 
 
 def num_outputs(task, meta):
-    """Width of the MLP head: the table's number, or one logit per label, NLI class or answer listed in meta.json."""
+    """Width of the MLP head: the table's number, or one logit per label, NLI class or answer listed
+    in meta.json."""
     return len(meta[task.width]) if isinstance(task.width, str) else task.width
 
 
-# ---- splits ----------------------------------------------------------------------------------------------------------
+# ---- splits --------------------------------------------------------------------------------------
 def subset(records, frac, seed):
     """A seeded share of the training records, at least MIN_TRAIN of them.
 
-    One seeded shuffle of the id-sorted records, of which the first n are kept: the 1% subset lies inside the 10% one,
-    and the subset does not depend on the file order or on anything but (ids, frac, seed).
+    One seeded shuffle of the id-sorted records, of which the first n are kept: the 1% subset lies
+    inside the 10% one, and the subset does not depend on the file order or on anything but
+    (ids, frac, seed).
     """
     if not 0 < frac <= 1:
         raise SystemExit(f"--data-frac must be in (0, 1], got {frac}")
@@ -101,7 +115,8 @@ def subset(records, frac, seed):
 
 
 def cap(records, n, seed):
-    """At most n records (a seeded choice, in file order); n = 0 keeps them all. Bounds the cost of selection on val."""
+    """At most n records (a seeded choice, in file order); n = 0 keeps them all. Bounds the cost of
+    selection on val."""
     if not n or n >= len(records):
         return list(records)
     keep = set(random.Random(f"cap-{seed}").sample(range(len(records)), n))
@@ -109,7 +124,8 @@ def cap(records, n, seed):
 
 
 def split_hash(splits):
-    """sha256 of the sorted train / val / test ids actually used: two runs with equal hashes saw the same samples."""
+    """sha256 of the sorted train / val / test ids actually used: two runs with equal hashes saw the
+    same samples."""
     h = hashlib.sha256()
     for name in ("train", "val", "test"):
         h.update(f"[{name}]\n".encode())
@@ -118,12 +134,12 @@ def split_hash(splits):
     return h.hexdigest()
 
 
-# ---- text lengths ----------------------------------------------------------------------------------------------------
+# ---- text lengths --------------------------------------------------------------------------------
 def text_lengths(task, records, tok):
     """Untruncated token counts, special tokens included, of what the collate encodes for this task:
-    {"inputs": [...], "targets": [...]}, each key only where the task has such texts. A pair input (RadNLI) counts
-    [CLS] premise [SEP] hypothesis [SEP]; a record with several captions (ROCO) counts every one of them (training
-    draws any of them)."""
+    {"inputs": [...], "targets": [...]}, each key only where the task has such texts. A pair input
+    (RadNLI) counts [CLS] premise [SEP] hypothesis [SEP]; a record with several captions (ROCO)
+    counts every one of them (training draws any of them)."""
     def count(texts):  # [CLS] text [SEP]
         return [len(e.ids) + 2 for e in tok.encode_batch(list(texts), add_special_tokens=False)]
     out = {}
@@ -132,32 +148,36 @@ def text_lengths(task, records, tok):
         out["inputs"] = [x + y - 1 for x, y in zip(a, b)]
     elif task.text:
         f = task.text[0]
-        out["inputs"] = count(t for r in records for t in (r[f] if isinstance(r[f], list) else [r[f]]))
+        out["inputs"] = count(t for r in records
+                              for t in (r[f] if isinstance(r[f], list) else [r[f]]))
     if task.head == "decoder":
         out["targets"] = count(r[task.target] for r in records)
     return out
 
 
 def length_to_cover(lengths, share=0.95, multiple=8):
-    """The smallest multiple of `multiple` that holds at least `share` of the texts whole, and the percentile itself
-    (nearest rank: the length of the ceil(share * n)-th shortest text)."""
+    """The smallest multiple of `multiple` that holds at least `share` of the texts whole, and the
+    percentile itself (nearest rank: the length of the ceil(share * n)-th shortest text)."""
     p = sorted(lengths)[math.ceil(share * len(lengths)) - 1]
     return multiple * math.ceil(p / multiple), p
 
 
 def truncated_shares(lengths, max_text_len, max_gen_len):
-    """{"inputs": share, "targets": share} of texts longer than their limit, i.e. cut by the collate."""
+    """{"inputs": share, "targets": share} of texts longer than their limit, i.e. cut by the
+    collate."""
     limit = {"inputs": max_text_len, "targets": max_gen_len}
     return {k: sum(n > limit[k] for n in v) / len(v) if v else 0.0 for k, v in lengths.items()}
 
 
-# ---- model -----------------------------------------------------------------------------------------------------------
+# ---- model ---------------------------------------------------------------------------------------
 class TaskModel(nn.Module):
-    """The backbone with the task's head: a fresh MLP(2D, 2D, n_out) on enc.pooled, the ITC head, or a TextDecoder.
+    """The backbone with the task's head: a fresh MLP(2D, 2D, n_out) on enc.pooled, the ITC head, or
+    a TextDecoder.
 
-    Build it after the pre-trained weights are in the backbone: the decoder copies the backbone's blocks when made.
-    forward(batch) returns the head's output: logits [B, n_out], (image, text) ITC embeddings or decoder logits
-    [B, T, V].
+    Build it after the pre-trained weights are in the backbone: the decoder copies the backbone's
+    blocks when made.
+    forward(batch) returns the head's output: logits [B, n_out], (image, text) ITC embeddings or
+    decoder logits [B, T, V].
     """
 
     def __init__(self, backbone, task, n_out=0, max_gen_len=64):
@@ -173,13 +193,15 @@ class TaskModel(nn.Module):
             self.decoder = TextDecoder(backbone, max_gen_len)
 
     def encoder_inputs(self, batch):
-        """The backbone's keyword inputs for one pass over what this task reads (the other modality is prompted)."""
+        """The backbone's keyword inputs for one pass over what this task reads (the other modality
+        is prompted)."""
         inputs = {}
         if self.task.image:
             inputs["image"] = batch["image"]
         if self.task.text:
             inputs.update(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          padded=batch.get("padded"))  # from the collate: the host need not ask the device
+                          # from the collate: the host need not ask the device
+                          padded=batch.get("padded"))
         return inputs
 
     def forward(self, batch):
@@ -188,14 +210,16 @@ class TaskModel(nn.Module):
             return self.head(bb(**self.encoder_inputs(batch), read="pooled").pooled)
         if self.task.head == "itc":  # two passes: image + textual prompts, visual prompts + text
             return (bb.itc_embed(bb(image=batch["image"], read="pooled")),
-                    bb.itc_embed(bb(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    bb.itc_embed(bb(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"],
                                     padded=batch.get("padded"), read="pooled")))
         memory, memory_mask = encoder_memory(bb, **self.encoder_inputs(batch))
         return self.decoder(batch["target_ids"][:, :-1], memory, memory_mask)  # teacher forcing
 
 
     def backbone_parameter_names(self):
-        """The backbone's own backbone (lr_backbone); the task head and the decoder train at the head rate."""
+        """The backbone's own backbone (lr_backbone); the task head and the decoder train at the
+        head rate."""
         return {f"backbone.{n}" for n in self.backbone.backbone_parameter_names()}
 
     def no_weight_decay(self):
@@ -205,11 +229,13 @@ class TaskModel(nn.Module):
 
 
 def task_loss(model, task, out, batch, pad_id):
-    """The task's training loss from forward's output. `model` is the unwrapped TaskModel (for the ITC scale)."""
+    """The task's training loss from forward's output. `model` is the unwrapped TaskModel (for the
+    ITC scale)."""
     if task.loss == "bce":
         loss = F.binary_cross_entropy_with_logits(out.float(), batch["labels"])
     elif task.loss == "ce":
-        # -1 marks an answer outside the vocabulary: it cannot be a training target (train+val never hold one)
+        # -1 marks an answer outside the vocabulary: it cannot be a training target (train+val never
+        # hold one)
         loss = F.cross_entropy(out.float(), batch["label"], ignore_index=-1)
     elif task.loss == "itc":
         loss, acc = itc_loss(*out, model.backbone.itc_scale())
@@ -219,49 +245,61 @@ def task_loss(model, task, out, batch, pad_id):
     return loss, {"loss": loss.detach()}
 
 
-# ---- evaluation ------------------------------------------------------------------------------------------------------
+# ---- evaluation ----------------------------------------------------------------------------------
 def _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_size, num_workers):
     """Evaluation batches in file order (val/test), made with the eval image transform."""
-    ds = data.TaskDataset(records, task, data.ImageTransform(image_size).pixels)  # uint8: the model normalises it
-    # its own generator: a DataLoader draws a seed from the global RNG otherwise, and validating would change the
-    # dropout masks of the training steps after it
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    # uint8: the model normalises it
+    ds = data.TaskDataset(records, task, data.ImageTransform(image_size).pixels)
+    # its own generator: a DataLoader draws a seed from the global RNG otherwise, and validating
+    # would change the dropout masks of the training steps after it
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
+                                       num_workers=num_workers,
                                        collate_fn=data.task_collate(tok, max_text_len, max_gen_len),
                                        generator=torch.Generator())
 
 
 @torch.no_grad()
-def evaluate(model, task, records, tok, *, image_size, max_text_len, device, meta=None, max_gen_len=0,
-             batch_size=64, precision="fp32", beam_size=1, length_penalty=1.0, rerank_top=0, num_workers=0,
-             progress=True, print0=print):
-    """The task's metrics on `records` (fractions in [0, 1]), computed in eval mode; the metric named task.main is the
-    one that selects the checkpoint. The one evaluation of finetune.py (val and test) and eval.py.
+def evaluate(model, task, records, tok, *, image_size, max_text_len, device, meta=None,
+             max_gen_len=0, batch_size=64, precision="fp32", beam_size=1, length_penalty=1.0,
+             rerank_top=0, num_workers=0, progress=True, print0=print):
+    """The task's metrics on `records` (fractions in [0, 1]), computed in eval mode; the metric
+    named task.main is the one that selects the checkpoint. The one evaluation of finetune.py
+    (val and test) and eval.py.
 
-    model: the TaskModel; for retrieval also a bare backbone (zero-shot: the ITC head is the backbone's own).
-    meta: the task's meta.json (label names for AUROC). max_gen_len, beam_size, length_penalty: generation only;
+    model: the TaskModel; for retrieval also a bare backbone (zero-shot: the ITC head is the
+    backbone's own).
+    meta: the task's meta.json (label names for AUROC). max_gen_len, beam_size, length_penalty:
+    generation only;
     rerank_top: retrieval only, re-scores each image's top candidates with the ITM head.
     """
     was_training = model.training
     model.eval()
     try:
         if task.metric == "recall":
-            return retrieval.retrieval_metrics(getattr(model, "backbone", model), records, tok, image_size,
-                                               max_text_len, device, precision, rerank_top, print0)
-        loader = _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_size, num_workers)
+            return retrieval.retrieval_metrics(getattr(model, "backbone", model), records, tok,
+                                               image_size, max_text_len, device, precision,
+                                               rerank_top, print0)
+        loader = _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_size,
+                         num_workers)
         if task.metric == "nlg":
             special = data.special_ids(tok)
             hyps, refs = {}, {}
-            for batch in tqdm(loader, desc=f"beam search {task.name}", disable=not progress, leave=False):
+            for batch in tqdm(loader, desc=f"beam search {task.name}", disable=not progress,
+                              leave=False):
                 batch = data.to_device(batch, device)
                 with autocast(precision, device):
-                    memory, memory_mask = encoder_memory(model.backbone, **model.encoder_inputs(batch))
-                    # max_gen_len - 1 generated tokens, [SEP] included: the longest continuation of [CLS] training saw
-                    out = beam_search(model.decoder, memory, memory_mask, special["cls"], special["sep"],
-                                      special["pad"], beam_size, max_gen_len - 1, length_penalty)
+                    memory, memory_mask = encoder_memory(model.backbone,
+                                                         **model.encoder_inputs(batch))
+                    # max_gen_len - 1 generated tokens, [SEP] included: the longest continuation of
+                    # [CLS] training saw
+                    out = beam_search(model.decoder, memory, memory_mask, special["cls"],
+                                      special["sep"], special["pad"], beam_size, max_gen_len - 1,
+                                      length_penalty)
                 for i, ids in zip(batch["index"].tolist(), out):
                     r = records[i]
-                    # The reference goes through the same WordPiece round trip as the hypothesis (untruncated), so
-                    # that "4.5" vs "4. 5" or "x-ray" vs "x - ray" spacing differences are not scored as wrong words.
+                    # The reference goes through the same WordPiece round trip as the hypothesis
+                    # (untruncated), so that "4.5" vs "4. 5" or "x-ray" vs "x - ray" spacing
+                    # differences are not scored as wrong words.
                     ref = tok.decode(tok.encode(r["target"], add_special_tokens=False).ids)
                     hyps[r["id"]], refs[r["id"]] = tok.decode(ids), [ref]
             return metrics.nlg_metrics(refs, hyps)
@@ -273,7 +311,8 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
         if task.metric == "auroc":
             labels = torch.tensor([r["labels"] for r in records])
             names = (meta or {}).get("label_names") or [task.name]
-            m = metrics.macro_auroc(logits, labels, names)  # on logits: sigmoid would tie saturated scores
+            # on logits: sigmoid would tie saturated scores
+            m = metrics.macro_auroc(logits, labels, names)
             return {"auroc": m["macro"], "per_class": m["per_class"], "undefined": m["undefined"]}
         pred = logits.argmax(-1)
         target = torch.tensor([r["label"] for r in records])
@@ -285,20 +324,22 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
 
 
 @torch.no_grad()
-def zero_shot_classification(backbone, records, label_names, tok, *, image_size, max_text_len, device,
-                             precision="fp32"):
+def zero_shot_classification(backbone, records, label_names, tok, *, image_size, max_text_len,
+                             device, precision="fp32"):
     """CheXpert without training, through the ITC head: per label, score = sim(image, "<finding>") -
     sim(image, "no <finding>") (the positive and negative prompts of CheXzero), then macro AUROC."""
     was_training = backbone.training
     backbone.eval()
-    zi = retrieval.embed_images(backbone, [data.image_path(r) for r in records], image_size, device, precision)
+    zi = retrieval.embed_images(backbone, [data.image_path(r) for r in records], image_size, device,
+                                precision)
     prompts = [p for name in label_names for p in (name.lower(), f"no {name.lower()}")]
     zt = retrieval.embed_texts(backbone, prompts, tok, max_text_len, device, precision)  # [2C, d]
     backbone.train(was_training)
     sim = (zi @ zt.t()).float().cpu()  # [N, 2C]
     scores = sim[:, 0::2] - sim[:, 1::2]  # [N, C]
     m = metrics.macro_auroc(scores, torch.tensor([r["labels"] for r in records]), label_names)
-    return {"auroc": m["macro"], "per_class": m["per_class"], "undefined": m["undefined"], "prompts": prompts}
+    return {"auroc": m["macro"], "per_class": m["per_class"], "undefined": m["undefined"],
+            "prompts": prompts}
 
 
 def main_score(task, m):
