@@ -95,3 +95,22 @@ def test_every_command_and_file_the_readme_names_exists():
     with open(readme, encoding="utf-8") as f:
         files = set(re.findall(r"`((?:ptunifier_min|tests)/[\w/]+\.py)`", f.read()))
     assert [p for p in sorted(files) if not os.path.isfile(os.path.join(REPO, p))] == []
+
+
+def test_the_code_a_reader_reads_fits_in_100_columns():
+    # the package and the three scripts (the tests may run wider); the one exception is the task
+    # table, one row per task so that it reads as a table
+    paths = glob.glob(os.path.join(REPO, "ptunifier_min", "**", "*.py"), recursive=True)
+    paths += [os.path.join(REPO, f) for f in ("train.py", "finetune.py", "eval.py")]
+    assert len(paths) > 20, "the file pattern has gone stale"
+    wide = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        table = range(0)
+        if path.endswith(os.path.join("ptunifier_min", "tasks.py")):
+            start = lines.index("TASKS = {t.name: t for t in (")
+            table = range(start, lines.index(")}", start))
+        wide += [f"{os.path.relpath(path, REPO)}:{i + 1}" for i, line in enumerate(lines)
+                 if len(line) > 100 and i not in table]
+    assert wide == []

@@ -1,30 +1,35 @@
-"""Turn the official release of each dataset (real, or the synthetic mirror of synth.py) into the prepared format.
+"""Turn the official release of each dataset (real, or the synthetic mirror of synth.py) into the
+prepared format.
 
-    python -m ptunifier_min.datasets.prepare DATASET --root RAW --out DIR [--seed 0] [--on-bad-image error|skip]
-                                             [--allow-empty-splits] [--cache-short-side 384] [--workers N]
-    python -m ptunifier_min.datasets.prepare all --root RAW --out DIR     # expects RAW/<dataset>/ for all nine
+    python -m ptunifier_min.datasets.prepare DATASET --root RAW --out DIR [--seed 0]
+                                             [--on-bad-image error|skip] [--allow-empty-splits]
+                                             [--cache-short-side 384] [--workers N]
+    python -m ptunifier_min.datasets.prepare all --root RAW --out DIR  # expects RAW/<each dataset>/
 
-DATASET is one of roco, medicat, mimic_cxr, chexpert, rsna, radnli, vqa_rad, slake, medvqa2019. Each writes one folder
-per downstream task under DIR (roco -> roco + roco_retrieval; mimic_cxr -> mimic_cxr + mimic_gen + mimic_sum; every
-other dataset -> a folder of its own name) holding {train,val,test}.jsonl, {train,val,test}_ids.txt and meta.json.
-The layouts read and the rules applied are those of shared/reference/datasets.md; the output is the contract that
-data.py and every training script read. meta.json is written last, through a temp file and a rename, so a folder
-without it is an interrupted preparation. A rule that drops a sample counts it in meta["dropped"]; everything else
-that is not as expected (missing file, column or field, a field of the wrong JSON type, malformed line, text that is
-not UTF-8, empty or punctuation-only text no rule drops, unknown label value, an id seen twice in the folder's splits,
-two candidate files for one input, a file name from the data that leaves the release folder) is an error that names
-the file and the row. Every image is decoded once: one that does not decode is an error too, or, with
---on-bad-image skip, its records are dropped and counted under "bad_image". Counts are checked before anything is
-written: a split left empty (unless --allow-empty-splits) or rules that drop over 90% of a folder's records stop
-prepare with the numbers. The output folder is checked writable before the release is read.
+DATASET is one of roco, medicat, mimic_cxr, chexpert, rsna, radnli, vqa_rad, slake, medvqa2019. Each
+writes one folder per downstream task under DIR (roco -> roco + roco_retrieval; mimic_cxr ->
+mimic_cxr + mimic_gen + mimic_sum; every other dataset -> a folder of its own name) holding
+{train,val,test}.jsonl, {train,val,test}_ids.txt and meta.json. The layouts read and the rules
+applied are those of shared/reference/datasets.md; the output is the contract that data.py and every
+training script read. meta.json is written last, through a temp file and a rename, so a folder
+without it is an interrupted preparation. A rule that drops a sample counts it in meta["dropped"];
+everything else that is not as expected (missing file, column or field, a field of the wrong JSON
+type, malformed line, text that is not UTF-8, empty or punctuation-only text no rule drops, unknown
+label value, an id seen twice in the folder's splits, two candidate files for one input, a file name
+from the data that leaves the release folder) is an error that names the file and the row. Every
+image is decoded once: one that does not decode is an error too, or, with --on-bad-image skip, its
+records are dropped and counted under "bad_image". Counts are checked before anything is written: a
+split left empty (unless --allow-empty-splits) or rules that drop over 90% of a folder's records
+stop prepare with the numbers. The output folder is checked writable before the release is read.
 
-Image cache: while it decodes an image anyway, prepare writes a copy resized to a shorter side of 384 px (never
-enlarged) as an uncompressed (lossless, fast to read) PGM into DIR/<dataset>/image_cache/; each record keeps the
-original in "image" and gains the copy in "image_cache", which training and evaluation read (data.image_path):
-decoding a ~3,000 px JPEG per sample would starve the GPUs. A copy is named by the original's path, size and
-modification time, so an original that changes gets a new copy; copies already there are skipped, so a killed run
-resumes where it was. --workers sets the decoding processes; --cache-short-side 0 writes no cache (the images are
-still decoded once, to check them).
+Image cache: while it decodes an image anyway, prepare writes a copy resized to a shorter side of
+384 px (never enlarged) as an uncompressed (lossless, fast to read) PGM into
+DIR/<dataset>/image_cache/; each record keeps the original in "image" and gains the copy in
+"image_cache", which training and evaluation read (data.image_path): decoding a ~3,000 px JPEG per
+sample would starve the GPUs. A copy is named by the original's path, size and modification time, so
+an original that changes gets a new copy; copies already there are skipped, so a killed run resumes
+where it was. --workers sets the decoding processes; --cache-short-side 0 writes no cache (the
+images are still decoded once, to check them).
 """
 
 import argparse
@@ -44,11 +49,13 @@ from tqdm import tqdm
 
 from .. import data
 
-DATASETS = ("roco", "medicat", "mimic_cxr", "chexpert", "rsna", "radnli", "vqa_rad", "slake", "medvqa2019")
+DATASETS = ("roco", "medicat", "mimic_cxr", "chexpert", "rsna", "radnli", "vqa_rad", "slake",
+            "medvqa2019")
 SPLITS = ("train", "val", "test")
 MIN_WORDS = 3  # the paper: "we exclude those samples with a text length of less than 3"
 CHEXPERT_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
-# CheXpert competition policy (Irvin et al. 2019, GLoRIA/MGCA): uncertain -> 1 for these, -> 0 for the other two.
+# CheXpert competition policy (Irvin et al. 2019, GLoRIA/MGCA): uncertain -> 1 for these,
+# -> 0 for the other two.
 CHEXPERT_U_ONES = {"Atelectasis", "Edema", "Pleural Effusion"}
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
 
@@ -63,19 +70,21 @@ def _has_word(text):
 
 
 def _nwords(text):
-    # a text without a letter or digit ("...", "- -") has no words, however many pieces it splits into
+    # a text without a letter or digit ("...", "- -") has no words,
+    # however many pieces it splits into
     return len(text.split()) if _has_word(text) else 0
 
 
 def _bar(iterable, desc, total=None):
     # disable=None: a bar on a terminal, silence in logs and tests
-    return tqdm(iterable, desc=desc, total=total, unit=" rows", leave=False, disable=None, mininterval=1.0)
+    return tqdm(iterable, desc=desc, total=total, unit=" rows", leave=False, disable=None,
+                mininterval=1.0)
 
 
 def _one_existing(base, names, what):
-    """The one of base/name that exists. Two that exist (a .csv beside its .csv.gz, both val/ and validation/, both
-    CheXpert roots) are refused rather than one read in silence: they may differ, and which one is right is the
-    user's call."""
+    """The one of base/name that exists. Two that exist (a .csv beside its .csv.gz, both val/ and
+    validation/, both CheXpert roots) are refused rather than one read in silence: they may differ,
+    and which one is right is the user's call."""
     return _one_of([os.path.join(base, name) for name in names], what)
 
 
@@ -84,8 +93,8 @@ def _one_of(candidates, what):
     if not found:
         raise FileNotFoundError(f"{what} not found: {' or '.join(candidates)}")
     if len(found) > 1:
-        raise ValueError(f"{what}: {len(found)} candidates for one input: {' and '.join(found)}; remove or rename "
-                         "the one that should not be read")
+        raise ValueError(f"{what}: {len(found)} candidates for one input: {' and '.join(found)}; "
+                         "remove or rename the one that should not be read")
     return found[0]
 
 
@@ -97,8 +106,9 @@ def _csv_path(base, stem):
 def _text_lines(path):
     """Yield (line number, line with its line end) of a UTF-8 text file, gzipped or not.
 
-    Decoded line by line, so that a byte that is not UTF-8 (a Latin-1 export, a damaged download) is an error naming
-    the file and the line, not a bare UnicodeDecodeError. A byte-order mark (spreadsheet exports) is removed."""
+    Decoded line by line, so that a byte that is not UTF-8 (a Latin-1 export, a damaged download) is
+    an error naming the file and the line, not a bare UnicodeDecodeError. A byte-order mark
+    (spreadsheet exports) is removed."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"file not found: {path}")
     opener = gzip.open if path.endswith(".gz") else open
@@ -107,25 +117,29 @@ def _text_lines(path):
             try:
                 yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} of "
-                                 "the line); re-encode the file as UTF-8") from None
+                raise ValueError(f"{path}, line {n}: not UTF-8 (byte {raw[e.start]:#04x} at byte "
+                                 f"{e.start + 1} of the line); "
+                                 "re-encode the file as UTF-8") from None
 
 
 def _read_text(path):
     text = "".join(line for _, line in _text_lines(path))
-    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal line ends, as text-mode open() gives
+    # universal line ends, as text-mode open() gives
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_csv(path, required):
     """Yield (line number, row dict); a missing column is an error that lists the columns found."""
-    reader = csv.DictReader(line for _, line in _text_lines(path))  # csv reads quoted line breaks across lines
+    # csv reads quoted line breaks across lines
+    reader = csv.DictReader(line for _, line in _text_lines(path))
     found = reader.fieldnames or []
     missing = [c for c in required if c not in found]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; columns found: {found}")
     for row in reader:
         if any(row[c] is None for c in required):  # csv fills missing trailing fields with None
-            raise ValueError(f"{path}, line {reader.line_num}: {len(found)} columns in the header, fewer here")
+            raise ValueError(f"{path}, line {reader.line_num}: {len(found)} columns in the header, "
+                             "fewer here")
         yield reader.line_num, row
 
 
@@ -149,8 +163,8 @@ def _read_json_list(path):
     return rows
 
 
-_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true or false", list: "a list",
-               dict: "an object", type(None): "null"}
+_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true or false",
+               list: "a list", dict: "an object", type(None): "null"}
 
 
 def _json_type(value):
@@ -158,22 +172,26 @@ def _json_type(value):
 
 
 def _field(row, key, where, types=(str,)):
-    """row[key], which must be one of `types`: a list where a string belongs (or a string where a list belongs)
-    would otherwise be turned into text ("['a', 'b']") or into characters, and trained on in silence."""
+    """row[key], which must be one of `types`: a list where a string belongs (or a string where a
+    list belongs) would otherwise be turned into text ("['a', 'b']") or into characters, and trained
+    on in silence."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: the record is {_json_type(row)}; expected a JSON object with field {key!r}")
+        raise ValueError(f"{where}: the record is {_json_type(row)}; expected a JSON object with "
+                         f"field {key!r}")
     if key not in row:
         raise ValueError(f"{where}: missing field {key!r}; fields found: {sorted(row)}")
     value = row[key]
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # bool is an int in Python
+    # bool is an int in Python
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         expected = " or ".join(dict.fromkeys(_JSON_TYPES[t] for t in types))
-        raise ValueError(f"{where}: field {key!r} is {_json_type(value)} ({str(value)[:60]!r}); expected {expected}")
+        raise ValueError(f"{where}: field {key!r} is {_json_type(value)} ({str(value)[:60]!r}); "
+                         f"expected {expected}")
     return value
 
 
 def _unique(seen, rid, where):
-    """Ids are unique across all splits of a folder: a repeat is a duplicated row, or the same sample in two splits
-    (a leak of test into train)."""
+    """Ids are unique across all splits of a folder: a repeat is a duplicated row, or the same
+    sample in two splits (a leak of test into train)."""
     if rid in seen:
         raise ValueError(f"{where}: id {rid!r} occurs again; first at {seen[rid]}")
     seen[rid] = where
@@ -190,10 +208,12 @@ def _text(value, where, name):
 
 
 def _under(base, name, where):
-    """base/name for a file name taken from the data, refusing one that leaves base (an absolute path, "..").
+    """base/name for a file name taken from the data, refusing one that leaves base (an absolute
+    path, "..").
 
-    A hostile or broken release must not point training at files elsewhere (/etc/..., /dev/zero). The check is
-    lexical, so symbolic links inside the release (images kept on another disk) still work."""
+    A hostile or broken release must not point training at files elsewhere (/etc/..., /dev/zero).
+    The check is lexical, so symbolic links inside the release (images kept on another disk)
+    still work."""
     path = os.path.normpath(os.path.join(base, name))
     if os.path.isabs(name) or not path.startswith(os.path.join(os.path.normpath(base), "")):
         raise ValueError(f"{where}: file name {name!r} points outside {base}")
@@ -208,10 +228,12 @@ def _image(path, where):
 
 
 def _seeded_split(records, seed, n_val, n_test):
-    """Shuffle (sorted by id first, so the file order does not matter) and cut test, then val; the rest is train."""
+    """Shuffle (sorted by id first, so the file order does not matter) and cut test, then val; the
+    rest is train."""
     records = sorted(records, key=lambda r: r["id"])
     random.Random(seed).shuffle(records)
-    return {"test": records[:n_test], "val": records[n_test:n_test + n_val], "train": records[n_test + n_val:]}
+    return {"test": records[:n_test], "val": records[n_test:n_test + n_val],
+            "train": records[n_test + n_val:]}
 
 
 def _sample(records, k, seed):
@@ -222,11 +244,13 @@ def _sample(records, k, seed):
 
 
 def _write_atomic(path, lines):
-    data.write_atomic(path, "".join(line + "\n" for line in lines))  # a reader never sees half a file
+    # a reader never sees half a file
+    data.write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _write_folder(out, folder, splits, meta):
-    """Write {split}.jsonl and {split}_ids.txt, then meta.json last: its presence marks a complete preparation."""
+    """Write {split}.jsonl and {split}_ids.txt, then meta.json last: its presence marks a complete
+    preparation."""
     path = os.path.join(out, folder)
     os.makedirs(path, exist_ok=True)
     meta_path = os.path.join(path, "meta.json")
@@ -241,7 +265,8 @@ def _write_folder(out, folder, splits, meta):
             next((a for a, b in zip(ids, ids[1:]) if a == b), None)
         if dup is not None:  # the readers name the row; this backstop catches ids a rule derives
             raise ValueError(f"{folder}: id {dup!r} occurs twice (in {seen[dup]} and {split})")
-        _write_atomic(os.path.join(path, f"{split}.jsonl"), (json.dumps(r, ensure_ascii=False) for r in records))
+        _write_atomic(os.path.join(path, f"{split}.jsonl"),
+                      (json.dumps(r, ensure_ascii=False) for r in records))
         _write_atomic(os.path.join(path, f"{split}_ids.txt"), (r["id"] for r in records))
     meta = {"dataset": folder, **meta, "counts": {s: len(splits[s]) for s in SPLITS}}
     _write_atomic(meta_path, [json.dumps(meta, indent=1, ensure_ascii=False)])
@@ -252,7 +277,8 @@ def _write_folder(out, folder, splits, meta):
 
 
 def _vqa_labels(splits):
-    """Answer vocabulary from train+val only (the literature also uses test answers, which hides test OOV)."""
+    """Answer vocabulary from train+val only (the literature also uses test answers, which hides
+    test OOV)."""
     answers = sorted({r["answer"] for s in ("train", "val") for r in splits[s]})
     index = {a: i for i, a in enumerate(answers)}
     for s in SPLITS:
@@ -264,7 +290,8 @@ def _vqa_labels(splits):
 
 
 def _answer(value, where):
-    # VQA answers are class labels: lower-cased so that "Yes" and "yes" are one class (VQA-Med ships lower case).
+    # VQA answers are class labels: lower-cased so that "Yes" and "yes" are one class
+    # (VQA-Med ships lower case).
     return _text(value, where, "answer").lower()
 
 
@@ -300,7 +327,8 @@ def _roco(root, seed):
         captions = os.path.join(rad, "captions.txt")
         dlinks = os.path.join(rad, "dlinks.txt")
         # dlinks.txt: id, wget command, image file name (the name the PMC archive uses)
-        file_names = {rid: parts[-1].strip() for _, rid, parts in _roco_lines(dlinks)} if os.path.exists(dlinks) else {}
+        file_names = ({rid: parts[-1].strip() for _, rid, parts in _roco_lines(dlinks)}
+                      if os.path.exists(dlinks) else {})
         records = []
         for n, rid, parts in _bar(_roco_lines(captions), f"roco {split}"):
             where = f"{captions}, line {n} ({rid})"
@@ -312,16 +340,19 @@ def _roco(root, seed):
             candidates = [_under(rad, os.path.join("images", rid + ".jpg"), where)]
             if rid in file_names:
                 candidates.append(_under(rad, os.path.join("images", file_names[rid]), where))
-            image = _one_of(list(dict.fromkeys(candidates)), f"{where}: image file")  # a dlinks name may be ours
+            # a dlinks name may be ours
+            image = _one_of(list(dict.fromkeys(candidates)), f"{where}: image file")
             records.append({"id": rid, "image": image, "texts": [caption]})
         splits[split] = records
     rules = {"non_radiology": "only the radiology subset of each split is kept",
              "short_caption": f"captions with fewer than {MIN_WORDS} words are dropped",
              "split": "official train / validation / test"}
     retrieval = {"train": splits["train"],
-                 "val": _sample(splits["val"], 2000, seed), "test": _sample(splits["test"], 2000, seed)}
-    r_rules = {**rules, "split": "train = ROCO train; val / test = 2,000 pairs (all if fewer) of ROCO validation / "
-                                 "test, shuffled with the seed, first 2,000 kept; select on val, report test"}
+                 "val": _sample(splits["val"], 2000, seed),
+                 "test": _sample(splits["test"], 2000, seed)}
+    r_rules = {**rules, "split": "train = ROCO train; val / test = 2,000 pairs (all if fewer) of "
+                                 "ROCO validation / test, shuffled with the seed, first 2,000 "
+                                 "kept; select on val, report test"}
     return [("roco", splits, {"dropped": dropped, "rules": rules}),
             ("roco_retrieval", retrieval, {"dropped": dict(dropped), "rules": r_rules})]
 
@@ -336,13 +367,16 @@ def _medicat(root, seed):
         if not _field(row, "radiology", where, (bool,)):
             dropped["non_radiology"] += 1
             continue
-        # texts = the caption plus every inline reference to the figure, each kept only with >= 3 words
-        refs = _field(row, "s2orc_references", where, (list, type(None))) if "s2orc_references" in row else None
+        # texts = the caption plus every inline reference to the figure,
+        # each kept only with >= 3 words
+        refs = (_field(row, "s2orc_references", where, (list, type(None)))
+                if "s2orc_references" in row else None)
         if any(not isinstance(t, str) for t in refs or []):
             bad = next(t for t in refs if not isinstance(t, str))
-            raise ValueError(f"{where}: s2orc_references holds {_json_type(bad)} ({str(bad)[:60]!r}); expected a list "
-                             "of strings")
-        texts = [_norm(t) for t in [_field(row, "s2_caption", where, (str, type(None)))] + (refs or [])
+            raise ValueError(f"{where}: s2orc_references holds {_json_type(bad)} "
+                             f"({str(bad)[:60]!r}); expected a list of strings")
+        texts = [_norm(t)
+                 for t in [_field(row, "s2_caption", where, (str, type(None)))] + (refs or [])
                  if t is not None]
         kept = [t for t in texts if _nwords(t) >= MIN_WORDS]
         dropped["short_text"] += len(texts) - len(kept)
@@ -355,24 +389,28 @@ def _medicat(root, seed):
         records.append({"id": os.path.splitext(name)[0], "image": image, "texts": kept})
     n_eval = min(1000, len(records) // 10)  # the paper's 1,000 / 1,000; 10% for small mirrors
     rules = {"non_radiology": "figures with radiology != true are dropped",
-             "short_text": f"caption / inline references with fewer than {MIN_WORDS} words are dropped",
+             "short_text": f"caption / inline references with fewer than {MIN_WORDS} words "
+                           "are dropped",
              "no_text": "figures left without any text are dropped",
-             "split": f"seeded shuffle: min(1000, 10%) val and test each ({n_eval} here), rest train"}
-    return [("medicat", _seeded_split(records, seed, n_eval, n_eval), {"dropped": dropped, "rules": rules})]
+             "split": f"seeded shuffle: min(1000, 10%) val and test each ({n_eval} here), "
+                      "rest train"}
+    return [("medicat", _seeded_split(records, seed, n_eval, n_eval),
+             {"dropped": dropped, "rules": rules})]
 
 
 _HEADER = re.compile(r"^[ \t]*([A-Z][A-Z ,/&()-]*[A-Z)])[ \t]*:", re.M)
 # Header spellings folded into the two sections we use (after MIT-LCP's mimic-cxr section_parser).
 _SECTION_NAMES = {"FINDINGS": "findings", "FINDING": "findings",
-                  "IMPRESSION": "impression", "IMPRESSIONS": "impression", "CONCLUSION": "impression",
-                  "CONCLUSIONS": "impression", "FINDINGS AND IMPRESSION": "impression",
-                  "FINDINGS/IMPRESSION": "impression"}
+                  "IMPRESSION": "impression", "IMPRESSIONS": "impression",
+                  "CONCLUSION": "impression", "CONCLUSIONS": "impression",
+                  "FINDINGS AND IMPRESSION": "impression", "FINDINGS/IMPRESSION": "impression"}
 FRONTAL = ("PA", "AP")
 
 
 def extract_sections(report):
-    """FINDINGS and IMPRESSION of a MIMIC-CXR free-text report: each runs from its `NAME:` header (upper case at
-    the start of a line) to the next header. Missing sections come back as ''. A repeated section is joined."""
+    """FINDINGS and IMPRESSION of a MIMIC-CXR free-text report: each runs from its `NAME:` header
+    (upper case at the start of a line) to the next header. Missing sections come back as ''. A
+    repeated section is joined."""
     found = {"findings": [], "impression": []}
     heads = list(_HEADER.finditer(report))
     for head, nxt in zip(heads, heads[1:] + [None]):
@@ -383,7 +421,8 @@ def extract_sections(report):
 
 
 def _mimic_sections(root):
-    """A user's mimic_cxr_sectioned.csv (MIT-LCP script output), when present: {study_id: sections}."""
+    """A user's mimic_cxr_sectioned.csv (MIT-LCP script output), when present:
+    {study_id: sections}."""
     try:
         path = _csv_path(root, "mimic_cxr_sectioned")
     except FileNotFoundError:
@@ -396,15 +435,20 @@ def _mimic_sections(root):
 
 
 def _mimic(root, seed):
-    split_csv, meta_csv = _csv_path(root, "mimic-cxr-2.0.0-split"), _csv_path(root, "mimic-cxr-2.0.0-metadata")
+    split_csv, meta_csv = (_csv_path(root, "mimic-cxr-2.0.0-split"),
+                           _csv_path(root, "mimic-cxr-2.0.0-metadata"))
     views = {row["dicom_id"]: row["ViewPosition"].strip()
-             for _, row in _bar(_read_csv(meta_csv, ["dicom_id", "ViewPosition"]), "mimic metadata")}
+             for _, row in _bar(_read_csv(meta_csv, ["dicom_id", "ViewPosition"]),
+                                "mimic metadata")}
     official = {"train": "train", "validate": "val", "val": "val", "test": "test"}
-    images, studies = [], {}  # images: (dicom, study, subject, split, where); studies: study -> (subject, split, where)
+    # images: (dicom, study, subject, split, where); studies: study -> (subject, split, where)
+    images, studies = [], {}
     seen = {}
-    for n, row in _bar(_read_csv(split_csv, ["dicom_id", "study_id", "subject_id", "split"]), "mimic split"):
+    for n, row in _bar(_read_csv(split_csv, ["dicom_id", "study_id", "subject_id", "split"]),
+                       "mimic split"):
         where = f"{split_csv}, line {n}"
-        dicom, study, subject = row["dicom_id"].strip(), row["study_id"].strip(), row["subject_id"].strip()
+        dicom, study, subject = (row["dicom_id"].strip(), row["study_id"].strip(),
+                                 row["subject_id"].strip())
         split = official.get(row["split"].strip())
         if split is None:
             raise ValueError(f"{where}: split {row['split']!r} is not train / validate / test")
@@ -412,8 +456,8 @@ def _mimic(root, seed):
             raise ValueError(f"{where}: dicom_id {dicom} has no row in {meta_csv}")
         _unique(seen, dicom, where)
         if studies.setdefault(study, (subject, split, where))[1] != split:
-            raise ValueError(f"{where}: study {study} is in {split} here but in {studies[study][1]} at "
-                             f"{studies[study][2]}")
+            raise ValueError(f"{where}: study {study} is in {split} here but in "
+                             f"{studies[study][1]} at {studies[study][2]}")
         images.append((dicom, study, subject, split, where))
 
     sectioned = _mimic_sections(root)
@@ -422,7 +466,9 @@ def _mimic(root, seed):
         if study in sectioned:
             sections[study] = sectioned[study]
             continue
-        report = _under(root, os.path.join("files", f"p{subject[:2]}", f"p{subject}", f"s{study}.txt"), where)
+        report = _under(root,
+                        os.path.join("files", f"p{subject[:2]}", f"p{subject}", f"s{study}.txt"),
+                        where)
         if not os.path.exists(report):
             raise FileNotFoundError(f"{where}: report file not found: {report}")
         sections[study] = extract_sections(_read_text(report))
@@ -446,7 +492,8 @@ def _mimic(root, seed):
             d_pre["no_text"] += 1
             d_gen["no_findings"] += 1
             continue
-        path = _under(root, os.path.join("files", f"p{subject[:2]}", f"p{subject}", f"s{study}", dicom + ".jpg"),
+        path = _under(root, os.path.join("files", f"p{subject[:2]}", f"p{subject}", f"s{study}",
+                                         dicom + ".jpg"),
                       where)
         image = _image(path, f"{where} ({dicom})")
         pre[split].append({"id": dicom, "image": image, "texts": kept})
@@ -462,7 +509,8 @@ def _mimic(root, seed):
         elif not ok(sec["impression"]):
             d_sum["no_impression"] += 1
         else:
-            summ[split].append({"id": study, "text_a": sec["findings"], "target": sec["impression"]})
+            summ[split].append({"id": study, "text_a": sec["findings"],
+                                "target": sec["impression"]})
 
     source = ("mimic_cxr_sectioned.csv where it lists the study, else " if sectioned else "") + \
         "FINDINGS / IMPRESSION sections extracted from files/pXX/pSUBJECT/sSTUDY.txt"
@@ -470,15 +518,20 @@ def _mimic(root, seed):
     lateral = "images whose ViewPosition is not PA or AP (lateral, LL, blank, ...) are dropped"
     return [
         ("mimic_cxr", pre, {"dropped": d_pre, "rules": {
-            "lateral": lateral, "short_text": f"impression / findings with fewer than {MIN_WORDS} words are dropped",
-            "no_text": "frontal images left without any text are dropped", "texts": source, "split": split_rule}}),
+            "lateral": lateral,
+            "short_text": f"impression / findings with fewer than {MIN_WORDS} words are dropped",
+            "no_text": "frontal images left without any text are dropped",
+            "texts": source, "split": split_rule}}),
         ("mimic_gen", gen, {"dropped": d_gen, "rules": {
-            "lateral": lateral, "no_findings": f"frontal images whose FINDINGS has fewer than {MIN_WORDS} words "
-                                               "(or is missing) are dropped; target = FINDINGS (R2Gen)",
+            "lateral": lateral,
+            "no_findings": f"frontal images whose FINDINGS has fewer than {MIN_WORDS} words "
+                           "(or is missing) are dropped; target = FINDINGS (R2Gen)",
             "texts": source, "split": split_rule + ", per image"}}),
         ("mimic_sum", summ, {"dropped": d_sum, "rules": {
-            "no_findings": f"studies whose FINDINGS has fewer than {MIN_WORDS} words (or is missing) are dropped",
-            "no_impression": f"then studies whose IMPRESSION has fewer than {MIN_WORDS} words are dropped",
+            "no_findings": f"studies whose FINDINGS has fewer than {MIN_WORDS} words "
+                           "(or is missing) are dropped",
+            "no_impression": f"then studies whose IMPRESSION has fewer than {MIN_WORDS} words "
+                             "are dropped",
             "texts": source, "split": split_rule + ", per study"}}),
     ]
 
@@ -500,8 +553,10 @@ def _chexpert_label(value, name, where):
 
 def _chexpert(root, seed):
     names = ["CheXpert-v1.0-small", "CheXpert-v1.0"]  # the small re-pack, or the full-size release
-    base = root if os.path.basename(root) in names else _one_existing(root, names, "CheXpert folder")
-    parent, prefix = os.path.dirname(os.path.normpath(base)), os.path.basename(os.path.normpath(base)) + "/"
+    base = (root if os.path.basename(root) in names
+            else _one_existing(root, names, "CheXpert folder"))
+    parent, prefix = (os.path.dirname(os.path.normpath(base)),
+                      os.path.basename(os.path.normpath(base)) + "/")
     dropped = {"lateral": 0}
     rows, seen = {}, {}
     for name in ("train", "valid"):
@@ -509,11 +564,13 @@ def _chexpert(root, seed):
         if not os.path.exists(path):
             raise FileNotFoundError(f"file not found: {path}")
         rows[name] = []
-        for n, row in _bar(_read_csv(path, ["Path", "Frontal/Lateral"] + CHEXPERT_LABELS), f"chexpert {name}"):
+        for n, row in _bar(_read_csv(path, ["Path", "Frontal/Lateral"] + CHEXPERT_LABELS),
+                           f"chexpert {name}"):
             where = f"{path}, line {n}"
             view = row["Frontal/Lateral"].strip()
             if view not in ("Frontal", "Lateral"):
-                raise ValueError(f"{where}: Frontal/Lateral = {view!r}; expected Frontal or Lateral")
+                raise ValueError(f"{where}: Frontal/Lateral = {view!r}; "
+                                 "expected Frontal or Lateral")
             if view != "Frontal":
                 dropped["lateral"] += 1
                 continue
@@ -521,22 +578,26 @@ def _chexpert(root, seed):
             labels = [_chexpert_label(row[c], c, where) for c in CHEXPERT_LABELS]
             rid = os.path.splitext(rel[len(prefix):] if rel.startswith(prefix) else rel)[0]
             _unique(seen, rid, where)
-            rows[name].append({"id": rid, "image": _image(_under(parent, rel, where), where), "labels": labels})
+            rows[name].append({"id": rid, "image": _image(_under(parent, rel, where), where),
+                               "labels": labels})
     n_val = min(5000, len(rows["train"]) // 10)
     splits = _seeded_split(rows["train"], seed, n_val, 0)
     splits["test"] = rows["valid"]
     rules = {"lateral": "only frontal images are kept",
-             "labels": "U-ones for Atelectasis, Edema, Pleural Effusion; U-zeros for Cardiomegaly, Consolidation; "
-                       "blank -> 0",
-             "split": f"test = official valid.csv; val = {n_val} seeded train rows (min(5000, 10%)); rest train"}
-    return [("chexpert", splits, {"dropped": dropped, "rules": rules, "label_names": list(CHEXPERT_LABELS)})]
+             "labels": "U-ones for Atelectasis, Edema, Pleural Effusion; "
+                       "U-zeros for Cardiomegaly, Consolidation; blank -> 0",
+             "split": f"test = official valid.csv; val = {n_val} seeded train rows "
+                      "(min(5000, 10%)); rest train"}
+    return [("chexpert", splits, {"dropped": dropped, "rules": rules,
+                                  "label_names": list(CHEXPERT_LABELS)})]
 
 
 def _rsna(root, seed):
     path = _csv_path(root, "stage_2_train_labels")
     patients, order = {}, []  # patient -> {"target", "boxes", "where"}
     n_rows = 0
-    for n, row in _bar(_read_csv(path, ["patientId", "x", "y", "width", "height", "Target"]), "rsna"):
+    for n, row in _bar(_read_csv(path, ["patientId", "x", "y", "width", "height", "Target"]),
+                       "rsna"):
         where = f"{path}, line {n}"
         n_rows += 1
         pid, target = row["patientId"].strip(), row["Target"].strip()
@@ -544,13 +605,15 @@ def _rsna(root, seed):
             raise ValueError(f"{where}: Target = {target!r}; expected 0 or 1")
         box = [row[k].strip() for k in ("x", "y", "width", "height")]
         if (target == "1") != all(box) or (target == "0" and any(box)):
-            raise ValueError(f"{where}: Target {target} with box {box}: Target 1 rows need a full box, 0 rows none")
+            raise ValueError(f"{where}: Target {target} with box {box}: "
+                             "Target 1 rows need a full box, 0 rows none")
         p = patients.get(pid)
         if p is None:
             p = patients[pid] = {"target": target, "boxes": [], "where": where}
             order.append(pid)
         elif p["target"] != target:
-            raise ValueError(f"{where}: patient {pid} has Target {target} here but {p['target']} at {p['where']}")
+            raise ValueError(f"{where}: patient {pid} has Target {target} here but {p['target']} "
+                             f"at {p['where']}")
         if target == "1":
             try:
                 p["boxes"].append([float(v) for v in box])
@@ -560,24 +623,29 @@ def _rsna(root, seed):
     records = []
     for pid in order:
         p = patients[pid]
-        candidates = [_under(image_dir, pid + e, f"{p['where']} ({pid})") for e in (".dcm", ".png", ".jpg")]
-        image = _one_of(candidates, f"{p['where']} ({pid}): image file")  # a DICOM and its PNG export: which one?
+        candidates = [_under(image_dir, pid + e, f"{p['where']} ({pid})")
+                      for e in (".dcm", ".png", ".jpg")]
+        # a DICOM and its PNG export: which one?
+        image = _one_of(candidates, f"{p['where']} ({pid}): image file")
         if image.endswith(".dcm"):
             _require_pydicom(image)  # fail now, not in the first training step
-        records.append({"id": pid, "image": image, "labels": [1 if p["target"] == "1" else 0], "boxes": p["boxes"]})
+        records.append({"id": pid, "image": image, "labels": [1 if p["target"] == "1" else 0],
+                        "boxes": p["boxes"]})
     n_eval = round(0.15 * len(records))
     rules = {"labels": "Pneumonia = 1 if the patient has any box",
              "box_rows_merged": "label rows folded into one record per patient (one row per box)",
              "split": f"70/15/15 by patient, seeded ({n_eval} val, {n_eval} test)"}
     return [("rsna", _seeded_split(records, seed, n_eval, n_eval),
-             {"dropped": {"box_rows_merged": n_rows - len(records)}, "rules": rules, "label_names": ["Pneumonia"]})]
+             {"dropped": {"box_rows_merged": n_rows - len(records)}, "rules": rules,
+              "label_names": ["Pneumonia"]})]
 
 
 def _require_pydicom(path):
     try:
         import pydicom  # noqa: F401  (optional: only real RSNA data is DICOM)
     except ImportError:
-        raise ImportError(f"{path} is a DICOM file; reading it needs pydicom: pip install pydicom") from None
+        raise ImportError(f"{path} is a DICOM file; reading it needs pydicom: "
+                          "pip install pydicom") from None
 
 
 def _radnli(root, seed):
@@ -588,17 +656,20 @@ def _radnli(root, seed):
         records = []
         for n, row in _read_jsonl(path):
             where = f"{path}, line {n}"
-            mednli = isinstance(row, dict) and "pairID" in row and "pair_id" not in row  # MedNLI spells it pairID
+            # MedNLI spells it pairID
+            mednli = isinstance(row, dict) and "pairID" in row and "pair_id" not in row
             rid = str(_field(row, "pairID" if mednli else "pair_id", where, (str, int)))
             _unique(seen, rid, where)
             label = _norm(_field(row, "gold_label", where)).lower()
             if label not in NLI_LABELS:
                 raise ValueError(f"{where}: gold_label {label!r} is not one of {NLI_LABELS}")
-            records.append({"id": rid, "text_a": _text(_field(row, "sentence1", where), where, "sentence1"),
+            records.append({"id": rid,
+                            "text_a": _text(_field(row, "sentence1", where), where, "sentence1"),
                             "text_b": _text(_field(row, "sentence2", where), where, "sentence2"),
                             "label": NLI_LABELS.index(label)})
         splits[split] = records
-    rules = {"split": "train = mli_train_v1 (MedNLI train), val = radnli_dev_v1, test = radnli_test_v1"}
+    rules = {"split": "train = mli_train_v1 (MedNLI train), val = radnli_dev_v1, "
+                      "test = radnli_test_v1"}
     return [("radnli", splits, {"dropped": {}, "rules": rules, "label_names": list(NLI_LABELS)})]
 
 
@@ -612,16 +683,18 @@ def _vqa_rad(root, seed):
         where = f"{where} (qid {qid})"
         _unique(seen, qid, where)
         image = _image(_under(image_dir, _norm(_field(row, "image_name", where)), where), where)
-        r = {"id": qid, "image": image, "question": _text(_field(row, "question", where), where, "question"),
+        r = {"id": qid, "image": image,
+             "question": _text(_field(row, "question", where), where, "question"),
              "answer": _answer(_field(row, "answer", where, (str, int, float)), where),
              "answer_type": _answer_type(_field(row, "answer_type", where), where)}
         (test if "test" in str(_field(row, "phrase_type", where)) else train).append(r)
     n_val = round(0.1 * len(train))
     splits = _seeded_split(train, seed, n_val, 0)
     splits["test"] = test
-    rules = {"split": f"test = phrase_type contains 'test'; val = {n_val} seeded train questions (10%) instead of "
-                      "the M3AE val set, which is a copy of test",
-             "answers": "vocabulary = answers of train + val (lower-cased); test answers outside it get label -1"}
+    rules = {"split": f"test = phrase_type contains 'test'; val = {n_val} seeded train questions "
+                      "(10%) instead of the M3AE val set, which is a copy of test",
+             "answers": "vocabulary = answers of train + val (lower-cased); test answers "
+                        "outside it get label -1"}
     return [("vqa_rad", splits, {"dropped": {}, "rules": rules, **_vqa_labels(splits)})]
 
 
@@ -639,19 +712,23 @@ def _slake(root, seed):
             if _norm(_field(row, "q_lang", where)) != "en":
                 dropped["non_english"] += 1
                 continue
-            image = _image(_under(os.path.join(root, "imgs"), _norm(_field(row, "img_name", where)), where), where)
+            image = _image(_under(os.path.join(root, "imgs"),
+                                  _norm(_field(row, "img_name", where)), where), where)
             records.append({"id": qid, "image": image,
                             "question": _text(_field(row, "question", where), where, "question"),
-                            "answer": _answer(_field(row, "answer", where, (str, int, float)), where),
+                            "answer": _answer(_field(row, "answer", where, (str, int, float)),
+                                              where),
                             "answer_type": _answer_type(_field(row, "answer_type", where), where)})
         splits[split] = records
     rules = {"non_english": "questions with q_lang != 'en' are dropped",
              "split": "official train / validate / test",
-             "answers": "vocabulary = answers of train + val (lower-cased); test answers outside it get label -1"}
+             "answers": "vocabulary = answers of train + val (lower-cased); test answers "
+                        "outside it get label -1"}
     return [("slake", splits, {"dropped": dropped, "rules": rules, **_vqa_labels(splits)})]
 
 
-_VQAMED_CATEGORIES = {"c1": 1, "modality": 1, "c2": 2, "plane": 2, "c3": 3, "organ": 3, "c4": 4, "abnormality": 4}
+_VQAMED_CATEGORIES = {"c1": 1, "modality": 1, "c2": 2, "plane": 2, "c3": 3, "organ": 3,
+                      "c4": 4, "abnormality": 4}
 
 
 def _vqamed_pipe(path):
@@ -661,7 +738,8 @@ def _vqamed_pipe(path):
 
 
 def _vqamed_image(split_dir, image_id, where):
-    # the synthetic mirror / common re-packs use images/; the ImageCLEF zips use Train_images, Val_images, ...
+    # the synthetic mirror / common re-packs use images/;
+    # the ImageCLEF zips use Train_images, Val_images, ...
     names = ["images", "Train_images", "Val_images", "VQAMed2019_Test_Images"]
     candidates = [_under(os.path.join(split_dir, d), image_id + ".jpg", where) for d in names]
     return _one_of(candidates, f"{where}: image file")
@@ -675,14 +753,16 @@ def _medvqa2019(root, seed):
     names = {1: "Modality", 2: "Plane", 3: "Organ", 4: "Abnormality"}
 
     def add(records, k, folder, image_id, question, answer, where):
-        """One question of category k, or none for C4: the literature drops its free-text abnormality answers."""
+        """One question of category k, or none for C4: the literature drops its free-text
+        abnormality answers."""
         if k == 4:
             dropped["abnormality"] += 1
             return
         image_id = _text(image_id, where, "image_id")
         _unique(seen, f"{image_id}_C{k}", where)
         records.append({"id": f"{image_id}_C{k}", "image": _vqamed_image(folder, image_id, where),
-                        "question": _text(question, where, "question"), "answer": _answer(answer, where),
+                        "question": _text(question, where, "question"),
+                        "answer": _answer(answer, where),
                         "answer_type": "open"})
 
     for split, candidates in folders.items():
@@ -693,7 +773,8 @@ def _medvqa2019(root, seed):
             for n, parts in _bar(_vqamed_pipe(path), f"medvqa2019 {split} C{k}"):
                 where = f"{path}, line {n}"
                 if len(parts) != 3:
-                    raise ValueError(f"{where}: expected `image_id|question|answer`, got {len(parts)} fields")
+                    raise ValueError(f"{where}: expected `image_id|question|answer`, got "
+                                     f"{len(parts)} fields")
                 add(records, k, split_dir, parts[0], parts[1], parts[2], where)
         splits[split] = records
     test_dir = _one_existing(root, ["test", "VQAMed2019Test"], "VQA-Med 2019 test folder")
@@ -702,25 +783,29 @@ def _medvqa2019(root, seed):
     for n, parts in _bar(_vqamed_pipe(path), "medvqa2019 test"):
         where = f"{path}, line {n}"
         if len(parts) != 4:
-            raise ValueError(f"{where}: expected `image_id|category|question|answer`, got {len(parts)} fields")
+            raise ValueError(f"{where}: expected `image_id|category|question|answer`, got "
+                             f"{len(parts)} fields")
         k = _VQAMED_CATEGORIES.get(_norm(parts[1]).lower())
         if k is None:
-            raise ValueError(f"{where}: category {parts[1]!r} is not one of C1..C4 / modality, plane, organ, "
-                             "abnormality")
+            raise ValueError(f"{where}: category {parts[1]!r} is not one of C1..C4 / modality, "
+                             "plane, organ, abnormality")
         add(records, k, test_dir, parts[0], parts[2], parts[3], where)
     splits["test"] = records
-    rules = {"abnormality": "category C4 (abnormality) is dropped; C1-C3 are kept and all count as open",
+    rules = {"abnormality": "category C4 (abnormality) is dropped; "
+                            "C1-C3 are kept and all count as open",
              "split": "official train / val / test",
              "answers": "vocabulary = answers of train + val; test answers outside it get label -1"}
     return [("medvqa2019", splits, {"dropped": dropped, "rules": rules, **_vqa_labels(splits)})]
 
 
-CACHE_SHORT_SIDE = 384  # the cache's default short side: >= the largest preset's image size (the paper's 288)
+# the cache's default short side: >= the largest preset's image size (the paper's 288)
+CACHE_SHORT_SIDE = 384
 
 
 def shrink(img, short_side):
-    """Resize so that the shorter side is `short_side`, with the resampling of data.ImageTransform (bicubic). Never
-    upscales: an image already that small is returned as it is, so a cached copy of it holds the very same pixels."""
+    """Resize so that the shorter side is `short_side`, with the resampling of data.ImageTransform
+    (bicubic). Never upscales: an image already that small is returned as it is, so a cached copy of
+    it holds the very same pixels."""
     w, h = img.size
     if min(w, h) <= short_side:
         return img
@@ -732,21 +817,25 @@ def shrink(img, short_side):
 def cache_file(cache_dir, path, short_side):
     """Where the cached copy of the image `path` lives: <stem>-<key>.pgm in cache_dir.
 
-    The key hashes the original's real path, byte size and modification time (ns), and the short side: an original
-    that is replaced or edited gets a new name, so an entry is valid exactly when its file exists, and checking that
-    costs one stat per image. A content hash would also survive a copy that resets modification times, but it reads
-    every original in full on every run (MIMIC-CXR-JPG alone is ~570 GB) just to find that nothing changed."""
+    The key hashes the original's real path, byte size and modification time (ns), and the short
+    side: an original that is replaced or edited gets a new name, so an entry is valid exactly when
+    its file exists, and checking that costs one stat per image. A content hash would also survive a
+    copy that resets modification times, but it reads every original in full on every run
+    (MIMIC-CXR-JPG alone is ~570 GB) just to find that nothing changed."""
     st = os.stat(path)
-    key = hashlib.blake2b(f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{short_side}".encode("utf-8"),
-                          digest_size=10).hexdigest()
-    stem = os.path.splitext(os.path.basename(path))[0][:80]  # readable, and short enough for any file system
+    key = hashlib.blake2b(
+        f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{short_side}".encode("utf-8"),
+        digest_size=10).hexdigest()
+    # readable, and short enough for any file system
+    stem = os.path.splitext(os.path.basename(path))[0][:80]
     return os.path.join(cache_dir, f"{stem}-{key}.pgm")
 
 
 def _decode(job):
-    """Decode one image (the loader training uses: what decodes here decodes there) and, when `dest` is given, write
-    its cached copy. Returns (error message or None, bytes written). A copy whose file exists is skipped without
-    decoding: it was written, through a temporary file and a rename, from this very original (see cache_file)."""
+    """Decode one image (the loader training uses: what decodes here decodes there) and, when `dest`
+    is given, write its cached copy. Returns (error message or None, bytes written). A copy whose
+    file exists is skipped without decoding: it was written, through a temporary file and a rename,
+    from this very original (see cache_file)."""
     path, dest, short_side = job
     if dest is not None and os.path.exists(dest):
         return None, 0
@@ -760,17 +849,19 @@ def _decode(job):
 
 
 def write_cached(img, dest, short_side):
-    """Write the cached copy of a decoded image (what data.load_image returned: EXIF orientation, 16-bit rescale and
-    DICOM already applied), resized by shrink, to dest; through a temporary file and a rename, so that a kill never
-    leaves a half file under the name that marks a valid copy. Returns the bytes written.
+    """Write the cached copy of a decoded image (what data.load_image returned: EXIF orientation,
+    16-bit rescale and DICOM already applied), resized by shrink, to dest; through a temporary file
+    and a rename, so that a kill never leaves a half file under the name that marks a valid copy.
+    Returns the bytes written.
 
-    The format is PGM: the 8-bit pixels as they are, after a 15-byte header. Lossless, as PNG is, but PIL decodes a
-    PNG of 384 x 460 in ~2.5 ms (zlib, then undoing the row filters), about what the transform itself takes, and
-    the PGM in ~0.1 ms, for ~2.7x the PNG's bytes (~170 kB an image: ~65 GB for MIMIC-CXR's 377k films, whose JPEGs
-    take 570 GB)."""
+    The format is PGM: the 8-bit pixels as they are, after a 15-byte header. Lossless, as PNG is,
+    but PIL decodes a PNG of 384 x 460 in ~2.5 ms (zlib, then undoing the row filters), about what
+    the transform itself takes, and the PGM in ~0.1 ms, for ~2.7x the PNG's bytes (~170 kB an image:
+    ~65 GB for MIMIC-CXR's 377k films, whose JPEGs take 570 GB)."""
     tmp = f"{dest}.tmp{os.getpid()}"
     try:
-        shrink(img, short_side).save(tmp, format="PPM")  # an "L" image is written as a binary PGM (P5)
+        # an "L" image is written as a binary PGM (P5)
+        shrink(img, short_side).save(tmp, format="PPM")
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):
@@ -783,25 +874,30 @@ POOL_MIN_IMAGES = 64  # below this, starting worker processes costs more than it
 
 
 def _decode_all(jobs, workers):
-    """_decode over all jobs, in order, on `workers` processes. Forked, as synth.py's renderer and torch's DataLoader
-    on Linux: "spawn" would re-import the calling script (train.py prepares the synthetic world on demand)."""
+    """_decode over all jobs, in order, on `workers` processes. Forked, as synth.py's renderer and
+    torch's DataLoader on Linux: "spawn" would re-import the calling script (train.py prepares the
+    synthetic world on demand)."""
     bar = dict(desc="checking images", total=len(jobs))
-    if workers > 1 and len(jobs) >= POOL_MIN_IMAGES and "fork" in multiprocessing.get_all_start_methods():
+    if (workers > 1 and len(jobs) >= POOL_MIN_IMAGES
+            and "fork" in multiprocessing.get_all_start_methods()):
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             return list(_bar(pool.imap(_decode, jobs, chunksize=8), **bar))
     return [_decode(j) for j in _bar(jobs, **bar)]
 
 
 def _check_images(folders, on_bad_image, cache_dir=None, short_side=CACHE_SHORT_SIDE, workers=1):
-    """Decode every image once, fully, so that a corrupt, truncated or oversized file stops preparation ("error")
-    or is dropped and counted under dropped["bad_image"] ("skip") instead of failing hours into training (where a
-    bad image is always an error: see data.PretrainDataset). It runs on the finished splits, so a dropped image
-    leaves the seeded split of every other record as it was; a VQA vocabulary keeps answers of dropped questions.
+    """Decode every image once, fully, so that a corrupt, truncated or oversized file stops
+    preparation ("error") or is dropped and counted under dropped["bad_image"] ("skip") instead of
+    failing hours into training (where a bad image is always an error: see data.PretrainDataset). It
+    runs on the finished splits, so a dropped image leaves the seeded split of every other record as
+    it was; a VQA vocabulary keeps answers of dropped questions.
 
-    With a cache_dir, the decoded image is also written there, resized (see shrink), and every record gains its path
-    as "image_cache" (data.image_path reads it): a loader worker then reads a ~384 px PGM instead of decoding a
-    ~3,000 px JPEG (bench.bench_loader). Copies already there are kept (a killed run resumes; see cache_file)."""
-    paths = sorted({r["image"] for _, splits, _ in folders for s in SPLITS for r in splits[s] if "image" in r})
+    With a cache_dir, the decoded image is also written there, resized (see shrink), and every
+    record gains its path as "image_cache" (data.image_path reads it): a loader worker then reads a
+    ~384 px PGM instead of decoding a ~3,000 px JPEG (bench.bench_loader). Copies already there are
+    kept (a killed run resumes; see cache_file)."""
+    paths = sorted({r["image"] for _, splits, _ in folders for s in SPLITS for r in splits[s]
+                    if "image" in r})
     dest = {p: cache_file(cache_dir, p, short_side) if cache_dir else None for p in paths}
     if cache_dir and paths:
         os.makedirs(cache_dir, exist_ok=True)
@@ -810,19 +906,21 @@ def _check_images(folders, on_bad_image, cache_dir=None, short_side=CACHE_SHORT_
     bad = {p: e for p, (e, _) in zip(paths, results) if e}
     if cache_dir:
         built = sum(n > 0 for _, n in results)
-        print(f"image cache {cache_dir}: {len(paths) - len(bad)} images at short side {short_side} ({built} built, "
-              f"{len(paths) - len(bad) - built} already there), {sum(n for _, n in results) / 1e6:.1f} MB written "
-              f"in {time.time() - t0:.1f} s")
+        print(f"image cache {cache_dir}: {len(paths) - len(bad)} images at short side "
+              f"{short_side} ({built} built, {len(paths) - len(bad) - built} already there), "
+              f"{sum(n for _, n in results) / 1e6:.1f} MB written in {time.time() - t0:.1f} s")
         for _, splits, _ in folders:
             for s in SPLITS:
                 for r in splits[s]:
                     if "image" in r and r["image"] not in bad:
                         r["image_cache"] = dest[r["image"]]
     if bad and on_bad_image == "error":
-        name, split, r = next((name, s, r) for name, splits, _ in folders for s in SPLITS for r in splits[s]
+        name, split, r = next((name, s, r)
+                              for name, splits, _ in folders for s in SPLITS for r in splits[s]
                               if r.get("image") in bad)
-        raise ValueError(f"{name} {split}, id {r['id']}: {bad[r['image']]}; {len(bad)} image(s) cannot be decoded in "
-                         "all: fix or remove them, or prepare with --on-bad-image skip to drop and count them")
+        raise ValueError(f"{name} {split}, id {r['id']}: {bad[r['image']]}; {len(bad)} image(s) "
+                         "cannot be decoded in all: fix or remove them, or prepare with "
+                         "--on-bad-image skip to drop and count them")
     if on_bad_image == "skip":
         for path in sorted(bad):
             print(f"skipped: {bad[path]}")
@@ -832,39 +930,46 @@ def _check_images(folders, on_bad_image, cache_dir=None, short_side=CACHE_SHORT_
                 kept = [r for r in splits[s] if r.get("image") not in bad]
                 n, splits[s] = n + len(splits[s]) - len(kept), kept
             meta["dropped"]["bad_image"] = n
-            meta["rules"]["bad_image"] = "records whose image cannot be decoded are dropped (--on-bad-image skip)"
+            meta["rules"]["bad_image"] = ("records whose image cannot be decoded are dropped "
+                                          "(--on-bad-image skip)")
             if "oov_test_share" in meta:
                 test = splits["test"]
-                meta["oov_test_share"] = sum(r["label"] == -1 for r in test) / len(test) if test else 0.0
+                meta["oov_test_share"] = (sum(r["label"] == -1 for r in test) / len(test)
+                                          if test else 0.0)
     return folders
 
 
-# Rules whose count is not a number of records: short_text counts texts of records that may stay (MedICaT, MIMIC);
-# box_rows_merged counts label rows folded into their patient's record, not records lost.
+# Rules whose count is not a number of records: short_text counts texts of records that may stay
+# (MedICaT, MIMIC); box_rows_merged counts label rows folded into their patient's record, not
+# records lost.
 _NOT_RECORDS = {"short_text", "box_rows_merged"}
-IMPLAUSIBLE_DROP = 0.9  # the largest share of a folder any rule drops on the real releases is about half (SLAKE zh)
+# the largest share of a folder any rule drops on the real releases is about half (SLAKE zh)
+IMPLAUSIBLE_DROP = 0.9
 
 
 def _check_counts(folders, allow_empty):
-    """Stop before writing when a folder would be written with an empty split, or when its rules drop more than
-    IMPLAUSIBLE_DROP of the records they saw: both mean a release that is not what its layout promises (all views
-    blank, every q_lang "EN", a split file cut short), and training would fail on it hours later, or worse, not."""
+    """Stop before writing when a folder would be written with an empty split, or when its rules
+    drop more than IMPLAUSIBLE_DROP of the records they saw: both mean a release that is not what
+    its layout promises (all views blank, every q_lang "EN", a split file cut short), and training
+    would fail on it hours later, or worse, not."""
     for name, splits, meta in folders:
         counts = {s: len(splits[s]) for s in SPLITS}
         kept = " / ".join(f"{s} {counts[s]}" for s in SPLITS)
         drops = {k: v for k, v in meta["dropped"].items() if k not in _NOT_RECORDS and v}
         seen = sum(counts.values()) + sum(drops.values())
         if seen and sum(drops.values()) > IMPLAUSIBLE_DROP * seen:
-            rules = "; ".join(f"{k} {v} ({meta['rules'].get(k, 'see meta.json')})" for k, v in drops.items())
+            rules = "; ".join(f"{k} {v} ({meta['rules'].get(k, 'see meta.json')})"
+                              for k, v in drops.items())
             n = sum(drops.values())
             raise ValueError(f"{name}: the rules drop {n} of {seen} records ({n / seen:.0%}, over "
-                             f"{IMPLAUSIBLE_DROP:.0%}): {rules}; kept {kept}. The release does not look like its "
-                             "official layout: check the rows these rules read")
+                             f"{IMPLAUSIBLE_DROP:.0%}): {rules}; kept {kept}. The release does not "
+                             "look like its official layout: check the rows these rules read")
         empty = [s for s in SPLITS if not counts[s]]
         if empty and not allow_empty:
-            raise ValueError(f"{name}: the {' and '.join(empty)} split(s) would be written empty (kept {kept}; "
-                             f"dropped {meta['dropped']}); a stage that reads them would fail later. Prepare the "
-                             "full release, or pass --allow-empty-splits for a deliberately cut-down one")
+            raise ValueError(f"{name}: the {' and '.join(empty)} split(s) would be written empty "
+                             f"(kept {kept}; dropped {meta['dropped']}); a stage that reads them "
+                             "would fail later. Prepare the full release, or pass "
+                             "--allow-empty-splits for a deliberately cut-down one")
 
 
 def _missing_folders(path):
@@ -877,11 +982,13 @@ def _missing_folders(path):
 
 
 def _prune_cache(cache_dir, folders):
-    """Remove the copies no record of this preparation points to: those of replaced or removed originals, of another
-    short side, and the temporary files of a killed run. The folder is this dataset's alone, so nothing else's goes."""
+    """Remove the copies no record of this preparation points to: those of replaced or removed
+    originals, of another short side, and the temporary files of a killed run. The folder is this
+    dataset's alone, so nothing else's goes."""
     if not os.path.isdir(cache_dir):
         return
-    keep = {os.path.basename(r["image_cache"]) for _, splits, _ in folders for s in SPLITS for r in splits[s]
+    keep = {os.path.basename(r["image_cache"])
+            for _, splits, _ in folders for s in SPLITS for r in splits[s]
             if "image_cache" in r}
     for name in os.listdir(cache_dir):
         if name not in keep and ".pgm" in name:
@@ -889,8 +996,9 @@ def _prune_cache(cache_dir, folders):
 
 
 def _check_writable(out):
-    """Try a file in `out` now, not after hours of decoding images: a read-only disk, a path through a file, a
-    folder of another user. Folders made for the try are removed, so a failed preparation leaves nothing behind."""
+    """Try a file in `out` now, not after hours of decoding images: a read-only disk, a path through
+    a file, a folder of another user. Folders made for the try are removed, so a failed preparation
+    leaves nothing behind."""
     made = _missing_folders(out)
     probe = os.path.join(os.path.abspath(out), f".write_test{os.getpid()}")
     try:
@@ -899,31 +1007,36 @@ def _check_writable(out):
             pass
         os.remove(probe)
     except OSError as e:
-        raise OSError(e.errno, f"--out {out} is not a writable folder ({e.strerror}: {e.filename}); nothing was "
-                               "read or written") from None
+        raise OSError(e.errno, f"--out {out} is not a writable folder ({e.strerror}: "
+                               f"{e.filename}); nothing was read or written") from None
     finally:
         for folder in made:  # deepest first
             if os.path.isdir(folder):
                 os.rmdir(folder)
 
 
-_READERS = {"roco": _roco, "medicat": _medicat, "mimic_cxr": _mimic, "chexpert": _chexpert, "rsna": _rsna,
-            "radnli": _radnli, "vqa_rad": _vqa_rad, "slake": _slake, "medvqa2019": _medvqa2019}
+_READERS = {"roco": _roco, "medicat": _medicat, "mimic_cxr": _mimic, "chexpert": _chexpert,
+            "rsna": _rsna, "radnli": _radnli, "vqa_rad": _vqa_rad, "slake": _slake,
+            "medvqa2019": _medvqa2019}
 
 
-def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False, cache_short_side=0, workers=None):
-    """Prepare one dataset (or "all": root/<name>/ for each) from its official layout; return the folders written.
+def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False, cache_short_side=0,
+            workers=None):
+    """Prepare one dataset (or "all": root/<name>/ for each) from its official layout; return the
+    folders written.
 
-    on_bad_image: "error" (an image that does not decode stops preparation, naming file and record) or "skip"
-    (such records are dropped and counted under dropped["bad_image"]). allow_empty: write a folder with an empty
-    split (a deliberately cut-down release) instead of stopping. cache_short_side: write a copy of every image,
-    resized to that shorter side, into out/<dataset>/image_cache/ (see _check_images); 0, the default here, writes
-    none, so that a call writes only the manifests unless asked (the command line asks, with CACHE_SHORT_SIDE).
+    on_bad_image: "error" (an image that does not decode stops preparation, naming file and record)
+    or "skip" (such records are dropped and counted under dropped["bad_image"]). allow_empty: write
+    a folder with an empty split (a deliberately cut-down release) instead of stopping.
+    cache_short_side: write a copy of every image, resized to that shorter side, into
+    out/<dataset>/image_cache/ (see _check_images); 0, the default here, writes none, so that a call
+    writes only the manifests unless asked (the command line asks, with CACHE_SHORT_SIDE).
     workers: processes decoding images (default: up to 8)."""
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be error or skip, got {on_bad_image!r}")
     if cache_short_side < 0:
-        raise ValueError(f"cache_short_side must be a number of pixels, or 0 for no cache; got {cache_short_side}")
+        raise ValueError(f"cache_short_side must be a number of pixels, or 0 for no cache; "
+                         f"got {cache_short_side}")
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -931,26 +1044,30 @@ def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False,
     if dataset == "all":
         missing = [d for d in DATASETS if not os.path.isdir(os.path.join(root, d))]
         if missing:
-            raise FileNotFoundError(f"prepare all expects {os.path.join(root, '<dataset>')} for every dataset; "
-                                    f"missing: {missing}")
-        return [p for d in DATASETS for p in prepare(d, os.path.join(root, d), out, seed, on_bad_image, allow_empty,
-                                                     cache_short_side, workers)]
+            raise FileNotFoundError(f"prepare all expects {os.path.join(root, '<dataset>')} for "
+                                    f"every dataset; missing: {missing}")
+        return [p for d in DATASETS
+                for p in prepare(d, os.path.join(root, d), out, seed, on_bad_image, allow_empty,
+                                 cache_short_side, workers)]
     if dataset not in _READERS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)} or all")
+        raise ValueError(f"unknown dataset {dataset!r}; "
+                         f"expected one of {', '.join(DATASETS)} or all")
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{dataset}: root folder not found: {root}")
     # everything is read and checked before the first manifest is written
     folders = _READERS[dataset](root, seed)
-    cache_dir = os.path.join(os.path.abspath(out), dataset, "image_cache") if cache_short_side else None
+    cache_dir = (os.path.join(os.path.abspath(out), dataset, "image_cache")
+                 if cache_short_side else None)
     made = _missing_folders(cache_dir) if cache_dir else []
     before = set(os.listdir(cache_dir)) if cache_dir and os.path.isdir(cache_dir) else set()
     try:
         folders = _check_images(folders, on_bad_image, cache_dir, cache_short_side, workers)
         _check_counts(folders, allow_empty)
     except Exception:
-        # A stop (a bad image, implausible counts) leaves the output as it found it, as it did before there was a
-        # cache. A kill or Ctrl-C (not an Exception) keeps every copy written so far: the next run resumes from them.
+        # A stop (a bad image, implausible counts) leaves the output as it found it, as it did
+        # before there was a cache. A kill or Ctrl-C (not an Exception) keeps every copy written so
+        # far: the next run resumes from them.
         if cache_dir and os.path.isdir(cache_dir):
             for name in set(os.listdir(cache_dir)) - before:
                 os.remove(os.path.join(cache_dir, name))
@@ -961,37 +1078,48 @@ def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False,
     if cache_dir:
         _prune_cache(cache_dir, folders)
     for name, _, _ in folders:
-        # A stale meta.json would make a half-rewritten folder look complete; removed from all folders of the dataset
-        # first, so that a crash in the second folder cannot leave an older third one beside a newer first one.
+        # A stale meta.json would make a half-rewritten folder look complete; removed from all
+        # folders of the dataset first, so that a crash in the second folder cannot leave an older
+        # third one beside a newer first one.
         stale = os.path.join(out, name, "meta.json")
         if os.path.exists(stale):
             os.remove(stale)
-    return [_write_folder(out, name, splits, {"source": root, "seed": seed, **meta}) for name, splits, meta in folders]
+    return [_write_folder(out, name, splits, {"source": root, "seed": seed, **meta})
+            for name, splits, meta in folders]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Prepare a dataset from its official layout (see datasets.md).")
-    p.add_argument("dataset", choices=DATASETS + ("all",), help="dataset to prepare, or all (expects ROOT/<dataset>/)")
-    p.add_argument("--root", required=True, help="folder of the official release (real or synthetic)")
-    p.add_argument("--out", required=True, help="output folder; one sub-folder per downstream task is written")
-    p.add_argument("--seed", type=int, default=0, help="seed of every carved split and sampled subset")
+    p = argparse.ArgumentParser(
+        description="Prepare a dataset from its official layout (see datasets.md).")
+    p.add_argument("dataset", choices=DATASETS + ("all",),
+                   help="dataset to prepare, or all (expects ROOT/<dataset>/)")
+    p.add_argument("--root", required=True,
+                   help="folder of the official release (real or synthetic)")
+    p.add_argument("--out", required=True,
+                   help="output folder; one sub-folder per downstream task is written")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every carved split and sampled subset")
     p.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
-                   help="an image that does not decode: stop with an error naming it (default), or drop its records "
-                        "and count them in meta.json dropped['bad_image']")
+                   help="an image that does not decode: stop with an error naming it (default), "
+                        "or drop its records and count them in meta.json dropped['bad_image']")
     p.add_argument("--allow-empty-splits", action="store_true",
-                   help="write a folder even when one of its splits is empty (a deliberately cut-down release); "
-                        "by default an empty split stops prepare with the counts")
+                   help="write a folder even when one of its splits is empty "
+                        "(a deliberately cut-down release); by default an empty split stops "
+                        "prepare with the counts")
     p.add_argument("--cache-short-side", type=int, default=CACHE_SHORT_SIDE, metavar="PIXELS",
-                   help="write a copy of every image, resized to this shorter side (never enlarged), as an "
-                        f"uncompressed PGM into OUT/<dataset>/image_cache/, which training reads instead (default "
-                        f"{CACHE_SHORT_SIDE}: at least the largest preset's image size); 0: no cache")
+                   help="write a copy of every image, resized to this shorter side "
+                        "(never enlarged), as an uncompressed PGM into "
+                        "OUT/<dataset>/image_cache/, which training reads instead "
+                        f"(default {CACHE_SHORT_SIDE}: at least the largest preset's image size); "
+                        "0: no cache")
     p.add_argument("--workers", type=int, help="processes decoding images (default: up to 8)")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
-        folders = prepare(args.dataset, args.root, args.out, args.seed, args.on_bad_image, args.allow_empty_splits,
-                          args.cache_short_side, args.workers)
-    except (ValueError, OSError, ImportError) as e:  # every one names its file and row: the message, not a traceback
+        folders = prepare(args.dataset, args.root, args.out, args.seed, args.on_bad_image,
+                          args.allow_empty_splits, args.cache_short_side, args.workers)
+    # every one names its file and row: the message, not a traceback
+    except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"prepare {args.dataset}: {e}") from None
     print(f"prepared {len(folders)} folder(s) in {time.time() - t0:.1f}s")
 

@@ -1,13 +1,16 @@
-"""Where the entry scripts find their data: a user's prepared folder, or the synthetic world, made on demand.
+"""Where the entry scripts find their data: a user's prepared folder, or the synthetic world, made
+on demand.
 
     root, tokenizer_path = ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr"], d, print)
 
-With --data-root, every needed prepared folder must exist (the error prints the prepare command); such a run never
-imports synth.py or prepare.py, which are loaded only in the branch that makes the embedded world. Without it, rank 0
-generates the synthetic world (synth.py) under <synth_root>/<scale>/raw, prepares what is needed under .../prepared and
-trains the WordPiece tokenizer on the pre-training texts, saying what it creates; other ranks wait at a barrier.
-The root's tokenizer is bound to the pre-training corpora it was trained on: when more (or other) corpora have been
-prepared into the root since, it is refused with what differs (check_tokenizer_corpora).
+With --data-root, every needed prepared folder must exist (the error prints the prepare command);
+such a run never imports synth.py or prepare.py, which are loaded only in the branch that makes the
+embedded world. Without it, rank 0 generates the synthetic world (synth.py) under
+<synth_root>/<scale>/raw, prepares what is needed under .../prepared and trains the WordPiece
+tokenizer on the pre-training texts, saying what it creates; other ranks wait at a barrier.
+The root's tokenizer is bound to the pre-training corpora it was trained on: when more (or other)
+corpora have been prepared into the root since, it is refused with what differs
+(check_tokenizer_corpora).
 """
 
 import os
@@ -25,65 +28,80 @@ def ensure_prepared(cfg, names, proc, print0=print):
         root = cfg.data_root
         missing = [n for n in names if not os.path.isfile(os.path.join(root, n, "meta.json"))]
         if missing:
-            cmds = "\n  ".join(f"python -m ptunifier_min.datasets.prepare {s} --root RAW/{s} --out {root}"
-                               for s in sorted({SOURCE.get(n, n) for n in missing}))
-            raise SystemExit(f"--data-root {root} has no complete preparation of {', '.join(missing)}; run:\n  {cmds}")
+            cmds = "\n  ".join(
+                f"python -m ptunifier_min.datasets.prepare {s} --root RAW/{s} --out {root}"
+                for s in sorted({SOURCE.get(n, n) for n in missing}))
+            raise SystemExit(f"--data-root {root} has no complete preparation of "
+                             f"{', '.join(missing)}; run:\n  {cmds}")
     else:
-        from . import prepare, synth  # here, not at the top: a run on a user's --data-root never loads the generator
+        # here, not at the top: a run on a user's --data-root never loads the generator
+        from . import prepare, synth
         base = os.path.join(cfg.synth_root, cfg.synth_scale)
         raw, root = os.path.join(base, "raw"), os.path.join(base, "prepared")
-        if not cfg.tokenizer:  # the tokenizer is trained on the pre-training texts, so those must be prepared too
+        # the tokenizer is trained on the pre-training texts, so those must be prepared too
+        if not cfg.tokenizer:
             names = list(names) + list(PRETRAIN_SETS)
         if proc.main:
             if not os.path.isfile(os.path.join(raw, "synth_counts.json")):
-                print0(f"no synthetic world at {raw}: generating it (scale {cfg.synth_scale}, seed {WORLD_SEED})")
+                print0(f"no synthetic world at {raw}: generating it "
+                       f"(scale {cfg.synth_scale}, seed {WORLD_SEED})")
                 synth.generate(raw, seed=WORLD_SEED, scale=cfg.synth_scale)
             for name in sorted({SOURCE.get(n, n) for n in names
                                 if not os.path.isfile(os.path.join(root, n, "meta.json"))}):
                 print0(f"preparing synthetic {name} into {root}")
                 prepare.prepare(name, os.path.join(raw, name), root, seed=WORLD_SEED,
-                                cache_short_side=prepare.CACHE_SHORT_SIDE)  # what a user's run reads: the cache
+                                # what a user's run reads: the cache
+                                cache_short_side=prepare.CACHE_SHORT_SIDE)
         distributed.barrier(proc)
     tok_path = cfg.tokenizer or os.path.join(root, "tokenizer.json")
     sets = [n for n in PRETRAIN_SETS if os.path.isfile(os.path.join(root, n, "meta.json"))]
     if not os.path.isfile(tok_path):
         if cfg.tokenizer or not sets:
-            raise SystemExit(f"no tokenizer at {tok_path} and no prepared pre-training set under {root} to train one "
-                             "from: pass --tokenizer (a tokenizer.json or BERT vocab.txt)")
+            raise SystemExit(f"no tokenizer at {tok_path} and no prepared pre-training set under "
+                             f"{root} to train one from: pass --tokenizer (a tokenizer.json or "
+                             "BERT vocab.txt)")
         if proc.main:
             records = data.load_pretrain_records(root, sets, "train")
             texts = [t for r in records for t in r["texts"]]
             corpora = {n: {"records": sum(r["dataset"] == n for r in records),
-                           "texts": sum(len(r["texts"]) for r in records if r["dataset"] == n)} for n in sets}
-            print0(f"training a WordPiece tokenizer on {len(texts):,} texts of {', '.join(sets)} -> {tok_path}")
+                           "texts": sum(len(r["texts"]) for r in records if r["dataset"] == n)}
+                       for n in sets}
+            print0(f"training a WordPiece tokenizer on {len(texts):,} texts of {', '.join(sets)} "
+                   f"-> {tok_path}")
             data.train_tokenizer(texts, cfg.model.vocab_size, tok_path, corpora=corpora)
         distributed.barrier(proc)
     elif not cfg.tokenizer:
-        check_tokenizer_corpora(tok_path, {n: data.read_meta(os.path.join(root, n))["counts"]["train"] for n in sets})
+        check_tokenizer_corpora(
+            tok_path, {n: data.read_meta(os.path.join(root, n))["counts"]["train"] for n in sets})
     return root, tok_path
 
 
 def check_tokenizer_corpora(tok_path, prepared):
-    """Refuse the root's tokenizer when the prepared pre-training corpora ({name: train records}) are not the ones it
-    was trained on: a vocabulary learnt on ROCO cuts MIMIC reports into ~3x as many pieces, and nothing else would
-    say so. Refused, not retrained: a run resuming under this root must keep the vocabulary its weights were trained
-    with, and deleting a file the user may still need is not ours to do. An explicit --tokenizer is used as given."""
+    """Refuse the root's tokenizer when the prepared pre-training corpora ({name: train records})
+    are not the ones it was trained on: a vocabulary learnt on ROCO cuts MIMIC reports into ~3x as
+    many pieces, and nothing else would say so. Refused, not retrained: a run resuming under this
+    root must keep the vocabulary its weights were trained with, and deleting a file the user may
+    still need is not ours to do. An explicit --tokenizer is used as given."""
     try:
         record = data.tokenizer_record(tok_path)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if record is None or not isinstance(record.get("corpora"), dict):
         raise SystemExit(f"{tok_path} has no record of the corpora it was trained on (no valid "
-                         f"{data.tokenizer_record_path(tok_path)}); delete it to retrain it on the prepared "
-                         f"pre-training sets, or pass --tokenizer {tok_path} to use it anyway")
-    trained = {n: c.get("records") if isinstance(c, dict) else None for n, c in record["corpora"].items()}
+                         f"{data.tokenizer_record_path(tok_path)}); delete it to retrain it on the "
+                         f"prepared pre-training sets, or pass --tokenizer {tok_path} to use it "
+                         "anyway")
+    trained = {n: c.get("records") if isinstance(c, dict) else None
+               for n, c in record["corpora"].items()}
     if trained != prepared:
         record_name = os.path.basename(data.tokenizer_record_path(tok_path))
-        raise SystemExit(f"{tok_path} was trained on {_listing(trained)}, but the prepared pre-training corpora are "
-                         f"now {_listing(prepared)}: delete it (and {record_name}) to retrain it on them, or pass "
-                         f"--tokenizer {tok_path} to use it anyway")
+        raise SystemExit(f"{tok_path} was trained on {_listing(trained)}, but the prepared "
+                         f"pre-training corpora are now {_listing(prepared)}: delete it (and "
+                         f"{record_name}) to retrain it on them, or pass --tokenizer {tok_path} "
+                         f"to use it anyway")
 
 
 def _listing(corpora):
-    return ", ".join(f"{n} ({k:,} train records)" if isinstance(k, int) else n for n, k in sorted(corpora.items())) \
-        or "none"
+    return (", ".join(f"{n} ({k:,} train records)" if isinstance(k, int) else n
+                      for n, k in sorted(corpora.items()))
+            or "none")
