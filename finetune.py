@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ptunifier_min import config as config_lib
 from ptunifier_min import checkpoint, data, distributed, optim, pretrained, tasks
 from ptunifier_min.config import FinetuneConfig, ModelConfig
-from ptunifier_min.model import PTUnifier, set_image_size, set_text_len
+from ptunifier_min.model import PTUnifier, compile_model, set_image_size, set_text_len
 from ptunifier_min.datasets.source import ensure_prepared
 
 DEFAULT_INIT = "runs/pretrain"  # where `python train.py` writes
@@ -153,7 +153,7 @@ def main(argv=None):
                                  else state["rng"][0])  # its own
         start_step, best = state["step"], state["best"]
         print0(f"best so far: step {best['step']}")
-    train_model = (torch.compile(model) if config_lib.use_compile(cfg.compile, proc.device)
+    train_model = (compile_model(model) if config_lib.use_compile(cfg.compile, proc.device)
                    else model)
     if proc.world > 1:
         # the model's buffers are constants (the pixel table, the [CLS] [SEP] ids):

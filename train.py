@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ptunifier_min import checkpoint, data, distributed, optim, poolstats, pretrained, retrieval
 from ptunifier_min import config as config_lib
 from ptunifier_min.datasets.source import ensure_prepared
-from ptunifier_min.model import PTUnifier, flops_per_pair
+from ptunifier_min.model import PTUnifier, compile_model, flops_per_pair
 from ptunifier_min.objectives import draw_step, pretraining_loss
 
 # The tokenizers library's own thread pool cannot survive the fork into data-loader workers;
@@ -87,7 +87,7 @@ def main(argv=None):
         checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"])
                                  else state["rng"][0])
         start_step = state["step"]
-    train_model = (torch.compile(model) if config_lib.use_compile(cfg.compile, proc.device)
+    train_model = (compile_model(model) if config_lib.use_compile(cfg.compile, proc.device)
                    else model)
     if proc.world > 1:
         # the model's buffers are constants (the pixel table, the [CLS] [SEP] ids): no broadcast

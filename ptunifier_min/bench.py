@@ -40,7 +40,7 @@ import torch
 from . import data, distributed, optim
 from .config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build
 from .generation import TextDecoder, beam_search
-from .model import PTUnifier, flops_per_pair, flops_per_pass, pretraining_passes
+from .model import PTUnifier, compile_model, flops_per_pair, flops_per_pass, pretraining_passes
 from .objectives import draw_step, exchange_plan, itm_rows, pretraining_loss
 
 
@@ -185,7 +185,7 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
             # a fresh cache per setup and precision: stays under dynamo's recompile limit
             torch._dynamo.reset()
         # one compiled model: each pass shape compiles once
-        m = torch.compile(model) if mode == "compiled" else model
+        m = compile_model(model) if mode == "compiled" else model
         fns["backbone", mode] = backbone(m)
         fns["full step", mode] = full_step(m)
     if "eager" in modes:  # rows compared with the eager backbone

@@ -436,6 +436,21 @@ class PTUnifier(nn.Module):
 
 
 # ---- resizing a trained backbone (fine-tuning at another image size or text length) -------------
+def compile_model(model, backend="inductor"):
+    """torch.compile of the model that train.py and finetune.py train (--compile), and that the
+    bench times, with shapes dynamic from the first call.
+
+    Texts are padded to the longest of each batch, so their length changes from batch to batch.
+    By default dynamo compiles each kind of pass for the first batch's exact shapes, again with a
+    dynamic length at the next length, and once more for the first batch without padding (`padded`
+    is a Python bool): 10 graphs of PTUnifier.forward in pre-training, over dynamo's limit of 8 per
+    function (torch._dynamo.config.recompile_limit). Past it, a pass that needs a new graph runs
+    eagerly for the rest of the run, with one warning in the log. Dynamic from the start, pre-
+    training makes 7 (tests/test_compile.py). backend: "eager" captures the same graphs without
+    generating code (the test's)."""
+    return torch.compile(model, dynamic=True, backend=backend)
+
+
 def interpolate_pos_embed(pos_embed, grid):
     """[1, 1 + g*g, D] ViT position embeddings -> [1, 1 + grid*grid, D]: the [IMG_CLS] row kept, the
     patch grid resized as a 2-D image with bicubic interpolation (as timm and DeiT do when

@@ -8,7 +8,8 @@ import torch
 
 from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict, \
     parse_args, use_compile
-from ptunifier_min.model import PTUnifier
+from ptunifier_min.model import PTUnifier, compile_model
+from ptunifier_min.objectives import draw_step, pretraining_loss
 
 
 def test_forward_compiles_without_graph_breaks():
@@ -33,6 +34,41 @@ def test_forward_compiles_without_graph_breaks():
         assert explained.graph_break_count == 0, f"{kind} pass: {explained.graph_break_count} graph breaks: {reasons}"
         assert explained.graph_count == 1, kind
     torch._dynamo.reset()
+
+
+def test_pretraining_stays_within_dynamos_recompile_limit(monkeypatch):
+    """Texts change length from batch to batch, and some batches have no padding: the graphs that
+    compile_model makes of a pre-training step's passes must stay within dynamo's recompile limit,
+    past which a pass silently runs eagerly (here: raises). The eager backend captures the same
+    graphs as inductor without generating code. torch.compile's default (static shapes first) makes
+    10 graphs of these steps and fails this test."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100})
+    model = PTUnifier(cfg.model).train()
+    graphs = []
+
+    def backend(graph, example_inputs):  # counts the graphs dynamo hands over
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = compile_model(model, backend=backend)
+    special, B, g = {"ids": [cfg.model.cls_id, cfg.model.sep_id, 0], "mask": 4}, 4, torch.Generator()
+    for step, (T, padded) in enumerate(((20, True), (23, True), (24, False), (18, True),
+                                        (24, True), (21, False))):
+        ids = torch.randint(5, 100, (B, T), generator=g.manual_seed(step))
+        ids[:, 0], ids[:, -1] = cfg.model.cls_id, cfg.model.sep_id
+        mask = torch.ones(B, T, dtype=torch.bool)
+        if padded:
+            mask[0, T - 3:], ids[0, T - 3:] = False, 0
+        batch = {"image": torch.randint(0, 256, (B, 1, 32, 32), dtype=torch.uint8),
+                 "input_ids": ids, "attention_mask": mask, "padded": padded,
+                 "index": torch.arange(B), "image_id": torch.arange(B)}
+        draw_step([batch], cfg, step, special)
+        pretraining_loss(compiled, batch, cfg, model)[0].backward()
+    torch._dynamo.reset()
+    # image-only; text-only, MLM's and ITM's pass, each with and without padding
+    assert len(graphs) == 7 <= torch._dynamo.config.recompile_limit
 
 
 def test_the_padding_decision_is_the_masks():
