@@ -435,7 +435,6 @@ class PTUnifier(nn.Module):
         return {n for n, _ in self.named_parameters() if n.startswith(self.NO_DECAY)}
 
 
-# ---- resizing a trained backbone (fine-tuning at another image size or text length) -------------
 def compile_model(model, backend="inductor"):
     """torch.compile of the model that train.py and finetune.py train (--compile), and that the
     bench times, with shapes dynamic from the first call.
@@ -451,6 +450,7 @@ def compile_model(model, backend="inductor"):
     return torch.compile(model, dynamic=True, backend=backend)
 
 
+# ---- resizing a trained backbone (fine-tuning at another image size or text length) -------------
 def interpolate_pos_embed(pos_embed, grid):
     """[1, 1 + g*g, D] ViT position embeddings -> [1, 1 + grid*grid, D]: the [IMG_CLS] row kept, the
     patch grid resized as a 2-D image with bicubic interpolation (as timm and DeiT do when

@@ -40,8 +40,8 @@ def test_pretraining_stays_within_dynamos_recompile_limit(monkeypatch):
     """Texts change length from batch to batch, and some batches have no padding: the graphs that
     compile_model makes of a pre-training step's passes must stay within dynamo's recompile limit,
     past which a pass silently runs eagerly (here: raises). The eager backend captures the same
-    graphs as inductor without generating code. torch.compile's default (static shapes first) makes
-    10 graphs of these steps and fails this test."""
+    graphs as inductor without generating code. torch.compile's default (static shapes first) would
+    need 10 graphs for these steps and fails this test."""
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100})
     model = PTUnifier(cfg.model).train()
