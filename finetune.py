@@ -160,7 +160,7 @@ def main(argv=None):
         # no broadcast before every forward
         train_model = DDP(train_model,
                           device_ids=[proc.local_rank] if proc.device.type == "cuda" else None,
-                          broadcast_buffers=False)
+                          forward_sync_buffers=False)
 
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"config: {config_lib.to_dict(cfg)}")

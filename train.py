@@ -94,7 +94,7 @@ def main(argv=None):
         # before every forward
         train_model = DDP(train_model,
                           device_ids=[proc.local_rank] if proc.device.type == "cuda" else None,
-                          broadcast_buffers=False)
+                          forward_sync_buffers=False)
 
     global_batch = cfg.batch_size * cfg.grad_accum * proc.world
     n_params = sum(p.numel() for p in model.parameters())
