@@ -37,7 +37,6 @@ import csv
 import gzip
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import re
@@ -48,6 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import data
+from .workers import deferred_stop, ordered_map
 
 DATASETS = ("roco", "medicat", "mimic_cxr", "chexpert", "rsna", "radnli", "vqa_rad", "slake",
             "medvqa2019")
@@ -859,14 +859,18 @@ def write_cached(img, dest, short_side):
     the transform itself takes, and the PGM in ~0.1 ms, for ~2.7x the PNG's bytes (~170 kB an image:
     ~65 GB for MIMIC-CXR's 377k films, whose JPEGs take 570 GB)."""
     tmp = f"{dest}.tmp{os.getpid()}"
-    try:
-        # an "L" image is written as a binary PGM (P5)
-        shrink(img, short_side).save(tmp, format="PPM")
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    small = shrink(img, short_side)
+    # a stop signal waits for the rename (a worker has the signals' default actions: it would die
+    # mid-write, leaving the temporary)
+    with deferred_stop():
+        try:
+            # an "L" image is written as a binary PGM (P5)
+            small.save(tmp, format="PPM")
+            os.replace(tmp, dest)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
     return os.path.getsize(dest)
 
 
@@ -874,15 +878,10 @@ POOL_MIN_IMAGES = 64  # below this, starting worker processes costs more than it
 
 
 def _decode_all(jobs, workers):
-    """_decode over all jobs, in order, on `workers` processes. Forked, as synth.py's renderer and
-    torch's DataLoader on Linux: "spawn" would re-import the calling script (train.py prepares the
-    synthetic world on demand)."""
-    bar = dict(desc="checking images", total=len(jobs))
-    if (workers > 1 and len(jobs) >= POOL_MIN_IMAGES
-            and "fork" in multiprocessing.get_all_start_methods()):
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            return list(_bar(pool.imap(_decode, jobs, chunksize=8), **bar))
-    return [_decode(j) for j in _bar(jobs, **bar)]
+    """_decode over all jobs, in order, on `workers` processes (workers.ordered_map)."""
+    return ordered_map(_decode, jobs, workers, chunksize=8, min_jobs=POOL_MIN_IMAGES,
+                       bar=dict(desc="checking images", unit=" images", leave=False, disable=None,
+                                mininterval=1.0))
 
 
 def _check_images(folders, on_bad_image, cache_dir=None, short_side=CACHE_SHORT_SIDE, workers=1):

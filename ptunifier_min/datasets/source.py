@@ -42,10 +42,13 @@ def ensure_prepared(cfg, names, proc, print0=print):
         if not cfg.tokenizer:
             names = list(names) + list(PRETRAIN_SETS)
         if proc.main:
+            # synth_counts.json is written last: without it, a world is absent or was interrupted
             if not os.path.isfile(os.path.join(raw, "synth_counts.json")):
-                print0(f"no synthetic world at {raw}: generating it "
+                partial = os.path.isdir(raw) and bool(os.listdir(raw))
+                print0(f"{'an interrupted' if partial else 'no'} synthetic world at {raw}: "
+                       f"{'replacing' if partial else 'generating'} it "
                        f"(scale {cfg.synth_scale}, seed {WORLD_SEED})")
-                synth.generate(raw, seed=WORLD_SEED, scale=cfg.synth_scale)
+                synth.generate(raw, seed=WORLD_SEED, scale=cfg.synth_scale, overwrite=True)
             for name in sorted({SOURCE.get(n, n) for n in names
                                 if not os.path.isfile(os.path.join(root, n, "meta.json"))}):
                 print0(f"preparing synthetic {name} into {root}")

@@ -48,7 +48,6 @@ import gzip
 import io
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import textwrap
@@ -58,7 +57,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from .workers import deferred_stop, ordered_map
 
 DATASETS = ("roco", "medicat", "mimic_cxr", "chexpert", "rsna", "radnli", "vqa_rad", "slake",
             "medvqa2019")
@@ -145,11 +145,13 @@ def _save(arr, path, rng):
     # fast zlib for PNG: the default level costs more than rendering the image
     options = (dict(compress_level=1) if path.suffix == ".png"
                else dict(quality=int(rng.integers(85, 96))))
-    try:
-        img.save(path, **options)
-    except FileNotFoundError:  # first file of its folder (cheaper than a mkdir call per image)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, **options)
+    # a stop signal waits for the file to be whole (a worker has the signals' default actions)
+    with deferred_stop():
+        try:
+            img.save(path, **options)
+        except FileNotFoundError:  # first file of its folder (cheaper than a mkdir call per image)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path, **options)
 
 
 def _size(rng, hs=(128, 144), ws=(112, 128, 144)):
@@ -1113,28 +1115,15 @@ def real_size_films(folder, n, seed=0):
 POOL_MIN_JOBS = 200  # below this, starting worker processes costs more than it saves
 
 
-class _Renderer:
-    """Renders jobs in order, on a process pool when there are many. Every job carries its own seed,
-    so the files do not depend on the number of workers. Workers are forked (as torch's DataLoader
-    does on Linux): "spawn" would re-run the caller's main script, which breaks any script that
-    calls generate() without a __main__ guard."""
-
-    def __init__(self, workers, progress, real_size=False):
-        self.progress, self.pool, self.render = (progress, None,
-                                                 partial(_render_job, real_size=real_size))
-        self.workers = workers if "fork" in multiprocessing.get_all_start_methods() else 1
-
-    def __call__(self, jobs, desc):
-        bar = dict(total=len(jobs), desc=f"synth {desc}", disable=not self.progress, unit="img")
-        if self.workers > 1 and len(jobs) >= POOL_MIN_JOBS:
-            self.pool = self.pool or multiprocessing.get_context("fork").Pool(self.workers)
-            return list(tqdm(self.pool.imap(self.render, jobs, chunksize=16), **bar))
-        return [self.render(j) for j in tqdm(jobs, **bar)]
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
+def _renderer(workers, progress, real_size=False):
+    """render(jobs, desc): _render_job over jobs, in order, on worker processes when there are many
+    (workers.ordered_map). Every job carries its own seed, so the files do not depend on the number
+    of workers."""
+    def render(jobs, desc):
+        return ordered_map(partial(_render_job, real_size=real_size), jobs, workers, chunksize=16,
+                           min_jobs=POOL_MIN_JOBS,
+                           bar=dict(desc=f"synth {desc}", disable=not progress, unit="img"))
+    return render
 
 
 # ---------------------------------------------------------------------------------- dataset writers
@@ -1648,14 +1637,11 @@ def generate(out_dir, seed=0, scale="default", progress=True, datasets=None, wor
                                       "pick another --out, or pass --overwrite")
             shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
-    render = _Renderer(min(2, os.cpu_count() or 1) if workers is None else workers, progress,
+    render = _renderer(min(2, os.cpu_count() or 1) if workers is None else workers, progress,
                        real_size)
     counts = {}
-    try:
-        for name in names:
-            counts.update(WRITERS[name](out, seed, SCALES[scale], render))
-    finally:
-        render.close()
+    for name in names:
+        counts.update(WRITERS[name](out, seed, SCALES[scale], render))
     _write(out / "synth_counts.json", json.dumps(counts, indent=1, sort_keys=True) + "\n")
     return counts
 
