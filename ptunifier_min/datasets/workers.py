@@ -1,5 +1,5 @@
-"""Forked worker processes for the data plumbing's long loops (synth.py renders the world, prepare.py
-decodes and caches every image).
+"""Forked worker processes for the data plumbing's long loops (synth.py renders the world,
+prepare.py decodes and caches every image).
 
     results = ordered_map(fn, jobs, workers=2, chunksize=8, min_jobs=64, bar=dict(desc="..."))
     with deferred_stop():          # in fn: a file written here is never left half written by a stop
@@ -24,7 +24,6 @@ Forked, as torch's DataLoader on Linux: "spawn" would re-import the caller's scr
 
 import contextlib
 import multiprocessing
-import pickle
 import signal
 import sys
 import time
@@ -130,16 +129,15 @@ def _work(fn, conn, parent_ends):
         except EOFError:  # the parent closed the pipe: no more work
             return
         try:
-            reply = True, [fn(job) for job in chunk]
+            conn.send((True, [fn(job) for job in chunk]))
         except Exception as e:
-            e.add_note(f"in worker process {multiprocessing.current_process().pid}:\n"
-                       + traceback.format_exc())
+            where = (f"in worker process {multiprocessing.current_process().pid}:\n"
+                     + traceback.format_exc())
+            e.add_note(where)
             try:
-                pickle.dumps(e)
-            except Exception:
-                e = RuntimeError(traceback.format_exc())
-            reply = False, e
-        conn.send(reply)
+                conn.send((False, e))
+            except Exception:  # an exception that cannot cross the pipe: its text can
+                conn.send((False, RuntimeError(where)))
 
 
 def _join(procs, when):
