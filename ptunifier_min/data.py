@@ -139,9 +139,10 @@ def pixel_table(mean=(MEAN,) * 3, std=(STD,) * 3):
     Normalising is then a table look-up, which gives these exact floats on every device: on a GPU,
     `x / 255.0` is computed as x * (1 / 255.0), which differs in the last bit for some pixels (and a
     compiled kernel may reorder it again)."""
-    x = torch.from_numpy(np.arange(256, dtype=np.float32) / 255.0)  # [256]
-    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None] for v in (mean, std))  # [3, 1]
-    return (x - mean) / std
+    x = np.arange(256, dtype=np.float32) / 255.0  # [256]
+    mean, std = (np.asarray(v, dtype=np.float32)[:, None] for v in (mean, std))  # [3, 1]
+    # in numpy: a host tensor even where the model is built under torch.device("meta")
+    return torch.from_numpy((x - mean) / std)
 
 
 PIXEL_VALUES = pixel_table()  # [3, 256], the from-scratch model's
