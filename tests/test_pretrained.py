@@ -1,14 +1,16 @@
-"""pretrained.py: the four vision formats and the two text formats, imported from files that `transformers` writes
-(randomly initialised small models, nothing downloaded), reproduce the source's computations exactly; the refusals;
-the paper preset's rates; train.py and finetune.py end to end from such files."""
+"""pretrained.py: the four vision formats and the two text formats, imported from files that
+`transformers` writes (randomly initialised small models, nothing downloaded), reproduce the
+source's computations exactly; the pixel statistics, from uint8 films against transformers' own
+image processors; head counts and numerics the files do not record; the refusals; the paper
+preset's rates; train.py and finetune.py end to end from such files."""
 
 import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tokenizers import pre_tokenizers
 
 transformers = pytest.importorskip("transformers")
@@ -424,7 +426,7 @@ def test_train_and_finetune_start_from_transformers_files(world, tmp_path, capsy
     saved = checkpoint.read_checkpoint_config(ckpt)["config"]["model"]
     assert saved["norm_pre"] and saved["act"] == "quick_gelu" and saved["text_norm_eps"] == 1e-5
     # CLIP's pixel statistics, kept by the checkpoint for the API and fine-tuning with --init
-    clip_pixels = [pretrained.CLIP_PIXELS[0], pretrained.CLIP_PIXELS[1]]
+    clip_pixels = list(pretrained.CLIP_PIXELS)
     assert [saved["pixel_mean"], saved["pixel_std"]] == clip_pixels
     assert torch.equal(ptunifier_min.load(str(out)).backbone.pixel_values,
                        data.pixel_table(*clip_pixels))
