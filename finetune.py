@@ -115,7 +115,8 @@ def main(argv=None):
     # ---- model: backbone (pre-trained or not), then the task head; the decoder copies the
     # backbone's blocks ----------------------------------------------------------------------------
     # scratch runs only
-    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print0)
+    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print0,
+                                  cfg.given)
     # built at the checkpoint's sizes so that its weights load as they are, then resized to
     # this run's
     sizes = {k: ckpt_model[k] for k in ("image_size", "max_text_len")} if ckpt else {}

@@ -64,7 +64,8 @@ def main(argv=None):
 
     # ---- model and optimizer ---------------------------------------------------------------------
     # sets ln_pre, QuickGELU, ..
-    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print0)
+    imported = pretrained.prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print0,
+                                  cfg.given)
     model = PTUnifier(cfg.model).to(proc.device)
     pretrained.load_into(model, imported, print0)
     # Freeze what the chosen objectives never reach (e.g. the prompt pools without ITC), measured by

@@ -135,9 +135,22 @@ class ModelConfig:
     text_norm_eps: float = _f(0.0, "epsilon of a LayerNorm on word + position embeddings "
                                    "(BERT / RoBERTa's embeddings.LayerNorm, "
                                    "added by --init-text); 0 = no such norm", valid=">= 0")
+    # pixels in [0, 1] become (x - mean) / std per channel, as the imported encoder was trained
+    pixel_mean: list = _f((0.5, 0.5, 0.5), "per-channel (R,G,B) mean subtracted from pixels in "
+                                           "[0, 1] (set by --init-vision: CLIP's, ImageNet's...)")
+    pixel_std: list = _f((0.5, 0.5, 0.5), "per-channel (R,G,B) std the pixels are then divided by "
+                                          "(set by --init-vision)")
 
     def __post_init__(self):
         check_fields(self)  # first: the checks below divide by heads and patch_size
+        for name in ("pixel_mean", "pixel_std"):
+            # a list, as it reads back from a checkpoint's JSON, so that both compare equal
+            values = [float(v) for v in getattr(self, name)]
+            if len(values) != 3 or not all(map(math.isfinite, values)):
+                raise ValueError(f"{flag(name)} must be 3 finite numbers (R,G,B), got {values}")
+            setattr(self, name, values)
+        if min(self.pixel_std) <= 0:
+            raise ValueError(f"--pixel-std must be > 0 in every channel, got {self.pixel_std}")
         if self.dim % self.heads:
             raise ValueError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -316,6 +329,13 @@ def _auto_bool(s):
     return "auto" if s.lower() == "auto" else str(_str2bool(s)).lower()
 
 
+def _floats(s):
+    try:
+        return [float(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
 def _flat_fields(cls):
     """(name, field, owner) for every leaf field, model fields included, in declaration order."""
     for f in dataclasses.fields(cls):
@@ -350,14 +370,15 @@ def parse_args(cls, presets, argv=None, description=""):
     for name, f, owner in _flat_fields(cls):
         default = getattr(defaults.model if owner else defaults, name)
         valid = f.metadata.get("valid")
-        typ = (_str2bool if f.type in (bool, "bool")
-               else _auto_bool if valid == AUTO_BOOL else type(default))
+        typ = (_str2bool if f.type in (bool, "bool") else _auto_bool if valid == AUTO_BOOL
+               else _floats if isinstance(default, list) else type(default))
         extra = {"choices": sorted(presets)} if name == "preset" else {}
         if typ in (_str2bool, _auto_bool):  # `--overwrite` alone means `--overwrite true`
             extra.update(nargs="?", const=True if typ is _str2bool else "true")
         allowed = ("" if valid is None
                    else f"; {' | '.join(valid) if isinstance(valid, tuple) else valid}")
-        metavar = {_str2bool: "BOOL", _auto_bool: "AUTO|BOOL"}.get(typ, typ.__name__.upper())
+        metavar = {_str2bool: "BOOL", _auto_bool: "AUTO|BOOL",
+                   _floats: "R,G,B"}.get(typ, typ.__name__.upper())
         p.add_argument(flag(name), dest=name, type=typ, default=None, metavar=metavar,
                        help=(f"{f.metadata['help']} (default: {default}{allowed})"
                              .replace("%", "%%")),
@@ -402,8 +423,8 @@ def resume_differences(saved, cfg):
     (`may_change`: steps, cadences, learning rates, workers)."""
     may_change = {name for name, f, _ in _flat_fields(type(cfg)) if f.metadata.get("may_change")}
     # a field the checkpoint lacks was added after it was written: the run had that field's default
-    defaults = {name: f.default for name, f, _ in _flat_fields(type(cfg))
-                if f.default is not dataclasses.MISSING}
+    # (as a built config holds it: pixel_mean's tuple default is kept as a list)
+    defaults = _flat_dict(to_dict(type(cfg)()))
     before, now = {**defaults, **_flat_dict(saved)}, _flat_dict(to_dict(cfg))
     refused, changed = [], []
     # how a run was started, not a setting

@@ -8,7 +8,8 @@ pre-training dataset.
 
 Folders come from prepare.py (one per downstream task, meta.json written last). Images are
 grayscale: the loaders yield uint8 [1, S, S] pixels (ImageTransform.pixels) and the model normalises
-them on the device (`normalize`: MEAN = STD = 0.5 to [-1, 1], replicated to 3 channels), 12x less
+them on the device (`normalize`: replicated to 3 channels, each with its config's pixel_mean and
+pixel_std: MEAN = STD = 0.5, to [-1, 1], from scratch; an imported encoder's own), 12x less
 host-to-device traffic than float RGB. The paper resizes and center-crops to 288 x 288 and, since
 medical texts are multi-sentence narratives, samples one random sentence of the text at every
 access; both choices (and the random crop option) are a pure function of (seed, epoch, index), so a
@@ -130,30 +131,40 @@ def load_image(path):
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-# The 256 values a pixel can take, normalised once, on the host, with the formula of the float
-# transform this project always had (np.float32 pixel / 255.0, then (x - MEAN) / STD). Normalising
-# is then a table look-up, which gives these exact floats on every device: on a GPU, `x / 255.0` is
-# computed as x * (1 / 255.0), which differs in the last bit for some pixels (and a compiled kernel
-# may reorder it again).
-# [256] float32
-PIXEL_VALUES = (torch.from_numpy(np.arange(256, dtype=np.float32) / 255.0) - MEAN) / STD
+def pixel_table(mean=(MEAN,) * 3, std=(STD,) * 3):
+    """[3, 256] float32: what each of the 256 values of a uint8 pixel normalises to in each of the
+    R, G, B channels, computed once, on the host, with the formula of the float transform this
+    project always had (np.float32 pixel / 255.0, then (x - mean) / std).
+
+    Normalising is then a table look-up, which gives these exact floats on every device: on a GPU,
+    `x / 255.0` is computed as x * (1 / 255.0), which differs in the last bit for some pixels (and a
+    compiled kernel may reorder it again)."""
+    x = np.arange(256, dtype=np.float32) / 255.0  # [256]
+    mean, std = (np.asarray(v, dtype=np.float32)[:, None] for v in (mean, std))  # [3, 1]
+    # in numpy: a host tensor even where the model is built under torch.device("meta")
+    return torch.from_numpy((x - mean) / std)
+
+
+PIXEL_VALUES = pixel_table()  # [3, 256], the from-scratch model's
 
 
 def normalize(pixels, table=PIXEL_VALUES):
     """uint8 pixels [..., 1, S, S] (a grayscale film) or [..., 3, S, S] -> the model's float input
     [..., 3, S, S].
 
-    `table` is PIXEL_VALUES on the pixels' device (the model keeps a copy as a buffer, so that this
-    runs there). A grayscale image is replicated to the 3 channels of the ViT's patch embedding:
-    summing its RGB filters into one would change the sums' rounding, so not every result would stay
-    bit-identical."""
-    x = table[pixels.long()]
-    return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
+    `table` is a pixel_table on the pixels' device (the model keeps its own as a buffer, so that
+    this runs there). A grayscale image is replicated to the 3 channels of the ViT's patch
+    embedding, each channel normalised with its own mean and std: summing its RGB filters into one
+    would change the sums' rounding, so not every result would stay bit-identical."""
+    channel = torch.arange(3, device=pixels.device)[:, None, None]  # [3, 1, 1]
+    return table[channel, pixels.long()]  # broadcast over [..., 1 or 3, S, S] -> [..., 3, S, S]
 
 
 class ImageTransform:
     """PIL "L" image -> uint8 pixels [1, size, size] (`pixels`, what the data loaders yield) or the
-    model's float input [3, size, size] in [-1, 1] (calling it: normalize(pixels)).
+    model's float input [3, size, size] (calling it: normalize(pixels) with `mean` and `std`, which
+    must be the model config's pixel_mean and pixel_std; the scripts hand the model uint8 pixels,
+    which it normalises itself).
 
     Default (eval, and training as in the paper): resize the shorter side to `size`, then center
     crop.
@@ -162,9 +173,11 @@ class ImageTransform:
     flips: left and right matter in radiology (heart, situs, laterality words in the reports).
     """
 
-    def __init__(self, size, train=False, random_resized_crop=False, scale=(0.5, 1.0)):
+    def __init__(self, size, train=False, random_resized_crop=False, scale=(0.5, 1.0),
+                 mean=(MEAN,) * 3, std=(STD,) * 3):
         self.size, self.train, self.random_resized_crop, self.scale = (
             size, train, random_resized_crop, tuple(scale))
+        self.table = pixel_table(mean, std)
 
     def _random_box(self, w, h, rng):
         area = w * h
@@ -196,7 +209,7 @@ class ImageTransform:
         return torch.from_numpy(np.array(img, dtype=np.uint8))[None]
 
     def __call__(self, img, rng=None):
-        return normalize(self.pixels(img, rng))  # [3, S, S] float32
+        return normalize(self.pixels(img, rng), self.table)  # [3, S, S] float32
 
 
 def read_meta(folder):

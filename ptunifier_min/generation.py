@@ -12,11 +12,12 @@ image-to-text generation (image -> findings, ITG), with greedy and beam-search d
 
 Paper section 5.3: the encoder's whole output sequence (visual part and textual part) is the memory
 of a Transformer decoder whose weights, except its cross-attention, are initialised from the
-pre-trained backbone. The decoder's word embeddings and output projection are the backbone's own
-word embeddings and MLM head (shared, not copied), so the decoder holds a reference to the backbone
-that is deliberately *not* a registered submodule: the decoder's parameters() and state_dict() hold
-only its own tensors, and whoever owns both (the ModuleDict above) holds the backbone once. Moving
-the decoder alone (.to(), .half()) therefore does not move the backbone; move the owner.
+pre-trained backbone. The decoder's word embeddings (with the norms the backbone applies to them:
+text_norm, norm_pre) and output projection are the backbone's own word embeddings and MLM head
+(shared, not copied), so the decoder holds a reference to the backbone that is deliberately *not* a
+registered submodule: the decoder's parameters() and state_dict() hold only its own tensors, and
+whoever owns both (the ModuleDict above) holds the backbone once. Moving the decoder alone (.to(),
+.half()) therefore does not move the backbone; move the owner.
 
 Decoding keeps a key/value cache (KVCache): each step feeds only the newest token, appends its
 self-attention keys and values to those of the positions before it, reads the encoder memory's
@@ -206,9 +207,10 @@ class TextDecoder(nn.Module):
         return self.backbone.mlm_logits(self.norm(x[:, 0]))  # [N, V]
 
     def embed(self, input_ids, start=0):
-        """[B, T] -> [B, T, D]: the sum the backbone gives its textual part (words + positions +
-        text type 1), so the copied blocks first see text the way they saw it in pre-training.
-        `start`: position of the first token."""
+        """[B, T] -> [B, T, D]: what the backbone gives its blocks for its textual part (words +
+        positions + text type 1, through its norm_pre when it has one, e.g. from CLIP), so the
+        copied blocks first see text the way they saw it in pre-training. `start`: position of the
+        first token."""
         T = start + input_ids.shape[1]
         if T > self.max_len:
             raise ValueError(f"decoder input has {T} tokens, more than max_len={self.max_len}")
@@ -216,7 +218,8 @@ class TextDecoder(nn.Module):
         pos = torch.arange(start, T, device=input_ids.device)
         words = backbone.text_norm(backbone.word_embeddings(input_ids)
                                    + self.position_embeddings(pos))  # as bb.embed_text does
-        return words + backbone.token_type_embeddings.weight[1]
+        # norm_pre is per position: the sequence it normalises in the backbone need not be whole
+        return backbone.norm_pre(words + backbone.token_type_embeddings.weight[1])
 
 
 def encoder_memory(backbone, image=None, input_ids=None, attention_mask=None, padded=None):

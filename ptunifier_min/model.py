@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .data import PIXEL_VALUES, normalize
+from .data import normalize, pixel_table
 
 
 def attend(q, k, v, mask=None, dropout=0.0, manual=False):
@@ -201,10 +201,11 @@ class PTUnifier(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size,
                                           bias=cfg.patch_bias)
-        # what uint8 pixels normalise to (data.normalize), kept here so that images are normalised
-        # on the device; not persistent: a constant of the input format, not a weight of the
-        # checkpoint
-        self.register_buffer("pixel_values", PIXEL_VALUES.clone(), persistent=False)
+        # [3, 256] what uint8 pixels normalise to in each channel (data.normalize), kept here so
+        # that images are normalised on the device; not persistent: the config holds the mean and
+        # std, the checkpoint's weights need no copy of them
+        self.register_buffer("pixel_values", pixel_table(cfg.pixel_mean, cfg.pixel_std),
+                             persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, D))
         # text side (BERT): WordPiece embeddings + learned positions (paper eq. 12)

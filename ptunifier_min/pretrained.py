@@ -1,7 +1,8 @@
 """Start from public pretrained encoders (the paper's recipe): a ViT / CLIP vision tower and BERT /
 RoBERTa embeddings.
 
-    imported = prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print)  # sets cfg's numerics
+    # sets cfg's numerics; refuses the flags that contradict them
+    imported = prepare(cfg.init_vision, cfg.init_text, tok, cfg.model, print, cfg.given)
     model = PTUnifier(cfg.model)
     load_into(model, imported, print)
 
@@ -22,8 +23,12 @@ encoder: a single tower has one set of blocks, and ViLT's recipe takes them from
 norm takes CLIP's `ln_post` / `post_layernorm`, which CLIP applies to the CLS token only (timm's
 `norm` and HF ViT's `layernorm` apply to all tokens, as ours does).
 Images: our films are grayscale replicated to 3 channels (data.ImageTransform), so the RGB filters
-are used as they are; that is exactly the sum of the filters over channels applied to the gray
-image, without changing any weight.
+are used as they are, and each channel is normalised with the encoder's own mean and std
+(pixel_stats, kept in the model config): the encoder reads a film as its own image processor would
+hand it the film's RGB copy.
+Numerics the tensors cannot tell come from the files beside them or the format (FORMATS); timm and
+OpenAI files do not record the head count: it is width / 64 unless --heads says otherwise
+(choose_heads).
 """
 
 import json
@@ -34,14 +39,33 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file
 
+from .config import flag
 from .model import interpolate_pos_embed
 
-# Per-format numerics the tensors cannot tell: (activation, LayerNorm epsilon); a Hugging Face
-# config.json beside the weights overrides them. OpenAI-named files are taken as OpenAI CLIP
-# (QuickGELU): an open_clip model trained with plain GELU (the LAION ones) has the same names;
-# convert it to the HF CLIP format with its config.json instead.
-FORMATS = {"timm": ("gelu", 1e-6), "timm_clip": ("quick_gelu", 1e-5), "hf_vit": ("gelu", 1e-12),
-           "hf_clip": ("quick_gelu", 1e-5), "openai_clip": ("quick_gelu", 1e-5)}
+# The pixel statistics (per-channel mean, std of pixels in [0, 1]) of each format's usual training:
+# CLIP's (OpenAI's clip.py, which open_clip and timm's CLIP weights keep); HF ViTImageProcessor's
+# default (IMAGENET_STANDARD, what google/vit-* use); timm's IMAGENET_DEFAULT (what a timm-named
+# file without timm's config.json most often is: DeiT, DINO, MAE; timm's Google ViTs say 0.5 in
+# theirs).
+CLIP_PIXELS = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+HALF_PIXELS = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+IMAGENET_PIXELS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+# Per-format numerics the tensors cannot tell: (activation, LayerNorm epsilon, pixel statistics);
+# files beside the weights override them (pixel_stats; a Hugging Face config.json for the first
+# two). OpenAI-named files are taken as OpenAI CLIP (QuickGELU): an open_clip model trained with
+# plain GELU (the LAION ones) has the same names; convert it to the HF CLIP format with its
+# config.json instead.
+FORMATS = {"timm": ("gelu", 1e-6, IMAGENET_PIXELS), "timm_clip": ("quick_gelu", 1e-5, CLIP_PIXELS),
+           "hf_vit": ("gelu", 1e-12, HALF_PIXELS), "hf_clip": ("quick_gelu", 1e-5, CLIP_PIXELS),
+           "openai_clip": ("quick_gelu", 1e-5, CLIP_PIXELS)}
+# Files beside the weights that record the pixel statistics, tried in order:
+# (file, section, mean key, std key)
+PIXEL_FILES = [("preprocessor_config.json", None, "image_mean", "image_std"),  # transformers
+               ("config.json", "pretrained_cfg", "mean", "std"),  # timm
+               ("open_clip_config.json", "preprocess_cfg", "mean", "std")]  # open_clip
+# The head width of every ViT and CLIP up to L: OpenAI's CLIP derives its head count this way
+# (width // 64); timm and OpenAI files do not record it.
+HEAD_WIDTH = 64
 # one block's prefix in any of the formats
 B = r"(?:blocks|encoder\.layers?|transformer\.resblocks)\.(\d+)\."
 # source name (prefix removed) -> our name; "qkv:q" etc. are concatenated into one fused qkv
@@ -127,14 +151,45 @@ def _summary(names):
     return ", ".join(k + (f" x{c}" if c > 1 else "") for k, c in counts.items()) or "none"
 
 
+def _beside(path, name):
+    """The JSON file `name` in the weights file's folder, or {} when there is none."""
+    file = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
 def _hf_config(path):
     """The Hugging Face config.json beside the weights (its vision part for a CLIPModel), or {}."""
-    cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if not os.path.isfile(cfg_path):
-        return {}
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = _beside(path, "config.json")
     return cfg.get("vision_config", cfg)
+
+
+def pixel_stats(fmt, path):
+    """(mean, std, file) of the pixels the vision encoder in `path` was trained on: from the first
+    file beside it that records them (PIXEL_FILES), else the format's usual ones (file None)."""
+    for name, section, mean_key, std_key in PIXEL_FILES:
+        found = _beside(path, name)
+        found = found.get(section, {}) if section else found
+        if mean_key not in found:
+            continue
+        if std_key not in found:
+            raise ValueError(f"{path}: its {name} has {mean_key} but no {std_key}")
+        if name == "preprocessor_config.json":
+            if not found.get("do_rescale", True) or found.get("rescale_factor", 1 / 255) != 1 / 255:
+                raise ValueError(f"{path}: its {name} does not rescale pixels by 1/255 "
+                                 "(do_rescale, rescale_factor), the only input range ours has")
+            if not found.get("do_normalize", True):  # pixels in [0, 1] as they are
+                return [0.0] * 3, [1.0] * 3, name
+        # a single number is every channel's
+        mean, std = ([float(x) for x in (v if isinstance(v, list) else [v] * 3)]
+                     for v in (found[mean_key], found[std_key]))
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"{path}: its {name} has {mean_key} {mean}, {std_key} {std}: "
+                             "expected 3 channels, std > 0")
+        return mean, std, name
+    return *FORMATS[fmt][2], None
 
 
 def convert_vision(src, path=""):
@@ -178,11 +233,11 @@ def convert_vision(src, path=""):
 
 
 def vision_settings(fmt, state, path):
-    """The ModelConfig fields the file decides: shapes (checked against the config) and format
-    numerics (set)."""
+    """The ModelConfig fields the file decides: shapes (checked against the config), numerics (set)
+    and where the pixel statistics among them come from (pixel_stats)."""
     D, w = state["cls_token"].shape[-1], state["patch_embed.proj.weight"]
     depth = len({n.split(".")[1] for n in state if n.startswith("blocks.")})
-    act, eps = FORMATS[fmt]
+    act, eps, _ = FORMATS[fmt]
     hf = _hf_config(path) if fmt.startswith("hf") else {}
     act, eps = hf.get("hidden_act", act), hf.get("layer_norm_eps", eps)
     shapes = {"dim": D, "depth": depth, "patch_size": w.shape[-1],
@@ -195,31 +250,75 @@ def vision_settings(fmt, state, path):
     if act not in ("gelu", "quick_gelu"):
         raise ValueError(f"{path}: activation {act!r} (its config.json) is not one of gelu, "
                          "quick_gelu")
+    mean, std, pixels_file = pixel_stats(fmt, path)
     numerics = {"norm_pre": "norm_pre.weight" in state, "act": act, "norm_eps": float(eps),
-                "patch_bias": "patch_embed.proj.bias" in state}
-    return shapes, numerics
+                "patch_bias": "patch_embed.proj.bias" in state, "pixel_mean": mean,
+                "pixel_std": std}
+    return shapes, numerics, pixels_file
 
 
-def prepare(init_vision, init_text, tok, model_cfg, print0=print):
+def choose_heads(model_cfg, D, explicit, path, print0=print):
+    """The head count of a vision file that does not record it (timm, OpenAI): width / 64 unless
+    --heads was given (explicit), which is kept and, when it differs, warned about: the tensors load
+    either way, and with the wrong count the imported blocks compute something else."""
+    implied = D // HEAD_WIDTH if D % HEAD_WIDTH == 0 else None
+    if explicit:
+        if model_cfg.heads != implied:
+            print0(f"init-vision: WARNING: {path} does not record its head count: --heads "
+                   f"{model_cfg.heads} as given, not width {D} / {HEAD_WIDTH} = "
+                   f"{D / HEAD_WIDTH:g}, the head count of ViT and CLIP up to L")
+        return
+    if implied is None:
+        raise SystemExit(f"--init-vision {path} does not record its head count and its width {D} "
+                         f"is not a multiple of {HEAD_WIDTH} (the head width of ViT and CLIP up "
+                         "to L): pass --heads")
+    model_cfg.heads = implied
+    print0(f"init-vision: heads {implied} = width {D} / {HEAD_WIDTH} ({path} does not record it; "
+           "ViT-H/14, g/14 and bigG/14 have 16: pass --heads for those)")
+
+
+def prepare(init_vision, init_text, tok, model_cfg, print0=print, given=frozenset()):
     """Read the pretrained files and update model_cfg with what they need; returns the tensors for
-    load_into."""
+    load_into.
+
+    given: the model fields the command line set (parse_args' `given`). A flag that contradicts
+    what the vision file or its format decides is refused, not overridden; except where the file
+    says nothing and the format only suggests: the head count (choose_heads) and pixel statistics
+    that no file beside the weights records (--pixel-mean / --pixel-std are then used)."""
     imported = Imported()
     if init_vision:
         fmt, state, unused = convert_vision(read_state_dict(init_vision), init_vision)
-        shapes, numerics = vision_settings(fmt, state, init_vision)
-        bad = [f"{k}: file {v:g} vs config {getattr(model_cfg, k):g} (--{k.replace('_', '-')})"
+        shapes, numerics, pixels_file = vision_settings(fmt, state, init_vision)
+        bad = [f"{k}: file {v:g} vs config {getattr(model_cfg, k):g} ({flag(k)})"
                for k, v in shapes.items() if v != getattr(model_cfg, k)]
         if bad:
             raise SystemExit(f"--init-vision {init_vision} has another architecture than the "
                              "config:\n  " + "\n  ".join(bad))
+        if "heads" not in shapes:
+            choose_heads(model_cfg, shapes["dim"], "heads" in given, init_vision, print0)
+        pixels_from = pixels_file or f"the {fmt} format's usual statistics"
+        # no file records them: the flags beat the format's usual ones
+        user = sorted({"pixel_mean", "pixel_std"} & set(given)) if pixels_file is None else []
+        for k in user:
+            del numerics[k]
+        if user:
+            pixels_from = f"{' and '.join(map(flag, user))} as given, else {pixels_from}"
+        refused = [f"{flag(k)} {getattr(model_cfg, k)!r} given, the file's {v!r}"
+                   for k, v in numerics.items() if k in given and getattr(model_cfg, k) != v]
+        if refused:
+            raise SystemExit(f"--init-vision {init_vision} ({fmt}) computes with other numerics "
+                             "than the flags say:\n  " + "\n  ".join(refused) +
+                             "\ndrop these flags: the imported encoder needs its own")
         for k, v in numerics.items():
             setattr(model_cfg, k, v)
         grid = model_cfg.image_size // model_cfg.patch_size
         # the file's resolution differs from --image-size
         if state["pos_embed"].shape[1] != 1 + grid * grid:
             state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], grid)
-        print0(f"init-vision: {init_vision} is a {fmt} checkpoint ({numerics}); positions for a "
-               f"{grid}x{grid} grid")
+        kept = {k: v for k, v in numerics.items() if not k.startswith("pixel")}
+        print0(f"init-vision: {init_vision} is a {fmt} checkpoint ({kept}, heads "
+               f"{model_cfg.heads}); pixels normalised with mean {model_cfg.pixel_mean}, std "
+               f"{model_cfg.pixel_std} from {pixels_from}; positions for a {grid}x{grid} grid")
         imported.state.update(state)
         imported.sources.append(("vision", init_vision, unused))
     if init_text:

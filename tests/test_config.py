@@ -47,3 +47,32 @@ def test_resume_takes_a_field_newer_than_the_checkpoint_at_its_default():
     assert resume_differences(saved, cfg) == ([], [])
     cfg.model.pool_select = "cosine"  # but a changed value still is
     assert resume_differences(saved, cfg)[0] == ["--pool-select 'dot' -> 'cosine'"]
+
+
+def test_a_config_saved_before_pixel_statistics_existed_normalises_as_it_did():
+    """A checkpoint's config without pixel_mean / pixel_std was trained with 0.5 / 0.5: it loads
+    so, and resumes."""
+    import torch
+    from ptunifier_min import data
+    from ptunifier_min.config import build, resume_differences
+    from ptunifier_min.model import PTUnifier
+    cfg = build(TrainConfig, dict(PRESETS["tiny"]))
+    saved = to_dict(cfg)
+    del saved["model"]["pixel_mean"], saved["model"]["pixel_std"]
+    old = from_dict(TrainConfig, saved)
+    assert old.model.pixel_mean == old.model.pixel_std == [0.5] * 3
+    assert torch.equal(PTUnifier(old.model).pixel_values, data.pixel_table())
+    assert resume_differences(saved, cfg) == ([], [])
+
+
+def test_pixel_statistics_are_flags_and_survive_the_checkpoints_json(capsys):
+    import json
+    cfg = parse_args(TrainConfig, PRESETS,
+                     ["--pixel-mean", "0.485,0.456,0.406", "--pixel-std", "0.2,0.3,0.4"])
+    assert (cfg.model.pixel_mean, cfg.model.pixel_std) == ([0.485, 0.456, 0.406], [0.2, 0.3, 0.4])
+    assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+    for argv in (["--pixel-std", "0.5,0,0.5"], ["--pixel-mean", "0.5,0.5"],
+                 ["--pixel-mean", "a,b,c"]):
+        with pytest.raises(SystemExit):
+            parse_args(TrainConfig, PRESETS, argv)
+        assert "--pixel-" in capsys.readouterr().err

@@ -262,6 +262,20 @@ def test_uint8_pixels_normalise_bit_for_bit_to_the_old_float_transform(tmp_path,
         assert torch.equal(D.normalize(batch["image"][i]), ref)
 
 
+def test_a_per_channel_table_normalises_each_channel_with_its_own_statistics():
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # CLIP's
+    table = D.pixel_table(mean, std)
+    gray = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)  # every level
+    x = torch.from_numpy(np.arange(256, dtype=np.float32).reshape(16, 16) / 255.0)
+    out = D.normalize(gray, table)
+    assert out.shape == (1, 3, 16, 16)
+    for c in range(3):
+        assert torch.equal(out[0, c], (x - torch.tensor(mean[c])) / torch.tensor(std[c]))
+    assert torch.equal(D.normalize(gray.expand(1, 3, 16, 16), table), out)  # 3-channel uint8 input
+    img = Image.fromarray(gray[0, 0].numpy())
+    assert torch.equal(D.ImageTransform(16, mean=mean, std=std)(img), out[0])
+
+
 def test_model_reads_uint8_pixels_exactly_as_float_images():
     """The model normalises uint8 [B, 1, S, S] itself: every pass gives the same bits as the float [B, 3, S, S] input,
     in fp32, under bf16 autocast, and with the model cast to bf16 (the API's dtype=), and checkpoints are unchanged."""

@@ -15,12 +15,12 @@ PAD, UNK, CLS, SEP, MASK = range(5)
 A, B_, C, D_ = 5, 6, 7, 8  # ordinary tokens of the hand-built tables
 
 
-def backbone(seed=0, dropout=0.0):
+def backbone(seed=0, dropout=0.0, **over):
     """A tiny backbone whose weights look pre-trained: every tensor nudged off its init (norms no longer all ones),
     so that 'copied from the backbone' cannot pass by coincidence."""
     torch.manual_seed(seed)
     model = PTUnifier(ModelConfig(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2, pool_size=8,
-                                  k_v=4, k_l=3, itc_dim=16, vocab_size=50, dropout=dropout))
+                                  k_v=4, k_l=3, itc_dim=16, vocab_size=50, dropout=dropout, **over))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -99,6 +99,21 @@ def test_decoder_starts_from_backbone_blocks_with_fresh_cross_attention():
     with torch.no_grad():
         bb.blocks[0].attn.qkv.weight.add_(1.0)
     assert torch.equal(dec.blocks[0].attn.qkv.weight, before)
+
+
+@pytest.mark.parametrize("norm_pre", [False, True])
+def test_decoder_blocks_see_a_text_as_the_backbones_blocks_do(norm_pre):
+    """With a CLIP start (norm_pre: CLIP's ln_pre before the blocks) as without: the copied blocks
+    first receive what the backbone's first block receives for the textual part of a text-only
+    pass."""
+    bb = backbone(norm_pre=norm_pre, prompt_mode="none")
+    ids = torch.randint(5, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = bb.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        enc = bb(input_ids=ids)
+    hook.remove()
+    torch.testing.assert_close(TextDecoder(bb, max_len=32).embed(ids), seen[0][:, enc.n_visual:])
 
 
 def test_depth_option():

@@ -1,27 +1,33 @@
-"""pretrained.py: the four vision formats and the two text formats, imported from files that `transformers` writes
-(randomly initialised small models, nothing downloaded), reproduce the source's computations exactly; the refusals;
-the paper preset's rates; train.py and finetune.py end to end from such files."""
+"""pretrained.py: the four vision formats and the two text formats, imported from files that
+`transformers` writes (randomly initialised small models, nothing downloaded), reproduce the
+source's computations exactly; the pixel statistics, from uint8 films against transformers' own
+image processors; head counts and numerics the files do not record; the refusals; the paper
+preset's rates; train.py and finetune.py end to end from such files."""
 
 import json
 import os
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import pre_tokenizers
 
 transformers = pytest.importorskip("transformers")
 
 import finetune  # noqa: E402
+import ptunifier_min  # noqa: E402
 import train  # noqa: E402
 from test_finetune import world  # noqa: E402, F401  (the shared tiny synthetic world fixture, every task prepared)
 from ptunifier_min import checkpoint, data, pretrained  # noqa: E402
-from ptunifier_min.config import PRESETS, ModelConfig, TrainConfig, parse_args  # noqa: E402
+from ptunifier_min.config import (  # noqa: E402
+    FINETUNE_PRESETS, PRESETS, FinetuneConfig, ModelConfig, TrainConfig, parse_args)
 from ptunifier_min.model import PTUnifier, interpolate_pos_embed  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, dim=32, depth=2, heads=2, max_text_len=24)
 HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
           patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 WORDS = ["pleural", "effusion", "no", "left", "small", "the", "heart", "is", "normal", "size", ".", "##s"]
 
 
@@ -94,10 +100,12 @@ def clip_to(sd, names):
     return out
 
 
-def imported_model(path, lines=None, **over):
+def imported_model(path, lines=None, given=("heads",), **over):
+    """given: the flags the user gave; by default --heads, which a user of a timm or OpenAI file
+    must give for the tiny sources' 16-wide heads (such files do not record the head count)."""
     cfg = ModelConfig(**{**TINY, **over})
     say = (lambda *a: lines.append(" ".join(map(str, a)))) if lines is not None else (lambda *a: None)
-    imported = pretrained.prepare(path, "", None, cfg, say)
+    imported = pretrained.prepare(path, "", None, cfg, say, frozenset(given))
     model = PTUnifier(cfg).eval()
     pretrained.load_into(model, imported, say)
     return model
@@ -171,6 +179,133 @@ def test_clip_formats_are_exact(fmt, tmp_path):
         torch.testing.assert_close(model.forward_vision(image()), ref, atol=1e-5, rtol=0)
     if fmt == "openai_clip":
         assert "visual.proj" in "\n".join(lines)
+
+
+# ---- pixels: each start normalises as its source was trained -------------------------------------
+def films(B=3, size=32):
+    """uint8 grayscale films [B, 1, S, S], what our loaders yield."""
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, 256, (B, 1, size, size), dtype=torch.uint8, generator=g)
+
+
+def processed(processor, px):
+    """The films through transformers' own image processor, as a user holds them (RGB images of
+    the gray film)."""
+    images = [Image.fromarray(p[0].numpy()).convert("RGB") for p in px]
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+@pytest.mark.parametrize("fmt", ["hf_vit", "hf_clip", "openai_clip"])
+def test_uint8_films_equal_the_source_fed_by_its_own_image_processor(fmt, tmp_path):
+    if fmt == "hf_vit":  # an ImageNet-normalised ViT: its preprocessor_config.json says so
+        src = hf_vit()
+        processor = transformers.ViTImageProcessor(do_resize=False, image_mean=IMAGENET[0],
+                                                   image_std=IMAGENET[1])
+    else:  # CLIPImageProcessor's defaults: CLIP's mean and std
+        src = hf_clip()
+        processor = transformers.CLIPImageProcessor(do_resize=False, do_center_crop=False)
+    randomise_norms(src)
+    path = tmp_path / "model.safetensors"
+    if fmt == "openai_clip":  # OpenAI's names and no file beside: the format's statistics
+        sd = hub_state(src, tmp_path / "hf")
+        save_file(clip_to({k.removeprefix("vision_model."): v for k, v in sd.items()}, "openai"),
+                  str(path))
+    else:  # as save_pretrained leaves them: weights, config.json, preprocessor_config.json
+        src.save_pretrained(tmp_path)
+        processor.save_pretrained(tmp_path)
+    lines = []
+    model = imported_model(str(path), lines)
+    assert (model.cfg.pixel_mean, model.cfg.pixel_std) == (list(processor.image_mean),
+                                                           list(processor.image_std))
+    source = "openai_clip format's usual" if fmt == "openai_clip" else "preprocessor_config.json"
+    assert source in "\n".join(lines)
+    with torch.no_grad():
+        out = src(pixel_values=processed(processor, films()))
+        ref = out.last_hidden_state
+        ref = ref if fmt == "hf_vit" else src.post_layernorm(ref)  # CLIP: our final norm
+        torch.testing.assert_close(model.forward_vision(films()), ref, atol=1e-5, rtol=0)
+
+
+def test_pixel_statistics_come_from_a_file_beside_the_weights_else_the_format(tmp_path):
+    os.makedirs(tmp_path / "timm")
+    path = str(tmp_path / "timm" / "model.safetensors")
+    save_file(vit_to_timm(hub_state(hf_vit(eps=1e-6), tmp_path / "hf")), path)
+    lines = []
+    cfg = imported_model(path, lines).cfg
+    assert [cfg.pixel_mean, cfg.pixel_std] == list(IMAGENET)  # a timm file without timm's config
+    assert "timm format's usual statistics" in "\n".join(lines)
+    # timm's config.json (pretrained_cfg), open_clip's open_clip_config.json (preprocess_cfg), e.g.
+    # an open_clip model around a timm trunk
+    half, clip = ([0.5] * 3, [0.5] * 3), ([0.48145466, 0.4578275, 0.40821073], [0.2, 0.3, 0.4])
+    for name, section, stats in (("config.json", "pretrained_cfg", half),
+                                 ("open_clip_config.json", "preprocess_cfg", clip)):
+        file = tmp_path / "timm" / name
+        file.write_text(json.dumps({section: {"mean": stats[0], "std": stats[1]}}))
+        cfg = imported_model(path).cfg
+        assert [cfg.pixel_mean, cfg.pixel_std] == list(stats)
+        os.remove(file)
+    # flags may say what no file does; against a file, they are refused
+    lines = []
+    cfg = imported_model(path, lines, given=("heads", "pixel_mean"), pixel_mean=[0.5] * 3).cfg
+    assert [cfg.pixel_mean, cfg.pixel_std] == [[0.5] * 3, IMAGENET[1]]
+    assert "from --pixel-mean as given, else the timm format's usual" in "\n".join(lines)
+    pre = tmp_path / "timm" / "preprocessor_config.json"
+    pre.write_text(json.dumps({"image_mean": [0.4] * 3, "image_std": [0.3] * 3}))
+    with pytest.raises(SystemExit, match=r"--pixel-mean \[0.5, 0.5, 0.5\] given, the file's \[0.4"):
+        imported_model(path, given=("heads", "pixel_mean"), pixel_mean=[0.5] * 3)
+    pre.write_text(json.dumps({"image_mean": [0.4] * 3, "image_std": [0.3] * 3,
+                               "do_normalize": False}))
+    assert [imported_model(path).cfg.pixel_mean, imported_model(path).cfg.pixel_std] == \
+        [[0.0] * 3, [1.0] * 3]  # pixels in [0, 1] as they are
+    pre.write_text(json.dumps({"image_mean": [0.4] * 3, "image_std": [0.3] * 3,
+                               "do_rescale": False}))
+    with pytest.raises(ValueError, match="does not rescale pixels by 1/255"):
+        imported_model(path)
+
+
+# ---- heads and numerics: what the file says, or a flag that is refused or warned about ----------
+def test_heads_a_file_does_not_record_are_width_over_64_and_another_flag_is_warned_about(tmp_path):
+    torch.manual_seed(0)  # heads 64 wide (dim 128, 2 heads), as every ViT and CLIP up to L
+    src = transformers.ViTModel(transformers.ViTConfig(
+        **{**HF, "hidden_size": 128, "intermediate_size": 512}, layer_norm_eps=1e-6)).eval()
+    randomise_norms(src)
+    path = str(tmp_path / "timm.safetensors")  # timm's names: no head count in the file
+    save_file(vit_to_timm(hub_state(src, tmp_path / "hf")), path)
+    lines = []
+    model = imported_model(path, lines, given=(), dim=128, heads=4)  # 4: the preset's, not given
+    assert model.cfg.heads == 2 and "heads 2 = width 128 / 64" in "\n".join(lines)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_vision(image()),
+                                   src(pixel_values=image()).last_hidden_state, atol=1e-5, rtol=0)
+    lines = []
+    model = imported_model(path, lines, given=("heads",), dim=128, heads=4)
+    said = "\n".join(lines)
+    assert model.cfg.heads == 4 and "WARNING" in said
+    assert "--heads 4 as given, not width 128 / 64 = 2" in said
+    # 16-wide heads (the tiny ViT): no rule applies, the user must say
+    narrow = str(tmp_path / "narrow.safetensors")
+    save_file(vit_to_timm(hub_state(hf_vit(), tmp_path / "hf32")), narrow)
+    with pytest.raises(SystemExit, match="width 32 is not a multiple of 64.*pass --heads"):
+        imported_model(narrow, given=())
+
+
+@pytest.mark.parametrize("flag,value,said", [
+    ("--act", "gelu", "--act 'gelu' given, the file's 'quick_gelu'"),
+    ("--norm-eps", "1e-6", "--norm-eps 1e-06 given, the file's 1e-05")])
+def test_a_flag_contradicting_the_files_numerics_is_refused_naming_both(flag, value, said,
+                                                                         tmp_path):
+    hf_clip().save_pretrained(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    argv = ["--preset", "tiny", "--init-vision", path]
+    cfg = parse_args(TrainConfig, PRESETS, argv + [flag, value])
+    with pytest.raises(SystemExit) as e:
+        pretrained.prepare(cfg.init_vision, "", None, cfg.model, lambda *a: None, cfg.given)
+    assert said in str(e.value)
+    # the file's own value, given or not, is fine
+    for extra in ([], [flag, {"--act": "quick_gelu", "--norm-eps": "1e-5"}[flag]]):
+        cfg = parse_args(TrainConfig, PRESETS, argv + extra)
+        pretrained.prepare(cfg.init_vision, "", None, cfg.model, lambda *a: None, cfg.given)
+        assert (cfg.model.act, cfg.model.norm_eps) == ("quick_gelu", 1e-5)
 
 
 def test_positions_interpolated_to_image_size(tmp_path):
@@ -290,6 +425,14 @@ def test_train_and_finetune_start_from_transformers_files(world, tmp_path, capsy
     ckpt = checkpoint.resolve_checkpoint(str(out))
     saved = checkpoint.read_checkpoint_config(ckpt)["config"]["model"]
     assert saved["norm_pre"] and saved["act"] == "quick_gelu" and saved["text_norm_eps"] == 1e-5
+    # CLIP's pixel statistics, kept by the checkpoint for the API and fine-tuning with --init
+    clip_pixels = list(pretrained.CLIP_PIXELS)
+    assert [saved["pixel_mean"], saved["pixel_std"]] == clip_pixels
+    assert torch.equal(ptunifier_min.load(str(out)).backbone.pixel_values,
+                       data.pixel_table(*clip_pixels))
+    init = parse_args(FinetuneConfig, FINETUNE_PRESETS, ["--task", "chexpert", "--init", str(out)])
+    finetune.resolve_init(init, print)
+    assert [init.model.pixel_mean, init.model.pixel_std] == clip_pixels
     assert data.load_tokenizer(checkpoint.checkpoint_tokenizer(ckpt)).get_vocab_size() == model.cfg.vocab_size
     fin = tmp_path / "fin"
     finetune.main(["--preset", "tiny", "--synth-root", synth_root, "--task", "chexpert", "--out", str(fin),
@@ -298,4 +441,5 @@ def test_train_and_finetune_start_from_transformers_files(world, tmp_path, capsy
                    "--tokenizer", str(tmp_path / "bert" / "vocab.txt")])
     result = json.loads((fin / "results.json").read_text())
     assert result["init"] == "scratch" and result["config"]["model"]["norm_pre"]
+    assert result["config"]["model"]["pixel_mean"] == clip_pixels[0]
     assert "hf_clip checkpoint" in capsys.readouterr().out
