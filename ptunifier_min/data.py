@@ -371,8 +371,9 @@ def tokenizer_record(path):
 
 
 def load_tokenizer(path):
-    """tokenizer.json, or a BERT-style vocab.txt (one token per line); a folder holding either also
-    works.
+    """tokenizer.json, a BERT-style vocab.txt (one token per line) or RoBERTa's vocab.json (with
+    merges.txt beside it); a folder holding a tokenizer.json or vocab.txt also works. Padding and
+    truncation are off whatever the file says: encode_texts / encode_pairs do both.
 
     A file that does not parse (a 0-byte tokenizer.json, what a full disk used to leave) is an error
     naming it."""
@@ -388,13 +389,19 @@ def load_tokenizer(path):
         return _byte_level_bpe(path)
     if path.endswith(".json"):
         try:
-            return Tokenizer.from_file(path)
+            tok = Tokenizer.from_file(path)
         # the library raises a bare Exception ("EOF while parsing a value ...")
         except Exception as e:
             size = os.path.getsize(path)
             raise ValueError(f"cannot read tokenizer {path} ({size} bytes): {e}; delete it "
                              "(a tokenizer trained from the prepared data is retrained) "
                              "or pass a valid one") from None
+        # transformers saves the padding and truncation a tokenizer was last called with: left on,
+        # every text would be padded to that length (and [SEP] put after the pads) or cut. Our
+        # collate truncates and pads, so the file's settings are switched off.
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
     try:
         with open(path, encoding="utf-8") as f:
             vocab = [line.rstrip("\r\n") for line in f if line.strip()]
