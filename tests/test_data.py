@@ -1,5 +1,5 @@
 """data.py: image loading and transforms, manifests, sentences, the tokenizers (WordPiece,
-byte-level BPE, files transformers saved), encoding, PretrainDataset."""
+byte-level BPE, files transformers saved), whole-word continuations, encoding, PretrainDataset."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ptunifier_min import data as D
 
@@ -369,3 +370,21 @@ def test_a_tokenizer_saved_with_padding_and_truncation_on_encodes_as_transformer
     assert [row[m].tolist() for row, m in zip(ids, mask)] == expected
     assert ids.shape[1] == max(map(len, expected))
 
+
+def test_continuation_table_marks_hashes_in_wordpiece_and_unmarked_pieces_in_byte_level_bpe(
+        tok, byte_level_bpe, tmp_path):
+    def continuing(t):
+        return {p for p, i in t.get_vocab().items() if D.continuation_table(t)[i]}
+    assert continuing(tok) == {p for p in tok.get_vocab() if p.startswith("##")}
+    # RoBERTa's own files, and the tokenizer.json transformers writes from them
+    _hf_tokenizer("roberta", tmp_path, tok, byte_level_bpe).save_pretrained(tmp_path / "saved")
+    for path in (byte_level_bpe / "vocab.json", tmp_path / "saved" / "tokenizer.json"):
+        bpe = D.load_tokenizer(str(path))
+        words = {p for p in bpe.get_vocab() if p.startswith("\u0120")}  # 'Ġ': after a space
+        assert continuing(bpe) == set(bpe.get_vocab()) - words - set(D.ROBERTA_SPECIAL_TOKENS)
+        assert {"\u0120ef", "fusion"} <= set(bpe.get_vocab())  # " effusion": both kinds
+        assert "fusion" in continuing(bpe) and "\u0120ef" not in continuing(bpe)
+    other = Tokenizer(models.WordLevel({"[UNK]": 0, "effusion": 1}, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match=r"--whole-word needs a WordPiece .* WordLevel model"):
+        D.continuation_table(other)
