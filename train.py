@@ -55,10 +55,8 @@ def main(argv=None):
     dataset = data.PretrainDataset(records, transform.pixels, cfg.seed)
     collate = data.pretrain_collate(tok, cfg.model.max_text_len)
     order = data.BatchOrder(len(dataset), cfg.batch_size, proc.world, proc.rank, cfg.seed)
-    vocab = tok.get_vocab()
-    # [V] True for '##' pieces (whole-word masking)
-    continuation = torch.zeros(len(vocab), dtype=torch.bool)
-    continuation[[i for t, i in vocab.items() if t.startswith("##")]] = True
+    # [V] True for the pieces that continue a word ('##ing' in WordPiece, 'ing' in byte-level BPE)
+    continuation = data.continuation_table(tok) if cfg.whole_word else None
     special_info = {"ids": [special["cls"], special["sep"], special["pad"]],
                     "mask": special["mask"]}
 

@@ -254,7 +254,9 @@ class TrainConfig(RunConfig):
     w_itc: float = _f(1.0, "weight of the ITC loss", valid=">= 0")
     mlm_prob: float = _f(0.15, "share of real text tokens masked for MLM "
                                "(80% [MASK], 10% random, 10% kept)", valid="(0, 1)")
-    whole_word: bool = _f(False, "mask whole words (a token and its ## continuations) together")
+    whole_word: bool = _f(False, "mask whole words together: a WordPiece token and its ## "
+                                 "pieces, a byte-level BPE (RoBERTa) word from its space-marked "
+                                 "piece")
     itm_hard_negatives: bool = _f(False, "ITM negatives sampled from ITC similarities "
                                          "(ALBEF) instead of uniformly")
     w_pool_pull: float = _f(0.0, "weight of the pools' pull term, "

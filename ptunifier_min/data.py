@@ -384,8 +384,9 @@ def tokenizer_record(path):
 
 
 def load_tokenizer(path):
-    """tokenizer.json, or a BERT-style vocab.txt (one token per line); a folder holding either also
-    works.
+    """tokenizer.json, a BERT-style vocab.txt (one token per line) or RoBERTa's vocab.json (with
+    merges.txt beside it); a folder holding a tokenizer.json or vocab.txt also works. Padding and
+    truncation are off whatever the file says: encode_texts / encode_pairs do both.
 
     A file that does not parse (a 0-byte tokenizer.json, what a full disk used to leave) is an error
     naming it."""
@@ -401,13 +402,19 @@ def load_tokenizer(path):
         return _byte_level_bpe(path)
     if path.endswith(".json"):
         try:
-            return Tokenizer.from_file(path)
+            tok = Tokenizer.from_file(path)
         # the library raises a bare Exception ("EOF while parsing a value ...")
         except Exception as e:
             size = os.path.getsize(path)
             raise ValueError(f"cannot read tokenizer {path} ({size} bytes): {e}; delete it "
                              "(a tokenizer trained from the prepared data is retrained) "
                              "or pass a valid one") from None
+        # transformers saves the padding and truncation a tokenizer was last called with: left on,
+        # every text would be padded to that length (and [SEP] put after the pads) or cut. Our
+        # collate truncates and pads, so the file's settings are switched off.
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
     try:
         with open(path, encoding="utf-8") as f:
             vocab = [line.rstrip("\r\n") for line in f if line.strip()]
@@ -458,6 +465,44 @@ def special_ids(tok):
     if missing:
         raise ValueError(f"tokenizer lacks special token(s) {missing}")
     return ids
+
+
+# byte-level BPE (GPT-2, RoBERTa) writes a space before a word as this character
+BYTE_LEVEL_SPACE = "\u0120"  # 'Ġ'
+
+
+def continuation_table(tok):
+    """[V] bool, True for the vocabulary entries that continue a word (whole-word masking).
+
+    WordPiece marks continuations ('##ing'); byte-level BPE marks the other side, the pieces that
+    start a word after a space ('Ġeff', 'usion' continues it), so there every piece without the
+    marker continues a word. Words are then whitespace-delimited, as in RoBERTa's own text:
+    "x-ray," is one word of three pieces. A text's first word has no marker (no prefix space):
+    mask_tokens starts a word after [CLS]. Special and other added tokens are never
+    continuations. Other tokenizers (SentencePiece, Unigram) are refused, naming what they are.
+    """
+    vocab = tok.get_vocab()
+    added = set(tok.get_added_tokens_decoder())
+    prefix = getattr(tok.model, "continuing_subword_prefix", None)
+    if prefix:
+        cont = [i for t, i in vocab.items() if t.startswith(prefix)]
+    elif _byte_level(tok):
+        cont = [i for t, i in vocab.items() if not t.startswith(BYTE_LEVEL_SPACE)]
+    else:
+        raise ValueError(f"--whole-word needs a WordPiece ('##' pieces) or a byte-level BPE "
+                         f"(space-marked pieces) tokenizer; this one is a "
+                         f"{type(tok.model).__name__} model with the "
+                         f"{type(tok.pre_tokenizer).__name__} pre-tokenizer")
+    table = torch.zeros(tok.get_vocab_size(), dtype=torch.bool)
+    table[[i for i in cont if i not in added]] = True
+    return table
+
+
+def _byte_level(tok):
+    """Whether the tokenizer splits words as GPT-2 does (a ByteLevel pre-tokenizer, alone or in a
+    Sequence)."""
+    pre = json.loads(tok.to_str()).get("pre_tokenizer") or {}
+    return "ByteLevel" in {p.get("type") for p in [pre, *pre.get("pretokenizers", [])]}
 
 
 def _pad(rows, pad_id):

@@ -53,9 +53,11 @@ def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, p
 
     Candidates are real tokens only: never [CLS], [SEP], [PAD] (nor prompts or image positions,
     which are not in input_ids). Of the chosen, 80% become [MASK], 10% a random token, 10% stay.
-    With `continuation` ([V] bool: the vocabulary entries that start with '##'), whole words are
-    masked together: every piece takes the draw of its word's first piece. rows/width/offset place
-    this batch in the global draw table (see `draw`).
+    With `continuation` ([V] bool: the vocabulary entries that continue a word, see
+    data.continuation_table), whole words are masked together: every piece takes the draw of its
+    word's first piece. The piece after a special token ([CLS]) always starts a word: a byte-level
+    BPE text's first word has no space marker. rows/width/offset place this batch in the global
+    draw table (see `draw`).
     """
     B, T = input_ids.shape
     dev = input_ids.device
@@ -65,6 +67,7 @@ def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, p
     r = draw(generator, rows, width, offset, B, T).to(dev)
     if continuation is not None:
         is_start = ~continuation.to(dev)[input_ids]
+        is_start[:, 1:] |= ~candidate[:, :-1]  # after [CLS] / [SEP]: a new word
         pos = torch.arange(T, device=dev).expand(B, T)
         # [B, T] index of the word's start
         start = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(1).values

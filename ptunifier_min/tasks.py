@@ -297,11 +297,10 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
                                       length_penalty)
                 for i, ids in zip(batch["index"].tolist(), out):
                     r = records[i]
-                    # The reference goes through the same WordPiece round trip as the hypothesis
-                    # (untruncated), so that "4.5" vs "4. 5" or "x-ray" vs "x - ray" spacing
-                    # differences are not scored as wrong words.
-                    ref = tok.decode(tok.encode(r["target"], add_special_tokens=False).ids)
-                    hyps[r["id"]], refs[r["id"]] = tok.decode(ids), [ref]
+                    # The reference is the record's own text, as in the literature's pycocoevalcap
+                    # runs (nlg_metrics PTB-tokenises both sides), never a tokenizer round trip of
+                    # it, which would rewrite it ("2.5 cm" -> "2. 5 cm") and drop [UNK] words.
+                    hyps[r["id"]], refs[r["id"]] = tok.decode(ids), [r["target"]]
             return metrics.nlg_metrics(refs, hyps)
         outs = []
         for batch in tqdm(loader, desc=f"eval {task.name}", disable=not progress, leave=False):

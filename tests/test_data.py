@@ -1,4 +1,5 @@
-"""data.py: image loading and transforms, manifests, sentences, the WordPiece tokenizer, encoding, PretrainDataset."""
+"""data.py: image loading and transforms, manifests, sentences, the tokenizers (WordPiece,
+byte-level BPE, files transformers saved), whole-word continuations, encoding, PretrainDataset."""
 
 import json
 import os
@@ -7,7 +8,9 @@ import random
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ptunifier_min import data as D
 
@@ -348,3 +351,54 @@ def test_task_collate_says_on_the_host_whether_a_batch_is_padded(tmp_path):
     even = collate([{"index": 0, "text": "a small effusion", "label": 0}] * 2)
     assert ragged["padded"] is True and not bool(ragged["attention_mask"].all())
     assert even["padded"] is False and bool(even["attention_mask"].all())
+
+
+# texts of different lengths, longer and shorter than the saved truncation and padding lengths
+SAVED_TEXTS = ["No effusion.", "The cardiomediastinal silhouette is normal, no pleural effusion.",
+               "Mass", "Axial CT of the abdomen shows a large hepatic mass of 2.5 cm."]
+
+
+def _hf_tokenizer(kind, folder, tok, byte_level_bpe):
+    """transformers' (fast, tokenizers-backed) tokenizer for a BERT vocab.txt (the trained `tok`'s)
+    or the RoBERTa BPE."""
+    if kind == "roberta":
+        return transformers.RobertaTokenizer(str(byte_level_bpe / "vocab.json"),
+                                             str(byte_level_bpe / "merges.txt"))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab))
+    return transformers.BertTokenizer(str(folder / "vocab.txt"))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_a_tokenizer_saved_with_padding_and_truncation_on_encodes_as_transformers(
+        kind, tok, byte_level_bpe, tmp_path):
+    hf = _hf_tokenizer(kind, tmp_path, tok, byte_level_bpe)
+    expected = hf(SAVED_TEXTS)["input_ids"]  # padding and truncation off
+    assert len(set(map(len, expected))) == len(SAVED_TEXTS) and max(map(len, expected)) > 8
+    # a batch call with padding and truncation, then a save: transformers writes both into the file
+    hf(SAVED_TEXTS, padding=True, truncation=True, max_length=8)
+    hf.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    assert saved["padding"] and saved["truncation"]  # the file under test has them on
+    ids, mask = D.encode_texts(D.load_tokenizer(str(tmp_path / "saved")), SAVED_TEXTS, max_len=64)
+    assert [row[m].tolist() for row, m in zip(ids, mask)] == expected
+    assert ids.shape[1] == max(map(len, expected))
+
+
+def test_continuation_table_marks_hashes_in_wordpiece_and_unmarked_pieces_in_byte_level_bpe(
+        tok, byte_level_bpe, tmp_path):
+    def continuing(t):
+        return {p for p, i in t.get_vocab().items() if D.continuation_table(t)[i]}
+    assert continuing(tok) == {p for p in tok.get_vocab() if p.startswith("##")}
+    # RoBERTa's own files, and the tokenizer.json transformers writes from them
+    _hf_tokenizer("roberta", tmp_path, tok, byte_level_bpe).save_pretrained(tmp_path / "saved")
+    for path in (byte_level_bpe / "vocab.json", tmp_path / "saved" / "tokenizer.json"):
+        bpe = D.load_tokenizer(str(path))
+        words = {p for p in bpe.get_vocab() if p.startswith("\u0120")}  # 'Ġ': after a space
+        assert continuing(bpe) == set(bpe.get_vocab()) - words - set(D.ROBERTA_SPECIAL_TOKENS)
+        assert {"\u0120ef", "fusion"} <= set(bpe.get_vocab())  # " effusion": both kinds
+        assert "fusion" in continuing(bpe) and "\u0120ef" not in continuing(bpe)
+    other = Tokenizer(models.WordLevel({"[UNK]": 0, "effusion": 1}, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match=r"--whole-word needs a WordPiece .* WordLevel model"):
+        D.continuation_table(other)

@@ -1,5 +1,7 @@
-"""The generation decoder: initialisation from the backbone, weight tying, causality, encoder padding, the loss, and
-greedy / beam-search decoding (hand-built next-token tables for exact expectations, a trained tiny model end to end)."""
+"""The generation decoder: initialisation from the backbone, weight tying, causality, encoder
+padding, the loss, and greedy / beam-search decoding (hand-built next-token tables for exact
+expectations, a trained tiny model end to end); generated text scored against the records' own
+references."""
 
 import math
 
@@ -7,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from ptunifier_min import data, metrics, tasks
 from ptunifier_min.config import ModelConfig
 from ptunifier_min.generation import (TextDecoder, beam_search, encoder_memory, generation_loss, greedy)
 from ptunifier_min.model import PTUnifier
@@ -381,3 +384,44 @@ def test_trained_decoder_reproduces_its_target():
     with torch.no_grad():
         assert decode(beam_search, beam_size=3) == [target] * 3
         assert decode(greedy) == [target] * 3
+
+
+# references with what a tokenizer cannot write back: a decimal, a hyphenated word, a word its
+# vocabulary lacks ("pneumothorax" in the WordPiece one below)
+REFERENCES = ["The mass is 2.5 cm.", "X-ray shows no effusion.",
+              "Pneumothorax on the x-ray, 2.5 cm."]
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte_level_bpe"])
+def test_generation_is_scored_against_the_raw_reference_text(kind, byte_level_bpe, tmp_path,
+                                                              monkeypatch):
+    if kind == "wordpiece":
+        words = ["the", "mass", "is", "2", ".", "5", "cm", "x", "-", "ray", "shows", "no",
+                 "effusion", "on", ","]
+        (tmp_path / "vocab.txt").write_text("\n".join(data.SPECIAL_TOKENS + words) + "\n")
+        tok = data.load_tokenizer(str(tmp_path / "vocab.txt"))
+    else:
+        tok = data.load_tokenizer(str(byte_level_bpe / "vocab.json"))
+    sp = data.special_ids(tok)
+    records = [{"id": f"r{i}", "text_a": "findings", "target": t} for i, t in enumerate(REFERENCES)]
+    # a model that writes each reference as well as its tokenizer can
+    generated = [tok.encode(t, add_special_tokens=False).ids for t in REFERENCES]
+    rows = iter(generated)
+    monkeypatch.setattr(tasks, "beam_search",
+                        lambda decoder, memory, *args: [next(rows) for _ in memory])
+    cfg = ModelConfig(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=1, heads=2,
+                      pool_size=8, k_v=4, k_l=3, itc_dim=16, vocab_size=tok.get_vocab_size(),
+                      cls_id=sp["cls"], sep_id=sp["sep"])
+    task = tasks.TASKS["mimic_sum"]
+    model = tasks.TaskModel(PTUnifier(cfg), task, max_gen_len=32)
+    m = tasks.evaluate(model, task, records, tok, image_size=32, max_text_len=24, device="cpu",
+                       max_gen_len=32, progress=False)
+    hyps = {r["id"]: tok.decode(ids) for r, ids in zip(records, generated)}
+    raw = {r["id"]: [r["target"]] for r in records}
+    assert m == metrics.nlg_metrics(raw, hyps)
+    perfect = metrics.nlg_metrics(raw, {k: v[0] for k, v in raw.items()})
+    if kind == "byte_level_bpe":  # lossless: the generation is the reference, and scores perfectly
+        assert list(hyps.values()) == REFERENCES and m == perfect
+        assert m["BLEU_4"] == pytest.approx(1.0) and m["CIDEr"] > 0
+    else:  # "2. 5 cm", "x - ray" and the [UNK] word it dropped differ from what the records say
+        assert m["BLEU_4"] < perfect["BLEU_4"] and m["CIDEr"] < perfect["CIDEr"]

@@ -67,6 +67,43 @@ def test_whole_word_masking_masks_words_together():
     assert 0.1 < chosen.sum() / cand.sum() < 0.2
 
 
+def test_whole_word_masking_with_byte_level_bpe_masks_every_piece_of_a_word_together(
+        byte_level_bpe):
+    tok = data.load_tokenizer(str(byte_level_bpe / "vocab.json"))  # RoBERTa's files
+    sp = data.special_ids(tok)
+    texts = ["Pneumothorax on the x-ray, 2.5 cm.", "Moderate pleural effusion.",
+             "Cardiomediastinal silhouette unchanged"] * 100
+    ids, mask = data.encode_texts(tok, texts, 48)
+    _, labels = mask_tokens(ids, mask, [sp["cls"], sp["sep"], sp["pad"]], tok.get_vocab_size(),
+                            torch.Generator().manual_seed(3), 0.15, sp["mask"],
+                            data.continuation_table(tok))
+    chosen = labels != IGNORE
+    words_chosen, first_chosen, several = [], 0, 0
+    for row, text in enumerate(texts):
+        enc = tok.encode(text, add_special_tokens=False)
+        # the whitespace-delimited word of each piece (position i + 1: after <s>); a lone 'Ġ'
+        # piece, a space, belongs to the word after it
+        word = [len(text[:end].split()) - (not text[end - 1].isspace()) for _, end in enc.offsets]
+        for w in range(len(text.split())):
+            picks = {bool(chosen[row, i + 1]) for i in range(len(word)) if word[i] == w}
+            assert len(picks) == 1, (text, w)  # all of the word's pieces, or none
+            words_chosen.append(picks.pop())
+            if words_chosen[-1]:
+                first_chosen += w == 0  # the first word, which has no space marker
+                several += word.count(w) > 1
+    assert first_chosen > 0 and several > 0
+    assert 0.1 < sum(words_chosen) / len(words_chosen) < 0.2
+    # words of one piece each: whole-word masking draws exactly as token masking, the first word
+    # (no space marker) by its own draw, not by <s>'s
+    ids, mask = data.encode_texts(tok, ["The pleural is no"] * 300, 48)
+    assert ids.shape[1] == 6  # <s> The Ġpleural Ġis Ġno </s>
+    by_word, by_token = (
+        mask_tokens(ids, mask, [sp["cls"], sp["sep"], sp["pad"]], tok.get_vocab_size(),
+                    torch.Generator().manual_seed(4), 0.15, sp["mask"], table)[1]
+        for table in (data.continuation_table(tok), None))
+    assert torch.equal(by_word, by_token)
+
+
 def test_itc_loss_equals_hand_computation():
     torch.manual_seed(0)
     zi = F.normalize(torch.randn(4, 8), dim=-1)

@@ -419,7 +419,8 @@ def test_train_and_finetune_start_from_transformers_files(world, tmp_path, capsy
     model = train.main(["--preset", "tiny", "--synth-root", synth_root, "--out", str(out), "--eval-pairs", "0",
                         "--steps", "2", "--init-vision", str(tmp_path / "clip" / "model.safetensors"),
                         "--init-text", str(tmp_path / "rob" / "model.safetensors"),
-                        "--tokenizer", str(tmp_path / "rob" / "vocab.json")])
+                        "--tokenizer", str(tmp_path / "rob" / "vocab.json"),
+                        "--whole-word", "true"])  # train.py's words for RoBERTa's BPE
     said = capsys.readouterr().out
     assert "hf_clip checkpoint" in said and "newly initialised" in said
     ckpt = checkpoint.resolve_checkpoint(str(out))
