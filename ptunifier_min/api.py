@@ -60,7 +60,7 @@ def _text_list(texts, name):
         if not isinstance(t, str):
             what = ("NaN (pandas reads an empty cell as NaN)"
                     if isinstance(t, float) and math.isnan(t)
-                    else "None" if t is None else f"a {type(t).__name__}")
+                    else "None" if t is None else f"of type {type(t).__name__}")
             raise TypeError(f"{name if single else f'{name}[{i}]'} is {what}, not a str")
     return texts
 
@@ -117,8 +117,9 @@ def to_grayscale(x, name="image"):
     if isinstance(x, (np.ndarray, torch.Tensor)):
         x = _array_image(x, name)
     if not isinstance(x, Image.Image):
-        raise TypeError(f"{name} is a {type(x).__name__}; an image is a path (str or "
-                        "os.PathLike), a PIL image, a numpy array or a torch tensor")
+        what = "None" if x is None else f"of type {type(x).__name__}"
+        raise TypeError(f"{name} is {what}; an image is a path (str or os.PathLike), a PIL "
+                        "image, a numpy array or a torch tensor")
     try:
         return data.grayscale(x)
     # A truncated or closed file behind a lazily loaded image, a mode PIL cannot convert: PIL says

@@ -3,6 +3,7 @@ embedding path, bf16, fine-tuned predictions, and the refusals (unknown config k
 
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -13,7 +14,10 @@ from PIL import Image
 import finetune
 import train
 import ptunifier_min
-from ptunifier_min import checkpoint, retrieval
+from ptunifier_min import checkpoint, data, retrieval, tasks
+from ptunifier_min.api import Model
+from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, build
+from ptunifier_min.model import PTUnifier
 
 SNIPPET = '''
 import ptunifier_min
@@ -102,7 +106,6 @@ def test_refusals_name_the_file(runs, tmp_path):
 def test_every_text_pass_of_the_api_and_retrieval_says_whether_it_pads(runs, monkeypatch):
     """Issue 11: the model reads the mask on the device (a host wait) only when the caller leaves `padded` to it; the
     API and retrieval know it from the host's copy of the mask, and the answer must be right."""
-    from ptunifier_min.model import PTUnifier
     calls = []
     real = PTUnifier.forward
 
@@ -134,10 +137,6 @@ def test_every_text_pass_of_the_api_and_retrieval_says_whether_it_pads(runs, mon
 def tiny(tmp_path_factory):
     """Random tiny models behind the API (no training): a pre-training one and, by task name,
     fine-tuning ones (CheXpert: image; RadNLI: text and text_b; VQA-RAD: image and text)."""
-    from ptunifier_min import data, tasks
-    from ptunifier_min.api import Model
-    from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, build
-    from ptunifier_min.model import PTUnifier
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
     tok = data.train_tokenizer(["no pleural effusion", "small left effusion"] * 3, 200, path)
     cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
@@ -161,7 +160,6 @@ def _film(tmp_path):
 
 
 def test_the_same_film_gives_the_same_embedding_whichever_way_it_arrives(tiny, tmp_path):
-    import pathlib
     m = tiny["pretrain"]
     g, path = _film(tmp_path)
     gray = Image.fromarray(g)
@@ -215,8 +213,8 @@ def test_a_pil_image_keeps_the_exif_orientation_its_file_has(tiny, tmp_path):
     (torch.zeros(32, 32, dtype=torch.int64), r"a tensor of dtype torch.int64"),
     (np.full((32, 32), 255.0), r"images\[0\]: float pixels must lie in \[0, 1\].*\[255.0, 255.0\]"),
     (np.full((32, 32), np.nan), r"float pixels must lie in \[0, 1\].*nan"),
-    (None, r"images\[0\] is a NoneType; an image is a path \(str or os.PathLike\), a PIL image"),
-    (b"a.jpg", r"images\[0\] is a bytes"),
+    (None, r"images\[0\] is None; an image is a path \(str or os.PathLike\), a PIL image"),
+    (b"a.jpg", r"images\[0\] is of type bytes"),
 ])
 def test_images_outside_the_documented_layouts_are_refused_naming_index_shape_and_dtype(
         tiny, image, message):
@@ -276,11 +274,10 @@ def test_none_and_nan_texts_and_a_bad_batch_size_are_errors_naming_the_argument(
         pre.match([img], [float("nan")])
     with pytest.raises(TypeError, match=r"text_b\[1\] is NaN"):
         rad.predict(text=["a", "b"], text_b=["a", np.nan])
-    with pytest.raises(TypeError, match=r"^texts is a int, not a str"):
+    with pytest.raises(TypeError, match=r"^texts is of type int, not a str"):
         pre.encode_texts(3)
     # any iterable of str is a list of texts (a numpy array, a pandas Series)
     assert torch.equal(pre.encode_texts(np.array(["a", "b"])), pre.encode_texts(["a", "b"]))
-    from ptunifier_min.api import Model
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {bad}"):
             Model(pre.model, pre.tok, pre.cfg, batch_size=bad)
