@@ -85,18 +85,35 @@ def _to_uint8(x):
 _EXIF_ORIENTATION = 0x0112
 
 
+def grayscale(img):
+    """A PIL image in any mode -> the grayscale ("L") image the model sees, as a viewer shows it.
+
+    Shared by load_image (files) and the Python API (PIL images, arrays), so that the same pixels
+    give the same input whichever way they arrive. A viewer applies the EXIF orientation of a JPEG
+    (a phone photo of a film, a rotated export): so do we, or left and right would be swapped in
+    the pixels but not in the report. Odd but valid modes are converted, not refused: 16-bit and
+    32-bit grayscale are rescaled from their own min-max to 0..255 (a cast would clip a 12-bit
+    radiograph to white); RGB, CMYK and palette images go through PIL's luma conversion; an alpha
+    channel (RGBA, LA, palette transparency) is dropped, not composited, so that an export with a
+    broken alpha cannot black out the image.
+    """
+    # checked first: exif_transpose copies even when upright
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    # I;16, I;16B, I (32-bit), F: rescale, do not clip
+    if img.mode.startswith("I") or img.mode == "F":
+        return _to_uint8(np.asarray(img, dtype=np.float32))
+    return img.convert("L")
+
+
 def load_image(path):
     """A grayscale ("L") PIL image from a JPEG / PNG (or DICOM through the optional pydicom), as a
-    viewer shows it.
+    viewer shows it (`grayscale`: EXIF orientation, 16-bit rescaled, alpha dropped).
 
-    A viewer applies the EXIF orientation of a JPEG (a phone photo of a film, a rotated export): so
-    do we, or left and right would be swapped in the pixels but not in the report. DICOM MONOCHROME1
-    is inverted (see _read_dicom). Every failure is an error that names the file. Odd but valid
-    files are converted, not refused: 16-bit and 32-bit grayscale are rescaled from their own
-    min-max to 0..255 (a cast would clip a 12-bit radiograph to white); RGB, CMYK and palette images
-    go through PIL's luma conversion; an alpha channel (RGBA, LA, palette transparency) is dropped,
-    not composited, so that an export with a broken alpha cannot black out the image.
+    `path` is a str or an os.PathLike. DICOM MONOCHROME1 is inverted (see _read_dicom). Every
+    failure is an error that names the file.
     """
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
     if path.lower().endswith(".dcm"):
@@ -116,13 +133,7 @@ def load_image(path):
                     f"{img.width}x{img.height} pixels exceed PIL.Image.MAX_IMAGE_PIXELS = "
                     f"{Image.MAX_IMAGE_PIXELS}")
             img.load()  # decode now, so that a truncated file fails here and names the path
-            # checked first: exif_transpose copies even when upright
-            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-                img = ImageOps.exif_transpose(img)
-            # I;16, I;16B, I (32-bit), F: rescale, do not clip
-            if img.mode.startswith("I") or img.mode == "F":
-                return _to_uint8(np.asarray(img, dtype=np.float32))
-            return img.convert("L")
+            return grayscale(img)
     # the warning under -W error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"cannot read image {path}: {e} (a possible decompression bomb; if the "
@@ -525,6 +536,8 @@ def encode_texts(tok, texts, max_len):
 def encode_pairs(tok, a, b, max_len):
     """[CLS] a [SEP] b [SEP] (RadNLI); when too long, tokens come off the end of the longer text
     first (BERT)."""
+    if len(a) != len(b):  # zip would drop the unpaired rest
+        raise ValueError(f"text pairs: {len(a)} first texts but {len(b)} second texts")
     sp = special_ids(tok)
     ea = [e.ids for e in tok.encode_batch(list(a), add_special_tokens=False)]
     eb = [e.ids for e in tok.encode_batch(list(b), add_special_tokens=False)]

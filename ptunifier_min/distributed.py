@@ -14,12 +14,14 @@ process draws and a resumed run what the uninterrupted one drew.
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import os
 import random
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import constants
 
 
 @dataclasses.dataclass
@@ -37,23 +39,120 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(seed):
-    """Initialise torch.distributed when launched by torchrun, pick the device, seed this rank."""
+# torchrun's variables: all five are needed by a process of a group (WORLD_SIZE > 1)
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# How long the start waits for every rank to arrive (rank 0 for the others to connect, the
+# others for rank 0's store) before it stops with an error. torch waits as long as the
+# collectives' timeout, 30 minutes, so a process whose peers never start (torchrun variables left
+# in a shell, a node that failed to launch) sat silent for half an hour. Under torchrun all local
+# ranks start together and its agent has already gathered the nodes, so the wait is seconds;
+# where ranks are started by hand on nodes that come up slowly, set this environment variable to
+# wait longer. It bounds the start only, not the collectives (the NCCL watchdog): that is the
+# `timeout` of setup_distributed.
+RENDEZVOUS_TIMEOUT_VAR, RENDEZVOUS_TIMEOUT_S = "PTUNIFIER_RENDEZVOUS_TIMEOUT_S", 60.0
+
+
+def torchrun_env(env=os.environ):
+    """(rank, world, local_rank) from torchrun's variables, checked before anything waits on them:
+    with WORLD_SIZE > 1 all of TORCHRUN_VARIABLES must be set and agree; without WORLD_SIZE (or 1)
+    this is one process. A problem is an error that shows the variables and how to fix them."""
+    def fail(problem):
+        shown = " ".join(f"{k}={env[k]}" for k in TORCHRUN_VARIABLES if k in env)
+        raise SystemExit(f"torchrun's environment {problem} ({shown}): launch with torchrun "
+                         f"--nproc_per_node=N, which sets {', '.join(TORCHRUN_VARIABLES)}, or "
+                         "unset them to run one process")
+
+    num = {}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        if k in env:
+            try:
+                num[k] = int(env[k])
+            except ValueError:
+                fail(f"is not understood: {k}={env[k]!r} is not an integer")
+    if "RANK" in env and "WORLD_SIZE" not in env:
+        fail("is incomplete: RANK is set but WORLD_SIZE is not")
+    rank, world, local = num.get("RANK", 0), num.get("WORLD_SIZE", 1), num.get("LOCAL_RANK", 0)
+    if world > 1:
+        missing = [k for k in TORCHRUN_VARIABLES if not env.get(k)]
+        if missing:
+            fail(f"is incomplete: WORLD_SIZE={world} but {', '.join(missing)} "
+                 + ("is" if len(missing) == 1 else "are") + " not set")
+        if not 0 < num["MASTER_PORT"] < 2**16:
+            fail("is inconsistent: MASTER_PORT must be a port number, 1..65535")
+    if world < 1 or not 0 <= rank < world:
+        fail("is inconsistent: RANK must be in 0..WORLD_SIZE-1")
+    # torchrun numbers the ranks of a node from RANK - LOCAL_RANK, so LOCAL_RANK <= RANK
+    if not 0 <= local <= rank:
+        fail("is inconsistent: LOCAL_RANK must be in 0..RANK")
+    return rank, world, local
+
+
+def rendezvous_timeout():
+    """Seconds the start waits for every rank: RENDEZVOUS_TIMEOUT_S, or the environment's
+    PTUNIFIER_RENDEZVOUS_TIMEOUT_S."""
+    raw = os.environ.get(RENDEZVOUS_TIMEOUT_VAR, "")
+    try:
+        seconds = float(raw) if raw else RENDEZVOUS_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise SystemExit(f"{RENDEZVOUS_TIMEOUT_VAR}={raw!r}: must be a number of seconds > 0")
+    return seconds
+
+
+def setup_distributed(seed, timeout=None):
+    """Initialise torch.distributed when launched by torchrun, pick the device, seed this rank.
+
+    The environment is checked first (torchrun_env) and the start waits at most
+    rendezvous_timeout() for the other ranks: a rank without peers stops with an error that names
+    the variables, before the caller takes a lock or reads data. `timeout` is the collectives' (a
+    timedelta; None: torch's default for the backend)."""
     proc = Dist()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        proc.rank, proc.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        proc.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    proc.rank, proc.world, proc.local_rank = torchrun_env()
     if torch.cuda.is_available():
+        if proc.local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"LOCAL_RANK={proc.local_rank} but this node has "
+                             f"{torch.cuda.device_count()} GPUs: --nproc_per_node must be at most "
+                             "that many")
         proc.device = torch.device("cuda", proc.local_rank)
         torch.cuda.set_device(proc.device)
     if proc.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo")
+        backend = "nccl" if proc.device.type == "cuda" else "gloo"
+        timeout = timeout or (constants.default_pg_nccl_timeout if backend == "nccl"
+                              else constants.default_pg_timeout)
+        store = _rendezvous(proc)
+        # from here on the store waits as long as the collectives do: a rank may reach its first
+        # collective long after another (rank 0 prepares the data while the others wait)
+        store.set_timeout(timeout)
+        # what init_process_group does with the store it makes itself (the prefix keeps our keys
+        # apart from the torchrun agent's, which shares the store)
+        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store),
+                                rank=proc.rank, world_size=proc.world, timeout=timeout)
     if proc.world > 1 and proc.device.type == "cuda":
         proc.host_group = dist.new_group(backend="gloo")
     if proc.device.type == "cpu":
         keep_freed_memory()
     seed_everything(seed + proc.rank)
     return proc
+
+
+def _rendezvous(proc):
+    """The store every rank meets at (MASTER_ADDR:MASTER_PORT, or the torchrun agent's), waiting
+    at most rendezvous_timeout() seconds for the other ranks."""
+    seconds = rendezvous_timeout()
+    try:
+        store, _, _ = next(dist.rendezvous("env://", proc.rank, proc.world,
+                                           timeout=datetime.timedelta(seconds=seconds)))
+    except RuntimeError as e:  # torch.distributed.DistError: a timeout, a port in use
+        env = os.environ
+        raise SystemExit(
+            f"rank {proc.rank} of WORLD_SIZE={proc.world} did not meet the other ranks at "
+            f"MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env['MASTER_PORT']} within "
+            f"{seconds:g} s ({str(e).strip()}): start every rank (torchrun --nproc_per_node=N "
+            "starts them all; on several nodes, the same command on each), or unset "
+            f"{', '.join(TORCHRUN_VARIABLES)} to run one process; {RENDEZVOUS_TIMEOUT_VAR}=S "
+            "waits longer") from None
+    return store
 
 
 def keep_freed_memory():

@@ -3,18 +3,26 @@
 Covers every objective set (find_unused_parameters=False: a dead parameter would make DDP raise), the ITC all-gather with
 gradients, global ITM negatives (duplicate texts and files across ranks) and the MLM token count; and exact gradient
 accumulation for MLM: batch B x --grad-accum 2 equals batch 2B, on 1 process and on 2.
+And the set-up: torchrun variables that are incomplete or inconsistent are named before anything
+waits, and a rank whose peers never come stops within a bound, before any lock or data.
 """
 
 
 import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ptunifier_min import optim
+from ptunifier_min import distributed, optim
 from ptunifier_min.config import PRESETS, TrainConfig, build
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.objectives import IGNORE, draw_step, pretraining_loss
@@ -132,3 +140,108 @@ def test_mlm_grad_accumulation_is_exact():
         for name, g in grads.items():
             torch.testing.assert_close(results[accum][2][name], g, atol=1e-5, rtol=1e-5,
                                        msg=f"--grad-accum {accum}: gradient of {name}")
+
+
+# ---- set-up: nothing waits silently -----------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_PORT="29500"),
+     "incomplete: WORLD_SIZE=2 but MASTER_ADDR is not set"),
+    (dict(WORLD_SIZE="2", RANK="1"),
+     "WORLD_SIZE=2 but LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not set"),
+    (dict(RANK="1"), "RANK is set but WORLD_SIZE is not"),
+    (dict(WORLD_SIZE="2", RANK="2", LOCAL_RANK="0", **LOCAL), "RANK must be in 0..WORLD_SIZE-1"),
+    (dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="1", **LOCAL), "LOCAL_RANK must be in 0..RANK"),
+    (dict(WORLD_SIZE="two", RANK="0"), "WORLD_SIZE='two' is not an integer"),
+    (dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="h", MASTER_PORT="70000"),
+     "MASTER_PORT must be a port number"),
+])
+def test_torchrun_variables_incomplete_or_inconsistent_are_named_before_anything_waits(
+        monkeypatch, env, message):
+    for k in distributed.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+    def waits(*a, **k):
+        raise AssertionError("reached the rendezvous with an environment that cannot work")
+
+    monkeypatch.setattr(dist, "rendezvous", waits)
+    monkeypatch.setattr(dist, "init_process_group", waits)
+    with pytest.raises(SystemExit, match="torchrun's environment is .*" + message) as e:
+        distributed.setup_distributed(0)
+    assert all(f"{k}={v}" in str(e.value) for k, v in env.items())  # what is set, shown
+    assert "unset them to run one process" in str(e.value)
+
+
+def test_a_local_rank_beyond_the_gpus_of_the_node_is_named(monkeypatch):
+    for k in distributed.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit, match="LOCAL_RANK=2 but this node has 2 GPUs"):
+        distributed.setup_distributed(0)
+
+
+def test_a_rank_whose_peers_never_come_stops_within_the_bound_before_any_lock_or_data(tmp_path):
+    """train.py as rank 0 of 2 with no rank 1, and as rank 1 of 2 with no rank 0 (torchrun's
+    variables left in a shell): each stops after the rendezvous bound (2 s here, through
+    PTUNIFIER_RENDEZVOUS_TIMEOUT_S) naming the variables, and has made neither its run folder
+    nor its data."""
+    socks = [socket.socket() for _ in range(2)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [str(s.getsockname()[1]) for s in socks]
+    for s in socks:
+        s.close()
+    runs, start = [], time.monotonic()
+    for rank, port in zip(("0", "1"), ports):
+        env = dict(os.environ, WORLD_SIZE="2", RANK=rank, LOCAL_RANK="0",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   PTUNIFIER_RENDEZVOUS_TIMEOUT_S="2")
+        out, synth = tmp_path / f"out{rank}", tmp_path / f"world{rank}"
+        cmd = [sys.executable, "train.py", "--preset", "tiny", "--out", str(out),
+               "--synth-root", str(synth)]
+        runs.append((rank, port, out, synth, subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    try:
+        for rank, port, out, synth, p in runs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 1, err
+            last = err.strip().splitlines()[-1]
+            assert (f"rank {rank} of WORLD_SIZE=2 did not meet the other ranks at "
+                    f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port} within 2 s") in last, err
+            assert "PTUNIFIER_RENDEZVOUS_TIMEOUT_S=S waits longer" in last
+            assert "Traceback" not in err
+            assert not out.exists() and not synth.exists()
+    finally:
+        for *_, p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert time.monotonic() - start < 40  # the bound, not torch's 30 minutes
+
+
+@pytest.mark.parametrize("script", ["train", "finetune"])
+def test_train_and_finetune_check_the_environment_before_any_lock_or_data(
+        monkeypatch, tmp_path, script):
+    import finetune
+    import train
+    for k in distributed.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    main = {"train": train.main, "finetune": finetune.main}[script]
+    flags = ["--task", "chexpert", "--init", "scratch"] if script == "finetune" else []
+    with pytest.raises(SystemExit, match="LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not set"):
+        main(["--preset", "tiny", "--out", str(tmp_path / "out"),
+              "--synth-root", str(tmp_path / "world"), *flags])
+    assert os.listdir(tmp_path) == []
