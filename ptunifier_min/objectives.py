@@ -26,7 +26,6 @@ The authors' code never ran ITC (a misnamed config key); here all three are trai
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 from .distributed import step_generator
@@ -150,12 +149,32 @@ def itm_loss(logits, matched):
     return cross_entropy_fp32(logits, target), (logits.argmax(-1) == target).float().mean()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward pass sends each rank the gradient of its own
+    rows, summed over every rank's loss (an all-reduce of the whole gradient, then this rank's
+    slice: the features are a few hundred kB, and all-reduce runs on every backend, where
+    reduce-scatter does not run on gloo)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.B = dist.get_rank(), len(x)
+        out = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))
+        dist.all_gather_single(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.B:(ctx.rank + 1) * ctx.B]
+
+
 def gather(x):
     """All ranks' rows of x, with gradients flowing back to their owners; x itself when not
     distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x), 0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_all(x, group=None):

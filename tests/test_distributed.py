@@ -245,3 +245,30 @@ def test_train_and_finetune_check_the_environment_before_any_lock_or_data(
         main(["--preset", "tiny", "--out", str(tmp_path / "out"),
               "--synth-root", str(tmp_path / "world"), *flags])
     assert os.listdir(tmp_path) == []
+
+def gather_worker(rank, world, store, out):
+    import warnings
+    from ptunifier_min.objectives import gather
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    x = (torch.arange(6.0).view(3, 2) + 10 * rank).requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = gather(x)  # [world * 3, 2]
+        # each rank's loss weighs every gathered row differently
+        (y * (torch.arange(12.0).view(6, 2) + 1) ** (rank + 1)).sum().backward()
+    torch.save({"y": y.detach(), "grad": x.grad, "warnings": [str(w.message) for w in caught]},
+               f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_the_itc_gather_sends_each_rank_the_summed_gradient_of_its_rows_without_warnings(tmp_path):
+    out = str(tmp_path / "gather")
+    mp.spawn(gather_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    rows = torch.cat([torch.arange(6.0).view(3, 2) + 10 * r for r in range(2)])
+    weight = torch.arange(12.0).view(6, 2) + 1
+    summed = weight + weight ** 2  # d/dy of both ranks' losses
+    for r, got in enumerate(ranks):
+        assert torch.equal(got["y"], rows)
+        assert torch.equal(got["grad"], summed[3 * r:3 * r + 3])
+        assert got["warnings"] == [], got["warnings"]

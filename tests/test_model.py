@@ -186,3 +186,54 @@ def test_config_validation():
         ModelConfig(dim=30, heads=4)
     with pytest.raises(ValueError, match="--prompt-mode"):  # the flag's name (issue 9: errors name the flag)
         ModelConfig(prompt_mode="dynamic")
+
+
+@pytest.mark.parametrize("clip_like", [False, True])
+def test_each_pass_feeds_the_blocks_exactly_these_tokens(clip_like):
+    """The sequence each pass kind hands to the first block, written out position by position from
+    the parameters: a change of convention (a position or type embedding dropped or added, prompts
+    given positions, another query) fails here. clip_like: norm_pre and the BERT embedding norm."""
+    cfg = tiny(prompt_mode="pool", **(dict(norm_pre=True, text_norm_eps=1e-12) if clip_like else {}))
+    model = PTUnifier(cfg).eval()
+    with torch.no_grad():  # no parameter left at its neutral init (zero biases, unit norms)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    img, ids, mask = batch()
+    fed = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: fed.append(args[0].detach()))
+    m, D = model, cfg.dim
+    pos_v, types = m.pos_embed[0], m.token_type_embeddings.weight  # [1 + N, D], [2, D]
+    patches = m.patch_embed.proj(img).flatten(2).transpose(1, 2)  # [B, N, D]
+
+    def words(ids):  # [T] ids -> [T, D]: word + position, then the embedding norm if any
+        return m.text_norm(m.word_embeddings(ids) + m.position_embeddings.weight[:len(ids)])
+
+    def pick(pool, query, k):  # the pool rows of the k best dot products, best first
+        return pool[(pool @ query).topk(k).indices]
+
+    def tower_input(visual, textual):
+        x = torch.cat([visual + types[0], textual + types[1]])
+        return F.layer_norm(x, (D,), m.norm_pre.weight, m.norm_pre.bias, cfg.norm_eps) \
+            if clip_like else x
+
+    with torch.no_grad():
+        for b in range(len(img)):
+            image_part = torch.cat([m.cls_token[0] + pos_v[:1], patches[b] + pos_v[1:]])
+            text = ids[b][mask[b]]  # the real tokens: padding is never a query
+            text_part = words(ids[b])  # padding too: masked in attention, still fed
+            cls_sep = words(torch.tensor([cfg.cls_id, cfg.sep_id]))
+            # image-only: [CLS] (position 0), k_l prompts without positions, [SEP] (position 1)
+            prompts_l = pick(m.textual_prompts.weight, (patches[b] + pos_v[1:]).mean(0), cfg.k_l)
+            image_only = tower_input(image_part, torch.cat([cls_sep[:1], prompts_l, cls_sep[1:]]))
+            # text-only: [IMG_CLS] with its position, k_v prompts without positions
+            prompts_v = pick(m.visual_prompts.weight, words(text).mean(0), cfg.k_v)
+            text_only = tower_input(torch.cat([m.cls_token[0] + pos_v[:1], prompts_v]), text_part)
+            pair = tower_input(image_part, text_part)
+            for kw, want in [(dict(image=img[b:b + 1]), image_only),
+                             (dict(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]), text_only),
+                             (dict(image=img[b:b + 1], input_ids=ids[b:b + 1],
+                                   attention_mask=mask[b:b + 1]), pair)]:
+                fed.clear()
+                model(**kw)
+                torch.testing.assert_close(fed[0][0], want, atol=1e-6, rtol=1e-5,
+                                           msg=f"{sorted(kw)} of row {b}")
