@@ -9,8 +9,12 @@
 A pre-training checkpoint is evaluated zero-shot (retrieval and CheXpert only: the other tasks need
 a trained head); a fine-tuned checkpoint is rebuilt from its own config and evaluated on its task.
 --out DIR writes DIR/results.json in finetune.py's format, so that zero-shot numbers can join the
-table. It runs as one process: under torchrun (WORLD_SIZE > 1) it refuses to start rather than have
-every rank evaluate and write the same files.
+table; a training run's folder is refused as --out (its own results.json is never overwritten).
+A checkpoint is scored only on the splits it was trained against (the ids it recorded), and only
+a finished fine-tuning run is scored (an unfinished one is named, with how to finish it). The table
+counts the test results of live runs, each checkpoint once: a run --overwrite moved aside
+(.replaced-*) and val results are left out and said. It runs as one process: under torchrun
+(WORLD_SIZE > 1) it refuses to start rather than have every rank evaluate and write the same files.
 """
 
 import dataclasses
@@ -20,10 +24,10 @@ import sys
 from dataclasses import dataclass
 
 from ptunifier_min import config as config_lib
-from ptunifier_min import checkpoint, data, distributed, tasks
+from ptunifier_min import checkpoint, data, distributed, manifests, tasks
 from ptunifier_min.config import FinetuneConfig
 from ptunifier_min.model import PTUnifier
-from ptunifier_min.datasets.source import ensure_prepared
+from ptunifier_min.datasets.source import SOURCE, ensure_prepared
 
 ZERO_SHOT = ("roco_retrieval", "chexpert")
 
@@ -82,9 +86,11 @@ def main(argv=None):
         raise SystemExit(f"--split must be test or val, got {args.split!r}")
     if args.task:
         tasks.get_task(args.task)  # an unknown name fails here, listing the tasks
+    if args.out:
+        refuse_run_folder(args.out)
+    ckpt = finished_checkpoint(args.ckpt)
     proc = distributed.setup_distributed(0)
     precision = distributed.resolve_precision(args.precision, proc.device)
-    ckpt = checkpoint.resolve_checkpoint(args.ckpt)
     saved = checkpoint.read_checkpoint_config(ckpt)["config"]
     tok_path = checkpoint.checkpoint_tokenizer(ckpt)
     tok = data.load_tokenizer(tok_path)
@@ -116,7 +122,9 @@ def main(argv=None):
     root, _ = ensure_prepared(cfg, [task.folder], proc)
     folder = os.path.join(root, task.folder)
     meta = data.read_meta(folder)
-    records = data.read_split(folder, args.split)
+    # and the folder it is cut from (zero-shot ROCO retrieval: pre-training read roco's train)
+    check_splits(ckpt, root, sorted({task.folder, SOURCE.get(task.folder, task.folder)}))
+    records = data.read_split(folder, args.split, required=task.fields)
     backbone = PTUnifier(cfg.model)
     print(f"{'zero-shot' if zero_shot else 'fine-tuned'} {task.name} on {len(records):,} "
           f"{args.split} records of {folder}; checkpoint {ckpt}")
@@ -148,11 +156,88 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         results = {"task": task.name, "metrics": m, "split": args.split, "zero_shot": zero_shot,
-                   "init": init, "checkpoint": ckpt, "config": config_lib.to_dict(cfg),
+                   "init": init, "checkpoint": os.path.abspath(ckpt),
+                   "config": config_lib.to_dict(cfg),
                    "eval_config": dataclasses.asdict(args)}
         checkpoint.write_json(os.path.join(args.out, "results.json"), results)
         print(f"wrote {os.path.join(args.out, 'results.json')}")
     return 0
+
+
+def refuse_run_folder(out):
+    """--out must not be a training run's folder: its results.json (test metrics, val_metrics,
+    best_step, split_hash) would be lost. A results.json eval.py wrote may be replaced."""
+    found = [n for n in checkpoint.RUN_FILES if n != "results.json"
+             and os.path.exists(os.path.join(out, n))]
+    path = os.path.join(out, "results.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                ours = "eval_config" in json.load(f)
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            found.append("results.json")
+    if found:
+        raise SystemExit(f"--out {out} holds a training run ({', '.join(found)}): eval.py never "
+                         f"writes over it; pass another folder, e.g. --out "
+                         f"{os.path.normpath(out)}-eval")
+
+
+def finished_checkpoint(path):
+    """The checkpoint to score: a finished run's (its `latest`) or a step folder. A fine-tuning
+    run that has not finished, or the resumable state inside one (train_state: the weights of its
+    last validation, not those selected on val), is refused, saying how to finish it."""
+    state = os.path.join(path, "train_state")
+    if os.path.isdir(state) and not os.path.isfile(os.path.join(path, "latest")):
+        try:
+            saved = checkpoint.read_checkpoint_config(state)
+        except checkpoint.CheckpointError:
+            raise SystemExit(f"{path} is a fine-tuning run stopped before its first validation: "
+                             "nothing to evaluate or resume; run it again with --overwrite")
+        raise SystemExit(
+            f"{path} is an unfinished fine-tuning run: it stopped at step {saved['step']} of "
+            f"{saved['config']['steps']} ({checkpoint.resolve_checkpoint(state)}) and has no "
+            "weights selected on val yet. Finish it with the command that started it plus "
+            f"--resume: python finetune.py --task {saved['config']['task']} ... --out {path} "
+            f"--resume {path} (its settings are in {os.path.join(path, 'config.json')}); it then "
+            "scores the selected weights on test itself")
+    try:
+        ckpt = checkpoint.resolve_checkpoint(path)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"--ckpt {path}: {e}") from None
+    if os.path.basename(os.path.dirname(os.path.abspath(ckpt))) == "train_state":
+        run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+        raise SystemExit(f"{ckpt} is the resumable state of the fine-tuning run {run}: the weights "
+                         "of its last validation, not those it selected on val; evaluate the run "
+                         f"itself: --ckpt {run}")
+    return ckpt
+
+
+def check_splits(ckpt, root, folders):
+    """Refuse to score a checkpoint on other splits than those it was trained against: the ids of
+    every split of `folders` it recorded (data.json) must be those under `root` now. A folder
+    prepared again with another --seed moves training records into test, and the scores would
+    count them."""
+    saved = checkpoint.read_data_record(ckpt)
+    if saved is None:
+        print(f"note: {ckpt} records no data (a checkpoint from an older version): "
+              "its splits cannot be checked")
+        return
+    for folder in [f for f in folders if f in saved["splits"]]:
+        if not os.path.isfile(os.path.join(root, folder, "meta.json")):
+            print(f"note: {ckpt} was trained on {folder}, which {root} does not hold: "
+                  "its splits cannot be compared")
+            continue
+        for split, want in sorted(saved["splits"][folder].items()):
+            have = manifests.ids_hash(data.read_split(os.path.join(root, folder), split))
+            if have != want:
+                raise SystemExit(
+                    f"{ckpt} was trained against another {folder} {split} split than "
+                    f"{os.path.join(root, folder, split)}.jsonl holds: ids sha256 {want[:16]} "
+                    f"then, {have[:16]} now (prepared again, with another --seed, or another "
+                    "root?); its scores there could count training records as test. Evaluate "
+                    "on the data it was trained on (--data-root), or train again on this one")
 
 
 # ---- Table 2 -------------------------------------------------------------------------------------
@@ -172,28 +257,83 @@ def _row_order(group):
     return (1, float(frac.split("%")[0]), rank) if frac else (0, 0.0, rank)
 
 
+def read_results(path, root):
+    """A results.json as finetune.py and eval.py write it, or an error naming the file. An error,
+    not a skip: a table that leaves a run out in silence misstates its n, and every results.json
+    this project writes is written whole, so a broken one is foreign or damaged: the user decides
+    what it is."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            r = json.load(f)
+        problem = _results_problem(r)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = "an empty file" if os.path.getsize(path) == 0 else f"not JSON ({e})"
+    if problem:
+        raise SystemExit(f"{path}: {problem}; not a results.json that finetune.py or eval.py "
+                         f"writes. Move it out of {root} (or delete it) and run --table again")
+    return r
+
+
+def _results_problem(r):
+    if not isinstance(r, dict):
+        return f"{manifests.json_type(r)}, not an object"
+    if not isinstance(r.get("task"), str) or not isinstance(r.get("metrics"), dict):
+        return "no 'task' name and 'metrics' object"
+    if r.get("split", "test") not in ("test", "val"):
+        return f"split {r['split']!r}, not test or val"
+    for _, task, key in COLUMNS:
+        value = r["metrics"].get(key) if task == r["task"] else None
+        if not isinstance(value, (int, float, type(None))) or isinstance(value, bool):
+            return f"metric {key!r} is {manifests.json_type(value)}, not a number"
+    return None
+
+
+def checkpoint_of(r, path):
+    """The checkpoint a results.json scored, as a real path: finetune.py's lies in the run folder
+    beside it (its record may be relative to where the run started); eval.py's is absolute."""
+    ckpt = r.get("checkpoint")
+    if not isinstance(ckpt, str):
+        return path
+    if "eval_config" not in r:
+        ckpt = os.path.join(os.path.dirname(path), os.path.basename(ckpt))
+    return os.path.realpath(ckpt)
+
+
 def collect(root):
-    """{group: {heading: [(value or None, path), ...]}} from every results.json under root."""
-    rows = {}
-    for dirpath, _, files in sorted(os.walk(root)):
+    """({group: {heading: [(value or None, path), ...]}}, [what was left out, and why]) from the
+    test results of every live run under root, each checkpoint once per task."""
+    rows, seen, left_out = {}, {}, []
+    for dirpath, dirnames, files in os.walk(root):
+        # hidden folders hold no live run: .replaced-* (an earlier run --overwrite moved aside),
+        # .tmp_* (a checkpoint being written)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         if "results.json" not in files:
             continue
         path = os.path.join(dirpath, "results.json")
-        with open(path) as f:
-            r = json.load(f)
-        for heading, task, key in COLUMNS:
-            if r.get("task") == task and key in r.get("metrics", {}):
+        r = read_results(path, root)
+        if r.get("split", "test") != "test":
+            left_out.append(f"{path}: {r['split']} results (Table 2 reports test)")
+            continue
+        key = (checkpoint_of(r, path), r["task"])
+        if key in seen:
+            left_out.append(f"{path}: the same checkpoint and task as {seen[key]}")
+            continue
+        seen[key] = path
+        for heading, task, metric in COLUMNS:
+            if r["task"] == task and metric in r["metrics"]:
                 rows.setdefault(run_group(r), {}).setdefault(heading, []).append(
-                    (r["metrics"][key], path))
-    return rows
+                    (r["metrics"][metric], path))
+    return rows, left_out
 
 
 def render_table(root):
     """Markdown in the layout of the paper's Table 2 (percentages; the mean when a cell has several
     runs), and root/table.json with the same numbers and the results.json files behind each cell."""
-    rows = collect(root)
+    rows, left_out = collect(root)
+    for line in left_out:
+        print(f"not counted: {line}", file=sys.stderr)
     if not rows:
-        raise SystemExit(f"no results.json with a Table 2 metric under {root}")
+        raise SystemExit(f"no results.json with a Table 2 test metric under {root}")
     headings = [h for h, _, _ in COLUMNS]
     lines = ["| run | " + " | ".join(headings) + " |", "|---|" + "---:|" * len(headings)]
     table = []
@@ -212,7 +352,8 @@ def render_table(root):
         table.append({"run": group, "cells": out})
     markdown = "\n".join(lines)
     checkpoint.write_json(os.path.join(root, "table.json"),
-                          {"columns": headings, "rows": table, "markdown": markdown})
+                          {"columns": headings, "rows": table, "markdown": markdown,
+                           "not_counted": left_out})
     return markdown
 
 

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ptunifier_min import config as config_lib
-from ptunifier_min import checkpoint, data, distributed, optim, pretrained, tasks
+from ptunifier_min import checkpoint, data, distributed, manifests, optim, pretrained, tasks
 from ptunifier_min.config import FinetuneConfig, ModelConfig
 from ptunifier_min.model import PTUnifier, compile_model, set_image_size, set_text_len
 from ptunifier_min.datasets.source import ensure_prepared
@@ -63,9 +63,11 @@ def main(argv=None):
                                     checkpoints=os.path.join(cfg.out, "train_state"))
 
     # ---- data ------------------------------------------------------------------------------------
-    root, tok_path = ensure_prepared(cfg, [task.folder], proc, print0)
+    # a resumed run keeps the tokenizer its checkpoint carries, and never trains one into the root
+    trained_with = (checkpoint.resumed_tokenizer(os.path.join(cfg.resume, "train_state"))
+                    if cfg.resume else None)
+    root, tok_path = ensure_prepared(cfg, [task.folder], proc, print0, trained_with)
     tok = data.load_tokenizer(tok_path)
-    tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     special = data.special_ids(tok)
     if ckpt is None:
         cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = (
@@ -75,7 +77,11 @@ def main(argv=None):
                          f"the checkpoint's model {cfg.model.vocab_size}")
     folder = os.path.join(root, task.folder)
     meta = data.read_meta(folder)
-    splits = {s: data.read_split(folder, s) for s in ("train", "val", "test")}
+    splits = {s: data.read_split(folder, s, required=task.fields)
+              for s in ("train", "val", "test")}
+    # what this run reads, by content: compared on resume, and by eval.py (the same splits)
+    record = manifests.data_record(root, {task.folder: splits}, tok_path)
+    tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     lengths = choose_lengths(cfg, task, tasks.text_lengths(task, splits["train"], tok),
                              "max_text_len" in cfg.given, print0)
     splits["train"] = tasks.subset(splits["train"], cfg.data_frac, cfg.seed)
@@ -149,7 +155,7 @@ def main(argv=None):
         # refuses the settings a resumed run cannot change;
         # applies and prints those it may (new LRs too)
         state = checkpoint.resume_from(os.path.join(cfg.resume, "train_state"), cfg, model, opt,
-                                       sched, print0)
+                                       sched, print0, record=record)
         checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"])
                                  else state["rng"][0])  # its own
         start_step, best = state["step"], state["best"]
@@ -178,8 +184,10 @@ def main(argv=None):
     print0(f"global batch {batch_size * cfg.grad_accum * proc.world} = {batch_size} per device "
            f"x {cfg.grad_accum} accumulation x {proc.world} ranks; {cfg.steps} steps; "
            f"precision {precision}; device {proc.device}")
+    record_path = os.path.join(cfg.out, "data.json")  # every checkpoint carries it
     if proc.main:
         checkpoint.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
+        checkpoint.write_json(record_path, record)
     log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
                          resume_step=start_step if cfg.resume else None)
 
@@ -241,7 +249,7 @@ def main(argv=None):
                 checkpoint.save_checkpoint(
                     os.path.join(cfg.out, "train_state"), step + 1, model, cfg,
                     {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "step": step + 1, "rng": rng, "best": best})
+                     "step": step + 1, "rng": rng, "best": best}, files=[tok_path, record_path])
                 note(f"step {step + 1}: val {task.main} {fmt(val.get(task.main))} "
                      f"(best {fmt(best['score'])} at step {best['step']})")
             distributed.barrier(proc)
@@ -255,10 +263,12 @@ def main(argv=None):
         # meta.json (label names, answers) goes along so that ptunifier_min.load(...).predict can
         # name its outputs
         path = checkpoint.save_checkpoint(cfg.out, best["step"], model, cfg,
-                                      files=[tok_path, os.path.join(folder, "meta.json")])
+                                      files=[tok_path, os.path.join(folder, "meta.json"),
+                                             record_path])
         t1 = time.perf_counter()
         test = tasks.evaluate(model, task, splits["test"], tok, **eval_args, print0=print0)
-        results = {"task": task.name, "metrics": test, "val_metrics": best["metrics"],
+        results = {"task": task.name, "split": "test", "metrics": test,
+                   "val_metrics": best["metrics"],
                    "best_step": best["step"], "config": config_lib.to_dict(cfg),
                    "init": ckpt or "scratch", "split_hash": tasks.split_hash(splits),
                    "counts": {s: len(r) for s, r in splits.items()}, "checkpoint": path,

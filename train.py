@@ -15,7 +15,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ptunifier_min import checkpoint, data, distributed, optim, poolstats, pretrained, retrieval
+from ptunifier_min import (checkpoint, data, distributed, manifests, optim, poolstats, pretrained,
+                           retrieval)
 from ptunifier_min import config as config_lib
 from ptunifier_min.datasets.source import ensure_prepared
 from ptunifier_min.model import PTUnifier, compile_model, flops_per_pair
@@ -39,15 +40,23 @@ def main(argv=None):
 
     # ---- data: prepared manifests and the tokenizer ----------------------------------------------
     # (made from the synthetic world if no --data-root)
-    names = [n for n in cfg.data.split(",") if n]
+    names = cfg.data_sets()
+    # a resumed run keeps the tokenizer its checkpoint carries, and never trains one into the root
+    trained_with = checkpoint.resumed_tokenizer(cfg.resume) if cfg.resume else None
     root, tok_path = ensure_prepared(cfg, names + (["roco_retrieval"] if cfg.eval_pairs else []),
-                                     proc, print0)
+                                     proc, print0, trained_with)
     tok = data.load_tokenizer(tok_path)
-    tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     special = data.special_ids(tok)
     cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = (
         tok.get_vocab_size(), special["cls"], special["sep"])
     records = data.load_pretrain_records(root, names, "train")
+    # what this run reads, by content: compared on resume, and by eval.py (zero-shot retrieval)
+    read = {n: {"train": [r for r in records if r["dataset"] == n]} for n in names}
+    if cfg.eval_pairs:  # read now, so that a broken file stops the run before training
+        read["roco_retrieval"] = {"test": data.read_split(os.path.join(root, "roco_retrieval"),
+                                                          "test", required=data.PRETRAIN_FIELDS)}
+    record = manifests.data_record(root, read, tok_path)
+    tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     # uint8 one-channel pixels (ImageTransform.pixels): the model normalises them on the device
     # (issue 11)
     transform = data.ImageTransform(cfg.model.image_size, train=True,
@@ -82,7 +91,7 @@ def main(argv=None):
     # refuses the settings a resumed run cannot change;
     # applies and prints those it may (new LRs too)
     if cfg.resume:
-        state = checkpoint.resume_from(cfg.resume, cfg, model, opt, sched, print0)
+        state = checkpoint.resume_from(cfg.resume, cfg, model, opt, sched, print0, record=record)
         checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"])
                                  else state["rng"][0])
         start_step = state["step"]
@@ -109,6 +118,7 @@ def main(argv=None):
         f"{cfg.batch_size * proc.world - 1}; precision {precision}; device {proc.device}")
     if proc.main:
         checkpoint.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
+        checkpoint.write_json(os.path.join(cfg.out, "data.json"), record)
     log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
                          resume_step=start_step if cfg.resume else None)
 
@@ -176,7 +186,8 @@ def main(argv=None):
             if proc.main:
                 state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "step": step + 1, "rng": rng}
-                checkpoint.save_checkpoint(cfg.out, step + 1, model, cfg, state, files=[tok_path])
+                checkpoint.save_checkpoint(cfg.out, step + 1, model, cfg, state,
+                                           files=[tok_path, os.path.join(cfg.out, "data.json")])
     bar.close()
     distributed.assert_in_sync(model, proc)
     print0(f"checkpoint: {checkpoint.resolve_checkpoint(cfg.out)}"
@@ -184,7 +195,7 @@ def main(argv=None):
 
     # ---- zero-shot retrieval on ROCO test pairs --------------------------------------------------
     if cfg.eval_pairs and proc.main:
-        test = data.read_split(os.path.join(root, "roco_retrieval"), "test")[:cfg.eval_pairs]
+        test = read["roco_retrieval"]["test"][:cfg.eval_pairs]
         # finetune.py's and eval.py's retrieval evaluation: Recall@1/5/10 both ways, r_mean, the
         # seconds it took
         r = retrieval.retrieval_metrics(model, test, tok, cfg.model.image_size,

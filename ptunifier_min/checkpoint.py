@@ -29,14 +29,16 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from . import config as config_lib
-from . import data
+from . import data, manifests
 from .distributed import unwrap
 
 
 # ---- run folders ---------------------------------------------------------------------------------
 # What a run writes into its --out
 # (tokenizer.json: a RoBERTa tokenizer made one file, pretrained.py)
-RUN_FILES = ("config.json", "log.jsonl", "latest", "results.json", "train_state", "tokenizer.json")
+# (data.json: what the run read, by content, manifests.data_record)
+RUN_FILES = ("config.json", "log.jsonl", "latest", "results.json", "train_state", "tokenizer.json",
+             "data.json")
 # realpath(out) -> the descriptor of out/.lock, flock'ed for as long as this process lives
 _LOCKS = {}
 # realpath(checkpoint folder) -> the step folders this run wrote there (or resumed from),
@@ -258,6 +260,36 @@ def checkpoint_tokenizer(path):
     raise CheckpointError(f"{path} holds no tokenizer.json or vocab.txt")
 
 
+def resumed_tokenizer(path):
+    """The tokenizer file the checkpoint a run resumes from carries (None for a fine-tuning
+    train_state written before they carried one). Asked before any data is prepared, so that a
+    wrong --resume stops before anything is written."""
+    try:
+        ckpt = resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"--resume {path}: {e}") from None
+    try:
+        return checkpoint_tokenizer(ckpt)
+    except CheckpointError:
+        return None
+
+
+def read_data_record(path):
+    """The data record (manifests.data_record) a checkpoint carries in data.json; None for a
+    checkpoint written before checkpoints carried one."""
+    file = os.path.join(resolve_checkpoint(path), "data.json")
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as f:
+            record = json.load(f)
+        if not isinstance(record.get("files"), dict) or not isinstance(record.get("splits"), dict):
+            raise ValueError("no 'files' and 'splits'")
+        return record
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"unreadable data record {file}: {e}") from e
+
+
 def read_checkpoint_config(path):
     path = resolve_checkpoint(path)
     try:
@@ -315,10 +347,13 @@ def load_trainer_state(path):
         raise CheckpointError(f"corrupt or truncated trainer state {file}: {e}") from e
 
 
-def resume_from(path, cfg, model, opt, sched, print0=print):
+def resume_from(path, cfg, model, opt, sched, print0=print, record=None):
     """Continue a run from its checkpoint (a run or step folder) honestly. Returns the checkpoint's
     trainer state.
 
+    `record`, the data record of what this run reads (manifests.data_record), is compared with the
+    checkpoint's: a file, split or tokenizer whose content differs is refused, naming it; the same
+    content may sit at another place (--data-root, --synth-root, --tokenizer: config.PLACES).
     The config is compared with the checkpoint's (config.resume_differences): settings a resumed run
     must keep (the model, the data, the objectives, the batch, the seed...) are refused with the
     list of differences; those it may change (steps, cadences, learning rates, workers) are applied
@@ -328,8 +363,15 @@ def resume_from(path, cfg, model, opt, sched, print0=print):
     """
     try:
         ckpt = resolve_checkpoint(path)
+        saved = read_data_record(ckpt)
+        differ = manifests.differences(saved, record) if saved and record else []
+        if differ:
+            raise SystemExit(f"--resume {path}: the data differs from what the run was trained on "
+                             f"(recorded in {os.path.join(ckpt, 'data.json')}):\n  "
+                             + "\n  ".join(differ) + "\nresume with the prepared data and "
+                             "tokenizer it was trained with, or start a new run in another --out")
         refused, changed = config_lib.resume_differences(
-            read_checkpoint_config(ckpt)["config"], cfg)
+            read_checkpoint_config(ckpt)["config"], cfg, same_data=bool(saved and record))
         if refused:
             raise SystemExit(f"--resume {path}: these settings differ from the run being "
                              "continued, and a resumed run cannot change them:\n  "

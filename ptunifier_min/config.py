@@ -275,6 +275,7 @@ class TrainConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.data = ",".join(self.data_sets())  # stored as read: "roco, medicat" -> "roco,medicat"
         # objective_set validates the names
         if "itc" not in self.objective_set() and self.itm_hard_negatives:
             raise ValueError("--itm-hard-negatives samples ITM negatives from ITC similarities: "
@@ -287,6 +288,18 @@ class TrainConfig(RunConfig):
         if self.model.pool_keys == "separate" and not self.w_pool_pull:
             raise ValueError("--pool-keys separate: the keys learn only through the pull term; "
                              "set --w-pool-pull > 0")
+
+    def data_sets(self):
+        """The prepared folders --data names, in its order; spaces around the names are dropped."""
+        names = [n.strip() for n in self.data.split(",") if n.strip()]
+        if not names:
+            raise ValueError(f"--data names no pre-training set (got {self.data!r}): give the "
+                             "prepared folders to train on, e.g. --data roco,medicat,mimic_cxr")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"--data names {', '.join(twice)} twice (got {self.data!r}): a set "
+                             "named twice would be trained on twice as often; name each once")
+        return names
 
     def objective_set(self):
         names = [o for o in self.objectives.split(",") if o]
@@ -418,12 +431,19 @@ def _flat_dict(d):
     return {**{k: v for k, v in d.items() if k != "model"}, **d.get("model", {})}
 
 
-def resume_differences(saved, cfg):
+# Where the data and the tokenizer are, not what they are: a resumed run may find them at another
+# place when their content is what the checkpoint recorded (manifests.differences finds none).
+PLACES = ("data_root", "synth_root", "tokenizer")
+
+
+def resume_differences(saved, cfg, same_data=False):
     """Compare cfg with the config a checkpoint was written with (its to_dict form). Returns
     (refused, changed): one line per differing field that a resumed run must keep (the model, the
     data, the objectives, the batch, the seed...), and one per differing field it may change
-    (`may_change`: steps, cadences, learning rates, workers)."""
+    (`may_change`: steps, cadences, learning rates, workers; and PLACES when same_data says the
+    data and the tokenizer found there are those the run was trained with)."""
     may_change = {name for name, f, _ in _flat_fields(type(cfg)) if f.metadata.get("may_change")}
+    may_change |= set(PLACES) if same_data else set()
     # a field the checkpoint lacks was added after it was written: the run had that field's default
     # (as a built config holds it: pixel_mean's tuple default is kept as a list)
     defaults = _flat_dict(to_dict(type(cfg)()))

@@ -33,6 +33,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
 
+from . import manifests
+
 MEAN, STD = 0.5, 0.5
 # ids 0..4 in a tokenizer we train
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -232,21 +234,35 @@ def read_meta(folder):
         return json.load(f)
 
 
-def read_split(folder, split, allow_empty=True):
-    """The records of {folder}/{split}.jsonl; allow_empty=False for a stage that cannot run on an
-    empty split."""
+def read_split(folder, split, allow_empty=True, required=("id",)):
+    """The records of {folder}/{split}.jsonl, each checked against the manifests' contract
+    (manifests.check_record; `required`: the fields the caller reads) and with its file paths
+    resolved: prepare.py writes those inside the prepared root relative to it, so that a root copied
+    elsewhere keeps working (older manifests hold absolute paths, read as they are).
+    allow_empty=False for a stage that cannot run on an empty split."""
     meta = read_meta(folder)  # the jsonl files of an interrupted preparation are not to be trusted
     path = os.path.join(folder, f"{split}.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"split file not found: {path}")
-    records = []
+    root = os.path.dirname(os.path.normpath(folder))
+    records, seen = [], {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: malformed JSON ({e})") from None
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: malformed JSON ({e})") from None
+            problem = manifests.check_record(r, meta, required)
+            if problem is None and seen.setdefault(r["id"], n) != n:
+                problem = f"id {r['id']!r} occurs again; first at line {seen[r['id']]}"
+            if problem:
+                raise ValueError(f"{path}, line {n}: {problem}")
+            for key in ("image", "image_cache"):
+                if key in r and not os.path.isabs(r[key]):
+                    r[key] = os.path.join(root, r[key])
+            records.append(r)
     if not records and not allow_empty:
         raise ValueError(f"{path}: the {split} split has no records "
                          f"(prepared counts: {meta.get('counts')}); "
@@ -257,8 +273,12 @@ def read_split(folder, split, allow_empty=True):
 def image_path(record):
     """The file to read for a record's image: its resized copy when prepare made one ("image_cache",
     see prepare.py --cache-short-side), else the original ("image"). Every reader of records' images
-    goes through here."""
+    goes through here (read_split has made both paths usable from the current folder)."""
     return record.get("image_cache") or record["image"]
+
+
+# what a pre-training record must hold: an image and its texts
+PRETRAIN_FIELDS = ("id", "image", "texts")
 
 
 def load_pretrain_records(prepared_root, datasets, split):
@@ -267,14 +287,12 @@ def load_pretrain_records(prepared_root, datasets, split):
     records = []
     for name in datasets:
         folder = os.path.join(prepared_root, name)
-        for r in read_split(folder, split, allow_empty=False):
+        for r in read_split(folder, split, allow_empty=False, required=PRETRAIN_FIELDS):
             if not os.path.exists(image_path(r)):
                 raise FileNotFoundError(f"{folder}/{split}.jsonl, id {r['id']}: " + (
                     f"image cache file not found: {r['image_cache']} "
                     f"(the resized copy of {r['image']}); run prepare again to rebuild it"
                     if r.get("image_cache") else f"image file not found: {r['image']}"))
-            if not r.get("texts"):
-                raise ValueError(f"{folder}/{split}.jsonl, id {r['id']}: record has no texts")
             records.append({**r, "dataset": name})
     return records
 

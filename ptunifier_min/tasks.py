@@ -68,6 +68,13 @@ class Task:
         """The record field the loss reads ("" for ITC, whose targets are the pairs themselves)."""
         return {"bce": "labels", "ce": "label", "nll": "target"}.get(self.loss, "")
 
+    @property
+    def fields(self):
+        """The record fields the task reads (data.read_split checks that they are there)."""
+        return (("id",) + (("image",) if self.image else ()) + self.text +
+                ((self.target,) if self.target else ()) +
+                (("answer_type",) if self.metric == "vqa" else ()))
+
 
 # one row per task, wider than 100 columns so that it reads as a table
 TASKS = {t.name: t for t in (

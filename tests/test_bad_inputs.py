@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import random
+import re
 import types
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from ptunifier_min import data as D
-from ptunifier_min import data, metrics
+from ptunifier_min import config, data, metrics, tasks
 from ptunifier_min.datasets import prepare as P, source
 from test_prepare import _csv, _img, _json, _lines, _vqa_rad_row, make_chexpert, make_mimic, make_roco, make_rsna, \
     make_vqa_rad
@@ -675,3 +676,64 @@ def test_unwritable_out_is_refused_before_any_image_is_decoded(tmp_path, monkeyp
         assert decoded == []
     P.prepare("roco", raw, str(tmp_path / "new" / "out"))  # a folder that does not exist yet is fine
     assert len(decoded) == 4
+
+
+
+# ---- prepared manifests: checked where they are read ------------------------------------------
+@pytest.mark.parametrize("field, value, message", [
+    ("id", 7, r"field 'id' is a number \('7'\); expected a non-empty string"),
+    ("texts", "The heart is normal.",
+     r"field 'texts' is a string .*expected a non-empty list of non-empty strings"),
+    ("texts", ["fine", 3], r"field 'texts' is a list .*expected a non-empty list of non-empty"),
+    ("labels", [1, 2, 0], r"field 'labels' is a list \('\[1, 2, 0\]'\); expected a list of 0 / 1"),
+    ("labels", [1, 0], r"field 'labels' holds 2 values; expected one per label of meta\.json"),
+    ("label", 5, r"field 'label' is 5; expected -1 \.\. 1 \(meta\.json lists 2 classes\)"),
+    ("label", True, r"field 'label' is true or false .*expected an integer class index"),
+    ("answer_type", "OPEN", r"field 'answer_type' is a string \('OPEN'\); expected 'open' or"),
+    ("question", None, r"field 'question' is null .*expected a non-empty string"),
+])
+def test_prepared_manifest_fields_are_type_checked_where_read(tmp_path, field, value, message):
+    """A hand-edited or foreign {split}.jsonl fails when it is read, naming file, line and field
+    (before: a string of texts was read character by character, labels of 2 trained a BCE head,
+    a bool was a class)."""
+    good = {"id": "q1", "image": "a.png", "question": "is it?", "answer": "yes",
+            "answer_type": "open", "label": 0, "labels": [1, 0, 0], "texts": ["The heart."]}
+    folder = _prepared(tmp_path / "prep" / "x", [good, {**good, "id": "q2", field: value}])
+    _json(os.path.join(folder, "meta.json"), {"dataset": "x", "counts": {"train": 2},
+                                              "answers": ["yes", "no"],
+                                              "label_names": ["a", "b", "c"]})
+    with pytest.raises(ValueError, match=r"x/train\.jsonl, line 2: " + message):
+        D.read_split(folder, "train")
+
+
+def test_a_record_without_a_field_its_reader_needs_names_it(tmp_path):
+    record = {"id": "q1", "image": "a.png", "answer_type": "open", "label": 0}
+    folder = _prepared(tmp_path / "prep" / "vqa", [record])
+    assert len(D.read_split(folder, "train")) == 1  # a reader that needs only the id
+    with pytest.raises(ValueError,
+                       match=r"vqa/train\.jsonl, line 1: missing field\(s\) \['question'\]"):
+        D.read_split(folder, "train", required=tasks.TASKS["vqa_rad"].fields)
+    folder = _prepared(tmp_path / "prep" / "x", [{"id": "a", "texts": ["one"]},
+                                                 {"id": "a", "texts": ["two"]}])
+    with pytest.raises(ValueError,
+                       match=r"x/train\.jsonl, line 2: id 'a' occurs again; first at line 1"):
+        D.read_split(folder, "train")
+
+
+@pytest.mark.parametrize("given, read", [(" roco, medicat ", "roco,medicat"),
+                                         ("roco,,mimic_cxr,", "roco,mimic_cxr")])
+def test_data_flag_drops_spaces_around_the_names(given, read):
+    cfg = config.parse_args(config.TrainConfig, config.PRESETS, ["--data", given])
+    assert cfg.data == read and cfg.data_sets() == read.split(",")
+
+
+@pytest.mark.parametrize("given, message", [
+    ("roco,medicat,roco", r"--data names roco twice \(got 'roco,medicat,roco'\)"),
+    ("", r"--data names no pre-training set \(got ''\): give the prepared folders to train on, "
+         r"e\.g\. --data roco"),
+    (" , ", r"--data names no pre-training set"),
+])
+def test_data_flag_naming_a_set_twice_or_none_is_refused(given, message, capsys):
+    with pytest.raises(SystemExit):
+        config.parse_args(config.TrainConfig, config.PRESETS, ["--data", given])
+    assert re.search(message, capsys.readouterr().err)

@@ -3,6 +3,8 @@ re-evaluation of fine-tuned checkpoints (it must reproduce results.json), and Ta
 
 import json
 import os
+import re
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,11 +17,13 @@ from safetensors.torch import load_file
 import eval as eval_script
 import finetune
 import train
-from ptunifier_min import checkpoint, data, metrics, retrieval, tasks
+from ptunifier_min import checkpoint, data, manifests, metrics, optim, retrieval, tasks
 from ptunifier_min.api import Model
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, build
+from ptunifier_min.datasets import prepare as P
 from ptunifier_min.model import PTUnifier
-from test_finetune import TASK_KEYS, run, world  # noqa: F401  (world: the shared tiny synthetic world fixture)
+# world: the shared tiny synthetic world fixture
+from test_finetune import TASK_KEYS, killed_at, run, world  # noqa: F401
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
 
@@ -298,3 +302,106 @@ def test_eval_refuses_to_run_under_torchrun(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process is a plain run
     with pytest.raises(SystemExit, match="needs --ckpt"):
         eval_script.main([])
+
+
+
+# ---- records that never mislead --------------------------------------------------------------
+def _results(folder, auroc, **extra):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"task": "chexpert", "metrics": {"auroc": auroc}, "init": "scratch", **extra}, f)
+
+
+def test_table_counts_the_test_results_of_live_runs_each_checkpoint_once(tmp_path, capsys):
+    """Before: the run --overwrite moved aside, a val result and a re-evaluation of the same
+    checkpoint were averaged in ("52.5 (n=4)")."""
+    step = "runs/a/step_0000004"  # finetune.py's record, relative to where it ran
+    _results(tmp_path / "a", 0.8, checkpoint=step)
+    _results(tmp_path / "a" / ".replaced-20250101-120000", 0.3, checkpoint=step)
+    _results(tmp_path / "val", 0.1, split="val", checkpoint=str(tmp_path / "b"), eval_config={})
+    _results(tmp_path / "again", 0.8, split="test", eval_config={},
+             checkpoint=str(tmp_path / "a" / "step_0000004"))
+    eval_script.main(["--table", str(tmp_path)])
+    out = capsys.readouterr()
+    assert "| scratch | 80.0 | - |" in out.out and "(n=" not in out.out
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["rows"][0]["cells"]["CheXpert AUROC"]["runs"] == \
+        [str(tmp_path / "a" / "results.json")]
+    assert [line.split(":")[0] for line in table["not_counted"]] == \
+        [str(tmp_path / "again" / "results.json"), str(tmp_path / "val" / "results.json")]
+    assert "val results (Table 2 reports test)" in out.err
+    assert "the same checkpoint and task as" in out.err
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "an empty file"), ("{not json", r"not JSON \("), ("[0.9]", "a list, not an object"),
+    ('{"accuracy": 0.9}', "no 'task' name and 'metrics' object"),
+    ('{"task": "chexpert", "metrics": {"auroc": "high"}}', "metric 'auroc' is a string"),
+])
+def test_table_names_a_results_file_it_cannot_read(tmp_path, text, problem):
+    """An error naming the file, not a skip: a table that leaves a run out in silence misstates its
+    n (before: a JSONDecodeError or a TypeError that named no file)."""
+    _results(tmp_path / "a", 0.8)
+    os.makedirs(tmp_path / "other")
+    (tmp_path / "other" / "results.json").write_text(text)
+    path = re.escape(str(tmp_path / "other" / "results.json"))
+    with pytest.raises(SystemExit, match=f"{path}: {problem}.*Move it out of"):
+        eval_script.main(["--table", str(tmp_path)])
+
+
+@pytest.fixture(scope="module")
+def finetuned(world, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("ft") / "vqa"
+    run(world, "--task", "vqa_rad", "--init", "scratch", "--out", str(out))
+    return out
+
+
+def test_eval_never_writes_over_a_fine_tuning_runs_results(finetuned):
+    before = (finetuned / "results.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"--out .*vqa holds a training run \(config\.json, .*"
+                                         r"results\.json\): eval\.py never writes over it; .*"
+                                         r"--out .*vqa-eval"):
+        eval_script.main(["--ckpt", str(finetuned), "--num-workers", "0", "--out", str(finetuned)])
+    # its test metrics, val_metrics and best_step are kept
+    assert (finetuned / "results.json").read_bytes() == before
+
+
+def test_eval_refuses_other_splits_than_those_trained_against(finetuned, world, tmp_path):  # noqa
+    """vqa_rad prepared again with another --seed: its val questions go back into train and others
+    come out. Refused, naming both hashes (before: scored). The same data at another place is
+    scored as before."""
+    reseeded = tmp_path / "reseeded"
+    P.prepare("vqa_rad", os.path.join(world[0], "tiny", "raw", "vqa_rad"), str(reseeded), seed=1)
+    then = checkpoint.read_data_record(str(finetuned))["splits"]["vqa_rad"]["train"]
+    now = manifests.ids_hash(data.read_split(str(reseeded / "vqa_rad"), "train"))
+    with pytest.raises(SystemExit, match=rf"was trained against another vqa_rad train split than "
+                                         rf".*reseeded/vqa_rad/train\.jsonl holds: ids sha256 "
+                                         rf"{then[:16]} then, {now[:16]} now"):
+        eval_script.main(["--ckpt", str(finetuned), "--num-workers", "0",
+                          "--data-root", str(reseeded)])
+    shutil.copytree(os.path.join(world[1], "vqa_rad"), tmp_path / "copy" / "vqa_rad")
+    eval_script.main(["--ckpt", str(finetuned), "--num-workers", "0",
+                      "--data-root", str(tmp_path / "copy"), "--out", str(tmp_path / "again")])
+    expected = json.loads((finetuned / "results.json").read_text())["metrics"]
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["metrics"] == expected
+
+
+def test_eval_on_an_unfinished_fine_tuning_run_says_how_to_finish_it(world, tmp_path,  # noqa
+                                                                     monkeypatch):
+    """A run killed after its step-2 validation has no selected weights: eval.py says so and how
+    to resume it (before: 'no checkpoint at ...' as a traceback); its train_state is not scored
+    as if it were the result."""
+    out = tmp_path / "killed"
+    monkeypatch.setattr(optim, "optimizer_step", killed_at(3, optim.optimizer_step))
+    with pytest.raises(KeyboardInterrupt):
+        run(world, "--task", "vqa_rad", "--init", "scratch", "--out", str(out))
+    state = checkpoint.resolve_checkpoint(str(out / "train_state"))
+    # a resumed run keeps its own tokenizer
+    assert os.path.isfile(os.path.join(state, "tokenizer.json"))
+    with pytest.raises(SystemExit, match=rf"{out} is an unfinished fine-tuning run: it stopped at "
+                                         rf"step 2 of 4 .*python finetune\.py --task vqa_rad "
+                                         rf"\.\.\. --out {out} --resume {out}"):
+        eval_script.main(["--ckpt", str(out)])
+    with pytest.raises(SystemExit, match=rf"{state} is the resumable state of the fine-tuning run "
+                                         rf"{out}: .*--ckpt {out}"):
+        eval_script.main(["--ckpt", str(out / "train_state"), "--num-workers", "0"])

@@ -594,3 +594,30 @@ def test_a_stopped_prepare_leaves_no_cache_behind(tmp_path, capsys):
     assert "image cache" in capsys.readouterr().out  # reported: images, bytes, seconds
     assert len(os.listdir(os.path.join(out, "roco", "image_cache"))) == 3  # none for the bad image
     assert all(os.path.exists(r["image_cache"]) for r in _cached([os.path.join(out, "roco")]).values())
+
+
+
+def test_a_prepared_root_moved_elsewhere_keeps_working(tmp_path):
+    """The cache paths are written relative to the root, so a root copied to another disk reads
+    its own copies (before: absolute paths into the old place, gone with it); a manifest with
+    absolute paths is read as it is."""
+    raw, out = make_roco(str(tmp_path / "raw")), str(tmp_path / "out")
+    P.prepare("roco", raw, out, cache_short_side=64)
+    with open(os.path.join(out, "roco", "train.jsonl")) as f:
+        written = [json.loads(line) for line in f]
+    assert all(r["image_cache"].startswith(os.path.join("roco", "image_cache", ""))
+               for r in written)
+    moved = str(tmp_path / "elsewhere" / "prepared")
+    os.renames(out, moved)
+    for name in ("roco", "roco_retrieval"):
+        for r in read_split(os.path.join(moved, name), "train"):
+            assert r["image_cache"].startswith(os.path.join(moved, "roco", "image_cache", ""))
+            # the original lies outside the root: its path stays absolute
+            assert os.path.isfile(r["image_cache"]) and r["image"].startswith(raw)
+    assert len(D.load_pretrain_records(moved, ["roco"], "train")) == len(written)
+    # a manifest written before the paths were relative
+    old = [{**r, "image_cache": os.path.join(moved, r["image_cache"])} for r in written]
+    with open(os.path.join(moved, "roco", "train.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in old))
+    assert [r["image_cache"] for r in read_split(os.path.join(moved, "roco"), "train")] == \
+        [r["image_cache"] for r in old]

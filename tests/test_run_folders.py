@@ -6,6 +6,7 @@ back to the resumed step, and SIGTERM / SIGINT that say where the last checkpoin
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,8 +175,9 @@ def test_rerun_into_an_earlier_run_is_refused_and_overwrite_moves_it_aside(world
     assert checkpoint.resolve_checkpoint(str(out)).endswith("step_0000004") and loads(out / "step_0000004")
 
     pretrain(world, out, "--steps", 2, "--save-every", 2, "--overwrite")
-    assert "--overwrite: moved the earlier run's config.json, latest, log.jsonl, step_0000004 aside" in \
-        capsys.readouterr().out
+    # data.json: what the run read
+    moved = "config.json, data.json, latest, log.jsonl, step_0000004"
+    assert f"--overwrite: moved the earlier run's {moved} aside" in capsys.readouterr().out
     assert checkpoint.resolve_checkpoint(str(out)).endswith("step_0000002") and loads(out / "step_0000002")
     aside = [n for n in os.listdir(out) if n.startswith(".replaced-")]
     assert len(aside) == 1 and loads(checkpoint.resolve_checkpoint(str(out / aside[0])))
@@ -279,3 +281,72 @@ def test_finetune_resume_refuses_what_cannot_change_and_cuts_the_log(world, tmp_
     fine_tune(world, "--steps", 6, "--log-every", 1, "--out", out, "--resume", out, "--lr-head", 5e-4)
     assert "--lr-head 0.001 -> 0.0005" in capsys.readouterr().out
     assert log_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+
+# ---- a resumed run reads what it was trained on, wherever it now is ---------------------------
+def _copy_of_the_world(world, dest):
+    shutil.copytree(os.path.join(world, "tiny", "prepared"), dest)
+    return str(dest)
+
+
+def _retrain_tokenizer(root):
+    """What the old error message advised after a corpus was prepared into the root: delete the
+    tokenizer; a later run then trains another, of the same size, on other texts."""
+    old = data.load_tokenizer(os.path.join(root, "tokenizer.json"))
+    os.remove(os.path.join(root, "tokenizer.json"))
+    texts = [f"{w} finding {i} seen" for i, w in enumerate(sorted(old.get_vocab()) * 2)]
+    new = data.train_tokenizer(texts, old.get_vocab_size(), root)
+    assert new.get_vocab_size() == old.get_vocab_size() and new.get_vocab() != old.get_vocab()
+
+
+def test_resume_keeps_the_tokenizer_it_was_trained_with(world, tmp_path, capsys):
+    """Before: the resumed run silently took the retrained root tokenizer (same size, other
+    tokens), or trained one into the root when it was missing."""
+    root, out = _copy_of_the_world(world, tmp_path / "prepared"), tmp_path / "run"
+    root_tok = os.path.join(root, "tokenizer.json")
+    pretrain(world, out, "--data-root", root, "--steps", 2, "--save-every", 2)
+    trained = (out / "step_0000002" / "tokenizer.json").read_bytes()
+    _retrain_tokenizer(root)
+    retrained = open(root_tok, "rb").read()
+    capsys.readouterr()
+    pretrain(world, out, "--data-root", root, "--steps", 4, "--save-every", 2, "--resume", out)
+    assert "is not the one this run was trained with: resuming with the checkpoint's own" in \
+        capsys.readouterr().out
+    assert (out / "step_0000004" / "tokenizer.json").read_bytes() == trained
+    assert open(root_tok, "rb").read() == retrained  # the root's is left as it is
+    os.remove(root_tok)
+    pretrain(world, out, "--data-root", root, "--steps", 6, "--save-every", 2, "--resume", out)
+    assert (out / "step_0000006" / "tokenizer.json").read_bytes() == trained
+    assert not os.path.exists(root_tok)  # none trained into the root
+
+
+def test_resume_refuses_another_explicit_tokenizer_naming_both(world, tmp_path):
+    root, out = _copy_of_the_world(world, tmp_path / "prepared"), tmp_path / "run"
+    tok = os.path.join(root, "tokenizer.json")
+    pretrain(world, out, "--data-root", root, "--tokenizer", tok, "--steps", 2, "--save-every", 2)
+    _retrain_tokenizer(root)
+    with pytest.raises(SystemExit, match=rf"the tokenizer {tok} \(sha256 \w{{16}}\) is not the one "
+                                         rf"the run being resumed was trained with, "
+                                         rf"{out}/step_0000002/tokenizer\.json"):
+        pretrain(world, out, "--data-root", root, "--tokenizer", tok, "--steps", 4, "--resume", out)
+
+
+def test_resume_finds_moved_data_by_content(world, tmp_path):
+    """A prepared root moved to another place is resumed from with --data-root NEW (before: refused
+    as a changed setting, and its cache paths pointed into the old place); changed content is
+    refused, naming the file."""
+    old, out = _copy_of_the_world(world, tmp_path / "prepared"), tmp_path / "run"
+    pretrain(world, out, "--data-root", old, "--steps", 2, "--save-every", 2)
+    new = str(tmp_path / "moved" / "prepared")
+    os.renames(old, new)
+    pretrain(world, out, "--data-root", new, "--steps", 4, "--save-every", 2, "--resume", out)
+    assert json.loads((out / "config.json").read_text())["data_root"] == new
+    with open(os.path.join(new, "medicat", "train.jsonl")) as f:
+        lines = f.readlines()
+    with open(os.path.join(new, "medicat", "train.jsonl"), "w") as f:
+        f.writelines(lines[1:] + lines[:1])  # the same records in another order: not the same data
+    with pytest.raises(SystemExit, match=r"the data differs from what the run was trained on "
+                                         r".*data\.json\):\n  medicat/train\.jsonl: sha256 "
+                                         r"\w{16} -> \w{16}\n"):
+        pretrain(world, out, "--data-root", new, "--steps", 6, "--resume", out)

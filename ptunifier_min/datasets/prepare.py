@@ -26,10 +26,11 @@ Image cache: while it decodes an image anyway, prepare writes a copy resized to 
 384 px (never enlarged) as an uncompressed (lossless, fast to read) PGM into
 DIR/<dataset>/image_cache/; each record keeps the original in "image" and gains the copy in
 "image_cache", which training and evaluation read (data.image_path): decoding a ~3,000 px JPEG per
-sample would starve the GPUs. A copy is named by the original's path, size and modification time, so
-an original that changes gets a new copy; copies already there are skipped, so a killed run resumes
-where it was. --workers sets the decoding processes; --cache-short-side 0 writes no cache (the
-images are still decoded once, to check them).
+sample would starve the GPUs. Paths inside DIR are written relative to DIR, so that a prepared
+folder copied or moved elsewhere keeps working. A copy is named by the original's path, size and
+modification time, so an original that changes gets a new copy; copies already there are skipped,
+so a killed run resumes where it was. --workers sets the decoding processes; --cache-short-side 0
+writes no cache (the images are still decoded once, to check them).
 """
 
 import argparse
@@ -47,6 +48,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import data
+from ..manifests import JSON_TYPES, json_type
 from .workers import deferred_stop, ordered_map
 
 DATASETS = ("roco", "medicat", "mimic_cxr", "chexpert", "rsna", "radnli", "vqa_rad", "slake",
@@ -163,28 +165,20 @@ def _read_json_list(path):
     return rows
 
 
-_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true or false",
-               list: "a list", dict: "an object", type(None): "null"}
-
-
-def _json_type(value):
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
-
 def _field(row, key, where, types=(str,)):
     """row[key], which must be one of `types`: a list where a string belongs (or a string where a
     list belongs) would otherwise be turned into text ("['a', 'b']") or into characters, and trained
     on in silence."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: the record is {_json_type(row)}; expected a JSON object with "
+        raise ValueError(f"{where}: the record is {json_type(row)}; expected a JSON object with "
                          f"field {key!r}")
     if key not in row:
         raise ValueError(f"{where}: missing field {key!r}; fields found: {sorted(row)}")
     value = row[key]
     # bool is an int in Python
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        expected = " or ".join(dict.fromkeys(_JSON_TYPES[t] for t in types))
-        raise ValueError(f"{where}: field {key!r} is {_json_type(value)} ({str(value)[:60]!r}); "
+        expected = " or ".join(dict.fromkeys(JSON_TYPES[t] for t in types))
+        raise ValueError(f"{where}: field {key!r} is {json_type(value)} ({str(value)[:60]!r}); "
                          f"expected {expected}")
     return value
 
@@ -266,7 +260,7 @@ def _write_folder(out, folder, splits, meta):
         if dup is not None:  # the readers name the row; this backstop catches ids a rule derives
             raise ValueError(f"{folder}: id {dup!r} occurs twice (in {seen[dup]} and {split})")
         _write_atomic(os.path.join(path, f"{split}.jsonl"),
-                      (json.dumps(r, ensure_ascii=False) for r in records))
+                      (json.dumps(_inside(r, out), ensure_ascii=False) for r in records))
         _write_atomic(os.path.join(path, f"{split}_ids.txt"), (r["id"] for r in records))
     meta = {"dataset": folder, **meta, "counts": {s: len(splits[s]) for s in SPLITS}}
     _write_atomic(meta_path, [json.dumps(meta, indent=1, ensure_ascii=False)])
@@ -274,6 +268,15 @@ def _write_folder(out, folder, splits, meta):
     dropped = ", ".join(f"{k} {v}" for k, v in meta["dropped"].items()) or "none"
     print(f"{folder}: kept {counts}; dropped {dropped} -> {path}")
     return path
+
+
+def _inside(record, out):
+    """The record as written: its file paths inside `out` (the image cache; images, if the release
+    lies inside it) relative to `out`, so that a prepared root copied or moved elsewhere keeps
+    working (data.read_split resolves them)."""
+    base = os.path.join(os.path.abspath(out), "")
+    return {k: os.path.relpath(v, base) if k in ("image", "image_cache") and
+            os.path.abspath(v).startswith(base) else v for k, v in record.items()}
 
 
 def _vqa_labels(splits):
@@ -373,7 +376,7 @@ def _medicat(root, seed):
                 if "s2orc_references" in row else None)
         if any(not isinstance(t, str) for t in refs or []):
             bad = next(t for t in refs if not isinstance(t, str))
-            raise ValueError(f"{where}: s2orc_references holds {_json_type(bad)} "
+            raise ValueError(f"{where}: s2orc_references holds {json_type(bad)} "
                              f"({str(bad)[:60]!r}); expected a list of strings")
         texts = [_norm(t)
                  for t in [_field(row, "s2_caption", where, (str, type(None)))] + (refs or [])

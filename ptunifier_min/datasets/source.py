@@ -13,9 +13,10 @@ corpora have been prepared into the root since, it is refused with what differs
 (check_tokenizer_corpora).
 """
 
+import hashlib
 import os
 
-from .. import data, distributed
+from .. import data, distributed, manifests
 
 # prepared folder -> the dataset whose prepare step writes it
 SOURCE = {"roco_retrieval": "roco", "mimic_gen": "mimic_cxr", "mimic_sum": "mimic_cxr"}
@@ -23,7 +24,14 @@ PRETRAIN_SETS = ("roco", "medicat", "mimic_cxr")
 WORLD_SEED = 0  # the synthetic world is one fixed world; --seed varies training, not the data
 
 
-def ensure_prepared(cfg, names, proc, print0=print):
+def ensure_prepared(cfg, names, proc, print0=print, trained_with=None):
+    """(prepared root, tokenizer file) for a run that reads the prepared folders `names`.
+
+    trained_with: the tokenizer a resumed run's checkpoint carries. The run keeps it: the tokenizer
+    it would otherwise use is taken only when its content is the same; an explicit --tokenizer
+    (or --init's) that differs is refused, naming both; the root's, when it differs or is missing,
+    is left as it is and the checkpoint's is used instead (copied into --out, said), so that a
+    resumed run never trains a tokenizer into the root."""
     if cfg.data_root:
         root = cfg.data_root
         missing = [n for n in names if not os.path.isfile(os.path.join(root, n, "meta.json"))]
@@ -57,6 +65,9 @@ def ensure_prepared(cfg, names, proc, print0=print):
                                 cache_short_side=prepare.CACHE_SHORT_SIDE)
         distributed.barrier(proc)
     tok_path = cfg.tokenizer or os.path.join(root, "tokenizer.json")
+    if trained_with:
+        return root, _resumed_tokenizer(trained_with, tok_path, bool(cfg.tokenizer), cfg.out, proc,
+                                        print0)
     sets = [n for n in PRETRAIN_SETS if os.path.isfile(os.path.join(root, n, "meta.json"))]
     if not os.path.isfile(tok_path):
         if cfg.tokenizer or not sets:
@@ -77,6 +88,38 @@ def ensure_prepared(cfg, names, proc, print0=print):
         check_tokenizer_corpora(
             tok_path, {n: data.read_meta(os.path.join(root, n))["counts"]["train"] for n in sets})
     return root, tok_path
+
+
+def _resumed_tokenizer(saved, wanted, explicit, out, proc, print0):
+    """The tokenizer a resumed run uses (see ensure_prepared). Compared by content: on real data a
+    retrained vocabulary has the same size as the old one, and nothing else tells them apart."""
+    have = manifests.sha256_file(saved)
+    if os.path.isfile(wanted) and _sha256(wanted) == have:
+        return wanted
+    found = (f"{wanted} (sha256 {_sha256(wanted)[:16]})"
+             if os.path.isfile(wanted) else f"{wanted} (missing)")
+    if explicit:
+        raise SystemExit(f"the tokenizer {found} is not the one the run being resumed was trained "
+                         f"with, {saved} (sha256 {have[:16]}): resume with the tokenizer it "
+                         "started with, or start a new run in another --out")
+    # the checkpoint's folder goes when a later checkpoint replaces it: keep a copy in --out
+    copy = os.path.join(out, "tokenizer.json")
+    print0(f"the root's tokenizer {found} is not the one this run was trained with: resuming with "
+           f"the checkpoint's own {saved} (sha256 {have[:16]}), copied to {copy}")
+    if proc.main:
+        with open(saved, encoding="utf-8") as f:
+            data.write_atomic(copy, f.read())
+    distributed.barrier(proc)
+    return copy
+
+
+def _sha256(path):
+    # RoBERTa's vocab.json + merges.txt travel in checkpoints as the one tokenizer.json made of them
+    # (pretrained.single_file_tokenizer): compare that
+    if os.path.basename(path) == "vocab.json":
+        text = data.load_tokenizer(path).to_str(pretty=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return manifests.sha256_file(path)
 
 
 def check_tokenizer_corpora(tok_path, prepared):
