@@ -16,7 +16,6 @@ every rank evaluate and write the same files.
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass
 
 from ptunifier_min import config as config_lib
@@ -217,4 +216,4 @@ def render_table(root):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    checkpoint.run_script(main)
