@@ -20,7 +20,6 @@ counts the test results of live runs, each checkpoint once: a run --overwrite mo
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass
 
 from ptunifier_min import config as config_lib
@@ -358,4 +357,4 @@ def render_table(root):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    checkpoint.run_script(main)

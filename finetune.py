@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ptunifier_min import config as config_lib
-from ptunifier_min import checkpoint, data, distributed, manifests, optim, pretrained, tasks
+from ptunifier_min import (checkpoint, data, distributed, manifests, optim, pretrained,
+                           stopping, tasks)
 from ptunifier_min.config import FinetuneConfig, ModelConfig
 from ptunifier_min.model import PTUnifier, compile_model, set_image_size, set_text_len
 from ptunifier_min.datasets.source import ensure_prepared
@@ -52,6 +53,9 @@ def main(argv=None):
     proc = distributed.setup_distributed(cfg.seed)
     print0 = print if proc.main else (lambda *a, **k: None)
     precision = distributed.resolve_precision(cfg.precision, proc.device)
+
+    if cfg.resume:
+        checkpoint.refuse_the_other_scripts_run(cfg.resume, "finetune.py")
 
     # ---- initial weights: a pre-training checkpoint decides the architecture and the tokenizer ---
     ckpt, ckpt_model = resolve_init(cfg, print0)
@@ -201,6 +205,8 @@ def main(argv=None):
     # messages between bar updates, without breaking the bar
     note = bar.write if proc.main else print0
     model.train()
+    # from here a stop signal (SIGTERM, SIGINT, SIGUSR1) lets the step in flight finish and be saved
+    stopping.finish_step_on_stop(True)
     for step in bar:
         step_stats = []
         for micro, batch in enumerate(data.next_micro_batches(batches, cfg.grad_accum,
@@ -222,7 +228,9 @@ def main(argv=None):
         grad_norm = optim.optimizer_step(model, opt, sched, loss, cfg.grad_clip, proc)
         if guard(grad_norm, step + 1):
             window.append(step_stats)
-        if window and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+        # a stop signal on any rank: every rank saves this step and stops (agreed on the host)
+        stop = stopping.requested(proc)
+        if window and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or stop):
             steps = [{k: sum(float(s[k]) for s in micros) / len(micros) for k in micros[0]}
                      for micros in window]
             rec = {"step": step + 1, **{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]},
@@ -233,28 +241,32 @@ def main(argv=None):
             log.write(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             window, t0 = [], time.perf_counter()
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            if proc.main:  # selection on val only; the other ranks wait in gather_rng
-                val = tasks.evaluate(model, task, splits["val"], tok, **eval_args, print0=note)
-                score = tasks.main_score(task, val)
-                if best["state"] is None or score > best["score"]:
-                    best = {"score": score, "step": step + 1, "metrics": val,
-                            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-                log.write({"step": step + 1, "val": val, "best_step": best["step"]})
+        validate = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
+        if validate and proc.main:  # selection on val only; the other ranks wait in gather_rng
+            val = tasks.evaluate(model, task, splits["val"], tok, **eval_args, print0=note)
+            score = tasks.main_score(task, val)
+            if best["state"] is None or score > best["score"]:
+                best = {"score": score, "step": step + 1, "metrics": val,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            log.write({"step": step + 1, "val": val, "best_step": best["step"]})
+            note(f"step {step + 1}: val {task.main} {fmt(val.get(task.main))} "
+                 f"(best {fmt(best['score'])} at step {best['step']})")
+        if validate or stop:
             # a collective, after validation: each rank's own state, for --resume
             rng = checkpoint.gather_rng(proc)
             if proc.main:
                 # the resumable state, written at every validation so that a killed run loses at
-                # most eval_every steps
+                # most eval_every steps, and when a stop signal came
                 checkpoint.save_checkpoint(
                     os.path.join(cfg.out, "train_state"), step + 1, model, cfg,
                     {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "step": step + 1, "rng": rng, "best": best}, files=[tok_path, record_path])
-                note(f"step {step + 1}: val {task.main} {fmt(val.get(task.main))} "
-                     f"(best {fmt(best['score'])} at step {best['step']})")
             distributed.barrier(proc)
             t0 = time.perf_counter()
+        if stop:
+            stopping.stop_run(stop)
     bar.close()
+    stopping.finish_step_on_stop(False)  # the test below stops at once, as preparing did
     train_seconds = time.perf_counter() - t_start
 
     # ---- test, with the weights selected on val --------------------------------------------------
@@ -383,4 +395,4 @@ def report(m):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    checkpoint.run_script(main)

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ptunifier_min import (checkpoint, data, distributed, manifests, optim, poolstats, pretrained,
-                           retrieval)
+                           retrieval, stopping)
 from ptunifier_min import config as config_lib
 from ptunifier_min.datasets.source import ensure_prepared
 from ptunifier_min.model import PTUnifier, compile_model, flops_per_pair
@@ -34,6 +34,8 @@ def main(argv=None):
     proc = distributed.setup_distributed(cfg.seed)
     print0 = print if proc.main else (lambda *a, **k: None)
     precision = distributed.resolve_precision(cfg.precision, proc.device)
+    if cfg.resume:
+        checkpoint.refuse_the_other_scripts_run(cfg.resume, "train.py")
     # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
     if proc.main:
         checkpoint.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, print0)
@@ -134,6 +136,8 @@ def main(argv=None):
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                disable=not proc.main, desc="pre-train")
     model.train()
+    # from here a stop signal (SIGTERM, SIGINT, SIGUSR1) lets the step in flight finish and be saved
+    stopping.finish_step_on_stop(True)
     for step in bar:
         # All micro-batches of the step first: MLM's masks are drawn for the whole step, and every
         # micro-step divides by the step's masked-token count, so --grad-accum 2 at batch B is batch
@@ -162,10 +166,12 @@ def main(argv=None):
         # non-finite check (the host waits for the device here, once per step), clip, AdamW,
         # logit-scale clamp, schedule
         grad_norm = optim.optimizer_step(model, opt, sched, loss, cfg.grad_clip, proc)
-        if not guard(grad_norm, step + 1):
-            continue
-        window.append(step_stats)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        finite = guard(grad_norm, step + 1)
+        # a stop signal on any rank: every rank saves this step and stops (agreed on the host)
+        stop = stopping.requested(proc)
+        if finite:
+            window.append(step_stats)
+        if finite and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or stop):
             # the host has waited for the device's work up to the last check
             dt = time.perf_counter() - t0
             steps = [{k: sum(float(s[k]) for s in micros) / len(micros) for k in micros[0]}
@@ -181,14 +187,18 @@ def main(argv=None):
             bar.set_postfix({k: f"{rec[k]:.3f}"
                              for k in ("mlm_loss", "itm_loss", "itc_loss", "itc_acc") if k in rec})
             window, t0 = [], time.perf_counter()
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
             rng = checkpoint.gather_rng(proc)  # a collective: every rank takes part, rank 0 writes
             if proc.main:
                 state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "step": step + 1, "rng": rng}
                 checkpoint.save_checkpoint(cfg.out, step + 1, model, cfg, state,
                                            files=[tok_path, os.path.join(cfg.out, "data.json")])
+        if stop:
+            distributed.barrier(proc)  # no rank leaves before rank 0 has written the checkpoint
+            stopping.stop_run(stop)
     bar.close()
+    stopping.finish_step_on_stop(False)  # the evaluation below stops at once, as preparing did
     distributed.assert_in_sync(model, proc)
     print0(f"checkpoint: {checkpoint.resolve_checkpoint(cfg.out)}"
            + (f"; all {proc.world} ranks hold identical parameters" if proc.world > 1 else ""))
@@ -214,4 +224,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    checkpoint.run_script(main)

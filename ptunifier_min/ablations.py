@@ -213,7 +213,8 @@ class Runner:
                     self.live.discard(proc)
 
     def terminate(self):
-        # SIGTERM: train.py and finetune.py stop at once, saying where their last checkpoint is
+        # SIGTERM: train.py and finetune.py finish the step in flight, save it and stop, saying
+        # where the checkpoint is
         with self.lock:
             for proc in self.live:
                 proc.terminate()

@@ -7,29 +7,28 @@ and the log.
     load_weights(path, model); resolve_checkpoint(path); write_json(path, obj); Log(path, enabled)
 
 Checkpoints are plain: safetensors weights of the unwrapped model, a readable config.json with the
-step, and (for resuming) trainer.pt with the optimizer, schedule and every rank's RNG state, read
-with weights_only=True. Every file goes through a temporary and a rename, so a kill at any moment
-leaves the previous version whole.
+step and the sha256 of every other file (checked when it is read), and (for resuming) trainer.pt
+with the optimizer, schedule and every rank's RNG state, read with weights_only=True. Every file
+goes through a temporary and a rename, so a kill at any moment leaves the previous version whole.
 """
 
-import atexit
 import errno
 import fcntl
+import hashlib
+import io
 import json
 import os
 import shutil
-import signal
 import socket
 import sys
-import threading
 import time
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from . import config as config_lib
-from . import data, manifests
+from . import data, manifests, stopping
 from .distributed import unwrap
 
 
@@ -44,8 +43,6 @@ _LOCKS = {}
 # realpath(checkpoint folder) -> the step folders this run wrote there (or resumed from),
 # oldest first
 _WRITTEN = {}
-# what the SIGTERM / SIGINT handler needs: this process's pid, the run folder, its checkpoint folder
-_STOP = {}
 
 
 def claim_run_folder(out, resume="", overwrite=False, print0=print, checkpoints=None):
@@ -58,10 +55,12 @@ def claim_run_folder(out, resume="", overwrite=False, print0=print, checkpoints=
       one.
     - A folder holding an earlier run (RUN_FILES, step_*) is refused, unless this run continues it
       (--resume from inside `out`) or --overwrite moves those entries aside into
-      out/.replaced-<time>/: said, never deleted.
-    - SIGTERM / SIGINT then print where the last checkpoint (in `checkpoints`, default `out`) is and
-      the flag that resumes it, and exit non-zero; every write below is atomic, so nothing is left
-      half-written.
+      out/.replaced-<time>/: said, never deleted. Either way the temporaries a killed run left
+      (.tmp_*, in `out` and in `checkpoints`) are removed first, and said.
+    - A stop signal (SIGTERM, SIGINT, SIGUSR1) then prints where the last checkpoint (in
+      `checkpoints`, default `out`) is and the flag that resumes it, and exits non-zero; every
+      write below is atomic, so nothing is left half-written. In the training loop a stop signal
+      lets the step in flight finish and be saved first (stopping.py).
     """
     if not out:
         raise SystemExit("--out is empty: name the run's output folder")
@@ -73,9 +72,12 @@ def claim_run_folder(out, resume="", overwrite=False, print0=print, checkpoints=
     for key in [k for k in _WRITTEN if _inside(k, out)]:
         # a new run (in a process that has run before: tests) owns none of the folders' contents
         del _WRITTEN[key]
+    continuing = bool(resume) and _inside(resume, out)
+    if continuing or overwrite:
+        _remove_leftovers([out, checkpoints or out], print0)
     earlier = sorted(n for n in os.listdir(out)
                      if n in RUN_FILES or n.startswith(("step_", ".tmp_")))
-    if earlier and not (resume and _inside(resume, out)):
+    if earlier and not continuing:
         if not overwrite:
             raise SystemExit(f"--out {out} holds an earlier run ({', '.join(earlier)}): continue "
                              f"it with --resume {out}, start afresh with --overwrite (moves these "
@@ -87,13 +89,20 @@ def claim_run_folder(out, resume="", overwrite=False, print0=print, checkpoints=
         for name in earlier:
             os.replace(os.path.join(out, name), os.path.join(aside, name))
         print0(f"--overwrite: moved the earlier run's {', '.join(earlier)} aside into {aside}")
-    _STOP.update(pid=os.getpid(), out=out, checkpoints=checkpoints or out)
-    # signal handlers can only be set from there
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            if signal.getsignal(signum) is not _on_stop:
-                _STOP.setdefault("previous", {})[signum] = signal.getsignal(signum)
-                signal.signal(signum, _on_stop)
+    stopping.catch(lambda why: stop_message(why, out, checkpoints or out))
+
+
+def _remove_leftovers(folders, print0):
+    """Remove the .tmp_* entries a killed run left: a checkpoint it was writing, or one it was
+    removing. Never a complete checkpoint: `latest` only ever names renamed step folders, and the
+    lock says that no other run writes here."""
+    gone = [os.path.join(folder, name) for folder in dict.fromkeys(folders)
+            if os.path.isdir(folder) for name in sorted(os.listdir(folder))
+            if name.startswith(".tmp_")]
+    for path in gone:
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if gone:
+        print0(f"removed what a killed run left unfinished: {', '.join(gone)}")
 
 
 def _inside(path, folder):
@@ -126,41 +135,16 @@ def _lock(out):
     _LOCKS[key] = fd
 
 
-def _on_stop(signum, frame):
-    # a data-loader worker forked from the run: behave as it would have without us
-    if os.getpid() != _STOP["pid"]:
-        previous = _STOP["previous"][signum]
-        if callable(previous):
-            return previous(signum, frame)
-        signal.signal(signum, previous)
-        os.kill(os.getpid(), signum)
-        return
-    # Data-loader workers get the signal too (Ctrl-C, or a kill of the process group) and die with
-    # the run: the loader's SIGCHLD check would report each of them as a failure in the middle of
-    # the shutdown.
-    # not SIG_DFL: a pending SIGCHLD would then raise its own error
-    signal.signal(signal.SIGCHLD, lambda *args: None)
-    # Said at exit, after the unwinding has closed the progress bar, so that it is the last line on
-    # the terminal; once, however many signals come.
-    if not _STOP.get("stopping"):
-        _STOP["stopping"] = True
-        atexit.register(lambda: print(stop_message(signal.Signals(signum).name), file=sys.stderr,
-                                      flush=True))
-    # 128 + N is the shell's "ended by signal N"; SystemExit unwinds through the writers, which
-    # remove their temporaries
-    raise SystemExit(128 + signum)
-
-
-def stop_message(why):
-    """One line: where the last checkpoint of the current run is, and the flag that continues
+def stop_message(why, out, checkpoints):
+    """One line: where the last checkpoint of the run in `out` is, and the flag that continues
     from it."""
     try:
-        ckpt = resolve_checkpoint(_STOP["checkpoints"])
+        ckpt = resolve_checkpoint(checkpoints)
     except CheckpointError:
-        return (f"{why}: stopped before the first checkpoint in {_STOP['checkpoints']}; nothing to "
+        return (f"{why}: stopped before the first checkpoint in {checkpoints}; nothing to "
                 "resume: run the same command with --overwrite to start again")
     return (f"{why}: stopped; the last checkpoint is {ckpt}: run the same command with --resume "
-            f"{_STOP['out']}")
+            f"{out}")
 
 
 def write_error(e, path):
@@ -180,48 +164,87 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(out, step, model, cfg, trainer_state=None, files=(), keep=1):
-    """Write out/step_NNNNNNN/{model.safetensors, config.json, trainer.pt, the tokenizer file}, then
+    """Write out/step_NNNNNNN/{model.safetensors, trainer.pt, the tokenizer file, config.json}, then
     point out/latest at it. `files` are copied in (the tokenizer: a checkpoint is useless without
-    its vocabulary).
+    its vocabulary). config.json, written last, holds the step, the config and the sha256 of every
+    other file, which reading checks (_verified): a damaged file is an error, not a model.
 
     Written into a temporary folder (named with the pid: no two processes share one) that is renamed
     when complete, and `latest` is replaced atomically, so a kill at any moment leaves the previous
     checkpoint intact and never a half-written one in its place; a failed write removes the
-    temporary and says what failed, a full disk as such. To keep the last `keep`, only step folders
-    this run wrote here (or resumed from) are removed, never an earlier run's, whatever their names
-    sort to: `latest` always names a folder that exists.
+    temporary and says what failed, a full disk as such. A stop signal during the write is acted on
+    once the checkpoint is complete. To keep the last `keep`, only step folders this run wrote here
+    (or resumed from) are removed, never an earlier run's, whatever their names sort to: `latest`
+    always names a folder that exists.
     """
     name = f"step_{step:07d}"
     tmp, final = os.path.join(out, f".tmp_{name}.{os.getpid()}"), os.path.join(out, name)
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step)})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"step": step, "config": config_lib.to_dict(cfg)}, f, indent=2)
-        if trainer_state is not None:
-            torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-        for src in files:
-            shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
-        for fname in os.listdir(tmp):  # flush file contents before the rename makes them visible
-            with open(os.path.join(tmp, fname), "rb+") as f:
-                os.fsync(f.fileno())
-        # the same step written again (a finished run resumed): the new one replaces it
-        _discard(final)
-        os.replace(tmp, final)
-        data.write_atomic(os.path.join(out, "latest"), name + "\n")
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(e, final) from e
-        raise
-    mine = _WRITTEN.setdefault(os.path.realpath(out), [])
-    mine[:] = [n for n in mine if n != name] + [name]
-    for old in mine[:-keep]:
-        _discard(os.path.join(out, old))
-    del mine[:-keep]
+    with stopping.deferred():
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            # Serialised here and written by _write: the file writers of safetensors and torch
+            # report a full disk as unrelated errors (SafetensorError, "unexpected pos").
+            weights = {k: v.detach().cpu().contiguous()
+                       for k, v in unwrap(model).state_dict().items()}
+            sha256 = {"model.safetensors": _write(
+                os.path.join(tmp, "model.safetensors"),
+                safetensors.torch.save(weights, metadata={"step": str(step)}))}
+            if trainer_state is not None:
+                buffer = io.BytesIO()
+                torch.save(trainer_state, buffer)
+                sha256["trainer.pt"] = _write(os.path.join(tmp, "trainer.pt"), buffer.getbuffer())
+            for src in files:
+                with open(src, "rb") as f:
+                    sha256[os.path.basename(src)] = _write(
+                        os.path.join(tmp, os.path.basename(src)), f.read())
+            record = {"step": step, "config": config_lib.to_dict(cfg), "sha256": sha256}
+            _write(os.path.join(tmp, "config.json"), json.dumps(record, indent=2).encode())
+            # the same step written again (a finished run resumed): the new one replaces it
+            _discard(final)
+            os.replace(tmp, final)
+            data.write_atomic(os.path.join(out, "latest"), name + "\n")
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise write_error(e, final) from e
+            raise
+        mine = _WRITTEN.setdefault(os.path.realpath(out), [])
+        mine[:] = [n for n in mine if n != name] + [name]
+        for old in mine[:-keep]:
+            _discard(os.path.join(out, old))
+        del mine[:-keep]
     return final
+
+
+def _write(path, blob):
+    """Write bytes through Python's file object (so that a full disk is an OSError with ENOSPC) and
+    flush them to the disk before the folder's rename makes them visible. Returns their sha256."""
+    with open(path, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _verified(ckpt, name, what="checkpoint"):
+    """ckpt/name (`what` it holds), once its sha256 is the one config.json recorded when it was
+    written (a checkpoint from before the record is not checked). Read in 16 MB chunks; the
+    loaders then read it again from the page cache (safetensors maps it), faster than from bytes."""
+    file = os.path.join(ckpt, name)
+    recorded = (read_checkpoint_config(ckpt).get("sha256", {}).get(name)
+                if os.path.isfile(os.path.join(ckpt, "config.json")) else None)
+    if recorded:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != recorded:
+            raise CheckpointError(f"corrupt or truncated {what} {file}: its content is not what "
+                                  "was written (its sha256 differs from the one recorded in "
+                                  f"{os.path.join(ckpt, 'config.json')}); use another checkpoint, "
+                                  "or copy this one again from where it came")
+    return file
 
 
 def _discard(folder):
@@ -256,7 +279,7 @@ def checkpoint_tokenizer(path):
     path = resolve_checkpoint(path)
     for name in ("tokenizer.json", "vocab.txt"):
         if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
+            return _verified(path, name, "tokenizer")
     raise CheckpointError(f"{path} holds no tokenizer.json or vocab.txt")
 
 
@@ -318,9 +341,9 @@ def load_weights(path, model, strict=True):
     must still match. Returns (missing, unexpected) key lists.
     """
     path = resolve_checkpoint(path)
-    file = os.path.join(path, "model.safetensors")
+    file = _verified(path, "model.safetensors")
     try:
-        state = load_file(file)
+        state = safetensors.torch.load_file(file)
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         raise CheckpointError(f"corrupt or truncated checkpoint {file}: {e}") from e
     own = unwrap(model).state_dict()
@@ -341,10 +364,47 @@ def load_trainer_state(path):
     if not os.path.isfile(file):
         raise CheckpointError(f"{path} has no trainer.pt: it holds weights only and cannot be "
                               "resumed")
+    _verified(path, "trainer.pt", "trainer state")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"corrupt or truncated trainer state {file}: {e}") from e
+
+
+def refuse_the_other_scripts_run(resume, script):
+    """--resume given a run that the other script wrote ("train.py" or "finetune.py"): say which
+    script continues it, before anything is read or written. A fine-tuning run's config has a
+    task; it is the run folder's config.json, a step folder's, or (train_state) its parent's."""
+    for folder in (resume, os.path.dirname(os.path.abspath(resume))):
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            continue
+        saved = saved.get("config", saved) if isinstance(saved, dict) else {}
+        other = "finetune.py" if isinstance(saved, dict) and "task" in saved else "train.py"
+        if other != script:
+            kind = "fine-tuning" if other == "finetune.py" else "pre-training"
+            raise SystemExit(
+                f"--resume {resume} is a {kind} run: continue it with python {other} --resume "
+                f"{resume} and its flags"
+                + (f"; fine-tune from it with --init {resume}" if other == "train.py" else ""))
+        return
+
+
+def run_script(main):
+    """A script's top level: an error whose message already says what is wrong and what to do (a
+    missing or damaged checkpoint, a full disk, training stopped by non-finite values) ends the run
+    with that message and exit code 1, not with a traceback."""
+    try:
+        main()
+    except (CheckpointError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        raise SystemExit(f"error: {e.strerror}{where}") from None
 
 
 def resume_from(path, cfg, model, opt, sched, print0=print, record=None):

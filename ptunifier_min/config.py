@@ -159,6 +159,14 @@ class ModelConfig:
         if self.prompt_mode != "pool" and self.pool_variants():
             raise ValueError(f"{', '.join(self.pool_variants())} only apply to --prompt-mode pool, "
                              f"got {self.prompt_mode!r}")
+        if self.prompt_mode == "pool" and self.k_v == self.k_l == 0:
+            raise ValueError("--prompt-mode pool with --k-v 0 and --k-l 0 would use no row of its "
+                             "pools: set --k-v / --k-l to at least 1, or use --prompt-mode none "
+                             "(no prompts)")
+        if self.prompt_mode == "static" and min(self.k_v, self.k_l) == 0:
+            raise ValueError(f"--prompt-mode static needs --k-v and --k-l of at least 1 (the "
+                             f"prompts for each missing modality), got {self.k_v} and {self.k_l}; "
+                             "--prompt-mode none uses no prompts")
         if self.prompt_mode == "pool" and max(self.k_v, self.k_l) > self.pool_size:
             raise ValueError(f"--k-v {self.k_v} and --k-l {self.k_l} cannot exceed "
                              f"--pool-size {self.pool_size}")

@@ -33,7 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
 
-from . import manifests
+from . import manifests, stopping
 
 MEAN, STD = 0.5, 0.5
 # ids 0..4 in a tokenizer we train
@@ -663,7 +663,7 @@ def micro_batches(dataset, order, collate, num_workers, start_micro=0):
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=list(order.batches(epoch, start)), collate_fn=collate,
             num_workers=num_workers, generator=torch.Generator(), persistent_workers=False,
-            pin_memory=torch.cuda.is_available())
+            pin_memory=torch.cuda.is_available(), worker_init_fn=stopping.leave_to_the_run)
         for batch in loader:
             yield batch
         epoch, start = epoch + 1, 0

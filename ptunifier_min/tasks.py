@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import data, metrics, retrieval
+from . import data, metrics, retrieval, stopping
 from .distributed import autocast
 from .generation import TextDecoder, beam_search, encoder_memory, generation_loss
 from .model import Mlp
@@ -262,7 +262,8 @@ def _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_siz
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
                                        num_workers=num_workers,
                                        collate_fn=data.task_collate(tok, max_text_len, max_gen_len),
-                                       generator=torch.Generator())
+                                       generator=torch.Generator(),
+                                       worker_init_fn=stopping.leave_to_the_run)
 
 
 @torch.no_grad()

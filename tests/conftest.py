@@ -2,7 +2,9 @@
 several test files share."""
 
 import os
+import signal
 import sys
+import types
 
 import pytest
 import torch
@@ -32,3 +34,31 @@ def byte_level_bpe(tmp_path_factory):
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     bpe.save_model(str(folder))
     return folder
+
+
+@pytest.fixture
+def stop_lines(monkeypatch):
+    """For a run stopped by a signal inside the test process: the last lines it would say at exit,
+    collected here instead of registered with atexit; the SIGCHLD handler the stop replaces is put
+    back afterwards."""
+    from ptunifier_min import stopping
+    lines = []
+    collect = types.SimpleNamespace(register=lambda _, line, **kwargs: lines.append(line))
+    monkeypatch.setattr(stopping, "atexit", collect)
+    sigchld = signal.getsignal(signal.SIGCHLD)
+    yield lines
+    signal.signal(signal.SIGCHLD, sigchld)
+
+
+def signals_at(n, real, *signums):
+    """A stand-in for `real` (e.g. optim.optimizer_step) that sends this process `signums` at its
+    n-th call, as a cluster or a user would, then does what `real` does."""
+    calls = {"n": 0}
+
+    def call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+    return call

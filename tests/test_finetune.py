@@ -1,11 +1,13 @@
 """finetune.py: every task end to end on the tiny synthetic world, initialisation from a pre-training checkpoint
 (weights, architecture, tokenizer, image-size change), the refusals, the training subsets, the heads' gradient
 coverage, the position-embedding interpolation and extension, the text lengths chosen from the data and the truncated
-shares, and exact resume (1 process, and 2 DDP processes that each restore their own RNG)."""
+shares, and exact resume (1 process, and 2 DDP processes that each restore their own RNG), after
+a kill or a stop signal."""
 
 import dataclasses
 import json
 import os
+import signal
 import socket
 
 import numpy as np
@@ -22,6 +24,7 @@ from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, ModelConfig, 
 from ptunifier_min.model import (PTUnifier, interpolate_pos_embed, resize_text_positions, set_image_size,
                                  set_text_len)
 from ptunifier_min.datasets.source import ensure_prepared
+from conftest import signals_at
 
 TASK_KEYS = {  # the metric keys results.json must hold for each kind of task (by its Task.metric)
     "auroc": {"auroc", "per_class", "undefined"},
@@ -245,6 +248,34 @@ def test_killed_run_resumes_exactly(world, tmp_path, monkeypatch):
     ref, res = losses(tmp_path / "ref"), losses(out)
     assert sorted(res) == list(range(1, 9)) and res == ref
     a, b = (json.loads(open(os.path.join(p, "results.json")).read()) for p in (tmp_path / "ref", out))
+    assert a["best_step"] == b["best_step"] and a["metrics"] == b["metrics"]
+    wa, wb = (load_file(os.path.join(checkpoint.resolve_checkpoint(str(p)), "model.safetensors"))
+              for p in (tmp_path / "ref", out))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_stop_signal_saves_the_step_in_flight_and_resumes_to_the_uninterrupted_end(
+        world, tmp_path, monkeypatch, stop_lines):
+    """SIGTERM during step 3, between validations (every 4 steps): the step finishes and its
+    resumable state is saved (there was none before); resumed, the run selects, tests and saves
+    what the uninterrupted run does."""
+    flags = ["--preset", "tiny", "--synth-root", world[0], "--task", "chexpert", "--init",
+             "scratch", "--steps", "6", "--eval-every", "4", "--log-every", "1"]
+    finetune.main([*flags, "--out", str(tmp_path / "ref")])
+    out = str(tmp_path / "stopped")
+    real = optim.optimizer_step
+    monkeypatch.setattr(optim, "optimizer_step", signals_at(3, real, signal.SIGTERM))
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*flags, "--out", out])
+    monkeypatch.setattr(optim, "optimizer_step", real)
+    assert e.value.code == 128 + signal.SIGTERM
+    ckpt = checkpoint.resolve_checkpoint(os.path.join(out, "train_state"))
+    assert ckpt.endswith("step_0000003") and checkpoint.load_trainer_state(ckpt)["step"] == 3
+    assert stop_lines == [f"SIGTERM: stopped; the last checkpoint is {ckpt}: run the same command "
+                          f"with --resume {out}"]
+    finetune.main([*flags, "--out", out, "--resume", out])
+    a, b = (json.loads(open(os.path.join(p, "results.json")).read())
+            for p in (tmp_path / "ref", out))
     assert a["best_step"] == b["best_step"] and a["metrics"] == b["metrics"]
     wa, wb = (load_file(os.path.join(checkpoint.resolve_checkpoint(str(p)), "model.safetensors"))
               for p in (tmp_path / "ref", out))

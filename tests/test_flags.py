@@ -69,6 +69,8 @@ def test_non_finite_floats_are_refused(value, capsys):
     (["--dim", "30", "--heads", "4"], "--dim 30 is not divisible by --heads 4"),
     (["--image-size", "30", "--patch-size", "8"], "--image-size 30 is not divisible by --patch-size 8"),
     (["--pool-size", "2", "--k-v", "4"], "cannot exceed --pool-size 2"),
+    (["--k-v", "0", "--k-l", "0"], "--prompt-mode pool with --k-v 0 and --k-l 0 would use no row"),
+    (["--prompt-mode", "static", "--k-l", "0"], "--prompt-mode static needs --k-v and --k-l of at"),
     (["--prompt-mode", "pools"], "--prompt-mode must be one of none | static | pool, got 'pools'"),
     (["--precision", "fp16"], "--precision must be one of auto | bf16 | fp32, got 'fp16'"),
     (["--synth-scale", "huge"], "--synth-scale must be one of tiny | small | default"),

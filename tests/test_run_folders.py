@@ -1,7 +1,9 @@
 """Run folders are owned, and resuming is honest (issue 9): a lock per --out, no re-run into an earlier run unless
 --resume or --overwrite (which moves it aside), keep-last that deletes only this run's checkpoints, atomic writes that
 say "disk full", resume that refuses what cannot change and applies what may (learning rates included), a log cut
-back to the resumed step, and SIGTERM / SIGINT that say where the last checkpoint is and how to resume."""
+back to the resumed step, and SIGTERM / SIGINT that say where the last checkpoint is and how to resume.
+What a killed run leaves is removed when it starts again; --resume of the other script's run is
+refused naming the right script; clear errors reach the user without a traceback."""
 
 import errno
 import json
@@ -130,6 +132,52 @@ def test_full_disk_during_a_json_write_keeps_the_previous_file(tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["results.json"] and json.loads(path.read_text()) == {"before": 1}
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "trainer.pt"])
+def test_full_disk_while_writing_the_weights_or_trainer_state_says_so(tmp_path, monkeypatch, name):
+    """On a full disk the file writers of safetensors and torch say "SafetensorError: ... I/O error"
+    and "unexpected pos 576 vs 534"; the files are written through Python's, whose ENOSPC is
+    reported as a full disk."""
+    cfg, model = tiny_model()
+    checkpoint.save_checkpoint(str(tmp_path), 5, model, cfg, {"step": 5})
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        f = open(file, mode, *args, **kwargs)
+        return _FullDisk(f) if os.path.basename(file) == name and "w" in mode else f
+
+    monkeypatch.setattr(checkpoint, "open", open_on_a_full_disk, raising=False)
+    with pytest.raises(OSError, match="disk full") as e:
+        checkpoint.save_checkpoint(str(tmp_path), 10, model, cfg, {"step": 10})
+    assert e.value.errno == errno.ENOSPC and str(tmp_path / "step_0000010") in str(e.value)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_0000005"]  # no .tmp_ folder left behind
+    assert checkpoint.resolve_checkpoint(str(tmp_path)).endswith("step_0000005")
+    assert loads(tmp_path / "step_0000005")
+
+
+def test_full_disk_and_damaged_checkpoints_end_the_scripts_with_the_message_alone(tmp_path):
+    """The scripts' top level: an error whose message says everything is not wrapped in a
+    traceback."""
+    def full_disk():
+        raise checkpoint.write_error(OSError(errno.ENOSPC, "No space left on device"),
+                                     str(tmp_path / "step_0000010"))
+
+    with pytest.raises(SystemExit, match="^error: could not write .*step_0000010: disk full"):
+        checkpoint.run_script(full_disk)
+    cfg, model = tiny_model()
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(json.dumps({"model": {"vocab": {f"w{i}": i for i in range(200)}}}))
+    checkpoint.save_checkpoint(str(tmp_path / "run"), 5, model, cfg, {"step": 5},
+                               files=[str(tokenizer)])
+    damaged = tmp_path / "run" / "step_0000005" / "tokenizer.json"
+    damaged.write_text(damaged.read_text().replace("w1", "w7"))
+    for ckpt, message in ((tmp_path / "nothing", "no checkpoint at"),
+                          (tmp_path / "run", f"truncated tokenizer {damaged}")):
+        run = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), "--ckpt", str(ckpt)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert run.stderr.startswith("error: ") and message in run.stderr, run.stderr
+
+
 def test_log_is_cut_back_to_the_resumed_step(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
@@ -138,6 +186,31 @@ def test_log_is_cut_back_to_the_resumed_step(tmp_path):
     log.f.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
     assert os.listdir(tmp_path) == ["log.jsonl"]
+
+
+def test_a_killed_runs_temporaries_are_removed_when_it_is_resumed_or_overwritten(tmp_path, capsys):
+    """What SIGKILL leaves in the middle of a save (a half-written step folder) or of a removal (a
+    renamed old one), in the run folder and in fine-tuning's train_state: removed, and said, at
+    the next start of the same run."""
+    cfg, model = tiny_model()
+    for how in ("resume", "overwrite"):
+        out = tmp_path / how
+        checkpoint.save_checkpoint(str(out / "train_state"), 5, model, cfg, {"step": 5})
+        left = [out / ".tmp_step_0000010.4242", out / "train_state" / ".tmp_step_0000010.4242",
+                out / ".tmp_step_0000005.4242.old"]
+        for folder in left:
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"half of it")
+        checkpoint.claim_run_folder(str(out), resume=str(out) if how == "resume" else "",
+                                    overwrite=how == "overwrite",
+                                    checkpoints=str(out / "train_state"))
+        assert not [p for p in left if p.exists()]
+        assert not [p for p in out.rglob(".tmp_*")], how  # nor moved aside by --overwrite
+        printed = capsys.readouterr().out
+        assert (f"removed what a killed run left unfinished: {left[2]}, {left[0]}, {left[1]}"
+                in printed), printed
+    resumed = tmp_path / "resume" / "train_state"
+    assert checkpoint.resolve_checkpoint(str(resumed)).endswith("step_0000005")
 
 
 # ---- the lock --------------------------------------------------------------------------------------------------------
@@ -223,6 +296,22 @@ def test_resume_applies_new_learning_rates_and_logs_every_step_once(world, tmp_p
     assert "changed for the rest of the run: --lr-backbone 0.001 -> 0.0005, --lr-head 0.001 -> 0.0005" in \
         capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["lr_head"] == 5e-4
+
+
+def test_resuming_the_other_scripts_run_names_the_script_that_continues_it(world, tmp_path):
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    pretrain(world, pre, "--steps", 2, "--save-every", 2)
+    fine_tune(world, "--steps", 2, "--out", fine)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(SystemExit, match=f"--resume {fine} is a fine-tuning run: continue it with "
+                                         f"python finetune.py --resume {fine}"):
+        pretrain(world, fine, "--steps", 4, "--resume", fine)
+    with pytest.raises(SystemExit, match=f"--resume {pre} is a pre-training run: continue it with "
+                                         f"python train.py --resume {pre} and its flags; "
+                                         f"fine-tune from it with --init {pre}"):
+        fine_tune(world, "--steps", 4, "--out", pre, "--resume", pre)
+    # refused before anything was touched
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
