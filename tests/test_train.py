@@ -163,39 +163,41 @@ def test_a_second_stop_signal_during_the_save_leaves_that_checkpoint_whole(
                           f"with --resume {out}"]
 
 
-def _stop_on_one_rank(rank, world, synth_root, out, ports):
-    """One rank of a 2-process pre-training run: SIGUSR1 reaches rank 1 alone, in step 3; then the
-    run resumed; then the same run uninterrupted."""
+def _stop_on_one_rank(rank, world, synth_root, out, port, run):
+    """One rank of a 2-process pre-training run, one run per process (a process group is set up
+    once per process, as under torchrun): "stopped", where SIGUSR1 reaches rank 1 alone in step 3;
+    "resumed" from it; "ref", the same run uninterrupted."""
     # a rank stuck in a collective says where, and exits: the test fails with that, not a wait
     faulthandler.dump_traceback_later(300, exit=True)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     common = [*STOP_FLAGS, "--steps", 5, "--batch-size", 4]
-    real = optim.optimizer_step
-    if rank == 1:
-        optim.optimizer_step = signals_at(3, real, signal.SIGUSR1)
-    with pytest.raises(SystemExit) as e:
-        train.main(flags(synth_root, f"{out}/stopped", *common))
-    # every rank, not only the one signalled
-    assert e.value.code == 128 + signal.SIGUSR1, (rank, e.value.code)
-    optim.optimizer_step = real
-    if rank == 0:
-        assert checkpoint.resolve_checkpoint(f"{out}/stopped").endswith("step_0000003")
-    # (ends the process group)
-    train.main(flags(synth_root, f"{out}/stopped", *common, "--resume", f"{out}/stopped"))
-    os.environ["MASTER_PORT"] = str(ports[1])
-    train.main(flags(synth_root, f"{out}/ref", *common))
+    if run == "stopped":
+        if rank == 1:
+            optim.optimizer_step = signals_at(3, optim.optimizer_step, signal.SIGUSR1)
+        with pytest.raises(SystemExit) as e:
+            train.main(flags(synth_root, f"{out}/stopped", *common))
+        # every rank, not only the one signalled
+        assert e.value.code == 128 + signal.SIGUSR1, (rank, e.value.code)
+        if rank == 0:
+            assert checkpoint.resolve_checkpoint(f"{out}/stopped").endswith("step_0000003")
+    elif run == "resumed":
+        train.main(flags(synth_root, f"{out}/stopped", *common, "--resume", f"{out}/stopped"))
+    else:
+        train.main(flags(synth_root, f"{out}/ref", *common))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(synth_root, tmp_path):
-    socks = [socket.socket() for _ in range(2)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    mp.spawn(_stop_on_one_rank, args=(2, synth_root, str(tmp_path), ports), nprocs=2, join=True)
+    for run in ("stopped", "resumed", "ref"):
+        mp.spawn(_stop_on_one_rank, args=(2, synth_root, str(tmp_path), _free_port(), run),
+                 nprocs=2, join=True)
     wa, wb = (load_file(os.path.join(checkpoint.resolve_checkpoint(str(tmp_path / p)),
                                      "model.safetensors")) for p in ("ref", "stopped"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
