@@ -1,19 +1,24 @@
 """torchrun set-up and what every rank must do alike: device, seeding, the step generators,
 barriers, precision.
 
-    d = setup_distributed(seed)  # Dist(rank, world, local_rank, device); group if torchrun set one
+    d = setup_distributed(seed, timeout_min=30)  # Dist(rank, world, local_rank, device)
+    lo, hi = shard(n, d, unit=64)  # this rank's whole evaluation batches of n items
+    parts = gather(obj, d)         # every rank's obj, in rank order
     with autocast(resolve_precision("auto", proc.device), proc.device): ...
 
 Distributed behaviour, stated once: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo
 on CPU; rank r seeds its own randomness with seed + r; only rank 0 writes files; every rank runs the
-same collectives in the same order. Random draws that must agree across ranks (MLM masks, ITM
-negatives) come from `step_generator`, never from the global RNG, so that 8 ranks draw what 1
-process draws and a resumed run what the uninterrupted one drew.
+same collectives in the same order. Evaluation is shared: each rank computes whole batches of its
+contiguous share, the very batches one process computes, and the results are gathered in rank
+order, so every metric is the one-process metric to the bit. Random draws that must agree across
+ranks (MLM masks, ITM negatives) come from `step_generator`, never from the global RNG, so that 8
+ranks draw what 1 process draws and a resumed run what the uninterrupted one drew.
 """
 
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import os
 import random
 
@@ -37,8 +42,10 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(seed):
-    """Initialise torch.distributed when launched by torchrun, pick the device, seed this rank."""
+def setup_distributed(seed, timeout_min=30.0):
+    """Initialise torch.distributed when launched by torchrun, pick the device, seed this rank.
+    timeout_min: how long a rank waits in a collective for the others (--dist-timeout-min) before
+    the job fails; NCCL's own default, 10 minutes, is shorter than some evaluations."""
     proc = Dist()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         proc.rank, proc.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -46,10 +53,11 @@ def setup_distributed(seed):
     if torch.cuda.is_available():
         proc.device = torch.device("cuda", proc.local_rank)
         torch.cuda.set_device(proc.device)
+    timeout = datetime.timedelta(minutes=timeout_min)
     if proc.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo", timeout=timeout)
     if proc.world > 1 and proc.device.type == "cuda":
-        proc.host_group = dist.new_group(backend="gloo")
+        proc.host_group = dist.new_group(backend="gloo", timeout=timeout)
     if proc.device.type == "cpu":
         keep_freed_memory()
     seed_everything(seed + proc.rank)
@@ -87,6 +95,28 @@ def seed_everything(seed):
 def barrier(proc):
     if proc.world > 1:
         dist.barrier()
+
+
+def shard(n, proc, unit=1):
+    """This rank's contiguous share (lo, hi) of n items, cut at multiples of `unit` (an evaluation
+    batch): the batches are the very ones one process makes (a text batch pads to its longest
+    text, so a batch cut elsewhere could compute other numbers), and rank r takes batches
+    [r B / world, (r + 1) B / world) of the B. With fewer batches than ranks some shares are empty;
+    those ranks still take part in `gather`."""
+    batches = -(-n // unit)
+    lo = proc.rank * batches // proc.world * unit
+    return lo, min(n, (proc.rank + 1) * batches // proc.world * unit)
+
+
+def gather(obj, proc):
+    """[rank 0's obj, rank 1's obj, ...] on every rank: one all_gather_object over the host group,
+    so objects travel pickled through the host: pass CPU tensors (a CUDA tensor would arrive on the
+    sender's device). Every rank must call it, with or without results of its own."""
+    if proc.world == 1:
+        return [obj]
+    out = [None] * proc.world
+    dist.all_gather_object(out, obj, group=proc.host_group)
+    return out
 
 
 def cpu_bf16_flags(cpuinfo="/proc/cpuinfo"):
