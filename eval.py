@@ -2,6 +2,8 @@
 
     python eval.py --task roco_retrieval --ckpt runs/pretrain  # zero-shot retrieval (ITC head)
     python eval.py --task roco_retrieval --ckpt runs/pretrain --rerank-top 16  # ... ITM re-ranking
+    python eval.py --task roco_retrieval --ckpt runs/pretrain --retrieval-pairs all  # whole split
+    torchrun --nproc_per_node=8 eval.py --ckpt runs/finetune/mimic_gen-pretrained  # 8 shares
     python eval.py --task chexpert --ckpt runs/pretrain        # zero-shot CheXpert via text prompts
     python eval.py --ckpt runs/finetune/vqa_rad-pretrained     # re-evaluate a fine-tuned checkpoint
     python eval.py --table runs/finetune                       # Table 2 from every results.json
@@ -13,14 +15,16 @@ table; a training run's folder is refused as --out (its own results.json is neve
 A checkpoint is scored only on the splits it was trained against (the ids it recorded), and only
 a finished fine-tuning run is scored (an unfinished one is named, with how to finish it). The table
 counts the test results of live runs, each checkpoint once: a run --overwrite moved aside
-(.replaced-*) and val results are left out and said. It runs as one process: under torchrun
-(WORLD_SIZE > 1) it refuses to start rather than have every rank evaluate and write the same files.
+(.replaced-*) and val results are left out and said. Under torchrun each rank evaluates its share
+of the records and rank 0 prints and writes; the metrics are those of one process.
 """
 
 import dataclasses
 import json
 import os
 from dataclasses import dataclass
+
+import torch
 
 from ptunifier_min import config as config_lib
 from ptunifier_min import checkpoint, data, distributed, manifests, tasks
@@ -29,6 +33,7 @@ from ptunifier_min.model import PTUnifier
 from ptunifier_min.datasets.source import SOURCE, ensure_prepared
 
 ZERO_SHOT = ("roco_retrieval", "chexpert")
+PAPER_PAIRS = 2000  # the retrieval protocol of M3AE and PTUnifier: 2,000 pairs of the ROCO split
 
 # Table 2 of the paper: (heading, task, metric), shown as percentages
 COLUMNS = [("CheXpert AUROC", "chexpert", "auroc"), ("RSNA AUROC", "rsna", "auroc"),
@@ -55,6 +60,12 @@ class EvalConfig:
     rerank_top: int = _f(0, "retrieval: re-rank each image's top K texts with the ITM head "
                             "(0 = ITC ranking only)",
                          valid=">= 0")
+    retrieval_pairs: str = _f(str(PAPER_PAIRS),
+                              "retrieval: N = the first N (by id) of the ROCO pairs prepare.py "
+                              f"drew for the paper's protocol (roco_retrieval: {PAPER_PAIRS:,} "
+                              "of the split, all if it has fewer), at most as many as it holds; "
+                              "all = every pair of the ROCO split (the prepared roco folder, "
+                              "same filters)")
     data_root: str = _f("", "prepared data folder; empty = the one the checkpoint was trained on")
     synth_root: str = _f("", "synthetic world folder; empty = the checkpoint's")
     synth_scale: str = _f("", "synthetic world scale; empty = the checkpoint's")
@@ -66,17 +77,15 @@ class EvalConfig:
     num_workers: int = _f(2, "data-loader worker processes", valid=">= 0")
     out: str = _f("", "folder to write results.json into (finetune.py's format); "
                       "empty = print only")
+    dist_timeout_min: float = config_lib.dist_timeout_field()
 
 
 def main(argv=None):
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Evaluation is one pass of one process;
-        # under torchrun every rank would repeat it and write the same files.
-        raise SystemExit(f"eval.py runs as a single process, not under torchrun "
-                         f"(WORLD_SIZE={os.environ['WORLD_SIZE']}): run it with python eval.py ... "
-                         "(it uses one GPU when there is one)")
     args = config_lib.parse_args(EvalConfig, {}, argv, description=__doc__.split("\n")[0])
     if args.table:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("eval.py --table reads results files: run it as one process "
+                             "(python eval.py --table DIR), not under torchrun")
         print(render_table(args.table))
         return 0
     if not args.ckpt:
@@ -85,10 +94,12 @@ def main(argv=None):
         raise SystemExit(f"--split must be test or val, got {args.split!r}")
     if args.task:
         tasks.get_task(args.task)  # an unknown name fails here, listing the tasks
+    pairs = retrieval_pairs(args.retrieval_pairs)
     if args.out:
         refuse_run_folder(args.out)
     ckpt = finished_checkpoint(args.ckpt)
-    proc = distributed.setup_distributed(0)
+    proc = distributed.setup_distributed(0, args.dist_timeout_min)
+    print0 = print if proc.main else (lambda *a, **k: None)
     precision = distributed.resolve_precision(args.precision, proc.device)
     saved = checkpoint.read_checkpoint_config(ckpt)["config"]
     tok_path = checkpoint.checkpoint_tokenizer(ckpt)
@@ -112,23 +123,31 @@ def main(argv=None):
         cfg.beam_size = args.beam_size or cfg.beam_size
         cfg.length_penalty = cfg.length_penalty if args.length_penalty < 0 else args.length_penalty
     task = tasks.get_task(cfg.task)
+    if "retrieval_pairs" in args.given and task.metric != "recall":
+        raise SystemExit(f"--retrieval-pairs chooses retrieval pairs; {task.name} is not a "
+                         "retrieval task")
     for k in ("data_root", "synth_root", "synth_scale"):
         if getattr(args, k):
             setattr(cfg, k, getattr(args, k))
     cfg.eval_batch_size, cfg.num_workers, cfg.tokenizer = (
         args.eval_batch_size, args.num_workers, tok_path)
 
-    root, _ = ensure_prepared(cfg, [task.folder], proc)
+    whole = task.metric == "recall" and pairs == "all"
+    root, _ = ensure_prepared(cfg, [task.folder] + (["roco"] if whole else []), proc, print0)
     folder = os.path.join(root, task.folder)
     meta = data.read_meta(folder)
     # and the folder it is cut from (zero-shot ROCO retrieval: pre-training read roco's train)
     check_splits(ckpt, root, sorted({task.folder, SOURCE.get(task.folder, task.folder)}))
     records = data.read_split(folder, args.split, required=task.fields)
+    if task.metric == "recall":
+        records, what = choose_pairs(records, pairs, os.path.join(root, "roco"), args.split)
+        print0(f"retrieval pairs: {what}")
     backbone = PTUnifier(cfg.model)
-    print(f"{'zero-shot' if zero_shot else 'fine-tuned'} {task.name} on {len(records):,} "
-          f"{args.split} records of {folder}; checkpoint {ckpt}")
+    print0(f"{'zero-shot' if zero_shot else 'fine-tuned'} {task.name} on {len(records):,} "
+           f"{args.split} records of {folder}; checkpoint {ckpt}"
+           + (f"; {proc.world} ranks, each evaluating its share" if proc.world > 1 else ""))
     inputs = dict(image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len,
-                  device=proc.device, precision=precision)
+                  device=proc.device, precision=precision, proc=proc)
     if zero_shot:
         checkpoint.load_weights(ckpt, backbone, strict=True)
         backbone.to(proc.device).eval()
@@ -136,7 +155,8 @@ def main(argv=None):
             m = tasks.zero_shot_classification(backbone, records, meta["label_names"], tok,
                                                **inputs)
         else:  # retrieval through the backbone's own ITC head
-            m = tasks.evaluate(backbone, task, records, tok, **inputs, rerank_top=args.rerank_top)
+            m = tasks.evaluate(backbone, task, records, tok, **inputs, rerank_top=args.rerank_top,
+                               print0=print0)
         init = ckpt
     else:
         model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len)
@@ -145,21 +165,25 @@ def main(argv=None):
         m = tasks.evaluate(model, task, records, tok, **inputs, meta=meta,
                            max_gen_len=cfg.max_gen_len, batch_size=cfg.eval_batch_size,
                            beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
-                           rerank_top=args.rerank_top, num_workers=cfg.num_workers)
+                           rerank_top=args.rerank_top, num_workers=cfg.num_workers,
+                           print0=print0)
         init = saved.get("init") or "scratch"
         run = os.path.join(os.path.dirname(ckpt), "results.json")
         if os.path.isfile(run):  # the fine-tuning run recorded the init it resolved
             with open(run) as f:
                 init = json.load(f).get("init", init)
-    print(json.dumps(m, indent=1))
-    if args.out:
+    print0(json.dumps(m, indent=1))
+    if args.out and proc.main:
         os.makedirs(args.out, exist_ok=True)
         results = {"task": task.name, "metrics": m, "split": args.split, "zero_shot": zero_shot,
                    "init": init, "checkpoint": os.path.abspath(ckpt),
                    "config": config_lib.to_dict(cfg),
                    "eval_config": dataclasses.asdict(args)}
         checkpoint.write_json(os.path.join(args.out, "results.json"), results)
-        print(f"wrote {os.path.join(args.out, 'results.json')}")
+        print0(f"wrote {os.path.join(args.out, 'results.json')}")
+    distributed.barrier(proc)
+    if proc.world > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -237,6 +261,32 @@ def check_splits(ckpt, root, folders):
                     f"then, {have[:16]} now (prepared again, with another --seed, or another "
                     "root?); its scores there could count training records as test. Evaluate "
                     "on the data it was trained on (--data-root), or train again on this one")
+
+
+def retrieval_pairs(value):
+    """--retrieval-pairs: 'all' or a number of pairs >= 1."""
+    if value == "all":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"--retrieval-pairs must be a number of pairs (>= 1) or all, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def choose_pairs(records, pairs, roco_folder, split):
+    """The retrieval records --retrieval-pairs asks for, and a line saying which they are: the
+    first `pairs` by id of the prepared roco_retrieval split (the paper's protocol: prepare.py's
+    seeded 2,000 of the ROCO split), or, for 'all', every record of the ROCO split itself."""
+    if pairs == "all":
+        every = data.read_split(roco_folder, split, allow_empty=False)
+        return every, (f"all {len(every):,} of the ROCO {split} split ({roco_folder}); the "
+                       f"paper's protocol uses {min(PAPER_PAIRS, len(every)):,} of them")
+    records = sorted(records, key=lambda r: r["id"])
+    what = (f"{min(pairs, len(records)):,} of the {len(records):,} prepared for the paper's "
+            f"protocol ({PAPER_PAIRS:,} pairs of the ROCO {split} split, all if it has fewer)")
+    if pairs > len(records):
+        what += f"; --retrieval-pairs {pairs} asked for more: all scores the whole split"
+    return records[:pairs], what
 
 
 # ---- Table 2 -------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def main(argv=None):
     cfg = config_lib.parse_args(FinetuneConfig, config_lib.FINETUNE_PRESETS, argv,
                                 description=__doc__.split("\n")[0])
     task = tasks.get_task(cfg.task)
-    proc = distributed.setup_distributed(cfg.seed)
+    proc = distributed.setup_distributed(cfg.seed, cfg.dist_timeout_min)
     print0 = print if proc.main else (lambda *a, **k: None)
     precision = distributed.resolve_precision(cfg.precision, proc.device)
 
@@ -119,7 +119,7 @@ def main(argv=None):
                      max_text_len=cfg.model.max_text_len, max_gen_len=cfg.max_gen_len,
                      batch_size=cfg.eval_batch_size, device=proc.device, precision=precision,
                      beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
-                     num_workers=cfg.num_workers)
+                     num_workers=cfg.num_workers, proc=proc)
     order = data.BatchOrder(len(dataset), batch_size, proc.world, proc.rank, cfg.seed)
 
     # ---- model: backbone (pre-trained or not), then the task head; the decoder copies the
@@ -242,7 +242,9 @@ def main(argv=None):
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             window, t0 = [], time.perf_counter()
         validate = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
-        if validate and proc.main:  # selection on val only; the other ranks wait in gather_rng
+        if validate:
+            # selection on val only. Every rank evaluates its share and receives the same metrics,
+            # so every rank keeps the same best weights, which all of them test at the end.
             val = tasks.evaluate(model, task, splits["val"], tok, **eval_args, print0=note)
             score = tasks.main_score(task, val)
             if best["state"] is None or score > best["score"]:
@@ -269,16 +271,17 @@ def main(argv=None):
     stopping.finish_step_on_stop(False)  # the test below stops at once, as preparing did
     train_seconds = time.perf_counter() - t_start
 
-    # ---- test, with the weights selected on val --------------------------------------------------
+    # ---- test, with the weights selected on val: every rank tests its share ----------------------
+    model.load_state_dict(best["state"])
     if proc.main:
-        model.load_state_dict(best["state"])
         # meta.json (label names, answers) goes along so that ptunifier_min.load(...).predict can
         # name its outputs
         path = checkpoint.save_checkpoint(cfg.out, best["step"], model, cfg,
-                                      files=[tok_path, os.path.join(folder, "meta.json"),
-                                             record_path])
-        t1 = time.perf_counter()
-        test = tasks.evaluate(model, task, splits["test"], tok, **eval_args, print0=print0)
+                                          files=[tok_path, os.path.join(folder, "meta.json"),
+                                                 record_path])
+    t1 = time.perf_counter()
+    test = tasks.evaluate(model, task, splits["test"], tok, **eval_args, print0=print0)
+    if proc.main:
         results = {"task": task.name, "split": "test", "metrics": test,
                    "val_metrics": best["metrics"],
                    "best_step": best["step"], "config": config_lib.to_dict(cfg),

@@ -31,7 +31,7 @@ def main(argv=None):
     cfg = config_lib.parse_args(config_lib.TrainConfig, config_lib.PRESETS, argv,
                                 description=__doc__.split("\n")[0])
     objectives = cfg.objective_set()
-    proc = distributed.setup_distributed(cfg.seed)
+    proc = distributed.setup_distributed(cfg.seed, cfg.dist_timeout_min)
     print0 = print if proc.main else (lambda *a, **k: None)
     precision = distributed.resolve_precision(cfg.precision, proc.device)
     if cfg.resume:
@@ -203,13 +203,14 @@ def main(argv=None):
     print0(f"checkpoint: {checkpoint.resolve_checkpoint(cfg.out)}"
            + (f"; all {proc.world} ranks hold identical parameters" if proc.world > 1 else ""))
 
-    # ---- zero-shot retrieval on ROCO test pairs --------------------------------------------------
-    if cfg.eval_pairs and proc.main:
+    # ---- zero-shot retrieval on ROCO test pairs: every rank embeds its share ---------------------
+    if cfg.eval_pairs:
         test = read["roco_retrieval"]["test"][:cfg.eval_pairs]
         # finetune.py's and eval.py's retrieval evaluation: Recall@1/5/10 both ways, r_mean, the
         # seconds it took
         r = retrieval.retrieval_metrics(model, test, tok, cfg.model.image_size,
-                                        cfg.model.max_text_len, proc.device, precision)
+                                        cfg.model.max_text_len, proc.device, precision,
+                                        proc=proc)
         print0(f"zero-shot retrieval on {len(test)} {'' if cfg.data_root else 'synthetic '}"
             "ROCO test pairs (chance in brackets):")
         for direction in ("i2t", "t2i"):

@@ -25,20 +25,25 @@ chest films, full-resolution JPEGs against prepare's cached copies (--loader-ima
 
 Then (c) decoding: beam search at the paper's lengths with and without the key/value cache, in
 decoded tokens/s (bench_decoding; on a CPU at width 128 so that the uncached search stays within
-seconds, --decode-dim to change it).
+seconds, --decode-dim to change it). Last, (d) retrieval ranking (bench_retrieval; --retrieval-only:
+these rows alone).
 """
 
 import argparse
+import concurrent.futures
 import itertools
+import multiprocessing
 import os
+import re
 import statistics
 import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
-from . import data, distributed, optim
-from .config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build
+from . import data, distributed, optim, retrieval
+from .config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, ModelConfig, TrainConfig, build
 from .generation import TextDecoder, beam_search
 from .model import PTUnifier, compile_model, flops_per_pair, flops_per_pass, pretraining_passes
 from .objectives import draw_step, exchange_plan, itm_rows, pretraining_loss
@@ -316,6 +321,53 @@ def bench_loader(images=3, image_size=PRESETS["paper"]["image_size"], seconds=3.
     return rates, sizes
 
 
+def _resident(field):  # bytes of this process's resident set ("VmRSS") or of its peak ("VmHWM")
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def retrieval_row(n, dim, device):
+    """(seconds, peak extra bytes, i2t R@1) of retrieval.embedding_recall (both ways, after a
+    warm-up) on n images x n texts, random unit embeddings of size dim (text i a noisy copy of
+    image i). Extra = beyond the embeddings: torch's peak CUDA allocation, or the peak resident
+    set (VmHWM, reset by /proc/self/clear_refs) less the resident set before: every allocation."""
+    g = torch.Generator().manual_seed(0)
+    zi = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    # a text's cosine with its image ~0.45, with the others ~N(0, 1 / dim)
+    zt = F.normalize(zi + 2 * torch.randn(n, dim, generator=g) / dim ** 0.5, dim=-1)
+    zi, zt, txt_image = zi.to(device), zt.to(device), torch.arange(n)
+    retrieval.embedding_recall(zi[:64], zt[:64], txt_image[:64])  # loads the kernels' code pages
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the kernel resets this process's peak resident set to the current one
+    before = torch.cuda.memory_allocated(device) if cuda else _resident("VmRSS")
+    t = time.perf_counter()
+    r = retrieval.embedding_recall(zi, zt, txt_image)
+    seconds = time.perf_counter() - t  # the recalls are host numbers: the device is done
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _resident("VmHWM")
+    return seconds, peak - before, r["i2t_r1"]
+
+
+def bench_retrieval(sizes, dims, device):
+    """One row of retrieval_row per size and dim (comma-separated), each in a fresh process:
+    memory an earlier row freed (and the allocator kept) would otherwise hide a later row's."""
+    print(f"\nretrieval ranking: embedding_recall both ways on n images x n texts, blocks of "
+          f"{retrieval.BLOCK_ENTRIES:,} similarities, a fresh process per row; extra memory: peak "
+          "resident set growth (on a GPU: peak CUDA allocation)\n| candidates | dim | "
+          "embeddings MB | seconds | peak extra MB | whole fp32 matrix MB | i2t R@1 |\n"
+          "|---|---|---|---|---|---|---|")
+    for n, dim in itertools.product(*([int(x) for x in a.split(",") if x] for a in (sizes, dims))):
+        with concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            seconds, extra, r1 = pool.submit(retrieval_row, n, dim, device).result()
+        print(f"| {n:,} | {dim} | {2 * n * dim * 4 / 1e6:.0f} | {seconds:.2f} | "
+              f"{extra / 1e6:.0f} | {n * n * 4 / 1e6:,.0f} | {r1:.3f} |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", default="", help="comma-separated presets or SHAPES (default: "
@@ -340,14 +392,22 @@ def main(argv=None):
                    "only to check that the section runs)")
     p.add_argument("--loader-images", type=int, default=3,
                    help="real-size films for the loader benchmark (0: skip)")
+    p.add_argument("--retrieval-sizes", default="2000,20000,100000",
+                   help="images (= texts) of each retrieval ranking row; empty = skip them")
+    p.add_argument("--retrieval-dims", default=f"{ModelConfig().itc_dim},256",
+                   help="embedding sizes of the retrieval rows (the cpu preset's and the paper's)")
+    p.add_argument("--retrieval-only", action="store_true", help="the retrieval rows only")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.retrieval_only:
+        bench_retrieval(args.retrieval_sizes, args.retrieval_dims, device)
+        return
     if device.type == "cpu":
         distributed.keep_freed_memory()  # as train.py's CPU runs do (distributed.setup_distributed)
     setups = args.presets or ("cpu,paper" if device.type == "cuda" else "cpu,vilt384")
     modes = args.modes.split(",")
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.loader_images:
         (rates, sizes) = bench_loader(args.loader_images, seconds=args.seconds)
         print(f"\nloader, one worker (load_image + ImageTransform("
@@ -432,6 +492,8 @@ def main(argv=None):
         print(f"cached / uncached: {rows[0][1] / rows[1][1]:.1f}x; same tokens: "
               + ("yes" if same
                  else "no (in bf16, near-equal beams can swap: the test compares them in fp32)"))
+    if args.retrieval_sizes:
+        bench_retrieval(args.retrieval_sizes, args.retrieval_dims, device)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,13 @@ class ModelConfig:
         return [f"{flag(k)} {getattr(self, k)}" for k, v in paper.items() if getattr(self, k) != v]
 
 
+def dist_timeout_field():
+    """--dist-timeout-min, of train.py, finetune.py and eval.py alike."""
+    return _f(30.0, "torchrun: minutes a rank waits in a collective for the others (the slowest "
+                    "rank's evaluation share, rank 0's checkpoint write) before the job fails; "
+                    "NCCL's own default is 10", valid="> 0", may_change=True)
+
+
 @dataclass
 class RunConfig:
     """What pre-training and fine-tuning share: data, optimisation, precision, logging and
@@ -235,6 +242,7 @@ class RunConfig:
     log_every: int = _f(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
     max_skips: int = _f(5, "consecutive non-finite steps tolerated before training stops",
                         valid=">= 1", may_change=True)
+    dist_timeout_min: float = dist_timeout_field()
     overwrite: bool = _f(False, "start afresh in an --out that holds an earlier run: its files "
                                 "are moved aside into <out>/.replaced-<time>/, never deleted",
                          may_change=True)

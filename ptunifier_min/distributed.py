@@ -1,14 +1,18 @@
 """torchrun set-up and what every rank must do alike: device, seeding, the step generators,
 barriers, precision.
 
-    d = setup_distributed(seed)  # Dist(rank, world, local_rank, device); group if torchrun set one
+    d = setup_distributed(seed, timeout_min=30)  # Dist(rank, world, local_rank, device)
+    lo, hi = shard(n, d, unit=64)  # this rank's whole evaluation batches of n items
+    parts = gather(obj, d)         # every rank's obj, in rank order
     with autocast(resolve_precision("auto", proc.device), proc.device): ...
 
 Distributed behaviour, stated once: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo
 on CPU; rank r seeds its own randomness with seed + r; only rank 0 writes files; every rank runs the
-same collectives in the same order. Random draws that must agree across ranks (MLM masks, ITM
-negatives) come from `step_generator`, never from the global RNG, so that 8 ranks draw what 1
-process draws and a resumed run what the uninterrupted one drew.
+same collectives in the same order. Evaluation is shared: each rank computes whole batches of its
+contiguous share, the very batches one process computes, and the results are gathered in rank
+order, so every metric is the one-process metric to the bit. Random draws that must agree across
+ranks (MLM masks, ITM negatives) come from `step_generator`, never from the global RNG, so that 8
+ranks draw what 1 process draws and a resumed run what the uninterrupted one drew.
 """
 
 import contextlib
@@ -21,7 +25,6 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed import constants
 
 
 @dataclasses.dataclass
@@ -100,13 +103,14 @@ def rendezvous_timeout():
     return seconds
 
 
-def setup_distributed(seed, timeout=None):
+def setup_distributed(seed, timeout_min=30.0):
     """Initialise torch.distributed when launched by torchrun, pick the device, seed this rank.
 
     The environment is checked first (torchrun_env) and the start waits at most
     rendezvous_timeout() for the other ranks: a rank without peers stops with an error that names
-    the variables, before the caller takes a lock or reads data. `timeout` is the collectives' (a
-    timedelta; None: torch's default for the backend)."""
+    the variables, before the caller takes a lock or reads data. timeout_min: how long a rank waits
+    in a collective for the others (--dist-timeout-min) before the job fails; NCCL's own default,
+    10 minutes, is shorter than some evaluations."""
     proc = Dist()
     proc.rank, proc.world, proc.local_rank = torchrun_env()
     if torch.cuda.is_available():
@@ -116,20 +120,19 @@ def setup_distributed(seed, timeout=None):
                              "that many")
         proc.device = torch.device("cuda", proc.local_rank)
         torch.cuda.set_device(proc.device)
+    timeout = datetime.timedelta(minutes=timeout_min)
     if proc.world > 1 and not dist.is_initialized():
-        backend = "nccl" if proc.device.type == "cuda" else "gloo"
-        timeout = timeout or (constants.default_pg_nccl_timeout if backend == "nccl"
-                              else constants.default_pg_timeout)
         store = _rendezvous(proc)
         # from here on the store waits as long as the collectives do: a rank may reach its first
         # collective long after another (rank 0 prepares the data while the others wait)
         store.set_timeout(timeout)
         # what init_process_group does with the store it makes itself (the prefix keeps our keys
         # apart from the torchrun agent's, which shares the store)
-        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store),
+        dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo",
+                                store=dist.PrefixStore("default_pg", store),
                                 rank=proc.rank, world_size=proc.world, timeout=timeout)
     if proc.world > 1 and proc.device.type == "cuda":
-        proc.host_group = dist.new_group(backend="gloo")
+        proc.host_group = dist.new_group(backend="gloo", timeout=timeout)
     if proc.device.type == "cpu":
         keep_freed_memory()
     seed_everything(seed + proc.rank)
@@ -186,6 +189,28 @@ def seed_everything(seed):
 def barrier(proc):
     if proc.world > 1:
         dist.barrier()
+
+
+def shard(n, proc, unit=1):
+    """This rank's contiguous share (lo, hi) of n items, cut at multiples of `unit` (an evaluation
+    batch): the batches are the very ones one process makes (a text batch pads to its longest
+    text, so a batch cut elsewhere could compute other numbers), and rank r takes batches
+    [r B / world, (r + 1) B / world) of the B. With fewer batches than ranks some shares are empty;
+    those ranks still take part in `gather`."""
+    batches = -(-n // unit)
+    lo = proc.rank * batches // proc.world * unit
+    return lo, min(n, (proc.rank + 1) * batches // proc.world * unit)
+
+
+def gather(obj, proc):
+    """[rank 0's obj, rank 1's obj, ...] on every rank: one all_gather_object over the host group,
+    so objects travel pickled through the host: pass CPU tensors (a CUDA tensor would arrive on the
+    sender's device). Every rank must call it, with or without results of its own."""
+    if proc.world == 1:
+        return [obj]
+    out = [None] * proc.world
+    dist.all_gather_object(out, obj, group=proc.host_group)
+    return out
 
 
 def cpu_bf16_flags(cpuinfo="/proc/cpuinfo"):

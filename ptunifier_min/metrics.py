@@ -4,7 +4,6 @@ implementation.
     auroc(scores, labels)                    # IC: one class; macro_auroc(...): CheXpert 5 / RSNA 1
     accuracy(pred, target)                   # TC (RadNLI)
     vqa_accuracy(pred, target, answer_type)  # VQA: overall / open / closed; OOV answers are wrong
-    retrieval_recall(sim, txt_image)         # ROCO retrieval: i2t / t2i Recall@1/5/10
     nlg_metrics(refs, hyps)                  # TS, ITG: BLEU-1..4, ROUGE-L, CIDEr(-D) [, METEOR]
 
 Array arguments may be numpy arrays, lists or torch tensors (any device or dtype). The NLG functions
@@ -130,63 +129,6 @@ def vqa_accuracy(pred, target, answer_type):
         sel = answer_type == kind
         out[kind] = float(correct[sel].mean()) if sel.any() else None
     out["oov_share"] = float((target < 0).mean())
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Retrieval
-
-
-def _first_hit_rank(sim, positive, chunk=1024):
-    """0-based rank of the best-scored positive of every row of sim [Q, K], with ties counted
-    against the query.
-
-    A negative scored equal to the best positive is ranked ahead of it, so a model that gives every
-    pair the same similarity scores 0, not 1. Rows are processed in chunks to bound memory on large
-    matrices.
-    """
-    ranks = np.empty(sim.shape[0], dtype=np.int64)
-    for s in range(0, sim.shape[0], chunk):
-        x, pos = sim[s:s + chunk], positive[s:s + chunk]
-        best = np.where(pos, x, -np.inf).max(axis=1, keepdims=True)
-        ranks[s:s + chunk] = ((x >= best) & ~pos).sum(axis=1)
-    return ranks
-
-
-def retrieval_recall(sim, txt_image, ks=(1, 5, 10), img_group=None):
-    """Image-to-text and text-to-image Recall@k of a similarity matrix, as fractions in [0, 1].
-
-    sim: [N_img, N_txt] similarity of every image with every text; txt_image: [N_txt] index of each
-    text's image. An image query hits at k when any of its texts is among its k most similar texts;
-    a text query hits when its image is among its k most similar images. img_group: optional [N_img]
-    labels of images that are the same (duplicated ids, identical pixels); any image of the group
-    then counts as the text's image, and any text of the group as the image's text. Ties are broken
-    against the query (see `_first_hit_rank`).
-    Returns {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", ...} for the given ks.
-    """
-    sim = _numpy(sim)
-    txt_image = _numpy(txt_image).astype(np.int64).ravel()
-    n_img, n_txt = sim.shape
-    if txt_image.shape != (n_txt,):
-        raise ValueError(f"txt_image has {txt_image.size} entries for {n_txt} texts")
-    if txt_image.min(initial=0) < 0 or txt_image.max(initial=0) >= n_img:
-        raise ValueError(f"txt_image must index the {n_img} images")
-    if np.isnan(sim).any():
-        raise ValueError("sim contains NaN")
-    group = (np.arange(n_img) if img_group is None
-             else np.unique(_numpy(img_group).ravel(), return_inverse=True)[1])
-    if group.shape != (n_img,):
-        raise ValueError(f"img_group has {group.size} entries for {n_img} images")
-    # [N_img, N_txt]: text j belongs to (a twin of) image i
-    positive = group[:, None] == group[txt_image][None, :]
-    without_text = np.flatnonzero(~positive.any(axis=1))
-    if without_text.size:
-        raise ValueError(f"{without_text.size} images have no text (first: {without_text[0]}); "
-                         "image-to-text recall is undefined for them")
-    i2t = _first_hit_rank(sim, positive)
-    t2i = _first_hit_rank(sim.T, positive.T)
-    out = {f"i2t_r{k}": float((i2t < k).mean()) for k in ks}
-    out.update({f"t2i_r{k}": float((t2i < k).mean()) for k in ks})
     return out
 
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import data, metrics, retrieval, stopping
+from . import data, distributed, metrics, retrieval, stopping
 from .distributed import autocast
 from .generation import TextDecoder, beam_search, encoder_memory, generation_loss
 from .model import Mlp
@@ -253,10 +253,13 @@ def task_loss(model, task, out, batch, pad_id):
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
-def _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_size, num_workers):
-    """Evaluation batches in file order (val/test), made with the eval image transform."""
+def _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_size, num_workers,
+            proc):
+    """This rank's evaluation batches in file order (val/test), made with the eval image transform:
+    whole batches of the one-process run (distributed.shard); "index" stays the record's own."""
     # uint8: the model normalises it
     ds = data.TaskDataset(records, task, data.ImageTransform(image_size).pixels)
+    ds = torch.utils.data.Subset(ds, range(*distributed.shard(len(records), proc, batch_size)))
     # its own generator: a DataLoader draws a seed from the global RNG otherwise, and validating
     # would change the dropout masks of the training steps after it
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
@@ -269,10 +272,14 @@ def _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_siz
 @torch.no_grad()
 def evaluate(model, task, records, tok, *, image_size, max_text_len, device, meta=None,
              max_gen_len=0, batch_size=64, precision="fp32", beam_size=1, length_penalty=1.0,
-             rerank_top=0, num_workers=0, progress=True, print0=print):
+             rerank_top=0, num_workers=0, progress=True, print0=print, proc=None):
     """The task's metrics on `records` (fractions in [0, 1]), computed in eval mode; the metric
     named task.main is the one that selects the checkpoint. The one evaluation of finetune.py
     (val and test) and eval.py.
+
+    proc (torchrun): each rank embeds, predicts or decodes its share of the records and the
+    results are gathered in order, so every rank returns the one-process metrics; every rank must
+    call it.
 
     model: the TaskModel; for retrieval also a bare backbone (zero-shot: the ITC head is the
     backbone's own).
@@ -280,19 +287,21 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
     generation only;
     rerank_top: retrieval only, re-scores each image's top candidates with the ITM head.
     """
+    proc = proc or distributed.Dist()
     was_training = model.training
     model.eval()
     try:
         if task.metric == "recall":
             return retrieval.retrieval_metrics(getattr(model, "backbone", model), records, tok,
                                                image_size, max_text_len, device, precision,
-                                               rerank_top, print0)
+                                               rerank_top, print0, proc)
         loader = _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_size,
-                         num_workers)
+                         num_workers, proc)
         if task.metric == "nlg":
             special = data.special_ids(tok)
             hyps, refs = {}, {}
-            for batch in tqdm(loader, desc=f"beam search {task.name}", disable=not progress,
+            for batch in tqdm(loader, desc=f"beam search {task.name}",
+                              disable=not (progress and proc.main),
                               leave=False):
                 batch = data.to_device(batch, device)
                 with autocast(precision, device):
@@ -309,12 +318,17 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
                     # runs (nlg_metrics PTB-tokenises both sides), never a tokenizer round trip of
                     # it, which would rewrite it ("2.5 cm" -> "2. 5 cm") and drop [UNK] words.
                     hyps[r["id"]], refs[r["id"]] = tok.decode(ids), [r["target"]]
+            # every rank's share, in rank order: the one-process order of the records
+            hyps = {k: v for part in distributed.gather(hyps, proc) for k, v in part.items()}
+            refs = {k: v for part in distributed.gather(refs, proc) for k, v in part.items()}
             return metrics.nlg_metrics(refs, hyps)
         outs = []
-        for batch in tqdm(loader, desc=f"eval {task.name}", disable=not progress, leave=False):
+        for batch in tqdm(loader, desc=f"eval {task.name}", disable=not (progress and proc.main),
+                          leave=False):
             with autocast(precision, device):
                 outs.append(model(data.to_device(batch, device)).float().cpu())
-        logits = torch.cat(outs)  # [N, n_out]
+        # [N, n_out]: every rank's batches, in rank order
+        logits = torch.cat([x for part in distributed.gather(outs, proc) for x in part])
         if task.metric == "auroc":
             labels = torch.tensor([r["labels"] for r in records])
             names = (meta or {}).get("label_names") or [task.name]
@@ -332,13 +346,16 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
 
 @torch.no_grad()
 def zero_shot_classification(backbone, records, label_names, tok, *, image_size, max_text_len,
-                             device, precision="fp32"):
+                             device, precision="fp32", proc=None):
     """CheXpert without training, through the ITC head: per label, score = sim(image, "<finding>") -
-    sim(image, "no <finding>") (the positive and negative prompts of CheXzero), then macro AUROC."""
+    sim(image, "no <finding>") (the positive and negative prompts of CheXzero), then macro AUROC.
+    proc (torchrun): each rank embeds its share of the images."""
     was_training = backbone.training
     backbone.eval()
-    zi = retrieval.embed_images(backbone, [data.image_path(r) for r in records], image_size, device,
-                                precision)
+    batch = retrieval.IMAGE_BATCH
+    zi = retrieval.embed_sharded(
+        lambda p: retrieval.embed_images(backbone, p, image_size, device, precision, batch),
+        [data.image_path(r) for r in records], batch, device, proc or distributed.Dist())
     prompts = [p for name in label_names for p in (name.lower(), f"no {name.lower()}")]
     zt = retrieval.embed_texts(backbone, prompts, tok, max_text_len, device, precision)  # [2C, d]
     backbone.train(was_training)

@@ -123,9 +123,9 @@ def test_every_text_pass_of_the_api_and_retrieval_says_whether_it_pads(runs, mon
     m.features(image=img, text="a b c")
     cfg = m.cfg.model
     retrieval.embed_texts(m.backbone, ["a", "a b c d e f"], m.tok, cfg.max_text_len, torch.device("cpu"))
-    sim = torch.tensor([[0.5, 0.1]])
-    records = [{"image": img, "texts": ["small left effusion", "no effusion seen in the left lung"]}]
-    retrieval.rerank_itm(m.backbone, sim, records, m.tok, cfg.image_size, cfg.max_text_len, torch.device("cpu"), top=2)
+    # ITM re-ranking's pass
+    retrieval.itm_margins(m.backbone, img, ["small left effusion", "no effusion seen in the lung"],
+                          m.tok, cfg.image_size, cfg.max_text_len, torch.device("cpu"))
     ft = ptunifier_min.load(str(runs / "runs" / "chexpert"))
     ft.predict(image=img)  # image-only task: no text pass
     assert len(calls) == 6 and {c[1] for c in calls} == {True, False}

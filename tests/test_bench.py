@@ -52,14 +52,15 @@ def test_help():
 
 def test_short_run_prints_every_section(capsys):
     bench.main(["--presets", "tiny", "--precisions", "fp32", "--modes", "eager", "--seconds", "0.05", "--rounds", "1",
-                "--loader-images", "1", "--decode-dim", "8", "--decode-len", "6"])
+                "--loader-images", "1", "--decode-dim", "8", "--decode-len", "6",
+                "--retrieval-sizes", "300", "--retrieval-dims", "8"])
     out = capsys.readouterr().out
     for section in ("peak fp32", "| tiny (B=64) | 0.2M | fp32 | backbone | eager |", "| backbone, every row | eager |",
                     "| pass: image-only | eager |", "| pass: text-only | eager |", "| pass: pair, MLM | eager |",
                     "share of the full step's time in its four passes:",
                     "| full step | eager |",
                     "x backbone |", "ratios (same run", "loader", "images per rank and micro-step", "beam search",
-                    "cached / uncached"):
+                    "cached / uncached", "retrieval ranking", "| 300 | 8 | 0 |"):
         assert section in out, section
     if bench.vilt_reference(ModelConfig(), 1, torch.device("cpu")) is not None:
         assert "| ViLT | eager |" in out and "x ViLT |" in out

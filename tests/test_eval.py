@@ -5,11 +5,13 @@ import json
 import os
 import re
 import shutil
+import socket
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
@@ -116,46 +118,27 @@ class ITMMargins(ITMKnowsBetter):
 
 @pytest.mark.parametrize("offset", [-10.0, -3.0, -1.5, -0.5, 0.0, 2.0, 10.0])
 def test_itm_reranked_candidates_stay_on_top_whatever_the_margins(toy, offset):
-    """Item 1: the re-ranked top-k stays above the rest of its row, ordered by the ITM margin. (Before: scored
-    max|sim| + 1 + margin, so margins below about -1 sank the whole top-k under the other candidates.)"""
+    """Item 1: the re-ranked top-k stays above the rest of its row, ordered by the ITM margin.
+    (Before: scored max|sim| + 1 + margin, so margins below about -1 sank the whole top-k under
+    the other candidates.) The re-ranking now works from the embeddings, with no matrix to
+    inspect: each image's own text, 3rd by ITC, comes first with the top 3 re-ranked, and keeps
+    its ITC rank (3rd) when only the top 2 are."""
     tok, records = toy
-    n, top = len(records), 4
-    sim = -0.1 * ((torch.arange(n)[None, :] - torch.arange(n)[:, None] + 2) % n).float()  # own text 3rd by ITC
+    n = len(records)
+    # [N_img, N_txt]: the own text 3rd by ITC
+    sim = -0.1 * ((torch.arange(n)[None, :] - torch.arange(n)[:, None] + 2) % n).float()
     cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
-    out = retrieval.rerank_itm(ITMMargins(tok, offset), sim, records, tok, cfg.model.image_size,
-                               cfg.model.max_text_len, torch.device("cpu"), top=top)
-    for i in range(n):
-        ranked = out[i].argsort(descending=True).tolist()
-        itc_top = sim[i].topk(top).indices.tolist()
-        assert ranked[:top] == [i] + [j for j in itc_top if j != i], (i, ranked)  # ties keep the ITC order
-        assert torch.equal(out[i, ranked[top:]], sim[i, ranked[top:]])  # the rest keep their ITC scores
-    m = metrics.retrieval_recall(out, torch.arange(n))
-    assert m["i2t_r1"] == 1.0 and m["i2t_r10"] == 1.0
+    paths, texts, txt_image = retrieval.pairs(records)
+    model = ITMMargins(tok, offset)
 
+    def margins(i, cand):
+        return retrieval.itm_margins(model, paths[i], [texts[j] for j in cand.tolist()], tok,
+                                     *sizes(cfg), torch.device("cpu"))
 
-class DenseEncoder(MatchedEncoder):
-    """ITC embeddings that are dense random unit vectors (one per image / word), looked up rather than multiplied,
-    so that they are exact fp32 numbers whose products bf16 would round."""
-
-    def itc_embed(self, enc):
-        table = torch.randn(len(WORDS), 64, generator=torch.Generator().manual_seed(int(enc.modality == "image")))
-        return F.normalize(table[enc.pooled.argmax(1)], dim=-1)
-
-
-def test_retrieval_similarity_is_fp32_under_bf16_autocast(toy):
-    """Item 3: the similarity matrix is an fp32 product even when the caller runs under bf16 autocast."""
-    tok, records = toy
-    enc = DenseEncoder(tok)
-    cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
-    args = records, tok, cfg.model.image_size, cfg.model.max_text_len, torch.device("cpu")
-    reference, _ = retrieval.similarity(enc, *args)
-    zi = enc.itc_embed(SimpleNamespace(pooled=torch.eye(len(WORDS)), modality="image"))
-    zt = enc.itc_embed(SimpleNamespace(pooled=torch.eye(len(WORDS)), modality="text"))
-    torch.testing.assert_close(reference, zi @ zt.t(), rtol=0, atol=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        sim, _ = retrieval.similarity(enc, *args)
-    assert sim.dtype == torch.float32
-    torch.testing.assert_close(sim, reference, rtol=0, atol=1e-6)  # a bf16 product is ~1e-3 off
+    for top, r1 in ((3, 1.0), (4, 1.0), (2, 0.0)):
+        m = retrieval.embedding_recall(torch.eye(n), sim.t(), txt_image, ks=(1, 3, 4),
+                                       rerank_top=top, itm_margins=margins)
+        assert (m["i2t_r1"], m["i2t_r3"], m["i2t_r4"]) == (r1, 1.0, 1.0), top
 
 
 def test_one_itc_embedding_for_pretraining_retrieval_fine_tuning_and_the_api(toy):
@@ -292,17 +275,32 @@ def test_fine_tuning_at_a_longer_text_length_than_pre_training(pretrained, world
     assert got["config"]["model"]["max_text_len"] == 40 and got["metrics"] == expected["metrics"]
 
 
-def test_eval_refuses_to_run_under_torchrun(monkeypatch, tmp_path):
-    """Under torchrun every rank would evaluate and write the same files: eval.py refuses before any set-up (before,
-    it went on to init_process_group, which failed here for want of torchrun's rendezvous variables)."""
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match=r"single process, not under torchrun \(WORLD_SIZE=2\)"):
-        eval_script.main(["--ckpt", str(tmp_path)])
-    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process is a plain run
-    with pytest.raises(SystemExit, match="needs --ckpt"):
-        eval_script.main([])
+def _eval_worker(rank, world_size, port, argv):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    eval_script.main(argv)
 
+
+def test_eval_under_torchrun_shares_the_work_and_rank_0_writes(pretrained, tmp_path, monkeypatch):
+    """Behaviour changed: eval.py refused to run under torchrun (every rank would have evaluated
+    everything and written the same files). Now each rank evaluates its share, here of the ITM
+    re-ranking, and rank 0 writes results.json with the metrics of one process."""
+    argv = ["--task", "roco_retrieval", "--ckpt", pretrained, "--rerank-top", "3",
+            "--num-workers", "0"]
+    eval_script.main([*argv, "--out", str(tmp_path / "one")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_eval_worker, args=(2, port, [*argv, "--out", str(tmp_path / "two")]), nprocs=2,
+             join=True)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["metrics"]
+                for d in ("one", "two"))
+    assert one.pop("seconds") > 0 and two.pop("seconds") > 0
+    assert two == one
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="not under torchrun"):  # --table only reads files
+        eval_script.main(["--table", str(tmp_path)])
 
 
 # ---- records that never mislead --------------------------------------------------------------
@@ -405,3 +403,29 @@ def test_eval_on_an_unfinished_fine_tuning_run_says_how_to_finish_it(world, tmp_
     with pytest.raises(SystemExit, match=rf"{state} is the resumable state of the fine-tuning run "
                                          rf"{out}: .*--ckpt {out}"):
         eval_script.main(["--ckpt", str(out / "train_state"), "--num-workers", "0"])
+
+
+def test_retrieval_pairs_are_the_papers_protocol_or_the_whole_split(
+        pretrained, world, tmp_path, capsys):  # noqa: F811
+    """--retrieval-pairs N scores the first N of the 2,000 pairs prepare.py drew (here: a prepared
+    root whose roco_retrieval test split holds 5 of the ROCO test split's 8), all the whole ROCO
+    split."""
+    root = tmp_path / "prepared"
+    for name in ("roco", "roco_retrieval"):
+        shutil.copytree(os.path.join(world[1], name), root / name)
+    lines = (root / "roco_retrieval" / "test.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+    (root / "roco_retrieval" / "test.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    base = ["--task", "roco_retrieval", "--ckpt", pretrained, "--num-workers", "0",
+            "--data-root", str(root)]
+    for pairs, n in (("2000", 5), ("3", 3), ("all", 8)):
+        eval_script.main([*base, "--retrieval-pairs", pairs, "--out", str(tmp_path / pairs)])
+        r = json.loads((tmp_path / pairs / "results.json").read_text())
+        assert r["metrics"]["pairs"] == n and r["eval_config"]["retrieval_pairs"] == pairs
+    out = capsys.readouterr().out
+    assert "retrieval pairs: 5 of the 5 prepared for the paper's protocol" in out
+    assert f"retrieval pairs: all 8 of the ROCO test split ({root / 'roco'})" in out
+    with pytest.raises(SystemExit, match="--retrieval-pairs must be a number of pairs"):
+        eval_script.main([*base, "--retrieval-pairs", "some"])
+    with pytest.raises(SystemExit, match="chexpert is not a retrieval task"):
+        eval_script.main(["--task", "chexpert", "--ckpt", pretrained, "--retrieval-pairs", "all"])

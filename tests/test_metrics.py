@@ -1,7 +1,7 @@
 """Every metric against its reference implementation on fixed inputs.
 
-sklearn for AUROC and accuracy, a brute-force loop for retrieval, pycocoevalcap 1.2 for BLEU / ROUGE-L / CIDEr-D,
-and, where java is installed, pycocoevalcap's own PTBTokenizer and METEOR jars.
+sklearn for AUROC and accuracy, pycocoevalcap 1.2 for BLEU / ROUGE-L / CIDEr-D, and, where java is
+installed, pycocoevalcap's own PTBTokenizer and METEOR jars. Retrieval: tests/test_retrieval.py.
 """
 
 import json
@@ -101,53 +101,6 @@ def test_vqa_accuracy_counts_out_of_vocabulary_answers_as_wrong():
     assert only_closed["open"] is None and only_closed["closed"] == pytest.approx(0.5)
     with pytest.raises(ValueError):
         metrics.vqa_accuracy([1], [1], ["yes/no"])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Retrieval
-
-
-def _recall_by_sorting(sim, txt_image, group, k):
-    """Independent reference: sort every query's candidates, ties broken against the query, and look at the top k."""
-    n_img, n_txt = sim.shape
-    i2t = t2i = 0
-    for i in range(n_img):
-        order = sorted(range(n_txt), key=lambda j: (-sim[i, j], group[txt_image[j]] == group[i]))
-        i2t += any(group[txt_image[j]] == group[i] for j in order[:k])
-    for j in range(n_txt):
-        order = sorted(range(n_img), key=lambda i: (-sim[i, j], group[i] == group[txt_image[j]]))
-        t2i += any(group[i] == group[txt_image[j]] for i in order[:k])
-    return i2t / n_img, t2i / n_txt
-
-
-@pytest.mark.parametrize("decimals", [None, 1])  # continuous scores, then scores with many ties
-def test_retrieval_recall_matches_brute_force(decimals):
-    rng = np.random.default_rng(0)
-    n_img = 40
-    txt_image = np.concatenate([[i] * rng.integers(1, 4) for i in range(n_img)])  # 1-3 texts per image
-    txt_image = rng.permutation(txt_image)
-    sim = rng.normal(size=(n_img, len(txt_image)))
-    sim[txt_image, np.arange(len(txt_image))] += 1.5  # a model better than chance
-    if decimals is not None:
-        sim = np.round(sim, decimals)
-    group = np.arange(n_img)
-    group[7] = group[3] = 3  # two images with the same id: either one answers the other's texts
-    group[20] = group[21] = group[22] = 20
-    for img_group in (None, group):
-        g = np.arange(n_img) if img_group is None else img_group
-        out = metrics.retrieval_recall(torch.tensor(sim), torch.tensor(txt_image), img_group=img_group)
-        for k in (1, 5, 10):
-            i2t, t2i = _recall_by_sorting(sim, txt_image, g, k)
-            assert out[f"i2t_r{k}"] == pytest.approx(i2t, abs=1e-12)
-            assert out[f"t2i_r{k}"] == pytest.approx(t2i, abs=1e-12)
-    # a model that scores every pair the same retrieves nothing
-    flat = metrics.retrieval_recall(np.zeros((20, 20)), np.arange(20))
-    assert flat["i2t_r10"] == 0.0 and flat["t2i_r10"] == 0.0
-
-
-def test_retrieval_recall_rejects_an_image_without_text():
-    with pytest.raises(ValueError, match="no text"):
-        metrics.retrieval_recall(np.zeros((3, 2)), [0, 1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
