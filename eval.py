@@ -22,6 +22,7 @@ of the records and rank 0 prints and writes; the metrics are those of one proces
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
