@@ -229,7 +229,7 @@ def finished_checkpoint(path):
     try:
         ckpt = checkpoint.resolve_checkpoint(path)
     except checkpoint.CheckpointError as e:
-        raise SystemExit(f"--ckpt {path}: {e}") from None
+        raise checkpoint.CheckpointError(f"--ckpt {path}: {e}") from None
     if os.path.basename(os.path.dirname(os.path.abspath(ckpt))) == "train_state":
         run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
         raise SystemExit(f"{ckpt} is the resumable state of the fine-tuning run {run}: the weights "

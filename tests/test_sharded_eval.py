@@ -4,6 +4,7 @@ generation, zero-shot CheXpert), also when a rank's share is empty; and the proc
 timeout is the flag's."""
 
 import datetime
+import types
 import os
 
 import pytest
@@ -111,12 +112,18 @@ def test_the_process_group_timeout_is_the_flag(monkeypatch):
     monkeypatch.setattr(distributed.dist, "init_process_group",
                         lambda backend, **kw: calls.append((backend, kw)))
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    store = types.SimpleNamespace(timeouts=[], set_timeout=lambda t: store.timeouts.append(t))
+    monkeypatch.setattr(distributed, "_rendezvous", lambda proc: store)
+    monkeypatch.setattr(distributed.dist, "PrefixStore", lambda prefix, s: (prefix, s))
+    for k, v in dict(RANK=1, WORLD_SIZE=2, LOCAL_RANK=1, MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=29500).items():
+        monkeypatch.setenv(k, str(v))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     proc = distributed.setup_distributed(0, timeout_min=45)
     assert (proc.rank, proc.world) == (1, 2)
-    assert calls == [("gloo", {"timeout": datetime.timedelta(minutes=45)})]
+    # the collectives' timeout, and the store's once every rank has met
+    assert [(b, kw["timeout"]) for b, kw in calls] == [("gloo", datetime.timedelta(minutes=45))]
+    assert store.timeouts == [datetime.timedelta(minutes=45)]
     for cls, presets in ((TrainConfig, PRESETS), (FinetuneConfig, FINETUNE_PRESETS),
                          (eval_script.EvalConfig, {})):
         assert parse_args(cls, presets, ["--dist-timeout-min", "45"]).dist_timeout_min == 45
