@@ -27,9 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ptunifier_min.tokenizer import load_tokenizer
+from ptunifier_min.files import write_json
 from ptunifier_min import config as config_lib
 from ptunifier_min import checkpoint, data, distributed, manifests, tasks
 from ptunifier_min.config import FinetuneConfig
+from ptunifier_min.fields import option
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.datasets.source import SOURCE, ensure_prepared
 
@@ -44,7 +47,6 @@ COLUMNS = [("CheXpert AUROC", "chexpert", "auroc"), ("RSNA AUROC", "rsna", "auro
            ("SLAKE Acc", "slake", "overall"), ("MedVQA-2019 Acc", "medvqa2019", "overall")]
 
 
-_f = config_lib._f  # a field with its help and its allowed values, checked by parse_args
 
 
 @dataclass
@@ -52,32 +54,32 @@ class EvalConfig:
     """eval.py's flags; everything else (architecture, data, decoding) comes from the checkpoint's
     own config."""
 
-    task: str = _f("", "task to evaluate; empty = the fine-tuned checkpoint's task. "
-                       "Zero-shot from a pre-training checkpoint: roco_retrieval | chexpert")
-    ckpt: str = _f("", "checkpoint: a run folder (follows `latest`) or a step folder")
-    table: str = _f("", "instead of evaluating: print Table 2 from every results.json under this "
-                        "folder and write table.json")
-    split: str = _f("test", "split to evaluate: test | val")
-    rerank_top: int = _f(0, "retrieval: re-rank each image's top K texts with the ITM head "
-                            "(0 = ITC ranking only)",
-                         valid=">= 0")
-    retrieval_pairs: str = _f(str(PAPER_PAIRS),
-                              "retrieval: N = the first N (by id) of the ROCO pairs prepare.py "
-                              f"drew for the paper's protocol (roco_retrieval: {PAPER_PAIRS:,} "
-                              "of the split, all if it has fewer), at most as many as it holds; "
-                              "all = every pair of the ROCO split (the prepared roco folder, "
-                              "same filters)")
-    data_root: str = _f("", "prepared data folder; empty = the one the checkpoint was trained on")
-    synth_root: str = _f("", "synthetic world folder; empty = the checkpoint's")
-    synth_scale: str = _f("", "synthetic world scale; empty = the checkpoint's")
-    eval_batch_size: int = _f(64, "samples per evaluation batch", valid=">= 1")
-    beam_size: int = _f(0, "beam size for TS / ITG; 0 = the fine-tuning run's", valid=">= 0")
-    length_penalty: float = _f(-1.0, "beam length penalty; negative = the fine-tuning run's")
-    precision: str = _f("auto", "bf16 | fp32 | auto (bf16 on CUDA and on CPUs with "
-                                "AVX512-BF16/AMX, else fp32)")
-    num_workers: int = _f(2, "data-loader worker processes", valid=">= 0")
-    out: str = _f("", "folder to write results.json into (finetune.py's format); "
-                      "empty = print only")
+    task: str = option("", "task to evaluate; empty = the fine-tuned checkpoint's task. Zero-shot "
+                       "from a pre-training checkpoint: roco_retrieval | chexpert")
+    ckpt: str = option("", "checkpoint: a run folder (follows `latest`) or a step folder")
+    table: str = option("", "instead of evaluating: print Table 2 from every results.json under "
+                        "this folder and write table.json")
+    split: str = option("test", "split to evaluate: test | val")
+    rerank_top: int = option(0, "retrieval: re-rank each image's top K texts with the ITM head (0 "
+                             "= ITC ranking only)", valid=">= 0")
+    retrieval_pairs: str = option(str(PAPER_PAIRS),
+                                  "retrieval: N = the first N (by id) of the ROCO pairs "
+                                  "prepare.py drew for the paper's protocol (roco_retrieval: "
+                                  f"{PAPER_PAIRS:,} of the split, all if it has fewer), at most as "
+                                  "many as it holds; all = every pair of the ROCO split (the "
+                                  "prepared roco folder, same filters)")
+    data_root: str = option("", "prepared data folder; empty = the one the checkpoint was trained "
+                            "on")
+    synth_root: str = option("", "synthetic world folder; empty = the checkpoint's")
+    synth_scale: str = option("", "synthetic world scale; empty = the checkpoint's")
+    eval_batch_size: int = option(64, "samples per evaluation batch", valid=">= 1")
+    beam_size: int = option(0, "beam size for TS / ITG; 0 = the fine-tuning run's", valid=">= 0")
+    length_penalty: float = option(-1.0, "beam length penalty; negative = the fine-tuning run's")
+    precision: str = option("auto", "bf16 | fp32 | auto (bf16 on CUDA and on CPUs with "
+                            "AVX512-BF16/AMX, else fp32)")
+    num_workers: int = option(2, "data-loader worker processes", valid=">= 0")
+    out: str = option("", "folder to write results.json into (finetune.py's format); empty = print "
+                      "only")
     dist_timeout_min: float = config_lib.dist_timeout_field()
 
 
@@ -104,7 +106,7 @@ def main(argv=None):
     precision = distributed.resolve_precision(args.precision, proc.device)
     saved = checkpoint.read_checkpoint_config(ckpt)["config"]
     tok_path = checkpoint.checkpoint_tokenizer(ckpt)
-    tok = data.load_tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     zero_shot = "task" not in saved  # a pre-training checkpoint: no task head, the ITC head only
 
     if zero_shot:
@@ -180,7 +182,7 @@ def main(argv=None):
                    "init": init, "checkpoint": os.path.abspath(ckpt),
                    "config": config_lib.to_dict(cfg),
                    "eval_config": dataclasses.asdict(args)}
-        checkpoint.write_json(os.path.join(args.out, "results.json"), results)
+        write_json(os.path.join(args.out, "results.json"), results)
         print0(f"wrote {os.path.join(args.out, 'results.json')}")
     distributed.barrier(proc)
     if proc.world > 1:
@@ -401,7 +403,7 @@ def render_table(root):
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
         table.append({"run": group, "cells": out})
     markdown = "\n".join(lines)
-    checkpoint.write_json(os.path.join(root, "table.json"),
+    write_json(os.path.join(root, "table.json"),
                           {"columns": headings, "rows": table, "markdown": markdown,
                            "not_counted": left_out})
     return markdown

@@ -30,11 +30,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from ptunifier_min.images import ImageTransform
+from ptunifier_min.tokenizer import load_tokenizer, special_ids
+from ptunifier_min.files import write_json
 from ptunifier_min import config as config_lib
 from ptunifier_min import (checkpoint, data, distributed, manifests, optim, pretrained,
                            stopping, tasks)
 from ptunifier_min.config import FinetuneConfig, ModelConfig
-from ptunifier_min.model import PTUnifier, compile_model, set_image_size, set_text_len
+from ptunifier_min.model import PTUnifier
+from ptunifier_min.pretrained import set_image_size, set_text_len
 from ptunifier_min.datasets.source import ensure_prepared
 
 DEFAULT_INIT = "runs/pretrain"  # where `python train.py` writes
@@ -71,8 +75,8 @@ def main(argv=None):
     trained_with = (checkpoint.resumed_tokenizer(os.path.join(cfg.resume, "train_state"))
                     if cfg.resume else None)
     root, tok_path = ensure_prepared(cfg, [task.folder], proc, print0, trained_with)
-    tok = data.load_tokenizer(tok_path)
-    special = data.special_ids(tok)
+    tok = load_tokenizer(tok_path)
+    special = special_ids(tok)
     if ckpt is None:
         cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = (
             tok.get_vocab_size(), special["cls"], special["sep"])
@@ -108,7 +112,7 @@ def main(argv=None):
                f"targets at --max-gen-len {cfg.max_gen_len})")
     # a 1% subset can be smaller than a batch
     batch_size = min(cfg.batch_size, len(splits["train"]) // proc.world)
-    transform = data.ImageTransform(cfg.model.image_size, train=True,
+    transform = ImageTransform(cfg.model.image_size, train=True,
                                     random_resized_crop=cfg.random_resized_crop)
     # uint8 (issue 11)
     dataset = data.TaskDataset(splits["train"], task, transform.pixels, cfg.seed, train=True)
@@ -164,8 +168,7 @@ def main(argv=None):
                                  else state["rng"][0])  # its own
         start_step, best = state["step"], state["best"]
         print0(f"best so far: step {best['step']}")
-    train_model = (compile_model(model) if config_lib.use_compile(cfg.compile, proc.device)
-                   else model)
+    train_model = distributed.compile_model(model, cfg.compile, proc.device)
     if proc.world > 1:
         # the model's buffers are constants (the pixel table, the [CLS] [SEP] ids):
         # no broadcast before every forward
@@ -190,8 +193,8 @@ def main(argv=None):
            f"precision {precision}; device {proc.device}")
     record_path = os.path.join(cfg.out, "data.json")  # every checkpoint carries it
     if proc.main:
-        checkpoint.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
-        checkpoint.write_json(record_path, record)
+        write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
+        write_json(record_path, record)
     log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
                          resume_step=start_step if cfg.resume else None)
 
@@ -290,7 +293,7 @@ def main(argv=None):
                    "text_lengths": lengths, "truncated": truncated,
                    "seconds": {"train_and_val": round(train_seconds, 1),
                                "test": round(time.perf_counter() - t1, 1)}}
-        checkpoint.write_json(os.path.join(cfg.out, "results.json"), results)
+        write_json(os.path.join(cfg.out, "results.json"), results)
         print0(f"test {task.name} (weights of step {best['step']}): " + report(test))
         print0(f"results: {os.path.join(cfg.out, 'results.json')}; checkpoint: {path}")
     distributed.barrier(proc)

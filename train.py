@@ -15,11 +15,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from ptunifier_min.images import ImageTransform
+from ptunifier_min.tokenizer import continuation_table, load_tokenizer, special_ids
+from ptunifier_min.files import write_json
 from ptunifier_min import (checkpoint, data, distributed, manifests, optim, poolstats, pretrained,
                            retrieval, stopping)
 from ptunifier_min import config as config_lib
 from ptunifier_min.datasets.source import ensure_prepared
-from ptunifier_min.model import PTUnifier, compile_model, flops_per_pair
+from ptunifier_min.flops import flops_per_pair, peak_flops
+from ptunifier_min.model import PTUnifier
 from ptunifier_min.objectives import draw_step, pretraining_loss
 
 # The tokenizers library's own thread pool cannot survive the fork into data-loader workers;
@@ -47,8 +51,8 @@ def main(argv=None):
     trained_with = checkpoint.resumed_tokenizer(cfg.resume) if cfg.resume else None
     root, tok_path = ensure_prepared(cfg, names + (["roco_retrieval"] if cfg.eval_pairs else []),
                                      proc, print0, trained_with)
-    tok = data.load_tokenizer(tok_path)
-    special = data.special_ids(tok)
+    tok = load_tokenizer(tok_path)
+    special = special_ids(tok)
     cfg.model.vocab_size, cfg.model.cls_id, cfg.model.sep_id = (
         tok.get_vocab_size(), special["cls"], special["sep"])
     records = data.load_pretrain_records(root, names, "train")
@@ -61,13 +65,13 @@ def main(argv=None):
     tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     # uint8 one-channel pixels (ImageTransform.pixels): the model normalises them on the device
     # (issue 11)
-    transform = data.ImageTransform(cfg.model.image_size, train=True,
+    transform = ImageTransform(cfg.model.image_size, train=True,
                                     random_resized_crop=cfg.random_resized_crop)
     dataset = data.PretrainDataset(records, transform.pixels, cfg.seed)
     collate = data.pretrain_collate(tok, cfg.model.max_text_len)
     order = data.BatchOrder(len(dataset), cfg.batch_size, proc.world, proc.rank, cfg.seed)
     # [V] True for the pieces that continue a word ('##ing' in WordPiece, 'ing' in byte-level BPE)
-    continuation = data.continuation_table(tok) if cfg.whole_word else None
+    continuation = continuation_table(tok) if cfg.whole_word else None
     special_info = {"ids": [special["cls"], special["sep"], special["pad"]],
                     "mask": special["mask"]}
 
@@ -97,8 +101,7 @@ def main(argv=None):
         checkpoint.set_rng_state(state["rng"][proc.rank] if proc.rank < len(state["rng"])
                                  else state["rng"][0])
         start_step = state["step"]
-    train_model = (compile_model(model) if config_lib.use_compile(cfg.compile, proc.device)
-                   else model)
+    train_model = distributed.compile_model(model, cfg.compile, proc.device)
     if proc.world > 1:
         # the model's buffers are constants (the pixel table, the [CLS] [SEP] ids): no broadcast
         # before every forward
@@ -119,15 +122,15 @@ def main(argv=None):
         f"accumulation x {proc.world} ranks; ITC negatives per pair "
         f"{cfg.batch_size * proc.world - 1}; precision {precision}; device {proc.device}")
     if proc.main:
-        checkpoint.write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
-        checkpoint.write_json(os.path.join(cfg.out, "data.json"), record)
+        write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
+        write_json(os.path.join(cfg.out, "data.json"), record)
     log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
                          resume_step=start_step if cfg.resume else None)
 
     # ---- training loop ---------------------------------------------------------------------------
     batches = data.micro_batches(dataset, order, collate, cfg.num_workers,
                                  start_step * cfg.grad_accum)
-    peak = distributed.peak_flops(proc.device)
+    peak = peak_flops(proc.device)
     step_flops = flops_per_pair(cfg.model, objectives, cfg.model.max_text_len) * global_batch
     # pool usage, gradient, top-k changes
     watch = poolstats.PoolWatch(model, probe, precision, proc.device)

@@ -50,7 +50,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from . import checkpoint, config, data, tasks
+from .files import write_atomic, write_json
+from . import checkpoint, config, tasks
 from .model import PTUnifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,10 +260,10 @@ class Runner:
             seconds = time.time() - t0
             times = read_json(seconds_path) or {}
             times[step.name] = seconds
-            checkpoint.write_json(seconds_path, times)
+            write_json(seconds_path, times)
             self.say(f"{arm} seed{seed} {step.name}: {seconds:.1f} s")
         if not failed:
-            checkpoint.write_json(os.path.join(run, "result.json"), run_result(arm, seed, run))
+            write_json(os.path.join(run, "result.json"), run_result(arm, seed, run))
         return failed
 
 
@@ -864,7 +865,7 @@ def check_recipe(args):
         raise SystemExit(f"{args.out} holds runs of another recipe ({diff}): choose another --out, "
                          f"or run with the same flags to continue them")
     os.makedirs(args.out, exist_ok=True)
-    checkpoint.write_json(path, recipe)
+    write_json(path, recipe)
 
 
 def prepare_data(args):
@@ -900,8 +901,8 @@ def main(argv=None):
         raise SystemExit(f"no result.json under {args.out}/<arm>/seed<S>/: nothing to tabulate")
     text, summary = report(results)
     print(text, end="")
-    data.write_atomic(os.path.join(args.out, "tables.md"), text)
-    checkpoint.write_json(os.path.join(args.out, "summary.json"), summary)
+    write_atomic(os.path.join(args.out, "tables.md"), text)
+    write_json(os.path.join(args.out, "summary.json"), summary)
     print(f"tables: {os.path.join(args.out, 'tables.md')}, "
           f"numbers: {os.path.join(args.out, 'summary.json')}")
     if failures:

@@ -14,7 +14,7 @@ Images: a path (str or os.PathLike: JPEG, PNG, DICOM), a PIL image in any mode, 
 [H, W] or [H, W, C] (channels last, as PIL and matplotlib), or a torch tensor [H, W] or [C, H, W]
 (channels first, as torchvision), with C = 1 (gray), 3 (RGB order; convert OpenCV's BGR first) or 4
 (RGBA), of dtype uint8 (0..255) or float in [0, 1] (x / 255: rounded back to 0..255). Every image
-becomes the grayscale film the model sees by one function, data.grayscale, the one load_image
+becomes the grayscale film the model sees by one function, grayscale, the one load_image
 applies to files: EXIF orientation applied, 16-bit and 32-bit modes rescaled from their min-max,
 colour through PIL's luma, alpha dropped; so the same pixels give the same embedding whichever way
 they arrive. Other layouts and dtypes (a [N, C, H, W] batch: pass a list; 16-bit arrays: pass
@@ -40,8 +40,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import ImageTransform, grayscale, load_image
+from .tokenizer import encode_pairs, encode_texts, load_tokenizer, special_ids
 from . import config as config_lib
-from . import checkpoint, data, tasks
+from . import checkpoint, tasks
 from .generation import beam_search, encoder_memory
 from .model import PTUnifier
 
@@ -111,9 +113,9 @@ def _array_image(x, name):
 
 def to_grayscale(x, name="image"):
     """One image as the API takes it (a path, a PIL image, an array or a tensor: see the module
-    docstring) -> the grayscale PIL image the model sees (data.grayscale, as for files)."""
+    docstring) -> the grayscale PIL image the model sees (grayscale, as for files)."""
     if isinstance(x, (str, os.PathLike)):
-        return data.load_image(x)  # its errors name the file
+        return load_image(x)  # its errors name the file
     if isinstance(x, (np.ndarray, torch.Tensor)):
         x = _array_image(x, name)
     if not isinstance(x, Image.Image):
@@ -121,7 +123,7 @@ def to_grayscale(x, name="image"):
         raise TypeError(f"{name} is {what}; an image is a path (str or os.PathLike), a PIL "
                         "image, a numpy array or a torch tensor")
     try:
-        return data.grayscale(x)
+        return grayscale(x)
     # A truncated or closed file behind a lazily loaded image, a mode PIL cannot convert: PIL says
     # these with OSError, ValueError or a bare AssertionError (closed), none naming the input.
     except Exception as e:
@@ -139,7 +141,7 @@ class Model:
         self.backbone = model.backbone if task else model
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
         # the evaluation transform: resize + center crop
-        self.transform = data.ImageTransform(cfg.model.image_size)
+        self.transform = ImageTransform(cfg.model.image_size)
 
     @property
     def batch_size(self):
@@ -167,9 +169,9 @@ class Model:
         and padded, which is read from the host's copy of the mask, so that the model never waits
         for the device to learn it."""
         if pairs is not None:
-            ids, mask = data.encode_pairs(self.tok, texts, pairs, self.cfg.model.max_text_len)
+            ids, mask = encode_pairs(self.tok, texts, pairs, self.cfg.model.max_text_len)
         else:
-            ids, mask = data.encode_texts(self.tok, texts, self.cfg.model.max_text_len)
+            ids, mask = encode_texts(self.tok, texts, self.cfg.model.max_text_len)
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
                 "padded": not bool(mask.all())}
 
@@ -278,7 +280,7 @@ class Model:
     def _predict_batch(self, batch):
         task, m = self.task, self.model
         if task.head == "decoder":
-            sp = data.special_ids(self.tok)
+            sp = special_ids(self.tok)
             memory, memory_mask = encoder_memory(m.backbone, **m.encoder_inputs(batch))
             ids = beam_search(m.decoder, memory, memory_mask, sp["cls"], sp["sep"], sp["pad"],
                               self.cfg.beam_size, self.cfg.max_gen_len - 1,
@@ -319,7 +321,7 @@ def load(path, device="cpu", dtype=torch.float32, batch_size=32):
     batch_size: inputs per forward pass (an integer >= 1; Model.batch_size may be changed later)."""
     ckpt = checkpoint.resolve_checkpoint(path)
     cfg = _config(ckpt)
-    tok = data.load_tokenizer(checkpoint.checkpoint_tokenizer(ckpt))
+    tok = load_tokenizer(checkpoint.checkpoint_tokenizer(ckpt))
     if tok.get_vocab_size() != cfg.model.vocab_size:
         raise checkpoint.CheckpointError(
             f"{checkpoint.checkpoint_tokenizer(ckpt)} has {tok.get_vocab_size()} tokens, the "

@@ -42,10 +42,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .images import ImageTransform, load_image
 from . import data, distributed, optim, retrieval
 from .config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, ModelConfig, TrainConfig, build
 from .generation import TextDecoder, beam_search
-from .model import PTUnifier, compile_model, flops_per_pair, flops_per_pass, pretraining_passes
+from .flops import flops_per_pair, flops_per_pass, peak_flops, pretraining_passes
+from .model import PTUnifier
 from .objectives import draw_step, exchange_plan, itm_rows, pretraining_loss
 
 
@@ -190,7 +192,7 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
             # a fresh cache per setup and precision: stays under dynamo's recompile limit
             torch._dynamo.reset()
         # one compiled model: each pass shape compiles once
-        m = compile_model(model) if mode == "compiled" else model
+        m = distributed.compile_model(model) if mode == "compiled" else model
         fns["backbone", mode] = backbone(m)
         fns["full step", mode] = full_step(m)
     if "eager" in modes:  # rows compared with the eager backbone
@@ -293,14 +295,14 @@ def bench_loader(images=3, image_size=PRESETS["paper"]["image_size"], seconds=3.
     """Images/s of one data-loader worker (one process, one thread), full-resolution files vs
     prepare's cached copies.
 
-    What a worker does per sample: data.load_image + ImageTransform(image_size).pixels, here on
+    What a worker does per sample: load_image + ImageTransform(image_size).pixels, here on
     `images` real-size synthetic chest films (synth.real_size_films, 2,352-3,024 px a side, JPEG)
     and on their copies at prepare's default short side (uncompressed PGM), written into a temporary
     folder. Returns ({"full": images/s, "cached": images/s, "short_side": of the copies}, the films'
     sizes)."""
     # here, not at the top: the method modules never import the data plumbing
     from .datasets import prepare, synth
-    transform = data.ImageTransform(image_size)
+    transform = ImageTransform(image_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:
@@ -308,13 +310,13 @@ def bench_loader(images=3, image_size=PRESETS["paper"]["image_size"], seconds=3.
             full = synth.real_size_films(tmp, images)
             cached = [os.path.join(tmp, f"cached{i}.pgm") for i in range(images)]
             for path, dest in zip(full, cached):
-                prepare.write_cached(data.load_image(path), dest, prepare.CACHE_SHORT_SIDE)
+                prepare.write_cached(load_image(path), dest, prepare.CACHE_SHORT_SIDE)
             rates = {}
             for name, paths in (("full", full), ("cached", cached)):
                 files = itertools.cycle(paths)
-                rates[name] = _rate(lambda: transform.pixels(data.load_image(next(files))),
+                rates[name] = _rate(lambda: transform.pixels(load_image(next(files))),
                                     torch.device("cpu"), seconds)
-            sizes = sorted({data.load_image(p).size for p in full})
+            sizes = sorted({load_image(p).size for p in full})
             rates["short_side"] = prepare.CACHE_SHORT_SIDE
     finally:
         torch.set_num_threads(threads)
@@ -421,7 +423,7 @@ def main(argv=None):
     for prec in args.precisions.split(","):
         dtype = torch.bfloat16 if prec == "bf16" else torch.float32
         measured = matmul_peak(device, dtype, seconds=min(args.seconds, 2.0))
-        nominal[prec] = distributed.peak_flops(device) if prec == "bf16" else None
+        nominal[prec] = peak_flops(device) if prec == "bf16" else None
         print(f"peak {prec}: measured {measured / 1e12:.3f} TFLOP/s (2048^3 matmul)"
               + (f", nominal {nominal[prec] / 1e12:.0f} TFLOP/s (used for MFU)" if nominal[prec]
                  else "; MFU divides by the same product timed in each setup's rounds"))

@@ -4,7 +4,7 @@ and the log.
     claim_run_folder(out, resume, overwrite)           # rank 0, first: lock, refuse or move aside
     save_checkpoint(out, step, model, cfg, trainer_state, files=[tokenizer])  # out/step_N + latest
     state = resume_from(path, cfg, model, opt, sched)  # refuses what can't change, applies the rest
-    load_weights(path, model); resolve_checkpoint(path); write_json(path, obj); Log(path, enabled)
+    load_weights(path, model); resolve_checkpoint(path); Log(path, enabled)
 
 Checkpoints are plain: safetensors weights of the unwrapped model, a readable config.json with the
 step and the sha256 of every other file (checked when it is read), and (for resuming) trainer.pt
@@ -27,8 +27,9 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
+from .files import write_atomic
 from . import config as config_lib
-from . import data, manifests, stopping
+from . import manifests, stopping
 from .distributed import unwrap
 
 
@@ -203,7 +204,7 @@ def save_checkpoint(out, step, model, cfg, trainer_state=None, files=(), keep=1)
             # the same step written again (a finished run resumed): the new one replaces it
             _discard(final)
             os.replace(tmp, final)
-            data.write_atomic(os.path.join(out, "latest"), name + "\n")
+            write_atomic(os.path.join(out, "latest"), name + "\n")
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError):
@@ -501,13 +502,6 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def write_json(path, obj):
-    """Write JSON through a temporary file and a rename (data.write_atomic): readers never see
-    half a file, a failed write leaves the previous file and no temporary, a full disk is said
-    as such."""
-    data.write_atomic(path, json.dumps(obj, indent=2))
-
-
 # ---- logging -------------------------------------------------------------------------------------
 class Log:
     """log.jsonl with one line per logged step (rank 0 only).
@@ -531,7 +525,7 @@ class Log:
                         continue
                     if isinstance(record, dict) and record.get("step", 0) <= resume_step:
                         kept.append(line.rstrip("\n") + "\n")
-            data.write_atomic(path, "".join(kept))
+            write_atomic(path, "".join(kept))
         self.f = open(path, "a")
 
     def write(self, record):

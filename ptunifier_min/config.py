@@ -17,20 +17,10 @@ Presets:
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
-
-def _f(default, help, valid=None, may_change=False):
-    """A config field and what is allowed of it, in one place.
-
-    valid: the values allowed, checked whenever a config is built (so by parse_args, before any data
-    is read): a bound (">= 1", "> 0"), an interval ("[0, 1)"), alternatives joined by " or " (a bare
-    number is that value), or a tuple of choices. may_change: a resumed run may set it differently
-    from the run it continues, because it steers how the run goes on (length, cadence, learning
-    rates, workers), not what it learns; every other field must equal the checkpoint's
-    (resume_differences)."""
-    return field(default=default, metadata={"help": help, "valid": valid, "may_change": may_change})
+from .fields import check_fields, flag, option
+from .model import ModelConfig
 
 
 # A bool flag that may also be left to the device: "auto" | "true" | "false"
@@ -38,151 +28,11 @@ def _f(default, help, valid=None, may_change=False):
 AUTO_BOOL = ("auto", "true", "false")
 
 
-def use_compile(setting, device):
-    """--compile's decision for a torch.device: 'auto' compiles on CUDA only."""
-    return setting == "true" or (setting == "auto" and device.type == "cuda")
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def _allowed(value, valid):
-    if isinstance(valid, tuple):
-        return value in valid
-    for part in valid.split(" or "):
-        if part[0] in "[(":  # an interval such as "[0, 1)"
-            lo, hi = (float(x) for x in part[1:-1].split(","))
-            if ((lo <= value if part[0] == "[" else lo < value)
-                    and (value <= hi if part[-1] == "]" else value < hi)):
-                return True
-        elif " " in part:  # ">= 1", "> 0"
-            op, bound = part.split()
-            if value >= float(bound) if op == ">=" else value > float(bound):
-                return True
-        elif value == float(part):
-            return True
-    return False
-
-
-def check_fields(cfg):
-    """Raise one ValueError naming every field of this dataclass whose value is outside what its
-    `valid` allows (and every non-finite float: argparse's float() accepts 'nan' and 'inf')."""
-    errors = []
-    for f in dataclasses.fields(cfg):
-        value, valid = getattr(cfg, f.name), f.metadata.get("valid")
-        if isinstance(value, float) and not math.isfinite(value):
-            errors.append(f"{flag(f.name)} must be a finite number, got {value}")
-        elif valid is not None and not _allowed(value, valid):
-            allowed = f"one of {' | '.join(valid)}" if isinstance(valid, tuple) else \
-                f"{'in ' if valid[0] in '[(' else ''}{valid}"
-            errors.append(f"{flag(f.name)} must be {allowed}, got {value!r}")
-    if errors:
-        raise ValueError("; ".join(errors))
-
-
-@dataclass
-class ModelConfig:
-    """The single-tower PTUnifier backbone and its pre-training heads (method.md)."""
-
-    image_size: int = _f(48, "input image side in pixels (resize + center crop)", valid=">= 1")
-    patch_size: int = _f(8, "ViT patch side in pixels", valid=">= 1")
-    vocab_size: int = _f(4096, "WordPiece vocabulary size "
-                               "(set from the tokenizer when one is loaded)", valid=">= 1")
-    cls_id: int = _f(2, "[CLS] token id (set from the tokenizer)", valid=">= 0")
-    sep_id: int = _f(3, "[SEP] token id (set from the tokenizer)", valid=">= 0")
-    max_text_len: int = _f(32, "text length in tokens, [CLS] and [SEP] included "
-                               "(finetune.py without this flag: the longer of the checkpoint's "
-                               "and the task's 95th percentile, rounded up to 8)", valid=">= 3")
-    dim: int = _f(128, "hidden size D", valid=">= 1")
-    depth: int = _f(4, "number of Transformer blocks", valid=">= 1")
-    heads: int = _f(4, "attention heads (dim must divide by heads)", valid=">= 1")
-    mlp_ratio: float = _f(4.0, "MLP hidden size / dim", valid="> 0")
-    dropout: float = _f(0.0, "dropout in attention output and MLP", valid="[0, 1)")
-    prompt_mode: str = _f("pool", "prompts for a missing modality: none | static | pool "
-                                  "(paper section 3.2)", valid=("none", "static", "pool"))
-    pool_size: int = _f(64, "prompts per modality pool (prompt_mode=pool)", valid=">= 1")
-    k_v: int = _f(8, "visual prompts used when the image is missing", valid=">= 0")
-    k_l: int = _f(8, "textual prompts used when the text is missing", valid=">= 0")
-    query_pooling: str = _f("mean", "how the present modality's embeddings become the pool "
-                                    "query: mean | max", valid=("mean", "max"))
-    # pool variants of the prompt-pool literature (issue 13); the defaults are the paper's form
-    pool_select: str = _f("dot", "pool scores: dot = query . row (the paper) | "
-                                 "cosine = of L2-normalised query and keys",
-                          valid=("dot", "cosine"))
-    pool_keys: str = _f("shared", "shared = a pool row is its own selection key (the paper) | "
-                                  "separate = a learned key per row (L2P's key-value pool; "
-                                  "the keys learn only through --w-pool-pull)",
-                        valid=("shared", "separate"))
-    pool_query: str = _f("input", "pool query: input = pooled input embeddings of the present "
-                                  "modality (the paper) | final = its first token's final state "
-                                  "after a no-grad pass of it alone (L2P)",
-                         valid=("input", "final"))
-    itc_dim: int = _f(128, "ITC projection size", valid=">= 1")
-    itc_temperature: float = _f(0.07, "initial ITC temperature "
-                                      "(logit scale = log(1/T), clamped at log 100)", valid="> 0")
-    learn_temperature: bool = _f(True, "learn the ITC temperature (CLIP style); "
-                                       "false keeps it fixed")
-    # what an imported encoder needs to compute exactly what it computed
-    # (set by --init-vision / --init-text)
-    norm_pre: bool = _f(False, "LayerNorm on the input sequence before the blocks "
-                               "(CLIP's ln_pre, timm's norm_pre)")
-    act: str = _f("gelu", "MLP activation of the blocks: gelu | quick_gelu "
-                          "(OpenAI CLIP's x * sigmoid(1.702 x))", valid=("gelu", "quick_gelu"))
-    norm_eps: float = _f(1e-5, "LayerNorm epsilon of the blocks and final norm "
-                               "(timm 1e-6, HF ViT 1e-12, CLIP 1e-5)", valid="> 0")
-    patch_bias: bool = _f(True, "bias in the patch projection (CLIP has none)")
-    text_norm_eps: float = _f(0.0, "epsilon of a LayerNorm on word + position embeddings "
-                                   "(BERT / RoBERTa's embeddings.LayerNorm, "
-                                   "added by --init-text); 0 = no such norm", valid=">= 0")
-    # pixels in [0, 1] become (x - mean) / std per channel, as the imported encoder was trained
-    pixel_mean: list = _f((0.5, 0.5, 0.5), "per-channel (R,G,B) mean subtracted from pixels in "
-                                           "[0, 1] (set by --init-vision: CLIP's, ImageNet's...)")
-    pixel_std: list = _f((0.5, 0.5, 0.5), "per-channel (R,G,B) std the pixels are then divided by "
-                                          "(set by --init-vision)")
-
-    def __post_init__(self):
-        check_fields(self)  # first: the checks below divide by heads and patch_size
-        for name in ("pixel_mean", "pixel_std"):
-            # a list, as it reads back from a checkpoint's JSON, so that both compare equal
-            values = [float(v) for v in getattr(self, name)]
-            if len(values) != 3 or not all(map(math.isfinite, values)):
-                raise ValueError(f"{flag(name)} must be 3 finite numbers (R,G,B), got {values}")
-            setattr(self, name, values)
-        if min(self.pixel_std) <= 0:
-            raise ValueError(f"--pixel-std must be > 0 in every channel, got {self.pixel_std}")
-        if self.dim % self.heads:
-            raise ValueError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"--image-size {self.image_size} is not divisible by "
-                             f"--patch-size {self.patch_size}")
-        if self.prompt_mode != "pool" and self.pool_variants():
-            raise ValueError(f"{', '.join(self.pool_variants())} only apply to --prompt-mode pool, "
-                             f"got {self.prompt_mode!r}")
-        if self.prompt_mode == "pool" and self.k_v == self.k_l == 0:
-            raise ValueError("--prompt-mode pool with --k-v 0 and --k-l 0 would use no row of its "
-                             "pools: set --k-v / --k-l to at least 1, or use --prompt-mode none "
-                             "(no prompts)")
-        if self.prompt_mode == "static" and min(self.k_v, self.k_l) == 0:
-            raise ValueError(f"--prompt-mode static needs --k-v and --k-l of at least 1 (the "
-                             f"prompts for each missing modality), got {self.k_v} and {self.k_l}; "
-                             "--prompt-mode none uses no prompts")
-        if self.prompt_mode == "pool" and max(self.k_v, self.k_l) > self.pool_size:
-            raise ValueError(f"--k-v {self.k_v} and --k-l {self.k_l} cannot exceed "
-                             f"--pool-size {self.pool_size}")
-
-    def pool_variants(self):
-        """The pool switches set away from the paper's form, as flags
-        (empty for the paper's pool)."""
-        paper = dict(pool_select="dot", pool_keys="shared", pool_query="input")
-        return [f"{flag(k)} {getattr(self, k)}" for k, v in paper.items() if getattr(self, k) != v]
-
-
 def dist_timeout_field():
     """--dist-timeout-min, of train.py, finetune.py and eval.py alike."""
-    return _f(30.0, "torchrun: minutes a rank waits in a collective for the others (the slowest "
-                    "rank's evaluation share, rank 0's checkpoint write) before the job fails; "
-                    "NCCL's own default is 10", valid="> 0", may_change=True)
+    return option(30.0, "torchrun: minutes a rank waits in a collective for the others (the "
+                  "slowest rank's evaluation share, rank 0's checkpoint write) before the job "
+                  "fails; NCCL's own default is 10", valid="> 0", may_change=True)
 
 
 @dataclass
@@ -190,62 +40,60 @@ class RunConfig:
     """What pre-training and fine-tuning share: data, optimisation, precision, logging and
     checkpoints."""
 
-    data_root: str = _f("", "folder of prepared datasets (prepare.py output); "
-                            "empty = the synthetic world, made on demand")
-    synth_root: str = _f("data/synthetic", "where the synthetic world and its prepared form live "
-                                           "when data_root is empty")
-    synth_scale: str = _f("default", "size of the synthetic world made on demand: "
-                                     "tiny | small | default", valid=("tiny", "small", "default"))
-    tokenizer: str = _f("", "tokenizer.json or BERT vocab.txt; "
-                            "empty = <prepared root>/tokenizer.json (trained if missing)")
-    out: str = _f("runs/pretrain", "output folder: config.json, log.jsonl, checkpoints",
-                  may_change=True)
-    init_vision: str = _f("", "pretrained ViT / CLIP vision weights to start from (timm, "
-                              "HF ViTModel, HF CLIP, OpenAI CLIP / open_clip; .safetensors, "
-                              "or .bin / .pt read with weights_only); empty = scratch")
-    init_text: str = _f("", "BERT / PubMedBERT / RoBERTa weights whose embeddings start the text "
-                            "side (with --tokenizer: its vocab.txt, tokenizer.json or vocab.json); "
-                            "empty = scratch")
-    resume: str = _f("", "checkpoint folder to continue from "
-                         "(weights, optimizer, scheduler, step, RNG, data position)",
-                     may_change=True)
+    data_root: str = option("", "folder of prepared datasets (prepare.py output); empty = the "
+                            "synthetic world, made on demand")
+    synth_root: str = option("data/synthetic", "where the synthetic world and its prepared form "
+                             "live when data_root is empty")
+    synth_scale: str = option("default", "size of the synthetic world made on demand: tiny | small "
+                              "| default", valid=("tiny", "small", "default"))
+    tokenizer: str = option("", "tokenizer.json or BERT vocab.txt; empty = <prepared "
+                            "root>/tokenizer.json (trained if missing)")
+    out: str = option("runs/pretrain", "output folder: config.json, log.jsonl, checkpoints",
+                      may_change=True)
+    init_vision: str = option("", "pretrained ViT / CLIP vision weights to start from (timm, HF "
+                              "ViTModel, HF CLIP, OpenAI CLIP / open_clip; .safetensors, or .bin / "
+                              ".pt read with weights_only); empty = scratch")
+    init_text: str = option("", "BERT / PubMedBERT / RoBERTa weights whose embeddings start the "
+                            "text side (with --tokenizer: its vocab.txt, tokenizer.json or "
+                            "vocab.json); empty = scratch")
+    resume: str = option("", "checkpoint folder to continue from (weights, optimizer, scheduler, "
+                         "step, RNG, data position)", may_change=True)
     # below 2**31, so that distributed.step_generator's seeds,
     # (seed * 1_000_003 + step) * 1024 + stream, fit in 64 bits
-    seed: int = _f(0, "base seed; rank r uses seed + r for its own randomness",
-                   valid="[0, 2147483647]")
-    steps: int = _f(1000, "optimizer steps", valid=">= 1", may_change=True)
-    batch_size: int = _f(64, "samples per device per micro-step", valid=">= 1")
-    grad_accum: int = _f(1, "micro-steps per optimizer step "
-                            "(each draws from its own of 1023 generator streams)",
-                         valid="[1, 1023]")
-    lr_backbone: float = _f(1e-3, "peak learning rate of the backbone "
-                                  "(embeddings, blocks, final norm); 0 = frozen",
-                            valid=">= 0", may_change=True)
-    lr_head: float = _f(1e-3, "peak learning rate of everything else "
-                              "(prompt pools, heads, logit scale)", valid="> 0", may_change=True)
-    weight_decay: float = _f(0.01, "AdamW weight decay (never on norms, biases, embeddings, "
-                                   "pools, logit scale)", valid=">= 0", may_change=True)
-    beta1: float = _f(0.9, "AdamW beta1", valid="[0, 1)", may_change=True)
-    beta2: float = _f(0.98, "AdamW beta2", valid="[0, 1)", may_change=True)
-    warmup_frac: float = _f(0.1, "fraction of steps of linear warm-up, then linear decay to 0",
-                            valid="[0, 1)", may_change=True)
-    grad_clip: float = _f(1.0, "max global gradient norm (0 = off)", valid=">= 0", may_change=True)
-    precision: str = _f("auto", "bf16 | fp32 | auto "
-                                "(bf16 autocast on CUDA, fp32 on CPUs without fast bf16)",
-                        valid=("auto", "bf16", "fp32"))
-    compile: str = _f("auto", "torch.compile the model: auto = on CUDA "
-                              "(its forward compiles whole, no graph breaks), not on a CPU "
-                              "(compiling takes longer than a short CPU run gains) | true | false",
-                      valid=AUTO_BOOL, may_change=True)
-    num_workers: int = _f(2, "data-loader worker processes per rank", valid=">= 0", may_change=True)
-    random_resized_crop: bool = _f(False, "random-resized-crop augmentation for training images")
-    log_every: int = _f(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
-    max_skips: int = _f(5, "consecutive non-finite steps tolerated before training stops",
-                        valid=">= 1", may_change=True)
+    seed: int = option(0, "base seed; rank r uses seed + r for its own randomness",
+                       valid="[0, 2147483647]")
+    steps: int = option(1000, "optimizer steps", valid=">= 1", may_change=True)
+    batch_size: int = option(64, "samples per device per micro-step", valid=">= 1")
+    grad_accum: int = option(1, "micro-steps per optimizer step (each draws from its own of 1023 "
+                             "generator streams)", valid="[1, 1023]")
+    lr_backbone: float = option(1e-3, "peak learning rate of the backbone (embeddings, blocks, "
+                                "final norm); 0 = frozen", valid=">= 0", may_change=True)
+    lr_head: float = option(1e-3, "peak learning rate of everything else (prompt pools, heads, "
+                            "logit scale)", valid="> 0", may_change=True)
+    weight_decay: float = option(0.01, "AdamW weight decay (never on norms, biases, embeddings, "
+                                 "pools, logit scale)", valid=">= 0", may_change=True)
+    beta1: float = option(0.9, "AdamW beta1", valid="[0, 1)", may_change=True)
+    beta2: float = option(0.98, "AdamW beta2", valid="[0, 1)", may_change=True)
+    warmup_frac: float = option(0.1, "fraction of steps of linear warm-up, then linear decay to 0",
+                                valid="[0, 1)", may_change=True)
+    grad_clip: float = option(1.0, "max global gradient norm (0 = off)", valid=">= 0",
+                              may_change=True)
+    precision: str = option("auto", "bf16 | fp32 | auto (bf16 autocast on CUDA, fp32 on CPUs "
+                            "without fast bf16)", valid=("auto", "bf16", "fp32"))
+    compile: str = option("auto", "torch.compile the model: auto = on CUDA (its forward compiles "
+                          "whole, no graph breaks), not on a CPU (compiling takes longer than a "
+                          "short CPU run gains) | true | false", valid=AUTO_BOOL, may_change=True)
+    num_workers: int = option(2, "data-loader worker processes per rank", valid=">= 0",
+                              may_change=True)
+    random_resized_crop: bool = option(False, "random-resized-crop augmentation for training "
+                                       "images")
+    log_every: int = option(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
+    max_skips: int = option(5, "consecutive non-finite steps tolerated before training stops",
+                            valid=">= 1", may_change=True)
     dist_timeout_min: float = dist_timeout_field()
-    overwrite: bool = _f(False, "start afresh in an --out that holds an earlier run: its files "
-                                "are moved aside into <out>/.replaced-<time>/, never deleted",
-                         may_change=True)
+    overwrite: bool = option(False, "start afresh in an --out that holds an earlier run: its files "
+                             "are moved aside into <out>/.replaced-<time>/, never deleted",
+                             may_change=True)
 
     def __post_init__(self):
         if isinstance(self.compile, bool):  # a config.json written when --compile was a plain bool
@@ -260,33 +108,30 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """Pre-training (train.py)."""
 
-    preset: str = _f("cpu", "named preset, applied before the flags: cpu | tiny | paper")
-    data: str = _f("roco,medicat,mimic_cxr", "comma-separated pre-training sets "
-                                             "(prepared folder names)")
-    objectives: str = _f("mlm,itm,itc", "comma-separated subset of mlm,itm,itc "
-                                        "(the paper's Table 3 ablation)")
-    w_mlm: float = _f(1.0, "weight of the MLM loss", valid=">= 0")
-    w_itm: float = _f(1.0, "weight of the ITM loss", valid=">= 0")
-    w_itc: float = _f(1.0, "weight of the ITC loss", valid=">= 0")
-    mlm_prob: float = _f(0.15, "share of real text tokens masked for MLM "
-                               "(80% [MASK], 10% random, 10% kept)", valid="(0, 1)")
-    whole_word: bool = _f(False, "mask whole words together: a WordPiece token and its ## "
-                                 "pieces, a byte-level BPE (RoBERTa) word from its space-marked "
-                                 "piece")
-    itm_hard_negatives: bool = _f(False, "ITM negatives sampled from ITC similarities "
-                                         "(ALBEF) instead of uniformly")
-    w_pool_pull: float = _f(0.0, "weight of the pools' pull term, "
-                                 "mean 1 - cos(query, chosen key) with the query detached "
-                                 "(L2P's surrogate loss; needs itc, where the pools are used)",
-                            valid=">= 0")
-    w_pool_balance: float = _f(0.0, "weight of the pools' load-balancing term, "
-                                    "N * sum_i usage_i * mean softmax score_i "
-                                    "(Switch Transformer; 1 = uniform use; needs itc)",
-                               valid=">= 0")
-    save_every: int = _f(500, "optimizer steps between checkpoints "
-                              "(one is always written at the end)", valid=">= 1", may_change=True)
-    eval_pairs: int = _f(2000, "ROCO test pairs for the closing zero-shot retrieval (0 = skip)",
-                         valid=">= 0", may_change=True)
+    preset: str = option("cpu", "named preset, applied before the flags: cpu | tiny | paper")
+    data: str = option("roco,medicat,mimic_cxr", "comma-separated pre-training sets (prepared "
+                       "folder names)")
+    objectives: str = option("mlm,itm,itc", "comma-separated subset of mlm,itm,itc (the paper's "
+                             "Table 3 ablation)")
+    w_mlm: float = option(1.0, "weight of the MLM loss", valid=">= 0")
+    w_itm: float = option(1.0, "weight of the ITM loss", valid=">= 0")
+    w_itc: float = option(1.0, "weight of the ITC loss", valid=">= 0")
+    mlm_prob: float = option(0.15, "share of real text tokens masked for MLM (80% [MASK], 10% "
+                             "random, 10% kept)", valid="(0, 1)")
+    whole_word: bool = option(False, "mask whole words together: a WordPiece token and its ## "
+                              "pieces, a byte-level BPE (RoBERTa) word from its space-marked piece")
+    itm_hard_negatives: bool = option(False, "ITM negatives sampled from ITC similarities (ALBEF) "
+                                      "instead of uniformly")
+    w_pool_pull: float = option(0.0, "weight of the pools' pull term, mean 1 - cos(query, chosen "
+                                "key) with the query detached (L2P's surrogate loss; needs itc, "
+                                "where the pools are used)", valid=">= 0")
+    w_pool_balance: float = option(0.0, "weight of the pools' load-balancing term, N * sum_i "
+                                   "usage_i * mean softmax score_i (Switch Transformer; 1 = "
+                                   "uniform use; needs itc)", valid=">= 0")
+    save_every: int = option(500, "optimizer steps between checkpoints (one is always written at "
+                             "the end)", valid=">= 1", may_change=True)
+    eval_pairs: int = option(2000, "ROCO test pairs for the closing zero-shot retrieval (0 = skip)",
+                             valid=">= 0", may_change=True)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
 
     def __post_init__(self):
@@ -326,22 +171,28 @@ class TrainConfig(RunConfig):
         return set(names)
 
 
-# Presets override defaults; user flags override presets.
-# Model keys and run keys share one flat namespace.
-PRESETS = {
+# The presets' architectures, one table for pre-training and fine-tuning (with --init, fine-tuning
+# takes the checkpoint's): `cpu` is ModelConfig's defaults; `tiny` the smallest model that still
+# exercises every code path (tests); `paper` the paper's (ViT-B/16 at 288 px, pools of 1,024).
+ARCHITECTURES = {
     "cpu": {},
     "tiny": dict(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2,
-                 pool_size=8, k_v=4, k_l=3, itc_dim=16, steps=30, batch_size=8, log_every=5,
-                 save_every=20, num_workers=0, synth_scale="tiny", eval_pairs=64, lr_backbone=1e-3,
-                 lr_head=1e-3),
-    # The paper's architecture and schedule. Its LRs (1e-5 / 5e-5) assume encoders initialised from
-    # CLIP and RoBERTa: with --init-vision they apply (PRETRAINED_INIT_LRS); from scratch the
-    # backbone needs the larger rates below.
+                 pool_size=8, k_v=4, k_l=3, itc_dim=16),
     "paper": dict(image_size=288, patch_size=16, max_text_len=48, dim=768, depth=12, heads=12,
-                  pool_size=1024, k_v=49, k_l=32, itc_dim=256, steps=100_000, batch_size=32,
-                  lr_backbone=1e-4, lr_head=5e-4, num_workers=8, log_every=50, save_every=5000,
-                  vocab_size=30522),
+                  pool_size=1024, k_v=49, k_l=32, itc_dim=256, vocab_size=30522),
 }
+# Presets override defaults; user flags override presets. Model keys and run keys share one flat
+# namespace.
+PRESETS = {name: {**ARCHITECTURES[name], **run} for name, run in {
+    "cpu": {},
+    "tiny": dict(steps=30, batch_size=8, log_every=5, save_every=20, num_workers=0,
+                 synth_scale="tiny", eval_pairs=64, lr_backbone=1e-3, lr_head=1e-3),
+    # The paper's schedule. Its LRs (1e-5 / 5e-5) assume encoders initialised from CLIP and
+    # RoBERTa: with --init-vision they apply (PRETRAINED_INIT_LRS); from scratch the backbone needs
+    # the larger rates below.
+    "paper": dict(steps=100_000, batch_size=32, lr_backbone=1e-4, lr_head=5e-4, num_workers=8,
+                  log_every=50, save_every=5000),
+}.items()}
 
 # Pre-training rates of a preset when it starts from a pretrained vision encoder (--init-vision);
 # flags still win.
@@ -482,58 +333,53 @@ class FinetuneConfig(RunConfig):
     command line must agree with it (image_size and max_text_len excepted: the position embeddings
     are interpolated or extended)."""
 
-    preset: str = _f("cpu", "named preset, applied before the flags: cpu | tiny | paper")
-    task: str = _f("", "downstream task: chexpert | rsna | radnli | mimic_sum | roco_retrieval | "
-                       "mimic_gen | vqa_rad | slake | medvqa2019")
-    init: str = _f("", "pre-training checkpoint (run or step folder); "
-                       "empty = runs/pretrain when it holds one, else scratch; "
-                       "'scratch' forces a randomly initialised backbone")
-    out: str = _f("", "output folder (results.json, log.jsonl, best checkpoint); empty = "
+    preset: str = option("cpu", "named preset, applied before the flags: cpu | tiny | paper")
+    task: str = option("", "downstream task: chexpert | rsna | radnli | mimic_sum | roco_retrieval "
+                       "| mimic_gen | vqa_rad | slake | medvqa2019")
+    init: str = option("", "pre-training checkpoint (run or step folder); empty = runs/pretrain "
+                       "when it holds one, else scratch; 'scratch' forces a randomly initialised "
+                       "backbone")
+    out: str = option("", "output folder (results.json, log.jsonl, best checkpoint); empty = "
                       "runs/finetune/<task>-<pretrained|scratch>[-<percent>pct]", may_change=True)
-    data_frac: float = _f(1.0, "share of the training split used, a seeded subset "
-                               "(at least 8 samples): 0.01 | 0.1 | 1", valid="(0, 1]")
-    eval_every: int = _f(100, "optimizer steps between validation runs; "
-                              "the best weights on val are kept", valid=">= 1", may_change=True)
-    val_max: int = _f(128, "validation records used for selection, a seeded subset (0 = all); "
-                           "test is always whole", valid=">= 0")
-    eval_batch_size: int = _f(64, "samples per batch at evaluation", valid=">= 1", may_change=True)
-    max_gen_len: int = _f(0, "generation target length in tokens, [CLS] and [SEP] included "
-                             "(TS, ITG): targets are cut to it, beam search stops after "
-                             "max_gen_len - 1 tokens, the decoder has this many positions; "
-                             "separate from the encoder input length --max-text-len. "
-                             "0 = the 95th percentile of the task's training targets, "
-                             "rounded up to a multiple of 8",
-                          valid="0 or >= 3")
-    beam_size: int = _f(1, "beam size of the deterministic beam search (TS, ITG); 1 = greedy",
-                        valid=">= 1")
-    length_penalty: float = _f(1.0, "beam hypotheses are compared by "
-                                    "log-prob sum / length ** length_penalty")
-    steps: int = _f(200, "optimizer steps", valid=">= 1", may_change=True)
-    batch_size: int = _f(32, "samples per device per micro-step "
-                             "(lowered to the training set size for tiny subsets)", valid=">= 1")
-    lr_backbone: float = _f(5e-4, "peak learning rate of the backbone (paper: 5e-6); 0 = frozen "
-                                  "(a linear probe)", valid=">= 0", may_change=True)
-    lr_head: float = _f(1e-3, "peak learning rate of the task head, prompt pools and decoder "
-                              "(paper: 2.5e-4)", valid="> 0", may_change=True)
-    log_every: int = _f(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
-    resume: str = _f("", "a fine-tuning run folder (its --out) to continue exactly from the "
-                         "train_state it writes at every validation: weights, optimizer, "
-                         "schedule, step, RNG, data position, best so far "
-                         "(not a pre-training checkpoint: that is --init)", may_change=True)
+    data_frac: float = option(1.0, "share of the training split used, a seeded subset (at least 8 "
+                              "samples): 0.01 | 0.1 | 1", valid="(0, 1]")
+    eval_every: int = option(100, "optimizer steps between validation runs; the best weights on "
+                             "val are kept", valid=">= 1", may_change=True)
+    val_max: int = option(128, "validation records used for selection, a seeded subset (0 = all); "
+                          "test is always whole", valid=">= 0")
+    eval_batch_size: int = option(64, "samples per batch at evaluation", valid=">= 1",
+                                  may_change=True)
+    max_gen_len: int = option(0, "generation target length in tokens, [CLS] and [SEP] included "
+                              "(TS, ITG): targets are cut to it, beam search stops after "
+                              "max_gen_len - 1 tokens, the decoder has this many positions; "
+                              "separate from the encoder input length --max-text-len. 0 = the 95th "
+                              "percentile of the task's training targets, rounded up to a multiple "
+                              "of 8", valid="0 or >= 3")
+    beam_size: int = option(1, "beam size of the deterministic beam search (TS, ITG); 1 = greedy",
+                            valid=">= 1")
+    length_penalty: float = option(1.0, "beam hypotheses are compared by log-prob sum / length ** "
+                                   "length_penalty")
+    steps: int = option(200, "optimizer steps", valid=">= 1", may_change=True)
+    batch_size: int = option(32, "samples per device per micro-step (lowered to the training set "
+                             "size for tiny subsets)", valid=">= 1")
+    lr_backbone: float = option(5e-4, "peak learning rate of the backbone (paper: 5e-6); 0 = "
+                                "frozen (a linear probe)", valid=">= 0", may_change=True)
+    lr_head: float = option(1e-3, "peak learning rate of the task head, prompt pools and decoder "
+                            "(paper: 2.5e-4)", valid="> 0", may_change=True)
+    log_every: int = option(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
+    resume: str = option("", "a fine-tuning run folder (its --out) to continue exactly from the "
+                         "train_state it writes at every validation: weights, optimizer, schedule, "
+                         "step, RNG, data position, best so far (not a pre-training checkpoint: "
+                         "that is --init)", may_change=True)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
 
 
-# Fine-tuning presets. Architecture keys only matter from scratch:
-# with --init the checkpoint decides.
-FINETUNE_PRESETS = {
+# Fine-tuning presets (the architecture matters from scratch only)
+FINETUNE_PRESETS = {name: {**ARCHITECTURES[name], **run} for name, run in {
     "cpu": {},
-    "tiny": dict(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2,
-                 pool_size=8, k_v=4, k_l=3, itc_dim=16, steps=6, batch_size=4, eval_every=3,
-                 eval_batch_size=16, log_every=2, num_workers=0, synth_scale="tiny", beam_size=2),
-    # The paper's architecture and fine-tuning rates
-    # (section 5.3: AdamW, 5e-6 backbone, 2.5e-4 task layers).
-    "paper": dict(image_size=288, patch_size=16, max_text_len=48, dim=768, depth=12, heads=12,
-                  pool_size=1024, k_v=49, k_l=32, itc_dim=256, vocab_size=30522, lr_backbone=5e-6,
-                  lr_head=2.5e-4, steps=5000, batch_size=32, eval_every=500, val_max=0,
-                  log_every=50, num_workers=8, beam_size=3),
-}
+    "tiny": dict(steps=6, batch_size=4, eval_every=3, eval_batch_size=16, log_every=2,
+                 num_workers=0, synth_scale="tiny", beam_size=2),
+    # the paper's fine-tuning rates (section 5.3: AdamW, 5e-6 backbone, 2.5e-4 task layers)
+    "paper": dict(lr_backbone=5e-6, lr_head=2.5e-4, steps=5000, batch_size=32, eval_every=500,
+                  val_max=0, log_every=50, num_workers=8, beam_size=3),
+}.items()}

@@ -251,6 +251,23 @@ def autocast(precision, device):
     return contextlib.nullcontext()
 
 
+def use_compile(setting, device):
+    """--compile's decision for a torch.device: 'auto' compiles on CUDA only."""
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
+def compile_model(model, setting="true", device=None, backend="inductor"):
+    """The model the scripts train: torch.compile'd when --compile (`setting`) says so on `device`,
+    with shapes dynamic from the first call.
+    Texts are padded to each batch's longest, so their length changes; compiled for exact shapes
+    first, pre-training needs 10 graphs of PTUnifier.forward, over dynamo's limit of 8, past which
+    passes run eagerly; dynamic from the start, 7 (tests/test_compile.py). backend "eager": the
+    same graphs without generated code (the test's)."""
+    if not use_compile(setting, device or torch.device("cpu")):
+        return model
+    return torch.compile(model, dynamic=True, backend=backend)
+
+
 def step_generator(seed, step, micro=None):
     """The CPU generator of one optimizer step (micro=None: draws made for the whole step, the MLM
     masks) or of one of its micro-steps (ITM's negatives), alike on every rank: masks and negatives
@@ -263,19 +280,6 @@ def step_generator(seed, step, micro=None):
     # prime above any realistic step count) keeps consecutive base seeds' steps apart; config caps
     # seed < 2**31 and grad_accum < 1024.
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + stream)
-
-
-# Nominal dense bf16 peaks (no sparsity) of common training GPUs, for MFU; None = unknown (the bench
-# measures a CPU's).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-             "4090": 165e12}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def assert_in_sync(model, proc):

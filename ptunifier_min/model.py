@@ -6,10 +6,10 @@
     enc = model(image=img, input_ids=ids, attention_mask=mask)  # the pair
     enc.pooled  # [B, 2D] = final IMG_CLS state ++ final CLS state
 
-The prompts (paper section 3.2) fill in the missing modality so that one backbone serves image-only,
+The prompts (paper section 3.2) fill in the missing modality, so one backbone serves image-only,
 text-only and paired input. Names follow timm's ViT on the image side (patch_embed.proj, cls_token,
-pos_embed, blocks.N.attn.qkv, norm) and BERT on the text side (word_embeddings, position_embeddings,
-token_type_embeddings), so both are recognisable.
+pos_embed, blocks.N.attn.qkv, norm) and BERT on the text side (word_embeddings, ...). It imports
+torch and fields.py only: copy the two files to use the model elsewhere.
 """
 
 import math
@@ -19,8 +19,114 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .data import normalize, pixel_table
+from .fields import check_fields, flag, option
+
+
+@dataclass
+class ModelConfig:
+    """The single-tower backbone and its pre-training heads (method.md); every field is a flag."""
+
+    image_size: int = option(48, "input image side in pixels (resize + center crop)", valid=">= 1")
+    patch_size: int = option(8, "ViT patch side in pixels", valid=">= 1")
+    vocab_size: int = option(4096, "vocabulary size (set from the tokenizer)", valid=">= 1")
+    cls_id: int = option(2, "[CLS] token id (set from the tokenizer)", valid=">= 0")
+    sep_id: int = option(3, "[SEP] token id (set from the tokenizer)", valid=">= 0")
+    max_text_len: int = option(32, "text length in tokens, [CLS] and [SEP] included (finetune.py "
+                                   "without this flag: the longer of the checkpoint's and the "
+                                   "task's 95th percentile, rounded up to 8)", valid=">= 3")
+    dim: int = option(128, "hidden size D", valid=">= 1")
+    depth: int = option(4, "number of Transformer blocks", valid=">= 1")
+    heads: int = option(4, "attention heads (dim must divide by heads)", valid=">= 1")
+    mlp_ratio: float = option(4.0, "MLP hidden size / dim", valid="> 0")
+    dropout: float = option(0.0, "dropout in attention output and MLP", valid="[0, 1)")
+    prompt_mode: str = option("pool", "prompts for a missing modality: none | static | pool "
+                                      "(paper section 3.2)", valid=("none", "static", "pool"))
+    pool_size: int = option(64, "prompts per modality pool (prompt_mode=pool)", valid=">= 1")
+    k_v: int = option(8, "visual prompts used when the image is missing", valid=">= 0")
+    k_l: int = option(8, "textual prompts used when the text is missing", valid=">= 0")
+    query_pooling: str = option("mean", "how the present modality's embeddings become the pool "
+                                        "query: mean | max", valid=("mean", "max"))
+    # pool variants of the prompt-pool literature; the defaults are the paper's form
+    pool_select: str = option("dot", "pool scores: dot = query . row (the paper) | cosine = of "
+                                     "L2-normalised query and keys", valid=("dot", "cosine"))
+    pool_keys: str = option("shared", "shared = a pool row is its own selection key (the paper) | "
+                                      "separate = a learned key per row (L2P's key-value pool; "
+                                      "the keys learn only through --w-pool-pull)",
+                            valid=("shared", "separate"))
+    pool_query: str = option("input", "pool query: input = pooled input embeddings of the present "
+                                      "modality (the paper) | final = its first token's final "
+                                      "state after a no-grad pass of it alone (L2P)",
+                             valid=("input", "final"))
+    itc_dim: int = option(128, "ITC projection size", valid=">= 1")
+    itc_temperature: float = option(0.07, "initial ITC temperature (logit scale = log(1/T), "
+                                          "clamped at log 100)", valid="> 0")
+    learn_temperature: bool = option(True, "learn the ITC temperature (CLIP); false: fixed")
+    # what an imported encoder needs to compute what it computed (set by --init-vision/--init-text)
+    norm_pre: bool = option(False, "LayerNorm on the input sequence before the blocks (CLIP's "
+                                   "ln_pre, timm's norm_pre)")
+    act: str = option("gelu", "MLP activation: gelu | quick_gelu (OpenAI CLIP's "
+                              "x * sigmoid(1.702 x))", valid=("gelu", "quick_gelu"))
+    norm_eps: float = option(1e-5, "LayerNorm epsilon of the blocks and final norm (timm 1e-6, "
+                                   "HF ViT 1e-12, CLIP 1e-5)", valid="> 0")
+    patch_bias: bool = option(True, "bias in the patch projection (CLIP has none)")
+    text_norm_eps: float = option(0.0, "epsilon of a LayerNorm on word + position embeddings "
+                                       "(BERT / RoBERTa's, added by --init-text); 0 = none",
+                                  valid=">= 0")
+    pixel_mean: list = option((0.5, 0.5, 0.5), "per-channel (R,G,B) mean subtracted from pixels "
+                                               "in [0, 1] (--init-vision: its encoder's)")
+    pixel_std: list = option((0.5, 0.5, 0.5), "per-channel (R,G,B) std the pixels are then "
+                                              "divided by (--init-vision: its encoder's)")
+
+    def __post_init__(self):
+        check_fields(self)  # first: the checks below divide by heads and patch_size
+        for name in ("pixel_mean", "pixel_std"):
+            # a list, as it reads back from a checkpoint's JSON, so that both compare equal
+            values = [float(v) for v in getattr(self, name)]
+            if len(values) != 3 or not all(map(math.isfinite, values)):
+                raise ValueError(f"{flag(name)} must be 3 finite numbers (R,G,B), got {values}")
+            setattr(self, name, values)
+        if min(self.pixel_std) <= 0:
+            raise ValueError(f"--pixel-std must be > 0 in every channel, got {self.pixel_std}")
+        if self.dim % self.heads:
+            raise ValueError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"--image-size {self.image_size} is not divisible by "
+                             f"--patch-size {self.patch_size}")
+        if self.prompt_mode != "pool" and self.pool_variants():
+            raise ValueError(f"{', '.join(self.pool_variants())} only apply to --prompt-mode pool, "
+                             f"got {self.prompt_mode!r}")
+        if self.prompt_mode == "pool" and self.k_v == self.k_l == 0:
+            raise ValueError("--prompt-mode pool with --k-v 0 and --k-l 0 would use no row of its "
+                             "pools: set --k-v / --k-l to at least 1, or --prompt-mode none")
+        if self.prompt_mode == "static" and min(self.k_v, self.k_l) == 0:
+            raise ValueError(f"--prompt-mode static needs --k-v and --k-l of at least 1, got "
+                             f"{self.k_v} and {self.k_l}; --prompt-mode none uses no prompts")
+        if self.prompt_mode == "pool" and max(self.k_v, self.k_l) > self.pool_size:
+            raise ValueError(f"--k-v {self.k_v} and --k-l {self.k_l} cannot exceed "
+                             f"--pool-size {self.pool_size}")
+
+    def pool_variants(self):
+        """The pool switches set away from the paper's form, as flags (empty for the paper's)."""
+        paper = dict(pool_select="dot", pool_keys="shared", pool_query="input")
+        return [f"{flag(k)} {getattr(self, k)}" for k, v in paper.items() if getattr(self, k) != v]
+
+
+def pixel_table(mean=(0.5,) * 3, std=(0.5,) * 3):
+    """[3, 256] float32: (pixel / 255 - mean) / std of each uint8 value in each channel, computed on
+    the host. Normalising is then a look-up, the same floats on every device (a GPU computes
+    `x / 255.0` as x * (1 / 255.0), which differs in the last bit for some pixels)."""
+    # on the host even where the model is built under torch.device("meta")
+    x = torch.arange(256, dtype=torch.float32, device="cpu") / 255.0  # [256]
+    mean, std = (torch.tensor(v, dtype=torch.float32, device="cpu")[:, None] for v in (mean, std))
+    return (x - mean) / std  # [3, 256]
+
+
+def normalize(pixels, table):
+    """uint8 pixels [..., 1, S, S] (a grayscale film) or [..., 3, S, S] -> the model's float input
+    [..., 3, S, S], through a pixel_table on the pixels' device. A film is replicated to the 3
+    channels of the patch embedding (summing its RGB filters would change the sums' rounding)."""
+    channel = torch.arange(3, device=pixels.device)[:, None, None]  # [3, 1, 1]
+    return table[channel, pixels.long()]  # broadcast over [..., 1 or 3, S, S] -> [..., 3, S, S]
 
 
 def attend(q, k, v, mask=None, dropout=0.0, manual=False):
@@ -28,10 +134,8 @@ def attend(q, k, v, mask=None, dropout=0.0, manual=False):
     True = may attend.
 
     The fused SDPA kernel by default; `manual` is the textbook formula, kept so tests can check the
-    kernel against it. bf16 on a CPU always takes the textbook formula: PyTorch's CPU SDPA kernels
-    in bf16 (their backward above all) ran the cpu preset's backbone step 2.5x slower than it on an
-    AVX512-BF16 CPU (issue 11; fp32 timed the same both ways).
-    """
+    kernel against it, and taken by bf16 on a CPU: PyTorch's CPU SDPA kernels in bf16 (their
+    backward above all) ran the cpu preset's backbone step 2.5x slower on an AVX512-BF16 CPU."""
     if not manual and not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
@@ -49,21 +153,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, key_mask=None, manual=False, causal=False, rows=None):
-        # key_mask: [B, T] bool, True = may be attended to; None when nothing is padded (lets SDPA
-        # take its fastest kernel)
-        # causal: position t attends to positions <= t only (the generation decoder)
-        # rows: a slice of the positions whose output is wanted (None = all); every position is
-        # still a key and value
+    def forward(self, x, key_mask=None, manual=False, causal=False, positions=None):
+        # key_mask: [B, T] bool, True = may be attended to; None when nothing is padded (SDPA's
+        # fastest kernel). causal: t attends to positions <= t (the generation decoder).
+        # positions: a slice of the positions whose output is wanted (None = all); every position
+        # is still a key and value
         B, T, D = x.shape
-        if rows is None:
+        if positions is None:
             # 3 x [B, H, T, Dh]
             q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        else:  # the fused projection's query third for the wanted rows only, its key and value
-            # thirds for all
+        else:  # the fused projection's query third at those positions, its key and value thirds
             (w_q, w_kv), (b_q, b_kv) = (self.qkv.weight.split([D, 2 * D]),
                                         self.qkv.bias.split([D, 2 * D]))
-            q = F.linear(x[:, rows], w_q, b_q)
+            q = F.linear(x[:, positions], w_q, b_q)
             q = q.view(B, q.shape[1], self.heads, D // self.heads).transpose(1, 2)  # [B, H, Tq, Dh]
             k, v = (F.linear(x, w_kv, b_kv).view(B, T, 2, self.heads, D // self.heads)
                     .permute(2, 0, 3, 1, 4))
@@ -78,9 +180,7 @@ class Attention(nn.Module):
 
 
 def quick_gelu(x):
-    # OpenAI CLIP's sigmoid approximation of GELU; its weights were trained with it, so importing
-    # them needs it
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(1.702 * x)  # OpenAI CLIP's GELU: its imported weights need it
 
 
 class Mlp(nn.Module):
@@ -104,11 +204,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout=dropout, act=act)
 
-    def forward(self, x, key_mask=None, manual=False, rows=None):
-        """rows: a slice of the positions to compute (None = all): the others are only read, as keys
-        and values."""
-        y = x if rows is None else x[:, rows]
-        y = y + self.attn(self.norm1(x), key_mask, manual, rows=rows)
+    def forward(self, x, key_mask=None, manual=False, positions=None):
+        # positions: a slice of the positions to compute (None = all); the rest are keys and values
+        y = x if positions is None else x[:, positions]
+        y = y + self.attn(self.norm1(x), key_mask, manual, positions=positions)
         return y + self.mlp(self.norm2(y))
 
 
@@ -120,42 +219,42 @@ def matmul_fp32(a, b):
         return a.float() @ b.float()
 
 
+def cross_entropy_fp32(logits, target, **kwargs):
+    """cross_entropy with its log-softmax in fp32, autocast off: no loss of ours is computed in
+    bf16."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits.float(), target, **kwargs)
+
+
 class Prompts(nn.Module):
-    """Stand-ins for a missing modality: none, k static prompts, or the top-k rows of a pool chosen
-    by a query.
+    """Stand-ins for a missing modality: none, k static prompts, or the top-k rows of a pool.
 
     Pool mode (paper eq. 4): scores = query . pool rows, the k best rows in score order become the
     prompts. The rows are gathered by indexing the pool parameter, so the selected rows receive
-    gradients; the authors' code ran this under no_grad and its pools never learned. top-k itself
-    has no gradient, which is fine: the rows learn to be good prompts, and since scores use the same
-    rows, what they learn also moves which queries pick them.
-
-    Two switches for the variants that the prompt-pool literature uses to keep a pool alive (issue
-    13; the paper's form is the default): select="cosine" scores with L2-normalised query and keys,
-    so that a row's norm cannot win every query; keys="separate" selects by a key per row and
-    inserts the row (L2P's key-value pool, Wang et al. 2022): the keys then learn only through the
-    pull term of `terms`.
+    gradients (the authors' code ran this under no_grad: its pools never learned). top-k has no
+    gradient, which is fine: the rows learn to be good prompts, and since the scores use the same
+    rows, that also moves which queries pick them. Two variants of the prompt-pool literature (the
+    paper's form is the default): select="cosine" scores normalised query and keys, so that a row's
+    norm cannot win every query; keys="separate" selects by a key per row and inserts the row
+    (L2P's key-value pool, Wang et al. 2022): the keys learn only through the pull term.
     """
 
     def __init__(self, mode, pool_size, k, dim, select="dot", keys="shared"):
         super().__init__()
         self.mode, self.k, self.select = mode, k, select
         n = {"none": 0, "static": k, "pool": pool_size}[mode]
-        # One parameter tensor per pool: every element is in the graph whenever the pool is used, so
-        # DDP needs no unused-parameter search.
+        # one tensor per pool: all of it is in the graph when it is used (no DDP unused search)
         self.weight = nn.Parameter(torch.zeros(n, dim)) if n else None
         self.key = (nn.Parameter(torch.zeros(n, dim)) if mode == "pool" and keys == "separate"
                     else None)
 
     def forward(self, query):
-        """query: [B, D] -> prompts [B, k, D], the selected rows [B, k] (None unless pooled) and the
-        pool's two auxiliary terms (None unless pooled), 0-dim tensors that pre-training adds to its
-        loss when weighted:
-        - pull = mean over the selections of 1 - cos(query, chosen key), the query detached: L2P's
-          surrogate loss, which moves the chosen keys towards the queries that chose them;
-        - balance = N * sum_i f_i * P_i with f_i the share of the selections that went to row i and
-          P_i the mean softmax score of row i: the Switch Transformer's load-balancing loss (Fedus
-          et al. 2022), 1 when every row is used alike, larger as the selections concentrate."""
+        """query: [B, D] -> prompts [B, k, D], the selected rows [B, k] and the pool's auxiliary
+        terms (None unless pooled), 0-dim tensors pre-training adds to its loss when weighted:
+        - pull = mean of 1 - cos(query, chosen key), the query detached (L2P's surrogate loss);
+        - balance = N * sum_i f_i * P_i, f_i the share of the selections that went to row i, P_i
+          its mean softmax score: the Switch Transformer's load-balancing loss (Fedus et al. 2022),
+          1 when every row is used alike."""
         B, D = query.shape
         if self.mode == "none":
             return query.new_zeros(B, 0, D), None, None
@@ -169,8 +268,7 @@ class Prompts(nn.Module):
         idx = scores.topk(self.k, dim=-1).indices  # [B, k], best first
         pull = 1 - F.cosine_similarity(query.detach().float()[:, None], keys[idx].float(),
                                        dim=-1).mean()
-        ones = torch.ones(idx.numel(), device=idx.device)
-        # no host read
+        ones = torch.ones(idx.numel(), device=idx.device)  # counted on the device: no host read
         counts = torch.zeros(len(keys), device=idx.device).index_add_(0, idx.flatten(), ones)
         balance = len(keys) * (counts / idx.numel() * scores.softmax(-1).mean(0)).sum()
         return self.weight[idx], idx, {"pull": pull, "balance": balance}
@@ -184,10 +282,8 @@ class Encoding:
     n_visual: int  # Tv: where the textual part starts
     selected_visual: torch.Tensor | None  # [B, k_v] pool rows used for a missing image
     selected_textual: torch.Tensor | None  # [B, k_l] pool rows used for a missing text
-    # what the pass read: "image", "text" or "pair" (the ITC head embeds the first two)
-    modality: str
-    # the pool's auxiliary terms (Prompts.forward) when a pool chose the prompts
-    pool_terms: dict | None = None
+    modality: str  # what the pass read: "image", "text" or "pair" (ITC embeds the first two)
+    pool_terms: dict | None = None  # the pool's auxiliary terms (Prompts.forward), if pooled
 
 
 class PTUnifier(nn.Module):
@@ -196,14 +292,12 @@ class PTUnifier(nn.Module):
         self.cfg = cfg
         D = cfg.dim
         num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        # image side (ViT): patches -> linear projection, a learnable [IMG_CLS], learned 1-D
-        # positions (paper eq. 11)
+        # image side (ViT, paper eq. 11): patch projection, a learned [IMG_CLS], learned positions
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size,
                                           bias=cfg.patch_bias)
-        # [3, 256] what uint8 pixels normalise to in each channel (data.normalize), kept here so
-        # that images are normalised on the device; not persistent: the config holds the mean and
-        # std, the checkpoint's weights need no copy of them
+        # [3, 256] what uint8 pixels normalise to (normalize), kept here so that images are
+        # normalised on the device; not saved: the config holds the mean and std
         self.register_buffer("pixel_values", pixel_table(cfg.pixel_mean, cfg.pixel_std),
                              persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -211,43 +305,34 @@ class PTUnifier(nn.Module):
         # text side (BERT): WordPiece embeddings + learned positions (paper eq. 12)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, D)
         self.position_embeddings = nn.Embedding(cfg.max_text_len, D)
-        # BERT / RoBERTa normalise their embedding sum; only there when imported (--init-text), so
-        # that it stays exact
-        self.text_norm = (nn.LayerNorm(D, eps=cfg.text_norm_eps) if cfg.text_norm_eps
-                          else nn.Identity())
-        # modality type, added to every position of a part, prompts included: 0 = visual part, 1 =
-        # textual part
+        # BERT / RoBERTa normalise their embedding sum: only when imported (--init-text)
+        self.text_norm = nn.LayerNorm(D, cfg.text_norm_eps) if cfg.text_norm_eps else nn.Identity()
+        # modality type, added to every position of a part, prompts included: 0 visual, 1 textual
         self.token_type_embeddings = nn.Embedding(2, D)
-        self.visual_prompts = Prompts(cfg.prompt_mode, cfg.pool_size, cfg.k_v, D, cfg.pool_select,
-                                      cfg.pool_keys)
-        self.textual_prompts = Prompts(cfg.prompt_mode, cfg.pool_size, cfg.k_l, D, cfg.pool_select,
-                                       cfg.pool_keys)
-        # CLIP's ln_pre (timm: norm_pre) normalises the input sequence before the blocks; an
-        # identity otherwise
+        self.visual_prompts, self.textual_prompts = (
+            Prompts(cfg.prompt_mode, cfg.pool_size, k, D, cfg.pool_select, cfg.pool_keys)
+            for k in (cfg.k_v, cfg.k_l))
+        # CLIP's ln_pre (timm: norm_pre) normalises the input sequence before the blocks
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.norm_pre else nn.Identity()
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.act,
-                                          cfg.norm_eps)
-                                    for _ in range(cfg.depth))
+                                          cfg.norm_eps) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
-        # pre-training heads. MLM: BERT's prediction head, decoder tied to word_embeddings (paper:
-        # two-layer MLP heads)
+        # pre-training heads. MLM: BERT's prediction head, its decoder tied to word_embeddings
         self.mlm_head = nn.Module()
         self.mlm_head.dense = nn.Linear(D, D)
         self.mlm_head.norm = nn.LayerNorm(D)
         self.mlm_head.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.itm_head = Mlp(2 * D, D, 2)
-        # ITC: separate projections of the pooled image-only and text-only representations (CLIP
-        # style)
+        # ITC: separate projections of the pooled image-only and text-only states (CLIP)
         self.itc_image_proj = nn.Linear(2 * D, cfg.itc_dim)
         self.itc_text_proj = nn.Linear(2 * D, cfg.itc_dim)
         scale = torch.tensor(math.log(1 / cfg.itc_temperature))
         if cfg.learn_temperature:
             self.logit_scale = nn.Parameter(scale)
-        else:
+        else:  # a constant
             self.register_buffer("logit_scale", scale)
-        # The ids of "[CLS] [SEP]", a missing text's ends, kept on the model's device: a tensor made
-        # from them in forward would be copied from the host, and that copy makes the host wait for
-        # the device. Not saved.
+        # The ids of "[CLS] [SEP]", a missing text's ends, on the model's device: a tensor made from
+        # them in forward would be copied from the host, which makes the host wait. Not saved.
         self.register_buffer("text_ends", torch.tensor([[cfg.cls_id, cfg.sep_id]]),
                              persistent=False)
         self.init_weights()
@@ -276,8 +361,7 @@ class PTUnifier(nn.Module):
 
     # ---- embeddings -----------------------------------------------------------------------------
     def embed_image(self, image):
-        # the loaders' pixels [B, 1, H, W]: normalised here, bit-identical to the host
-        if image.dtype == torch.uint8:
+        if image.dtype == torch.uint8:  # the loaders' pixels [B, 1, H, W]: normalised here
             image = normalize(image, self.pixel_values)
         x = self.patch_embed.proj(image).flatten(2).transpose(1, 2)  # [B, 3, H, W] -> [B, N, D]
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)  # [B, 1 + N, D]
@@ -285,22 +369,16 @@ class PTUnifier(nn.Module):
 
     def embed_text(self, input_ids):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        # [B, T, D]
         return self.text_norm(self.word_embeddings(input_ids) + self.position_embeddings(pos))
 
     def _query(self, x, mask, type_id):
         """The pool query of the present modality's embedded input x [B, T, D] (padding excluded
-        through mask).
-
-        The paper's (pool_query "input"): the mean (or max) of the input embeddings, the first token
-        left out for the image (type_id 0: its [IMG_CLS] is a constant, the same for every image).
-        pool_query "final": the final state of that first token after a pass of the modality alone
-        through the tower, without gradient, as L2P queries with a frozen encoder's [CLS] (one more
-        forward pass per prompted pass)."""
+        through mask). The paper's (pool_query "input"): the mean (or max) of the input embeddings,
+        without the image's [IMG_CLS] (a constant). "final": the final state of the first token
+        after a no-grad pass of the modality alone, as L2P queries with a frozen encoder's [CLS]."""
         if self.cfg.pool_query == "final":
             with torch.no_grad():
                 h = self.norm_pre(x + self.token_type_embeddings.weight[type_id])
-                # all-True costs SDPA its fastest kernel only
                 key_mask = None if mask is None else mask.bool()
                 for blk in self.blocks:
                     h = blk(h, key_mask)
@@ -317,15 +395,13 @@ class PTUnifier(nn.Module):
     def forward(self, image=None, input_ids=None, attention_mask=None, manual_attention=False,
                 padded=None, read="all"):
         """padded: whether attention_mask marks any padding, when the caller knows it from the host
-        (pre-training's collate does: batch["padded"]). None = read it from the mask, which makes
-        the host wait for the device and breaks a torch.compile graph. Without padding no key mask
-        is passed on: SDPA then takes its fastest kernel.
+        (the collates do). None = read it from the mask, which makes the host wait for the device
+        and breaks a torch.compile graph. Without padding no key mask is passed (SDPA's fastest).
 
         read: the final states the caller uses, "all", "pooled" ([IMG_CLS] and [CLS]: the heads of
-        ITC, ITM and the classification tasks) or "text" (the textual part: MLM). The last block
-        then computes only those positions (all of them remain its keys and values): the same
-        states, for 1/depth less of the work on the rest, e.g. 7% of a paired pass's FLOPs at the
-        paper preset's 12 layers when only the pooled states are read."""
+        ITC, ITM and classification) or "text" (the textual part: MLM). The last block then
+        computes only those positions (all remain its keys and values): the same states, for
+        1/depth less of the work on the rest."""
         if image is None and input_ids is None:
             raise ValueError("PTUnifier needs an image, a text or both")
         sel_v = sel_l = terms = None
@@ -342,11 +418,9 @@ class PTUnifier(nn.Module):
         # textual part = [CLS] + k_l textual prompts + [SEP] chosen by the image
         if input_ids is None:
             prompts, sel_l, terms = self.textual_prompts(self._query(v, None, 0))
-            # [CLS] and [SEP] embedded exactly as the empty text "[CLS] [SEP]" would be: with
-            # prompt_mode none, a missing text is literally the empty text; prompts carry no
-            # position embedding (they are an unordered set of queries)
-            ends = self.embed_text(self.text_ends)  # [1, 2, D]
-            ends = ends.expand(len(v), -1, -1)
+            # [CLS] and [SEP] embedded as the empty text "[CLS] [SEP]" is (with prompt_mode none
+            # a missing text is the empty text); prompts have no position: an unordered set
+            ends = self.embed_text(self.text_ends).expand(len(v), -1, -1)  # [B, 2, D]
             t = torch.cat([ends[:, :1], prompts.to(ends.dtype), ends[:, 1:]], 1)  # [B, k_l + 2, D]
             attention_mask = None
         v = v + self.token_type_embeddings.weight[0]
@@ -358,11 +432,10 @@ class PTUnifier(nn.Module):
         if attention_mask is not None and padded:
             key_mask = torch.cat([attention_mask.new_ones(len(v), v.shape[1]), attention_mask], 1)
         Tv = v.shape[1]
-        # the positions the last block computes: [IMG_CLS] and [CLS] are positions 0 and Tv, the
-        # textual part Tv:
-        rows = {"all": None, "pooled": slice(0, Tv + 1, Tv), "text": slice(Tv, None)}[read]
+        # what the last block computes: [IMG_CLS] and [CLS] are positions 0 and Tv, the text Tv:
+        last = {"all": None, "pooled": slice(0, Tv + 1, Tv), "text": slice(Tv, None)}[read]
         for i, blk in enumerate(self.blocks):
-            x = blk(x, key_mask, manual_attention, rows if i == len(self.blocks) - 1 else None)
+            x = blk(x, key_mask, manual_attention, last if i == len(self.blocks) - 1 else None)
         x = self.norm(x)
         first = {"all": Tv, "pooled": 1, "text": None}[read]  # where [CLS] is in x
         pooled = None if first is None else torch.cat([x[:, 0], x[:, first]], -1)  # [B, 2D]
@@ -371,9 +444,8 @@ class PTUnifier(nn.Module):
         return Encoding(x, pooled, Tv, sel_v, sel_l, modality, terms)
 
     def forward_vision(self, image, manual_attention=False):
-        """The image tokens alone through the blocks, as in a plain ViT (no type embedding, no
-        textual part): the states a pretrained vision encoder computes, so tests can check an
-        imported one (pretrained.py) exactly."""
+        """The image tokens alone through the blocks, as a plain ViT computes them (no type
+        embedding, no text): what tests compare an imported encoder (pretrained.py) with."""
         x = self.norm_pre(self.embed_image(image))
         for blk in self.blocks:
             x = blk(x, None, manual_attention)
@@ -392,11 +464,8 @@ class PTUnifier(nn.Module):
     def itc_embed(self, enc):
         """[B, itc_dim] L2-normalised fp32 ITC embedding of an image-only or a text-only pass, e.g.
         model.itc_embed(model(image=x)): the one ITC embedding of pre-training, fine-tuning,
-        retrieval and the API.
-
-        It takes the pass's Encoding, not the inputs, so that pre-training can run the pass through
-        its DDP wrapper (DDP reduces the gradients of passes made by its own forward only) and still
-        read the pass's prompt choices."""
+        retrieval and the API. It takes the pass's Encoding, not the inputs, so that pre-training
+        can run the pass through its DDP wrapper (DDP reduces only its own forward's gradients)."""
         if enc.modality == "pair":
             raise ValueError("ITC embeds an image-only or a text-only pass; an image-text pair is "
                              "ITM's input")
@@ -404,147 +473,28 @@ class PTUnifier(nn.Module):
         return F.normalize(proj(enc.pooled).float(), dim=-1)
 
     def itc_scale(self):
-        # No clamp here: a clamp in the forward pass has zero gradient past its bound, so a scale
-        # pushed there would never come back. The parameter itself is clamped after every optimizer
-        # step (clamp_logit_scale).
+        # No clamp here: past its bound a clamp has no gradient, and a scale pushed there would
+        # never come back; the parameter is clamped after every optimizer step instead.
         return self.logit_scale.exp()
 
     @torch.no_grad()
     def clamp_logit_scale(self):
         """Keep the learned logit scale in [0, log 100], i.e. the scale in [1, 100], in place (CLIP,
-        open_clip): at most 100 so that the logits cannot blow up, at least 1 so that the
-        temperature stays below 1."""
+        open_clip): the logits cannot blow up, and the temperature stays below 1."""
         self.logit_scale.clamp_(0, math.log(100))
 
     # ---- parameter groups: the model is their one owner (the optimizer and the scripts ask it) --
-    # Not the backbone: the prompt pools and the pre-training heads, trained at the head learning
-    # rate.
+    # Not the backbone: the prompt pools and the pre-training heads (the head learning rate).
     HEADS = ("visual_prompts", "textual_prompts", "mlm_head", "itm_head", "itc_", "logit_scale")
-    # No weight decay (beyond norms and biases, which the optimizer recognises by their < 2 dims):
-    # embeddings, position and type embeddings, prompt pools and the logit scale, as BERT, ViT and
-    # CLIP train them.
+    # No weight decay (besides norms and biases, which have < 2 dims): embeddings, pools and the
+    # logit scale, as BERT, ViT and CLIP train them.
     NO_DECAY = ("cls_token", "pos_embed", "word_embeddings", "position_embeddings",
                 "token_type_embeddings", "visual_prompts", "textual_prompts", "logit_scale")
 
     def backbone_parameter_names(self):
-        """The backbone = embeddings, blocks and norms; everything else (pools, heads, logit scale)
-        is the 'rest'."""
+        """Embeddings, blocks and norms; the rest are pools, heads and the logit scale."""
         return {n for n, _ in self.named_parameters() if not n.startswith(self.HEADS)}
 
     def no_weight_decay(self):
         """Parameter names AdamW must not decay (timm's `no_weight_decay()` convention)."""
         return {n for n, _ in self.named_parameters() if n.startswith(self.NO_DECAY)}
-
-
-def compile_model(model, backend="inductor"):
-    """torch.compile of the model that train.py and finetune.py train (--compile), and that the
-    bench times, with shapes dynamic from the first call.
-
-    Texts are padded to the longest of each batch, so their length changes from batch to batch.
-    By default dynamo compiles each kind of pass for the first batch's exact shapes, again with a
-    dynamic length at the next length, and once more for the first batch without padding (`padded`
-    is a Python bool): 10 graphs of PTUnifier.forward in pre-training, over dynamo's limit of 8 per
-    function (torch._dynamo.config.recompile_limit). Past it, a pass that needs a new graph runs
-    eagerly for the rest of the run, with one warning in the log. Dynamic from the start, pre-
-    training makes 7 (tests/test_compile.py). backend: "eager" captures the same graphs without
-    generating code (the test's)."""
-    return torch.compile(model, dynamic=True, backend=backend)
-
-
-# ---- resizing a trained backbone (fine-tuning at another image size or text length) -------------
-def interpolate_pos_embed(pos_embed, grid):
-    """[1, 1 + g*g, D] ViT position embeddings -> [1, 1 + grid*grid, D]: the [IMG_CLS] row kept, the
-    patch grid resized as a 2-D image with bicubic interpolation (as timm and DeiT do when
-    fine-tuning at another resolution)."""
-    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
-    g = math.isqrt(patches.shape[1])
-    if g * g != patches.shape[1]:
-        raise ValueError(f"{patches.shape[1]} patch positions do not form a square grid")
-    D = patches.shape[-1]
-    x = patches.reshape(1, g, g, D).permute(0, 3, 1, 2).float()  # [1, D, g, g]
-    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
-    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)  # [1, grid*grid, D]
-    return torch.cat([cls, x], 1)
-
-
-def set_image_size(backbone, image_size):
-    """Let a backbone read images of another size: interpolate its position embeddings, update its
-    config."""
-    patch = backbone.cfg.patch_size
-    if image_size % patch:
-        raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch}")
-    with torch.no_grad():
-        new = interpolate_pos_embed(backbone.pos_embed.data, image_size // patch)
-    backbone.pos_embed = nn.Parameter(new)
-    backbone.cfg.image_size = image_size
-
-
-def resize_text_positions(weight, n):
-    """[L, D] learned text position embeddings -> [n, D]. Shorter: the first n rows. Longer: the L
-    learned rows, then rows 1..L-1 repeated in order (new row L + j = row 1 + j mod (L - 1)).
-
-    Text positions are 1-D and learned, so there is no grid to interpolate as on the image side.
-    Repeating the learned rows keeps every new position a vector the blocks have seen, and
-    neighbours keep the offsets that attention learned over; Longformer extended RoBERTa's 512
-    positions this way and found it far better than fresh rows (Beltagy et al. 2020, section 5).
-    Copying only the last row would give every new position one vector (word order lost past L);
-    extrapolating linearly would amplify the rows' noise with the distance. Row 0 is left out of the
-    repeats: it only ever held [CLS], whose state is the pooled output.
-    """
-    L = weight.shape[0]
-    if n < 2 or L < 2:
-        raise ValueError(f"text position tables need at least 2 rows ([CLS], [SEP]): {L} -> {n}")
-    if n <= L:
-        return weight[:n].clone()
-    body = weight[1:]  # [L - 1, D]
-    return torch.cat([weight, body.repeat(math.ceil((n - L) / (L - 1)), 1)[:n - L]])  # [n, D]
-
-
-def set_text_len(backbone, max_text_len):
-    """Let a backbone read texts of another length: resize its text position embeddings, update its
-    config."""
-    with torch.no_grad():
-        new = resize_text_positions(backbone.position_embeddings.weight.data, max_text_len)
-    backbone.position_embeddings = nn.Embedding.from_pretrained(new, freeze=False)
-    backbone.cfg.max_text_len = max_text_len
-
-
-def flops_per_pass(cfg: ModelConfig, T, rows=None):
-    """Training FLOPs (forward + backward) of one pass of the tower over a sequence of T positions:
-    6*N*T for the weight matrices (N = 12*L*D^2 block weights, 2 FLOPs per multiply-add, x3 for
-    forward + backward) plus 12*L*D*T^2 for attention scores and values (Kaplan et al. 2020;
-    nanoGPT's estimate). rows: the positions the last block computes (PTUnifier.forward's `read`;
-    None = all T): the other T - rows positions only get its keys and values."""
-    L, D, rows = cfg.depth, cfg.dim, T if rows is None else rows
-    per_token = 4 * D * D + 2 * int(D * cfg.mlp_ratio) * D  # one block's weights
-    kv = 2 * D * D  # its key and value projections, computed at every position
-    return (6 * ((L - 1) * per_token * T + kv * T + (per_token - kv) * rows)
-            + 12 * D * T * ((L - 1) * T + rows))
-
-
-def pretraining_passes(cfg: ModelConfig, objectives, text_len):
-    """{pass: (positions, positions its last block computes)} of the passes a pre-training step runs
-    per pair."""
-    P = 1 + (cfg.image_size // cfg.patch_size) ** 2
-    k_v, k_l = (0, 0) if cfg.prompt_mode == "none" else (cfg.k_v, cfg.k_l)
-    passes = {}
-    # image-only (patches + [CLS] k_l prompts [SEP]) and text-only passes, pooled states
-    if "itc" in objectives:
-        passes.update({"image-only": (P + k_l + 2, 2), "text-only": (1 + k_v + text_len, 2)})
-    if "mlm" in objectives:  # the textual part's states
-        passes["pair, MLM"] = (P + text_len, text_len)
-    if "itm" in objectives:
-        passes["pair, ITM"] = (P + text_len, 2)
-    return passes
-
-
-def flops_per_pair(cfg: ModelConfig, objectives, text_len):
-    """Training FLOPs of one image-text pair in a pre-training step: the passes each objective runs
-    (flops_per_pass), and MLM's head at the ~15% masked positions."""
-    D = cfg.dim
-    total = sum(flops_per_pass(cfg, T, rows)
-                for T, rows in pretraining_passes(cfg, objectives, text_len).values())
-    if "mlm" in objectives:
-        total += 6 * (D * D + D * cfg.vocab_size) * 0.15 * text_len
-    return total
-

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .distributed import step_generator
-from .model import matmul_fp32
+from .model import cross_entropy_fp32, matmul_fp32
 
 IGNORE = -100  # cross_entropy's ignore_index: positions without an MLM target
 
@@ -53,7 +53,7 @@ def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, p
     Candidates are real tokens only: never [CLS], [SEP], [PAD] (nor prompts or image positions,
     which are not in input_ids). Of the chosen, 80% become [MASK], 10% a random token, 10% stay.
     With `continuation` ([V] bool: the vocabulary entries that continue a word, see
-    data.continuation_table), whole words are masked together: every piece takes the draw of its
+    continuation_table), whole words are masked together: every piece takes the draw of its
     word's first piece. The piece after a special token ([CLS]) always starts a word: a byte-level
     BPE text's first word has no space marker. rows/width/offset place this batch in the global
     draw table (see `draw`).
@@ -124,13 +124,6 @@ def mask_step(micro_batches, cfg, generator, special, continuation=None, device=
     for batch in micro_batches:
         batch["mlm_norm"] = count.float() / (world * A)
     return count
-
-
-def cross_entropy_fp32(logits, target, **kwargs):
-    """cross_entropy with its log-softmax in fp32, autocast off: no loss of ours is computed in
-    bf16."""
-    with torch.autocast(logits.device.type, enabled=False):
-        return F.cross_entropy(logits.float(), target, **kwargs)
 
 
 def mlm_loss(logits, labels, norm=None):

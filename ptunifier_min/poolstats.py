@@ -27,6 +27,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from .files import write_atomic
 from . import data
 from .distributed import autocast
 
@@ -253,7 +254,7 @@ def main(argv=None):
               f"{a['prompts_to_prompts']:.3f}; present modality -> prompts "
               f"{a['present_modality_to_prompts']:.3f}")
     if args.out:
-        data.write_atomic(args.out, json.dumps(report, indent=2))
+        write_atomic(args.out, json.dumps(report, indent=2))
     return report
 
 

@@ -22,7 +22,7 @@ text file gives the word and position embeddings (and its embedding LayerNorm), 
 encoder: a single tower has one set of blocks, and ViLT's recipe takes them from the ViT. Our final
 norm takes CLIP's `ln_post` / `post_layernorm`, which CLIP applies to the CLS token only (timm's
 `norm` and HF ViT's `layernorm` apply to all tokens, as ours does).
-Images: our films are grayscale replicated to 3 channels (data.ImageTransform), so the RGB filters
+Images: our films are grayscale replicated to 3 channels (ImageTransform), so the RGB filters
 are used as they are, and each channel is normalised with the encoder's own mean and std
 (pixel_stats, kept in the model config): the encoder reads a film as its own image processor would
 hand it the film's RGB copy.
@@ -32,15 +32,17 @@ OpenAI files do not record the head count: it is width / 64 unless --heads says 
 """
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .config import flag
-from .model import interpolate_pos_embed
+from .fields import flag
 
 # The pixel statistics (per-channel mean, std of pixels in [0, 1]) of each format's usual training:
 # CLIP's (OpenAI's clip.py, which open_clip and timm's CLIP weights keep); HF ViTImageProcessor's
@@ -404,3 +406,61 @@ def load_into(model, imported, print0=print):
         print0(f"init-{what}: unused tensors of {os.path.basename(path)}: {_summary(unused)}")
     print0(f"pretrained: {len(imported.state)} tensors loaded; newly initialised: "
         f"{_summary(n for n in own if n not in imported.state)}")
+
+
+# ---- resizing a trained backbone (fine-tuning at another image size or text length) -------------
+def interpolate_pos_embed(pos_embed, grid):
+    """[1, 1 + g*g, D] ViT position embeddings -> [1, 1 + grid*grid, D]: the [IMG_CLS] row kept, the
+    patch grid resized as a 2-D image with bicubic interpolation (as timm and DeiT do when
+    fine-tuning at another resolution)."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    g = math.isqrt(patches.shape[1])
+    if g * g != patches.shape[1]:
+        raise ValueError(f"{patches.shape[1]} patch positions do not form a square grid")
+    D = patches.shape[-1]
+    x = patches.reshape(1, g, g, D).permute(0, 3, 1, 2).float()  # [1, D, g, g]
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)  # [1, grid*grid, D]
+    return torch.cat([cls, x], 1)
+
+
+def set_image_size(backbone, image_size):
+    """Let a backbone read images of another size: interpolate its position embeddings, update its
+    config."""
+    patch = backbone.cfg.patch_size
+    if image_size % patch:
+        raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch}")
+    with torch.no_grad():
+        new = interpolate_pos_embed(backbone.pos_embed.data, image_size // patch)
+    backbone.pos_embed = nn.Parameter(new)
+    backbone.cfg.image_size = image_size
+
+
+def resize_text_positions(weight, n):
+    """[L, D] learned text position embeddings -> [n, D]. Shorter: the first n rows. Longer: the L
+    learned rows, then rows 1..L-1 repeated in order (new row L + j = row 1 + j mod (L - 1)).
+
+    Text positions are 1-D and learned, so there is no grid to interpolate as on the image side.
+    Repeating the learned rows keeps every new position a vector the blocks have seen, and
+    neighbours keep the offsets that attention learned over; Longformer extended RoBERTa's 512
+    positions this way and found it far better than fresh rows (Beltagy et al. 2020, section 5).
+    Copying only the last row would give every new position one vector (word order lost past L);
+    extrapolating linearly would amplify the rows' noise with the distance. Row 0 is left out of the
+    repeats: it only ever held [CLS], whose state is the pooled output.
+    """
+    L = weight.shape[0]
+    if n < 2 or L < 2:
+        raise ValueError(f"text position tables need at least 2 rows ([CLS], [SEP]): {L} -> {n}")
+    if n <= L:
+        return weight[:n].clone()
+    body = weight[1:]  # [L - 1, D]
+    return torch.cat([weight, body.repeat(math.ceil((n - L) / (L - 1)), 1)[:n - L]])  # [n, D]
+
+
+def set_text_len(backbone, max_text_len):
+    """Let a backbone read texts of another length: resize its text position embeddings, update its
+    config."""
+    with torch.no_grad():
+        new = resize_text_positions(backbone.position_embeddings.weight.data, max_text_len)
+    backbone.position_embeddings = nn.Embedding.from_pretrained(new, freeze=False)
+    backbone.cfg.max_text_len = max_text_len

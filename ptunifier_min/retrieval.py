@@ -18,6 +18,8 @@ import time
 import numpy as np
 import torch
 
+from .images import ImageTransform, load_image
+from .tokenizer import encode_texts
 from . import data, distributed
 from .distributed import autocast
 from .model import matmul_fp32
@@ -30,11 +32,11 @@ BLOCK_ENTRIES = 1 << 24
 @torch.no_grad()
 def embed_images(model, paths, image_size, device, precision="fp32", batch_size=IMAGE_BATCH):
     """[N, d] ITC embeddings of image files: image-only passes, the evaluation transform."""
-    transform = data.ImageTransform(image_size)
+    transform = ImageTransform(image_size)
     out = []
     for i in range(0, len(paths), batch_size):
         # uint8 pixels [b, 1, S, S]: the model normalises them on the device
-        x = torch.stack([transform.pixels(data.load_image(p))
+        x = torch.stack([transform.pixels(load_image(p))
                          for p in paths[i:i + batch_size]]).to(device)
         with autocast(precision, device):
             out.append(model.itc_embed(model(image=x, read="pooled")))
@@ -46,7 +48,7 @@ def embed_texts(model, texts, tok, max_len, device, precision="fp32", batch_size
     """[N, d] ITC embeddings of texts: text-only passes."""
     out = []
     for i in range(0, len(texts), batch_size):
-        ids, mask = data.encode_texts(tok, texts[i:i + batch_size], max_len)
+        ids, mask = encode_texts(tok, texts[i:i + batch_size], max_len)
         # read here, on the host's copy: the model need not ask the device
         padded = not bool(mask.all())
         with autocast(precision, device):
@@ -99,9 +101,9 @@ def embed_pairs(model, records, tok, image_size, max_len, device, precision="fp3
 def itm_margins(model, path, texts, tok, image_size, max_len, device, precision="fp32"):
     """[len(texts)] ITM margins (logit matched - logit not matched) of one image file with each
     text, on the host: one fused pass per pair, in one batch."""
-    img = (data.ImageTransform(image_size).pixels(data.load_image(path))[None]
+    img = (ImageTransform(image_size).pixels(load_image(path))[None]
            .expand(len(texts), -1, -1, -1).to(device))
-    ids, mask = data.encode_texts(tok, texts, max_len)
+    ids, mask = encode_texts(tok, texts, max_len)
     with autocast(precision, device):
         logits = model.itm_logits(model(image=img, input_ids=ids.to(device),
                                         attention_mask=mask.to(device),

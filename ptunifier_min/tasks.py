@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .images import ImageTransform
+from .tokenizer import special_ids
 from . import data, distributed, metrics, retrieval, stopping
 from .distributed import autocast
 from .generation import TextDecoder, beam_search, encoder_memory, generation_loss
@@ -258,7 +260,7 @@ def _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_siz
     """This rank's evaluation batches in file order (val/test), made with the eval image transform:
     whole batches of the one-process run (distributed.shard); "index" stays the record's own."""
     # uint8: the model normalises it
-    ds = data.TaskDataset(records, task, data.ImageTransform(image_size).pixels)
+    ds = data.TaskDataset(records, task, ImageTransform(image_size).pixels)
     ds = torch.utils.data.Subset(ds, range(*distributed.shard(len(records), proc, batch_size)))
     # its own generator: a DataLoader draws a seed from the global RNG otherwise, and validating
     # would change the dropout masks of the training steps after it
@@ -298,7 +300,7 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
         loader = _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_size,
                          num_workers, proc)
         if task.metric == "nlg":
-            special = data.special_ids(tok)
+            special = special_ids(tok)
             hyps, refs = {}, {}
             for batch in tqdm(loader, desc=f"beam search {task.name}",
                               disable=not (progress and proc.main),

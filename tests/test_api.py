@@ -14,7 +14,8 @@ from PIL import Image
 import finetune
 import train
 import ptunifier_min
-from ptunifier_min import checkpoint, data, retrieval, tasks
+from ptunifier_min.tokenizer import train_tokenizer
+from ptunifier_min import checkpoint, retrieval, tasks
 from ptunifier_min.api import Model
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, build
 from ptunifier_min.model import PTUnifier
@@ -138,7 +139,7 @@ def tiny(tmp_path_factory):
     """Random tiny models behind the API (no training): a pre-training one and, by task name,
     fine-tuning ones (CheXpert: image; RadNLI: text and text_b; VQA-RAD: image and text)."""
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
-    tok = data.train_tokenizer(["no pleural effusion", "small left effusion"] * 3, 200, path)
+    tok = train_tokenizer(["no pleural effusion", "small left effusion"] * 3, 200, path)
     cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
     cfg.model.vocab_size = tok.get_vocab_size()
     torch.manual_seed(0)

@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from ptunifier_min.images import ImageTransform, load_image
+from ptunifier_min.tokenizer import encode_pairs, encode_texts, load_tokenizer, special_ids, tokenizer_record, tokenizer_record_path, train_tokenizer
 from ptunifier_min import data as D
 from ptunifier_min import config, data, metrics, tasks
 from ptunifier_min.datasets import prepare as P, source
@@ -45,9 +47,9 @@ def _prepared(folder, records, split="train", extra_lines=()):
 
 
 def _through_transform(img):
-    for t in (D.ImageTransform(32), D.ImageTransform(32, train=True, random_resized_crop=True)):
-        x = t(img, random.Random(0))
-        assert x.shape == (3, 32, 32) and torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1
+    for t in (ImageTransform(32), ImageTransform(32, train=True, random_resized_crop=True)):
+        x = t.pixels(img, random.Random(0))
+        assert x.shape == (1, 32, 32) and x.dtype == torch.uint8
 
 
 # ---- images --------------------------------------------------------------------------------------------------------
@@ -55,17 +57,17 @@ def test_corrupt_jpeg_and_truncated_png_name_the_file(tmp_path):
     bad = tmp_path / "corrupt.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
     with pytest.raises(ValueError, match=r"cannot read image .*corrupt\.jpg"):
-        D.load_image(str(bad))
+        load_image(str(bad))
     full = _save(Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64), dtype=np.uint8)),
                  tmp_path / "full.png")
     (tmp_path / "truncated.png").write_bytes(open(full, "rb").read()[:400])
     with pytest.raises(ValueError, match=r"cannot read image .*truncated\.png"):
-        D.load_image(str(tmp_path / "truncated.png"))
+        load_image(str(tmp_path / "truncated.png"))
 
 
 def test_16bit_png_is_rescaled_not_clipped(tmp_path):
     x = np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50  # 0..59950: a cast to uint8 would clip
-    img = D.load_image(_save(Image.fromarray(x), tmp_path / "deep.png"))
+    img = load_image(_save(Image.fromarray(x), tmp_path / "deep.png"))
     y = np.asarray(img).astype(int)
     assert img.mode == "L" and y.min() == 0 and y.max() == 255 and len(np.unique(y)) > 200
     assert (np.diff(y.ravel()) >= 0).all()  # order kept: min-max scaling
@@ -75,7 +77,7 @@ def test_16bit_png_is_rescaled_not_clipped(tmp_path):
 def test_cmyk_jpeg_loads_as_luma(tmp_path):
     k = Image.fromarray(_ramp())  # black ink from 0 (white paper) to 255 (black)
     zero = Image.new("L", k.size, 0)
-    img = D.load_image(_save(Image.merge("CMYK", [zero, zero, zero, k]), tmp_path / "cmyk.jpg", quality=95))
+    img = load_image(_save(Image.merge("CMYK", [zero, zero, zero, k]), tmp_path / "cmyk.jpg", quality=95))
     y = np.asarray(img).astype(int)
     assert img.mode == "L" and y[:, 0].mean() > 245 and y[:, -1].mean() < 10
     _through_transform(img)
@@ -84,7 +86,7 @@ def test_cmyk_jpeg_loads_as_luma(tmp_path):
 def test_rgba_drops_alpha(tmp_path):
     g = Image.fromarray(_ramp())
     alpha = Image.fromarray(np.where(np.arange(40)[None, :] < 20, 0, 255).repeat(30, 0).astype(np.uint8))
-    img = D.load_image(_save(Image.merge("RGBA", [g, g, g, alpha]), tmp_path / "rgba.png"))
+    img = load_image(_save(Image.merge("RGBA", [g, g, g, alpha]), tmp_path / "rgba.png"))
     # the fully transparent left half keeps its gray values: alpha dropped, not composited onto black
     assert img.mode == "L" and np.array_equal(np.asarray(img), _ramp())
     _through_transform(img)
@@ -95,17 +97,17 @@ def test_palette_image_maps_through_its_palette(tmp_path):
     pal = Image.new("P", (40, 30))
     pal.putdata(idx.ravel().tolist())
     pal.putpalette([v for g in (0, 80, 160, 240) for v in (g, g, g)])  # index k -> gray level k
-    img = D.load_image(_save(pal, tmp_path / "palette.png", transparency=0))
+    img = load_image(_save(pal, tmp_path / "palette.png", transparency=0))
     assert img.mode == "L" and np.array_equal(np.asarray(img), np.array([0, 80, 160, 240])[idx])
     _through_transform(img)
 
 
 def test_1x1_image(tmp_path):
-    img = D.load_image(_save(Image.new("RGB", (1, 1), (90, 90, 90)), tmp_path / "dot.png"))
+    img = load_image(_save(Image.new("RGB", (1, 1), (90, 90, 90)), tmp_path / "dot.png"))
     assert img.mode == "L" and img.size == (1, 1) and img.getpixel((0, 0)) == 90
     _through_transform(img)
-    x = D.ImageTransform(16)(img)
-    assert torch.allclose(x, torch.full_like(x, (90 / 255 - 0.5) / 0.5))
+    x = ImageTransform(16).pixels(img)
+    assert torch.equal(x, torch.full_like(x, 90))
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -114,12 +116,12 @@ def test_decompression_bomb_is_an_error_naming_the_file(tmp_path, monkeypatch):
     for side in (12, 20):  # 144 pixels: PIL only warns; 400 > 2 x 100: PIL raises. Both are errors here.
         path = _save(Image.new("L", (side, side)), tmp_path / f"big{side}.png")
         with pytest.raises(ValueError, match=rf"cannot read image .*big{side}\.png: .*decompression bomb"):
-            D.load_image(path)
+            load_image(path)
 
 
 def test_missing_image_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"image file not found: .*gone\.jpg"):
-        D.load_image(str(tmp_path / "gone.jpg"))
+        load_image(str(tmp_path / "gone.jpg"))
     rows = [_vqa_rad_row(1, "synpic1.jpg", "yes", "freeform")]
     raw = make_vqa_rad(str(tmp_path / "raw"), rows)
     os.remove(os.path.join(raw, "VQA_RAD Image Folder", "synpic1.jpg"))
@@ -162,7 +164,7 @@ def test_bad_image_skipped_and_counted(tmp_path, capsys):
 
 def test_failing_image_at_training_time_is_an_error(tmp_path):
     raw, bad = _roco_with_bad_image(tmp_path)
-    ds = D.PretrainDataset([{"id": "x", "image": bad, "texts": ["a b c."]}], D.ImageTransform(32))
+    ds = D.PretrainDataset([{"id": "x", "image": bad, "texts": ["a b c."]}], ImageTransform(32).pixels)
     with pytest.raises(ValueError, match=r"cannot read image .*ROCO_00007\.jpg"):
         ds[0]
 
@@ -219,16 +221,16 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     corpus = ["The heart size is normal and the lungs are clear.", "Small left pleural effusion."] * 5
-    return D.train_tokenizer(corpus, 120, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    return train_tokenizer(corpus, 120, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
 
 
 def test_very_long_text_is_truncated_keeping_sep(tok):
-    sp = D.special_ids(tok)
+    sp = special_ids(tok)
     long = "the heart size is normal " * 2000  # 10,000 words
-    ids, mask = D.encode_texts(tok, [long, "clear"], 24)
+    ids, mask = encode_texts(tok, [long, "clear"], 24)
     assert ids.shape == (2, 24) and ids[0, 0] == sp["cls"] and ids[0, -1] == sp["sep"] and mask[0].all()
     assert ids[1, 2] == sp["sep"] and not mask[1, 3:].any()
-    ids, mask = D.encode_pairs(tok, [long], ["small left pleural effusion"], 24)
+    ids, mask = encode_pairs(tok, [long], ["small left pleural effusion"], 24)
     row = ids[0].tolist()
     assert len(row) == 24 and row[0] == sp["cls"] and row[-1] == sp["sep"] and row.count(sp["sep"]) == 2
     batch = D.pretrain_collate(tok, 24)([{"image": torch.zeros(3, 8, 8), "text": long, "index": 0, "image_id": 0}])
@@ -444,13 +446,13 @@ def test_corrupt_tokenizer_file_names_its_path(tmp_path):
     empty = tmp_path / "tokenizer.json"
     empty.write_bytes(b"")  # what a full disk left before tokenizer.json was written atomically
     with pytest.raises(ValueError, match=r"cannot read tokenizer .*tokenizer\.json \(0 bytes\): EOF while parsing"):
-        D.load_tokenizer(str(empty))
+        load_tokenizer(str(empty))
     (tmp_path / "half.json").write_text('{"version": "1.0", "model": {"type": "WordPi')
     with pytest.raises(ValueError, match=r"cannot read tokenizer .*half\.json"):
-        D.load_tokenizer(str(tmp_path / "half.json"))
+        load_tokenizer(str(tmp_path / "half.json"))
     (tmp_path / "vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\x00binary\n")
     with pytest.raises(ValueError, match=r"cannot read vocabulary .*vocab\.txt: not UTF-8"):
-        D.load_tokenizer(str(tmp_path / "vocab.txt"))
+        load_tokenizer(str(tmp_path / "vocab.txt"))
 
 
 def _pretrain_root(root, names_and_sizes):
@@ -469,7 +471,7 @@ def test_tokenizer_is_refused_for_other_pretraining_corpora(tmp_path):
     cfg = types.SimpleNamespace(data_root=root, tokenizer="", model=types.SimpleNamespace(vocab_size=200))
     d = types.SimpleNamespace(main=True, world=1)
     _, tok_path = source.ensure_prepared(cfg, ["roco"], d, print0=lambda *a: None)
-    assert D.tokenizer_record(tok_path)["corpora"] == {"roco": {"records": 3, "texts": 3}}
+    assert tokenizer_record(tok_path)["corpora"] == {"roco": {"records": 3, "texts": 3}}
     assert source.ensure_prepared(cfg, ["roco"], d, print0=lambda *a: None)[1] == tok_path  # the same corpora: reused
     _pretrain_root(tmp_path / "prep", [("mimic_cxr", 4)])  # then MIMIC-CXR is prepared into the same root
     with pytest.raises(SystemExit, match=r"tokenizer\.json was trained on roco \(3 train records\), but the prepared "
@@ -478,12 +480,12 @@ def test_tokenizer_is_refused_for_other_pretraining_corpora(tmp_path):
         source.ensure_prepared(cfg, ["roco", "mimic_cxr"], d, print0=lambda *a: None)
     explicit = types.SimpleNamespace(**{**vars(cfg), "tokenizer": tok_path})  # the user's explicit choice is used
     assert source.ensure_prepared(explicit, ["roco", "mimic_cxr"], d, print0=lambda *a: None)[1] == tok_path
-    os.remove(D.tokenizer_record_path(tok_path))  # a tokenizer.json of unknown origin is refused too
+    os.remove(tokenizer_record_path(tok_path))  # a tokenizer.json of unknown origin is refused too
     with pytest.raises(SystemExit, match=r"tokenizer\.json has no record of the corpora it was trained on"):
         source.ensure_prepared(cfg, ["roco"], d, print0=lambda *a: None)
     os.remove(tok_path)  # deleted, as the message says: retrained on both, and recorded
     source.ensure_prepared(cfg, ["roco", "mimic_cxr"], d, print0=lambda *a: None)
-    assert sorted(D.tokenizer_record(tok_path)["corpora"]) == ["mimic_cxr", "roco"]
+    assert sorted(tokenizer_record(tok_path)["corpora"]) == ["mimic_cxr", "roco"]
     with open(tok_path, "w") as f:
         f.write("")  # emptied or replaced behind the record's back: named, not loaded
     with pytest.raises(SystemExit, match=r"tokenizer\.json is not the file its record .*tokenizer\.meta\.json"):
@@ -516,11 +518,11 @@ def _disk_full_on(monkeypatch, name):
 
 def test_disk_full_while_writing_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     folder = tmp_path / "tok"
-    D.train_tokenizer(["the heart is normal"] * 4, 60, str(folder))
+    train_tokenizer(["the heart is normal"] * 4, 60, str(folder))
     before = (folder / "tokenizer.json").read_bytes()
     _disk_full_on(monkeypatch, "tokenizer.json")
     with pytest.raises(OSError, match=r"disk full .* while writing .*tok/tokenizer\.json"):
-        D.train_tokenizer(["a small left pleural effusion"] * 4, 60, str(folder))
+        train_tokenizer(["a small left pleural effusion"] * 4, 60, str(folder))
     monkeypatch.undo()
     assert (folder / "tokenizer.json").read_bytes() == before  # the previous file is untouched, never half written
     assert sorted(os.listdir(folder)) == ["tokenizer.json", "tokenizer.meta.json"]
@@ -654,7 +656,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": what a camera or a scanner app writes
     path = _save(Image.fromarray(ramp), tmp_path / "rotated.jpg", exif=exif, quality=95)
-    img = D.load_image(path)
+    img = load_image(path)
     assert img.size == (30, 40)  # displayed upright: portrait
     shown = np.rot90(ramp, k=-1).astype(int)  # clockwise: the ramp now runs from top (dark) to bottom (bright)
     assert np.abs(np.asarray(img).astype(int) - shown).mean() < 3
@@ -664,7 +666,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_unwritable_out_is_refused_before_any_image_is_decoded(tmp_path, monkeypatch):
     raw = make_roco(str(tmp_path / "raw"))
     decoded = []
-    monkeypatch.setattr(D, "load_image", lambda path: decoded.append(path))
+    monkeypatch.setattr(P, "load_image", lambda path: decoded.append(path))
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(OSError, match=r"--out .*a_file/out is not a writable folder"):
         P.prepare("roco", raw, str(tmp_path / "a_file" / "out"))

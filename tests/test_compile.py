@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict, \
-    parse_args, use_compile
-from ptunifier_min.model import PTUnifier, compile_model
+    parse_args
+from ptunifier_min.distributed import compile_model, use_compile
+from ptunifier_min.model import PTUnifier
 from ptunifier_min.objectives import draw_step, pretraining_loss
 
 

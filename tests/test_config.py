@@ -3,6 +3,7 @@
 import pytest
 
 from ptunifier_min.config import PRESETS, TrainConfig, from_dict, parse_args, to_dict
+from ptunifier_min.model import pixel_table
 
 
 def test_preset_then_flags():
@@ -53,7 +54,6 @@ def test_a_config_saved_before_pixel_statistics_existed_normalises_as_it_did():
     """A checkpoint's config without pixel_mean / pixel_std was trained with 0.5 / 0.5: it loads
     so, and resumes."""
     import torch
-    from ptunifier_min import data
     from ptunifier_min.config import build, resume_differences
     from ptunifier_min.model import PTUnifier
     cfg = build(TrainConfig, dict(PRESETS["tiny"]))
@@ -61,7 +61,7 @@ def test_a_config_saved_before_pixel_statistics_existed_normalises_as_it_did():
     del saved["model"]["pixel_mean"], saved["model"]["pixel_std"]
     old = from_dict(TrainConfig, saved)
     assert old.model.pixel_mean == old.model.pixel_std == [0.5] * 3
-    assert torch.equal(PTUnifier(old.model).pixel_values, data.pixel_table())
+    assert torch.equal(PTUnifier(old.model).pixel_values, pixel_table())
     assert resume_differences(saved, cfg) == ([], [])
 
 

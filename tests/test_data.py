@@ -12,7 +12,16 @@ import transformers
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+
+from ptunifier_min.images import ImageTransform, load_image
+from ptunifier_min.tokenizer import ROBERTA_SPECIAL_TOKENS, continuation_table, encode_pairs, encode_texts, load_tokenizer, special_ids, train_tokenizer
 from ptunifier_min import data as D
+from ptunifier_min.model import normalize, pixel_table
+
+
+def floats(transform, img, rng=None):
+    """The model's float input for an image: its uint8 pixels through the from-scratch table."""
+    return normalize(transform.pixels(img, rng), pixel_table())
 
 
 def _gradient(path, w=40, h=30, mode="L"):
@@ -39,26 +48,26 @@ CORPUS = ["There is no focal consolidation, pleural effusion or pneumothorax.",
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return D.train_tokenizer(CORPUS, 300, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    return train_tokenizer(CORPUS, 300, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
 
 
 def test_load_image_modes_and_errors(tmp_path):
-    assert D.load_image(_gradient(tmp_path / "rgb.png", mode="RGB")).mode == "L"
+    assert load_image(_gradient(tmp_path / "rgb.png", mode="RGB")).mode == "L"
     x16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     Image.fromarray(x16).save(tmp_path / "deep.png")  # 16-bit PNG: rescaled, not clipped at 255
-    img = np.asarray(D.load_image(str(tmp_path / "deep.png")))
+    img = np.asarray(load_image(str(tmp_path / "deep.png")))
     assert img.min() == 0 and img.max() == 255 and len(np.unique(img)) > 32
     with pytest.raises(FileNotFoundError, match="image file not found: .*nothere.jpg"):
-        D.load_image(str(tmp_path / "nothere.jpg"))
+        load_image(str(tmp_path / "nothere.jpg"))
     bad = tmp_path / "corrupt.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     with pytest.raises(ValueError, match=r"cannot read image .*corrupt\.jpg"):
-        D.load_image(str(bad))
+        load_image(str(bad))
     half = tmp_path / "truncated.jpg"
     Image.fromarray((np.random.RandomState(0).rand(64, 64) * 255).astype(np.uint8)).save(tmp_path / "full.jpg")
     half.write_bytes((tmp_path / "full.jpg").read_bytes()[:300])
     with pytest.raises(ValueError, match=r"cannot read image .*truncated\.jpg"):
-        D.load_image(str(half))
+        load_image(str(half))
 
 
 def test_dicom_without_pydicom_says_how_to_install(tmp_path):
@@ -70,7 +79,7 @@ def test_dicom_without_pydicom_says_how_to_install(tmp_path):
     except ImportError:
         pass
     with pytest.raises(ImportError, match=r"x\.dcm .*pip install pydicom"):
-        D.load_image(str(path))
+        load_image(str(path))
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):
@@ -88,30 +97,31 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
         ds.PhotometricInterpretation, ds.PixelRepresentation = photometric, 0
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelData = 16, 12, 11, arr.tobytes()
         ds.save_as(str(tmp_path / f"{photometric}.dcm"), enforce_file_format=True)
-    m2 = np.asarray(D.load_image(str(tmp_path / "MONOCHROME2.dcm")), dtype=int)
-    m1 = np.asarray(D.load_image(str(tmp_path / "MONOCHROME1.dcm")), dtype=int)
+    m2 = np.asarray(load_image(str(tmp_path / "MONOCHROME2.dcm")), dtype=int)
+    m1 = np.asarray(load_image(str(tmp_path / "MONOCHROME1.dcm")), dtype=int)
     assert m2[0, 0] == 0 and m2.max() == 255 and (m1 == 255 - m2).all()
 
 
 def test_eval_transform_center_crop(tmp_path):
-    img = D.load_image(_gradient(tmp_path / "g.png", w=40, h=20))
-    x = D.ImageTransform(16)(img)
+    img = load_image(_gradient(tmp_path / "g.png", w=40, h=20))
+    x = floats(ImageTransform(16), img)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1 and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
     # center crop of a left-to-right ramp: the central square keeps the middle of the ramp, not its ends
     assert -0.6 < x[0, :, 0].mean() < -0.3 and 0.3 < x[0, :, -1].mean() < 0.6
-    assert torch.equal(D.ImageTransform(16, train=True)(img), x)  # training without RRC = the paper's center crop
+    assert torch.equal(floats(ImageTransform(16, train=True), img), x)  # training without RRC = the paper's center crop
 
 
 def test_random_resized_crop(tmp_path):
-    img = D.load_image(_gradient(tmp_path / "g.png", w=50, h=37))
-    t = D.ImageTransform(24, train=True, random_resized_crop=True, scale=(0.3, 1.0))
-    a, b = t(img, random.Random(5)), t(img, random.Random(5))
+    img = load_image(_gradient(tmp_path / "g.png", w=50, h=37))
+    t = ImageTransform(24, train=True, random_resized_crop=True, scale=(0.3, 1.0))
+    a, b = floats(t, img, random.Random(5)), floats(t, img, random.Random(5))
     assert a.shape == (3, 24, 24) and a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, b)  # a pure function of the rng
-    crops = {tuple(t(img, random.Random(s))[0, 0, [0, -1]].tolist()) for s in range(8)}
+    crops = {tuple(floats(t, img, random.Random(s))[0, 0, [0, -1]].tolist()) for s in range(8)}
     assert len(crops) > 1  # and it does crop differently for different draws
-    assert torch.equal(D.ImageTransform(24, train=False, random_resized_crop=True)(img), D.ImageTransform(24)(img))
+    assert torch.equal(floats(ImageTransform(24, train=False, random_resized_crop=True), img),
+                       floats(ImageTransform(24), img))
 
 
 def test_read_meta_and_split_errors(tmp_path):
@@ -148,7 +158,7 @@ def test_split_sentences():
 
 
 def test_tokenizer_special_ids_and_round_trip(tok, tmp_path):
-    assert D.special_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert special_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     text = "  The  cardiomediastinal silhouette is NORMAL, no pleural effusion.  "
     enc = tok.encode(text)
     assert enc.ids[0] == 2 and enc.ids[-1] == 3  # the post-processor adds [CLS] ... [SEP]
@@ -157,46 +167,46 @@ def test_tokenizer_special_ids_and_round_trip(tok, tmp_path):
 
 def tok_path(tmp_path):
     path = str(tmp_path / "t" / "tokenizer.json")
-    D.train_tokenizer(CORPUS, 300, str(tmp_path / "t"))  # a folder path: saved as <folder>/tokenizer.json
+    train_tokenizer(CORPUS, 300, str(tmp_path / "t"))  # a folder path: saved as <folder>/tokenizer.json
     assert os.path.exists(path)
     return path
 
 
 def test_tokenizer_save_and_load(tok, tmp_path):
-    loaded = D.load_tokenizer(tok_path(tmp_path))
-    # training is deterministic (the '##' pieces are numbered in sorted order, see data.train_tokenizer)
+    loaded = load_tokenizer(tok_path(tmp_path))
+    # training is deterministic (the '##' pieces are numbered in sorted order, see train_tokenizer)
     assert loaded.get_vocab() == tok.get_vocab() and 100 < tok.get_vocab_size() <= 300
     assert loaded.encode("pleural effusion").ids == tok.encode("pleural effusion").ids
-    assert D.load_tokenizer(str(tmp_path / "t")).get_vocab_size() == tok.get_vocab_size()
+    assert load_tokenizer(str(tmp_path / "t")).get_vocab_size() == tok.get_vocab_size()
 
 
 def test_vocab_txt(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "pleural", "effusion", "eff", "##usion", ".", "mass"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = D.load_tokenizer(str(tmp_path / "vocab.txt"))
-    assert D.special_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    tok = load_tokenizer(str(tmp_path / "vocab.txt"))
+    assert special_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     enc = tok.encode("No pleural EFFUSION. Cyst")
     assert enc.tokens == ["[CLS]", "no", "pleural", "effusion", ".", "[UNK]", "[SEP]"]
     assert tok.decode(tok.encode("no pleural effusion.").ids) == "no pleural effusion."
-    assert D.load_tokenizer(str(tmp_path)).encode("mass").ids == [2, 11, 3]  # a folder with a vocab.txt
+    assert load_tokenizer(str(tmp_path)).encode("mass").ids == [2, 11, 3]  # a folder with a vocab.txt
     (tmp_path / "bad.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match=r"bad\.txt: vocabulary lacks special token"):
-        D.load_tokenizer(str(tmp_path / "bad.txt"))
+        load_tokenizer(str(tmp_path / "bad.txt"))
 
 
 def test_encode_texts_truncation_and_padding(tok):
-    ids, mask = D.encode_texts(tok, [CORPUS[0] * 3, "no effusion", ""], max_len=10)
+    ids, mask = encode_texts(tok, [CORPUS[0] * 3, "no effusion", ""], max_len=10)
     assert ids.shape == (3, 10) and mask.dtype == torch.bool
     assert ids[0, 0] == 2 and ids[0, -1] == 3 and mask[0].all()  # truncated, final [SEP] kept
     n = len(tok.encode("no effusion").ids)  # with [CLS] and [SEP]
     assert ids[1, n - 1] == 3 and mask[1].sum() == n and (ids[1, n:] == 0).all() and not mask[1, n:].any()
     assert ids[2, :2].tolist() == [2, 3] and mask[2].sum() == 2
-    short, _ = D.encode_texts(tok, ["no effusion"], max_len=48)
+    short, _ = encode_texts(tok, ["no effusion"], max_len=48)
     assert short.shape == (1, n)  # padded to the longest in the batch, not to max_len
 
 
 def test_encode_pairs(tok):
-    ids, mask = D.encode_pairs(tok, ["no effusion", CORPUS[1] * 4], ["normal heart", "mass"], max_len=12)
+    ids, mask = encode_pairs(tok, ["no effusion", CORPUS[1] * 4], ["normal heart", "mass"], max_len=12)
     row = ids[0][mask[0]].tolist()
     assert row[0] == 2 and row.count(3) == 2 and row[-1] == 3
     assert tok.decode(row[1:row.index(3)]) == "no effusion"
@@ -208,13 +218,13 @@ def test_pretrain_dataset_is_a_function_of_seed_epoch_index(tmp_path, tok):
     img = _gradient(tmp_path / "a.png", w=48, h=40)
     texts = ["First sentence here. Second sentence here. Third one here.", "Other text. With two sentences."]
     recs = [{"id": str(i), "image": img, "texts": texts} for i in range(6)]
-    t = D.ImageTransform(16, train=True, random_resized_crop=True)
+    t = ImageTransform(16, train=True, random_resized_crop=True)
 
     def epoch(ds, e):
         ds.set_epoch(e)
         return [ds[i] for i in range(len(ds))]
 
-    a, b = D.PretrainDataset(recs, t, seed=3), D.PretrainDataset(recs, t, seed=3)
+    a, b = D.PretrainDataset(recs, t.pixels, seed=3), D.PretrainDataset(recs, t.pixels, seed=3)
     e0, e0b, e1 = epoch(a, 0), epoch(b, 0), epoch(a, 1)
     assert all(x["text"] == y["text"] and torch.equal(x["image"], y["image"]) for x, y in zip(e0, e0b))
     assert epoch(a, 0)[4]["text"] == e0[4]["text"]  # back to epoch 0: the same again (exact resume)
@@ -222,11 +232,11 @@ def test_pretrain_dataset_is_a_function_of_seed_epoch_index(tmp_path, tok):
     assert any(not torch.equal(x["image"], y["image"]) for x, y in zip(e0, e1))
     sentences = set(D.split_sentences(texts[0]) + D.split_sentences(texts[1]))
     assert all(x["text"] in sentences for x in e0 + e1) and [x["index"] for x in e0] == list(range(6))
-    other = epoch(D.PretrainDataset(recs, t, seed=4), 0)
+    other = epoch(D.PretrainDataset(recs, t.pixels, seed=4), 0)
     assert [x["text"] for x in other] != [x["text"] for x in e0]
 
     batch = D.pretrain_collate(tok, max_len=8)(e0[:4])
-    assert batch["image"].shape == (4, 3, 16, 16) and batch["input_ids"].shape[0] == 4
+    assert batch["image"].shape == (4, 1, 16, 16) and batch["input_ids"].shape[0] == 4
     assert batch["input_ids"].shape[1] <= 8 and batch["attention_mask"].dtype == torch.bool
     assert batch["index"].tolist() == [0, 1, 2, 3]
 
@@ -238,45 +248,45 @@ def _old_transform(t, img, rng=None):
     box = t._random_box(w, h, rng) if t.train and t.random_resized_crop else t._center_box(w, h)
     img = img.convert("L").resize((t.size, t.size), Image.Resampling.BICUBIC, box=box)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-    return ((x - D.MEAN) / D.STD).unsqueeze(0).expand(3, -1, -1).contiguous()
+    return ((x - 0.5) / 0.5).unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
 def test_uint8_pixels_normalise_bit_for_bit_to_the_old_float_transform(tmp_path, tok):
     noise = Image.fromarray(np.random.RandomState(0).randint(0, 256, (37, 53), dtype=np.uint8))
     every_value = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))  # all 256 levels, no resampling
-    for img in (D.load_image(_gradient(tmp_path / "g.png", w=50, h=37)), noise, every_value):
-        for t in (D.ImageTransform(16), D.ImageTransform(24, train=True, random_resized_crop=True)):
+    for img in (load_image(_gradient(tmp_path / "g.png", w=50, h=37)), noise, every_value):
+        for t in (ImageTransform(16), ImageTransform(24, train=True, random_resized_crop=True)):
             px = t.pixels(img, random.Random(3))
             assert px.shape == (1, t.size, t.size) and px.dtype == torch.uint8
             ref = _old_transform(t, img, random.Random(3))
-            assert torch.equal(D.normalize(px), ref) and torch.equal(t(img, random.Random(3)), ref)
-    assert len(D.ImageTransform(16).pixels(every_value).unique()) == 256  # the table's every entry was checked
+            assert torch.equal(floats(t, img, random.Random(3)), ref)
+    assert len(ImageTransform(16).pixels(every_value).unique()) == 256  # the table's every entry was checked
     # what a dataset and its collate hand the loader: one channel of uint8, normalised later to the same floats
     recs = [{"id": str(i), "image": _gradient(tmp_path / f"{i}.png", w=30 + i, h=20), "texts": ["a b."]}
             for i in range(3)]
-    t = D.ImageTransform(16, train=True, random_resized_crop=True)
+    t = ImageTransform(16, train=True, random_resized_crop=True)
     ds = D.PretrainDataset(recs, t.pixels, seed=1)  # as train.py makes it
     batch = D.pretrain_collate(tok, 8)([ds[i] for i in range(3)])
     assert batch["image"].shape == (3, 1, 16, 16) and batch["image"].dtype == torch.uint8
     for i, r in enumerate(recs):
         rng = random.Random(f"1-0-{i}")  # the dataset's rng draws a text and a sentence before the crop: replay them
         rng.choice(D.split_sentences(rng.choice(r["texts"])))
-        ref = _old_transform(t, D.load_image(r["image"]), rng)
-        assert torch.equal(D.normalize(batch["image"][i]), ref)
+        ref = _old_transform(t, load_image(r["image"]), rng)
+        assert torch.equal(normalize(batch["image"][i], pixel_table()), ref)
 
 
 def test_a_per_channel_table_normalises_each_channel_with_its_own_statistics():
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # CLIP's
-    table = D.pixel_table(mean, std)
+    table = pixel_table(mean, std)
     gray = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)  # every level
     x = torch.from_numpy(np.arange(256, dtype=np.float32).reshape(16, 16) / 255.0)
-    out = D.normalize(gray, table)
+    out = normalize(gray, table)
     assert out.shape == (1, 3, 16, 16)
     for c in range(3):
         assert torch.equal(out[0, c], (x - torch.tensor(mean[c])) / torch.tensor(std[c]))
-    assert torch.equal(D.normalize(gray.expand(1, 3, 16, 16), table), out)  # 3-channel uint8 input
+    assert torch.equal(normalize(gray.expand(1, 3, 16, 16), table), out)  # 3-channel uint8 input
     img = Image.fromarray(gray[0, 0].numpy())
-    assert torch.equal(D.ImageTransform(16, mean=mean, std=std)(img), out[0])
+    assert torch.equal(normalize(ImageTransform(16).pixels(img), table), out[0])
 
 
 def test_model_reads_uint8_pixels_exactly_as_float_images():
@@ -289,7 +299,7 @@ def test_model_reads_uint8_pixels_exactly_as_float_images():
     model = PTUnifier(cfg.model).eval()
     S = cfg.model.image_size
     px = torch.randint(0, 256, (3, 1, S, S), dtype=torch.uint8)
-    x = torch.stack([_old_transform(D.ImageTransform(S), Image.fromarray(p[0].numpy())) for p in px])
+    x = torch.stack([_old_transform(ImageTransform(S), Image.fromarray(p[0].numpy())) for p in px])
     ids = torch.randint(5, 100, (3, 7))
     with torch.no_grad():
         assert torch.equal(model(image=px).hidden, model(image=x).hidden)
@@ -314,7 +324,7 @@ def test_training_reads_the_image_cache_and_no_longer_needs_the_originals(tmp_pa
     _noisy(os.path.join(images, "ROCO_00007.jpg"), (100, 80), seed=1)  # larger than the short side: shrunk
     _noisy(os.path.join(images, "PMC1-fig2.jpg"), (40, 30), seed=2)  # smaller: kept pixel for pixel
     P.prepare("roco", raw, out, cache_short_side=64)
-    transform = D.ImageTransform(32, train=True, random_resized_crop=True)
+    transform = ImageTransform(32, train=True, random_resized_crop=True).pixels
 
     def items(records, reading):  # the dataset's items, with every image read from the field `reading`
         ds = D.PretrainDataset([{**r, "image": r[reading], "image_cache": None} for r in records], transform, seed=3)
@@ -344,8 +354,8 @@ def test_training_reads_the_image_cache_and_no_longer_needs_the_originals(tmp_pa
 def test_task_collate_says_on_the_host_whether_a_batch_is_padded(tmp_path):
     """The flag that spares the model a host read of the mask (PTUnifier.forward's `padded`) matches the mask."""
     path = str(tmp_path / "tokenizer.json")
-    D.train_tokenizer(["a small effusion", "no effusion today at all"] * 20, 100, path)
-    collate = D.task_collate(D.load_tokenizer(path), 16, 8)
+    train_tokenizer(["a small effusion", "no effusion today at all"] * 20, 100, path)
+    collate = D.task_collate(load_tokenizer(path), 16, 8)
     ragged = collate([{"index": 0, "text": "a small effusion", "label": 0},
                       {"index": 1, "text": "no effusion today at all", "label": 1}])
     even = collate([{"index": 0, "text": "a small effusion", "label": 0}] * 2)
@@ -380,7 +390,7 @@ def test_a_tokenizer_saved_with_padding_and_truncation_on_encodes_as_transformer
     hf.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
     assert saved["padding"] and saved["truncation"]  # the file under test has them on
-    ids, mask = D.encode_texts(D.load_tokenizer(str(tmp_path / "saved")), SAVED_TEXTS, max_len=64)
+    ids, mask = encode_texts(load_tokenizer(str(tmp_path / "saved")), SAVED_TEXTS, max_len=64)
     assert [row[m].tolist() for row, m in zip(ids, mask)] == expected
     assert ids.shape[1] == max(map(len, expected))
 
@@ -388,17 +398,17 @@ def test_a_tokenizer_saved_with_padding_and_truncation_on_encodes_as_transformer
 def test_continuation_table_marks_hashes_in_wordpiece_and_unmarked_pieces_in_byte_level_bpe(
         tok, byte_level_bpe, tmp_path):
     def continuing(t):
-        return {p for p, i in t.get_vocab().items() if D.continuation_table(t)[i]}
+        return {p for p, i in t.get_vocab().items() if continuation_table(t)[i]}
     assert continuing(tok) == {p for p in tok.get_vocab() if p.startswith("##")}
     # RoBERTa's own files, and the tokenizer.json transformers writes from them
     _hf_tokenizer("roberta", tmp_path, tok, byte_level_bpe).save_pretrained(tmp_path / "saved")
     for path in (byte_level_bpe / "vocab.json", tmp_path / "saved" / "tokenizer.json"):
-        bpe = D.load_tokenizer(str(path))
+        bpe = load_tokenizer(str(path))
         words = {p for p in bpe.get_vocab() if p.startswith("\u0120")}  # 'Ġ': after a space
-        assert continuing(bpe) == set(bpe.get_vocab()) - words - set(D.ROBERTA_SPECIAL_TOKENS)
+        assert continuing(bpe) == set(bpe.get_vocab()) - words - set(ROBERTA_SPECIAL_TOKENS)
         assert {"\u0120ef", "fusion"} <= set(bpe.get_vocab())  # " effusion": both kinds
         assert "fusion" in continuing(bpe) and "\u0120ef" not in continuing(bpe)
     other = Tokenizer(models.WordLevel({"[UNK]": 0, "effusion": 1}, unk_token="[UNK]"))
     other.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(ValueError, match=r"--whole-word needs a WordPiece .* WordLevel model"):
-        D.continuation_table(other)
+        continuation_table(other)

@@ -19,11 +19,14 @@ from safetensors.torch import load_file
 import eval as eval_script
 import finetune
 import train
-from ptunifier_min import checkpoint, data, manifests, metrics, optim, retrieval, tasks
+
+from ptunifier_min.images import ImageTransform
+from ptunifier_min.tokenizer import train_tokenizer
+from ptunifier_min import checkpoint, data, manifests, optim, retrieval, tasks
 from ptunifier_min.api import Model
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, build
 from ptunifier_min.datasets import prepare as P
-from ptunifier_min.model import PTUnifier
+from ptunifier_min.model import PTUnifier, normalize, pixel_table
 # world: the shared tiny synthetic world fixture
 from test_finetune import TASK_KEYS, killed_at, run, world  # noqa: F401
 
@@ -42,8 +45,8 @@ class MatchedEncoder(torch.nn.Module):
     def forward(self, image=None, input_ids=None, attention_mask=None, padded=None, read="all"):
         if image is not None:
             if image.dtype == torch.uint8:  # the loaders' pixels, which PTUnifier normalises itself
-                image = data.normalize(image)
-            level = (image[:, 0].mean((1, 2)) * data.STD + data.MEAN) * 255  # back to the pixel value
+                image = normalize(image, pixel_table())
+            level = (image[:, 0].mean((1, 2)) * 0.5 + 0.5) * 255  # back to the pixel value
             k = ((level - 10) / 20).round().long()
         else:
             k = torch.tensor([self.word_index[int(t)] for t in input_ids[:, 1]])  # the token after [CLS]
@@ -60,7 +63,7 @@ def sizes(cfg):
 
 @pytest.fixture
 def toy(tmp_path):
-    tok = data.train_tokenizer(WORDS * 3, 200, str(tmp_path / "tokenizer.json"))
+    tok = train_tokenizer(WORDS * 3, 200, str(tmp_path / "tokenizer.json"))
     assert all(tok.token_to_id(w) is not None for w in WORDS)  # each word is one token
     records = []
     for i, w in enumerate(WORDS):
@@ -150,7 +153,7 @@ def test_one_itc_embedding_for_pretraining_retrieval_fine_tuning_and_the_api(toy
     torch.manual_seed(0)
     model = PTUnifier(cfg.model).eval()
     size, length = sizes(cfg)
-    ds = data.TaskDataset(records, tasks.TASKS["roco_retrieval"], data.ImageTransform(size))
+    ds = data.TaskDataset(records, tasks.TASKS["roco_retrieval"], ImageTransform(size).pixels)
     batch = data.task_collate(tok, length, 0)([ds[i] for i in range(len(ds))])
     with torch.no_grad():
         ref_image = F.normalize(model.itc_image_proj(model(image=batch["image"]).pooled), dim=-1)

@@ -19,10 +19,12 @@ from safetensors.torch import load_file
 
 import finetune
 import train
+from ptunifier_min.tokenizer import load_tokenizer, special_ids, train_tokenizer
 from ptunifier_min import checkpoint, data, distributed, optim, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, ModelConfig, build
-from ptunifier_min.model import (PTUnifier, interpolate_pos_embed, resize_text_positions, set_image_size,
-                                 set_text_len)
+from ptunifier_min.model import PTUnifier
+from ptunifier_min.pretrained import (interpolate_pos_embed, resize_text_positions, set_image_size,
+                                      set_text_len)
 from ptunifier_min.datasets.source import ensure_prepared
 from conftest import signals_at
 
@@ -319,7 +321,7 @@ WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel
 
 
 def test_truncation_shares_on_a_hand_made_case(tmp_path):
-    tok = data.train_tokenizer(WORDS * 3, 200, str(tmp_path / "tokenizer.json"))
+    tok = train_tokenizer(WORDS * 3, 200, str(tmp_path / "tokenizer.json"))
     assert all(len(tok.encode(w, add_special_tokens=False).ids) == 1 for w in WORDS)  # one token per word
     texts = [" ".join(WORDS[:n]) for n in range(1, 9)]  # 1..8 words = 3..10 tokens with [CLS] and [SEP]
     # VQA questions at 8 tokens: the 7- and 8-word questions (9 and 10 tokens) are cut, 2 of 8
@@ -346,7 +348,7 @@ def test_truncation_shares_on_a_hand_made_case(tmp_path):
         shares = tasks.truncated_shares(tasks.text_lengths(task, records, tok), max_len, max_gen)
         assert shares["inputs"] == sum(k < n for k, n in zip(kept, given)) / len(records)
         if "targets" in shares:
-            kept = ((batch["target_ids"] != data.special_ids(tok)["pad"]).sum(1) - 2).tolist()
+            kept = ((batch["target_ids"] != special_ids(tok)["pad"]).sum(1) - 2).tolist()
             assert shares["targets"] == sum(k < len(r["target"].split()) for k, r in zip(kept, records)) / len(records)
 
 
@@ -357,7 +359,7 @@ def test_lengths_default_to_the_95th_percentile_of_the_training_split(world, tmp
     out = tmp_path / "sum"
     finetune.main(["--preset", "tiny", "--synth-root", world[0], "--task", "mimic_sum", "--init", "scratch",
                    "--steps", "2", "--eval-every", "2", "--data-frac", "0.5", "--out", str(out)])
-    tok = data.load_tokenizer(os.path.join(world[1], "tokenizer.json"))
+    tok = load_tokenizer(os.path.join(world[1], "tokenizer.json"))
     splits = {s: data.read_split(os.path.join(world[1], "mimic_sum"), s) for s in ("train", "val", "test")}
 
     def count(text):

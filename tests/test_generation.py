@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ptunifier_min import data, metrics, tasks
+from ptunifier_min.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_ids
+from ptunifier_min import metrics, tasks
 from ptunifier_min.config import ModelConfig
 from ptunifier_min.generation import (TextDecoder, beam_search, encoder_memory, generation_loss, greedy)
 from ptunifier_min.model import PTUnifier
@@ -398,11 +399,11 @@ def test_generation_is_scored_against_the_raw_reference_text(kind, byte_level_bp
     if kind == "wordpiece":
         words = ["the", "mass", "is", "2", ".", "5", "cm", "x", "-", "ray", "shows", "no",
                  "effusion", "on", ","]
-        (tmp_path / "vocab.txt").write_text("\n".join(data.SPECIAL_TOKENS + words) + "\n")
-        tok = data.load_tokenizer(str(tmp_path / "vocab.txt"))
+        (tmp_path / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + words) + "\n")
+        tok = load_tokenizer(str(tmp_path / "vocab.txt"))
     else:
-        tok = data.load_tokenizer(str(byte_level_bpe / "vocab.json"))
-    sp = data.special_ids(tok)
+        tok = load_tokenizer(str(byte_level_bpe / "vocab.json"))
+    sp = special_ids(tok)
     records = [{"id": f"r{i}", "text_a": "findings", "target": t} for i, t in enumerate(REFERENCES)]
     # a model that writes each reference as well as its tokenizer can
     generated = [tok.encode(t, add_special_tokens=False).ids for t in REFERENCES]

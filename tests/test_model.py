@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ptunifier_min.config import PRESETS, ModelConfig, TrainConfig, build
-from ptunifier_min.model import PTUnifier, Prompts, flops_per_pass
+from ptunifier_min.flops import flops_per_pass
+from ptunifier_min.model import PTUnifier, Prompts
 
 
 def tiny(**kw):

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ptunifier_min.images import ImageTransform
+from ptunifier_min.tokenizer import continuation_table, encode_texts, load_tokenizer, special_ids, train_tokenizer
 from ptunifier_min import data, distributed, objectives, optim
 from ptunifier_min.config import PRESETS, TrainConfig, build
-from ptunifier_min.model import PTUnifier, Prompts
+from ptunifier_min.model import PTUnifier, Prompts, normalize, pixel_table
 from ptunifier_min.objectives import (IGNORE, hard_negative_probs, itc_loss, itm_loss, itm_negatives, itm_plan,
                                       mask_step, mask_tokens, mlm_loss, pretraining_loss, valid_negatives)
 
@@ -69,14 +71,14 @@ def test_whole_word_masking_masks_words_together():
 
 def test_whole_word_masking_with_byte_level_bpe_masks_every_piece_of_a_word_together(
         byte_level_bpe):
-    tok = data.load_tokenizer(str(byte_level_bpe / "vocab.json"))  # RoBERTa's files
-    sp = data.special_ids(tok)
+    tok = load_tokenizer(str(byte_level_bpe / "vocab.json"))  # RoBERTa's files
+    sp = special_ids(tok)
     texts = ["Pneumothorax on the x-ray, 2.5 cm.", "Moderate pleural effusion.",
              "Cardiomediastinal silhouette unchanged"] * 100
-    ids, mask = data.encode_texts(tok, texts, 48)
+    ids, mask = encode_texts(tok, texts, 48)
     _, labels = mask_tokens(ids, mask, [sp["cls"], sp["sep"], sp["pad"]], tok.get_vocab_size(),
                             torch.Generator().manual_seed(3), 0.15, sp["mask"],
-                            data.continuation_table(tok))
+                            continuation_table(tok))
     chosen = labels != IGNORE
     words_chosen, first_chosen, several = [], 0, 0
     for row, text in enumerate(texts):
@@ -95,12 +97,12 @@ def test_whole_word_masking_with_byte_level_bpe_masks_every_piece_of_a_word_toge
     assert 0.1 < sum(words_chosen) / len(words_chosen) < 0.2
     # words of one piece each: whole-word masking draws exactly as token masking, the first word
     # (no space marker) by its own draw, not by <s>'s
-    ids, mask = data.encode_texts(tok, ["The pleural is no"] * 300, 48)
+    ids, mask = encode_texts(tok, ["The pleural is no"] * 300, 48)
     assert ids.shape[1] == 6  # <s> The Ġpleural Ġis Ġno </s>
     by_word, by_token = (
         mask_tokens(ids, mask, [sp["cls"], sp["sep"], sp["pad"]], tok.get_vocab_size(),
                     torch.Generator().manual_seed(4), 0.15, sp["mask"], table)[1]
-        for table in (data.continuation_table(tok), None))
+        for table in (continuation_table(tok), None))
     assert torch.equal(by_word, by_token)
 
 
@@ -211,14 +213,14 @@ def test_itm_negatives_exclude_same_text_and_same_file(monkeypatch):
 def test_pretraining_batches_carry_the_image_file(tmp_path):
     """Item 4: the collate gives every sample an int64 identity of its resolved image file, equal for one file under
     two records (here through a symbolic link), different for different files, the same in every process."""
-    tok = data.train_tokenizer(["no pneumothorax. small effusion."] * 3, 60, str(tmp_path / "tokenizer.json"))
+    tok = train_tokenizer(["no pneumothorax. small effusion."] * 3, 60, str(tmp_path / "tokenizer.json"))
     paths = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     for p in paths:
         Image.new("L", (8, 8)).save(p)
     os.symlink(paths[0], tmp_path / "link.png")
     records = [{"id": str(i), "image": p, "texts": ["No pneumothorax."]}
                for i, p in enumerate(paths + [str(tmp_path / "link.png")])]
-    ds = data.PretrainDataset(records, data.ImageTransform(8))
+    ds = data.PretrainDataset(records, ImageTransform(8).pixels)
     batch = data.pretrain_collate(tok, 8)([ds[i] for i in range(3)])
     ids = batch["image_id"]
     assert ids.dtype == torch.int64 and ids[0] == ids[2] and ids[0] != ids[1]
@@ -365,7 +367,7 @@ def _lean_case(hard=False):
     ids, mask = text_batch(B=8, T=12, V=100, seed=3)
     ids[6], mask[6] = ids[1], mask[1]
     pixels = torch.randint(0, 256, (8, 1, 32, 32), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
-    floats = torch.stack([data.ImageTransform(32)(Image.fromarray(p[0].numpy())) for p in pixels])  # the old format
+    floats = normalize(pixels, pixel_table())  # the old format: the float images
     batch = {"input_ids": ids, "attention_mask": mask, "index": torch.arange(8),
              "image_id": torch.tensor([0, 1, 2, 2, 3, 4, 5, 1])}
     return cfg, model, batch, pixels, floats

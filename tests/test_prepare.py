@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ptunifier_min.images import load_image
 from ptunifier_min import data as D
 from ptunifier_min.datasets import prepare as P
 from ptunifier_min.datasets.source import SOURCE
@@ -511,7 +512,7 @@ def test_image_cache_keeps_small_images_pixel_for_pixel_and_shrinks_large_ones(t
         assert os.path.isabs(r["image"]) and r["image"].startswith(raw)  # the original stays in "image"
         assert os.path.dirname(r["image_cache"]) == os.path.join(out, "roco", "image_cache")
         assert D.image_path(r) == r["image_cache"]
-        cached, original = np.asarray(D.load_image(r["image_cache"])), D.load_image(r["image"])
+        cached, original = np.asarray(load_image(r["image_cache"])), load_image(r["image"])
         if rid == "ROCO_00007":  # shrunk to a short side of 64, bicubic as the transform, after the EXIF rotation
             assert cached.shape == (107, 64)  # 200 * 64 / 120 = 106.7
             assert np.array_equal(cached, np.asarray(original.resize((64, 107), Image.Resampling.BICUBIC)))
@@ -537,8 +538,8 @@ def test_image_cache_is_rebuilt_when_an_original_changes_and_stale_copies_go(tmp
     new = _cached(P.prepare("roco", raw, out, cache_short_side=64))
     assert new["ROCO_00007"]["image_cache"] != old["ROCO_00007"]["image_cache"]
     assert not os.path.exists(old["ROCO_00007"]["image_cache"])  # the stale copy is removed
-    expected = D.load_image(path).resize((80, 64), Image.Resampling.BICUBIC)
-    assert np.array_equal(np.asarray(D.load_image(new["ROCO_00007"]["image_cache"])), np.asarray(expected))
+    expected = load_image(path).resize((80, 64), Image.Resampling.BICUBIC)
+    assert np.array_equal(np.asarray(load_image(new["ROCO_00007"]["image_cache"])), np.asarray(expected))
     assert all(new[i]["image_cache"] == old[i]["image_cache"] for i in new if i != "ROCO_00007")  # kept
     other = _cached(P.prepare("roco", raw, out, cache_short_side=32))  # another short side: other copies
     assert all(os.path.exists(r["image_cache"]) and r["image_cache"] != new[i]["image_cache"] for i, r in other.items())
@@ -562,8 +563,8 @@ def test_image_cache_resumes_after_a_kill(tmp_path, monkeypatch):
     open(os.path.join(cache, "x.pgm.tmp999"), "w").close()  # a temporary file of a run killed mid-write
     monkeypatch.setattr(P, "write_cached", write)
     decoded = []
-    load = D.load_image
-    monkeypatch.setattr(D, "load_image", lambda path: decoded.append(path) or load(path))
+    load = load_image
+    monkeypatch.setattr(P, "load_image", lambda path: decoded.append(path) or load(path))
     recs = _cached(P.prepare("roco", raw, out, cache_short_side=64, workers=1))
     assert len(decoded) == 2  # the 2 missing copies; the 2 written before the kill are not decoded again
     assert sorted(os.listdir(cache)) == sorted(os.path.basename(r["image_cache"]) for r in recs.values())

@@ -19,10 +19,13 @@ import finetune  # noqa: E402
 import ptunifier_min  # noqa: E402
 import train  # noqa: E402
 from test_finetune import world  # noqa: E402, F401  (the shared tiny synthetic world fixture, every task prepared)
-from ptunifier_min import checkpoint, data, pretrained  # noqa: E402
+
+from ptunifier_min.tokenizer import SPECIAL_TOKENS, encode_texts, load_tokenizer, special_ids
+from ptunifier_min import checkpoint, pretrained  # noqa: E402
 from ptunifier_min.config import (  # noqa: E402
     FINETUNE_PRESETS, PRESETS, FinetuneConfig, ModelConfig, TrainConfig, parse_args)
-from ptunifier_min.model import PTUnifier, interpolate_pos_embed  # noqa: E402
+from ptunifier_min.model import PTUnifier, pixel_table  # noqa: E402
+from ptunifier_min.pretrained import interpolate_pos_embed  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, dim=32, depth=2, heads=2, max_text_len=24)
 HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
@@ -340,7 +343,7 @@ def test_refusals_name_the_problem(tmp_path):
 # ---- text: BERT (WordPiece) and RoBERTa (byte-level BPE) embeddings -------------------------------------------------
 def bert_files(tmp_path):
     os.makedirs(tmp_path, exist_ok=True)
-    vocab = data.SPECIAL_TOKENS + WORDS
+    vocab = SPECIAL_TOKENS + WORDS
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     torch.manual_seed(0)
     src = transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
@@ -370,9 +373,9 @@ def roberta_files(tmp_path):
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_text_embeddings_equal_the_source(kind, tmp_path):
     src = bert_files(tmp_path) if kind == "bert" else roberta_files(tmp_path)
-    tok = data.load_tokenizer(str(tmp_path / ("vocab.txt" if kind == "bert" else "vocab.json")))
-    ids, _ = data.encode_texts(tok, ["left pleural effusion"], 24)
-    sp = data.special_ids(tok)
+    tok = load_tokenizer(str(tmp_path / ("vocab.txt" if kind == "bert" else "vocab.json")))
+    ids, _ = encode_texts(tok, ["left pleural effusion"], 24)
+    sp = special_ids(tok)
     if kind == "roberta":
         assert [sp[k] for k in ("cls", "sep", "pad", "mask")] == [0, 2, 1, len(tok.get_vocab()) - 1]
         ref_tok = transformers.RobertaTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
@@ -430,11 +433,11 @@ def test_train_and_finetune_start_from_transformers_files(world, tmp_path, capsy
     clip_pixels = list(pretrained.CLIP_PIXELS)
     assert [saved["pixel_mean"], saved["pixel_std"]] == clip_pixels
     assert torch.equal(ptunifier_min.load(str(out)).backbone.pixel_values,
-                       data.pixel_table(*clip_pixels))
+                       pixel_table(*clip_pixels))
     init = parse_args(FinetuneConfig, FINETUNE_PRESETS, ["--task", "chexpert", "--init", str(out)])
     finetune.resolve_init(init, print)
     assert [init.model.pixel_mean, init.model.pixel_std] == clip_pixels
-    assert data.load_tokenizer(checkpoint.checkpoint_tokenizer(ckpt)).get_vocab_size() == model.cfg.vocab_size
+    assert load_tokenizer(checkpoint.checkpoint_tokenizer(ckpt)).get_vocab_size() == model.cfg.vocab_size
     fin = tmp_path / "fin"
     finetune.main(["--preset", "tiny", "--synth-root", synth_root, "--task", "chexpert", "--out", str(fin),
                    "--steps", "2", "--eval-every", "2", "--init-vision", str(tmp_path / "clip" / "model.safetensors"),

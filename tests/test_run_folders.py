@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 import finetune
 import train
+from ptunifier_min.tokenizer import load_tokenizer, train_tokenizer
+from ptunifier_min.files import write_json
 from ptunifier_min import checkpoint, data, distributed, optim, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict
 from ptunifier_min.model import PTUnifier
@@ -117,7 +119,7 @@ class _FullDisk:
 
 def test_full_disk_during_a_json_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    checkpoint.write_json(str(path), {"before": 1})
+    write_json(str(path), {"before": 1})
 
     def open_on_a_full_disk(file, mode="r", *args, **kwargs):
         f = open(file, mode, *args, **kwargs)
@@ -126,7 +128,7 @@ def test_full_disk_during_a_json_write_keeps_the_previous_file(tmp_path, monkeyp
     for module in (checkpoint, data):  # wherever the writer lives, its open() meets a full disk
         monkeypatch.setattr(module, "open", open_on_a_full_disk, raising=False)
     with pytest.raises(OSError, match="disk full") as e:
-        checkpoint.write_json(str(path), {"after": 2})
+        write_json(str(path), {"after": 2})
     assert str(path) in str(e.value)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["results.json"] and json.loads(path.read_text()) == {"before": 1}
@@ -382,10 +384,10 @@ def _copy_of_the_world(world, dest):
 def _retrain_tokenizer(root):
     """What the old error message advised after a corpus was prepared into the root: delete the
     tokenizer; a later run then trains another, of the same size, on other texts."""
-    old = data.load_tokenizer(os.path.join(root, "tokenizer.json"))
+    old = load_tokenizer(os.path.join(root, "tokenizer.json"))
     os.remove(os.path.join(root, "tokenizer.json"))
     texts = [f"{w} finding {i} seen" for i, w in enumerate(sorted(old.get_vocab()) * 2)]
-    new = data.train_tokenizer(texts, old.get_vocab_size(), root)
+    new = train_tokenizer(texts, old.get_vocab_size(), root)
     assert new.get_vocab_size() == old.get_vocab_size() and new.get_vocab() != old.get_vocab()
 
 

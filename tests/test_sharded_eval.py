@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ptunifier_min.tokenizer import load_tokenizer, special_ids
 from ptunifier_min import data, distributed, retrieval, tasks
 import eval as eval_script
 from ptunifier_min.config import (FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig,
@@ -31,8 +32,8 @@ def evaluate_all(prepared, proc):
     CheXpert) on tiny random models, with `proc`'s share of every evaluation; the same models on
     every rank."""
     retrieval.IMAGE_BATCH, retrieval.TEXT_BATCH = BATCH, BATCH + 1  # shares of a few records
-    tok = data.load_tokenizer(os.path.join(prepared, "tokenizer.json"))
-    special = data.special_ids(tok)
+    tok = load_tokenizer(os.path.join(prepared, "tokenizer.json"))
+    special = special_ids(tok)
     cfg = build(FinetuneConfig, {**FINETUNE_PRESETS["tiny"], "vocab_size": tok.get_vocab_size(),
                                  "cls_id": special["cls"], "sep_id": special["sep"]})
     out = {}

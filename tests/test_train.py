@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import signals_at
+from ptunifier_min.files import write_atomic
 from ptunifier_min import checkpoint, data, distributed, optim
 from ptunifier_min.datasets import source
 from ptunifier_min.config import PRESETS, TrainConfig, build, from_dict
@@ -141,14 +142,14 @@ def test_a_second_stop_signal_during_the_save_leaves_that_checkpoint_whole(
     signal."""
     step = optim.optimizer_step
     monkeypatch.setattr(optim, "optimizer_step", signals_at(3, step, signal.SIGTERM))
-    real_write = data.write_atomic
+    real_write = checkpoint.write_atomic
 
-    def write_atomic(path, text):
+    def write_and_interrupt(path, text):
         if os.path.basename(path) == "latest":
             os.kill(os.getpid(), signal.SIGINT)
         return real_write(path, text)
 
-    monkeypatch.setattr(data, "write_atomic", write_atomic)
+    monkeypatch.setattr(checkpoint, "write_atomic", write_and_interrupt)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         train.main(flags(synth_root, out, *STOP_FLAGS))

@@ -6,12 +6,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
 
-from ptunifier_min.datasets import prepare, source, workers
+from ptunifier_min.datasets import source, workers
 from ptunifier_min import distributed
 from ptunifier_min.config import PRESETS, TrainConfig, build
 

@@ -47,7 +47,8 @@ import time
 from PIL import Image
 from tqdm import tqdm
 
-from .. import data
+from ..images import load_image
+from ..files import write_atomic
 from ..manifests import JSON_TYPES, json_type
 from .workers import deferred_stop, ordered_map
 
@@ -239,7 +240,7 @@ def _sample(records, k, seed):
 
 def _write_atomic(path, lines):
     # a reader never sees half a file
-    data.write_atomic(path, "".join(line + "\n" for line in lines))
+    write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _write_folder(out, folder, splits, meta):
@@ -806,7 +807,7 @@ CACHE_SHORT_SIDE = 384
 
 
 def shrink(img, short_side):
-    """Resize so that the shorter side is `short_side`, with the resampling of data.ImageTransform
+    """Resize so that the shorter side is `short_side`, with the resampling of ImageTransform
     (bicubic). Never upscales: an image already that small is returned as it is, so a cached copy of
     it holds the very same pixels."""
     w, h = img.size
@@ -843,7 +844,7 @@ def _decode(job):
     if dest is not None and os.path.exists(dest):
         return None, 0
     try:
-        img = data.load_image(path)
+        img = load_image(path)
     except ValueError as e:
         return str(e), 0
     if dest is None:
@@ -852,7 +853,7 @@ def _decode(job):
 
 
 def write_cached(img, dest, short_side):
-    """Write the cached copy of a decoded image (what data.load_image returned: EXIF orientation,
+    """Write the cached copy of a decoded image (what load_image returned: EXIF orientation,
     16-bit rescale and DICOM already applied), resized by shrink, to dest; through a temporary file
     and a rename, so that a kill never leaves a half file under the name that marks a valid copy.
     Returns the bytes written.

@@ -16,6 +16,8 @@ corpora have been prepared into the root since, it is refused with what differs
 import hashlib
 import os
 
+from ..tokenizer import load_tokenizer, tokenizer_record, tokenizer_record_path, train_tokenizer
+from ..files import write_atomic
 from .. import data, distributed, manifests
 
 # prepared folder -> the dataset whose prepare step writes it
@@ -82,7 +84,7 @@ def ensure_prepared(cfg, names, proc, print0=print, trained_with=None):
                        for n in sets}
             print0(f"training a WordPiece tokenizer on {len(texts):,} texts of {', '.join(sets)} "
                    f"-> {tok_path}")
-            data.train_tokenizer(texts, cfg.model.vocab_size, tok_path, corpora=corpora)
+            train_tokenizer(texts, cfg.model.vocab_size, tok_path, corpora=corpora)
         distributed.barrier(proc)
     elif not cfg.tokenizer:
         check_tokenizer_corpora(
@@ -108,7 +110,7 @@ def _resumed_tokenizer(saved, wanted, explicit, out, proc, print0):
            f"the checkpoint's own {saved} (sha256 {have[:16]}), copied to {copy}")
     if proc.main:
         with open(saved, encoding="utf-8") as f:
-            data.write_atomic(copy, f.read())
+            write_atomic(copy, f.read())
     distributed.barrier(proc)
     return copy
 
@@ -117,7 +119,7 @@ def _sha256(path):
     # RoBERTa's vocab.json + merges.txt travel in checkpoints as the one tokenizer.json made of them
     # (pretrained.single_file_tokenizer): compare that
     if os.path.basename(path) == "vocab.json":
-        text = data.load_tokenizer(path).to_str(pretty=True)
+        text = load_tokenizer(path).to_str(pretty=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
     return manifests.sha256_file(path)
 
@@ -129,18 +131,18 @@ def check_tokenizer_corpora(tok_path, prepared):
     root must keep the vocabulary its weights were trained with, and deleting a file the user may
     still need is not ours to do. An explicit --tokenizer is used as given."""
     try:
-        record = data.tokenizer_record(tok_path)
+        record = tokenizer_record(tok_path)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if record is None or not isinstance(record.get("corpora"), dict):
         raise SystemExit(f"{tok_path} has no record of the corpora it was trained on (no valid "
-                         f"{data.tokenizer_record_path(tok_path)}); delete it to retrain it on the "
+                         f"{tokenizer_record_path(tok_path)}); delete it to retrain it on the "
                          f"prepared pre-training sets, or pass --tokenizer {tok_path} to use it "
                          "anyway")
     trained = {n: c.get("records") if isinstance(c, dict) else None
                for n, c in record["corpora"].items()}
     if trained != prepared:
-        record_name = os.path.basename(data.tokenizer_record_path(tok_path))
+        record_name = os.path.basename(tokenizer_record_path(tok_path))
         raise SystemExit(f"{tok_path} was trained on {_listing(trained)}, but the prepared "
                          f"pre-training corpora are now {_listing(prepared)}: delete it (and "
                          f"{record_name}) to retrain it on them, or pass --tokenizer {tok_path} "
