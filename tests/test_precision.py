@@ -76,6 +76,7 @@ def test_attention_kernel_by_device_and_precision(monkeypatch):
 
 FAULTS = """
 import resource, sys, torch
+import train  # a run's imports: with a bare heap, a small allocation can split the freed region
 from ptunifier_min import distributed
 kept = distributed.keep_freed_memory() if sys.argv[1] == "keep" else None
 
