@@ -21,7 +21,7 @@ import finetune
 import train
 from ptunifier_min.tokenizer import load_tokenizer, train_tokenizer
 from ptunifier_min.files import write_json
-from ptunifier_min import checkpoint, data, distributed, optim, tasks
+from ptunifier_min import checkpoint, data, distributed, files, optim, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.datasets.source import ensure_prepared
@@ -125,7 +125,7 @@ def test_full_disk_during_a_json_write_keeps_the_previous_file(tmp_path, monkeyp
         f = open(file, mode, *args, **kwargs)
         return _FullDisk(f) if "w" in mode else f
 
-    for module in (checkpoint, data):  # wherever the writer lives, its open() meets a full disk
+    for module in (checkpoint, files):  # wherever the writer lives, its open() meets a full disk
         monkeypatch.setattr(module, "open", open_on_a_full_disk, raising=False)
     with pytest.raises(OSError, match="disk full") as e:
         write_json(str(path), {"after": 2})
