@@ -21,7 +21,7 @@ import finetune
 import train
 from ptunifier_min.tokenizer import load_tokenizer, train_tokenizer
 from ptunifier_min.files import write_json
-from ptunifier_min import checkpoint, data, distributed, files, optim, tasks
+from ptunifier_min import checkpoint, distributed, files, optim, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.datasets.source import ensure_prepared
