@@ -272,6 +272,44 @@ def test_nlg_tokenize_matches_java_ptbtokenizer():
     assert not mismatches, mismatches[:3]
 
 
+# Prose beyond the generated report lines (emoji, web and e-mail addresses, soft hyphens,
+# typographic quotes, sentence ends after initials and abbreviations, smileys, entities), and what
+# the jar returned for these captions in one call.
+PTB_PROSE_CASES = [
+    ("Made with \u2764\ufe0f, see https://example.org/docs/x?y=1. or docs.python.org/3/library or "
+     "mail dr.x@mgh.org.",
+     "made with \u2764 see https://example.org/docs/x?y=1 or docs.python.org/3/library or mail "
+     "dr.x@mgh.org"),
+    ("In the '90s Mr. O'Brien (Ph.D.) wrote \"No. 5\" etc. The end.",
+     "in the '90s mr. o'brien -lrb- ph.d. -rrb- wrote no. 5 etc. the end"),
+    ("x\u00adray, co\u00adoperation; 5\u00ad5 cm \u2014 \u201cquoted\u201d \u2018single\u2019 "
+     "\u00abguillemets\u00bb", "xray cooperation 55 cm quoted single guillemets"),
+    ("I. The heart is normal. A. Small effusion. U.S. The study.",
+     "i the heart is normal a. small effusion u.s. the study"),
+    ("cannot, gonna, gimme's; y'all rock'n'roll 'tis o'clock ma'am",
+     "can not gon na gimme 's y' all rock 'n' roll 't is o'clock ma'am"),
+    ("AT&T US$5 \u00a35 \u20ac5 \u00a2 \u00bd 2 1/2 (555) 123-4567 1.5e-5 3.5cm 12/03/2019 and/or",
+     "at&t us$ 5 # 5 $ 5 cents 1/2 2\xa01/2 -lrb-555-rrb-\xa0123-4567 1.5e-5 3.5 cm 12/03/2019 "
+     "and/or"),
+    (":) :-( ;D =] (x_x) ^_^ <br/> <p class='x'> &amp; &lt; &#34;",
+     ":-rrb- :--lrb- ;d =] -lrb-x_x-rrb- ^_^ <br/> <p\xa0class='x'> & < &#34;"),
+]
+
+
+def test_nlg_tokenize_equals_the_jar_on_prose():
+    texts = [t for t, _ in PTB_PROSE_CASES]
+    assert metrics.nlg_tokenize_captions(texts) == [e for _, e in PTB_PROSE_CASES]
+    if shutil.which("java") is not None:
+        assert _ptb(texts) == [e for _, e in PTB_PROSE_CASES], "the jar no longer gives these"
+
+
+def test_a_line_break_inside_a_caption_counts_as_a_space():
+    # the jar starts a new line at \r, \v, \f, U+2028 and U+2029 too, which pycocoevalcap leaves in
+    # the caption: every later caption would be scored against the wrong sample
+    assert metrics.nlg_tokenize_captions(["a\rbc.", "c\u2028d", "e\x0bf", "g"]) == [
+        "a bc", "c d", "e f", "g"]
+
+
 def _ptb_fixture():
     """tests/data/ptb_tokenizer_cases.json: generated report text and what the jar made of it (tests/ptb_cases.py)."""
     with open(ptb_cases.FIXTURE, encoding="utf-8") as f:
