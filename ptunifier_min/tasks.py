@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .images import ImageTransform
 from .tokenizer import special_ids
-from . import data, distributed, metrics, retrieval, stopping
+from . import data, distributed, metrics, nlg, retrieval, stopping
 from .distributed import autocast
 from .generation import TextDecoder, beam_search, encoder_memory, generation_loss
 from .model import Mlp
@@ -323,7 +323,7 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
             # every rank's share, in rank order: the one-process order of the records
             hyps = {k: v for part in distributed.gather(hyps, proc) for k, v in part.items()}
             refs = {k: v for part in distributed.gather(refs, proc) for k, v in part.items()}
-            return metrics.nlg_metrics(refs, hyps)
+            return nlg.nlg_metrics(refs, hyps)
         outs = []
         for batch in tqdm(loader, desc=f"eval {task.name}", disable=not (progress and proc.main),
                           leave=False):

@@ -1,4 +1,4 @@
-"""Report-like sentences for checking `metrics.nlg_tokenize` against pycocoevalcap's java PTBTokenizer.
+"""Report-like sentences for checking `nlg.nlg_tokenize` against pycocoevalcap's java PTBTokenizer.
 
 `report_sentences(seed, n)` is deterministic (its own random.Random). `python tests/ptb_cases.py` runs the jar
 (through pycocoevalcap's PTBTokenizer, exactly as COCOEvalCap does) on report_sentences(0, N_CASES) and stores the

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ptunifier_min.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_ids
-from ptunifier_min import metrics, tasks
+from ptunifier_min import nlg, tasks
 from ptunifier_min.config import ModelConfig
 from ptunifier_min.generation import (TextDecoder, beam_search, encoder_memory, generation_loss, greedy)
 from ptunifier_min.model import PTUnifier
@@ -419,8 +419,8 @@ def test_generation_is_scored_against_the_raw_reference_text(kind, byte_level_bp
                        max_gen_len=32, progress=False)
     hyps = {r["id"]: tok.decode(ids) for r, ids in zip(records, generated)}
     raw = {r["id"]: [r["target"]] for r in records}
-    assert m == metrics.nlg_metrics(raw, hyps)
-    perfect = metrics.nlg_metrics(raw, {k: v[0] for k, v in raw.items()})
+    assert m == nlg.nlg_metrics(raw, hyps)
+    perfect = nlg.nlg_metrics(raw, {k: v[0] for k, v in raw.items()})
     if kind == "byte_level_bpe":  # lossless: the generation is the reference, and scores perfectly
         assert list(hyps.values()) == REFERENCES and m == perfect
         assert m["BLEU_4"] == pytest.approx(1.0) and m["CIDEr"] > 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ptb_cases  # tests/ptb_cases.py: the generated report text and the jar's outputs for it
-from ptunifier_min import metrics
+from ptunifier_min import metrics, nlg
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None,
                                 reason="java is not on PATH: pycocoevalcap's PTBTokenizer and METEOR are java programs")
@@ -134,10 +134,10 @@ def test_bleu_rouge_cider_match_pycocoevalcap(seed):
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
     refs, hyps = _corpus(seed)
-    assert metrics.bleu(refs, hyps) == pytest.approx(Bleu(4).compute_score(
+    assert nlg.bleu(refs, hyps) == pytest.approx(Bleu(4).compute_score(
         refs, {k: [v] for k, v in hyps.items()}, verbose=0)[0], abs=1e-9)
-    assert metrics.rouge_l(refs, hyps) == pytest.approx(_coco(Rouge(), refs, hyps), abs=1e-9)
-    assert metrics.cider_d(refs, hyps) == pytest.approx(_coco(Cider(), refs, hyps), abs=1e-9)
+    assert nlg.rouge_l(refs, hyps) == pytest.approx(_coco(Rouge(), refs, hyps), abs=1e-9)
+    assert nlg.cider_d(refs, hyps) == pytest.approx(_coco(Cider(), refs, hyps), abs=1e-9)
 
 
 def test_bleu_brevity_penalty_both_ways():
@@ -147,8 +147,8 @@ def test_bleu_brevity_penalty_both_ways():
     long = {k: v + " " + refs[k][0] for k, v in hyps.items()}  # longer: no penalty
     for h in (short, long):
         expected = Bleu(4).compute_score(refs, {k: [v] for k, v in h.items()}, verbose=0)[0]
-        assert metrics.bleu(refs, h) == pytest.approx(expected, abs=1e-9)
-    assert metrics.bleu(refs, short)[0] < metrics.bleu(refs, long)[0]
+        assert nlg.bleu(refs, h) == pytest.approx(expected, abs=1e-9)
+    assert nlg.bleu(refs, short)[0] < nlg.bleu(refs, long)[0]
 
 
 def test_lcs_matches_the_quadratic_table():
@@ -160,19 +160,19 @@ def test_lcs_matches_the_quadratic_table():
         for i in range(len(a)):
             for j in range(len(b)):
                 table[i + 1][j + 1] = table[i][j] + 1 if a[i] == b[j] else max(table[i][j + 1], table[i + 1][j])
-        assert metrics._lcs(a, b) == table[-1][-1]
+        assert nlg._lcs(a, b) == table[-1][-1]
 
 
 def test_scores_of_perfect_and_disjoint_hypotheses():
     refs = {1: ["the heart is normal in size"], 2: ["no pleural effusion is seen"]}
     perfect = {1: "the heart is normal in size", 2: "no pleural effusion is seen"}
     disjoint = {1: "xx yy zz", 2: "qq rr ss"}
-    assert metrics.bleu(refs, perfect) == pytest.approx([1.0] * 4)
-    assert metrics.rouge_l(refs, perfect) == pytest.approx(1.0)
-    assert metrics.bleu(refs, disjoint)[0] == pytest.approx(0.0, abs=1e-9)
-    assert metrics.rouge_l(refs, disjoint) == 0.0 and metrics.cider_d(refs, disjoint) == 0.0
+    assert nlg.bleu(refs, perfect) == pytest.approx([1.0] * 4)
+    assert nlg.rouge_l(refs, perfect) == pytest.approx(1.0)
+    assert nlg.bleu(refs, disjoint)[0] == pytest.approx(0.0, abs=1e-9)
+    assert nlg.rouge_l(refs, disjoint) == 0.0 and nlg.cider_d(refs, disjoint) == 0.0
     with pytest.raises(ValueError):
-        metrics.bleu(refs, {1: "the heart"})
+        nlg.bleu(refs, {1: "the heart"})
 
 
 # Inputs and what pycocoevalcap's java PTBTokenizer (CoreNLP 3.4.1, -lowerCase, punctuation filter) returned for them.
@@ -222,7 +222,7 @@ PTB_CASES = [
 
 @pytest.mark.parametrize("text,expected", PTB_CASES)
 def test_nlg_tokenize_recorded_cases(text, expected):
-    assert metrics.nlg_tokenize(text) == expected
+    assert nlg.nlg_tokenize(text) == expected
 
 
 def _ptb(texts):
@@ -267,8 +267,8 @@ def test_nlg_tokenize_matches_java_ptbtokenizer():
     cases = [t for t, _ in PTB_CASES]
     assert _ptb(cases) == [e for _, e in PTB_CASES]  # the recorded expectations are still what java says
     lines = _reports(0, 400)
-    mismatches = [(line, java, metrics.nlg_tokenize(line)) for line, java in zip(lines, _ptb(lines))
-                  if metrics.nlg_tokenize(line) != java]
+    mismatches = [(line, java, nlg.nlg_tokenize(line)) for line, java in zip(lines, _ptb(lines))
+                  if nlg.nlg_tokenize(line) != java]
     assert not mismatches, mismatches[:3]
 
 
@@ -298,7 +298,7 @@ PTB_PROSE_CASES = [
 
 def test_nlg_tokenize_equals_the_jar_on_prose():
     texts = [t for t, _ in PTB_PROSE_CASES]
-    assert metrics.nlg_tokenize_captions(texts) == [e for _, e in PTB_PROSE_CASES]
+    assert nlg.nlg_tokenize_captions(texts) == [e for _, e in PTB_PROSE_CASES]
     if shutil.which("java") is not None:
         assert _ptb(texts) == [e for _, e in PTB_PROSE_CASES], "the jar no longer gives these"
 
@@ -306,7 +306,7 @@ def test_nlg_tokenize_equals_the_jar_on_prose():
 def test_a_line_break_inside_a_caption_counts_as_a_space():
     # the jar starts a new line at \r, \v, \f, U+2028 and U+2029 too, which pycocoevalcap leaves in
     # the caption: every later caption would be scored against the wrong sample
-    assert metrics.nlg_tokenize_captions(["a\rbc.", "c\u2028d", "e\x0bf", "g"]) == [
+    assert nlg.nlg_tokenize_captions(["a\rbc.", "c\u2028d", "e\x0bf", "g"]) == [
         "a bc", "c d", "e f", "g"]
 
 
@@ -328,13 +328,13 @@ def test_nlg_tokenize_equals_the_jar_on_generated_report_text():
         "tests/ptb_cases.py changed: regenerate the fixture with `python tests/ptb_cases.py` (needs java)"
     if shutil.which("java") is not None:
         assert ptb_cases.jar_tokenize(sentences) == jar, "the jar no longer gives the stored outputs"
-    ours = metrics.nlg_tokenize_captions(sentences)
+    ours = nlg.nlg_tokenize_captions(sentences)
     mismatches = [(s, j, o) for s, j, o in zip(sentences, jar, ours) if j != o]
     assert not mismatches, f"{len(mismatches)} lines differ from the jar (text, jar, ours): {mismatches[:3]}"
     # the jar reads all captions as one text: the next caption can change the last token of this one
-    assert metrics.nlg_tokenize_captions(["Segment I.", "The heart.", "No.", "5 lines", "No."]) == [
+    assert nlg.nlg_tokenize_captions(["Segment I.", "The heart.", "No.", "5 lines", "No."]) == [
         "segment i", "the heart", "no.", "5 lines", "no"]
-    assert metrics.nlg_tokenize("Segment I.") == "segment i."
+    assert nlg.nlg_tokenize("Segment I.") == "segment i."
 
 
 def test_nlg_metrics_equal_pycocoevalcap_on_report_pairs():
@@ -347,7 +347,7 @@ def test_nlg_metrics_equal_pycocoevalcap_on_report_pairs():
         "tests/ptb_cases.py changed: regenerate the fixture with `python tests/ptb_cases.py` (needs java)"
     if shutil.which("java") is not None:
         assert ptb_cases.coco_tokenize(refs, hyps) == (gts, {k: v[0] for k, v in res.items()})
-    out = metrics.nlg_metrics(refs, hyps)
+    out = nlg.nlg_metrics(refs, hyps)
     assert_equals_pycocoevalcap(out, gts, res)
 
 
@@ -361,7 +361,7 @@ def test_nlg_metrics_match_the_coco_pipeline():
     tok = _ptb([r for i in ids for r in refs[i]] + [hyps[i] for i in ids])
     gts = {i: tok[2 * n:2 * n + 2] for n, i in enumerate(ids)}
     res = {i: [tok[2 * len(ids) + n]] for n, i in enumerate(ids)}
-    out = metrics.nlg_metrics(refs, hyps)
+    out = nlg.nlg_metrics(refs, hyps)
     assert_equals_pycocoevalcap(out, gts, res)
     assert "METEOR" not in out
 
@@ -373,18 +373,18 @@ def test_meteor_recorded_value():
     refs = {1: ["The heart is normal.", "Heart size normal."], 2: ["No effusion or pneumothorax."]}
     hyps = {1: "the heart is normal", 2: "No pleural effusion."}
     # METEOR 1.5 (pycocoevalcap's jar) on the tokenised text: per sample 1.0 and 0.2038..., corpus 0.392445...
-    assert metrics.nlg_metrics(refs, hyps, with_meteor=True)["METEOR"] == pytest.approx(0.3924454735221665, abs=1e-6)
+    assert nlg.nlg_metrics(refs, hyps, with_meteor=True)["METEOR"] == pytest.approx(0.3924454735221665, abs=1e-6)
 
 
 def test_meteor_says_what_to_install(monkeypatch):
     refs, hyps = {1: ["a b"]}, {1: "a b"}
     monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="java was not found on PATH") as e:
-        metrics.meteor(refs, hyps)
+        nlg.meteor(refs, hyps)
     assert "apt-get install default-jre-headless" in str(e.value)
     monkeypatch.setitem(sys.modules, "pycocoevalcap.meteor.meteor", None)  # makes the import fail
     with pytest.raises(RuntimeError, match="pycocoevalcap is not installed") as e:
-        metrics.nlg_metrics(refs, hyps, with_meteor=True)
+        nlg.nlg_metrics(refs, hyps, with_meteor=True)
     assert "pip install pycocoevalcap" in str(e.value)
 
 
