@@ -378,7 +378,7 @@ def test_meteor_recorded_value():
 
 def test_meteor_says_what_to_install(monkeypatch):
     refs, hyps = {1: ["a b"]}, {1: "a b"}
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(nlg.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="java was not found on PATH") as e:
         nlg.meteor(refs, hyps)
     assert "apt-get install default-jre-headless" in str(e.value)
