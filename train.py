@@ -84,11 +84,11 @@ def main(argv=None):
     # Freeze what the chosen objectives never reach (e.g. the prompt pools without ITC), measured by
     # one backward pass of a probe batch: DDP then needs no unused-parameter search.
     probe = collate([dataset[i] for i in range(cfg.batch_size)])
-    # step 0's draws
-    draw_step([probe], cfg, 0, special_info, continuation, proc.host_group, proc.device)
+    probe_draws = data.to_device(draw_step([probe], cfg, 0, special_info, continuation, proc)[0],
+                                 proc.device)  # step 0's
     probe = data.to_device(probe, proc.device)
     with distributed.autocast(precision, proc.device):
-        probe_loss = pretraining_loss(model, probe, cfg)[0]
+        probe_loss = pretraining_loss(model, probe, probe_draws, cfg)[0]
     frozen = optim.freeze_unreached(model, probe_loss)
     opt, groups = optim.build_optimizer(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay,
                                         (cfg.beta1, cfg.beta2))
@@ -149,17 +149,17 @@ def main(argv=None):
         # without asking the device. From here to the non-finite check the host never waits for the
         # device (tests/test_sync.py).
         micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-        draw_step(micro_batches, cfg, step, special_info, continuation, proc.host_group,
-                  proc.device)
+        draws = draw_step(micro_batches, cfg, step, special_info, continuation, proc)
         micro_batches = [data.to_device(batch, proc.device) for batch in micro_batches]
+        draws = [data.to_device(d, proc.device) for d in draws]
         step_stats = []
-        for micro, batch in enumerate(micro_batches):
+        for micro, (batch, draw) in enumerate(zip(micro_batches, draws)):
             # DDP all-reduces the gradients on the last micro-step only; no_sync must wrap the
             # forward pass too
             last = micro == cfg.grad_accum - 1
             with train_model.no_sync() if proc.world > 1 and not last else contextlib.nullcontext():
                 with distributed.autocast(precision, proc.device):
-                    loss, scalars, selected = pretraining_loss(train_model, batch, cfg, model)
+                    loss, scalars, selected = pretraining_loss(train_model, batch, draw, cfg)
                 # the gradients add up to the mean over the micro-steps
                 (loss / cfg.grad_accum).backward()
             # tensors: read on logging steps only, so the host does not wait here

@@ -3,7 +3,7 @@ barriers, precision.
 
     d = setup_distributed(seed, timeout_min=30)  # Dist(rank, world, local_rank, device)
     lo, hi = shard(n, d, unit=64)  # this rank's whole evaluation batches of n items
-    parts = gather(obj, d)         # every rank's obj, in rank order
+    parts = gather_objects(obj, d)  # every rank's obj, in rank order
     with autocast(resolve_precision("auto", proc.device), proc.device): ...
 
 Distributed behaviour, stated once: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo
@@ -196,13 +196,13 @@ def shard(n, proc, unit=1):
     batch): the batches are the very ones one process makes (a text batch pads to its longest
     text, so a batch cut elsewhere could compute other numbers), and rank r takes batches
     [r B / world, (r + 1) B / world) of the B. With fewer batches than ranks some shares are empty;
-    those ranks still take part in `gather`."""
+    those ranks still take part in `gather_objects`."""
     batches = -(-n // unit)
     lo = proc.rank * batches // proc.world * unit
     return lo, min(n, (proc.rank + 1) * batches // proc.world * unit)
 
 
-def gather(obj, proc):
+def gather_objects(obj, proc):
     """[rank 0's obj, rank 1's obj, ...] on every rank: one all_gather_object over the host group,
     so objects travel pickled through the host: pass CPU tensors (a CUDA tensor would arrive on the
     sender's device). Every rank must call it, with or without results of its own."""
@@ -211,6 +211,61 @@ def gather(obj, proc):
     out = [None] * proc.world
     dist.all_gather_object(out, obj, group=proc.host_group)
     return out
+
+
+# ---- the collectives of a training step: rank and world are the caller's, as in open_clip's loss --
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward pass sends each rank the gradient of its own
+    rows, summed over every rank's loss (an all-reduce of the whole gradient, then this rank's
+    slice: the features are a few hundred kB, and all-reduce runs on every backend, where
+    reduce-scatter does not run on gloo)."""
+
+    @staticmethod
+    def forward(ctx, x, rank, world):
+        ctx.rank, ctx.B = rank, len(x)
+        out = x.new_empty((world * len(x), *x.shape[1:]))
+        dist.all_gather_single(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.B:(ctx.rank + 1) * ctx.B], None, None
+
+
+def gather_with_grad(x, rank, world):
+    """All ranks' rows of x [B, ...] -> [world * B, ...], gradients flowing back to their owners."""
+    return x if world == 1 else _GatherWithGrad.apply(x, rank, world)
+
+
+def gather_rows(x, world, group=None):
+    """All ranks' rows of x, without gradients (ids, texts, images), in x's dtype. group: the
+    process group (None = the default one, which must serve x's device)."""
+    if world == 1:
+        return x
+    out = x.new_empty((world * len(x), *x.shape[1:]))
+    dist.all_gather_single(out, x.contiguous(), group=group)
+    return out
+
+
+def exchange_rows(x, send, split, world):
+    """cat(x, the rows other ranks send this one): each rank sends x[send], split[0][r] rows to rank
+    r, and receives split[1][r] from rank r, by one all_to_all. Every rank takes part, also one
+    that sends and receives nothing; the counts are the host's, so the host waits for nothing."""
+    if world == 1:
+        return x
+    send_counts, recv_counts = split
+    received = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(received, x[send].contiguous(), recv_counts, send_counts)
+    return torch.cat([x, received])
+
+
+def all_reduce_sum(t, world):
+    """t summed over the ranks, in place."""
+    if world > 1:
+        dist.all_reduce(t)
+    return t
 
 
 def cpu_bf16_flags(cpuinfo="/proc/cpuinfo"):

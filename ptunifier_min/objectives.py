@@ -1,9 +1,9 @@
 """The three pre-training objectives of PTUnifier (paper section 3.3) as small pure functions, and
 the step that sums them.
 
-    draw_step(micro_batches, cfg, step, special)
-        # on the host: MLM's targets (mask_step), ITM's negatives (itm_plan)
-    loss, stats, selections = pretraining_loss(model, batch, cfg)
+    draws = draw_step(micro_batches, cfg, step, special, proc=proc)
+        # on the host: MLM's targets (mask_step), ITM's negatives (itm_plan), one dict per micro-batch
+    loss, stats, selections = pretraining_loss(model, batch, draw, cfg)
         # then each micro-step, on the device
 
 Nothing in pretraining_loss reads a tensor of the device on the host: a micro-step never makes the
@@ -25,10 +25,9 @@ The authors' code never ran ITC (a misnamed config key); here all three are trai
 """
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .distributed import step_generator
+from . import distributed
 from .model import cross_entropy_fp32, matmul_fp32
 
 IGNORE = -100  # cross_entropy's ignore_index: positions without an MLM target
@@ -85,12 +84,13 @@ def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, generator, p
     return out, labels
 
 
-def mask_step(micro_batches, cfg, generator, special, continuation=None, device=None):
-    """MLM targets for every micro-batch of one optimizer step, before any forward pass. Adds to
-    each batch `mlm_input_ids` / `mlm_labels` [B, T], `mlm_positions` [M, 2] (row, column of each
-    masked token, in row-major order) and `mlm_norm`, what its summed MLM loss is divided by;
-    returns the step's masked-token count over all ranks (a tensor on `device`, the batches' when
-    None: reading it makes the host wait).
+def mask_step(micro_batches, cfg, generator, special, continuation=None, rank=0, world=1,
+              device=None):
+    """MLM targets for every micro-batch of one optimizer step, before any forward pass: one dict
+    per micro-batch, with `mlm_input_ids` / `mlm_labels` [B, T], `mlm_positions` [M, 2] (row,
+    column of each masked token, in row-major order) and `mlm_norm`, what its summed MLM loss is
+    divided by (the step's masked-token count over all ranks, a tensor on `device`, the batches'
+    when None: reading it makes the host wait).
 
     train.py calls it on the batches while they are still on the host: the masks are then drawn
     where their CPU generator is, and the host knows where the masked tokens are, so the MLM head
@@ -105,25 +105,23 @@ def mask_step(micro_batches, cfg, generator, special, continuation=None, device=
     2B (and 2 processes at batch B), unless a micro-batch draws no token at all and takes
     mask_tokens' fallback (a rare event for any but the shortest texts at batch 1).
     """
-    rank, world = rank_and_world()
     B, A = len(micro_batches[0]["input_ids"]), len(micro_batches)
     start = generator.get_state()
-    count = torch.zeros((), dtype=torch.long)
+    count, draws = torch.zeros((), dtype=torch.long), []
     for micro, batch in enumerate(micro_batches):
         generator.set_state(start)  # the same tables for every micro-batch; each keeps its own rows
-        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
+        ids, labels = mask_tokens(
             batch["input_ids"], batch["attention_mask"], special["ids"], cfg.model.vocab_size,
             generator, cfg.mlm_prob, special["mask"], continuation if cfg.whole_word else None,
             rows=B * world * A, width=cfg.model.max_text_len, offset=(micro * world + rank) * B)
-        batch["mlm_positions"] = (batch["mlm_labels"] != IGNORE).nonzero()  # [M, 2]
-        count = count + len(batch["mlm_positions"])
-    count = count.to(device or batch["mlm_labels"].device, non_blocking=True)
-    if world > 1:
-        # a collective: every rank masks its micro-batches, then all sum their counts
-        dist.all_reduce(count)
-    for batch in micro_batches:
-        batch["mlm_norm"] = count.float() / (world * A)
-    return count
+        positions = (labels != IGNORE).nonzero()  # [M, 2]
+        draws.append({"mlm_input_ids": ids, "mlm_labels": labels, "mlm_positions": positions})
+        count = count + len(positions)
+    # a collective: every rank masks its micro-batches, then all sum their counts
+    count = distributed.all_reduce_sum(count.to(device or labels.device, non_blocking=True), world)
+    for d in draws:
+        d["mlm_norm"] = count.float() / (world * A)
+    return draws
 
 
 def mlm_loss(logits, labels, norm=None):
@@ -142,76 +140,17 @@ def itm_loss(logits, matched):
     return cross_entropy_fp32(logits, target), (logits.argmax(-1) == target).float().mean()
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """All ranks' rows in rank order; the backward pass sends each rank the gradient of its own
-    rows, summed over every rank's loss (an all-reduce of the whole gradient, then this rank's
-    slice: the features are a few hundred kB, and all-reduce runs on every backend, where
-    reduce-scatter does not run on gloo)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.rank, ctx.B = dist.get_rank(), len(x)
-        out = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))
-        dist.all_gather_single(out, x.contiguous())
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.B:(ctx.rank + 1) * ctx.B]
-
-
-def gather(x):
-    """All ranks' rows of x, with gradients flowing back to their owners; x itself when not
-    distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
-
-
-def gather_all(x, group=None):
-    """All ranks' rows of x, without gradients (inputs: ids, texts, images), in x's dtype; x itself
-    when not distributed. group: the process group to use (None = the default one, which must serve
-    x's device)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))
-    dist.all_gather_single(out, x.contiguous(), group=group)
-    return out
-
-
-def exchange_images(image, batch):
-    """The images of this rank's ITM pairs [B, C, S, S]: its own, or the negative itm_plan swapped
-    in, brought from the rank that holds it by one all_to_all of exactly the rows needed, in the
-    loader's dtype (uint8 one-channel pixels, a twelfth of the float RGB the model reads; the model
-    normalises them).
-
-    Paper preset, 8 x 32 at 288 px: about 14 rows of 83 KB (1.2 MB) arrive per rank and micro-step,
-    where an all-gather of every image would bring 224 of them (19 MB), and 4 nodes four times that.
-    The row counts are the host's (itm_plan): the exchange makes the host wait for nothing."""
-    send_counts, recv_counts = batch["itm_split"]
-    pool = image
-    # every rank takes part, also one that sends and receives nothing (a collective)
-    if len(send_counts) > 1:
-        received = image.new_empty((sum(recv_counts), *image.shape[1:]))
-        dist.all_to_all_single(received, image[batch["itm_send"]].contiguous(),
-                               recv_counts, send_counts)
-        pool = torch.cat([image, received])
-    return pool[batch["itm_source"]]
-
-
-def itc_loss(image_feats, text_feats, scale):
+def itc_loss(image_feats, text_feats, scale, rank=0, world=1):
     """Symmetric InfoNCE (paper eqs. 7-10) between L2-normalised features [B, d] of this rank's
-    pairs.
+    pairs, `rank` of `world`.
 
     Each rank scores its own rows against every rank's columns. With DDP averaging the gradients
     over ranks and the gather sending gradients back, this is exactly the loss of the global batch
     on one device.
     Returns (loss, image->text accuracy).
     """
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    all_image, all_text = gather(image_feats), gather(text_feats)
+    all_image = distributed.gather_with_grad(image_feats, rank, world)
+    all_text = distributed.gather_with_grad(text_feats, rank, world)
     B = len(image_feats)
     target = torch.arange(B, device=image_feats.device) + rank * B
     logits_i2t = scale.float() * matmul_fp32(image_feats, all_text.t())  # [B, world * B]
@@ -291,28 +230,27 @@ def exchange_plan(rows, B, rank, world):
     return rows[out] - offset, split, source
 
 
-def itm_plan(batch, cfg, generator, group=None):
+def itm_plan(batch, cfg, generator, rank=0, world=1, group=None):
     """ITM's draws for one micro-batch, made on the host before the batch moves (like mask_step's
     masks): which of the global batch's pairs get a swapped-in image (half, at random), which image,
-    and how each rank gets the images it swaps in. Adds to the batch:
+    and how each rank gets the images it swaps in. Returns:
 
         itm_swap [B] bool        this rank's pairs whose image is another pair's (the mismatches ITM
                                  must detect)
         itm_send [S], itm_split  own images other ranks need, and (rows to each rank, rows from each
                                  rank): lists
         itm_source [B]           each pair's image in cat(own images, received images)
-                                 (exchange_images)
+                                 (distributed.exchange_rows)
 
     With cfg.itm_hard_negatives the choice of the image needs ITC's features, which only the device
     has: itm_valid [B, G] (the valid negatives of this rank's pairs) and itm_seed (for the device's
-    draw) instead, and every rank receives every image (gather_all).
+    draw) instead, and every rank receives every image (distributed.gather_rows).
 
     Every rank gathers the global batch's file ids and texts (small int64 tensors, through `group`,
     a CPU process group: distributed.Dist.host_group) and draws the same tables from `generator`, so
     each knows what the others send. A pair of the global batch without any valid negative raises
     ValueError here, before any pass.
     """
-    rank, world = rank_and_world()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     B = len(ids)
     G, mine = B * world, slice(rank * B, (rank + 1) * B)
@@ -320,7 +258,8 @@ def itm_plan(batch, cfg, generator, group=None):
     # padding never tells two equal texts apart
     text = F.pad(ids.masked_fill(~mask.bool(), -1), (0, cfg.model.max_text_len - ids.shape[1]),
                  value=-1)
-    meta = gather_all(torch.cat([batch["image_id"][:, None], text], 1), group).cpu()  # [G, 1 + L]
+    meta = distributed.gather_rows(torch.cat([batch["image_id"][:, None], text], 1), world,
+                                   group).cpu()  # [G, 1 + L]
     valid = valid_negatives(meta[:, 0], meta[:, 1:])
     lonely = (~valid.any(1)).nonzero().flatten().tolist()
     if lonely:
@@ -329,65 +268,63 @@ def itm_plan(batch, cfg, generator, group=None):
                          "other pair shows its image file or has its text); raise --batch-size")
     if cfg.itm_hard_negatives:
         swap = torch.rand(G, generator=generator) < 0.5
-        batch.update(itm_swap=swap[mine], itm_valid=valid[mine],
-                     itm_seed=int(torch.randint(2**62, (), generator=generator)))
-        return batch
+        return {"itm_swap": swap[mine], "itm_valid": valid[mine],
+                "itm_seed": int(torch.randint(2**62, (), generator=generator))}
     swap, rows = itm_rows(valid, generator)
     send, split, source = exchange_plan(rows, B, rank, world)
-    batch.update(itm_swap=swap[mine], itm_send=send, itm_split=split, itm_source=source)
-    return batch
+    return {"itm_swap": swap[mine], "itm_send": send, "itm_split": split, "itm_source": source}
 
 
-def rank_and_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def draw_step(micro_batches, cfg, step, special, continuation=None, host_group=None, device=None):
+def draw_step(micro_batches, cfg, step, special, continuation=None, proc=None):
     """Every random draw of optimizer step `step`, made on the host before the batches move: MLM's
     targets for the whole step (mask_step), then ITM's negatives for each micro-batch (itm_plan),
-    each from its own stream of distributed.step_generator. host_group, device: see itm_plan and
-    mask_step."""
+    each from its own stream of distributed.step_generator. Returns one dict of draws per
+    micro-batch, for pretraining_loss, with the rank and world size they were drawn for. proc: the
+    distributed.Dist of this process (its rank and world, the host group, the device)."""
+    proc = proc or distributed.Dist()
     objectives = cfg.objective_set()
+    draws = [{"rank": proc.rank, "world": proc.world} for _ in micro_batches]
     if "mlm" in objectives:
-        mask_step(micro_batches, cfg, step_generator(cfg.seed, step), special, continuation, device)
+        for d, mlm in zip(draws, mask_step(micro_batches, cfg,
+                                           distributed.step_generator(cfg.seed, step), special,
+                                           continuation, proc.rank, proc.world, proc.device)):
+            d.update(mlm)
     if "itm" in objectives:
-        for micro, batch in enumerate(micro_batches):
-            itm_plan(batch, cfg, step_generator(cfg.seed, step, micro), host_group)
+        for micro, (d, batch) in enumerate(zip(draws, micro_batches)):
+            d.update(itm_plan(batch, cfg, distributed.step_generator(cfg.seed, step, micro),
+                              proc.rank, proc.world, proc.host_group))
+    return draws
 
 
-def pretraining_loss(model, batch, cfg, unwrapped_model=None):
-    """One micro-step of PTUnifier pre-training. `model` may be DDP-wrapped; heads are read from
-    `unwrapped_model`.
+def pretraining_loss(model, batch, draws, cfg):
+    """One micro-step of PTUnifier pre-training. `model` may be wrapped (DDP, torch.compile): the
+    passes run through it, so that DDP reduces their gradients, and the heads are read from the
+    model it wraps.
 
     batch: image [B, 1, H, W] uint8 pixels (the model normalises them; or [B, 3, H, W] floats),
-    input_ids [B, T], attention_mask [B, T], and what the host drew for the step: MLM's targets
-    (mask_step) and ITM's negatives (itm_plan); optionally padded, the collate's bool: does the mask
-    mark any padding (else each pass reads it from the device). ITC and ITM see this micro-batch
-    only, as in CLIP.
+    input_ids [B, T], attention_mask [B, T]; optionally padded, the collate's bool: does the mask
+    mark any padding (else each pass reads it from the device). draws: what the host drew for this
+    micro-batch (draw_step). ITC and ITM see this micro-batch only, as in CLIP.
     Returns (weighted total loss, scalars, selections): scalars = {name: 0-dim tensor} for logging,
     the weighted total among them as `loss`; selections = {"visual" | "textual": [B, k] pool rows
     the single-modality passes chose} (pool mode with ITC only), for the pool-usage statistics.
     """
-    unwrapped = unwrapped_model or model
+    heads = distributed.unwrap(model)
     objectives = cfg.objective_set()
     image, ids, mask, padded = (batch["image"], batch["input_ids"], batch["attention_mask"],
                                 batch.get("padded"))
-    # where this rank's rows of the global batch start
-    B, offset = len(ids), rank_and_world()[0] * len(ids)
+    rank, world = draws["rank"], draws["world"]
+    B, offset = len(ids), rank * len(ids)  # where this rank's rows of the global batch start
     total, stats, selections = 0.0, {}, {}
     if "itc" in objectives:
         # every pass reads only the final states its head uses (PTUnifier.forward's `read`)
         img = model(image=image, read="pooled")
         txt = model(input_ids=ids, attention_mask=mask, padded=padded, read="pooled")
-        # the passes ran through `model` (DDP's forward, so that DDP reduces their gradients); the
-        # head is read from the unwrapped model
-        zi, zt = unwrapped.itc_embed(img), unwrapped.itc_embed(txt)
-        loss, acc = itc_loss(zi, zt, unwrapped.itc_scale())
+        zi, zt = heads.itc_embed(img), heads.itc_embed(txt)
+        loss, acc = itc_loss(zi, zt, heads.itc_scale(), rank, world)
         total = total + cfg.w_itc * loss
         stats.update(itc_loss=loss.detach(), itc_acc=acc,
-                     logit_scale=unwrapped.itc_scale().detach())
+                     logit_scale=heads.itc_scale().detach())
         for k, rows in (("visual", txt.selected_visual), ("textual", img.selected_textual)):
             if rows is not None:
                 selections[k] = rows
@@ -404,28 +341,33 @@ def pretraining_loss(model, batch, cfg, unwrapped_model=None):
                 if weight:
                     total = total + weight * term
     if "mlm" in objectives:
-        enc = model(image=image, input_ids=batch["mlm_input_ids"], attention_mask=mask,
+        enc = model(image=image, input_ids=draws["mlm_input_ids"], attention_mask=mask,
                     padded=padded, read="text")
         # [M] each: the masked tokens, found by mask_step
-        row, col = batch["mlm_positions"].unbind(1)
-        logits = unwrapped.mlm_logits(enc.hidden[row, col])  # only they reach the vocabulary
-        loss, acc = mlm_loss(logits, batch["mlm_labels"][row, col], batch["mlm_norm"])
+        row, col = draws["mlm_positions"].unbind(1)
+        logits = heads.mlm_logits(enc.hidden[row, col])  # only they reach the vocabulary
+        loss, acc = mlm_loss(logits, draws["mlm_labels"][row, col], draws["mlm_norm"])
         total = total + cfg.w_mlm * loss
         stats.update(mlm_loss=loss.detach(), mlm_acc=acc)
     if "itm" in objectives:  # the draws are itm_plan's, made on the host
-        swap = batch["itm_swap"]
+        swap = draws["itm_swap"]
         if cfg.itm_hard_negatives:  # the config refuses it without ITC
-            probs = hard_negative_probs(zt, gather_all(zi.detach()), unwrapped.itc_scale(),
-                                        batch["itm_valid"])
-            neg = itm_negatives(probs, torch.Generator(ids.device).manual_seed(batch["itm_seed"]),
+            probs = hard_negative_probs(zt, distributed.gather_rows(zi.detach(), world),
+                                        heads.itc_scale(), draws["itm_valid"])
+            neg = itm_negatives(probs, torch.Generator(ids.device).manual_seed(draws["itm_seed"]),
                                 offset)
             rows = torch.where(swap, neg, torch.arange(offset, offset + B, device=ids.device))
-            itm_image = gather_all(image)[rows]
+            itm_image = distributed.gather_rows(image, world)[rows]
         else:
-            itm_image = exchange_images(image, batch)
+            # The images of this rank's pairs: its own, or the negative itm_plan swapped in,
+            # brought from the rank that holds it by one all_to_all of exactly the rows needed, as
+            # uint8 pixels (at the paper preset, 8 x 32 at 288 px: ~14 rows, 1.2 MB per rank and
+            # micro-step, where an all-gather of every image would bring 224, 19 MB).
+            itm_image = distributed.exchange_rows(image, draws["itm_send"], draws["itm_split"],
+                                                  world)[draws["itm_source"]]
         enc = model(image=itm_image, input_ids=ids, attention_mask=mask, padded=padded,
                     read="pooled")
-        loss, acc = itm_loss(unwrapped.itm_logits(enc.pooled), ~swap)
+        loss, acc = itm_loss(heads.itm_logits(enc.pooled), ~swap)
         total = total + cfg.w_itm * loss
         stats.update(itm_loss=loss.detach(), itm_acc=acc)
     stats["loss"] = total.detach()  # the weighted sum that is optimised, as logged

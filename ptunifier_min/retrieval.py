@@ -66,7 +66,7 @@ def embed_sharded(embed, items, unit, device, proc):
     mine = embed(items[lo:hi]) if hi > lo else None
     if proc.world == 1:
         return mine
-    parts = distributed.gather(None if mine is None else mine.cpu(), proc)  # host wait
+    parts = distributed.gather_objects(None if mine is None else mine.cpu(), proc)  # host wait
     return torch.cat([p for p in parts if p is not None]).to(device)
 
 
@@ -226,7 +226,7 @@ def embedding_recall(image_emb, text_emb, txt_image, ks=(1, 5, 10), img_group=No
                            block or max(1, BLOCK_ENTRIES // max(1, n_txt)), rerank_top,
                            itm_margins, rows)
     if rerank_top and proc.world > 1:  # each rank re-ranked its share: in order, on every rank
-        i2t = torch.cat(distributed.gather(i2t[rows[0]:rows[1]].cpu(), proc))
+        i2t = torch.cat(distributed.gather_objects(i2t[rows[0]:rows[1]].cpu(), proc))
     t2i = _first_hit_ranks(text_emb, image_emb, txt_group, group,
                            block or max(1, BLOCK_ENTRIES // max(1, n_img)))
     # the host waits for the ranks here; counts over n, as a mean of hits would give

@@ -321,8 +321,8 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
                     # it, which would rewrite it ("2.5 cm" -> "2. 5 cm") and drop [UNK] words.
                     hyps[r["id"]], refs[r["id"]] = tok.decode(ids), [r["target"]]
             # every rank's share, in rank order: the one-process order of the records
-            hyps = {k: v for part in distributed.gather(hyps, proc) for k, v in part.items()}
-            refs = {k: v for part in distributed.gather(refs, proc) for k, v in part.items()}
+            hyps = {k: v for part in distributed.gather_objects(hyps, proc) for k, v in part.items()}
+            refs = {k: v for part in distributed.gather_objects(refs, proc) for k, v in part.items()}
             return nlg.nlg_metrics(refs, hyps)
         outs = []
         for batch in tqdm(loader, desc=f"eval {task.name}", disable=not (progress and proc.main),
@@ -330,7 +330,7 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
             with autocast(precision, device):
                 outs.append(model(data.to_device(batch, device)).float().cpu())
         # [N, n_out]: every rank's batches, in rank order
-        logits = torch.cat([x for part in distributed.gather(outs, proc) for x in part])
+        logits = torch.cat([x for part in distributed.gather_objects(outs, proc) for x in part])
         if task.metric == "auroc":
             labels = torch.tensor([r["labels"] for r in records])
             names = (meta or {}).get("label_names") or [task.name]

@@ -65,8 +65,8 @@ def test_pretraining_stays_within_dynamos_recompile_limit(monkeypatch):
         batch = {"image": torch.randint(0, 256, (B, 1, 32, 32), dtype=torch.uint8),
                  "input_ids": ids, "attention_mask": mask, "padded": padded,
                  "index": torch.arange(B), "image_id": torch.arange(B)}
-        draw_step([batch], cfg, step, special)
-        pretraining_loss(compiled, batch, cfg, model)[0].backward()
+        draws = draw_step([batch], cfg, step, special)
+        pretraining_loss(compiled, batch, draws[0], cfg)[0].backward()
     torch._dynamo.reset()
     # image-only; text-only, MLM's and ITM's pass, each with and without padding
     assert len(graphs) == 7 <= torch._dynamo.config.recompile_limit

@@ -61,24 +61,25 @@ def make(objectives, hard=False, rank=0, world=1):
     model = PTUnifier(cfg.model)
     # what train.py does: freeze what a probe step of these objectives does not reach (a collective, on every rank)
     probe = micro_batches(0, rank, world, 1)
-    draw_step(probe, cfg, 0, SPECIAL)
-    optim.freeze_unreached(model, pretraining_loss(model, probe[0], cfg)[0])
+    draws = draw_step(probe, cfg, 0, SPECIAL, proc=distributed.Dist(rank=rank, world=world))
+    optim.freeze_unreached(model, pretraining_loss(model, probe[0], draws[0], cfg)[0])
     return cfg, model
 
 
-def step_loss(net, model, cfg, batches, step):
+def step_loss(net, cfg, batches, step, rank=0, world=1):
     """What train.py does for one optimizer step before the update: masks for the step, then the micro-steps, the
-    gradients all-reduced on the last. Returns (the last micro-step's loss, its scalars averaged over micro-steps)."""
-    draw_step(batches, cfg, step, SPECIAL)
+    gradients all-reduced on the last. Returns (the last micro-step's loss, its scalars averaged over micro-steps,
+    the step's draws)."""
+    draws = draw_step(batches, cfg, step, SPECIAL, proc=distributed.Dist(rank=rank, world=world))
     stats = {}
-    for micro, batch in enumerate(batches):
+    for micro, (batch, draw) in enumerate(zip(batches, draws)):
         last = micro == len(batches) - 1
         with net.no_sync() if isinstance(net, DDP) and not last else contextlib.nullcontext():
-            loss, scalars, _ = pretraining_loss(net, batch, cfg, model)
+            loss, scalars, _ = pretraining_loss(net, batch, draw, cfg)
             (loss / len(batches)).backward()
         for k, v in scalars.items():
             stats[k] = stats.get(k, 0.0) + float(v) / len(batches)
-    return loss, stats
+    return loss, stats, draws
 
 
 def train(objectives, rank=0, world=1, hard=False, accum=1):
@@ -88,7 +89,7 @@ def train(objectives, rank=0, world=1, hard=False, accum=1):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     net = DDP(model) if world > 1 else model  # find_unused_parameters=False (the default)
     for step in range(STEPS):
-        step_loss(net, model, cfg, micro_batches(step, rank, world, accum), step)
+        step_loss(net, cfg, micro_batches(step, rank, world, accum), step, rank, world)
         opt.step()
         opt.zero_grad()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -127,12 +128,12 @@ def test_mlm_grad_accumulation_is_exact():
     for accum in (1, 2, 4):
         cfg, model = make("mlm")
         batches = micro_batches(0, 0, 1, accum)
-        _, stats = step_loss(model, model, cfg, batches, 0)
-        labels = torch.cat([F.pad(b["mlm_labels"], (0, 24 - b["mlm_labels"].shape[1]), value=IGNORE) for b in batches])
+        _, stats, draws = step_loss(model, cfg, batches, 0)
+        labels = torch.cat([F.pad(d["mlm_labels"], (0, 24 - d["mlm_labels"].shape[1]), value=IGNORE) for d in draws])
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[accum] = stats["mlm_loss"], labels, grads
         if accum == 2:  # the halves mask different numbers of tokens, so a mean of two means would be off
-            assert len({int((b["mlm_labels"] != IGNORE).sum()) for b in batches}) == 2
+            assert len({int((d["mlm_labels"] != IGNORE).sum()) for d in draws}) == 2
     loss, labels, grads = results[1]
     for accum in (2, 4):
         assert torch.equal(results[accum][1], labels), f"--grad-accum {accum} masks other tokens"
@@ -248,12 +249,11 @@ def test_train_and_finetune_check_the_environment_before_any_lock_or_data(
 
 def gather_worker(rank, world, store, out):
     import warnings
-    from ptunifier_min.objectives import gather
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     x = (torch.arange(6.0).view(3, 2) + 10 * rank).requires_grad_()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = gather(x)  # [world * 3, 2]
+        y = distributed.gather_with_grad(x, rank, world)  # [world * 3, 2]
         # each rank's loss weighs every gathered row differently
         (y * (torch.arange(12.0).view(6, 2) + 1) ** (rank + 1)).sum().backward()
     torch.save({"y": y.detach(), "grad": x.grad, "warnings": [str(w.message) for w in caught]},

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
@@ -165,7 +166,7 @@ def _exchange_worker(rank, world, store, out):
     rows = torch.tensor([2, 3, 0, 1, 4, 5])  # ranks 0 and 1 show each other's images; rank 2 keeps its own
     send, split, source = objectives.exchange_plan(rows, 2, rank, world)
     image = (10 * (2 * rank + torch.arange(2))).to(torch.uint8).view(2, 1, 1, 1)  # global row j holds 10 j
-    got = objectives.exchange_images(image, {"itm_send": send, "itm_split": split, "itm_source": source})
+    got = distributed.exchange_rows(image, send, split, world)[source]
     torch.save((split, got.flatten()), f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -237,13 +238,21 @@ def fake_batch(B=6):
             "index": torch.arange(B), "image_id": torch.arange(B) + 100}
 
 
+def draws_for(batch, cfg, seed=0, itm_seed=None, rank=0, world=1):
+    """What draw_step draws for one micro-batch of rank `rank`, from explicitly seeded generators."""
+    draws = {"rank": rank, "world": world}
+    if "mlm" in cfg.objective_set():
+        draws.update(mask_step([batch], cfg, torch.Generator().manual_seed(seed), SPECIAL, rank=rank,
+                               world=world)[0])
+    if "itm" in cfg.objective_set():
+        seed = seed + 1 if itm_seed is None else itm_seed
+        draws.update(itm_plan(batch, cfg, torch.Generator().manual_seed(seed), rank, world))
+    return draws
+
+
 def pretraining_step_loss(model, batch, cfg, seed=0):
     """One single-micro-step loss as train.py computes it: the step's MLM targets first, then the losses."""
-    if "mlm" in cfg.objective_set():
-        mask_step([batch], cfg, torch.Generator().manual_seed(seed), SPECIAL)
-    if "itm" in cfg.objective_set():
-        itm_plan(batch, cfg, torch.Generator().manual_seed(seed + 1))
-    return pretraining_loss(model, batch, cfg)
+    return pretraining_loss(model, batch, draws_for(batch, cfg, seed), cfg)
 
 
 @pytest.mark.parametrize("objectives", OBJECTIVE_SETS)
@@ -376,10 +385,9 @@ def _lean_case(hard=False):
 def _step(model, cfg, batch):
     """A full pre-training micro-step's loss and gradients (the model's grads are cleared first)."""
     model.zero_grad(set_to_none=True)
-    batch = dict(batch)
-    mask_step([batch], cfg, torch.Generator().manual_seed(0), SPECIAL)
-    itm_plan(batch, cfg, torch.Generator().manual_seed(5))  # each rank swaps in two images of the other
-    loss, stats, _ = pretraining_loss(model, batch, cfg)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    # each rank swaps in two images of the other
+    loss, stats, _ = pretraining_loss(model, batch, draws_for(batch, cfg, 0, 5, rank, world), cfg)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -166,7 +166,7 @@ def test_batches_bound_for_a_gpu_are_copied_from_pinned_memory(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: self.shape == (3,))  # the loader pinned this one
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(tuple(self.shape)) or self)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(k.get("non_blocking")) or self)
-    batch = {"image": torch.zeros(3), "mlm_positions": torch.zeros(2, 2), "itm_split": ([1], [1])}
+    batch = {"image": torch.zeros(3), "mlm_positions": torch.zeros(2, 2), "itm_split": ([1], [1])}  # and draws
     out = data.to_device(batch, torch.device("cuda", 0))
     assert pinned == [(2, 2)] and copies == [True, True] and out["itm_split"] == ([1], [1])
     pinned.clear()
