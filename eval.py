@@ -36,7 +36,7 @@ from ptunifier_min.fields import option
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.datasets.source import SOURCE, ensure_prepared
 
-ZERO_SHOT = ("roco_retrieval", "chexpert")
+ZERO_SHOT = [name for name, task in tasks.TASKS.items() if task.zero_shot]
 PAPER_PAIRS = 2000  # the retrieval protocol of M3AE and PTUnifier: 2,000 pairs of the ROCO split
 
 # Table 2 of the paper: (heading, task, metric), shown as percentages
@@ -126,7 +126,8 @@ def main(argv=None):
         cfg.beam_size = args.beam_size or cfg.beam_size
         cfg.length_penalty = cfg.length_penalty if args.length_penalty < 0 else args.length_penalty
     task = tasks.get_task(cfg.task)
-    if "retrieval_pairs" in args.given and task.metric != "recall":
+    retrieves = task.kind is tasks.RETRIEVE  # the pairs it scores are chosen by --retrieval-pairs
+    if "retrieval_pairs" in args.given and not retrieves:
         raise SystemExit(f"--retrieval-pairs chooses retrieval pairs; {task.name} is not a "
                          "retrieval task")
     for k in ("data_root", "synth_root", "synth_scale"):
@@ -135,14 +136,14 @@ def main(argv=None):
     cfg.eval_batch_size, cfg.num_workers, cfg.tokenizer = (
         args.eval_batch_size, args.num_workers, tok_path)
 
-    whole = task.metric == "recall" and pairs == "all"
+    whole = retrieves and pairs == "all"
     root, _ = ensure_prepared(cfg, [task.folder] + (["roco"] if whole else []), proc, print0)
     folder = os.path.join(root, task.folder)
     meta = data.read_meta(folder)
     # and the folder it is cut from (zero-shot ROCO retrieval: pre-training read roco's train)
     check_splits(ckpt, root, sorted({task.folder, SOURCE.get(task.folder, task.folder)}))
     records = data.read_split(folder, args.split, required=task.fields)
-    if task.metric == "recall":
+    if retrieves:
         records, what = choose_pairs(records, pairs, os.path.join(root, "roco"), args.split)
         print0(f"retrieval pairs: {what}")
     backbone = PTUnifier(cfg.model)
@@ -154,12 +155,9 @@ def main(argv=None):
     if zero_shot:
         checkpoint.load_weights(ckpt, backbone, strict=True)
         backbone.to(proc.device).eval()
-        if task.name == "chexpert":
-            m = tasks.zero_shot_classification(backbone, records, meta["label_names"], tok,
-                                               **inputs)
-        else:  # retrieval through the backbone's own ITC head
-            m = tasks.evaluate(backbone, task, records, tok, **inputs, rerank_top=args.rerank_top,
-                               print0=print0)
+        # through the backbone's own ITC head: retrieval, or CheXpert's labels as text prompts
+        m = task.zero_shot(backbone, task, records, meta, tok, **inputs,
+                           rerank_top=args.rerank_top, print0=print0)
         init = ckpt
     else:
         model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len)

@@ -92,9 +92,9 @@ def main(argv=None):
     tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     lengths = choose_lengths(cfg, task, tasks.text_lengths(task, splits["train"], tok),
                              "max_text_len" in cfg.given, print0)
-    splits["train"] = tasks.subset(splits["train"], cfg.data_frac, cfg.seed)
+    splits["train"] = data.subset(splits["train"], cfg.data_frac, cfg.seed)
     n_val = len(splits["val"])
-    splits["val"] = tasks.cap(splits["val"], cfg.val_max, cfg.seed)
+    splits["val"] = data.cap(splits["val"], cfg.val_max, cfg.seed)
     # VQA answers outside the vocabulary: no target
     oov = [r for r in splits["train"] if r.get("label") == -1]
     splits["train"] = [r for r in splits["train"] if r.get("label") != -1]
@@ -152,7 +152,7 @@ def main(argv=None):
                             cfg.max_gen_len).to(proc.device)
     probe = data.to_device(collate([dataset[i] for i in range(min(2, len(dataset)))]), proc.device)
     with distributed.autocast(precision, proc.device):
-        probe_loss, _ = tasks.task_loss(model, task, model(probe), probe, special["pad"])
+        probe_loss, _ = task.kind.loss(model, model(probe), probe, special["pad"])
     frozen = optim.freeze_unreached(model, probe_loss)  # DDP then needs no unused-parameter search
     opt, groups = optim.build_optimizer(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay,
                                         (cfg.beta1, cfg.beta2))
@@ -178,11 +178,11 @@ def main(argv=None):
 
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"config: {config_lib.to_dict(cfg)}")
-    print0(f"task {task.name} ({task.head} head, {task.loss} loss): {folder}; "
+    print0(f"task {task.name} ({type(task.kind).__name__}): {folder}; "
            f"train {len(splits['train']):,} ({100 * cfg.data_frac:g}% of the split"
            f"{f', {len(oov)} out-of-vocabulary answers left out' if oov else ''}), "
            f"val {len(splits['val']):,} of {n_val:,}, test {len(splits['test']):,}; "
-           f"selection on val by {task.main}")
+           f"selection on val by {task.selection_metric}")
     print0(f"init: {ckpt or 'scratch (random backbone)'}; tokenizer {tok_path}")
     print0(f"model: {n_params:,} parameters; not reached by this task's loss, frozen: "
            f"{summarise(frozen) or 'none'}")
@@ -220,8 +220,8 @@ def main(argv=None):
             with (train_model.no_sync() if proc.world > 1 and not last
                   else contextlib.nullcontext()):
                 with distributed.autocast(precision, proc.device):
-                    loss, scalars = tasks.task_loss(model, task, train_model(batch), batch,
-                                                    special["pad"])
+                    loss, scalars = task.kind.loss(model, train_model(batch), batch,
+                                                   special["pad"])
                 # the gradients add up to the mean over the micro-steps
                 (loss / cfg.grad_accum).backward()
             # tensors: read on logging steps only, so the host does not wait here
@@ -249,12 +249,12 @@ def main(argv=None):
             # selection on val only. Every rank evaluates its share and receives the same metrics,
             # so every rank keeps the same best weights, which all of them test at the end.
             val = tasks.evaluate(model, task, splits["val"], tok, **eval_args, print0=note)
-            score = tasks.main_score(task, val)
+            score = tasks.selection_score(task, val)
             if best["state"] is None or score > best["score"]:
                 best = {"score": score, "step": step + 1, "metrics": val,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             log.write({"step": step + 1, "val": val, "best_step": best["step"]})
-            note(f"step {step + 1}: val {task.main} {fmt(val.get(task.main))} "
+            note(f"step {step + 1}: val {task.selection_metric} {fmt(val.get(task.selection_metric))} "
                  f"(best {fmt(best['score'])} at step {best['step']})")
         if validate or stop:
             # a collective, after validation: each rank's own state, for --resume
@@ -288,7 +288,7 @@ def main(argv=None):
         results = {"task": task.name, "split": "test", "metrics": test,
                    "val_metrics": best["metrics"],
                    "best_step": best["step"], "config": config_lib.to_dict(cfg),
-                   "init": ckpt or "scratch", "split_hash": tasks.split_hash(splits),
+                   "init": ckpt or "scratch", "split_hash": data.split_hash(splits),
                    "counts": {s: len(r) for s, r in splits.items()}, "checkpoint": path,
                    "text_lengths": lengths, "truncated": truncated,
                    "seconds": {"train_and_val": round(train_seconds, 1),

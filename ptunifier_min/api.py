@@ -41,10 +41,9 @@ import torch
 from PIL import Image
 
 from .images import ImageTransform, grayscale, load_image
-from .tokenizer import encode_pairs, encode_texts, load_tokenizer, special_ids
+from .tokenizer import encode_pairs, encode_texts, load_tokenizer
 from . import config as config_lib
 from . import checkpoint, tasks
-from .generation import beam_search, encoder_memory
 from .model import PTUnifier
 
 
@@ -253,11 +252,8 @@ class Model:
             raise ValueError("predict needs a fine-tuning checkpoint; this is a pre-training one "
                              "(use encode_*, match)")
         task = self.task
-        if task.head == "itc":
-            raise ValueError("a retrieval checkpoint has no predict: use encode_images / "
-                             "encode_texts / similarity")
         # RadNLI reads a pair: premise and hypothesis
-        reads = {"image": task.image, "text": bool(task.text), "text_b": len(task.text) == 2}
+        reads = {"image": task.image, "text": bool(task.text), "text_b": task.pair}
         given = {"image": image, "text": text, "text_b": text_b}
         if any(reads[k] != (given[k] is not None) for k in reads):
             raise ValueError(f"task {task.name} reads "
@@ -274,25 +270,9 @@ class Model:
                 batch["image"] = self._images(image[s], "image", s.start)
             if text is not None:
                 batch.update(self._texts(text[s], None if text_b is None else text_b[s]))
-            out += self._predict_batch(batch)
+            # {label: probability}, an answer or a generated text, as the task's kind says
+            out += task.kind.predict(self.model, batch, self.tok, self.meta, self.cfg)
         return out
-
-    def _predict_batch(self, batch):
-        task, m = self.task, self.model
-        if task.head == "decoder":
-            sp = special_ids(self.tok)
-            memory, memory_mask = encoder_memory(m.backbone, **m.encoder_inputs(batch))
-            ids = beam_search(m.decoder, memory, memory_mask, sp["cls"], sp["sep"], sp["pad"],
-                              self.cfg.beam_size, self.cfg.max_gen_len - 1,
-                              self.cfg.length_penalty)
-            return [self.tok.decode(i) for i in ids]
-        logits = m(batch).float()
-        if task.width == "answers":
-            return [self.meta["answers"][i] for i in logits.argmax(-1).tolist()]
-        names = self.meta.get("label_names") or [task.name]
-        # one class vs independent labels
-        probs = logits.softmax(-1) if task.loss == "ce" else logits.sigmoid()
-        return [dict(zip(names, row)) for row in probs.tolist()]
 
 
 def _config(ckpt):

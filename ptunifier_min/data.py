@@ -296,3 +296,45 @@ def task_collate(tok, max_len, max_gen_len):
             out["target_ids"], _ = encode_texts(tok, [b["target"] for b in batch], max_gen_len)
         return out
     return collate
+
+
+# ---- fine-tuning's splits -------------------------------------------------------------------------
+# the smallest training subset --data-frac gives (1% of a small split can be 0 or 1 samples)
+MIN_TRAIN = 8
+
+
+def subset(records, frac, seed):
+    """A seeded share of the training records, at least MIN_TRAIN of them.
+
+    One seeded shuffle of the id-sorted records, of which the first n are kept: the 1% subset lies
+    inside the 10% one, and the subset does not depend on the file order or on anything but
+    (ids, frac, seed).
+    """
+    if not 0 < frac <= 1:
+        raise SystemExit(f"--data-frac must be in (0, 1], got {frac}")
+    if frac == 1:
+        return list(records)
+    order = sorted(records, key=lambda r: r["id"])
+    random.Random(f"data-frac-{seed}").shuffle(order)
+    n = min(len(order), max(MIN_TRAIN, round(frac * len(order))))
+    return sorted(order[:n], key=lambda r: r["id"])
+
+
+def cap(records, n, seed):
+    """At most n records (a seeded choice, in file order); n = 0 keeps them all. Bounds the cost of
+    selection on val."""
+    if not n or n >= len(records):
+        return list(records)
+    keep = set(random.Random(f"cap-{seed}").sample(range(len(records)), n))
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+def split_hash(splits):
+    """sha256 of the sorted train / val / test ids actually used: two runs with equal hashes saw the
+    same samples."""
+    h = hashlib.sha256()
+    for name in ("train", "val", "test"):
+        h.update(f"[{name}]\n".encode())
+        for i in sorted(str(r["id"]) for r in splits[name]):
+            h.update(f"{i}\n".encode())
+    return h.hexdigest()

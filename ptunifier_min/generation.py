@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import PTUnifier, attend
+from .tokenizer import special_ids
 
 
 class CrossAttention(nn.Module):
@@ -380,3 +381,15 @@ def beam_search(decoder, memory, memory_mask, bos_id, eos_id, pad_id, beam_size=
         # hypotheses win ties
         out.append(max(hyps, key=lambda h: h[0])[1])
     return out
+
+
+@torch.no_grad()
+def generate(model, batch, tok, beam_size, max_gen_len, length_penalty=1.0):
+    """The texts a fine-tuned generation model (tasks.TaskModel with a decoder) writes for a batch:
+    deterministic beam search from [CLS], at most max_gen_len - 1 tokens, [SEP] included (the
+    longest continuation of [CLS] training saw). The one generation of evaluation and of the API."""
+    sp = special_ids(tok)
+    memory, memory_mask = encoder_memory(model.backbone, **model.encoder_inputs(batch))
+    ids = beam_search(model.decoder, memory, memory_mask, sp["cls"], sp["sep"], sp["pad"],
+                      beam_size, max_gen_len - 1, length_penalty)
+    return [tok.decode(i) for i in ids]

@@ -20,7 +20,7 @@ import torch
 
 from .images import ImageTransform, load_image
 from .tokenizer import encode_texts
-from . import data, distributed
+from . import data, distributed, metrics
 from .distributed import autocast
 from .model import matmul_fp32
 
@@ -267,3 +267,25 @@ def retrieval_metrics(model, records, tok, image_size, max_len, device, precisio
     out["r_mean"] = sum(out.values()) / len(out)  # the selection metric: mean of the six recalls
     out.update(seconds=seconds, pairs=len(records))
     return out
+
+
+@torch.no_grad()
+def zero_shot_classification(backbone, records, label_names, tok, *, image_size, max_text_len,
+                             device, precision="fp32", proc=None):
+    """CheXpert without training, through the ITC head: per label, score = sim(image, "<finding>") -
+    sim(image, "no <finding>") (the positive and negative prompts of CheXzero), then macro AUROC.
+    proc (torchrun): each rank embeds its share of the images."""
+    was_training = backbone.training
+    backbone.eval()
+    batch = IMAGE_BATCH
+    zi = embed_sharded(
+        lambda p: embed_images(backbone, p, image_size, device, precision, batch),
+        [data.image_path(r) for r in records], batch, device, proc or distributed.Dist())
+    prompts = [p for name in label_names for p in (name.lower(), f"no {name.lower()}")]
+    zt = embed_texts(backbone, prompts, tok, max_text_len, device, precision)  # [2C, d]
+    backbone.train(was_training)
+    sim = (zi @ zt.t()).float().cpu()  # [N, 2C]
+    scores = sim[:, 0::2] - sim[:, 1::2]  # [N, C]
+    m = metrics.macro_auroc(scores, torch.tensor([r["labels"] for r in records]), label_names)
+    return {"auroc": m["macro"], "per_class": m["per_class"], "undefined": m["undefined"],
+            "prompts": prompts}

@@ -1,10 +1,11 @@
 """The nine downstream tasks of the paper's Table 2 (paper section 5.3): one table says what each
-task reads, its head, loss and metric; the rest of this file (and data.TaskDataset) reads the
-table's columns, never a task's name.
+task reads and what kind of output it learns; the kind (a small object) holds the behaviour: the
+head, the loss, the evaluation and the prediction. Nothing here or in data.py asks for a task by
+name.
 
     task = TASKS["chexpert"]
     model = TaskModel(backbone, task, num_outputs(task, meta))  # + fresh 2-layer MLP on enc.pooled
-    loss, stats = task_loss(model, task, model(batch), batch, pad_id)
+    loss, stats = task.kind.loss(model, model(batch), batch, pad_id)
     m = evaluate(model, task, records, tok, meta=meta, image_size=288, max_text_len=40,
                  device=device)
 
@@ -22,26 +23,191 @@ The prompts stand in for the missing modality, so one backbone serves every task
   after deterministic beam search.
 """
 
-import hashlib
 import math
-import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .images import ImageTransform
-from .tokenizer import special_ids
 from . import data, distributed, metrics, nlg, retrieval, stopping
 from .distributed import autocast
-from .generation import TextDecoder, beam_search, encoder_memory, generation_loss
+from .generation import TextDecoder, encoder_memory, generate, generation_loss
+from .images import ImageTransform
 from .model import Mlp
 from .objectives import itc_loss
 
-# the smallest training subset --data-frac gives (1% of a small split can be 0 or 1 samples)
-MIN_TRAIN = 8
+
+# ---- what a task learns: the kinds of output, with their behaviour ------------------------------
+class Classify:
+    """A fresh 2-layer MLP on the pooled [IMG_CLS] ++ [CLS] states; the subclasses say what its
+    logits mean (loss, metric, prediction)."""
+
+    decodes, extra_fields = False, ()
+
+    def build(self, model, n_out, max_gen_len):
+        model.head = Mlp(2 * model.backbone.cfg.dim, 2 * model.backbone.cfg.dim, n_out)
+        for lin in (model.head.fc1, model.head.fc2):  # the backbone's init: N(0, 0.02), zero bias
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, model, batch):
+        return model.head(model.backbone(**model.encoder_inputs(batch), read="pooled").pooled)
+
+    def evaluate(self, model, task, records, tok, ev):
+        outs = []
+        for batch in _loader(records, task, tok, ev, f"eval {task.name}"):
+            with autocast(ev["precision"], ev["device"]):
+                outs.append(model(data.to_device(batch, ev["device"])).float().cpu())
+        # [N, n_out]: every rank's batches, in rank order
+        logits = torch.cat([x for part in distributed.gather_objects(outs, ev["proc"])
+                            for x in part])
+        return self.score(logits, records, ev["meta"] or {}, task)
+
+    def predict(self, model, batch, tok, meta, settings):
+        return self.outputs(model(batch).float(), meta, model.task)
+
+
+class MultiLabel(Classify):
+    """Independent labels (multi-hot "labels"): BCE, macro AUROC, a probability per label."""
+
+    target = "labels"
+
+    def loss(self, model, out, batch, pad_id):
+        loss = F.binary_cross_entropy_with_logits(out.float(), batch["labels"])
+        return loss, {"loss": loss.detach()}
+
+    def score(self, logits, records, meta, task):
+        names = meta.get("label_names") or [task.name]
+        # on logits: sigmoid would tie saturated scores
+        m = metrics.macro_auroc(logits, torch.tensor([r["labels"] for r in records]), names)
+        return {"auroc": m["macro"], "per_class": m["per_class"], "undefined": m["undefined"]}
+
+    def outputs(self, logits, meta, task):
+        names = meta.get("label_names") or [task.name]
+        return [dict(zip(names, row)) for row in logits.sigmoid().tolist()]
+
+
+class OneOf(Classify):
+    """One class of the meta's label names ("label"): softmax CE, accuracy, a probability per
+    class."""
+
+    target = "label"
+
+    def loss(self, model, out, batch, pad_id):
+        # -1 marks an answer outside the vocabulary: it cannot be a training target (train+val
+        # never hold one)
+        loss = F.cross_entropy(out.float(), batch["label"], ignore_index=-1)
+        return loss, {"loss": loss.detach()}
+
+    def score(self, logits, records, meta, task):
+        target = torch.tensor([r["label"] for r in records])
+        return {"accuracy": metrics.accuracy(logits.argmax(-1), target)}
+
+    def outputs(self, logits, meta, task):
+        return [dict(zip(meta["label_names"], row)) for row in logits.softmax(-1).tolist()]
+
+
+class Answer(OneOf):
+    """One answer of the train+val answer vocabulary (VQA): CE, VQA accuracy (overall, open,
+    closed), the answer string."""
+
+    extra_fields = ("answer_type",)
+
+    def score(self, logits, records, meta, task):
+        target = torch.tensor([r["label"] for r in records])
+        return metrics.vqa_accuracy(logits.argmax(-1), target, [r["answer_type"] for r in records])
+
+    def outputs(self, logits, meta, task):
+        return [meta["answers"][i] for i in logits.argmax(-1).tolist()]
+
+
+class Retrieve:
+    """Image-text retrieval through the pre-training ITC head: image-only and text-only passes,
+    the ITC loss, Recall@K both ways (retrieval.py)."""
+
+    target, decodes, extra_fields = "", False, ()
+
+    def build(self, model, n_out, max_gen_len):
+        pass  # the backbone's own ITC head
+
+    def forward(self, model, batch):
+        bb = model.backbone  # two passes: image + textual prompts, visual prompts + text
+        return (bb.itc_embed(bb(image=batch["image"], read="pooled")),
+                bb.itc_embed(bb(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"], padded=batch.get("padded"),
+                                read="pooled")))
+
+    def loss(self, model, out, batch, pad_id):
+        loss, acc = itc_loss(*out, model.backbone.itc_scale())
+        return loss, {"loss": loss.detach(), "itc_acc": acc}
+
+    def evaluate(self, model, task, records, tok, ev):
+        return retrieval.retrieval_metrics(getattr(model, "backbone", model), records, tok,
+                                           ev["image_size"], ev["max_text_len"], ev["device"],
+                                           ev["precision"], ev["rerank_top"], ev["print0"],
+                                           ev["proc"])
+
+    def predict(self, model, batch, tok, meta, settings):
+        raise ValueError("a retrieval checkpoint has no predict: use encode_images / encode_texts "
+                         "/ similarity")
+
+
+class Generate:
+    """Text generation (TS, ITG): a TextDecoder over the encoder's whole output sequence, next-token
+    cross-entropy, the literature's NLG metrics after deterministic beam search."""
+
+    target, decodes, extra_fields = "target", True, ()
+
+    def build(self, model, n_out, max_gen_len):
+        model.decoder = TextDecoder(model.backbone, max_gen_len)
+
+    def forward(self, model, batch):
+        memory, memory_mask = encoder_memory(model.backbone, **model.encoder_inputs(batch))
+        return model.decoder(batch["target_ids"][:, :-1], memory, memory_mask)  # teacher forcing
+
+    def loss(self, model, out, batch, pad_id):
+        loss = generation_loss(out, batch["target_ids"][:, 1:], pad_id)
+        return loss, {"loss": loss.detach()}
+
+    def evaluate(self, model, task, records, tok, ev):
+        hyps, refs = {}, {}
+        for batch in _loader(records, task, tok, ev, f"beam search {task.name}"):
+            batch = data.to_device(batch, ev["device"])
+            with autocast(ev["precision"], ev["device"]):
+                out = generate(model, batch, tok, ev["beam_size"], ev["max_gen_len"],
+                               ev["length_penalty"])
+            for i, text in zip(batch["index"].tolist(), out):
+                r = records[i]
+                # The reference is the record's own text, as in the literature's pycocoevalcap
+                # runs (nlg_metrics PTB-tokenises both sides), never a tokenizer round trip of
+                # it, which would rewrite it ("2.5 cm" -> "2. 5 cm") and drop [UNK] words.
+                hyps[r["id"]], refs[r["id"]] = text, [r["target"]]
+        # every rank's share, in rank order: the one-process order of the records
+        hyps, refs = ({k: v for part in distributed.gather_objects(x, ev["proc"])
+                       for k, v in part.items()} for x in (hyps, refs))
+        return nlg.nlg_metrics(refs, hyps)
+
+    def predict(self, model, batch, tok, meta, settings):
+        return generate(model, batch, tok, settings.beam_size, settings.max_gen_len,
+                        settings.length_penalty)
+
+
+MULTI_LABEL, ONE_OF, ANSWER, RETRIEVE, GENERATE = (MultiLabel(), OneOf(), Answer(), Retrieve(),
+                                                   Generate())
+
+
+# Evaluations straight from a pre-training checkpoint, through its ITC head (eval.py)
+def zero_shot_labels(backbone, task, records, meta, tok, rerank_top=0, print0=None, **kw):
+    """Each label against its negation as text prompts (retrieval.zero_shot_classification)."""
+    return retrieval.zero_shot_classification(backbone, records, meta["label_names"], tok, **kw)
+
+
+def zero_shot_retrieval(backbone, task, records, meta, tok, rerank_top=0, print0=None, **kw):
+    """Recall@K through the pre-training ITC head itself."""
+    return evaluate(backbone, task, records, tok, rerank_top=rerank_top, print0=print0, **kw)
 
 
 @dataclass(frozen=True)
@@ -52,14 +218,10 @@ class Task:
     text: tuple  # the record fields the encoder reads as text: none, one, or two read as one pair
     #              ([SEP]-joined); a field that holds a list (ROCO's captions) gives one of its
     #              texts per access
-    head: str  # "mlp": a fresh MLP(2D, 2D, width) on enc.pooled | "itc": the pre-training ITC head
-    #            on separate image-only and text-only passes | "decoder": a TextDecoder over the
-    #            encoder's whole output sequence
+    kind: object  # what it learns: MULTI_LABEL | ONE_OF | ANSWER | RETRIEVE | GENERATE (above)
     width: object  # the MLP's outputs: a number, or the meta.json list it has one logit per item of
-    loss: str  # "bce" on "labels" (multi-hot) | "ce" on "label" (a class; -1 = none) | "itc" (the
-    #            pairs are the targets) | "nll" on "target" (a text: next-token cross-entropy)
-    metric: str  # how evaluate scores it: "auroc" | "accuracy" | "vqa" | "recall" | "nlg"
-    main: str  # the metric that selects the checkpoint on val and fills Table 2
+    selection_metric: str  # the metric that selects the checkpoint on val and fills Table 2
+    zero_shot: Callable | None = None  # its evaluation straight from pre-training (eval.py)
 
     @property
     def folder(self):
@@ -67,29 +229,33 @@ class Task:
 
     @property
     def target(self):
-        """The record field the loss reads ("" for ITC, whose targets are the pairs themselves)."""
-        return {"bce": "labels", "ce": "label", "nll": "target"}.get(self.loss, "")
+        """The record field the loss reads ("" for retrieval, whose targets are the pairs)."""
+        return self.kind.target
+
+    @property
+    def pair(self):
+        """Two text fields read as one [SEP]-joined input (RadNLI)."""
+        return len(self.text) == 2
 
     @property
     def fields(self):
         """The record fields the task reads (data.read_split checks that they are there)."""
         return (("id",) + (("image",) if self.image else ()) + self.text +
-                ((self.target,) if self.target else ()) +
-                (("answer_type",) if self.metric == "vqa" else ()))
+                ((self.target,) if self.target else ()) + self.kind.extra_fields)
 
 
 # one row per task, wider than 100 columns so that it reads as a table
 TASKS = {t.name: t for t in (
-    #    name              image  text                  head       width          loss   metric      main
-    Task("chexpert",       True,  (),                   "mlp",     "label_names", "bce", "auroc",    "auroc"),
-    Task("rsna",           True,  (),                   "mlp",     1,             "bce", "auroc",    "auroc"),
-    Task("radnli",         False, ("text_a", "text_b"), "mlp",     "label_names", "ce",  "accuracy", "accuracy"),
-    Task("mimic_sum",      False, ("text_a",),          "decoder", 0,             "nll", "nlg",      "ROUGE_L"),
-    Task("roco_retrieval", True,  ("texts",),           "itc",     0,             "itc", "recall",   "r_mean"),
-    Task("mimic_gen",      True,  (),                   "decoder", 0,             "nll", "nlg",      "BLEU_4"),
-    Task("vqa_rad",        True,  ("question",),        "mlp",     "answers",     "ce",  "vqa",      "overall"),
-    Task("slake",          True,  ("question",),        "mlp",     "answers",     "ce",  "vqa",      "overall"),
-    Task("medvqa2019",     True,  ("question",),        "mlp",     "answers",     "ce",  "vqa",      "overall"),
+    #    name              image  text                  kind         width          selection  zero-shot
+    Task("chexpert",       True,  (),                   MULTI_LABEL, "label_names", "auroc",    zero_shot_labels),
+    Task("rsna",           True,  (),                   MULTI_LABEL, 1,             "auroc"),
+    Task("radnli",         False, ("text_a", "text_b"), ONE_OF,      "label_names", "accuracy"),
+    Task("mimic_sum",      False, ("text_a",),          GENERATE,    0,             "ROUGE_L"),
+    Task("roco_retrieval", True,  ("texts",),           RETRIEVE,    0,             "r_mean",   zero_shot_retrieval),
+    Task("mimic_gen",      True,  (),                   GENERATE,    0,             "BLEU_4"),
+    Task("vqa_rad",        True,  ("question",),        ANSWER,      "answers",     "overall"),
+    Task("slake",          True,  ("question",),        ANSWER,      "answers",     "overall"),
+    Task("medvqa2019",     True,  ("question",),        ANSWER,      "answers",     "overall"),
 )}
 
 
@@ -103,44 +269,6 @@ def num_outputs(task, meta):
     """Width of the MLP head: the table's number, or one logit per label, NLI class or answer listed
     in meta.json."""
     return len(meta[task.width]) if isinstance(task.width, str) else task.width
-
-
-# ---- splits --------------------------------------------------------------------------------------
-def subset(records, frac, seed):
-    """A seeded share of the training records, at least MIN_TRAIN of them.
-
-    One seeded shuffle of the id-sorted records, of which the first n are kept: the 1% subset lies
-    inside the 10% one, and the subset does not depend on the file order or on anything but
-    (ids, frac, seed).
-    """
-    if not 0 < frac <= 1:
-        raise SystemExit(f"--data-frac must be in (0, 1], got {frac}")
-    if frac == 1:
-        return list(records)
-    order = sorted(records, key=lambda r: r["id"])
-    random.Random(f"data-frac-{seed}").shuffle(order)
-    n = min(len(order), max(MIN_TRAIN, round(frac * len(order))))
-    return sorted(order[:n], key=lambda r: r["id"])
-
-
-def cap(records, n, seed):
-    """At most n records (a seeded choice, in file order); n = 0 keeps them all. Bounds the cost of
-    selection on val."""
-    if not n or n >= len(records):
-        return list(records)
-    keep = set(random.Random(f"cap-{seed}").sample(range(len(records)), n))
-    return [r for i, r in enumerate(records) if i in keep]
-
-
-def split_hash(splits):
-    """sha256 of the sorted train / val / test ids actually used: two runs with equal hashes saw the
-    same samples."""
-    h = hashlib.sha256()
-    for name in ("train", "val", "test"):
-        h.update(f"[{name}]\n".encode())
-        for i in sorted(str(r["id"]) for r in splits[name]):
-            h.update(f"{i}\n".encode())
-    return h.hexdigest()
 
 
 # ---- text lengths --------------------------------------------------------------------------------
@@ -159,7 +287,7 @@ def text_lengths(task, records, tok):
         f = task.text[0]
         out["inputs"] = count(t for r in records
                               for t in (r[f] if isinstance(r[f], list) else [r[f]]))
-    if task.head == "decoder":
+    if task.kind.decodes:
         out["targets"] = count(r[task.target] for r in records)
     return out
 
@@ -180,8 +308,8 @@ def truncated_shares(lengths, max_text_len, max_gen_len):
 
 # ---- model ---------------------------------------------------------------------------------------
 class TaskModel(nn.Module):
-    """The backbone with the task's head: a fresh MLP(2D, 2D, n_out) on enc.pooled, the ITC head, or
-    a TextDecoder.
+    """The backbone with the task's head (task.kind.build): a fresh MLP(2D, 2D, n_out) on
+    enc.pooled, the ITC head, or a TextDecoder.
 
     Build it after the pre-trained weights are in the backbone: the decoder copies the backbone's
     blocks when made.
@@ -192,14 +320,7 @@ class TaskModel(nn.Module):
     def __init__(self, backbone, task, n_out=0, max_gen_len=64):
         super().__init__()
         self.backbone, self.task = backbone, task
-        D = backbone.cfg.dim
-        if task.head == "mlp":
-            self.head = Mlp(2 * D, 2 * D, n_out)
-            for lin in (self.head.fc1, self.head.fc2):  # the backbone's init: N(0, 0.02), zero bias
-                nn.init.trunc_normal_(lin.weight, std=0.02)
-                nn.init.zeros_(lin.bias)
-        elif task.head == "decoder":
-            self.decoder = TextDecoder(backbone, max_gen_len)
+        task.kind.build(self, n_out, max_gen_len)
 
     def encoder_inputs(self, batch):
         """The backbone's keyword inputs for one pass over what this task reads (the other modality
@@ -214,17 +335,7 @@ class TaskModel(nn.Module):
         return inputs
 
     def forward(self, batch):
-        bb = self.backbone
-        if self.task.head == "mlp":
-            return self.head(bb(**self.encoder_inputs(batch), read="pooled").pooled)
-        if self.task.head == "itc":  # two passes: image + textual prompts, visual prompts + text
-            return (bb.itc_embed(bb(image=batch["image"], read="pooled")),
-                    bb.itc_embed(bb(input_ids=batch["input_ids"],
-                                    attention_mask=batch["attention_mask"],
-                                    padded=batch.get("padded"), read="pooled")))
-        memory, memory_mask = encoder_memory(bb, **self.encoder_inputs(batch))
-        return self.decoder(batch["target_ids"][:, :-1], memory, memory_mask)  # teacher forcing
-
+        return self.task.kind.forward(self, batch)
 
     def backbone_parameter_names(self):
         """The backbone's own backbone (lr_backbone); the task head and the decoder train at the
@@ -237,38 +348,21 @@ class TaskModel(nn.Module):
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | own
 
 
-def task_loss(model, task, out, batch, pad_id):
-    """The task's training loss from forward's output. `model` is the unwrapped TaskModel (for the
-    ITC scale)."""
-    if task.loss == "bce":
-        loss = F.binary_cross_entropy_with_logits(out.float(), batch["labels"])
-    elif task.loss == "ce":
-        # -1 marks an answer outside the vocabulary: it cannot be a training target (train+val never
-        # hold one)
-        loss = F.cross_entropy(out.float(), batch["label"], ignore_index=-1)
-    elif task.loss == "itc":
-        loss, acc = itc_loss(*out, model.backbone.itc_scale())
-        return loss, {"loss": loss.detach(), "itc_acc": acc}
-    else:
-        loss = generation_loss(out, batch["target_ids"][:, 1:], pad_id)
-    return loss, {"loss": loss.detach()}
-
-
 # ---- evaluation ----------------------------------------------------------------------------------
-def _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_size, num_workers,
-            proc):
+def _loader(records, task, tok, ev, desc):
     """This rank's evaluation batches in file order (val/test), made with the eval image transform:
     whole batches of the one-process run (distributed.shard); "index" stays the record's own."""
     # uint8: the model normalises it
-    ds = data.TaskDataset(records, task, ImageTransform(image_size).pixels)
-    ds = torch.utils.data.Subset(ds, range(*distributed.shard(len(records), proc, batch_size)))
+    ds = data.TaskDataset(records, task, ImageTransform(ev["image_size"]).pixels)
+    ds = torch.utils.data.Subset(ds, range(*distributed.shard(len(records), ev["proc"],
+                                                              ev["batch_size"])))
     # its own generator: a DataLoader draws a seed from the global RNG otherwise, and validating
     # would change the dropout masks of the training steps after it
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
-                                       num_workers=num_workers,
-                                       collate_fn=data.task_collate(tok, max_text_len, max_gen_len),
-                                       generator=torch.Generator(),
-                                       worker_init_fn=stopping.leave_to_the_run)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=ev["batch_size"], shuffle=False, num_workers=ev["num_workers"],
+        collate_fn=data.task_collate(tok, ev["max_text_len"], ev["max_gen_len"]),
+        generator=torch.Generator(), worker_init_fn=stopping.leave_to_the_run)
+    return tqdm(loader, desc=desc, disable=not (ev["progress"] and ev["proc"].main), leave=False)
 
 
 @torch.no_grad()
@@ -276,8 +370,8 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
              max_gen_len=0, batch_size=64, precision="fp32", beam_size=1, length_penalty=1.0,
              rerank_top=0, num_workers=0, progress=True, print0=print, proc=None):
     """The task's metrics on `records` (fractions in [0, 1]), computed in eval mode; the metric
-    named task.main is the one that selects the checkpoint. The one evaluation of finetune.py
-    (val and test) and eval.py.
+    named task.selection_metric is the one that selects the checkpoint. The one evaluation of
+    finetune.py (val and test) and eval.py.
 
     proc (torchrun): each rank embeds, predicts or decodes its share of the records and the
     results are gathered in order, so every rank returns the one-process metrics; every rank must
@@ -286,89 +380,23 @@ def evaluate(model, task, records, tok, *, image_size, max_text_len, device, met
     model: the TaskModel; for retrieval also a bare backbone (zero-shot: the ITC head is the
     backbone's own).
     meta: the task's meta.json (label names for AUROC). max_gen_len, beam_size, length_penalty:
-    generation only;
-    rerank_top: retrieval only, re-scores each image's top candidates with the ITM head.
+    generation only; rerank_top: retrieval only, re-scores each image's top candidates with the
+    ITM head.
     """
-    proc = proc or distributed.Dist()
+    ev = dict(image_size=image_size, max_text_len=max_text_len, device=device, meta=meta,
+              max_gen_len=max_gen_len, batch_size=batch_size, precision=precision,
+              beam_size=beam_size, length_penalty=length_penalty, rerank_top=rerank_top,
+              num_workers=num_workers, progress=progress, print0=print0,
+              proc=proc or distributed.Dist())
     was_training = model.training
     model.eval()
     try:
-        if task.metric == "recall":
-            return retrieval.retrieval_metrics(getattr(model, "backbone", model), records, tok,
-                                               image_size, max_text_len, device, precision,
-                                               rerank_top, print0, proc)
-        loader = _loader(records, task, tok, image_size, max_text_len, max_gen_len, batch_size,
-                         num_workers, proc)
-        if task.metric == "nlg":
-            special = special_ids(tok)
-            hyps, refs = {}, {}
-            for batch in tqdm(loader, desc=f"beam search {task.name}",
-                              disable=not (progress and proc.main),
-                              leave=False):
-                batch = data.to_device(batch, device)
-                with autocast(precision, device):
-                    memory, memory_mask = encoder_memory(model.backbone,
-                                                         **model.encoder_inputs(batch))
-                    # max_gen_len - 1 generated tokens, [SEP] included: the longest continuation of
-                    # [CLS] training saw
-                    out = beam_search(model.decoder, memory, memory_mask, special["cls"],
-                                      special["sep"], special["pad"], beam_size, max_gen_len - 1,
-                                      length_penalty)
-                for i, ids in zip(batch["index"].tolist(), out):
-                    r = records[i]
-                    # The reference is the record's own text, as in the literature's pycocoevalcap
-                    # runs (nlg_metrics PTB-tokenises both sides), never a tokenizer round trip of
-                    # it, which would rewrite it ("2.5 cm" -> "2. 5 cm") and drop [UNK] words.
-                    hyps[r["id"]], refs[r["id"]] = tok.decode(ids), [r["target"]]
-            # every rank's share, in rank order: the one-process order of the records
-            hyps = {k: v for part in distributed.gather_objects(hyps, proc) for k, v in part.items()}
-            refs = {k: v for part in distributed.gather_objects(refs, proc) for k, v in part.items()}
-            return nlg.nlg_metrics(refs, hyps)
-        outs = []
-        for batch in tqdm(loader, desc=f"eval {task.name}", disable=not (progress and proc.main),
-                          leave=False):
-            with autocast(precision, device):
-                outs.append(model(data.to_device(batch, device)).float().cpu())
-        # [N, n_out]: every rank's batches, in rank order
-        logits = torch.cat([x for part in distributed.gather_objects(outs, proc) for x in part])
-        if task.metric == "auroc":
-            labels = torch.tensor([r["labels"] for r in records])
-            names = (meta or {}).get("label_names") or [task.name]
-            # on logits: sigmoid would tie saturated scores
-            m = metrics.macro_auroc(logits, labels, names)
-            return {"auroc": m["macro"], "per_class": m["per_class"], "undefined": m["undefined"]}
-        pred = logits.argmax(-1)
-        target = torch.tensor([r["label"] for r in records])
-        if task.metric == "accuracy":
-            return {"accuracy": metrics.accuracy(pred, target)}
-        return metrics.vqa_accuracy(pred, target, [r["answer_type"] for r in records])
+        return task.kind.evaluate(model, task, records, tok, ev)
     finally:
         model.train(was_training)
 
 
-@torch.no_grad()
-def zero_shot_classification(backbone, records, label_names, tok, *, image_size, max_text_len,
-                             device, precision="fp32", proc=None):
-    """CheXpert without training, through the ITC head: per label, score = sim(image, "<finding>") -
-    sim(image, "no <finding>") (the positive and negative prompts of CheXzero), then macro AUROC.
-    proc (torchrun): each rank embeds its share of the images."""
-    was_training = backbone.training
-    backbone.eval()
-    batch = retrieval.IMAGE_BATCH
-    zi = retrieval.embed_sharded(
-        lambda p: retrieval.embed_images(backbone, p, image_size, device, precision, batch),
-        [data.image_path(r) for r in records], batch, device, proc or distributed.Dist())
-    prompts = [p for name in label_names for p in (name.lower(), f"no {name.lower()}")]
-    zt = retrieval.embed_texts(backbone, prompts, tok, max_text_len, device, precision)  # [2C, d]
-    backbone.train(was_training)
-    sim = (zi @ zt.t()).float().cpu()  # [N, 2C]
-    scores = sim[:, 0::2] - sim[:, 1::2]  # [N, C]
-    m = metrics.macro_auroc(scores, torch.tensor([r["labels"] for r in records]), label_names)
-    return {"auroc": m["macro"], "per_class": m["per_class"], "undefined": m["undefined"],
-            "prompts": prompts}
-
-
-def main_score(task, m):
+def selection_score(task, m):
     """The selection metric as a number; an undefined one (None) ranks below every defined one."""
-    v = m.get(task.main)
+    v = m.get(task.selection_metric)
     return float("-inf") if v is None else float(v)

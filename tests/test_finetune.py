@@ -28,11 +28,11 @@ from ptunifier_min.pretrained import (interpolate_pos_embed, resize_text_positio
 from ptunifier_min.datasets.source import ensure_prepared
 from conftest import signals_at
 
-TASK_KEYS = {  # the metric keys results.json must hold for each kind of task (by its Task.metric)
-    "auroc": {"auroc", "per_class", "undefined"},
-    "accuracy": {"accuracy"}, "vqa": {"overall", "open", "closed", "oov_share"},
-    "recall": {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean"},
-    "nlg": {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr"},
+TASK_KEYS = {  # the metric keys results.json must hold for each kind of task (by its Task.kind)
+    tasks.MULTI_LABEL: {"auroc", "per_class", "undefined"},
+    tasks.ONE_OF: {"accuracy"}, tasks.ANSWER: {"overall", "open", "closed", "oov_share"},
+    tasks.RETRIEVE: {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean"},
+    tasks.GENERATE: {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr"},
 }
 
 
@@ -72,13 +72,13 @@ def test_every_task_end_to_end(name, world, tmp_path, monkeypatch):
     out = tmp_path / "runs" / "finetune" / f"{name}-scratch"
     r = json.loads((out / "results.json").read_text())
     assert r["task"] == name and r["init"] == "scratch"
-    assert TASK_KEYS[task.metric] <= set(r["metrics"]) and TASK_KEYS[task.metric] <= set(r["val_metrics"])
-    main = r["metrics"][task.main]
+    assert TASK_KEYS[task.kind] <= set(r["metrics"]) and TASK_KEYS[task.kind] <= set(r["val_metrics"])
+    main = r["metrics"][task.selection_metric]
     assert main is None or 0.0 <= main <= 1.0
     assert r["best_step"] in (2, 4) and r["config"]["task"] == name and r["config"]["steps"] == 4
     # the hash covers exactly the prepared splits (data_frac 1), and the selected weights are the saved checkpoint
     folder = os.path.join(world[1], task.folder)
-    assert r["split_hash"] == tasks.split_hash({s: data.read_split(folder, s) for s in ("train", "val", "test")})
+    assert r["split_hash"] == data.split_hash({s: data.read_split(folder, s) for s in ("train", "val", "test")})
     ckpt = checkpoint.resolve_checkpoint(str(out))
     assert ckpt.endswith(f"step_{r['best_step']:07d}") and os.path.isfile(os.path.join(ckpt, "tokenizer.json"))
     assert checkpoint.read_checkpoint_config(ckpt)["config"]["task"] == name
@@ -130,16 +130,16 @@ def test_parse_args_knows_the_flags_given_and_refuses_abbreviations():
 
 def test_data_frac_subsets_are_seeded_nested_and_not_too_small():
     records = [{"id": f"r{i:03d}"} for i in range(500)]
-    one, ten = tasks.subset(records, 0.01, 0), tasks.subset(records, 0.1, 0)
-    assert len(one) == tasks.MIN_TRAIN and len(ten) == 50
+    one, ten = data.subset(records, 0.01, 0), data.subset(records, 0.1, 0)
+    assert len(one) == data.MIN_TRAIN and len(ten) == 50
     assert {r["id"] for r in one} <= {r["id"] for r in ten}  # 1% inside 10%
-    assert tasks.subset(list(reversed(records)), 0.1, 0) == ten  # independent of the file order
-    assert tasks.subset(records, 0.1, 1) != ten and tasks.subset(records, 1.0, 0) == records
+    assert data.subset(list(reversed(records)), 0.1, 0) == ten  # independent of the file order
+    assert data.subset(records, 0.1, 1) != ten and data.subset(records, 1.0, 0) == records
     with pytest.raises(SystemExit):
-        tasks.subset(records, 0.0, 0)
-    val = tasks.cap(records, 10, 0)
-    assert len(val) == 10 and val == sorted(val, key=lambda r: r["id"]) and val == tasks.cap(records, 10, 0)
-    assert tasks.cap(records, 0, 0) == records and tasks.cap(records, 900, 0) == records
+        data.subset(records, 0.0, 0)
+    val = data.cap(records, 10, 0)
+    assert len(val) == 10 and val == sorted(val, key=lambda r: r["id"]) and val == data.cap(records, 10, 0)
+    assert data.cap(records, 0, 0) == records and data.cap(records, 900, 0) == records
 
 
 def test_data_frac_run_records_its_subset(world, tmp_path):
@@ -147,10 +147,10 @@ def test_data_frac_run_records_its_subset(world, tmp_path):
     run(world, "--task", "rsna", "--init", "scratch", "--data-frac", "0.1", "--out", str(out))
     r = json.loads((out / "results.json").read_text())
     full = data.read_split(os.path.join(world[1], "rsna"), "train")
-    assert r["counts"]["train"] == min(len(full), max(tasks.MIN_TRAIN, round(0.1 * len(full))))
+    assert r["counts"]["train"] == min(len(full), max(data.MIN_TRAIN, round(0.1 * len(full))))
     splits = {s: data.read_split(os.path.join(world[1], "rsna"), s) for s in ("val", "test")}
-    assert r["split_hash"] == tasks.split_hash({"train": tasks.subset(full, 0.1, 0), **splits})
-    assert r["split_hash"] != tasks.split_hash({"train": full, **splits})
+    assert r["split_hash"] == data.split_hash({"train": data.subset(full, 0.1, 0), **splits})
+    assert r["split_hash"] != data.split_hash({"train": full, **splits})
 
 
 def test_the_task_table_reads_what_each_task_needs(tmp_path):
@@ -173,7 +173,7 @@ def test_the_task_table_reads_what_each_task_needs(tmp_path):
     drawn = {roco[i]["text"] for i in range(40)}
     assert drawn == set(record["texts"])
     assert {tasks.num_outputs(t, {"label_names": ["x"] * 5, "answers": ["y"] * 7}) for t in tasks.TASKS.values()
-            if t.head == "mlp"} == {5, 1, 7}
+            if isinstance(t.kind, tasks.Classify)} == {5, 1, 7}
 
 
 def _fake_batch(n_labels, B=3, V=50, T=7):
@@ -194,11 +194,11 @@ def test_every_trainable_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = tasks.TaskModel(PTUnifier(ModelConfig(**{k: v for k, v in FINETUNE_PRESETS["tiny"].items()
                                                      if k in ModelConfig.__dataclass_fields__}, vocab_size=50)),
-                            task, n_out=5 if task.loss == "bce" else 3, max_gen_len=12)
-    batch = _fake_batch(5 if task.loss == "bce" else 1)
-    frozen = optim.freeze_unreached(model, tasks.task_loss(model, task, model(batch), batch, 0)[0])
+                            task, n_out=5 if task.kind is tasks.MULTI_LABEL else 3, max_gen_len=12)
+    batch = _fake_batch(5 if task.kind is tasks.MULTI_LABEL else 1)
+    frozen = optim.freeze_unreached(model, task.kind.loss(model, model(batch), batch, 0)[0])
     assert "backbone.itm_head.fc1.weight" in frozen  # no fine-tuning task uses the ITM head
-    loss, _ = tasks.task_loss(model, task, model(batch), batch, 0)
+    loss, _ = task.kind.loss(model, model(batch), batch, 0)
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
@@ -374,7 +374,7 @@ def test_lengths_default_to_the_95th_percentile_of_the_training_split(world, tmp
     assert (r["config"]["model"]["max_text_len"], r["config"]["max_gen_len"]) == (max_text_len, max_gen_len)
     assert max_text_len > 24  # the tiny world's findings are longer than the preset: the default did extend
     assert r["text_lengths"]["inputs"]["by"] == "data" and r["text_lengths"]["targets"]["length"] == max_gen_len
-    splits["train"] = tasks.subset(splits["train"], 0.5, 0)
+    splits["train"] = data.subset(splits["train"], 0.5, 0)
     for s, recs in splits.items():
         assert r["truncated"][s] == {"inputs": sum(count(x["text_a"]) > max_text_len for x in recs) / len(recs),
                                      "targets": sum(count(x["target"]) > max_gen_len for x in recs) / len(recs)}

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ptunifier_min.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_ids
-from ptunifier_min import nlg, tasks
+from ptunifier_min import generation, nlg, tasks
 from ptunifier_min.config import ModelConfig
 from ptunifier_min.generation import (TextDecoder, beam_search, encoder_memory, generation_loss, greedy)
 from ptunifier_min.model import PTUnifier
@@ -408,7 +408,7 @@ def test_generation_is_scored_against_the_raw_reference_text(kind, byte_level_bp
     # a model that writes each reference as well as its tokenizer can
     generated = [tok.encode(t, add_special_tokens=False).ids for t in REFERENCES]
     rows = iter(generated)
-    monkeypatch.setattr(tasks, "beam_search",
+    monkeypatch.setattr(generation, "beam_search",
                         lambda decoder, memory, *args: [next(rows) for _ in memory])
     cfg = ModelConfig(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=1, heads=2,
                       pool_size=8, k_v=4, k_l=3, itc_dim=16, vocab_size=tok.get_vocab_size(),

@@ -52,7 +52,7 @@ def evaluate_all(prepared, proc):
         common = dict(image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len,
                       device=torch.device("cpu"), proc=proc)
         if name.startswith("zero-shot"):
-            m = tasks.zero_shot_classification(backbone, records, meta["label_names"], tok,
+            m = retrieval.zero_shot_classification(backbone, records, meta["label_names"], tok,
                                                **common)
         else:
             model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), max_gen_len=8)
