@@ -27,14 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ptunifier_min.tokenizer import load_tokenizer
-from ptunifier_min.files import write_json
+from ptunifier_min import checkpoint, data, distributed, manifests, runs, tasks
 from ptunifier_min import config as config_lib
-from ptunifier_min import checkpoint, data, distributed, manifests, tasks
 from ptunifier_min.config import FinetuneConfig
-from ptunifier_min.fields import option
-from ptunifier_min.model import PTUnifier
 from ptunifier_min.datasets.source import SOURCE, ensure_prepared
+from ptunifier_min.fields import option
+from ptunifier_min.files import write_json
+from ptunifier_min.model import PTUnifier
+from ptunifier_min.tokenizer import load_tokenizer
 
 ZERO_SHOT = [name for name, task in tasks.TASKS.items() if task.zero_shot]
 PAPER_PAIRS = 2000  # the retrieval protocol of M3AE and PTUnifier: 2,000 pairs of the ROCO split
@@ -191,7 +191,7 @@ def main(argv=None):
 def refuse_run_folder(out):
     """--out must not be a training run's folder: its results.json (test metrics, val_metrics,
     best_step, split_hash) would be lost. A results.json eval.py wrote may be replaced."""
-    found = [n for n in checkpoint.RUN_FILES if n != "results.json"
+    found = [n for n in runs.RUN_FILES if n != "results.json"
              and os.path.exists(os.path.join(out, n))]
     path = os.path.join(out, "results.json")
     if os.path.isfile(path):
@@ -408,4 +408,4 @@ def render_table(root):
 
 
 if __name__ == "__main__":
-    checkpoint.run_script(main)
+    runs.run_script(main)

@@ -30,16 +30,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ptunifier_min.images import ImageTransform
-from ptunifier_min.tokenizer import load_tokenizer, special_ids
-from ptunifier_min.files import write_json
-from ptunifier_min import config as config_lib
-from ptunifier_min import (checkpoint, data, distributed, manifests, optim, pretrained,
+from ptunifier_min import (checkpoint, data, distributed, manifests, optim, pretrained, runs,
                            stopping, tasks)
-from ptunifier_min.config import FinetuneConfig, ModelConfig
-from ptunifier_min.model import PTUnifier
-from ptunifier_min.pretrained import set_image_size, set_text_len
+from ptunifier_min import config as config_lib
+from ptunifier_min.config import FinetuneConfig
 from ptunifier_min.datasets.source import ensure_prepared
+from ptunifier_min.files import write_json
+from ptunifier_min.images import ImageTransform
+from ptunifier_min.model import ModelConfig, PTUnifier
+from ptunifier_min.pretrained import set_image_size, set_text_len
+from ptunifier_min.tokenizer import load_tokenizer, special_ids
 
 DEFAULT_INIT = "runs/pretrain"  # where `python train.py` writes
 # Model fields a run may change against its checkpoint: they resize or regularise, they hold no
@@ -59,14 +59,14 @@ def main(argv=None):
     precision = distributed.resolve_precision(cfg.precision, proc.device)
 
     if cfg.resume:
-        checkpoint.refuse_the_other_scripts_run(cfg.resume, "finetune.py")
+        runs.refuse_the_other_scripts_run(cfg.resume, "finetune.py")
 
     # ---- initial weights: a pre-training checkpoint decides the architecture and the tokenizer ---
     ckpt, ckpt_model = resolve_init(cfg, print0)
     cfg.out = cfg.out or default_out(task.name, ckpt, cfg.data_frac)
     # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
     if proc.main:
-        checkpoint.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, print0,
+        runs.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, print0,
                                     # where the resumable state is
                                     checkpoints=os.path.join(cfg.out, "train_state"))
 
@@ -195,7 +195,7 @@ def main(argv=None):
     if proc.main:
         write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
         write_json(record_path, record)
-    log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
+    log = runs.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
                          resume_step=start_step if cfg.resume else None)
 
     # ---- training loop: evaluate on val every eval_every steps, keep the best weights ------------
@@ -401,4 +401,4 @@ def report(m):
 
 
 if __name__ == "__main__":
-    checkpoint.run_script(main)
+    runs.run_script(main)

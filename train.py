@@ -15,16 +15,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ptunifier_min.images import ImageTransform
-from ptunifier_min.tokenizer import continuation_table, load_tokenizer, special_ids
-from ptunifier_min.files import write_json
 from ptunifier_min import (checkpoint, data, distributed, manifests, optim, poolstats, pretrained,
-                           retrieval, stopping)
+                           retrieval, runs, stopping)
 from ptunifier_min import config as config_lib
 from ptunifier_min.datasets.source import ensure_prepared
+from ptunifier_min.files import write_json
 from ptunifier_min.flops import flops_per_pair, peak_flops
+from ptunifier_min.images import ImageTransform
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.objectives import draw_step, pretraining_loss
+from ptunifier_min.tokenizer import continuation_table, load_tokenizer, special_ids
 
 # The tokenizers library's own thread pool cannot survive the fork into data-loader workers;
 # batching across samples gives us the parallelism instead.
@@ -39,10 +39,10 @@ def main(argv=None):
     print0 = print if proc.main else (lambda *a, **k: None)
     precision = distributed.resolve_precision(cfg.precision, proc.device)
     if cfg.resume:
-        checkpoint.refuse_the_other_scripts_run(cfg.resume, "train.py")
+        runs.refuse_the_other_scripts_run(cfg.resume, "train.py")
     # before any data is read: --out becomes this run's own (locked, no earlier run mixed in)
     if proc.main:
-        checkpoint.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, print0)
+        runs.claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, print0)
 
     # ---- data: prepared manifests and the tokenizer ----------------------------------------------
     # (made from the synthetic world if no --data-root)
@@ -124,7 +124,7 @@ def main(argv=None):
     if proc.main:
         write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
         write_json(os.path.join(cfg.out, "data.json"), record)
-    log = checkpoint.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
+    log = runs.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
                          resume_step=start_step if cfg.resume else None)
 
     # ---- training loop ---------------------------------------------------------------------------
@@ -228,4 +228,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    checkpoint.run_script(main)
+    runs.run_script(main)

@@ -12,140 +12,26 @@ with the optimizer, schedule and every rank's RNG state, read with weights_only=
 goes through a temporary and a rename, so a kill at any moment leaves the previous version whole.
 """
 
+import dataclasses
 import errno
-import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
-import socket
-import sys
-import time
 
 import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from .files import write_atomic
-from . import config as config_lib
 from . import manifests, stopping
 from .distributed import unwrap
+from .fields import flag
+from .files import write_atomic
 
-
-# ---- run folders ---------------------------------------------------------------------------------
-# What a run writes into its --out
-# (tokenizer.json: a RoBERTa tokenizer made one file, pretrained.py)
-# (data.json: what the run read, by content, manifests.data_record)
-RUN_FILES = ("config.json", "log.jsonl", "latest", "results.json", "train_state", "tokenizer.json",
-             "data.json")
-# realpath(out) -> the descriptor of out/.lock, flock'ed for as long as this process lives
-_LOCKS = {}
 # realpath(checkpoint folder) -> the step folders this run wrote there (or resumed from),
 # oldest first
 _WRITTEN = {}
-
-
-def claim_run_folder(out, resume="", overwrite=False, print0=print, checkpoints=None):
-    """Make `out` this run's own, or stop saying what to do. Rank 0 calls it first, before any data
-    is read.
-
-    - An exclusive lock on out/.lock, which holds the owner's pid, host and start time: a second run
-      on the folder is refused with them (two writers would mix their logs and swap each other's
-      `latest`). The kernel drops the lock with the process, so not even a SIGKILL leaves a stale
-      one.
-    - A folder holding an earlier run (RUN_FILES, step_*) is refused, unless this run continues it
-      (--resume from inside `out`) or --overwrite moves those entries aside into
-      out/.replaced-<time>/: said, never deleted. Either way the temporaries a killed run left
-      (.tmp_*, in `out` and in `checkpoints`) are removed first, and said.
-    - A stop signal (SIGTERM, SIGINT, SIGUSR1) then prints where the last checkpoint (in
-      `checkpoints`, default `out`) is and the flag that resumes it, and exits non-zero; every
-      write below is atomic, so nothing is left half-written. In the training loop a stop signal
-      lets the step in flight finish and be saved first (stopping.py).
-    """
-    if not out:
-        raise SystemExit("--out is empty: name the run's output folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-        _lock(out)
-    except OSError as e:
-        raise SystemExit(f"cannot write to --out {out}: {e.strerror or e}") from None
-    for key in [k for k in _WRITTEN if _inside(k, out)]:
-        # a new run (in a process that has run before: tests) owns none of the folders' contents
-        del _WRITTEN[key]
-    continuing = bool(resume) and _inside(resume, out)
-    if continuing or overwrite:
-        _remove_leftovers([out, checkpoints or out], print0)
-    earlier = sorted(n for n in os.listdir(out)
-                     if n in RUN_FILES or n.startswith(("step_", ".tmp_")))
-    if earlier and not continuing:
-        if not overwrite:
-            raise SystemExit(f"--out {out} holds an earlier run ({', '.join(earlier)}): continue "
-                             f"it with --resume {out}, start afresh with --overwrite (moves these "
-                             f"into {out}/.replaced-<time>/), or choose another --out. "
-                             "Nothing was changed.")
-        aside = os.path.join(out, time.strftime(".replaced-%Y%m%d-%H%M%S"))
-        aside += f"-{os.getpid()}" if os.path.exists(aside) else ""
-        os.makedirs(aside)
-        for name in earlier:
-            os.replace(os.path.join(out, name), os.path.join(aside, name))
-        print0(f"--overwrite: moved the earlier run's {', '.join(earlier)} aside into {aside}")
-    stopping.catch(lambda why: stop_message(why, out, checkpoints or out))
-
-
-def _remove_leftovers(folders, print0):
-    """Remove the .tmp_* entries a killed run left: a checkpoint it was writing, or one it was
-    removing. Never a complete checkpoint: `latest` only ever names renamed step folders, and the
-    lock says that no other run writes here."""
-    gone = [os.path.join(folder, name) for folder in dict.fromkeys(folders)
-            if os.path.isdir(folder) for name in sorted(os.listdir(folder))
-            if name.startswith(".tmp_")]
-    for path in gone:
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    if gone:
-        print0(f"removed what a killed run left unfinished: {', '.join(gone)}")
-
-
-def _inside(path, folder):
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder + os.sep)
-
-
-def _lock(out):
-    key = os.path.realpath(out)
-    # this process holds it already (a script's main() run again in one process, as tests do)
-    if key in _LOCKS:
-        return
-    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 1000).decode(errors="replace").strip() or "a process that is starting"
-        os.close(fd)
-        raise SystemExit(f"--out {out} is in use by another run ({holder}): two runs writing one "
-                         "folder would mix their logs and checkpoints; wait for it to end, or "
-                         "choose another --out") from None
-    except OSError as e:
-        # a file system without flock (some network mounts): run, but say that nothing guards it
-        print(f"warning: cannot lock {out} ({e.strerror}): make sure no other run writes there",
-              file=sys.stderr)
-    # Written in place, not through a temporary and a rename: the lock belongs to this inode.
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, "
-                 f"started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-    _LOCKS[key] = fd
-
-
-def stop_message(why, out, checkpoints):
-    """One line: where the last checkpoint of the run in `out` is, and the flag that continues
-    from it."""
-    try:
-        ckpt = resolve_checkpoint(checkpoints)
-    except CheckpointError:
-        return (f"{why}: stopped before the first checkpoint in {checkpoints}; nothing to "
-                "resume: run the same command with --overwrite to start again")
-    return (f"{why}: stopped; the last checkpoint is {ckpt}: run the same command with --resume "
-            f"{out}")
 
 
 def write_error(e, path):
@@ -199,7 +85,7 @@ def save_checkpoint(out, step, model, cfg, trainer_state=None, files=(), keep=1)
                 with open(src, "rb") as f:
                     sha256[os.path.basename(src)] = _write(
                         os.path.join(tmp, os.path.basename(src)), f.read())
-            record = {"step": step, "config": config_lib.to_dict(cfg), "sha256": sha256}
+            record = {"step": step, "config": dataclasses.asdict(cfg), "sha256": sha256}
             _write(os.path.join(tmp, "config.json"), json.dumps(record, indent=2).encode())
             # the same step written again (a finished run resumed): the new one replaces it
             _discard(final)
@@ -372,40 +258,37 @@ def load_trainer_state(path):
         raise CheckpointError(f"corrupt or truncated trainer state {file}: {e}") from e
 
 
-def refuse_the_other_scripts_run(resume, script):
-    """--resume given a run that the other script wrote ("train.py" or "finetune.py"): say which
-    script continues it, before anything is read or written. A fine-tuning run's config has a
-    task; it is the run folder's config.json, a step folder's, or (train_state) its parent's."""
-    for folder in (resume, os.path.dirname(os.path.abspath(resume))):
-        try:
-            with open(os.path.join(folder, "config.json")) as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            continue
-        saved = saved.get("config", saved) if isinstance(saved, dict) else {}
-        other = "finetune.py" if isinstance(saved, dict) and "task" in saved else "train.py"
-        if other != script:
-            kind = "fine-tuning" if other == "finetune.py" else "pre-training"
-            raise SystemExit(
-                f"--resume {resume} is a {kind} run: continue it with python {other} --resume "
-                f"{resume} and its flags"
-                + (f"; fine-tune from it with --init {resume}" if other == "train.py" else ""))
-        return
+# Where the data and the tokenizer are, not what they are: a resumed run may find them at another
+# place when their content is what the checkpoint recorded (manifests.differences finds none).
+PLACES = ("data_root", "synth_root", "tokenizer")
 
 
-def run_script(main):
-    """A script's top level: an error whose message already says what is wrong and what to do (a
-    missing or damaged checkpoint, a full disk, training stopped by non-finite values) ends the run
-    with that message and exit code 1, not with a traceback."""
-    try:
-        main()
-    except (CheckpointError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        where = f": {e.filename}" if e.filename else ""
-        raise SystemExit(f"error: {e.strerror}{where}") from None
+def _flat(d):
+    """A config's dict form with the model's fields beside the run's."""
+    return {**{k: v for k, v in d.items() if k != "model"}, **d.get("model", {})}
+
+
+def resume_differences(saved, cfg, same_data=False):
+    """Compare cfg (a config dataclass) with the config a checkpoint was written with (its dict
+    form). Returns (refused, changed): one line per differing field that a resumed run must keep
+    (the model, the data, the objectives, the batch, the seed...), and one per differing field it
+    may change (`may_change`: steps, cadences, learning rates, workers; and PLACES when same_data
+    says the data and the tokenizer found there are those the run was trained with)."""
+    fields = [*dataclasses.fields(cfg), *(dataclasses.fields(cfg.model) if hasattr(cfg, "model")
+                                          else ())]
+    may_change = {f.name for f in fields if f.metadata.get("may_change")}
+    may_change |= set(PLACES) if same_data else set()
+    # a field the checkpoint lacks was added after it was written: the run had that field's default
+    # (as a built config holds it: pixel_mean's tuple default is kept as a list)
+    defaults = _flat(dataclasses.asdict(type(cfg)()))
+    before, now = {**defaults, **_flat(saved)}, _flat(dataclasses.asdict(cfg))
+    refused, changed = [], []
+    # how a run was started, not a setting
+    for name in sorted((set(before) | set(now)) - {"resume", "overwrite"}):
+        a, b = before.get(name, "<none>"), now.get(name, "<none>")
+        if a != b:
+            (changed if name in may_change else refused).append(f"{flag(name)} {a!r} -> {b!r}")
+    return refused, changed
 
 
 def resume_from(path, cfg, model, opt, sched, print0=print, record=None):
@@ -414,8 +297,8 @@ def resume_from(path, cfg, model, opt, sched, print0=print, record=None):
 
     `record`, the data record of what this run reads (manifests.data_record), is compared with the
     checkpoint's: a file, split or tokenizer whose content differs is refused, naming it; the same
-    content may sit at another place (--data-root, --synth-root, --tokenizer: config.PLACES).
-    The config is compared with the checkpoint's (config.resume_differences): settings a resumed run
+    content may sit at another place (--data-root, --synth-root, --tokenizer: PLACES).
+    The config is compared with the checkpoint's (resume_differences): settings a resumed run
     must keep (the model, the data, the objectives, the batch, the seed...) are refused with the
     list of differences; those it may change (steps, cadences, learning rates, workers) are applied
     and printed. Weights, optimizer moments and the position in the schedule are restored; learning
@@ -431,7 +314,7 @@ def resume_from(path, cfg, model, opt, sched, print0=print, record=None):
                              f"(recorded in {os.path.join(ckpt, 'data.json')}):\n  "
                              + "\n  ".join(differ) + "\nresume with the prepared data and "
                              "tokenizer it was trained with, or start a new run in another --out")
-        refused, changed = config_lib.resume_differences(
+        refused, changed = resume_differences(
             read_checkpoint_config(ckpt)["config"], cfg, same_data=bool(saved and record))
         if refused:
             raise SystemExit(f"--resume {path}: these settings differ from the run being "
@@ -500,35 +383,3 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if torch.cuda.is_available() and len(s["cuda"]):
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-# ---- logging -------------------------------------------------------------------------------------
-class Log:
-    """log.jsonl with one line per logged step (rank 0 only).
-
-    A resumed run passes resume_step: the log is first cut back to the records of steps up to it
-    (rewritten through a temporary file and a rename), because the steps the stopped run logged
-    after its last checkpoint are trained again and must not appear twice. A line torn by a kill
-    mid-write is dropped with them."""
-
-    def __init__(self, path, enabled, resume_step=None):
-        self.f = None
-        if not enabled:
-            return
-        if resume_step is not None and os.path.isfile(path):
-            kept = []
-            with open(path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(record, dict) and record.get("step", 0) <= resume_step:
-                        kept.append(line.rstrip("\n") + "\n")
-            write_atomic(path, "".join(kept))
-        self.f = open(path, "a")
-
-    def write(self, record):
-        if self.f:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()

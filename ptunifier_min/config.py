@@ -294,36 +294,6 @@ def from_dict(cls, d):
     return build(cls, flat)
 
 
-def _flat_dict(d):
-    return {**{k: v for k, v in d.items() if k != "model"}, **d.get("model", {})}
-
-
-# Where the data and the tokenizer are, not what they are: a resumed run may find them at another
-# place when their content is what the checkpoint recorded (manifests.differences finds none).
-PLACES = ("data_root", "synth_root", "tokenizer")
-
-
-def resume_differences(saved, cfg, same_data=False):
-    """Compare cfg with the config a checkpoint was written with (its to_dict form). Returns
-    (refused, changed): one line per differing field that a resumed run must keep (the model, the
-    data, the objectives, the batch, the seed...), and one per differing field it may change
-    (`may_change`: steps, cadences, learning rates, workers; and PLACES when same_data says the
-    data and the tokenizer found there are those the run was trained with)."""
-    may_change = {name for name, f, _ in _flat_fields(type(cfg)) if f.metadata.get("may_change")}
-    may_change |= set(PLACES) if same_data else set()
-    # a field the checkpoint lacks was added after it was written: the run had that field's default
-    # (as a built config holds it: pixel_mean's tuple default is kept as a list)
-    defaults = _flat_dict(to_dict(type(cfg)()))
-    before, now = {**defaults, **_flat_dict(saved)}, _flat_dict(to_dict(cfg))
-    refused, changed = [], []
-    # how a run was started, not a setting
-    for name in sorted((set(before) | set(now)) - {"resume", "overwrite"}):
-        a, b = before.get(name, "<none>"), now.get(name, "<none>")
-        if a != b:
-            (changed if name in may_change else refused).append(f"{flag(name)} {a!r} -> {b!r}")
-    return refused, changed
-
-
 @dataclass
 class FinetuneConfig(RunConfig):
     """Fine-tuning on one downstream task of the paper's Table 2

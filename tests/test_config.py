@@ -39,7 +39,8 @@ def test_objectives_are_validated():
 
 def test_resume_takes_a_field_newer_than_the_checkpoint_at_its_default():
     """A checkpoint written before a field existed (e.g. --pool-select) ran with its default: not a difference."""
-    from ptunifier_min.config import PRESETS, TrainConfig, build, resume_differences, to_dict
+    from ptunifier_min.checkpoint import resume_differences
+    from ptunifier_min.config import PRESETS, TrainConfig, build, to_dict
     cfg = build(TrainConfig, dict(PRESETS["tiny"]))
     saved = to_dict(cfg)
     for name in ("pool_select", "pool_keys", "pool_query"):
@@ -54,7 +55,8 @@ def test_a_config_saved_before_pixel_statistics_existed_normalises_as_it_did():
     """A checkpoint's config without pixel_mean / pixel_std was trained with 0.5 / 0.5: it loads
     so, and resumes."""
     import torch
-    from ptunifier_min.config import build, resume_differences
+    from ptunifier_min.checkpoint import resume_differences
+    from ptunifier_min.config import build
     from ptunifier_min.model import PTUnifier
     cfg = build(TrainConfig, dict(PRESETS["tiny"]))
     saved = to_dict(cfg)

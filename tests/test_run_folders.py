@@ -21,7 +21,7 @@ import finetune
 import train
 from ptunifier_min.tokenizer import load_tokenizer, train_tokenizer
 from ptunifier_min.files import write_json
-from ptunifier_min import checkpoint, distributed, files, optim, tasks
+from ptunifier_min import checkpoint, distributed, files, optim, runs, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.datasets.source import ensure_prepared
@@ -164,7 +164,7 @@ def test_full_disk_and_damaged_checkpoints_end_the_scripts_with_the_message_alon
                                      str(tmp_path / "step_0000010"))
 
     with pytest.raises(SystemExit, match="^error: could not write .*step_0000010: disk full"):
-        checkpoint.run_script(full_disk)
+        runs.run_script(full_disk)
     cfg, model = tiny_model()
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text(json.dumps({"model": {"vocab": {f"w{i}": i for i in range(200)}}}))
@@ -183,7 +183,7 @@ def test_full_disk_and_damaged_checkpoints_end_the_scripts_with_the_message_alon
 def test_log_is_cut_back_to_the_resumed_step(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
-    log = checkpoint.Log(str(path), True, resume_step=4)
+    log = runs.Log(str(path), True, resume_step=4)
     log.write({"step": 5, "loss": 0.5})
     log.f.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
@@ -203,7 +203,7 @@ def test_a_killed_runs_temporaries_are_removed_when_it_is_resumed_or_overwritten
         for folder in left:
             folder.mkdir()
             (folder / "model.safetensors").write_bytes(b"half of it")
-        checkpoint.claim_run_folder(str(out), resume=str(out) if how == "resume" else "",
+        runs.claim_run_folder(str(out), resume=str(out) if how == "resume" else "",
                                     overwrite=how == "overwrite",
                                     checkpoints=str(out / "train_state"))
         assert not [p for p in left if p.exists()]
@@ -219,23 +219,23 @@ def test_a_killed_runs_temporaries_are_removed_when_it_is_resumed_or_overwritten
 def test_second_run_on_one_out_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {REPO!r}); "
-                               "from ptunifier_min import checkpoint, distributed, optim; "
-                               f"checkpoint.claim_run_folder({str(out)!r}); print('claimed', flush=True); time.sleep(120)"],
+                               "from ptunifier_min import runs; "
+                               f"runs.claim_run_folder({str(out)!r}); print('claimed', flush=True); time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "claimed"
         with pytest.raises(SystemExit, match=f"in use by another run \\(pid {holder.pid} on .*, started "):
-            checkpoint.claim_run_folder(str(out))
+            runs.claim_run_folder(str(out))
     finally:
         holder.kill()  # SIGKILL: no clean-up code runs
         holder.wait()
-    checkpoint.claim_run_folder(str(out))  # the kernel dropped the lock with the process
+    runs.claim_run_folder(str(out))  # the kernel dropped the lock with the process
 
 
 def test_unwritable_out_is_refused_before_any_data_is_read(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit, match="cannot write to --out"):
-        checkpoint.claim_run_folder(str(tmp_path / "a_file" / "run"))
+        runs.claim_run_folder(str(tmp_path / "a_file" / "run"))
     with pytest.raises(SystemExit, match="cannot write to --out"):
         train.main(["--preset", "tiny", "--synth-root", str(tmp_path / "world"), "--out", str(tmp_path / "a_file")])
     assert not (tmp_path / "world").exists()  # stopped before the synthetic world was made
@@ -333,7 +333,7 @@ def test_stop_signal_says_where_the_checkpoint_is_and_how_to_resume(world, tmp_p
     assert last.startswith(f"{signal.Signals(sig).name}: stopped; the last checkpoint is {ckpt}") and \
         last.endswith(f"--resume {out}"), last
     assert loads(ckpt) and not [n for n in os.listdir(out) if n.startswith(".tmp")]
-    checkpoint.claim_run_folder(str(out), resume=str(out))  # the lock went with the process
+    runs.claim_run_folder(str(out), resume=str(out))  # the lock went with the process
 
 
 # ---- finetune.py -----------------------------------------------------------------------------------------------------

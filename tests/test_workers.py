@@ -54,9 +54,9 @@ def test_many_short_pools_under_the_runs_stop_handlers_never_hang(tmp_path):
     proc = _run_script(f"""
         import os, threading, time
         from tqdm import tqdm
-        from ptunifier_min import checkpoint
+        from ptunifier_min import runs
         from ptunifier_min.datasets import prepare
-        checkpoint.claim_run_folder({str(tmp_path / "run")!r})
+        runs.claim_run_folder({str(tmp_path / "run")!r})
         bar = tqdm(total=10 ** 9, file=open(os.devnull, "w"), mininterval=0.01)
         def tick():
             while True:
@@ -154,9 +154,9 @@ def test_a_stop_signal_ends_the_run_and_its_workers_leaving_no_orphan_or_tempora
     paths = _images(str(tmp_path / "raw"), 400, (700, 600))
     cache = tmp_path / "cache"
     proc = _run_script(f"""
-        from ptunifier_min import checkpoint
+        from ptunifier_min import runs
         from ptunifier_min.datasets import prepare
-        checkpoint.claim_run_folder({str(tmp_path / "run")!r})
+        runs.claim_run_folder({str(tmp_path / "run")!r})
         paths = {paths!r}
         jobs = [(p, prepare.cache_file({str(cache)!r}, p, 384), 384) for p in paths]
         import os

@@ -8,7 +8,7 @@ prepare.py decodes and caches every image).
 ordered_map is `[fn(j) for j in jobs]` on several processes. Why not multiprocessing.Pool: its
 workers share one lock on the task queue, and Pool.terminate (which `with Pool()` calls on exit)
 holds that lock while it sends the workers SIGTERM. A worker forked from a run inherits the run's
-Python-level SIGTERM handler (checkpoint.claim_run_folder); when the signal lands between the
+Python-level SIGTERM handler (runs.claim_run_folder); when the signal lands between the
 interpreter's check for signals and the wait on that lock, the handler never runs and the worker
 sleeps on, with the run waiting for it forever. Here:
 - each worker has a pipe of its own and one chunk in flight, so no lock is shared, neither side ever
