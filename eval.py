@@ -33,7 +33,7 @@ from ptunifier_min.config import FinetuneConfig
 from ptunifier_min.datasets.source import SOURCE, ensure_prepared
 from ptunifier_min.fields import option
 from ptunifier_min.files import write_json
-from ptunifier_min.model import PTUnifier
+from ptunifier_min.api import load_checkpoint
 from ptunifier_min.tokenizer import load_tokenizer
 
 ZERO_SHOT = [name for name, task in tasks.TASKS.items() if task.zero_shot]
@@ -146,23 +146,18 @@ def main(argv=None):
     if retrieves:
         records, what = choose_pairs(records, pairs, os.path.join(root, "roco"), args.split)
         print0(f"retrieval pairs: {what}")
-    backbone = PTUnifier(cfg.model)
+    model = load_checkpoint(ckpt, proc.device)[0]  # the backbone, or the fine-tuned TaskModel
     print0(f"{'zero-shot' if zero_shot else 'fine-tuned'} {task.name} on {len(records):,} "
            f"{args.split} records of {folder}; checkpoint {ckpt}"
            + (f"; {proc.world} ranks, each evaluating its share" if proc.world > 1 else ""))
     inputs = dict(image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len,
                   device=proc.device, precision=precision, proc=proc)
     if zero_shot:
-        checkpoint.load_weights(ckpt, backbone, strict=True)
-        backbone.to(proc.device).eval()
         # through the backbone's own ITC head: retrieval, or CheXpert's labels as text prompts
-        m = task.zero_shot(backbone, task, records, meta, tok, **inputs,
+        m = task.zero_shot(model, task, records, meta, tok, **inputs,
                            rerank_top=args.rerank_top, print0=print0)
         init = ckpt
     else:
-        model = tasks.TaskModel(backbone, task, tasks.num_outputs(task, meta), cfg.max_gen_len)
-        checkpoint.load_weights(ckpt, model, strict=True)
-        model.to(proc.device)
         m = tasks.evaluate(model, task, records, tok, **inputs, meta=meta,
                            max_gen_len=cfg.max_gen_len, batch_size=cfg.eval_batch_size,
                            beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,

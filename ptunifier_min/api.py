@@ -43,7 +43,7 @@ from PIL import Image
 from .images import ImageTransform, grayscale, load_image
 from .tokenizer import encode_pairs, encode_texts, load_tokenizer
 from . import config as config_lib
-from . import checkpoint, tasks
+from . import checkpoint, retrieval, tasks
 from .model import PTUnifier
 
 
@@ -181,23 +181,20 @@ class Model:
         return torch.zeros(*shape, device=self.device)
 
     # ---- pre-training heads ----------------------------------------------------------------------
-    @torch.no_grad()
     def encode_images(self, images):
-        """[N, d] L2-normalised ITC embeddings of images (one or a list), image-only passes."""
-        images, backbone = _image_list(images), self.backbone
-        out = [backbone.itc_embed(backbone(image=self._images(images[s], start=s.start),
-                                           read="pooled"))
-               for s in self._batches(len(images))]
-        return torch.cat(out) if out else self._empty(0, self.cfg.model.itc_dim)
+        """[N, d] L2-normalised ITC embeddings of images (one or a list), image-only passes: the
+        embeddings of retrieval and evaluation (retrieval.embed_images)."""
+        return retrieval.embed_images(self.backbone, _image_list(images),
+                                      self.cfg.model.image_size, self.device,
+                                      batch_size=self.batch_size,
+                                      read=lambda img, i: to_grayscale(img, f"images[{i}]"))
 
-    @torch.no_grad()
     def encode_texts(self, texts):
-        """[N, d] L2-normalised ITC embeddings of texts (one or a list), text-only passes."""
-        texts, backbone = _text_list(texts, "texts"), self.backbone
-        out = []
-        for s in self._batches(len(texts)):
-            out.append(backbone.itc_embed(backbone(**self._texts(texts[s]), read="pooled")))
-        return torch.cat(out) if out else self._empty(0, self.cfg.model.itc_dim)
+        """[N, d] L2-normalised ITC embeddings of texts (one or a list), text-only passes
+        (retrieval.embed_texts)."""
+        return retrieval.embed_texts(self.backbone, _text_list(texts, "texts"), self.tok,
+                                     self.cfg.model.max_text_len, self.device,
+                                     batch_size=self.batch_size)
 
     @torch.no_grad()
     def similarity(self, image_embeddings, text_embeddings):
@@ -299,6 +296,14 @@ def _config(ckpt):
 def load(path, device="cpu", dtype=torch.float32, batch_size=32):
     """Load a pre-training or fine-tuning checkpoint (run folder or step folder) for inference.
     batch_size: inputs per forward pass (an integer >= 1; Model.batch_size may be changed later)."""
+    return Model(*load_checkpoint(path, device, dtype), device, dtype, batch_size)
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32):
+    """(model, tokenizer, config, task, meta) of a pre-training or fine-tuning checkpoint (run or
+    step folder): the backbone, or the fine-tuned TaskModel with its task and meta.json (task and
+    meta None for pre-training), in eval mode, without gradients. The one loader of the API, eval.py
+    and the tools."""
     ckpt = checkpoint.resolve_checkpoint(path)
     cfg = _config(ckpt)
     tok = load_tokenizer(checkpoint.checkpoint_tokenizer(ckpt))
@@ -322,5 +327,5 @@ def load(path, device="cpu", dtype=torch.float32, batch_size=32):
     # lists missing, unexpected and mis-shaped tensors
     checkpoint.load_weights(ckpt, model, strict=True)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return Model(model, tok, cfg, task, meta, device, dtype, batch_size)
+    return model, tok, cfg, task, meta
 

@@ -29,18 +29,24 @@ IMAGE_BATCH, TEXT_BATCH = 64, 128  # encoder batches; under torchrun, the units 
 BLOCK_ENTRIES = 1 << 24
 
 
+def _read_file(path, index):
+    return load_image(path)
+
+
 @torch.no_grad()
-def embed_images(model, paths, image_size, device, precision="fp32", batch_size=IMAGE_BATCH):
-    """[N, d] ITC embeddings of image files: image-only passes, the evaluation transform."""
+def embed_images(model, images, image_size, device, precision="fp32", batch_size=IMAGE_BATCH,
+                 read=_read_file):
+    """[N, d] ITC embeddings of images: image-only passes, the evaluation transform. images: file
+    paths, or whatever read(image, index) turns into a PIL image (the API's inputs)."""
     transform = ImageTransform(image_size)
     out = []
-    for i in range(0, len(paths), batch_size):
+    for i in range(0, len(images), batch_size):
         # uint8 pixels [b, 1, S, S]: the model normalises them on the device
-        x = torch.stack([transform.pixels(load_image(p))
-                         for p in paths[i:i + batch_size]]).to(device)
+        x = torch.stack([transform.pixels(read(img, i + j))
+                         for j, img in enumerate(images[i:i + batch_size])]).to(device)
         with autocast(precision, device):
             out.append(model.itc_embed(model(image=x, read="pooled")))
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, model.cfg.itc_dim, device=device)
 
 
 @torch.no_grad()
@@ -55,7 +61,7 @@ def embed_texts(model, texts, tok, max_len, device, precision="fp32", batch_size
             out.append(model.itc_embed(model(input_ids=ids.to(device),
                                              attention_mask=mask.to(device), padded=padded,
                                              read="pooled")))
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, model.cfg.itc_dim, device=device)
 
 
 def embed_sharded(embed, items, unit, device, proc):
