@@ -229,7 +229,7 @@ def main(argv=None):
         # non-finite check (the host waits for the device here, once per step), clip, AdamW,
         # schedule
         grad_norm = optim.optimizer_step(model, opt, sched, loss, cfg.grad_clip, proc)
-        if guard(grad_norm, step + 1):
+        if guard(grad_norm, step + 1):  # a skipped step is logged by the guard, saved as any
             window.append(step_stats)
         # a stop signal on any rank: every rank saves this step and stops (agreed on the host)
         stop = stopping.requested(proc)
@@ -254,7 +254,8 @@ def main(argv=None):
                 best = {"score": score, "step": step + 1, "metrics": val,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             log.write({"step": step + 1, "val": val, "best_step": best["step"]})
-            note(f"step {step + 1}: val {task.selection_metric} {fmt(val.get(task.selection_metric))} "
+            metric = task.selection_metric
+            note(f"step {step + 1}: val {metric} {fmt(val.get(metric))} "
                  f"(best {fmt(best['score'])} at step {best['step']})")
         if validate or stop:
             # a collective, after validation: each rank's own state, for --resume

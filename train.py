@@ -169,18 +169,18 @@ def main(argv=None):
         # non-finite check (the host waits for the device here, once per step), clip, AdamW,
         # logit-scale clamp, schedule
         grad_norm = optim.optimizer_step(model, opt, sched, loss, cfg.grad_clip, proc)
-        finite = guard(grad_norm, step + 1)
+        if guard(grad_norm, step + 1):  # a skipped step is logged by the guard, saved as any
+            window.append(step_stats)
         # a stop signal on any rank: every rank saves this step and stops (agreed on the host)
         stop = stopping.requested(proc)
-        if finite:
-            window.append(step_stats)
-        if finite and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or stop):
+        if window and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or stop):
             # the host has waited for the device's work up to the last check
             dt = time.perf_counter() - t0
             steps = [{k: sum(float(s[k]) for s in micros) / len(micros) for k in micros[0]}
                      for micros in window]
             rec = {"step": step + 1, **{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]},
-                   "grad_norm": float(grad_norm), "lr_backbone": sched.get_last_lr()[0],
+                   "grad_norm": None if grad_norm is None else float(grad_norm),
+                   "lr_backbone": sched.get_last_lr()[0],
                    "pairs_per_s": len(window) * global_batch / dt}
             # a collective: every rank logs on the same steps
             rec.update(watch.read(model, proc.world))

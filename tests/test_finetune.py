@@ -429,3 +429,39 @@ def test_resume_under_ddp_restores_each_ranks_rng(world, tmp_path):
     wa, wb = (load_file(os.path.join(checkpoint.resolve_checkpoint(os.path.join(tmp_path, p, "train_state")),
                                      "model.safetensors")) for p in ("ref", "killed"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def skipped_at(n, real):
+    """A stand-in for optim.optimizer_step whose n-th call meets non-finite gradients: no update,
+    None, as the real one returns then."""
+    calls = {"n": 0}
+
+    def step(model, opt, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            opt.zero_grad(set_to_none=True)
+            return None
+        return real(model, opt, *args, **kwargs)
+    return step
+
+
+@pytest.mark.parametrize("script", ["train.py", "finetune.py"])
+def test_a_skipped_last_step_is_saved_and_logged_alike_by_both_scripts(script, world, tmp_path,
+                                                                       monkeypatch):
+    """The last step is non-finite: the guard logs it as skipped, the finite steps of its logging
+    window are logged at it, and the run's checkpoint is of that step (the weights of the step
+    before it), in pre-training and in fine-tuning alike."""
+    import train
+    monkeypatch.setattr(optim, "optimizer_step", skipped_at(4, optim.optimizer_step))
+    out = tmp_path / "run"
+    if script == "train.py":
+        train.main(["--preset", "tiny", "--synth-root", world[0], "--steps", "4", "--log-every",
+                    "2", "--eval-pairs", "0", "--out", str(out)])
+        ckpt = checkpoint.resolve_checkpoint(str(out))
+    else:
+        run(world, "--task", "chexpert", "--init", "scratch", "--log-every", "2", "--out", str(out))
+        ckpt = checkpoint.resolve_checkpoint(str(out / "train_state"))
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log if "skipped" in r] == [4]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4]  # step 3 logged at step 4
+    assert ckpt.endswith("step_0000004")
