@@ -114,7 +114,7 @@ def main(argv=None):
     batch_size = min(cfg.batch_size, len(splits["train"]) // proc.world)
     transform = ImageTransform(cfg.model.image_size, train=True,
                                     random_resized_crop=cfg.random_resized_crop)
-    # uint8 (issue 11)
+    # uint8 one-channel pixels: the model normalises them on the device
     dataset = data.TaskDataset(splits["train"], task, transform.pixels, cfg.seed, train=True)
     collate = data.task_collate(tok, cfg.model.max_text_len, cfg.max_gen_len)
     # what tasks.evaluate reads besides the model and the records

@@ -64,7 +64,6 @@ def main(argv=None):
     record = manifests.data_record(root, read, tok_path)
     tok_path = pretrained.single_file_tokenizer(tok, tok_path, cfg.out, proc.main)
     # uint8 one-channel pixels (ImageTransform.pixels): the model normalises them on the device
-    # (issue 11)
     transform = ImageTransform(cfg.model.image_size, train=True,
                                     random_resized_crop=cfg.random_resized_crop)
     dataset = data.PretrainDataset(records, transform.pixels, cfg.seed)

@@ -164,9 +164,9 @@ def keep_freed_memory():
 
     A CPU run's tensors come from malloc, and by default glibc returns large freed blocks to the OS
     (munmap, heap trimming): every step's activations then come back as fresh pages, which the
-    kernel must fault in and zero. On this project's 2-core CPU the cpu preset's bf16 training step
-    made ~34,000 page faults and ran 0.27 s; with this, ~200 faults and 0.21 s (issue 11). The same
-    as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set before start.
+    kernel must fault in and zero: tens of thousands of page faults per step of the cpu preset,
+    a few hundred with this (tests/test_precision.py counts them). The same as
+    MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set before start.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -288,9 +288,9 @@ def resolve_precision(precision, device):
     """'auto' = bf16 on CUDA, and on a CPU with native bf16 (AVX512-BF16 or AMX); fp32 on other CPUs
     and devices.
 
-    Measured (issue 11, README Benchmarks): on an AVX512-BF16 CPU a bf16 training step of the cpu
-    preset ran ~2x faster than fp32; on an AVX2-only CPU, which emulates bf16, 20x slower. So the
-    CPU's flags decide, not a guess."""
+    On an AVX512-BF16 CPU a bf16 training step of the cpu preset runs about twice as fast as fp32;
+    on an AVX2-only CPU, which emulates bf16, many times slower (docs/benchmarks.md). So the CPU's
+    flags decide, not a guess."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "auto":
