@@ -14,9 +14,9 @@ from PIL import Image
 import finetune
 import train
 import ptunifier_min
-from ptunifier_min.tokenizer import train_tokenizer
 from ptunifier_min import checkpoint, retrieval, tasks
 from ptunifier_min.api import Model
+from ptunifier_min.datasets.source import train_tokenizer
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, build
 from ptunifier_min.model import PTUnifier
 

@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 
 from ptunifier_min.images import ImageTransform, load_image
-from ptunifier_min.tokenizer import encode_pairs, encode_texts, load_tokenizer, special_ids, tokenizer_record, tokenizer_record_path, train_tokenizer
+from ptunifier_min.tokenizer import encode_pairs, encode_texts, load_tokenizer, special_ids
 from ptunifier_min import data as D
 from ptunifier_min import config, data, metrics, tasks
 from ptunifier_min.datasets import prepare as P, source
+from ptunifier_min.datasets.source import tokenizer_record, tokenizer_record_path, train_tokenizer
 from test_prepare import _csv, _img, _json, _lines, _vqa_rad_row, make_chexpert, make_mimic, make_roco, make_rsna, \
     make_vqa_rad
 

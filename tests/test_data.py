@@ -14,9 +14,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 
 from ptunifier_min.images import ImageTransform, load_image
-from ptunifier_min.tokenizer import ROBERTA_SPECIAL_TOKENS, continuation_table, encode_pairs, encode_texts, load_tokenizer, special_ids, train_tokenizer
+from ptunifier_min.tokenizer import ROBERTA_SPECIAL_TOKENS, continuation_table, encode_pairs, encode_texts, load_tokenizer, special_ids
 from ptunifier_min import data as D
 from ptunifier_min.model import normalize, pixel_table
+from ptunifier_min.datasets.source import train_tokenizer
 
 
 def floats(transform, img, rng=None):

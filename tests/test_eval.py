@@ -21,12 +21,12 @@ import finetune
 import train
 
 from ptunifier_min.images import ImageTransform
-from ptunifier_min.tokenizer import train_tokenizer
 from ptunifier_min import checkpoint, data, manifests, optim, retrieval, tasks
 from ptunifier_min.api import Model
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, build
 from ptunifier_min.datasets import prepare as P
 from ptunifier_min.model import PTUnifier, normalize, pixel_table
+from ptunifier_min.datasets.source import train_tokenizer
 # world: the shared tiny synthetic world fixture
 from test_finetune import TASK_KEYS, killed_at, run, world  # noqa: F401
 

@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 
 import finetune
 import train
-from ptunifier_min.tokenizer import load_tokenizer, special_ids, train_tokenizer
+from ptunifier_min.tokenizer import load_tokenizer, special_ids
 from ptunifier_min import checkpoint, data, distributed, optim, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, ModelConfig, build
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.pretrained import (interpolate_pos_embed, resize_text_positions, set_image_size,
                                       set_text_len)
-from ptunifier_min.datasets.source import ensure_prepared
+from ptunifier_min.datasets.source import ensure_prepared, train_tokenizer
 from conftest import signals_at
 
 TASK_KEYS = {  # the metric keys results.json must hold for each kind of task (by its Task.kind)

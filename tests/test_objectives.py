@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ptunifier_min.images import ImageTransform
-from ptunifier_min.tokenizer import continuation_table, encode_texts, load_tokenizer, special_ids, train_tokenizer
+from ptunifier_min.tokenizer import continuation_table, encode_texts, load_tokenizer, special_ids
 from ptunifier_min import data, distributed, objectives, optim
 from ptunifier_min.config import PRESETS, TrainConfig, build
 from ptunifier_min.model import PTUnifier, Prompts, normalize, pixel_table
 from ptunifier_min.objectives import (IGNORE, hard_negative_probs, itc_loss, itm_loss, itm_negatives, itm_plan,
                                       mask_step, mask_tokens, mlm_loss, pretraining_loss, valid_negatives)
+from ptunifier_min.datasets.source import train_tokenizer
 
 PAD, UNK, CLS, SEP, MASK = range(5)
 SPECIAL = {"ids": [CLS, SEP, PAD], "mask": MASK}

@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 
 import finetune
 import train
-from ptunifier_min.tokenizer import load_tokenizer, train_tokenizer
+from ptunifier_min.tokenizer import load_tokenizer
 from ptunifier_min.files import write_json
 from ptunifier_min import checkpoint, distributed, files, optim, runs, tasks
 from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict
 from ptunifier_min.model import PTUnifier
-from ptunifier_min.datasets.source import ensure_prepared
+from ptunifier_min.datasets.source import ensure_prepared, train_tokenizer
 from test_finetune import killed_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

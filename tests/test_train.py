@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import signals_at
-from ptunifier_min.files import write_atomic
-from ptunifier_min import checkpoint, data, distributed, optim
+from ptunifier_min import checkpoint, distributed, optim
 from ptunifier_min.datasets import source
 from ptunifier_min.config import PRESETS, TrainConfig, build, from_dict
 from ptunifier_min.model import PTUnifier

@@ -14,11 +14,14 @@ corpora have been prepared into the root since, it is refused with what differs
 """
 
 import hashlib
+import json
 import os
 
-from ..tokenizer import load_tokenizer, tokenizer_record, tokenizer_record_path, train_tokenizer
-from ..files import write_atomic
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
 from .. import data, distributed, manifests
+from ..files import write_atomic
+from ..tokenizer import SPECIAL_TOKENS, bert_pipeline, load_tokenizer
 
 # prepared folder -> the dataset whose prepare step writes it
 SOURCE = {"roco_retrieval": "roco", "mimic_gen": "mimic_cxr", "mimic_sum": "mimic_cxr"}
@@ -122,6 +125,88 @@ def _sha256(path):
         text = load_tokenizer(path).to_str(pretty=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
     return manifests.sha256_file(path)
+
+
+# ---- the tokenizer trained on the prepared pre-training texts -----------------------------------
+def _continuation_pieces(texts, normalizer, pre_tokenizer):
+    """'##c' for every character c that can continue a word of the corpus (i.e. is not split off as
+    punctuation)."""
+    chars = set()
+    for t in texts:
+        chars.update(t)
+    chars = set(normalizer.normalize_str("".join(sorted(chars)))) - {" "}
+    return ["##" + c for c in sorted(chars) if len(pre_tokenizer.pre_tokenize_str("a" + c)) == 1]
+
+
+def train_tokenizer(texts, vocab_size, path, corpora=None):
+    """Train a lower-cased BERT WordPiece tokenizer; save it as tokenizer.json (`path` is that file
+    or its folder).
+
+    corpora ({dataset: {"records": n, "texts": m}}, what `texts` came from) is written beside it as
+    its record (see tokenizer_record), so that the tokenizer is never silently reused for other
+    data."""
+    texts = list(texts)
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                            lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The trainer numbers the '##c' pieces in hash-map order, and merge ties are broken by those
+    # numbers, so the vocabulary changes from run to run (huggingface/tokenizers#1794). Handing it
+    # every '##c' up front, in sorted order, makes training deterministic; they are then made
+    # ordinary vocabulary entries again below.
+    pieces = _continuation_pieces(texts, normalizer, pre_tokenizer)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                        special_tokens=SPECIAL_TOKENS + pieces,
+                                        continuing_subword_prefix="##", show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok = Tokenizer(models.WordPiece(tok.get_vocab(), unk_token="[UNK]",
+                                     continuing_subword_prefix="##"))
+    tok.add_special_tokens(SPECIAL_TOKENS)  # already in the vocabulary: ids 0..4 stay
+    tok = bert_pipeline(tok, lowercase=True)
+    out = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    # what tok.save writes; written here through write_atomic instead
+    text = tok.to_str(pretty=True)
+    # The record first: a crash between the two writes leaves a record whose sha256 matches no
+    # tokenizer.json (or none at all), which tokenizer_record refuses, never a tokenizer without a
+    # word on what it was trained on.
+    record = {"corpora": corpora, "texts": len(texts), "vocab_size": tok.get_vocab_size(),
+              "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    write_atomic(tokenizer_record_path(out), json.dumps(record, indent=1) + "\n")
+    write_atomic(out, text)
+    return tok
+
+
+def tokenizer_record_path(path):
+    """tokenizer.json -> tokenizer.meta.json. A file beside it, not a key inside: the tokenizers
+    library does not promise to keep (or to accept) keys of its own JSON format it does not know,
+    and a record that another program may drop on a re-save would bind nothing."""
+    return os.path.splitext(path)[0] + ".meta.json"
+
+
+def tokenizer_record(path):
+    """The record of a tokenizer.json that train_tokenizer wrote: {"corpora", "texts", "vocab_size",
+    "sha256"}.
+
+    None when there is no record (a tokenizer made elsewhere, or by an older version); an error
+    naming the files when the record is unreadable or describes another file than the tokenizer
+    beside it (replaced, or a crash between the two writes)."""
+    meta = tokenizer_record_path(path)
+    if not os.path.exists(meta):
+        return None
+    try:
+        with open(meta, encoding="utf-8") as f:
+            record = json.load(f)
+        sha = record["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta}: not a readable tokenizer record ({e}); "
+                         f"delete it and {path} to retrain") from None
+    with open(path, "rb") as f:
+        if hashlib.sha256(f.read()).hexdigest() != sha:
+            raise ValueError(f"{path} is not the file its record {meta} describes "
+                             "(replaced, damaged, or written half): delete both to retrain it")
+    return record
 
 
 def check_tokenizer_corpora(tok_path, prepared):
