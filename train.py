@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ptunifier_min import (checkpoint, data, distributed, manifests, optim, poolstats, pretrained,
+from ptunifier_min import (checkpoint, data, distributed, manifests, optim, poolwatch, pretrained,
                            retrieval, runs, stopping)
 from ptunifier_min import config as config_lib
 from ptunifier_min.datasets.source import ensure_prepared
@@ -132,7 +132,7 @@ def main(argv=None):
     peak = peak_flops(proc.device)
     step_flops = flops_per_pair(cfg.model, objectives, cfg.model.max_text_len) * global_batch
     # pool usage, gradient, top-k changes
-    watch = poolstats.PoolWatch(model, probe, precision, proc.device)
+    watch = poolwatch.PoolWatch(model, probe, precision, proc.device)
     guard = optim.NonFiniteGuard(cfg.max_skips, cfg.out, log)
     window, t0 = [], time.perf_counter()
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,

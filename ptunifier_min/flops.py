@@ -10,8 +10,8 @@ FLOPs are counted as computed: a pass whose last block computes only the positio
 import torch
 
 
-# Nominal dense bf16 peaks (no sparsity) of common training GPUs, for MFU; None = unknown (the bench
-# measures a CPU's).
+# Nominal dense bf16 peaks (no sparsity) of common training GPUs, for MFU; None = unknown
+# (tools/bench.py measures a CPU's).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
              "4090": 165e12}
 

@@ -5,9 +5,9 @@ implementation.
     accuracy(pred, target)                   # TC (RadNLI)
     vqa_accuracy(pred, target, answer_type)  # VQA: overall / open / closed; OOV answers are wrong
 
-Array arguments may be numpy arrays, lists or torch tensors (any device or dtype); tests/test_metrics.py
-compares each with scikit-learn. Retrieval's Recall@K is retrieval.embedding_recall; the text
-generation metrics are nlg.py's.
+Array arguments may be numpy arrays, lists or torch tensors (any device or dtype);
+tests/test_metrics.py compares each with scikit-learn. Retrieval's Recall@K is
+retrieval.embedding_recall; the text generation metrics are nlg.py's.
 """
 
 import numpy as np

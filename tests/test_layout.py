@@ -1,6 +1,8 @@
-"""The layout: ptunifier_min/ is the method, ptunifier_min/datasets/ the data plumbing, which the method never imports
-and the scripts load only when they must make the embedded synthetic world; and every `python -m` command the code
-and README print names a module that exists."""
+"""The layout: ptunifier_min/ is the method, ptunifier_min/datasets/ the data plumbing, which the
+method never imports and the scripts load only when they must make the embedded synthetic world;
+tools/ the experiments and benchmarks, which use the method and which it never imports; and every
+`python -m` or `python tools/` command the code and README print names a module or script that
+exists."""
 
 import glob
 import importlib.util
@@ -15,6 +17,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUMBING = "ptunifier_min.datasets"
 GENERATOR = ("ptunifier_min.datasets.synth", "ptunifier_min.datasets.prepare")
+TOOLS = ("ablations", "bench", "poolreport")  # experiments and benchmarks, not the method
 
 
 def _loaded_after(code):
@@ -70,37 +73,78 @@ def test_the_data_commands_run(module):
     assert run.stdout.startswith("usage:")
 
 
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def _named_modules(path):
     """Every module a `python -m M` command or a `from M import` line in the file names (docstrings, error
     messages, README examples): a stale one is a command a user copies and that fails."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read(path)
     return set(re.findall(r"python -m (ptunifier_min[\w.]*)", text)) | \
         set(re.findall(r"from (ptunifier_min[\w.]*) import", text))
+
+
+def _named_tools(path):
+    """Every script a `python tools/<name>.py` command in the file names."""
+    return set(re.findall(r"python (tools/\w+\.py)", _read(path)))
 
 
 def _assert_exist(paths):
     named = {(os.path.relpath(p, REPO), m) for p in paths for m in _named_modules(p)}
     assert named, "no command found: the pattern has gone stale"
     assert [(p, m) for p, m in sorted(named) if importlib.util.find_spec(m) is None] == []
+    tools = {(os.path.relpath(p, REPO), t) for p in paths for t in _named_tools(p)}
+    assert [(p, t) for p, t in sorted(tools) if not os.path.isfile(os.path.join(REPO, t))] == []
+    return tools
 
 
 def test_every_command_the_code_prints_names_a_module_that_exists():
-    _assert_exist(glob.glob(os.path.join(REPO, "**", "*.py"), recursive=True))
+    tools = _assert_exist(glob.glob(os.path.join(REPO, "**", "*.py"), recursive=True))
+    # each tool's usage lines are found: the pattern has not gone stale
+    assert {t for _, t in tools} >= {f"tools/{t}.py" for t in TOOLS}
+
+
+def _imports_tools(text):
+    return re.search(r"^\s*(from\s+tools\b|import\s+tools\b)", text, re.M) is not None
+
+
+def test_the_experiments_live_in_tools_and_the_method_never_imports_them():
+    package, tools = os.path.join(REPO, "ptunifier_min"), os.path.join(REPO, "tools")
+    assert [t for t in TOOLS if os.path.exists(os.path.join(package, f"{t}.py"))] == []
+    assert [t for t in TOOLS if not os.path.isfile(os.path.join(tools, f"{t}.py"))] == []
+    # by the source, so that an import inside a function counts too; the pattern must find the
+    # tests' own imports of the tools
+    assert _imports_tools(_read(os.path.join(REPO, "tests", "tools", "test_bench.py")))
+    paths = glob.glob(os.path.join(package, "**", "*.py"), recursive=True)
+    assert len(paths) > 20, "the file pattern has gone stale"
+    assert [os.path.relpath(p, REPO) for p in paths if _imports_tools(_read(p))] == []
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_runs_as_a_script_from_anywhere(tool, tmp_path):
+    # no PYTHONPATH, another folder: the script finds the package itself
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, os.path.join(REPO, "tools", f"{tool}.py"), "--help"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"usage: {tool}.py")
 
 
 def test_every_command_and_file_the_readme_names_exists():
     readme = os.path.join(REPO, "README.md")
     _assert_exist([readme])
     with open(readme, encoding="utf-8") as f:
-        files = set(re.findall(r"`((?:ptunifier_min|tests)/[\w/]+\.py)`", f.read()))
+        files = set(re.findall(r"`((?:ptunifier_min|tests|tools)/[\w/]+\.py)`", f.read()))
     assert [p for p in sorted(files) if not os.path.isfile(os.path.join(REPO, p))] == []
 
 
 def test_the_code_a_reader_reads_fits_in_100_columns():
-    # the package and the three scripts (the tests may run wider); the one exception is the task
-    # table, one row per task so that it reads as a table
+    # the package, the three scripts and the tools (the tests may run wider); the one exception is
+    # the task table, one row per task so that it reads as a table
     paths = glob.glob(os.path.join(REPO, "ptunifier_min", "**", "*.py"), recursive=True)
+    paths += glob.glob(os.path.join(REPO, "tools", "*.py"))
     paths += [os.path.join(REPO, f) for f in ("train.py", "finetune.py", "eval.py")]
     assert len(paths) > 20, "the file pattern has gone stale"
     wide = []

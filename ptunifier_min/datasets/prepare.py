@@ -897,8 +897,8 @@ def _check_images(folders, on_bad_image, cache_dir=None, short_side=CACHE_SHORT_
 
     With a cache_dir, the decoded image is also written there, resized (see shrink), and every
     record gains its path as "image_cache" (data.image_path reads it): a loader worker then reads a
-    ~384 px PGM instead of decoding a ~3,000 px JPEG (bench.bench_loader). Copies already there are
-    kept (a killed run resumes; see cache_file)."""
+    ~384 px PGM instead of decoding a ~3,000 px JPEG (tools/bench.py's bench_loader). Copies already
+    there are kept (a killed run resumes; see cache_file)."""
     paths = sorted({r["image"] for _, splits, _ in folders for s in SPLITS for r in splits[s]
                     if "image" in r})
     dest = {p: cache_file(cache_dir, p, short_side) if cache_dir else None for p in paths}

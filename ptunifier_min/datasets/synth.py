@@ -1620,7 +1620,7 @@ def generate(out_dir, seed=0, scale="default", progress=True, datasets=None, wor
     dataset folder that already has files is an error unless overwrite=True, which deletes it first.
     real_size=True renders the images at the sizes of the real releases (REAL_SIZE; ~3 s a chest
     film on one core), to exercise and time the input pipeline at real scale (prepare's image cache,
-    bench.bench_loader); labels, texts and ids stay the same.
+    tools/bench.py); labels, texts and ids stay the same.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")

@@ -1,125 +1,29 @@
-"""Is the prompt pool alive, and what do the prompts do? Diagnostics during pre-training and of a
-checkpoint.
+"""What a checkpoint's prompt pools hold and what its prompts attend to: a report, not the method.
 
-During pre-training (train.py), `PoolWatch` adds to every log line, read on logging steps only:
-- selected_{visual,textual}_rows / _entropy: distinct pool rows the window's selections used, and
-  their entropy (nats);
-- pool_grad_norm_{visual,textual}: RMS over the window's micro-steps of the gradient norm reaching
-  each pool (this rank's, before DDP's averaging); a pool that is selected but gets no gradient
-  cannot learn;
-- probe_topk_changed_{visual,textual}: share of the k slots of a fixed probe batch whose pool row
-  changed since the last logging step (0 = the selection is frozen, 1 = it changes completely).
-
-Of a checkpoint, from the command line:
-
-    python -m ptunifier_min.poolstats runs/pretrain [--pairs 256] [--out poolstats.json]
+    python tools/poolreport.py runs/pretrain [--pairs 256] [--out poolstats.json]
 
 prints, on ROCO validation pairs: the rows each pool uses and their entropy, the norms of used and
 unused rows, and what the prompts attend to (attention mass, averaged over heads, layers and inputs)
-next to the share that uniform attention would give them.
+next to the share that uniform attention would give them. The same statistics during pre-training:
+ptunifier_min/poolwatch.py.
 """
 
 import argparse
 import json
 import math
 import os
+import sys
 
 import torch
-import torch.distributed as dist
 
-from .files import write_atomic
-from . import data
-from .distributed import autocast
-
-
-def pool_usage(hist):
-    """Distinct pool rows used and the entropy (nats) of a selection histogram [pool_size]: a
-    collapsed pool shows here. Reads the histogram on the host (the caller does it on logging steps
-    only)."""
-    total = hist.sum()
-    if total == 0:
-        return 0, 0.0
-    p = hist[hist > 0].double() / total
-    return int((hist > 0).sum()), float(-(p * p.log()).sum())
+# `python tools/poolreport.py` puts tools/ on the path, not the folder that holds the package
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ptunifier_min import data
+from ptunifier_min.api import load
+from ptunifier_min.files import write_atomic
+from ptunifier_min.poolwatch import pool_usage, prompt_pools
 
 
-def _pools(model):
-    return {k: getattr(model, f"{k}_prompts") for k in ("visual", "textual")}
-
-
-def _overlap(a, b, n):
-    """Share of the k slots per row whose row set a [B, k] and b [B, k] have in common, on the
-    device."""
-    zeros = torch.zeros(len(a), n, device=a.device)
-    # scatter is out of place
-    return (zeros.scatter(1, a, 1) * zeros.scatter(1, b, 1)).sum() / a.numel()
-
-
-class PoolWatch:
-    """Pool statistics over a logging window; nothing is read on the host until `read`, on logging
-    steps."""
-
-    def __init__(self, model, probe, precision, device):
-        pools = {k: p for k, p in _pools(model).items() if p.mode == "pool"}
-        self.hist = {k: torch.zeros(len(p.weight), dtype=torch.long, device=device)
-                     for k, p in pools.items()}
-        self.grad_sq = {k: torch.zeros((), device=device) for k in pools}
-        self.micro_steps = 0
-        for k, p in pools.items():
-            # frozen when no objective reaches it (a pool without ITC)
-            if p.weight.requires_grad:
-                p.weight.register_hook(self._grad_hook(k))
-        self.probe = {k: probe[k] for k in ("image", "input_ids", "attention_mask")}
-        self.precision, self.device, self.last = precision, device, None
-
-    def _grad_hook(self, k):
-        def hook(grad):  # returns None: the gradient itself is left as it is
-            self.grad_sq[k].add_(grad.detach().float().pow(2).sum())
-        return hook
-
-    def count(self, selected):
-        """selected: {"visual" | "textual": [B, k] rows} of one micro-step (pretraining_loss's
-        selections)."""
-        self.micro_steps += 1
-        # index_add_ rather than bincount, which would read max(rows) on the host
-        for k, rows in selected.items():
-            self.hist[k].index_add_(0, rows.flatten(), torch.ones_like(rows.flatten()))
-
-    @torch.no_grad()
-    def probe_selection(self, model):
-        """The probe batch's selections: {"visual": [B, k_v], "textual": [B, k_l]}, in eval mode (no
-        dropout, so the training's random stream is not touched)."""
-        was_training = model.training
-        model.eval()
-        with autocast(self.precision, self.device):
-            txt = model(input_ids=self.probe["input_ids"],
-                        attention_mask=self.probe["attention_mask"])
-            img = model(image=self.probe["image"])
-        model.train(was_training)
-        return {"visual": txt.selected_visual, "textual": img.selected_textual}
-
-    def read(self, model, world=1):
-        """The window's statistics as floats (the host waits for the device here), then a new
-        window. With several ranks, a collective: every rank must call it on the same steps."""
-        rec = {}
-        selection = self.probe_selection(model) if self.hist else {}
-        for k, h in self.hist.items():
-            if world > 1:
-                dist.all_reduce(h)
-            if h.sum():
-                rec[f"selected_{k}_rows"], rec[f"selected_{k}_entropy"] = pool_usage(h.cpu())
-            if self.micro_steps and self.grad_sq[k]:
-                rec[f"pool_grad_norm_{k}"] = math.sqrt(float(self.grad_sq[k]) / self.micro_steps)
-            if self.last is not None:
-                rec[f"probe_topk_changed_{k}"] = 1 - float(
-                    _overlap(selection[k], self.last[k], len(h)))
-            h.zero_()
-            self.grad_sq[k].zero_()
-        self.micro_steps, self.last = 0, selection
-        return rec
-
-
-# ---- a checkpoint's pools ------------------------------------------------------------------------
 def _attention_maps(model, heads_mean=True, **inputs):
     """(Encoding, [layers] x [B, T, T] attention probabilities averaged over heads, or [B, H, T, T]
     per head) of one pass, recomputed from each block's input with the textbook formula (the fused
@@ -191,7 +95,7 @@ def pool_report(model, image, input_ids, attention_mask):
     txt = model(input_ids=input_ids, attention_mask=attention_mask)
     img = model(image=image)
     for k, rows in (("visual", txt.selected_visual), ("textual", img.selected_textual)):
-        pool = _pools(model)[k]
+        pool = prompt_pools(model)[k]
         if rows is None:
             continue
         hist = torch.bincount(rows.flatten(), minlength=len(pool.weight))
@@ -220,9 +124,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.pairs < 1:
         p.error(f"--pairs must be >= 1, got {args.pairs}")
-    # here: the API module loads the checkpoint formats; the watch above needs none of it
-    from .api import load
-
     m = load(args.ckpt)
     cfg = m.cfg
     root = (args.data_root or cfg.data_root

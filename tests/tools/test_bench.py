@@ -1,15 +1,16 @@
 """The benchmark's logic, not its timings: how it times (interleaved rounds, medians, compile time kept apart), that its
 HF ViLT reference has our tower's shapes, and that one short run prints every section."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from ptunifier_min import bench
 from ptunifier_min.config import ModelConfig
 from ptunifier_min.model import PTUnifier
+from tools import bench
 
 
 def test_rates_interleave_rounds_and_keep_the_first_call_apart(monkeypatch):
@@ -46,7 +47,8 @@ def test_vilt_reference_has_our_towers_shapes():
 
 
 def test_help():
-    r = subprocess.run([sys.executable, "-m", "ptunifier_min.bench", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, bench.__file__, "--help"], capture_output=True, text=True,
+                       cwd=os.path.dirname(bench.__file__))
     assert r.returncode == 0 and "--modes" in r.stdout and "--rounds" in r.stdout
 
 

@@ -1,7 +1,7 @@
 """Pre-training throughput and MFU: a benchmark, not a test.
 
-    python -m ptunifier_min.bench                       # cpu + vilt384 on CPU; cpu + paper on a GPU
-    python -m ptunifier_min.bench --presets paper --batch-size 32 --precisions bf16
+    python tools/bench.py                       # cpu + vilt384 on CPU; cpu + paper on a GPU
+    python tools/bench.py --presets paper --batch-size 32 --precisions bf16
 
 For each setup (a preset, or a shape of SHAPES: vilt384 is issue 11's HF ViLT comparison) and
 precision it times (a) the backbone alone, one paired forward + backward of the pooled states (and,
@@ -36,19 +36,24 @@ import multiprocessing
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .images import ImageTransform, load_image
-from . import data, distributed, optim, retrieval
-from .config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, ModelConfig, TrainConfig, build
-from .generation import TextDecoder, beam_search
-from .flops import flops_per_pair, flops_per_pass, peak_flops, pretraining_passes
-from .model import PTUnifier
-from .objectives import draw_step, exchange_plan, itm_rows, pretraining_loss
+# `python tools/bench.py` puts tools/ on the path, not the folder that holds the package
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ptunifier_min.images import ImageTransform, load_image
+from ptunifier_min import data, distributed, optim, retrieval
+from ptunifier_min.config import (FINETUNE_PRESETS, PRESETS, FinetuneConfig, ModelConfig,
+                                  TrainConfig, build)
+from ptunifier_min.datasets import prepare, synth
+from ptunifier_min.generation import TextDecoder, beam_search
+from ptunifier_min.flops import flops_per_pair, flops_per_pass, peak_flops, pretraining_passes
+from ptunifier_min.model import PTUnifier
+from ptunifier_min.objectives import draw_step, exchange_plan, itm_rows, pretraining_loss
 
 
 def matmul_peak(device, dtype, n=2048, seconds=1.0):
@@ -300,8 +305,6 @@ def bench_loader(images=3, image_size=PRESETS["paper"]["image_size"], seconds=3.
     and on their copies at prepare's default short side (uncompressed PGM), written into a temporary
     folder. Returns ({"full": images/s, "cached": images/s, "short_side": of the copies}, the films'
     sizes)."""
-    # here, not at the top: the method modules never import the data plumbing
-    from .datasets import prepare, synth
     transform = ImageTransform(image_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker

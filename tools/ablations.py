@@ -4,9 +4,9 @@ Table 3 ablates the pre-training objectives, Table 4 the prompt-pool size, and t
 how the pool picks its rows; each arm x seed is run on our synthetic world through train.py and
 finetune.py as subprocesses.
 
-    python -m ptunifier_min.ablations                 # every arm, seeds 0-4: runs/ablations/
-    python -m ptunifier_min.ablations --arms id5-all,none --seeds 0,1 --jobs 1
-    python -m ptunifier_min.ablations --table-only    # only rebuild the tables from what is there
+    python tools/ablations.py                 # every arm, seeds 0-4: runs/ablations/
+    python tools/ablations.py --arms id5-all,none --seeds 0,1 --jobs 1
+    python tools/ablations.py --table-only    # only rebuild the tables from what is there
 
 One run = one arm x one seed, in <out>/<arm>/seed<S>/: pre-training (pretrain/, every arm: the cpu
 preset for --steps steps, then zero-shot ROCO retrieval on --eval-pairs pairs), the pool diagnostics
@@ -33,7 +33,6 @@ t-test over seeds (see `paired`).
 import argparse
 import concurrent.futures
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -50,12 +49,16 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .files import write_atomic, write_json
-from . import checkpoint, config, tasks
-from .model import PTUnifier
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POOLSTATS = "ptunifier_min.poolstats"
+# `python tools/ablations.py` puts tools/ on the path, not the folder that holds the package
+sys.path.insert(0, REPO)
+from ptunifier_min import checkpoint, config, tasks
+from ptunifier_min.datasets import source
+from ptunifier_min.distributed import Dist
+from ptunifier_min.files import write_atomic, write_json
+from ptunifier_min.model import PTUnifier
+
+POOLREPORT = os.path.join(REPO, "tools", "poolreport.py")
 
 # ---- the arms ------------------------------------------------------------------------------------
 # Arm name (its folder) -> its own train.py flags, on top of the shared recipe (`plan`). The order
@@ -153,7 +156,7 @@ def plan(arm, seed, args):
     if args.diagnostics and prompt_mode(arm) != "none":
         out = os.path.join(run, "poolstats.json")
         steps.append(Step("diagnostics",
-                          [sys.executable, "-m", POOLSTATS, pretrain, "--out", out,
+                          [sys.executable, POOLREPORT, pretrain, "--out", out,
                            *(["--data-root", args.data_root] if args.data_root else [])],
                           out))
     if arm in TABLE3:
@@ -187,9 +190,7 @@ class Runner:
         # core in every one
         self.env = dict(os.environ,
                         OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)),
-                        TOKENIZERS_PARALLELISM="false",
-                        PYTHONPATH=os.pathsep.join(
-                            [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+                        TOKENIZERS_PARALLELISM="false")
 
     def say(self, line):
         with self.lock:
@@ -239,13 +240,7 @@ class Runner:
             if step_done(step, pretrain):
                 continue
             log_path, t0 = os.path.join(run, f"{step.name}.out"), time.time()
-            if step.name == "diagnostics" and importlib.util.find_spec(POOLSTATS) is None:
-                with open(log_path, "w") as f:
-                    f.write(f"{POOLSTATS} does not exist (yet): the diagnostics step cannot run; "
-                            "pass --no-diagnostics to leave it out\n")
-                rc = 1
-            else:
-                rc = self.call(step, log_path)
+            rc = self.call(step, log_path)
             if self.stop.is_set():
                 return failed + ["interrupted"]
             if rc != 0:
@@ -354,7 +349,7 @@ def pretrain_result(folder, seconds):
     pool_params, total_params = weight_counts(ckpt)
     model_cfg = checkpoint.read_checkpoint_config(ckpt)["config"]["model"]
     final = {k: mean_of_last(k) for k in ("mlm_loss", "itm_loss", "itc_loss", "loss")}
-    # how the pools were used at the end (poolstats.PoolWatch's log fields; absent without a pool)
+    # how the pools were used at the end (poolwatch.PoolWatch's log fields; absent without a pool)
     final.update({f"{k}_{m}": mean_of_last(f"{k}_{m}")
                   for k in ("pool_grad_norm", "probe_topk_changed")
                   for m in ("visual", "textual")})
@@ -829,7 +824,7 @@ def parse_args(argv=None):
     p.add_argument("--finetune-steps", type=at_least(0), default=0,
                    help="fine-tuning steps; 0 = finetune.py's default for the preset (default: 0)")
     p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
-                   help=f"leave out the {POOLSTATS} step of the arms with prompts")
+                   help="leave out the tools/poolreport.py step of the arms with prompts")
     p.add_argument("--table-only", action="store_true",
                    help="run nothing; rebuild tables.md and summary.json from the result.json "
                         "files present")
@@ -871,16 +866,12 @@ def check_recipe(args):
 def prepare_data(args):
     """The datasets every run reads, made here, once, before the runs start in parallel: two
     subprocesses making the synthetic world at once would race on its files."""
-    # here: the method's modules never load the data plumbing at import
-    from .datasets import source
-    # a single process: rank 0 of 1, so ensure_prepared makes what is missing
-    from .distributed import Dist
-
     cfg = config.build(config.TrainConfig, {**config.PRESETS[args.preset],
                                             "data_root": args.data_root,
                                             "synth_root": args.synth_root})
     tasks_run = dict.fromkeys(flags[flags.index("--task") + 1] for flags in FINETUNES.values())
     names = list(PRETRAIN_DATA) + [tasks.TASKS[t].folder for t in tasks_run]
+    # a single process: rank 0 of 1, so ensure_prepared makes what is missing
     root, _ = source.ensure_prepared(cfg, names, Dist(), print)
     print(f"data: {', '.join(names)} in {root}")
 

@@ -1,6 +1,7 @@
-"""ptunifier_min.ablations: the paired-test verdicts and the claims built on them, the cell format, the commands of the
-arms, and one tiny call end to end: its result.json and tables, a second call that runs nothing, a deleted output that
-runs its step alone, and a failing step that is reported and fails the call."""
+"""tools/ablations.py: the paired-test verdicts and the claims built on them, the cell format, the
+commands of the arms, and one tiny call end to end: its result.json and tables, a second call that
+runs nothing, a deleted output that runs its step alone, and a failing step that is reported and
+fails the call."""
 
 import json
 import math
@@ -8,9 +9,9 @@ import os
 
 import pytest
 
-from ptunifier_min import ablations
-from ptunifier_min.ablations import combine, fmt, paired, t_crit
 from test_finetune import world  # noqa: F401  (the shared tiny synthetic world fixture)
+from tools import ablations
+from tools.ablations import combine, fmt, paired, t_crit
 
 
 def test_paired_test_verdicts():
@@ -115,6 +116,9 @@ def test_the_arms_commands():
     for flag, value in (("--steps", "7"), ("--save-every", "7"), ("--seed", "2"), ("--objectives", "itc"),
                         ("--preset", "tiny"), ("--eval-pairs", "1000"), ("--num-workers", "1")):
         assert train[train.index(flag) + 1] == value, flag
+    # the checkpoint's pool report: the script beside this tool, run by its path
+    report = steps[1].cmd
+    assert os.path.isfile(report[1]) and report[2:4] == [os.path.join(run, "pretrain"), "--out"]
     chexpert = steps[2].cmd
     assert chexpert[chexpert.index("--data-frac") + 1] == "0.01" and "--steps" not in chexpert  # finetune's default
     assert chexpert[chexpert.index("--init") + 1] == os.path.join(run, "pretrain")
