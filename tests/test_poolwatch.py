@@ -9,6 +9,9 @@ from ptunifier_min.model import PTUnifier
 from ptunifier_min.objectives import pretraining_loss
 
 
+ITC_DRAWS = {"rank": 0, "world": 1}  # ITC alone draws nothing on the host (objectives.draw_step)
+
+
 def tiny_cfg(**kw):
     return build(TrainConfig, {**PRESETS["tiny"], "objectives": "itc", **kw})
 
@@ -33,7 +36,7 @@ def watched_model():
 
 def test_watch_reads_the_gradient_that_reaches_each_pool_and_the_selection_histogram():
     cfg, model, b, watch = watched_model()
-    loss, _, selected = pretraining_loss(model, b, cfg)
+    loss, _, selected = pretraining_loss(model, b, ITC_DRAWS, cfg)
     loss.backward()
     watch.count(selected)
     expected = {k: getattr(model, f"{k}_prompts").weight.grad.norm().item() for k in ("visual", "textual")}
@@ -90,7 +93,7 @@ def test_weighted_pool_terms_enter_the_loss_and_separate_keys_learn_through_them
     cfg = tiny_cfg(pool_keys="separate", w_pool_pull=0.5, w_pool_balance=0.25)
     torch.manual_seed(0)
     model = PTUnifier(cfg.model)
-    loss, stats, _ = pretraining_loss(model, batch(), cfg)
+    loss, stats, _ = pretraining_loss(model, batch(), ITC_DRAWS, cfg)
     expected = stats["itc_loss"] + 0.5 * stats["pool_pull"] + 0.25 * stats["pool_balance"]
     torch.testing.assert_close(loss.detach(), expected)
     loss.backward()

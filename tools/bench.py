@@ -183,9 +183,9 @@ def bench(setup, precision, batch_size, device, seconds, rounds=3, modes=("eager
     def full_step(m):
         def fn():
             with distributed.autocast(precision, device):
-                b = dict(host)
-                draw_step([b], cfg, 0, special)  # as train.py: on the host, then the batch moves
-                loss = pretraining_loss(m, data.to_device(b, device), cfg, model)[0]
+                # as train.py: drawn on the host, then the batch and the draws move
+                draws = data.to_device(draw_step([host], cfg, 0, special)[0], device)
+                loss = pretraining_loss(m, data.to_device(host, device), draws, cfg)[0]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
