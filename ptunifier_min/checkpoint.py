@@ -1,15 +1,15 @@
-"""Everything a run writes and reads back: its folder, checkpoints, resume, RNG state, atomic JSON
-and the log.
+"""Checkpoints: step folders written whole and verified when read, and resuming from them exactly.
 
-    claim_run_folder(out, resume, overwrite)           # rank 0, first: lock, refuse or move aside
     save_checkpoint(out, step, model, cfg, trainer_state, files=[tokenizer])  # out/step_N + latest
     state = resume_from(path, cfg, model, opt, sched)  # refuses what can't change, applies the rest
-    load_weights(path, model); resolve_checkpoint(path); Log(path, enabled)
+    load_weights(path, model); resolve_checkpoint(path)
 
 Checkpoints are plain: safetensors weights of the unwrapped model, a readable config.json with the
-step and the sha256 of every other file (checked when it is read), and (for resuming) trainer.pt
+step, the ptunifier-min version that wrote it and the sha256 of every other file (checked when it
+is read), and (for resuming) trainer.pt
 with the optimizer, schedule and every rank's RNG state, read with weights_only=True. Every file
 goes through a temporary and a rename, so a kill at any moment leaves the previous version whole.
+The run folder around them (lock, log, leftovers) is runs.py's.
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from . import manifests, stopping
+from . import __version__, manifests, stopping
 from .distributed import unwrap
 from .fields import flag
 from .files import write_atomic
@@ -85,7 +85,8 @@ def save_checkpoint(out, step, model, cfg, trainer_state=None, files=(), keep=1)
                 with open(src, "rb") as f:
                     sha256[os.path.basename(src)] = _write(
                         os.path.join(tmp, os.path.basename(src)), f.read())
-            record = {"step": step, "config": dataclasses.asdict(cfg), "sha256": sha256}
+            record = {"step": step, "version": __version__, "config": dataclasses.asdict(cfg),
+                      "sha256": sha256}
             _write(os.path.join(tmp, "config.json"), json.dumps(record, indent=2).encode())
             # the same step written again (a finished run resumed): the new one replaces it
             _discard(final)
