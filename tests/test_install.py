@@ -1,5 +1,5 @@
-"""pip install makes `import ptunifier_min` work from any folder, with the declared dependencies; every
-checkpoint records the version that wrote it."""
+"""pip install makes `import ptunifier_min` work from any folder, with the declared dependencies;
+every checkpoint records the version that wrote it."""
 
 import os
 import re
@@ -27,8 +27,9 @@ def test_the_checkout_installs_and_imports_from_another_folder(tmp_path):
     for name in ("pyproject.toml", "README.md", "LICENSE", "requirements.txt"):
         shutil.copy(os.path.join(REPO, name), src / name)
     # no network: the installed setuptools builds it, no dependency is fetched
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-                    "--target", str(tmp_path / "site"), str(src)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation",
+                    "--no-deps", "--target", str(tmp_path / "site"), str(src)], check=True,
+                   capture_output=True)
     elsewhere = tmp_path / "notebook"
     elsewhere.mkdir()
     run = subprocess.run([sys.executable, "-c", "import ptunifier_min, ptunifier_min.model; "
