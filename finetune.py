@@ -54,6 +54,7 @@ def main(argv=None):
     cfg = config_lib.parse_args(FinetuneConfig, config_lib.FINETUNE_PRESETS, argv,
                                 description=__doc__.split("\n")[0])
     task = tasks.get_task(cfg.task)
+    runs.require_tracker(cfg.report_to)  # --report-to's package, before anything waits
     proc = distributed.setup_distributed(cfg.seed, cfg.dist_timeout_min)
     print0 = print if proc.main else (lambda *a, **k: None)
     precision = distributed.resolve_precision(cfg.precision, proc.device)
@@ -196,7 +197,8 @@ def main(argv=None):
         write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
         write_json(record_path, record)
     log = runs.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
-                         resume_step=start_step if cfg.resume else None)
+                   resume_step=start_step if cfg.resume else None, report_to=cfg.report_to,
+                   config=config_lib.to_dict(cfg))
 
     # ---- training loop: evaluate on val every eval_every steps, keep the best weights ------------
     batches = data.micro_batches(dataset, order, collate, cfg.num_workers,

@@ -35,6 +35,7 @@ def main(argv=None):
     cfg = config_lib.parse_args(config_lib.TrainConfig, config_lib.PRESETS, argv,
                                 description=__doc__.split("\n")[0])
     objectives = cfg.objective_set()
+    runs.require_tracker(cfg.report_to)  # --report-to's package, before anything waits
     proc = distributed.setup_distributed(cfg.seed, cfg.dist_timeout_min)
     print0 = print if proc.main else (lambda *a, **k: None)
     precision = distributed.resolve_precision(cfg.precision, proc.device)
@@ -124,7 +125,8 @@ def main(argv=None):
         write_json(os.path.join(cfg.out, "config.json"), config_lib.to_dict(cfg))
         write_json(os.path.join(cfg.out, "data.json"), record)
     log = runs.Log(os.path.join(cfg.out, "log.jsonl"), proc.main,
-                         resume_step=start_step if cfg.resume else None)
+                   resume_step=start_step if cfg.resume else None, report_to=cfg.report_to,
+                   config=config_lib.to_dict(cfg))
 
     # ---- training loop ---------------------------------------------------------------------------
     batches = data.micro_batches(dataset, order, collate, cfg.num_workers,

@@ -88,6 +88,10 @@ class RunConfig:
     random_resized_crop: bool = option(False, "random-resized-crop augmentation for training "
                                        "images")
     log_every: int = option(20, "optimizer steps between log lines", valid=">= 1", may_change=True)
+    report_to: str = option("none", "also show the logged scalars live: none | tensorboard "
+                            "(<out>/tensorboard; pip install tensorboard) | wandb (offline unless "
+                            "WANDB_MODE says otherwise; pip install wandb)",
+                            valid=("none", "tensorboard", "wandb"), may_change=True)
     max_skips: int = option(5, "consecutive non-finite steps tolerated before training stops",
                             valid=">= 1", may_change=True)
     dist_timeout_min: float = dist_timeout_field()

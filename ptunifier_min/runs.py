@@ -171,15 +171,16 @@ def run_script(main):
 
 # ---- logging -------------------------------------------------------------------------------------
 class Log:
-    """log.jsonl with one line per logged step (rank 0 only).
+    """log.jsonl with one line per logged step (rank 0 only), and, with report_to, the same scalars
+    on the same steps in TensorBoard (<out>/tensorboard) or Weights & Biases, to watch a run live.
 
     A resumed run passes resume_step: the log is first cut back to the records of steps up to it
     (rewritten through a temporary file and a rename), because the steps the stopped run logged
     after its last checkpoint are trained again and must not appear twice. A line torn by a kill
     mid-write is dropped with them."""
 
-    def __init__(self, path, enabled, resume_step=None):
-        self.f = None
+    def __init__(self, path, enabled, resume_step=None, report_to="none", config=None):
+        self.f, self.tracker = None, None
         if not enabled:
             return
         if resume_step is not None and os.path.isfile(path):
@@ -194,8 +195,56 @@ class Log:
                         kept.append(line.rstrip("\n") + "\n")
             write_atomic(path, "".join(kept))
         self.f = open(path, "a")
+        if report_to != "none":
+            self.tracker = _tracker(report_to, os.path.dirname(os.path.abspath(path)), config)
 
     def write(self, record):
         if self.f:
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
+        if self.tracker:
+            scalars = dict(_scalars(record))
+            scalars.pop("step", None)
+            if scalars:
+                self.tracker(scalars, record["step"])
+
+
+def _scalars(record, prefix=""):
+    """(name, number) of every number in a log record, nested ones as "val/auroc"."""
+    for k, v in record.items():
+        if isinstance(v, dict):
+            yield from _scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield prefix + k, v
+
+
+def require_tracker(kind):
+    """--report-to's package, imported only when asked for (at start, before any data is read): a
+    missing one is an error saying what to install."""
+    if kind == "none":
+        return None
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            return SummaryWriter
+        import wandb
+        return wandb
+    except ImportError:
+        raise SystemExit(f"--report-to {kind} needs the {kind} package: pip install {kind}") \
+            from None
+
+
+def _tracker(kind, out, config):
+    """log(scalars, step) for --report-to."""
+    if kind == "tensorboard":
+        writer = require_tracker(kind)(os.path.join(out, "tensorboard"))
+
+        def log(scalars, step):
+            for name, value in scalars.items():
+                writer.add_scalar(name, value, step)
+            writer.flush()
+        return log
+    # offline unless the user's environment says otherwise: nothing here reaches the internet
+    os.environ.setdefault("WANDB_MODE", "offline")
+    run = require_tracker(kind).init(project="ptunifier-min", name=os.path.basename(out), dir=out, config=config)
+    return lambda scalars, step: run.log(scalars, step=step)
