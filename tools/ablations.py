@@ -27,7 +27,7 @@ recipe is refused, since the done checks cannot tell a 400-step run from an 800-
 
 Then <out>/tables.md (also printed) and <out>/summary.json: every cell is mean ± sample sd over the
 seeds present, and each of the paper's claims of sections 6.2 and 6.3 gets a verdict from a paired
-t-test over seeds (see `paired`).
+t-test over seeds (see `paired`); <out>/loss_curves.png draws each arm's pre-training loss.
 """
 
 import argparse
@@ -57,6 +57,7 @@ from ptunifier_min.datasets import source
 from ptunifier_min.distributed import Dist
 from ptunifier_min.files import write_atomic, write_json
 from ptunifier_min.model import PTUnifier
+from tools.plots import line_chart
 
 POOLREPORT = os.path.join(REPO, "tools", "poolreport.py")
 
@@ -387,6 +388,21 @@ def run_result(arm, seed, run):
         "finetune": {name: {"metrics": read_json(path)["metrics"], "seconds": times.get(name)}
                      for name, path in finetuned.items() if fresh(path, pretrain)},
     }
+
+
+def loss_curves(out, arms, path):
+    """Each arm's pre-training loss (the optimised weighted total), mean over its seeds at every
+    logged step, as one line chart."""
+    series = {}
+    for arm in arms:
+        by_step = {}
+        for log in sorted(glob.glob(os.path.join(out, arm, "seed*", "pretrain", "log.jsonl"))):
+            for r in read_jsonl(log):
+                if "loss" in r:
+                    by_step.setdefault(r["step"], []).append(r["loss"])
+        series[arm] = [(step, statistics.mean(v)) for step, v in sorted(by_step.items())]
+    return line_chart(path, series, "pre-training loss (weighted total), mean over seeds",
+                      "step", "loss")
 
 
 def load_results(out):
@@ -894,8 +910,9 @@ def main(argv=None):
     print(text, end="")
     write_atomic(os.path.join(args.out, "tables.md"), text)
     write_json(os.path.join(args.out, "summary.json"), summary)
+    figure = loss_curves(args.out, sorted(results), os.path.join(args.out, "loss_curves.png"))
     print(f"tables: {os.path.join(args.out, 'tables.md')}, "
-          f"numbers: {os.path.join(args.out, 'summary.json')}")
+          f"numbers: {os.path.join(args.out, 'summary.json')}, pre-training losses: {figure}")
     if failures:
         raise SystemExit(f"{len(failures)} run(s) failed: {'; '.join(failures)}; "
                          "each step's .out file in its run folder says why; "

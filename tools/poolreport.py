@@ -4,8 +4,9 @@
 
 prints, on ROCO validation pairs: the rows each pool uses and their entropy, the norms of used and
 unused rows, and what the prompts attend to (attention mass, averaged over heads, layers and inputs)
-next to the share that uniform attention would give them. The same statistics during pre-training:
-ptunifier_min/poolwatch.py.
+next to the share that uniform attention would give them. With --out it writes the report as JSON
+and, beside it (poolstats.png), the pools' rows in use and entropy over the run's training, from the
+statistics ptunifier_min/poolwatch.py logged.
 """
 
 import argparse
@@ -18,10 +19,11 @@ import torch
 
 # `python tools/poolreport.py` puts tools/ on the path, not the folder that holds the package
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ptunifier_min import data
-from ptunifier_min.api import load
-from ptunifier_min.files import write_atomic
-from ptunifier_min.poolwatch import pool_usage, prompt_pools
+from ptunifier_min import checkpoint, data  # noqa: E402
+from ptunifier_min.api import load  # noqa: E402
+from ptunifier_min.files import write_atomic  # noqa: E402
+from ptunifier_min.poolwatch import pool_usage, prompt_pools  # noqa: E402
+from tools.plots import line_chart  # noqa: E402
 
 
 def _attention_maps(model, heads_mean=True, **inputs):
@@ -156,7 +158,33 @@ def main(argv=None):
               f"{a['present_modality_to_prompts']:.3f}")
     if args.out:
         write_atomic(args.out, json.dumps(report, indent=2))
+        figure = usage_over_training(checkpoint.resolve_checkpoint(args.ckpt),
+                                     os.path.splitext(args.out)[0] + ".png")
+        if figure:
+            print(f"pool usage over training: {figure}")
     return report
+
+
+def usage_over_training(ckpt, path):
+    """Draw the rows in use and the selection entropy of each pool, per logging window, from the
+    log.jsonl of the run that wrote the checkpoint `ckpt`; None when the run logged none (no pool,
+    or no ITC)."""
+    rows = []
+    log = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "log.jsonl")
+    if os.path.isfile(log):
+        with open(log) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line torn by a kill mid-write
+                    continue
+    rows = [r for r in rows if "selected_visual_rows" in r]
+    if not rows:
+        return None
+    series = {f"{k} {what}": [(r["step"], r[f"selected_{k}_{what}"]) for r in rows]
+              for k in ("visual", "textual") for what in ("rows", "entropy")}
+    return line_chart(path, series, "prompt-pool rows in use (and entropy, nats) per logging "
+                      "window", "step", "rows / nats")
 
 
 if __name__ == "__main__":
