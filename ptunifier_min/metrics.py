@@ -4,11 +4,14 @@ implementation.
     auroc(scores, labels)                    # IC: one class; macro_auroc(...): CheXpert 5 / RSNA 1
     accuracy(pred, target)                   # TC (RadNLI)
     vqa_accuracy(pred, target, answer_type)  # VQA: overall / open / closed; OOV answers are wrong
+    cnr(heat, box_mask(boxes, W, H)); miou(heat, mask)  # phrase grounding (MS-CXR, BioViL's)
 
 Array arguments may be numpy arrays, lists or torch tensors (any device or dtype);
-tests/test_metrics.py compares each with scikit-learn. Retrieval's Recall@K is
+tests/test_metrics.py compares each with scikit-learn or hand-made cases. Retrieval's Recall@K is
 retrieval.embedding_recall; the text generation metrics are nlg.py's.
 """
+
+import math
 
 import numpy as np
 
@@ -119,3 +122,47 @@ def vqa_accuracy(pred, target, answer_type):
         out[kind] = float(correct[sel].mean()) if sel.any() else None
     out["oov_share"] = float((target < 0).mean())
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Phrase grounding (MS-CXR), as BioViL (Boecking et al. 2022) scores a map against a phrase's boxes
+
+
+def box_mask(boxes, width, height):
+    """[height, width] bool: the union of boxes [x, y, w, h] (pixels of the film)."""
+    mask = np.zeros((height, width), dtype=bool)
+    for x, y, w, h in boxes:
+        x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
+        mask[y0:max(y0, int(round(y + h))), x0:max(x0, int(round(x + w)))] = True
+    return mask
+
+
+def cnr(heat, mask):
+    """Contrast-to-noise ratio of a map against a region: |mean inside - mean outside| /
+    sqrt(var inside + var outside) (population variances). 0 for a map without contrast (a constant
+    one, or a region that is empty or the whole film)."""
+    heat, mask = _numpy(heat).astype(np.float64), _numpy(mask).astype(bool)
+    inside, outside = heat[mask], heat[~mask]
+    if not inside.size or not outside.size:
+        return 0.0
+    noise = math.sqrt(inside.var() + outside.var())
+    return float(abs(inside.mean() - outside.mean()) / noise) if noise > 0 else 0.0
+
+
+GROUNDING_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def miou(heat, mask, thresholds=GROUNDING_THRESHOLDS):
+    """Mean over thresholds of the IoU between the map's region above the threshold and the boxes'.
+    The map is first scaled to [0, 1] by its own min and max, so that maps of any kind and scale
+    (cosines, Grad-CAM, a prior) are thresholded alike; a constant map, which prefers no pixel,
+    becomes all ones and selects the whole film."""
+    heat, mask = _numpy(heat).astype(np.float64), _numpy(mask).astype(bool)
+    lo, hi = heat.min(), heat.max()
+    scaled = (heat - lo) / (hi - lo) if hi > lo else np.ones_like(heat)
+    ious = []
+    for t in thresholds:
+        pred = scaled > t
+        union = (pred | mask).sum()
+        ious.append((pred & mask).sum() / union if union else 0.0)
+    return float(np.mean(ious))
