@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptunifier_min import checkpoint, data, distributed, manifests, runs, tasks
+from ptunifier_min import checkpoint, data, distributed, grounding, manifests, runs, tasks
 from ptunifier_min import config as config_lib
 from ptunifier_min.config import FinetuneConfig
 from ptunifier_min.datasets.source import SOURCE, ensure_prepared
@@ -80,6 +80,9 @@ class EvalConfig:
     num_workers: int = option(2, "data-loader worker processes", valid=">= 0")
     out: str = option("", "folder to write results.json into (finetune.py's format); empty = print "
                       "only")
+    overlays: int = option(0, "ms_cxr: also write this many PNG overlays (the film with each "
+                              "method's map and the sentence's boxes) into <--out>/overlays",
+                           valid=">= 0")
     dist_timeout_min: float = config_lib.dist_timeout_field()
 
 
@@ -127,6 +130,8 @@ def main(argv=None):
         cfg.length_penalty = cfg.length_penalty if args.length_penalty < 0 else args.length_penalty
     task = tasks.get_task(cfg.task)
     retrieves = task.kind is tasks.RETRIEVE  # the pairs it scores are chosen by --retrieval-pairs
+    if args.overlays and (task.kind is not tasks.GROUND or not args.out):
+        raise SystemExit("--overlays draws phrase-grounding maps: it needs --task ms_cxr and --out")
     if "retrieval_pairs" in args.given and not retrieves:
         raise SystemExit(f"--retrieval-pairs chooses retrieval pairs; {task.name} is not a "
                          "retrieval task")
@@ -169,6 +174,11 @@ def main(argv=None):
             with open(run) as f:
                 init = json.load(f).get("init", init)
     print0(json.dumps(m, indent=1))
+    if args.overlays and proc.main:
+        paths = grounding.write_overlays(model, records[:args.overlays], tok,
+                                         cfg.model.image_size, cfg.model.max_text_len, proc.device,
+                                         os.path.join(args.out, "overlays"))
+        print0(f"overlays: {len(paths)} in {os.path.join(args.out, 'overlays')}")
     if args.out and proc.main:
         os.makedirs(args.out, exist_ok=True)
         results = {"task": task.name, "metrics": m, "split": args.split, "zero_shot": zero_shot,

@@ -54,6 +54,9 @@ def main(argv=None):
     cfg = config_lib.parse_args(FinetuneConfig, config_lib.FINETUNE_PRESETS, argv,
                                 description=__doc__.split("\n")[0])
     task = tasks.get_task(cfg.task)
+    if not task.kind.fine_tunes:
+        raise SystemExit(f"{task.name} is evaluated zero-shot, from a pre-training checkpoint: "
+                         f"python eval.py --task {task.name} --ckpt RUN")
     runs.require_tracker(cfg.report_to)  # --report-to's package, before anything waits
     proc = distributed.setup_distributed(cfg.seed, cfg.dist_timeout_min)
     print0 = print if proc.main else (lambda *a, **k: None)

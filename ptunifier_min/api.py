@@ -8,6 +8,7 @@ features, predictions.
     s = m.similarity(zi, zt)                         # cosine x logit scale
     p = m.match(["a.jpg"], ["small left effusion"])  # ITM probability that image i and text i match
     f = m.features(image="a.jpg", text="...")        # pooled [N, 2D] + token states of any pass
+    maps = m.ground(["a.jpg"], ["left pleural effusion"])  # [H, W] map of where it looks, per film
     m.predict(image="a.jpg")                          # fine-tuning: label probs, answer or report
 
 Images: a path (str or os.PathLike: JPEG, PNG, DICOM), a PIL image in any mode, a numpy array
@@ -43,7 +44,7 @@ from PIL import Image
 from .images import ImageTransform, grayscale, load_image
 from .tokenizer import encode_pairs, encode_texts, load_tokenizer
 from . import config as config_lib
-from . import checkpoint, retrieval, tasks
+from . import checkpoint, grounding, retrieval, tasks
 from .model import PTUnifier
 
 
@@ -213,6 +214,23 @@ class Model:
                                    **self._texts(texts[s]), read="pooled").pooled
             out.append(self.backbone.itm_logits(pooled).float().softmax(-1)[:, 1])
         return torch.cat(out) if out else self._empty(0)
+
+    def ground(self, images, texts, method=grounding.DEFAULT):
+        """Where the model looks for each sentence on its film: a list of [H, W] float maps, each
+        over its image's own pixels (higher = more; grounding.py: method "similarity" from the
+        dual-encoder passes, "gradcam" from the fusion pass and the ITM head). images and texts
+        pair up one to one."""
+        images, texts = _image_list(images), _text_list(texts, "texts")
+        n = _aligned("ground", images=images, texts=texts)
+        out = []
+        for s in self._batches(n):
+            films = [to_grayscale(img, f"images[{s.start + i}]") for i, img in enumerate(images[s])]
+            pixels = torch.stack([self.transform.pixels(f) for f in films]).to(self.device)
+            t = self._texts(texts[s])
+            heat = grounding.patch_maps(self.backbone, pixels, t["input_ids"], t["attention_mask"],
+                                        method).float().cpu()
+            out += [grounding.to_image(h, *f.size) for h, f in zip(heat, films)]
+        return out
 
     @torch.no_grad()
     def features(self, image=None, text=None):

@@ -19,12 +19,21 @@ brought back to the film's pixels by to_image: bilinear upsampling onto the cent
 crop kept, the margins the crop cut off at the map's minimum (no evidence there).
 """
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from . import data, distributed, metrics
+from .distributed import autocast
+from .images import ImageTransform, load_image
+from .tokenizer import encode_texts
+
 METHODS = ("similarity", "gradcam")
+DEFAULT = "similarity"  # the method of the headline numbers and of the API (see docs/grounding.md)
+BATCH = 32  # films per pass; under torchrun, the unit of a rank's share
 
 
 def patch_maps(model, pixels, input_ids, attention_mask, method="similarity"):
@@ -97,6 +106,63 @@ def prior_map(prior, width, height):
     grid = torch.tensor(prior, dtype=torch.float32)
     return F.interpolate(grid[None, None], size=(height, width), mode="bilinear",
                          align_corners=False)[0, 0]
+
+
+def evaluate(model, records, tok, prior, *, image_size, max_text_len, device, precision="fp32",
+             proc=None):
+    """Mean CNR and mIoU (metrics.cnr, metrics.miou) over MS-CXR records (text, boxes, width,
+    height) of each map method and of two baselines: a uniform map (no contrast; it selects the
+    whole film) and the box prior (box_prior of the train split). Each map is brought to the film's
+    pixels (to_image) before it is scored. Under torchrun (proc) each rank maps its share."""
+    proc = proc or distributed.Dist()
+    was_training = model.training
+    model.eval()
+    transform, scores = ImageTransform(image_size), []
+    lo, hi = distributed.shard(len(records), proc, BATCH)
+    for i in range(lo, hi, BATCH):
+        batch = records[i:min(i + BATCH, hi)]
+        pixels = torch.stack([transform.pixels(load_image(data.image_path(r)))
+                              for r in batch]).to(device)
+        ids, mask = encode_texts(tok, [r["text"] for r in batch], max_text_len)
+        with autocast(precision, device):
+            maps = {m: patch_maps(model, pixels, ids.to(device), mask.to(device), m).float().cpu()
+                    for m in METHODS}
+        for j, r in enumerate(batch):
+            w, h = r["width"], r["height"]
+            boxes = metrics.box_mask(r["boxes"], w, h)
+            film = {m: to_image(maps[m][j], w, h) for m in METHODS}
+            film.update(uniform=torch.zeros(h, w), box_prior=prior_map(prior, w, h))
+            scores.append({m: (metrics.cnr(x, boxes), metrics.miou(x, boxes))
+                           for m, x in film.items()})
+    model.train(was_training)
+    # every rank's share, in rank order
+    scores = [s for part in distributed.gather_objects(scores, proc) for s in part]
+    out = {m: {"cnr": float(np.mean([s[m][0] for s in scores])),
+               "miou": float(np.mean([s[m][1] for s in scores]))} for m in scores[0]}
+    out.update(cnr=out[DEFAULT]["cnr"], miou=out[DEFAULT]["miou"], method=DEFAULT,
+               pairs=len(scores))
+    return out
+
+
+def write_overlays(model, records, tok, image_size, max_text_len, device, folder):
+    """For each record, <folder>/<id>.png: the film (the original file, at its own size) once per
+    map method side by side, each with its map as a heat overlay and the sentence's boxes; returns
+    the paths."""
+    os.makedirs(folder, exist_ok=True)
+    transform, paths = ImageTransform(image_size), []
+    for r in records:
+        film = load_image(r["image"])
+        pixels = transform.pixels(load_image(data.image_path(r)))[None].to(device)
+        ids, mask = encode_texts(tok, [r["text"]], max_text_len)
+        panels = [overlay(film, to_image(patch_maps(model, pixels, ids.to(device), mask.to(device),
+                                                    m)[0].float().cpu(), *film.size), r["boxes"])
+                  for m in METHODS]
+        out = Image.new("RGB", (sum(p.width for p in panels), film.height))
+        for k, p in enumerate(panels):
+            out.paste(p, (k * film.width, 0))
+        paths.append(os.path.join(folder, f"{r['id']}.png"))
+        out.save(paths[-1])
+    return paths
 
 
 def overlay(film, heat, boxes=(), alpha=0.45):

@@ -140,13 +140,14 @@ def box_mask(boxes, width, height):
 def cnr(heat, mask):
     """Contrast-to-noise ratio of a map against a region: |mean inside - mean outside| /
     sqrt(var inside + var outside) (population variances). 0 for a map without contrast (a constant
-    one, or a region that is empty or the whole film)."""
+    one, or a region that is empty or the whole film); inf for contrast without any noise (a map
+    that is the boxes' mask itself)."""
     heat, mask = _numpy(heat).astype(np.float64), _numpy(mask).astype(bool)
     inside, outside = heat[mask], heat[~mask]
     if not inside.size or not outside.size:
         return 0.0
-    noise = math.sqrt(inside.var() + outside.var())
-    return float(abs(inside.mean() - outside.mean()) / noise) if noise > 0 else 0.0
+    contrast, noise = abs(inside.mean() - outside.mean()), math.sqrt(inside.var() + outside.var())
+    return float(contrast / noise) if noise > 0 else (math.inf if contrast > 0 else 0.0)
 
 
 GROUNDING_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import data, distributed, metrics, nlg, retrieval, stopping
+from . import data, distributed, grounding, metrics, nlg, retrieval, stopping
 from .distributed import autocast
 from .generation import TextDecoder, encoder_memory, generate, generation_loss
 from .images import ImageTransform
@@ -45,7 +45,7 @@ class Classify:
     """A fresh 2-layer MLP on the pooled [IMG_CLS] ++ [CLS] states; the subclasses say what its
     logits mean (loss, metric, prediction)."""
 
-    decodes, extra_fields = False, ()
+    decodes, extra_fields, fine_tunes = False, (), True
 
     def build(self, model, n_out, max_gen_len):
         model.head = Mlp(2 * model.backbone.cfg.dim, 2 * model.backbone.cfg.dim, n_out)
@@ -128,7 +128,7 @@ class Retrieve:
     """Image-text retrieval through the pre-training ITC head: image-only and text-only passes,
     the ITC loss, Recall@K both ways (retrieval.py)."""
 
-    target, decodes, extra_fields = "", False, ()
+    target, decodes, extra_fields, fine_tunes = "", False, (), True
 
     def build(self, model, n_out, max_gen_len):
         pass  # the backbone's own ITC head
@@ -159,7 +159,7 @@ class Generate:
     """Text generation (TS, ITG): a TextDecoder over the encoder's whole output sequence, next-token
     cross-entropy, the literature's NLG metrics after deterministic beam search."""
 
-    target, decodes, extra_fields = "target", True, ()
+    target, decodes, extra_fields, fine_tunes = "target", True, (), True
 
     def build(self, model, n_out, max_gen_len):
         model.decoder = TextDecoder(model.backbone, max_gen_len)
@@ -195,8 +195,16 @@ class Generate:
                         settings.length_penalty)
 
 
-MULTI_LABEL, ONE_OF, ANSWER, RETRIEVE, GENERATE = (MultiLabel(), OneOf(), Answer(), Retrieve(),
-                                                   Generate())
+class Ground:
+    """Phrase grounding (MS-CXR): a map over the film for each sentence, scored against the
+    sentence's boxes; from a pre-training checkpoint only (zero_shot_grounding), nothing to
+    fine-tune."""
+
+    target, decodes, extra_fields, fine_tunes = "", False, ("boxes", "width", "height"), False
+
+
+MULTI_LABEL, ONE_OF, ANSWER, RETRIEVE, GENERATE, GROUND = (MultiLabel(), OneOf(), Answer(),
+                                                           Retrieve(), Generate(), Ground())
 
 
 # Evaluations straight from a pre-training checkpoint, through its ITC head (eval.py)
@@ -210,6 +218,12 @@ def zero_shot_retrieval(backbone, task, records, meta, tok, rerank_top=0, print0
     return evaluate(backbone, task, records, tok, rerank_top=rerank_top, print0=print0, **kw)
 
 
+def zero_shot_grounding(backbone, task, records, meta, tok, rerank_top=0, print0=None, **kw):
+    """CNR and mIoU of each map method (grounding.py) and of two baselines, a uniform map and the
+    dataset's mean box prior (meta.json's, from its train split)."""
+    return grounding.evaluate(backbone, records, tok, meta["box_prior"], **kw)
+
+
 @dataclass(frozen=True)
 class Task:
     name: str  # --task, and the prepared folder it reads (prepare.py writes one folder per task,
@@ -218,7 +232,7 @@ class Task:
     text: tuple  # the record fields the encoder reads as text: none, one, or two read as one pair
     #              ([SEP]-joined); a field that holds a list (ROCO's captions) gives one of its
     #              texts per access
-    kind: object  # what it learns: MULTI_LABEL | ONE_OF | ANSWER | RETRIEVE | GENERATE (above)
+    kind: object  # what it learns: MULTI_LABEL | ONE_OF | ANSWER | RETRIEVE | GENERATE | GROUND
     width: object  # the MLP's outputs: a number, or the meta.json list it has one logit per item of
     selection_metric: str  # the metric that selects the checkpoint on val and fills Table 2
     zero_shot: Callable | None = None  # its evaluation straight from pre-training (eval.py)
@@ -256,6 +270,7 @@ TASKS = {t.name: t for t in (
     Task("vqa_rad",        True,  ("question",),        ANSWER,      "answers",     "overall"),
     Task("slake",          True,  ("question",),        ANSWER,      "answers",     "overall"),
     Task("medvqa2019",     True,  ("question",),        ANSWER,      "answers",     "overall"),
+    Task("ms_cxr",         True,  ("text",),            GROUND,      0,             "cnr",      zero_shot_grounding),
 )}
 
 
