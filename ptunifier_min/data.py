@@ -298,7 +298,7 @@ def task_collate(tok, max_len, max_gen_len):
     return collate
 
 
-# ---- fine-tuning's splits -------------------------------------------------------------------------
+# ---- fine-tuning's splits ------------------------------------------------------------------------
 # the smallest training subset --data-frac gives (1% of a small split can be 0 or 1 samples)
 MIN_TRAIN = 8
 

@@ -213,7 +213,7 @@ def gather_objects(obj, proc):
     return out
 
 
-# ---- the collectives of a training step: rank and world are the caller's, as in open_clip's loss --
+# ---- the collectives of a training step: rank and world are the caller's (open_clip's loss) ----
 class _GatherWithGrad(torch.autograd.Function):
     """All ranks' rows in rank order; the backward pass sends each rank the gradient of its own
     rows, summed over every rank's loss (an all-reduce of the whole gradient, then this rank's

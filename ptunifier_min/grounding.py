@@ -1,4 +1,4 @@
-"""Where the model looks: a map over a film for a sentence (phrase grounding, as MS-CXR evaluates it).
+"""Where the model looks: a map over a film for a sentence (phrase grounding, as MS-CXR scores it).
 
     heat = patch_maps(model, pixels, ids, mask, method="similarity")  # [B, g, g], the patch grid
     img_map = to_image(heat[0], width, height)                        # [H, W], the film's pixels

@@ -2,7 +2,7 @@
 the step that sums them.
 
     draws = draw_step(micro_batches, cfg, step, special, proc=proc)
-        # on the host: MLM's targets (mask_step), ITM's negatives (itm_plan), one dict per micro-batch
+        # on the host: MLM's targets (mask_step), ITM's negatives (itm_plan); a dict per micro-batch
     loss, stats, selections = pretraining_loss(model, batch, draw, cfg)
         # then each micro-step, on the device
 

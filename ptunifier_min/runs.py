@@ -246,5 +246,6 @@ def _tracker(kind, out, config):
         return log
     # offline unless the user's environment says otherwise: nothing here reaches the internet
     os.environ.setdefault("WANDB_MODE", "offline")
-    run = require_tracker(kind).init(project="ptunifier-min", name=os.path.basename(out), dir=out, config=config)
+    run = require_tracker(kind).init(project="ptunifier-min", name=os.path.basename(out), dir=out,
+                                     config=config)
     return lambda scalars, step: run.log(scalars, step=step)
