@@ -1,5 +1,5 @@
-"""The configuration reference (docs/config.md), generated from the config dataclasses: every flag of
-train.py, finetune.py and eval.py with its default, what it allows and what it means.
+"""The configuration reference (docs/config.md), generated from the config dataclasses: every flag
+of train.py, finetune.py and eval.py with its default, what it allows and what it means.
 
     python tools/configref.py > docs/config.md
 
