@@ -132,8 +132,10 @@ def step_done(step, pretrain):
 
 def fresh(path, pretrain):
     # make's rule: an output older than the pre-training it was made from (one redone since)
-    # is stale
+    # is stale; a run without pre-training (from scratch) has only its outputs
     log = os.path.join(pretrain, "log.jsonl")
+    if not os.path.isdir(pretrain):
+        return os.path.isfile(path)
     return (os.path.isfile(path) and os.path.isfile(log)
             and os.path.getmtime(path) >= os.path.getmtime(log))
 
@@ -182,11 +184,13 @@ def prompt_mode(arm):
 class Runner:
     """Runs the runs of a call, `jobs` at a time, each in a worker thread that starts its steps'
     subprocesses in turn. Threads are enough: the work is in the subprocesses, a thread only waits
-    for them."""
+    for them. plan(arm, seed, args) -> (run folder, steps) and result(arm, seed, run) -> result.json
+    are the ablations' unless given (tools/table2.py has its own)."""
 
-    def __init__(self, args):
+    def __init__(self, args, plan=None, result=None):
         self.args, self.lock, self.stop, self.live = (
             args, threading.Lock(), threading.Event(), set())
+        self.plan, self.result = plan or globals()["plan"], result or run_result
         # each subprocess gets its share of the cores: torch would otherwise start one thread per
         # core in every one
         self.env = dict(os.environ,
@@ -225,7 +229,7 @@ class Runner:
     def run(self, arm, seed):
         """All steps of one run that are not done yet, then its result.json. Returns the names of
         the failed steps."""
-        run, steps = plan(arm, seed, self.args)
+        run, steps = self.plan(arm, seed, self.args)
         os.makedirs(run, exist_ok=True)
         pretrain = os.path.join(run, "pretrain")
         seconds_path = os.path.join(run, "seconds.json")
@@ -259,7 +263,7 @@ class Runner:
             write_json(seconds_path, times)
             self.say(f"{arm} seed{seed} {step.name}: {seconds:.1f} s")
         if not failed:
-            write_json(os.path.join(run, "result.json"), run_result(arm, seed, run))
+            write_json(os.path.join(run, "result.json"), self.result(arm, seed, run))
         return failed
 
 
@@ -282,11 +286,12 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_all(args):
-    """Every run of the call; returns ["arm seedS (steps)", ...] for the runs that failed."""
+def run_all(args, runs=None, runner=None, desc="ablation runs"):
+    """Every run of the call (runs: [(arm, seed)], the ablations' unless given); returns
+    ["arm seedS (steps)", ...] for the runs that failed."""
     # seed-major: whole seeds first
-    runs = [(arm, seed) for seed in args.seeds for arm in ARMS if arm in args.arms]
-    runner, failures = Runner(args), []
+    runs = runs or [(arm, seed) for seed in args.seeds for arm in ARMS if arm in args.arms]
+    runner, failures = runner or Runner(args), []
     pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
     # SIGTERM (a scheduler, `kill`) becomes the KeyboardInterrupt below, so that the children
     # go with us
@@ -295,7 +300,7 @@ def run_all(args):
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         futures = {pool.submit(runner.run, arm, seed): (arm, seed) for arm, seed in runs}
-        bar = tqdm(total=len(runs), desc="ablation runs", unit="run")
+        bar = tqdm(total=len(runs), desc=desc, unit="run")
         for future in concurrent.futures.as_completed(futures):
             arm, seed = futures[future]
             try:
