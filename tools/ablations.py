@@ -867,11 +867,11 @@ def parse_args(argv=None):
     return args
 
 
-def check_recipe(args):
+def check_recipe(args, recipe=None):
     """Refuse to mix recipes in one --out: outputs count as done whatever flags made them."""
-    recipe = {"preset": args.preset, "steps": args.steps, "eval_pairs": args.eval_pairs,
-              "finetune_steps": args.finetune_steps,
-              "data_root": os.path.abspath(args.data_root) if args.data_root else "",
+    recipe = recipe or {"preset": args.preset, "steps": args.steps, "eval_pairs": args.eval_pairs,
+                        "finetune_steps": args.finetune_steps}
+    recipe = {**recipe, "data_root": os.path.abspath(args.data_root) if args.data_root else "",
               "synth_root": "" if args.data_root else os.path.abspath(args.synth_root)}
     path = os.path.join(args.out, "recipe.json")
     saved = read_json(path)

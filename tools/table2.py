@@ -50,14 +50,18 @@ ZERO_SHOT_COLUMNS = [("ROCO i2t R@1", "roco_retrieval", ("i2t_r1",)),
 GROUNDING_ROWS = ("similarity", "gradcam", "box_prior", "uniform")
 
 
+def recipe_flags(args, steps):
+    return ["--preset", args.preset, *(["--steps", str(steps)] if steps else []),
+            "--num-workers", "1", *ablations.data_flags(args)]
+
+
 def plan(arm, seed, args):
     run = os.path.join(args.out, arm, f"seed{seed}")
     pretrain = os.path.join(run, "pretrain")
-    where = ["--synth-root", args.synth_root]
     steps = []
     if arm == "pretrained":
         steps.append(Step("pretrain", [sys.executable, os.path.join(REPO, "train.py"),
-                                       "--seed", str(seed), "--num-workers", "1", *where,
+                                       *recipe_flags(args, args.steps), "--seed", str(seed),
                                        "--out", pretrain, "--overwrite"],
                           os.path.join(pretrain, "log.jsonl")))
         for name in ZERO_SHOT:
@@ -68,18 +72,20 @@ def plan(arm, seed, args):
                                *(["--overlays", "4"] if name == "ms_cxr" and seed == 0 else [])],
                               os.path.join(folder, "results.json")))
     init = pretrain if arm == "pretrained" else "scratch"
-    for name, flags in FINETUNES.items():
+    for name in args.finetunes:
         folder = os.path.join(run, name)
-        steps.append(Step(name, [sys.executable, os.path.join(REPO, "finetune.py"), *flags,
-                                 "--init", init, "--seed", str(seed), "--num-workers", "1", *where,
-                                 "--out", folder, "--overwrite"],
+        steps.append(Step(name, [sys.executable, os.path.join(REPO, "finetune.py"),
+                                 *FINETUNES[name], *recipe_flags(args, args.finetune_steps),
+                                 "--init", init, "--seed", str(seed), "--out", folder,
+                                 "--overwrite"],
                           os.path.join(folder, "results.json")))
     return run, steps
 
 
 def result(arm, seed, run):
     """A run's numbers: every results.json of its steps, and the seconds each step took."""
-    names = list(FINETUNES) + ([f"zeroshot-{n}" for n in ZERO_SHOT] if arm == "pretrained" else [])
+    names = [n for n in FINETUNES if os.path.isdir(os.path.join(run, n))]
+    names += [f"zeroshot-{n}" for n in ZERO_SHOT] if arm == "pretrained" else []
     return {"arm": arm, "seed": seed,
             "seconds": read_json(os.path.join(run, "seconds.json")) or {},
             "results": {n: read_json(os.path.join(run, n, "results.json"))["metrics"]
@@ -167,6 +173,18 @@ def main(argv=None):
                         "spread)")
     p.add_argument("--jobs", type=ablations.at_least(1), default=1,
                    help="runs at once; each subprocess gets cores / jobs threads (default: 1)")
+    p.add_argument("--preset", default="cpu", choices=sorted(config.PRESETS),
+                   help="train.py and finetune.py preset (default: cpu, the main job's; tiny for "
+                        "a smoke test)")
+    p.add_argument("--steps", type=ablations.at_least(0), default=0,
+                   help="pre-training steps; 0 = train.py's default for the preset (default: 0)")
+    p.add_argument("--finetune-steps", type=ablations.at_least(0), default=0,
+                   help="fine-tuning steps; 0 = finetune.py's default for the task (default: 0)")
+    p.add_argument("--finetunes", default=",".join(FINETUNES),
+                   help=f"comma-separated fine-tunes to run (default: all: {','.join(FINETUNES)})")
+    p.add_argument("--data-root", default="",
+                   help="prepared real data (python -m ptunifier_min.datasets.prepare); default: "
+                        "the synthetic world")
     p.add_argument("--synth-root", default=config.RunConfig.synth_root,
                    help=f"where the synthetic world lives (default: "
                         f"{config.RunConfig.synth_root})")
@@ -179,14 +197,25 @@ def main(argv=None):
         p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if not args.seeds or min(args.seeds) < 0:
         p.error(f"--seeds must be non-negative integers, got {args.seeds}")
+    args.finetunes = [n for n in args.finetunes.split(",") if n]
+    unknown = [n for n in args.finetunes if n not in FINETUNES]
+    if unknown:
+        p.error(f"--finetunes: unknown {', '.join(unknown)}; choose from {', '.join(FINETUNES)}")
     failures = []
     if not args.table_only:
+        ablations.check_recipe(args, {"preset": args.preset, "steps": args.steps,
+                                      "finetune_steps": args.finetune_steps})
         # every dataset, made once before the runs start: two processes making it would race
-        cfg = config.build(config.TrainConfig, {"synth_root": args.synth_root})
-        source.ensure_prepared(cfg, [t.folder for t in tasks.TASKS.values()] + ["roco_retrieval"],
-                               Dist(), print)
-        os.makedirs(args.out, exist_ok=True)
+        cfg = config.build(config.TrainConfig, {**config.PRESETS[args.preset],
+                                                "data_root": args.data_root,
+                                                "synth_root": args.synth_root})
+        names = dict.fromkeys(list(ablations.PRETRAIN_DATA)
+                              + [t.folder for t in tasks.TASKS.values()])
+        source.ensure_prepared(cfg, list(names), Dist(), print)
         runs = [(arm, seed) for seed in args.seeds for arm in ARMS]
+        print(f"{len(runs)} runs (pre-trained and scratch x seeds "
+              f"{','.join(map(str, args.seeds))}) into {args.out}, {args.jobs} at a time; each "
+              "step's console goes to <run>/<step>.out")
         failures = ablations.run_all(args, runs, ablations.Runner(args, plan, result),
                                      desc="Table 2 runs")
     results = ablations.load_results(args.out)
