@@ -18,6 +18,7 @@ was trained against (a re-preparation with another --seed moves training records
 """
 
 import hashlib
+import math
 import os
 
 JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true or false",
@@ -37,6 +38,16 @@ def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)  # bool is an int in Python
 
 
+def _box(b):
+    """[x, y, w, h]: four finite numbers, w and h > 0 (JSON's NaN and Infinity are not)."""
+    return (isinstance(b, list) and len(b) == 4 and all(map(_number, b))
+            and all(map(math.isfinite, b)) and b[2] > 0 and b[3] > 0)
+
+
+def _pixels(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 # Every field prepare.py writes: a test of its value, and what the value must be.
 FIELDS = {
     "id": (_text, "a non-empty string"),
@@ -45,15 +56,17 @@ FIELDS = {
     "texts": (lambda v: isinstance(v, list) and bool(v) and all(map(_text, v)),
               "a non-empty list of non-empty strings"),
     **{k: (_text, "a non-empty string")
-       for k in ("text_a", "text_b", "question", "answer", "target")},
+       for k in ("text", "text_a", "text_b", "question", "answer", "target", "category")},
     "answer_type": (lambda v: v in ("open", "closed"), "'open' or 'closed'"),
     "label": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer class index"),
     "labels": (lambda v: isinstance(v, list) and all(_number(x) and x in (0, 1) for x in v),
                "a list of 0 / 1 values"),
-    "boxes": (lambda v: isinstance(v, list) and all(
-        isinstance(b, list) and all(map(_number, b)) for b in v),
-              "a list of boxes (lists of numbers)"),
+    "boxes": (lambda v: isinstance(v, list) and all(map(_box, v)),
+              "a list of boxes [x, y, w, h] (finite numbers, w and h > 0)"),
+    **{k: (_pixels, "a positive whole number of pixels") for k in ("width", "height")},
 }
+# A phrase-grounding record (MS-CXR) holds a sentence and where it is on its film: one box at least.
+GROUNDING = ("text", "boxes")
 
 
 def check_record(record, meta, required=("id",)):
@@ -71,6 +84,8 @@ def check_record(record, meta, required=("id",)):
         if key in record and not ok(record[key]):
             value = record[key]
             return f"field {key!r} is {json_type(value)} ({str(value)[:60]!r}); expected {what}"
+    if all(k in record for k in GROUNDING) and not record["boxes"]:
+        return "field 'boxes' is an empty list; a sentence to ground needs at least one box"
     classes = meta.get("answers", meta.get("label_names"))
     if "label" in record and isinstance(classes, list):
         low = -1 if "answers" in meta else 0

@@ -4,23 +4,27 @@ prepared format.
     python -m ptunifier_min.datasets.prepare DATASET --root RAW --out DIR [--seed 0]
                                              [--on-bad-image error|skip] [--allow-empty-splits]
                                              [--cache-short-side 384] [--workers N]
+    python -m ptunifier_min.datasets.prepare ms_cxr --root RAW/ms_cxr --out DIR
+                                             --mimic-root RAW/mimic_cxr
     python -m ptunifier_min.datasets.prepare all --root RAW --out DIR  # expects RAW/<each dataset>/
 
-DATASET is one of roco, medicat, mimic_cxr, chexpert, rsna, radnli, vqa_rad, slake, medvqa2019. Each
-writes one folder per downstream task under DIR (roco -> roco + roco_retrieval; mimic_cxr ->
-mimic_cxr + mimic_gen + mimic_sum; every other dataset -> a folder of its own name) holding
-{train,val,test}.jsonl, {train,val,test}_ids.txt and meta.json. The layouts read and the rules
-applied are those of shared/reference/datasets.md; the output is the contract that data.py and every
-training script read. meta.json is written last, through a temp file and a rename, so a folder
-without it is an interrupted preparation. A rule that drops a sample counts it in meta["dropped"];
-everything else that is not as expected (missing file, column or field, a field of the wrong JSON
-type, malformed line, text that is not UTF-8, empty or punctuation-only text no rule drops, unknown
-label value, an id seen twice in the folder's splits, two candidate files for one input, a file name
-from the data that leaves the release folder) is an error that names the file and the row. Every
-image is decoded once: one that does not decode is an error too, or, with --on-bad-image skip, its
-records are dropped and counted under "bad_image". Counts are checked before anything is written: a
-split left empty (unless --allow-empty-splits) or rules that drop over 90% of a folder's records
-stop prepare with the numbers. The output folder is checked writable before the release is read.
+DATASET is one of roco, medicat, mimic_cxr, chexpert, rsna, radnli, vqa_rad, slake, medvqa2019 (the
+paper's nine, which `all` prepares) and ms_cxr (MS-CXR, phrase grounding: its CSV names films of a
+MIMIC-CXR-JPG tree, which --mimic-root gives). Each writes one folder per downstream task under DIR
+(roco -> roco + roco_retrieval; mimic_cxr -> mimic_cxr + mimic_gen + mimic_sum; every other dataset
+-> a folder of its own name) holding {train,val,test}.jsonl, {train,val,test}_ids.txt and meta.json.
+The layouts read and the rules applied are those of shared/reference/datasets.md; the output is the
+contract that data.py and every training script read. meta.json is written last, through a temp file
+and a rename, so a folder without it is an interrupted preparation. A rule that drops a sample
+counts it in meta["dropped"]; everything else that is not as expected (missing file, column or
+field, a field of the wrong JSON type, malformed line, text that is not UTF-8, empty or
+punctuation-only text no rule drops, unknown label value, an id seen twice in the folder's splits,
+two candidate files for one input, a file name from the data that leaves the release folder) is an
+error that names the file and the row. Every image is decoded once: one that does not decode is an
+error too, or, with --on-bad-image skip, its records are dropped and counted under "bad_image".
+Counts are checked before anything is written: a split left empty (unless --allow-empty-splits) or
+rules that drop over 90% of a folder's records stop prepare with the numbers. The output folder is
+checked writable before the release is read.
 
 Image cache: while it decodes an image anyway, prepare writes a copy resized to a shorter side of
 384 px (never enlarged) as an uncompressed (lossless, fast to read) PGM into
@@ -38,6 +42,7 @@ import csv
 import gzip
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -47,13 +52,16 @@ import time
 from PIL import Image
 from tqdm import tqdm
 
-from ..images import load_image
 from ..files import write_atomic
+from ..grounding import box_prior
+from ..images import load_image
 from ..manifests import JSON_TYPES, json_type
 from .workers import deferred_stop, ordered_map
 
 DATASETS = ("roco", "medicat", "mimic_cxr", "chexpert", "rsna", "radnli", "vqa_rad", "slake",
-            "medvqa2019")
+            "medvqa2019", "ms_cxr")
+# what `all` prepares: the paper's nine; MS-CXR needs --mimic-root, a second release
+ALL = DATASETS[:-1]
 SPLITS = ("train", "val", "test")
 MIN_WORDS = 3  # the paper: "we exclude those samples with a text length of less than 3"
 CHEXPERT_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -619,10 +627,7 @@ def _rsna(root, seed):
             raise ValueError(f"{where}: patient {pid} has Target {target} here but {p['target']} "
                              f"at {p['where']}")
         if target == "1":
-            try:
-                p["boxes"].append([float(v) for v in box])
-            except ValueError:
-                raise ValueError(f"{where}: box {box} is not numeric") from None
+            p["boxes"].append(_box(box, where))
     image_dir = os.path.join(root, "stage_2_train_images")
     records = []
     for pid in order:
@@ -642,6 +647,118 @@ def _rsna(root, seed):
     return [("rsna", _seeded_split(records, seed, n_eval, n_eval),
              {"dropped": {"box_rows_merged": n_rows - len(records)}, "rules": rules,
               "label_names": ["Pneumonia"]})]
+
+
+def _box(values, where):
+    """[x, y, w, h] from a row's four box fields: finite numbers, w and h > 0."""
+    try:
+        box = [float(v) for v in values]
+    except ValueError:
+        raise ValueError(f"{where}: box {values} is not numeric") from None
+    if not all(map(math.isfinite, box)) or box[2] <= 0 or box[3] <= 0:
+        raise ValueError(f"{where}: box x, y, w, h = {values}: expected finite numbers, "
+                         "w and h > 0")
+    return box
+
+
+def _pixels(value, name, where):
+    """A positive whole number of pixels ("2544", or "2544.0" as a spreadsheet writes it)."""
+    try:
+        n = float(value)
+    except ValueError:
+        n = math.nan
+    if not (math.isfinite(n) and n == int(n) and n > 0):
+        raise ValueError(f"{where}: {name} = {value!r}; expected a positive whole number of "
+                         "pixels")
+    return int(n)
+
+
+MS_CXR_CATEGORIES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Opacity",
+                     "Pleural Effusion", "Pneumonia", "Pneumothorax"]
+MS_CXR_COLUMNS = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h",
+                  "image_width", "image_height"]
+# MIMIC-CXR-JPG's layout: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg
+_MIMIC_FILE = re.compile(r"files/p\d\d/p(\d+)/s\d+/([^/]+)\.jpg")
+# the CSV's pixels are written with a few decimals: x + w may pass the edge by their rounding
+_EDGE = 1e-6
+
+
+def _ms_cxr(root, seed, mimic_root):
+    """MS-CXR: one record per phrase (dicom_id, label_text), holding all its boxes (one CSV row
+    each), on its film of the MIMIC-CXR-JPG tree at mimic_root."""
+    path = _one_existing(root, ["MS_CXR_Local_Alignment_v1.1.0.csv",
+                                "MS_CXR_Local_Alignment_v1.0.0.csv"], "MS-CXR CSV")
+    phrases, films, n_rows = {}, {}, 0  # films: dicom -> ((path, size, split), first row)
+    for n, row in _bar(_read_csv(path, MS_CXR_COLUMNS), "ms_cxr"):
+        where = f"{path}, line {n}"
+        n_rows += 1
+        columns = MS_CXR_COLUMNS + ["split"] * ("split" in row)  # v1.1.0 has a split column
+        empty = [c for c in columns if not (row[c] or "").strip()]
+        if empty:
+            raise ValueError(f"{where}: no value for {', '.join(empty)}")
+        dicom, rel = row["dicom_id"].strip(), row["path"].strip()
+        text = _text(row["label_text"], where, "label_text")
+        category = row["category_name"].strip()
+        if category not in MS_CXR_CATEGORIES:
+            raise ValueError(f"{where}: category_name {category!r} is not one of "
+                             f"{', '.join(MS_CXR_CATEGORIES)}")
+        size = (_pixels(row["image_width"], "image_width", where),
+                _pixels(row["image_height"], "image_height", where))
+        x, y, w, h = box = _box([row[k].strip() for k in "xywh"], where)
+        if x < 0 or y < 0 or x + w > size[0] + _EDGE or y + h > size[1] + _EDGE:
+            raise ValueError(f"{where}: box x, y, w, h = {box} leaves the image of "
+                             f"{size[0]} x {size[1]} pixels")
+        split = row["split"].strip() if "split" in row else None
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"{where}: split {row['split']!r} is not one of "
+                             f"{', '.join(SPLITS)}")
+        film = _MIMIC_FILE.fullmatch(rel)
+        if not film or film.group(2) != dicom:
+            raise ValueError(f"{where}: path {rel!r} is not files/pXX/pSUBJECT/sSTUDY/"
+                             f"{dicom}.jpg, the MIMIC-CXR-JPG file of its dicom_id")
+        image = _under(mimic_root, rel, where)
+        first = films.setdefault(dicom, ((rel, size, split), where))
+        if first[0] != (rel, size, split):
+            raise ValueError(f"{where}: dicom_id {dicom} has (path, image size, split) "
+                             f"{(rel, size, split)} here but {first[0]} at {first[1]}")
+        if first[1] == where:  # the film's first row: its file must be there
+            _image(image, where)
+        key = (dicom, text)
+        if key not in phrases:
+            digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+            phrases[key] = ({"id": f"{dicom}_{digest}", "image": image, "text": text, "boxes": [],
+                             "width": size[0], "height": size[1], "category": category},
+                            film.group(1), split, where)
+        elif phrases[key][0]["category"] != category:
+            raise ValueError(f"{where}: phrase {text!r} of {dicom} is {category} here but "
+                             f"{phrases[key][0]['category']} at {phrases[key][3]}")
+        phrases[key][0]["boxes"].append(box)
+    if all(split is not None for _, _, split, _ in phrases.values()):
+        splits = {s: [r for r, _, split, _ in phrases.values() if split == s] for s in SPLITS}
+        split_rule = "official split column (v1.1.0)"
+    else:  # v1.0.0: carved by patient, as RSNA's, so that no patient is in two splits
+        subjects = sorted({subject for _, subject, _, _ in phrases.values()})
+        n_eval = round(0.15 * len(subjects))
+        carved = _seeded_split([{"id": s} for s in subjects], seed, n_eval, n_eval)
+        split_of = {p["id"]: s for s in SPLITS for p in carved[s]}
+        splits = {s: [r for r, subject, _, _ in phrases.values() if split_of[subject] == s]
+                  for s in SPLITS}
+        split_rule = (f"no split column (v1.0.0): 70/15/15 by patient (pSUBJECT of the path), "
+                      f"seeded ({n_eval} val, {n_eval} test patients)")
+    rules = {"box_rows_merged": "the rows of one phrase (dicom_id, label_text), one per box, "
+                                "folded into one record",
+             "boxes": "[x, y, w, h] in pixels of the original image (width x height), as the "
+                      "CSV gives them",
+             "split": split_rule,
+             "box_prior": "mean over the train records of their boxes' union mask, on a 64 x 64 "
+                          "grid of each film's normalised coordinates (grounding.box_prior)"}
+    return [("ms_cxr", splits, {"dropped": {"box_rows_merged": n_rows - len(phrases)},
+                                "rules": rules, "categories": list(MS_CXR_CATEGORIES),
+                                "box_prior": _box_prior(splits["train"])})]
+
+
+def _box_prior(records):
+    return box_prior([r["boxes"] for r in records], [(r["width"], r["height"]) for r in records])
 
 
 def _require_pydicom(path):
@@ -839,17 +956,18 @@ def _decode(job):
     """Decode one image (the loader training uses: what decodes here decodes there) and, when `dest`
     is given, write its cached copy. Returns (error message or None, bytes written). A copy whose
     file exists is skipped without decoding: it was written, through a temporary file and a rename,
-    from this very original (see cache_file)."""
-    path, dest, short_side = job
-    if dest is not None and os.path.exists(dest):
+    from this very original (see cache_file). A job (path, dest, short_side, True) asks for the
+    size too, (width, height) as decoded, as a third item (None for an image that does not decode):
+    it is decoded even when its copy exists, because its records' boxes are in its pixels."""
+    path, dest, short_side, *sized = job
+    if dest is not None and os.path.exists(dest) and not sized:
         return None, 0
     try:
         img = load_image(path)
     except ValueError as e:
-        return str(e), 0
-    if dest is None:
-        return None, 0
-    return None, write_cached(img, dest, short_side)
+        return (str(e), 0) + ((None,) if sized else ())
+    n = 0 if dest is None or os.path.exists(dest) else write_cached(img, dest, short_side)
+    return (None, n) + ((img.size,) if sized else ())
 
 
 def write_cached(img, dest, short_side):
@@ -902,16 +1020,27 @@ def _check_images(folders, on_bad_image, cache_dir=None, short_side=CACHE_SHORT_
     paths = sorted({r["image"] for _, splits, _ in folders for s in SPLITS for r in splits[s]
                     if "image" in r})
     dest = {p: cache_file(cache_dir, p, short_side) if cache_dir else None for p in paths}
+    # the size a record states for its image (MS-CXR: its boxes are in those pixels)
+    stated = {r["image"]: (r["width"], r["height"], name, s, r["id"])
+              for name, splits, _ in folders for s in SPLITS for r in splits[s] if "width" in r}
     if cache_dir and paths:
         os.makedirs(cache_dir, exist_ok=True)
     t0 = time.time()
-    results = _decode_all([(p, dest[p], short_side) for p in paths], workers)
-    bad = {p: e for p, (e, _) in zip(paths, results) if e}
+    results = _decode_all([(p, dest[p], short_side) + (True,) * (p in stated) for p in paths],
+                          workers)
+    bad = {p: r[0] for p, r in zip(paths, results) if r[0]}
+    for p, r in zip(paths, results):
+        if p in stated and r[2] is not None and r[2] != stated[p][:2]:
+            w, h, name, split, rid = stated[p]
+            raise ValueError(f"{name} {split}, id {rid}: its row gives image_width x image_height "
+                             f"{w} x {h}, but the image file {p} is {r[2][0]} x {r[2][1]}: its "
+                             "boxes are in the pixels of the original MIMIC-CXR-JPG file (a "
+                             "resized copy needs them rescaled)")
     if cache_dir:
-        built = sum(n > 0 for _, n in results)
+        built = sum(r[1] > 0 for r in results)
         print(f"image cache {cache_dir}: {len(paths) - len(bad)} images at short side "
               f"{short_side} ({built} built, {len(paths) - len(bad) - built} already there), "
-              f"{sum(n for _, n in results) / 1e6:.1f} MB written in {time.time() - t0:.1f} s")
+              f"{sum(r[1] for r in results) / 1e6:.1f} MB written in {time.time() - t0:.1f} s")
         for _, splits, _ in folders:
             for s in SPLITS:
                 for r in splits[s]:
@@ -939,6 +1068,8 @@ def _check_images(folders, on_bad_image, cache_dir=None, short_side=CACHE_SHORT_
                 test = splits["test"]
                 meta["oov_test_share"] = (sum(r["label"] == -1 for r in test) / len(test)
                                           if test else 0.0)
+            if "box_prior" in meta:
+                meta["box_prior"] = _box_prior(splits["train"])
     return folders
 
 
@@ -1020,13 +1151,13 @@ def _check_writable(out):
 
 _READERS = {"roco": _roco, "medicat": _medicat, "mimic_cxr": _mimic, "chexpert": _chexpert,
             "rsna": _rsna, "radnli": _radnli, "vqa_rad": _vqa_rad, "slake": _slake,
-            "medvqa2019": _medvqa2019}
+            "medvqa2019": _medvqa2019, "ms_cxr": _ms_cxr}
 
 
 def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False, cache_short_side=0,
-            workers=None):
-    """Prepare one dataset (or "all": root/<name>/ for each) from its official layout; return the
-    folders written.
+            workers=None, mimic_root=None):
+    """Prepare one dataset (or "all": root/<name>/ for each of the paper's nine, ALL) from its
+    official layout; return the folders written.
 
     on_bad_image: "error" (an image that does not decode stops preparation, naming file and record)
     or "skip" (such records are dropped and counted under dropped["bad_image"]). allow_empty: write
@@ -1034,7 +1165,15 @@ def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False,
     cache_short_side: write a copy of every image, resized to that shorter side, into
     out/<dataset>/image_cache/ (see _check_images); 0, the default here, writes none, so that a call
     writes only the manifests unless asked (the command line asks, with CACHE_SHORT_SIDE).
-    workers: processes decoding images (default: up to 8)."""
+    workers: processes decoding images (default: up to 8). mimic_root: the MIMIC-CXR-JPG folder
+    whose files MS-CXR's rows name (ms_cxr only, and needed there)."""
+    if (dataset == "ms_cxr") != (mimic_root is not None):
+        raise ValueError("ms_cxr reads its images from a MIMIC-CXR-JPG folder: pass --mimic-root"
+                         if dataset == "ms_cxr" else
+                         f"--mimic-root is read by ms_cxr only, not by {dataset} (all prepares "
+                         "the paper's nine; prepare ms_cxr on its own)")
+    if mimic_root is not None and not os.path.isdir(mimic_root):
+        raise FileNotFoundError(f"--mimic-root {mimic_root}: folder not found")
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be error or skip, got {on_bad_image!r}")
     if cache_short_side < 0:
@@ -1045,13 +1184,17 @@ def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False,
         raise ValueError(f"workers must be at least 1, got {workers}")
     _check_writable(out)
     if dataset == "all":
-        missing = [d for d in DATASETS if not os.path.isdir(os.path.join(root, d))]
+        missing = [d for d in ALL if not os.path.isdir(os.path.join(root, d))]
         if missing:
             raise FileNotFoundError(f"prepare all expects {os.path.join(root, '<dataset>')} for "
                                     f"every dataset; missing: {missing}")
-        return [p for d in DATASETS
+        done = [p for d in ALL
                 for p in prepare(d, os.path.join(root, d), out, seed, on_bad_image, allow_empty,
                                  cache_short_side, workers)]
+        if os.path.isdir(os.path.join(root, "ms_cxr")):
+            print(f"ms_cxr is not part of all: prepare ms_cxr --root "
+                  f"{os.path.join(root, 'ms_cxr')} --mimic-root {os.path.join(root, 'mimic_cxr')}")
+        return done
     if dataset not in _READERS:
         raise ValueError(f"unknown dataset {dataset!r}; "
                          f"expected one of {', '.join(DATASETS)} or all")
@@ -1059,7 +1202,8 @@ def prepare(dataset, root, out, seed=0, on_bad_image="error", allow_empty=False,
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{dataset}: root folder not found: {root}")
     # everything is read and checked before the first manifest is written
-    folders = _READERS[dataset](root, seed)
+    folders = (_ms_cxr(root, seed, os.path.abspath(mimic_root)) if dataset == "ms_cxr"
+               else _READERS[dataset](root, seed))
     cache_dir = (os.path.join(os.path.abspath(out), dataset, "image_cache")
                  if cache_short_side else None)
     made = _missing_folders(cache_dir) if cache_dir else []
@@ -1095,7 +1239,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description="Prepare a dataset from its official layout (see datasets.md).")
     p.add_argument("dataset", choices=DATASETS + ("all",),
-                   help="dataset to prepare, or all (expects ROOT/<dataset>/)")
+                   help="dataset to prepare, or all (the paper's nine; expects ROOT/<dataset>/)")
     p.add_argument("--root", required=True,
                    help="folder of the official release (real or synthetic)")
     p.add_argument("--out", required=True,
@@ -1116,11 +1260,15 @@ def main(argv=None):
                         f"(default {CACHE_SHORT_SIDE}: at least the largest preset's image size); "
                         "0: no cache")
     p.add_argument("--workers", type=int, help="processes decoding images (default: up to 8)")
+    p.add_argument("--mimic-root", metavar="FOLDER",
+                   help="ms_cxr only, and needed there: the MIMIC-CXR-JPG folder (holding files/) "
+                        "whose films the MS-CXR CSV's paths name; all does not prepare ms_cxr")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
         folders = prepare(args.dataset, args.root, args.out, args.seed, args.on_bad_image,
-                          args.allow_empty_splits, args.cache_short_side, args.workers)
+                          args.allow_empty_splits, args.cache_short_side, args.workers,
+                          args.mimic_root)
     # every one names its file and row: the message, not a traceback
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"prepare {args.dataset}: {e}") from None

@@ -43,6 +43,7 @@ def ensure_prepared(cfg, names, proc, print0=print, trained_with=None):
         if missing:
             cmds = "\n  ".join(
                 f"python -m ptunifier_min.datasets.prepare {s} --root RAW/{s} --out {root}"
+                + " --mimic-root RAW/mimic_cxr" * (s == "ms_cxr")
                 for s in sorted({SOURCE.get(n, n) for n in missing}))
             raise SystemExit(f"--data-root {root} has no complete preparation of "
                              f"{', '.join(missing)}; run:\n  {cmds}")
@@ -64,10 +65,16 @@ def ensure_prepared(cfg, names, proc, print0=print, trained_with=None):
                 synth.generate(raw, seed=WORLD_SEED, scale=cfg.synth_scale, overwrite=True)
             for name in sorted({SOURCE.get(n, n) for n in names
                                 if not os.path.isfile(os.path.join(root, n, "meta.json"))}):
+                if not os.path.isdir(os.path.join(raw, name)):  # a world older than this dataset
+                    print0(f"the synthetic world at {raw} has no {name}: adding it")
+                    synth.generate(raw, seed=WORLD_SEED, scale=cfg.synth_scale, datasets=[name])
                 print0(f"preparing synthetic {name} into {root}")
                 prepare.prepare(name, os.path.join(raw, name), root, seed=WORLD_SEED,
                                 # what a user's run reads: the cache
-                                cache_short_side=prepare.CACHE_SHORT_SIDE)
+                                cache_short_side=prepare.CACHE_SHORT_SIDE,
+                                # MS-CXR's films are the MIMIC-CXR world's
+                                mimic_root=os.path.join(raw, "mimic_cxr") if name == "ms_cxr"
+                                else None)
         distributed.barrier(proc)
     tok_path = cfg.tokenizer or os.path.join(root, "tokenizer.json")
     if trained_with:

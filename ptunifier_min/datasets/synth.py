@@ -1,4 +1,5 @@
-"""A synthetic mirror of the nine datasets PTUnifier uses, each in its official on-disk layout.
+"""A synthetic mirror of the nine datasets PTUnifier uses, and of MS-CXR (phrase grounding on
+MIMIC-CXR films), each in its official on-disk layout.
 
 Real MIMIC-CXR, CheXpert, ROCO, ... are credentialed or large; this module samples one small latent
 world from a seed and writes it out in the release formats, so that `prepare`, pre-training and
@@ -18,7 +19,8 @@ The world has two kinds of things. Chest radiograph studies (MIMIC-CXR, CheXpert
 carry a latent state: findings with side, zone and severity, co-occurring through shared causes
 (heart failure, infection, intensive care), a view, and a report written from that state with
 paraphrase, negation and hedging; CheXpert-style labels come from the sentences of the report
-(hedged -> -1.0). Medical figures (ROCO, MedICaT, VQA-RAD, SLAKE, VQA-Med) carry a modality, organ,
+(hedged -> -1.0); MS-CXR boxes the findings of some MIMIC-CXR films where the renderer drew them.
+Medical figures (ROCO, MedICaT, VQA-RAD, SLAKE, VQA-Med) carry a modality, organ,
 plane and a localised finding, rendered in a per-modality style, and captions / questions name them.
 Every finding is a localised pattern on randomly posed anatomy, so a linear model on raw pixels
 stays well below what a small ViT can learn (see `--floors`). Ids, file names, image sizes, row
@@ -39,7 +41,9 @@ reading):
 - rsna box_rows_merged = label rows - patients (every row beyond a patient's first is folded
   into it);
 - splits prepare draws with its own seed (MedICaT val/test, CheXpert val, RSNA, VQA-RAD val) are
-  reported as {"total": n}. Patient side is radiological: a patient's right is on the image's left.
+  reported as {"total": n};
+- ms_cxr has no entry: prepare keeps every phrase of its CSV, no rule drops one.
+Patient side is radiological: a patient's right is on the image's left.
 """
 
 import argparse
@@ -61,21 +65,23 @@ from PIL import Image
 from .workers import deferred_stop, ordered_map
 
 DATASETS = ("roco", "medicat", "mimic_cxr", "chexpert", "rsna", "radnli", "vqa_rad", "slake",
-            "medvqa2019")
+            "medvqa2019", "ms_cxr")
 
 # roco: radiology pairs per split (train, val, test); medicat: radiology figures; mimic: studies per
 # split; chexpert: (train rows, valid rows); rsna: patients; radnli: (mli_train, dev, test);
 # vqa_rad: images (~10 QA each); slake: images per split (~10 English QA each); medvqa: images per
-# split (4 QA each for train/val, 1 for test).
+# split (4 QA each for train/val, 1 for test); ms_cxr: MIMIC films per split (train, validate,
+# test; all there are, when fewer), ~1.6 phrases each.
 SCALES = {
     "tiny": dict(roco=(24, 8, 8), medicat=40, mimic=(14, 5, 5), chexpert=(40, 12), rsna=30,
-                 radnli=(24, 12, 12), vqa_rad=5, slake=(3, 2, 2), medvqa=(6, 3, 10)),
+                 radnli=(24, 12, 12), vqa_rad=5, slake=(3, 2, 2), medvqa=(6, 3, 10),
+                 ms_cxr=(6, 3, 3)),
     "small": dict(roco=(1200, 150, 500), medicat=800, mimic=(900, 60, 120), chexpert=(1000, 234),
                   rsna=500, radnli=(500, 120, 120), vqa_rad=80, slake=(60, 12, 12),
-                  medvqa=(150, 30, 60)),
+                  medvqa=(150, 30, 60), ms_cxr=(120, 20, 40)),
     "default": dict(roco=(5000, 500, 2100), medicat=3500, mimic=(3900, 240, 480),
                     chexpert=(3000, 234), rsna=2000, radnli=(2000, 480, 480), vqa_rad=350,
-                    slake=(230, 50, 50), medvqa=(600, 100, 200)),
+                    slake=(230, 50, 50), medvqa=(600, 100, 200), ms_cxr=(300, 80, 160)),
 }
 
 
@@ -339,31 +345,68 @@ def _patchy(x, y, rng, cx, cy, sx, sy):
 
 def render_cxr(st, rng, h, w, n_boxes=0):
     """Grayscale radiograph of a study state; returns (uint8 H x W image, pneumonia boxes
-    [x, y, w, h] in pixels).
+    [x, y, w, h] in pixels, {finding: its boxes [x, y, w, h] in pixels}).
 
     Anatomy (body habitus, heart, lungs, ribs, clavicles, spine) is randomly posed and every finding
     is drawn where it lives (effusion at the base of its side, consolidation in its zone, ...),
     faint when mild. n_boxes > 0 adds patchy pneumonia opacities in the lungs (RSNA) and returns
-    their bounding boxes.
+    their bounding boxes. Every drawn finding of a frontal film but the devices comes with the
+    boxes of what was drawn for it (one per side; see _extent): MS-CXR's boxes. They are read off
+    the arrays already drawn, never from the random stream, so the film is the same with or
+    without them.
     """
     u, v = _grid(h, w)
     x, y, fwd = _pose(u, v, rng, rot=10, scale=(0.8, 1.08), shift=0.12)
     if st["view"] in FRONTAL:
-        img, boxes = _frontal(st, x, y, rng, n_boxes)
+        img, boxes, drawn = _frontal(st, x, y, rng, n_boxes)
     else:
-        img, boxes = _lateral(st, x, y, rng), []
-    s, px = min(h, w) / 2, []
-    # the posed corners of a body-space box, in pixels (inverse of _grid)
-    for x0, y0, x1, y1 in boxes:
-        cu, cv = fwd(np.array([x0, x1, x0, x1]), np.array([y0, y0, y1, y1]))
-        j, i = np.clip(cu * s + w / 2, 0, w), np.clip(cv * s + h / 2, 0, h)
-        px.append([round(float(j.min()), 1), round(float(i.min()), 1),
-                   round(float(j.max() - j.min()), 1), round(float(i.max() - i.min()), 1)])
-    return _finish_xray(img, rng), px
+        img, boxes, drawn = _lateral(st, x, y, rng), [], {}
+    px = [_pixel_box(b, fwd, h, w) for b in boxes]
+    # a box of pixel centres, grown by half a pixel to cover the pixels themselves
+    found = {k: [_pixel_box(b, fwd, h, w, pad=0.5) for b in v if b] for k, v in drawn.items()}
+    return _finish_xray(img, rng), px, {k: v for k, v in found.items() if v}
+
+
+def _pixel_box(box, fwd, h, w, pad=0.0):
+    """A body-space box (x0, y0, x1, y1) -> [x, y, w, h] in pixels, to 0.1 px: the bounding box of
+    its posed corners (fwd, then the inverse of _grid), grown by `pad` pixels, clipped to the
+    image."""
+    x0, y0, x1, y1 = box
+    s = min(h, w) / 2
+    cu, cv = fwd(np.array([x0, x1, x0, x1]), np.array([y0, y0, y1, y1]))
+    j, i = cu * s + w / 2, cv * s + h / 2
+    j0, j1 = np.clip(j.min() - pad, 0, w), np.clip(j.max() + pad, 0, w)
+    i0, i1 = np.clip(i.min() - pad, 0, h), np.clip(i.max() + pad, 0, h)
+    return [round(float(j0), 1), round(float(i0), 1), round(float(j1 - j0), 1),
+            round(float(i1 - i0), 1)]
+
+
+SEEN = 0.1  # a box covers where a finding's drawing reaches a tenth of its full strength
+
+
+def _extent(shape, x, y):
+    """The body-space box (x0, y0, x1, y1) of the pixel centres where a finding's drawing `shape`
+    (in [0, 1]) reaches SEEN; None where it reaches it nowhere on the film. A soft edge or a
+    Gaussian tail has no end, so a box needs a level: a tenth is where the drawing fades into the
+    film's noise and texture."""
+    seen = shape >= SEEN
+    if not seen.any():
+        return None
+    return (float(x[seen].min()), float(y[seen].min()), float(x[seen].max()),
+            float(y[seen].max()))
+
+
+def _lung(x, y, cx, lw, top, bot):
+    """One lung field: an ellipse cut off below by the dome of its hemidiaphragm (at height bot)."""
+    dome = bot - 0.12 * np.clip(1 - ((x - cx) / lw) ** 2, 0, 1)
+    return (_ellipse(x, y, cx, (top + bot) / 2 + 0.06, lw, (bot - top) / 2 + 0.12, edge=0.04)
+            * _step((dome - y) / 0.02))
 
 
 def _frontal(st, x, y, rng, n_boxes):
+    """(image, pneumonia boxes, {finding: boxes}) of a frontal film, boxes in body space."""
     f, ap = st["found"], st["view"] == "AP"
+    drawn = {}  # finding -> the body-space boxes of what was drawn for it, one per side
     bw = rng.uniform(0.68, 0.92)  # body habitus: the thorax half-width
     body = np.maximum(_ellipse(x, y, 0, 0.12, bw, 1.0, edge=0.08),
                       _ellipse(x, y, 0, -0.95, 0.22, 0.3, edge=0.06))
@@ -373,19 +416,20 @@ def _frontal(st, x, y, rng, n_boxes):
     hwid = st["ctr"] * bw * (1.1 if ap else 1.0)
     heart = _ellipse(x, y, 0.3 * hwid - 0.06, 0.18, hwid, 0.2 + 0.25 * hwid, edge=0.04)
     soft = np.maximum(heart, _ellipse(x, y, 0.02, -0.3, 0.1, 0.5, edge=0.04))  # heart + mediastinum
-    lungs, geo = {}, {}
+    if "cardiomegaly" in f:
+        drawn["cardiomegaly"] = [_extent(heart, x, y)]
+    lungs, geo, lifted = {}, {}, {}
     # radiological convention: the patient's right is image left
     for side, sgn in (("right", -1), ("left", 1)):
         bot = (0.36 if side == "right" else 0.42) - 0.06 * ap
-        at = f.get("atelectasis")
-        if at and at["side"] in (side, "bilateral"):
-            bot -= 0.1 * at["severity"]  # volume loss lifts the hemidiaphragm
         cx, lw, top = sgn * 0.43 * bw, 0.29 * bw, -0.66
-        dome = bot - 0.12 * np.clip(1 - ((x - cx) / lw) ** 2, 0, 1)
-        lungs[side] = (_ellipse(x, y, cx, (top + bot) / 2 + 0.06, lw, (bot - top) / 2 + 0.12,
-                                edge=0.04)
-                       * _step((dome - y) / 0.02))
-        geo[side] = (sgn, cx, lw, bot)
+        at = f.get("atelectasis")
+        # volume loss lifts the hemidiaphragm
+        lift = 0.1 * at["severity"] if at and at["side"] in (side, "bilateral") else 0.0
+        lungs[side] = _lung(x, y, cx, lw, top, bot - lift)
+        if lift:  # atelectasis drew this too: where the lung was and is no more
+            lifted[side] = np.abs(lungs[side] - _lung(x, y, cx, lw, top, bot))
+        geo[side] = (sgn, cx, lw, bot - lift)
     lung = np.maximum(lungs["right"], lungs["left"]) * (1 - soft)
     ptx = np.zeros_like(x)
     # the lung collapses towards the hilum, leaving dark air without markings + a pleural line
@@ -396,8 +440,9 @@ def _frontal(st, x, y, rng, n_boxes):
         r = _radius(x, y, cx - sgn * 0.3 * k * lw, -0.05 + 0.1 * k, lw * (1 - k),
                     0.64 * (1 - 0.5 * k))
         ptx = lungs[a["side"]] * _step((r - 1) * 20)
-        img += (0.15 * np.exp(-(((r - 1) * lw * (1 - k)) / 0.012) ** 2) * lungs[a["side"]]
-                - 0.08 * ptx)
+        line = np.exp(-(((r - 1) * lw * (1 - k)) / 0.012) ** 2)
+        img += (0.15 * line * lungs[a["side"]] - 0.08 * ptx)
+        drawn["pneumothorax"] = [_extent(np.maximum(ptx, line * lungs[a["side"]]), x, y)]
     vessels = np.clip(1 - np.abs(_smooth_noise(rng, x.shape, 18)) * 2.5, 0, 1) ** 2
     hilum = np.exp(-((np.abs(x) - 0.15) ** 2 + (y + 0.02) ** 2) / 0.2)
     # congestion: prominent vessels
@@ -425,12 +470,15 @@ def _frontal(st, x, y, rng, n_boxes):
             fluid = _step((y - level + 0.18 * a["severity"] * lateral ** 2) / 0.025)
             # fluid replaces basal air
             img += (0.22 + 0.15 * a["severity"]) * fluid * lungs[side] * (1 - soft)
+            drawn.setdefault("effusion", []).append(
+                _extent(fluid * lungs[side] * (1 - soft), x, y))
     if "consolidation" in f:
         a = f["consolidation"]
         sgn, cx, lw, _ = geo[a["side"]]
         patch = _patchy(x, y, rng, cx + rng.uniform(-0.3, 0.3) * lw,
                         ZONE_Y[a["zone"]] + rng.uniform(-0.05, 0.05), 0.1, 0.08)
         img += (0.2 + 0.2 * a["severity"]) * patch * lungs[a["side"]] * (1 - soft)
+        drawn["consolidation"] = [_extent(patch * lungs[a["side"]] * (1 - soft), x, y)]
     if "atelectasis" in f:  # a band-like opacity in the zone (plus the volume loss above)
         a = f["atelectasis"]
         for side in _sides(a["side"]):
@@ -441,16 +489,22 @@ def _frontal(st, x, y, rng, n_boxes):
             band = _segment(x, y, (cx - d[0], cy - d[1]), (cx + d[0], cy + d[1]),
                             0.03 + 0.025 * a["severity"])
             img += (0.16 + 0.16 * a["severity"]) * band * lungs[side] * (1 - soft)
+            drawn.setdefault("atelectasis", []).append(
+                _extent(np.maximum(band * lungs[side] * (1 - soft), lifted[side]), x, y))
     if "edema" in f:  # bilateral perihilar haze
         haze = np.exp(-((np.abs(x) - 0.18) ** 2 / 0.06 + y ** 2 / 0.12))
         img += (0.04 + 0.1 * f["edema"]["severity"]) * haze * lung
+        drawn["edema"] = [_extent(haze * lungs[side] * (1 - soft), x, y)
+                          for side in ("right", "left")]
     if "nodule" in f:
         a = f["nodule"]
         sgn, cx, lw, _ = geo[a["side"]]
         r = 0.045 + 0.035 * a["severity"]
-        img += (0.22 + 0.14 * a["severity"]) * _ellipse(
-            x, y, cx + rng.uniform(-0.45, 0.45) * lw, ZONE_Y[a["zone"]] + rng.uniform(-0.06, 0.06),
-            r, r * rng.uniform(0.85, 1.15), edge=0.012)
+        blob = _ellipse(x, y, cx + rng.uniform(-0.45, 0.45) * lw,
+                        ZONE_Y[a["zone"]] + rng.uniform(-0.06, 0.06), r,
+                        r * rng.uniform(0.85, 1.15), edge=0.012)
+        img += (0.22 + 0.14 * a["severity"]) * blob
+        drawn["nodule"] = [_extent(blob, x, y)]
     if "devices" in f:  # metal is far denser than tissue
         metal, items = np.zeros_like(x), f["devices"]["items"]
         if "ett" in items:  # endotracheal tube: two parallel walls ending above the carina
@@ -477,7 +531,7 @@ def _frontal(st, x, y, rng, n_boxes):
         img += (rng.uniform(0.2, 0.35) * _patchy(x, y, rng, bx, by, sx, sy) * lungs[side]
                 * (1 - soft))
         boxes.append((bx - sx - 0.08, by - sy - 0.08, bx + sx + 0.08, by + sy + 0.08))
-    return img, boxes
+    return img, boxes, drawn
 
 
 def _lateral(st, x, y, rng):
@@ -1085,14 +1139,17 @@ REAL_SIZE = dict(cxr=21, figure=8)
 
 def _render_job(job, real_size=False):
     """Render and save one image; job = (kind, latent state, rng keys, path).
-    Returns ((H, W), pneumonia boxes)."""
+    Returns ((H, W), pneumonia boxes). Kind "cxr_findings" renders a chest film that another job
+    saves (the same keys draw the same film) and returns ((H, W), its findings' boxes)."""
     kind, state, keys, path = job
     rng = np.random.default_rng(keys)
     boxes = None
-    if kind == "cxr":
+    if kind in ("cxr", "cxr_findings"):
         h, w = state.get("size") or _size(rng)
         k = REAL_SIZE["cxr"] if real_size else 1
-        img, boxes = render_cxr(state, rng, h * k, w * k, state.get("n_boxes", 0))
+        img, boxes, found = render_cxr(state, rng, h * k, w * k, state.get("n_boxes", 0))
+        if kind == "cxr_findings":
+            return img.shape, found
     elif kind == "figure":
         img = render_figure(state, rng, REAL_SIZE["figure"] if real_size else 1)
     else:
@@ -1255,14 +1312,15 @@ def _fmt(value):
     return "" if value is None else f"{value:.1f}"
 
 
-def _mimic(out, seed, sc, render):
-    """MIMIC-CXR-JPG images, MIMIC-CXR reports and the three CSVs; laterals and reports without a
-    findings section (or with a too-short impression) are what the rules drop."""
-    rng, root = _rng(seed, 2), out / "mimic_cxr"
+def _mimic_studies(root, seed, sc):
+    """The MIMIC-CXR world without its pixels: (reports [(path, text)], render jobs, images
+    [(dicom, subject, study, split, view, date, clock)] one per job, label rows, counts). A pure
+    function of the seed: _ms_cxr reads the same films."""
+    rng = _rng(seed, 2)
     n_by = dict(zip(("train", "validate", "test"), sc["mimic"]))
     subjects = iter(_ids(rng, sum(n_by.values()), 10_000_000, 20_000_000))
     studies = iter(_ids(rng, sum(n_by.values()), 50_000_000, 60_000_000))
-    jobs, images, label_rows = [], [], []
+    reports, jobs, images, label_rows = [], [], [], []
     zero = lambda: dict(train=0, val=0, test=0)  # noqa: E731
     cxr = dict(kept=zero(), dropped=dict(lateral=0, short_text=0, no_text=0))
     gen = dict(kept=zero(), dropped=dict(lateral=0, no_findings=0))
@@ -1283,8 +1341,8 @@ def _mimic(out, seed, sc, render):
                     views.append("LL" if rng.random() < 0.15 else "LATERAL")
                 findings, impression, labels = write_report(st, rng, case, lateral=len(views) > 1)
                 folder = root / "files" / f"p{str(subject)[:2]}" / f"p{subject}"
-                _write(folder / f"s{study}.txt",
-                       _report_text(st, findings, impression, rng, len(views) > 1))
+                reports.append((folder / f"s{study}.txt",
+                                _report_text(st, findings, impression, rng, len(views) > 1)))
                 label_rows.append([subject, study] + [_fmt(labels.get(k)) for k in MIMIC_LABELS])
                 date = (f"{int(rng.integers(2110, 2200))}{int(rng.integers(1, 13)):02d}"
                         f"{int(rng.integers(1, 29)):02d}")
@@ -1313,6 +1371,17 @@ def _mimic(out, seed, sc, render):
                     summ["dropped"]["no_impression"] += 1
                 else:
                     summ["kept"][sp] += 1
+    return reports, jobs, images, label_rows, {"mimic_cxr": cxr, "mimic_gen": gen,
+                                               "mimic_sum": summ}
+
+
+def _mimic(out, seed, sc, render):
+    """MIMIC-CXR-JPG images, MIMIC-CXR reports and the three CSVs; laterals and reports without a
+    findings section (or with a too-short impression) are what the rules drop."""
+    root = out / "mimic_cxr"
+    reports, jobs, images, label_rows, counts = _mimic_studies(root, seed, sc)
+    for path, text in reports:
+        _write(path, text)
     shapes = [r[0] for r in render(jobs, "mimic_cxr")]
     meta, splits = [], []
     # the release is sorted by subject
@@ -1329,7 +1398,46 @@ def _mimic(out, seed, sc, render):
          "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"], meta))
     _write_gz(root / "mimic-cxr-2.0.0-chexpert.csv.gz",
               _csv_text(["subject_id", "study_id"] + MIMIC_LABELS, sorted(label_rows)))
-    return {"mimic_cxr": cxr, "mimic_gen": gen, "mimic_sum": summ}
+    return counts
+
+
+# MS-CXR's category of each finding it boxes (support devices are none of its eight)
+MS_CXR_CATEGORY = dict(atelectasis="Atelectasis", cardiomegaly="Cardiomegaly",
+                       consolidation="Consolidation", edema="Edema", effusion="Pleural Effusion",
+                       nodule="Lung Opacity", pneumothorax="Pneumothorax")
+MS_CXR_COLUMNS = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h",
+                  "image_width", "image_height", "split"]
+
+
+def _ms_cxr(out, seed, sc, render):
+    """MS-CXR v1.1.0: sentence / box pairs on frontal films of the MIMIC-CXR world, named by their
+    paths in its tree (no image of its own). A study whose report states a finding as present gives
+    its first frontal film; sc["ms_cxr"] films per MIMIC split are drawn from those, so the split
+    is the study's, patient-disjoint as MIMIC's. A film gives one phrase per such finding, in the
+    report's words, with the boxes of what the renderer drew for it (render_cxr), in the rows of
+    the release: one per box. Nothing for synth_counts.json: prepare keeps every row."""
+    rng = _rng(seed, 9)
+    _, jobs, images, _, _ = _mimic_studies(out / "mimic_cxr", seed, sc)
+    films = {}  # study -> (render job, image, findings to phrase)
+    for job, image in zip(jobs, images):
+        st = job[1]
+        said = [f for f in MS_CXR_CATEGORY if st["status"].get(f) == "pos"]  # "pos": drawn
+        if st["view"] in FRONTAL and said:
+            films.setdefault(image[2], (job, image, said))
+    chosen = []
+    for split, k in zip(("train", "validate", "test"), sc["ms_cxr"]):
+        pool = [film for film in films.values() if film[1][3] == split]
+        chosen += [pool[i] for i in sorted(rng.permutation(len(pool))[:k])]
+    drawn = render([("cxr_findings", job[1], job[2], None) for job, _, _ in chosen], "ms_cxr")
+    rows = []
+    for (job, (dicom, subject, study, split, *_), said), ((h, w), found) in zip(chosen, drawn):
+        path = f"files/p{str(subject)[:2]}/p{subject}/s{study}/{dicom}.jpg"
+        for f in said:
+            text = _say(f, job[1]["found"][f], "pos", rng)[0]
+            rows += [[dicom, MS_CXR_CATEGORY[f], text, path, *(f"{v:.1f}" for v in box), w, h,
+                      SPLIT[split]] for box in found.get(f, [])]  # none: drawn off the film
+    _write(out / "ms_cxr" / "MS_CXR_Local_Alignment_v1.1.0.csv", _csv_text(MS_CXR_COLUMNS, rows))
+    return {}
 
 
 def _truth(st):
@@ -1608,16 +1716,17 @@ def _medvqa(out, seed, sc, render):
 
 
 WRITERS = dict(roco=_roco, medicat=_medicat, mimic_cxr=_mimic, chexpert=_chexpert, rsna=_rsna,
-               radnli=_radnli, vqa_rad=_vqa_rad, slake=_slake, medvqa2019=_medvqa)
+               radnli=_radnli, vqa_rad=_vqa_rad, slake=_slake, medvqa2019=_medvqa, ms_cxr=_ms_cxr)
 
 
 def generate(out_dir, seed=0, scale="default", progress=True, datasets=None, workers=None,
              overwrite=False, real_size=False):
-    """Write the synthetic mirror of `datasets` (default: all nine) under out_dir and return the
+    """Write the synthetic mirror of `datasets` (default: all ten) under out_dir and return the
     synth_counts dict.
 
     The same seed gives byte-identical files whatever `workers` is (default: up to 2 processes). A
     dataset folder that already has files is an error unless overwrite=True, which deletes it first.
+    Datasets added to an existing world keep the others' counts in synth_counts.json.
     real_size=True renders the images at the sizes of the real releases (REAL_SIZE; ~3 s a chest
     film on one core), to exercise and time the input pipeline at real scale (prepare's image cache,
     tools/bench.py); labels, texts and ids stay the same.
@@ -1637,12 +1746,17 @@ def generate(out_dir, seed=0, scale="default", progress=True, datasets=None, wor
                                       "pick another --out, or pass --overwrite")
             shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
+    counts_file = out / "synth_counts.json"
+    # removed until the new one is written: written last, it marks a complete world
+    kept = json.loads(counts_file.read_text()) if datasets and counts_file.exists() else {}
+    if counts_file.exists():
+        counts_file.unlink()
     render = _renderer(min(2, os.cpu_count() or 1) if workers is None else workers, progress,
                        real_size)
     counts = {}
     for name in names:
         counts.update(WRITERS[name](out, seed, SCALES[scale], render))
-    _write(out / "synth_counts.json", json.dumps(counts, indent=1, sort_keys=True) + "\n")
+    _write(counts_file, json.dumps({**kept, **counts}, indent=1, sort_keys=True) + "\n")
     return counts
 
 
@@ -1729,8 +1843,8 @@ def floors(prepared_dir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Write the synthetic mirror of the nine PTUnifier "
-                                             "datasets, or print the trivial baselines of a "
-                                             "prepared world (--floors).")
+                                             "datasets and MS-CXR, or print the trivial baselines "
+                                             "of a prepared world (--floors).")
     ap.add_argument("--out", help="folder to write the raw mirror into (a sub-folder per dataset "
                                   "+ synth_counts.json)")
     ap.add_argument("--seed", type=int, default=0,
@@ -1739,7 +1853,7 @@ def main(argv=None):
                     help="tiny: tests, seconds; small: quick experiments; default: what "
                          "`python train.py` uses")
     ap.add_argument("--datasets", nargs="+", choices=DATASETS, metavar="NAME",
-                    help=f"only these datasets (default: all nine: {', '.join(DATASETS)})")
+                    help=f"only these datasets (default: all ten: {', '.join(DATASETS)})")
     ap.add_argument("--workers", type=int, help="processes rendering images (default: up to 2)")
     ap.add_argument("--real-size", action="store_true",
                     help="render images at the real releases' sizes "
