@@ -21,7 +21,8 @@ import finetune
 import train
 
 from ptunifier_min.images import ImageTransform
-from ptunifier_min import checkpoint, data, manifests, optim, retrieval, tasks
+import ptunifier_min
+from ptunifier_min import checkpoint, data, grounding, manifests, metrics, optim, retrieval, tasks
 from ptunifier_min.api import Model
 from ptunifier_min.config import FINETUNE_PRESETS, FinetuneConfig, build
 from ptunifier_min.datasets import prepare as P
@@ -432,3 +433,31 @@ def test_retrieval_pairs_are_the_papers_protocol_or_the_whole_split(
         eval_script.main([*base, "--retrieval-pairs", "some"])
     with pytest.raises(SystemExit, match="chexpert is not a retrieval task"):
         eval_script.main(["--task", "chexpert", "--ckpt", pretrained, "--retrieval-pairs", "all"])
+
+
+def test_zero_shot_grounding_of_ms_cxr_with_overlays_and_the_api(pretrained, world, tmp_path):  # noqa: F811
+    """eval.py --task ms_cxr scores each map method and the two baselines on the prepared test split, draws the
+    overlays, and the API's ground gives the very maps eval.py scored."""
+    out = tmp_path / "ground"
+    eval_script.main(["--task", "ms_cxr", "--ckpt", pretrained, "--num-workers", "0", "--overlays", "2",
+                      "--precision", "fp32", "--out", str(out)])
+    r = json.loads((out / "results.json").read_text())
+    m = r["metrics"]
+    test = data.read_split(os.path.join(world[1], "ms_cxr"), "test")
+    assert r["zero_shot"] and r["task"] == "ms_cxr" and m["pairs"] == len(test) > 0
+    assert set(grounding.METHODS) | {"uniform", "box_prior"} <= set(m)
+    assert m["method"] == grounding.DEFAULT and m["cnr"] == m[grounding.DEFAULT]["cnr"]
+    # a constant map has no contrast and, min-max scaled, selects nothing but the whole film at every threshold
+    assert m["uniform"]["cnr"] == 0.0
+    films = [Image.open(test[i]["image"]) for i in range(2)]
+    pngs = sorted((out / "overlays").glob("*.png"))
+    assert [p.name for p in pngs] == sorted(f"{t['id']}.png" for t in test[:2])
+    for t, film in zip(test[:2], films):
+        with Image.open(out / "overlays" / f"{t['id']}.png") as png:
+            assert png.size == (len(grounding.METHODS) * film.width, film.height)
+    # the API's maps are over the film's own pixels and score what eval.py scored for the default method
+    model = ptunifier_min.load(pretrained)
+    maps = model.ground([test[i]["image"] for i in range(len(test))], [t["text"] for t in test])
+    assert [tuple(x.shape) for x in maps] == [(t["height"], t["width"]) for t in test]
+    scores = [metrics.cnr(x, metrics.box_mask(t["boxes"], t["width"], t["height"])) for x, t in zip(maps, test)]
+    assert abs(float(np.mean(scores)) - m["cnr"]) < 1e-4
