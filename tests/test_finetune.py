@@ -154,16 +154,18 @@ def test_data_frac_run_records_its_subset(world, tmp_path):
 
 
 def test_the_task_table_reads_what_each_task_needs(tmp_path):
-    """Issue 10 item 4: every task's dataset items, as read from its row of the table, hold exactly what the task
-    read before the table (written out here per task), and training draws any caption of a ROCO record while
+    """Every task's dataset items, as read from its row of the table, hold exactly what the task needs (written out
+    here per task), and training draws any caption of a ROCO record while
     evaluation reads its first."""
     path = str(tmp_path / "x.png")
     Image.fromarray(np.full((8, 8), 128, np.uint8)).save(path)
     record = {"id": "r", "image": path, "labels": [1, 0], "label": 1, "question": "q", "text_a": "a", "text_b": "b",
-              "texts": ["c0", "c1", "c2", "c3"], "target": "t", "answer_type": "open"}
+              "texts": ["c0", "c1", "c2", "c3"], "target": "t", "answer_type": "open",
+              "text": "s", "boxes": [[1, 2, 3, 4]], "width": 8, "height": 8}
     expected = {"chexpert": {"image": path, "labels": [1, 0]}, "rsna": {"image": path, "labels": [1, 0]},
                 "radnli": {"text_a": "a", "text_b": "b", "label": 1}, "mimic_sum": {"text": "a", "target": "t"},
                 "roco_retrieval": {"image": path, "text": "c0"}, "mimic_gen": {"image": path, "target": "t"},
+                "ms_cxr": {"image": path, "text": "s"},
                 **{n: {"image": path, "text": "q", "label": 1} for n in ("vqa_rad", "slake", "medvqa2019")}}
     assert set(expected) == set(tasks.TASKS)
     for name, task in tasks.TASKS.items():

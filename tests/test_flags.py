@@ -32,7 +32,7 @@ BAD = {
     "data_frac": ("0", "(0, 1]"), "eval_every": ("0", ">= 1"), "val_max": ("-1", ">= 0"),
     "eval_batch_size": ("0", ">= 1"), "max_gen_len": ("2", "0 or >= 3"), "beam_size": ("-1", ">= "),
     "length_penalty": ("nan", "finite"), "rerank_top": ("-1", ">= 0"),
-    "dist_timeout_min": ("0", "> 0"),
+    "dist_timeout_min": ("0", "> 0"), "overlays": ("-1", ">= 0"),
 }
 CONFIGS = {"train": (TrainConfig, PRESETS), "finetune": (FinetuneConfig, FINETUNE_PRESETS),
            "eval": (eval_script.EvalConfig, {})}
