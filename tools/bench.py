@@ -279,10 +279,10 @@ def image_bytes(world=8, batch_size=32, image_size=PRESETS["paper"]["image_size"
     """Image bytes per rank and micro-step (computed from the plans, not measured on a network),
     of float32 RGB [B, 3, S, S] (what a generic image pipeline moves) against the uint8 one-channel
     pixels [B, 1, S, S] moved here. host_to_device: this rank's B images. itm_received: what ITM
-    brings from other ranks; float RGB, an all-gather of every image ((world - 1) x B); here the rows itm_plan's
-    exchange sends (objectives.exchange_plan), the mean over `draws` random global batches of
-    distinct images and texts, and, with hard negatives (chosen on the device), an all-gather of
-    every uint8 image. Default: the paper preset on 8 GPUs."""
+    brings from other ranks; float RGB, an all-gather of every image ((world - 1) x B); here the
+    rows itm_plan's exchange sends (objectives.exchange_plan), the mean over `draws` random global
+    batches of distinct images and texts, and, with hard negatives (chosen on the device), an
+    all-gather of every uint8 image. Default: the paper preset on 8 GPUs."""
     before, after = 3 * image_size ** 2 * 4, image_size ** 2  # bytes per image
     G, g = world * batch_size, torch.Generator().manual_seed(0)
     valid = ~torch.eye(G, dtype=torch.bool)
