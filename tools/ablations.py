@@ -815,48 +815,45 @@ def at_least(minimum):
     return parse
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--out", default="runs/ablations",
-                   help="folder of the runs, tables.md and summary.json (default: runs/ablations)")
+def parser(description, out, jobs, finetunes):
+    """The flags every seeded experiment shares (ablations.py, table2.py); parse with parse."""
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    p.add_argument("--out", default=out,
+                   help=f"folder of the runs, tables.md and summary.json (default: {out})")
     p.add_argument("--seeds", default="0,1,2,3,4",
                    help="comma-separated seeds (default: 0,1,2,3,4; 3 is the least that gives a "
                         "spread)")
-    p.add_argument("--arms", default=",".join(ARMS),
-                   help=f"comma-separated arms (default: all: {', '.join(ARMS)})")
-    p.add_argument("--finetunes", default=",".join(FINETUNES),
-                   help=f"comma-separated fine-tunes of the Table 3 arms (default: all: "
-                        f"{', '.join(FINETUNES)})")
-    p.add_argument("--steps", type=at_least(1), default=400,
-                   help="pre-training steps of every arm (default: 400)")
-    p.add_argument("--eval-pairs", type=at_least(1), default=1000,
-                   help="ROCO test pairs of the closing zero-shot retrieval, whose log line marks "
-                        "a finished pre-training (default: 1000)")
-    p.add_argument("--jobs", type=at_least(1), default=2,
-                   help="runs at once; each subprocess gets cores / jobs threads (default: 2)")
+    p.add_argument("--finetunes", default=",".join(finetunes),
+                   help=f"comma-separated fine-tunes (default: all: {', '.join(finetunes)})")
+    p.add_argument("--jobs", type=at_least(1), default=jobs,
+                   help=f"runs at once; each subprocess gets cores / jobs threads (default: {jobs})")
     p.add_argument("--preset", default="cpu", choices=sorted(config.PRESETS),
-                   help="train.py and finetune.py preset (default: cpu; tiny for a smoke test)")
+                   help="train.py and finetune.py preset (default: cpu, the main job's; tiny for "
+                        "a smoke test)")
+    p.add_argument("--finetune-steps", type=at_least(0), default=0,
+                   help="fine-tuning steps; 0 = finetune.py's default for the task (default: 0)")
     p.add_argument("--data-root", default="",
                    help="prepared datasets, passed to every subprocess; empty = the synthetic "
                         "world (default: empty)")
     p.add_argument("--synth-root", default=config.RunConfig.synth_root,
                    help=f"where the synthetic world lives when --data-root is empty (default: "
                         f"{config.RunConfig.synth_root})")
-    p.add_argument("--finetune-steps", type=at_least(0), default=0,
-                   help="fine-tuning steps; 0 = finetune.py's default for the preset (default: 0)")
-    p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
-                   help="leave out the tools/poolreport.py step of the arms with prompts")
     p.add_argument("--table-only", action="store_true",
-                   help="run nothing; rebuild tables.md and summary.json from the result.json "
-                        "files present")
+                   help="run nothing; rebuild tables.md and summary.json from the runs present")
+    return p
+
+
+def parse(p, argv, lists):
+    """p's arguments, --seeds as a list of ints and each flag of `lists` ({name: valid values}) as
+    a list in the order of its valid values (the order of work is ours, whatever the order
+    given)."""
     args = p.parse_args(argv)
-    for name, valid in (("arms", ARMS), ("finetunes", FINETUNES)):
+    for name, valid in lists.items():
         given = list(dict.fromkeys(a for a in getattr(args, name).split(",") if a))
         unknown = [a for a in given if a not in valid]
         if unknown or not given:
             p.error(f"unknown --{name} {', '.join(unknown) or '(none given)'}; "
                     f"valid: {', '.join(valid)}")
-        # the order of work is ours, whatever the order given
         setattr(args, name, [a for a in valid if a in given])
     try:
         args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s))
@@ -865,6 +862,20 @@ def parse_args(argv=None):
     if not args.seeds or min(args.seeds) < 0:
         p.error(f"--seeds must be non-negative integers, got {args.seeds}")
     return args
+
+
+def parse_args(argv=None):
+    p = parser(__doc__.split("\n")[0], "runs/ablations", jobs=2, finetunes=FINETUNES)
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma-separated arms (default: all: {', '.join(ARMS)})")
+    p.add_argument("--steps", type=at_least(1), default=400,
+                   help="pre-training steps of every arm (default: 400)")
+    p.add_argument("--eval-pairs", type=at_least(1), default=1000,
+                   help="ROCO test pairs of the closing zero-shot retrieval, whose log line marks "
+                        "a finished pre-training (default: 1000)")
+    p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
+                   help="leave out the tools/poolreport.py step of the arms with prompts")
+    return parse(p, argv, {"arms": ARMS, "finetunes": FINETUNES})
 
 
 def check_recipe(args, recipe=None):

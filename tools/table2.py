@@ -18,7 +18,6 @@ seeds, and each column gets a paired verdict over seeds (tools/ablations.py's pa
 two-sided 5%): "pre-trained better", "not better" (scratch better) or "inconclusive".
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -165,42 +164,10 @@ def report(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--out", default="runs/table2",
-                   help="folder of the runs, tables.md and summary.json (default: runs/table2)")
-    p.add_argument("--seeds", default="0,1,2,3,4",
-                   help="comma-separated seeds (default: 0,1,2,3,4; 3 is the least that gives a "
-                        "spread)")
-    p.add_argument("--jobs", type=ablations.at_least(1), default=1,
-                   help="runs at once; each subprocess gets cores / jobs threads (default: 1)")
-    p.add_argument("--preset", default="cpu", choices=sorted(config.PRESETS),
-                   help="train.py and finetune.py preset (default: cpu, the main job's; tiny for "
-                        "a smoke test)")
+    p = ablations.parser(__doc__.split("\n")[0], "runs/table2", jobs=1, finetunes=FINETUNES)
     p.add_argument("--steps", type=ablations.at_least(0), default=0,
                    help="pre-training steps; 0 = train.py's default for the preset (default: 0)")
-    p.add_argument("--finetune-steps", type=ablations.at_least(0), default=0,
-                   help="fine-tuning steps; 0 = finetune.py's default for the task (default: 0)")
-    p.add_argument("--finetunes", default=",".join(FINETUNES),
-                   help=f"comma-separated fine-tunes to run (default: all: {','.join(FINETUNES)})")
-    p.add_argument("--data-root", default="",
-                   help="prepared real data (python -m ptunifier_min.datasets.prepare); default: "
-                        "the synthetic world")
-    p.add_argument("--synth-root", default=config.RunConfig.synth_root,
-                   help=f"where the synthetic world lives (default: "
-                        f"{config.RunConfig.synth_root})")
-    p.add_argument("--table-only", action="store_true",
-                   help="run nothing; rebuild tables.md and summary.json from the runs present")
-    args = p.parse_args(argv)
-    try:
-        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s))
-    except ValueError:
-        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    if not args.seeds or min(args.seeds) < 0:
-        p.error(f"--seeds must be non-negative integers, got {args.seeds}")
-    args.finetunes = [n for n in args.finetunes.split(",") if n]
-    unknown = [n for n in args.finetunes if n not in FINETUNES]
-    if unknown:
-        p.error(f"--finetunes: unknown {', '.join(unknown)}; choose from {', '.join(FINETUNES)}")
+    args = ablations.parse(p, argv, {"finetunes": FINETUNES})
     failures = []
     if not args.table_only:
         ablations.check_recipe(args, {"preset": args.preset, "steps": args.steps,
