@@ -22,11 +22,13 @@ def test_round_trip_and_latest(tmp_path):
     cfg, model = make(tmp_path)
     checkpoint.save_checkpoint(str(tmp_path), 10, model, cfg, {"step": 10})
     assert (tmp_path / "latest").read_text().strip() == "step_0000010"
-    assert not (tmp_path / "step_0000005").exists()  # keep=1: older checkpoints are removed after the new one is whole
+    # keep=1: older checkpoints are removed after the new one is whole
+    assert not (tmp_path / "step_0000005").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
     other = PTUnifier(cfg.model)
     checkpoint.load_weights(str(tmp_path), other)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 other.state_dict().values()))
     assert checkpoint.load_trainer_state(str(tmp_path))["step"] == 10
 
 

@@ -7,11 +7,15 @@ from ptunifier_min.model import pixel_table
 
 
 def test_preset_then_flags():
-    cfg = parse_args(TrainConfig, PRESETS, ["--preset", "tiny", "--dim", "48", "--whole-word", "true"])
-    assert cfg.model.dim == 48 and cfg.model.depth == PRESETS["tiny"]["depth"] and cfg.whole_word is True
-    assert parse_args(TrainConfig, PRESETS, []).model.dim == TrainConfig().model.dim  # cpu preset = defaults
+    cfg = parse_args(TrainConfig, PRESETS,
+                     ["--preset", "tiny", "--dim", "48", "--whole-word", "true"])
+    assert (cfg.model.dim == 48 and cfg.model.depth == PRESETS["tiny"]["depth"]
+            and cfg.whole_word is True)
+    # cpu preset = defaults
+    assert parse_args(TrainConfig, PRESETS, []).model.dim == TrainConfig().model.dim
     paper = parse_args(TrainConfig, PRESETS, ["--preset", "paper"])
-    assert (paper.model.dim, paper.model.depth, paper.model.pool_size, paper.model.k_v) == (768, 12, 1024, 49)
+    assert ((paper.model.dim, paper.model.depth, paper.model.pool_size, paper.model.k_v)
+            == (768, 12, 1024, 49))
 
 
 @pytest.mark.parametrize("argv", [["--bogus", "1"], ["--steps", "ten"], ["--preset", "huge"],
@@ -30,7 +34,8 @@ def test_round_trip_and_unknown_keys():
 
 
 def test_objectives_are_validated():
-    assert parse_args(TrainConfig, PRESETS, ["--objectives", "itc,mlm"]).objective_set() == {"itc", "mlm"}
+    assert (parse_args(TrainConfig, PRESETS, ["--objectives", "itc,mlm"]).objective_set()
+            == {"itc", "mlm"})
     with pytest.raises(SystemExit):
         parse_args(TrainConfig, PRESETS, ["--objectives", "mim"])
     with pytest.raises(SystemExit):
@@ -38,7 +43,8 @@ def test_objectives_are_validated():
 
 
 def test_resume_takes_a_field_newer_than_the_checkpoint_at_its_default():
-    """A checkpoint written before a field existed (e.g. --pool-select) ran with its default: not a difference."""
+    """A checkpoint written before a field existed (e.g. --pool-select) ran with
+    its default: not a difference."""
     from ptunifier_min.checkpoint import resume_differences
     from ptunifier_min.config import PRESETS, TrainConfig, build, to_dict
     cfg = build(TrainConfig, dict(PRESETS["tiny"]))

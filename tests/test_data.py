@@ -14,7 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 
 from ptunifier_min.images import ImageTransform, load_image
-from ptunifier_min.tokenizer import ROBERTA_SPECIAL_TOKENS, continuation_table, encode_pairs, encode_texts, load_tokenizer, special_ids
+from ptunifier_min.tokenizer import ROBERTA_SPECIAL_TOKENS, continuation_table, encode_pairs, \
+    encode_texts, load_tokenizer, special_ids
 from ptunifier_min import data as D
 from ptunifier_min.model import normalize, pixel_table
 from ptunifier_min.datasets.source import train_tokenizer
@@ -65,7 +66,8 @@ def test_load_image_modes_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read image .*corrupt\.jpg"):
         load_image(str(bad))
     half = tmp_path / "truncated.jpg"
-    Image.fromarray((np.random.RandomState(0).rand(64, 64) * 255).astype(np.uint8)).save(tmp_path / "full.jpg")
+    Image.fromarray((np.random.RandomState(0).rand(64, 64) * 255).astype(np.uint8)).save(
+        tmp_path / "full.jpg")
     half.write_bytes((tmp_path / "full.jpg").read_bytes()[:300])
     with pytest.raises(ValueError, match=r"cannot read image .*truncated\.jpg"):
         load_image(str(half))
@@ -91,7 +93,8 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
     arr = (np.arange(64).reshape(8, 8) * 60).astype(np.uint16)
     for photometric in ("MONOCHROME2", "MONOCHROME1"):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (
+            "1.2.840.10008.5.1.4.1.1.7", generate_uid())
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta, ds.Rows, ds.Columns, ds.SamplesPerPixel = meta, 8, 8, 1
@@ -108,9 +111,11 @@ def test_eval_transform_center_crop(tmp_path):
     x = floats(ImageTransform(16), img)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1 and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
-    # center crop of a left-to-right ramp: the central square keeps the middle of the ramp, not its ends
+    # center crop of a left-to-right ramp: the central square keeps the
+    # middle of the ramp, not its ends
     assert -0.6 < x[0, :, 0].mean() < -0.3 and 0.3 < x[0, :, -1].mean() < 0.6
-    assert torch.equal(floats(ImageTransform(16, train=True), img), x)  # training without RRC = the paper's center crop
+    # training without RRC = the paper's center crop
+    assert torch.equal(floats(ImageTransform(16, train=True), img), x)
 
 
 def test_random_resized_crop(tmp_path):
@@ -127,7 +132,8 @@ def test_random_resized_crop(tmp_path):
 
 def test_read_meta_and_split_errors(tmp_path):
     folder = _prepared(str(tmp_path / "roco"), [{"id": "a", "image": "x", "texts": ["t u v"]}])
-    assert D.read_meta(folder)["dataset"] == "roco" and D.read_split(folder, "train")[0]["id"] == "a"
+    assert (D.read_meta(folder)["dataset"] == "roco"
+            and D.read_split(folder, "train")[0]["id"] == "a")
     with open(os.path.join(folder, "train.jsonl"), "a") as f:
         f.write('{"id": "b", "image": \n')
     with pytest.raises(ValueError, match=r"roco/train\.jsonl, line 2: malformed JSON"):
@@ -139,13 +145,18 @@ def test_read_meta_and_split_errors(tmp_path):
 
 def test_load_pretrain_records(tmp_path):
     img = _gradient(tmp_path / "img" / "a.png")
-    _prepared(str(tmp_path / "p" / "roco"), [{"id": "r1", "image": img, "texts": ["one two three"]}])
-    _prepared(str(tmp_path / "p" / "medicat"), [{"id": "m1", "image": img, "texts": ["four five six"]},
-                                                {"id": "m2", "image": img, "texts": ["seven eight nine"]}])
+    _prepared(str(tmp_path / "p" / "roco"),
+              [{"id": "r1", "image": img, "texts": ["one two three"]}])
+    _prepared(str(tmp_path / "p" / "medicat"),
+              [{"id": "m1", "image": img, "texts": ["four five six"]},
+               {"id": "m2", "image": img, "texts": ["seven eight nine"]}])
     recs = D.load_pretrain_records(str(tmp_path / "p"), ["roco", "medicat"], "train")
-    assert [(r["id"], r["dataset"]) for r in recs] == [("r1", "roco"), ("m1", "medicat"), ("m2", "medicat")]
-    _prepared(str(tmp_path / "p" / "roco"), [{"id": "r9", "image": str(tmp_path / "gone.png"), "texts": ["a b c"]}])
-    with pytest.raises(FileNotFoundError, match=r"roco/train\.jsonl, id r9: image file not found: .*gone\.png"):
+    assert ([(r["id"], r["dataset"]) for r in recs]
+            == [("r1", "roco"), ("m1", "medicat"), ("m2", "medicat")])
+    _prepared(str(tmp_path / "p" / "roco"),
+              [{"id": "r9", "image": str(tmp_path / "gone.png"), "texts": ["a b c"]}])
+    with pytest.raises(FileNotFoundError,
+                       match=r"roco/train\.jsonl, id r9: image file not found: .*gone\.png"):
         D.load_pretrain_records(str(tmp_path / "p"), ["roco"], "train")
 
 
@@ -168,7 +179,8 @@ def test_tokenizer_special_ids_and_round_trip(tok, tmp_path):
 
 def tok_path(tmp_path):
     path = str(tmp_path / "t" / "tokenizer.json")
-    train_tokenizer(CORPUS, 300, str(tmp_path / "t"))  # a folder path: saved as <folder>/tokenizer.json
+    # a folder path: saved as <folder>/tokenizer.json
+    train_tokenizer(CORPUS, 300, str(tmp_path / "t"))
     assert os.path.exists(path)
     return path
 
@@ -182,14 +194,16 @@ def test_tokenizer_save_and_load(tok, tmp_path):
 
 
 def test_vocab_txt(tmp_path):
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "pleural", "effusion", "eff", "##usion", ".", "mass"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "pleural", "effusion", "eff",
+             "##usion", ".", "mass"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = load_tokenizer(str(tmp_path / "vocab.txt"))
     assert special_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     enc = tok.encode("No pleural EFFUSION. Cyst")
     assert enc.tokens == ["[CLS]", "no", "pleural", "effusion", ".", "[UNK]", "[SEP]"]
     assert tok.decode(tok.encode("no pleural effusion.").ids) == "no pleural effusion."
-    assert load_tokenizer(str(tmp_path)).encode("mass").ids == [2, 11, 3]  # a folder with a vocab.txt
+    # a folder with a vocab.txt
+    assert load_tokenizer(str(tmp_path)).encode("mass").ids == [2, 11, 3]
     (tmp_path / "bad.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match=r"bad\.txt: vocabulary lacks special token"):
         load_tokenizer(str(tmp_path / "bad.txt"))
@@ -200,14 +214,16 @@ def test_encode_texts_truncation_and_padding(tok):
     assert ids.shape == (3, 10) and mask.dtype == torch.bool
     assert ids[0, 0] == 2 and ids[0, -1] == 3 and mask[0].all()  # truncated, final [SEP] kept
     n = len(tok.encode("no effusion").ids)  # with [CLS] and [SEP]
-    assert ids[1, n - 1] == 3 and mask[1].sum() == n and (ids[1, n:] == 0).all() and not mask[1, n:].any()
+    assert (ids[1, n - 1] == 3 and mask[1].sum() == n and (ids[1, n:] == 0).all()
+            and not mask[1, n:].any())
     assert ids[2, :2].tolist() == [2, 3] and mask[2].sum() == 2
     short, _ = encode_texts(tok, ["no effusion"], max_len=48)
     assert short.shape == (1, n)  # padded to the longest in the batch, not to max_len
 
 
 def test_encode_pairs(tok):
-    ids, mask = encode_pairs(tok, ["no effusion", CORPUS[1] * 4], ["normal heart", "mass"], max_len=12)
+    ids, mask = encode_pairs(tok, ["no effusion", CORPUS[1] * 4],
+                             ["normal heart", "mass"], max_len=12)
     row = ids[0][mask[0]].tolist()
     assert row[0] == 2 and row.count(3) == 2 and row[-1] == 3
     assert tok.decode(row[1:row.index(3)]) == "no effusion"
@@ -217,7 +233,8 @@ def test_encode_pairs(tok):
 
 def test_pretrain_dataset_is_a_function_of_seed_epoch_index(tmp_path, tok):
     img = _gradient(tmp_path / "a.png", w=48, h=40)
-    texts = ["First sentence here. Second sentence here. Third one here.", "Other text. With two sentences."]
+    texts = ["First sentence here. Second sentence here. Third one here.",
+             "Other text. With two sentences."]
     recs = [{"id": str(i), "image": img, "texts": texts} for i in range(6)]
     t = ImageTransform(16, train=True, random_resized_crop=True)
 
@@ -227,12 +244,14 @@ def test_pretrain_dataset_is_a_function_of_seed_epoch_index(tmp_path, tok):
 
     a, b = D.PretrainDataset(recs, t.pixels, seed=3), D.PretrainDataset(recs, t.pixels, seed=3)
     e0, e0b, e1 = epoch(a, 0), epoch(b, 0), epoch(a, 1)
-    assert all(x["text"] == y["text"] and torch.equal(x["image"], y["image"]) for x, y in zip(e0, e0b))
+    assert all(x["text"] == y["text"] and torch.equal(x["image"], y["image"])
+               for x, y in zip(e0, e0b))
     assert epoch(a, 0)[4]["text"] == e0[4]["text"]  # back to epoch 0: the same again (exact resume)
     assert [x["text"] for x in e0] != [x["text"] for x in e1]
     assert any(not torch.equal(x["image"], y["image"]) for x, y in zip(e0, e1))
     sentences = set(D.split_sentences(texts[0]) + D.split_sentences(texts[1]))
-    assert all(x["text"] in sentences for x in e0 + e1) and [x["index"] for x in e0] == list(range(6))
+    assert (all(x["text"] in sentences for x in e0 + e1)
+            and [x["index"] for x in e0] == list(range(6)))
     other = epoch(D.PretrainDataset(recs, t.pixels, seed=4), 0)
     assert [x["text"] for x in other] != [x["text"] for x in e0]
 
@@ -242,9 +261,10 @@ def test_pretrain_dataset_is_a_function_of_seed_epoch_index(tmp_path, tok):
     assert batch["index"].tolist() == [0, 1, 2, 3]
 
 
-# ---- lean batches (issue 11 item 2): uint8 pixels from the loader, normalised on the device --------------------------
+# ---- lean batches (issue 11 item 2): uint8 pixels from the loader, normalised on the device ------
 def _old_transform(t, img, rng=None):
-    """The float transform as it was before issue 11, written out: the reference every pixel must still equal."""
+    """The float transform as it was before issue 11, written out: the reference
+    every pixel must still equal."""
     w, h = img.size
     box = t._random_box(w, h, rng) if t.train and t.random_resized_crop else t._center_box(w, h)
     img = img.convert("L").resize((t.size, t.size), Image.Resampling.BICUBIC, box=box)
@@ -254,23 +274,28 @@ def _old_transform(t, img, rng=None):
 
 def test_uint8_pixels_normalise_bit_for_bit_to_the_old_float_transform(tmp_path, tok):
     noise = Image.fromarray(np.random.RandomState(0).randint(0, 256, (37, 53), dtype=np.uint8))
-    every_value = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))  # all 256 levels, no resampling
+    # all 256 levels, no resampling
+    every_value = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
     for img in (load_image(_gradient(tmp_path / "g.png", w=50, h=37)), noise, every_value):
         for t in (ImageTransform(16), ImageTransform(24, train=True, random_resized_crop=True)):
             px = t.pixels(img, random.Random(3))
             assert px.shape == (1, t.size, t.size) and px.dtype == torch.uint8
             ref = _old_transform(t, img, random.Random(3))
             assert torch.equal(floats(t, img, random.Random(3)), ref)
-    assert len(ImageTransform(16).pixels(every_value).unique()) == 256  # the table's every entry was checked
-    # what a dataset and its collate hand the loader: one channel of uint8, normalised later to the same floats
-    recs = [{"id": str(i), "image": _gradient(tmp_path / f"{i}.png", w=30 + i, h=20), "texts": ["a b."]}
+    # the table's every entry was checked
+    assert len(ImageTransform(16).pixels(every_value).unique()) == 256
+    # what a dataset and its collate hand the loader: one channel of uint8,
+    # normalised later to the same floats
+    recs = [{"id": str(i), "image": _gradient(tmp_path / f"{i}.png", w=30 + i, h=20),
+             "texts": ["a b."]}
             for i in range(3)]
     t = ImageTransform(16, train=True, random_resized_crop=True)
     ds = D.PretrainDataset(recs, t.pixels, seed=1)  # as train.py makes it
     batch = D.pretrain_collate(tok, 8)([ds[i] for i in range(3)])
     assert batch["image"].shape == (3, 1, 16, 16) and batch["image"].dtype == torch.uint8
     for i, r in enumerate(recs):
-        rng = random.Random(f"1-0-{i}")  # the dataset's rng draws a text and a sentence before the crop: replay them
+        # the dataset's rng draws a text and a sentence before the crop: replay them
+        rng = random.Random(f"1-0-{i}")
         rng.choice(D.split_sentences(rng.choice(r["texts"])))
         ref = _old_transform(t, load_image(r["image"]), rng)
         assert torch.equal(normalize(batch["image"][i], pixel_table()), ref)
@@ -291,8 +316,9 @@ def test_a_per_channel_table_normalises_each_channel_with_its_own_statistics():
 
 
 def test_model_reads_uint8_pixels_exactly_as_float_images():
-    """The model normalises uint8 [B, 1, S, S] itself: every pass gives the same bits as the float [B, 3, S, S] input,
-    in fp32, under bf16 autocast, and with the model cast to bf16 (the API's dtype=), and checkpoints are unchanged."""
+    """The model normalises uint8 [B, 1, S, S] itself: every pass gives the same bits as the float
+    [B, 3, S, S] input, in fp32, under bf16 autocast, and with the model cast to bf16 (the API's
+    dtype=), and checkpoints are unchanged."""
     from ptunifier_min.config import PRESETS, TrainConfig, build
     from ptunifier_min.model import PTUnifier
     cfg = build(TrainConfig, {**PRESETS["tiny"], "vocab_size": 100})
@@ -304,13 +330,16 @@ def test_model_reads_uint8_pixels_exactly_as_float_images():
     ids = torch.randint(5, 100, (3, 7))
     with torch.no_grad():
         assert torch.equal(model(image=px).hidden, model(image=x).hidden)
-        assert torch.equal(model(image=px, input_ids=ids).hidden, model(image=x, input_ids=ids).hidden)
+        assert torch.equal(model(image=px, input_ids=ids).hidden,
+                           model(image=x, input_ids=ids).hidden)
         assert torch.equal(model.forward_vision(px), model.forward_vision(x))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert torch.equal(model(image=px, input_ids=ids).hidden, model(image=x, input_ids=ids).hidden)
+            assert torch.equal(model(image=px, input_ids=ids).hidden,
+                               model(image=x, input_ids=ids).hidden)
         model.to(torch.bfloat16)
         assert torch.equal(model(image=px).hidden, model(image=x.to(torch.bfloat16)).hidden)
-    assert not any("pixel" in k for k in model.state_dict())  # a constant of the input format, not a weight
+    # a constant of the input format, not a weight
+    assert not any("pixel" in k for k in model.state_dict())
 
 
 def test_training_reads_the_image_cache_and_no_longer_needs_the_originals(tmp_path):
@@ -322,13 +351,16 @@ def test_training_reads_the_image_cache_and_no_longer_needs_the_originals(tmp_pa
     from test_prepare import _noisy, make_roco
     raw, out = make_roco(str(tmp_path / "raw")), str(tmp_path / "out")
     images = os.path.join(raw, "data", "train", "radiology", "images")
-    _noisy(os.path.join(images, "ROCO_00007.jpg"), (100, 80), seed=1)  # larger than the short side: shrunk
+    # larger than the short side: shrunk
+    _noisy(os.path.join(images, "ROCO_00007.jpg"), (100, 80), seed=1)
     _noisy(os.path.join(images, "PMC1-fig2.jpg"), (40, 30), seed=2)  # smaller: kept pixel for pixel
     P.prepare("roco", raw, out, cache_short_side=64)
     transform = ImageTransform(32, train=True, random_resized_crop=True).pixels
 
-    def items(records, reading):  # the dataset's items, with every image read from the field `reading`
-        ds = D.PretrainDataset([{**r, "image": r[reading], "image_cache": None} for r in records], transform, seed=3)
+    # the dataset's items, with every image read from the field `reading`
+    def items(records, reading):
+        ds = D.PretrainDataset([{**r, "image": r[reading], "image_cache": None}
+                                for r in records], transform, seed=3)
         return {r["id"]: ds[i]["image"] for i, r in enumerate(records)}
     records = D.load_pretrain_records(out, ["roco"], "train")
     from_original, from_cache = items(records, "image"), items(records, "image_cache")
@@ -340,20 +372,23 @@ def test_training_reads_the_image_cache_and_no_longer_needs_the_originals(tmp_pa
         assert torch.equal(item["image"], from_cache[r["id"]])
         assert item["image_id"] == D.file_id(r["image"])  # the identity stays the original file's
     small = [i for i, r in enumerate(records) if r["id"] == "ROCO_00005"][0]
-    assert torch.equal(ds[small]["image"], from_original["ROCO_00005"])  # identical pixels for a small image
+    # identical pixels for a small image
+    assert torch.equal(ds[small]["image"], from_original["ROCO_00005"])
     task = types.SimpleNamespace(image=True, text=["texts"], target=None)
     cached = [{**r, "image": r["image_cache"], "image_cache": None} for r in records]
     assert torch.equal(D.TaskDataset(records, task, transform)[1]["image"],
                        D.TaskDataset(cached, task, transform)[1]["image"])
     assert retrieval.pairs(records)[0] == [r["image_cache"] for r in records]
     os.remove(records[0]["image_cache"])
-    with pytest.raises(FileNotFoundError, match=r"roco/train\.jsonl, id ROCO_00005: image cache file not found: "
-                                                r".*image_cache/PMC1-fig2-\w+\.pgm .*run prepare again"):
+    with pytest.raises(FileNotFoundError, match=r"roco/train\.jsonl, id ROCO_00005: image cache "
+                                                r"file not found: .*image_cache/PMC1-fig2-\w+\.pgm "
+                                                r".*run prepare again"):
         D.load_pretrain_records(out, ["roco"], "train")
 
 
 def test_task_collate_says_on_the_host_whether_a_batch_is_padded(tmp_path):
-    """The flag that spares the model a host read of the mask (PTUnifier.forward's `padded`) matches the mask."""
+    """The flag that spares the model a host read of the mask (PTUnifier.forward's
+    `padded`) matches the mask."""
     path = str(tmp_path / "tokenizer.json")
     train_tokenizer(["a small effusion", "no effusion today at all"] * 20, 100, path)
     collate = D.task_collate(load_tokenizer(path), 16, 8)

@@ -1,10 +1,12 @@
-"""DDP equivalence: 2 gloo processes with half the batch each end where 1 process with the whole batch ends.
+"""DDP equivalence: 2 gloo processes with half the batch each end where 1
+process with the whole batch ends.
 
-Covers every objective set (find_unused_parameters=False: a dead parameter would make DDP raise), the ITC all-gather with
-gradients, global ITM negatives (duplicate texts and files across ranks) and the MLM token count; and exact gradient
-accumulation for MLM: batch B x --grad-accum 2 equals batch 2B, on 1 process and on 2.
-And the set-up: torchrun variables that are incomplete or inconsistent are named before anything
-waits, and a rank whose peers never come stops within a bound, before any lock or data.
+Covers every objective set (find_unused_parameters=False: a dead parameter would make DDP raise),
+the ITC all-gather with gradients, global ITM negatives (duplicate texts and files across ranks)
+and the MLM token count; and exact gradient accumulation for MLM: batch B x --grad-accum 2 equals
+batch 2B, on 1 process and on 2. And the set-up: torchrun variables that are incomplete or
+inconsistent are named before anything waits, and a rank whose peers never come stops within a
+bound, before any lock or data.
 """
 
 
@@ -33,23 +35,28 @@ STEPS, GLOBAL_B = 3, 8
 
 def global_batch(step):
     ids, mask = text_batch(B=GLOBAL_B, T=24, V=100, seed=step)
-    ids[6], mask[6] = ids[1], mask[1]  # one text on both ranks (rows 0-3 and 4-7): never a negative of each other
+    # one text on both ranks (rows 0-3 and 4-7): never a negative of each other
+    ids[6], mask[6] = ids[1], mask[1]
     g = torch.Generator().manual_seed(100 + step)
-    image_id = torch.tensor([0, 1, 2, 2, 3, 4, 5, 1])  # one file twice on a rank, one on both ranks: never negatives
-    return {"image": torch.randn(GLOBAL_B, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": mask,
-            "index": torch.arange(GLOBAL_B), "image_id": image_id}
+    # one file twice on a rank, one on both ranks: never negatives
+    image_id = torch.tensor([0, 1, 2, 2, 3, 4, 5, 1])
+    return {"image": torch.randn(GLOBAL_B, 3, 32, 32, generator=g), "input_ids": ids,
+            "attention_mask": mask, "index": torch.arange(GLOBAL_B), "image_id": image_id}
 
 
 def micro_batches(step, rank, world, accum):
-    """This rank's micro-batches of a step, laid out as BatchOrder hands them out: micro-batch m holds rows
-    [m * B * world, (m + 1) * B * world) of the step's global batch, rank r the r-th B of them."""
+    """This rank's micro-batches of a step, laid out as BatchOrder hands them out:
+    micro-batch m holds rows [m * B * world, (m + 1) * B * world) of the step's global
+    batch, rank r the r-th B of them."""
     full, B = global_batch(step), GLOBAL_B // (world * accum)
     out = []
     for m in range(accum):
         lo = (m * world + rank) * B
         local = {k: v[lo:lo + B] for k, v in full.items()}
-        T = int(local["attention_mask"].sum(1).max())  # each rank pads to its own longest text, as the collate does
-        local["input_ids"], local["attention_mask"] = local["input_ids"][:, :T], local["attention_mask"][:, :T]
+        # each rank pads to its own longest text, as the collate does
+        T = int(local["attention_mask"].sum(1).max())
+        local["input_ids"], local["attention_mask"] = (local["input_ids"][:, :T],
+                                                       local["attention_mask"][:, :T])
         out.append(local)
     return out
 
@@ -59,7 +66,8 @@ def make(objectives, hard=False, rank=0, world=1):
                               "itm_hard_negatives": hard})
     torch.manual_seed(0)
     model = PTUnifier(cfg.model)
-    # what train.py does: freeze what a probe step of these objectives does not reach (a collective, on every rank)
+    # what train.py does: freeze what a probe step of these objectives does not
+    # reach (a collective, on every rank)
     probe = micro_batches(0, rank, world, 1)
     draws = draw_step(probe, cfg, 0, SPECIAL, proc=distributed.Dist(rank=rank, world=world))
     optim.freeze_unreached(model, pretraining_loss(model, probe[0], draws[0], cfg)[0])
@@ -67,9 +75,9 @@ def make(objectives, hard=False, rank=0, world=1):
 
 
 def step_loss(net, cfg, batches, step, rank=0, world=1):
-    """What train.py does for one optimizer step before the update: masks for the step, then the micro-steps, the
-    gradients all-reduced on the last. Returns (the last micro-step's loss, its scalars averaged over micro-steps,
-    the step's draws)."""
+    """What train.py does for one optimizer step before the update: masks for the step, then the
+    micro-steps, the gradients all-reduced on the last. Returns (the last micro-step's loss, its
+    scalars averaged over micro-steps, the step's draws)."""
     draws = draw_step(batches, cfg, step, SPECIAL, proc=distributed.Dist(rank=rank, world=world))
     stats = {}
     for micro, (batch, draw) in enumerate(zip(batches, draws)):
@@ -84,8 +92,9 @@ def step_loss(net, cfg, batches, step, rank=0, world=1):
 
 def train(objectives, rank=0, world=1, hard=False, accum=1):
     cfg, model = make(objectives, hard, rank, world)
-    # SGD, not AdamW: some gradients are zero in exact arithmetic (the key bias cannot change a softmax) and Adam
-    # divides their float noise by its own size, turning 1e-9 differences into full-size steps.
+    # SGD, not AdamW: some gradients are zero in exact arithmetic (the key bias cannot
+    # change a softmax) and Adam divides their float noise by its own size, turning 1e-9
+    # differences into full-size steps.
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     net = DDP(model) if world > 1 else model  # find_unused_parameters=False (the default)
     for step in range(STEPS):
@@ -103,7 +112,8 @@ def worker(rank, world, store, out, cases):
     dist.destroy_process_group()
 
 
-# (objectives, hard negatives, grad accumulation): accumulation is exact for MLM only; ITC and ITM see one micro-batch
+# (objectives, hard negatives, grad accumulation): accumulation is exact for MLM only;
+# ITC and ITM see one micro-batch
 CASES = [(o, False, 1) for o in OBJECTIVE_SETS] + [("mlm,itm,itc", True, 1), ("mlm", False, 2)]
 
 
@@ -122,17 +132,20 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_mlm_grad_accumulation_is_exact():
-    """Item 7: 1 process at batch 2B equals batch B with --grad-accum 2, in masks, loss and gradients (1e-5): every
-    micro-step divides by the masked tokens of the whole step, not by its own."""
+    """Item 7: 1 process at batch 2B equals batch B with --grad-accum 2, in masks,
+    loss and gradients (1e-5): every micro-step divides by the masked tokens of the
+    whole step, not by its own."""
     results = {}
     for accum in (1, 2, 4):
         cfg, model = make("mlm")
         batches = micro_batches(0, 0, 1, accum)
         _, stats, draws = step_loss(model, cfg, batches, 0)
-        labels = torch.cat([F.pad(d["mlm_labels"], (0, 24 - d["mlm_labels"].shape[1]), value=IGNORE) for d in draws])
+        labels = torch.cat([F.pad(d["mlm_labels"], (0, 24 - d["mlm_labels"].shape[1]),
+                                  value=IGNORE) for d in draws])
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[accum] = stats["mlm_loss"], labels, grads
-        if accum == 2:  # the halves mask different numbers of tokens, so a mean of two means would be off
+        # the halves mask different numbers of tokens, so a mean of two means would be off
+        if accum == 2:
             assert len({int((d["mlm_labels"] != IGNORE).sum()) for d in draws}) == 2
     loss, labels, grads = results[1]
     for accum in (2, 4):

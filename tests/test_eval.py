@@ -1,5 +1,6 @@
-"""eval.py: zero-shot retrieval where the answer is known, zero-shot evaluation from a pre-training checkpoint, the
-re-evaluation of fine-tuned checkpoints (it must reproduce results.json), and Table 2 from results files."""
+"""eval.py: zero-shot retrieval where the answer is known, zero-shot evaluation from a
+pre-training checkpoint, the re-evaluation of fine-tuned checkpoints (it must reproduce
+results.json), and Table 2 from results files."""
 
 import json
 import os
@@ -35,8 +36,9 @@ WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel
 
 
 class MatchedEncoder(torch.nn.Module):
-    """A stand-in backbone whose ITC embeddings are made to match: image i (gray level 20 i + 10) and the text WORDS[i]
-    both embed to one-hot(i); `shift` moves every image to one-hot(i + shift) instead."""
+    """A stand-in backbone whose ITC embeddings are made to match: image i (gray level 20 i +
+    10) and the text WORDS[i] both embed to one-hot(i); `shift` moves every image to
+    one-hot(i + shift) instead."""
 
     def __init__(self, tok, shift=0):
         super().__init__()
@@ -50,8 +52,10 @@ class MatchedEncoder(torch.nn.Module):
             level = (image[:, 0].mean((1, 2)) * 0.5 + 0.5) * 255  # back to the pixel value
             k = ((level - 10) / 20).round().long()
         else:
-            k = torch.tensor([self.word_index[int(t)] for t in input_ids[:, 1]])  # the token after [CLS]
-        return SimpleNamespace(pooled=F.one_hot(k, len(WORDS)).float(), modality="text" if image is None else "image")
+            # the token after [CLS]
+            k = torch.tensor([self.word_index[int(t)] for t in input_ids[:, 1]])
+        return SimpleNamespace(pooled=F.one_hot(k, len(WORDS)).float(),
+                               modality="text" if image is None else "image")
 
     def itc_embed(self, enc):
         pooled = enc.pooled.roll(self.shift, 1) if enc.modality == "image" else enc.pooled
@@ -77,16 +81,21 @@ def toy(tmp_path):
 def test_zero_shot_retrieval_on_a_toy_set_with_known_answers(toy):
     tok, records = toy
     cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
-    m = retrieval.retrieval_metrics(MatchedEncoder(tok), records, tok, *sizes(cfg), torch.device("cpu"))
-    assert all(m[f"{d}_r{k}"] == 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)) and m["pairs"] == 8
-    # every image now matches the next image's text: its own text ties with 6 others behind that one -> rank 8 of 8
-    m = retrieval.retrieval_metrics(MatchedEncoder(tok, shift=1), records, tok, *sizes(cfg), torch.device("cpu"))
+    m = retrieval.retrieval_metrics(MatchedEncoder(tok), records, tok, *sizes(cfg),
+                                    torch.device("cpu"))
+    assert (all(m[f"{d}_r{k}"] == 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10))
+            and m["pairs"] == 8)
+    # every image now matches the next image's text: its own text ties with 6 others
+    # behind that one -> rank 8 of 8
+    m = retrieval.retrieval_metrics(MatchedEncoder(tok, shift=1), records, tok, *sizes(cfg),
+                                    torch.device("cpu"))
     assert [m[f"i2t_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0]
     assert [m[f"t2i_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0]
 
 
 class ITMKnowsBetter(MatchedEncoder):
-    """Shifted ITC embeddings (every image ranks the wrong text first), but an ITM head that knows the true pairs."""
+    """Shifted ITC embeddings (every image ranks the wrong text first), but an ITM
+    head that knows the true pairs."""
 
     def forward(self, image=None, input_ids=None, attention_mask=None, padded=None, read="all"):
         if image is not None and input_ids is not None:
@@ -102,15 +111,17 @@ class ITMKnowsBetter(MatchedEncoder):
 def test_itm_reranking_changes_image_to_text_only(toy):
     tok, records = toy
     cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
-    m = retrieval.retrieval_metrics(ITMKnowsBetter(tok, shift=1), records, tok, *sizes(cfg), torch.device("cpu"),
-                                    rerank_top=8)
-    assert [m[f"i2t_r{k}"] for k in (1, 5, 10)] == [1.0, 1.0, 1.0]  # ITM puts every image's own text first
-    assert [m[f"t2i_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0]  # text-to-image stays the ITC ranking
+    m = retrieval.retrieval_metrics(ITMKnowsBetter(tok, shift=1), records, tok, *sizes(cfg),
+                                    torch.device("cpu"), rerank_top=8)
+    # ITM puts every image's own text first
+    assert [m[f"i2t_r{k}"] for k in (1, 5, 10)] == [1.0, 1.0, 1.0]
+    # text-to-image stays the ITC ranking
+    assert [m[f"t2i_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0]
 
 
 class ITMMargins(ITMKnowsBetter):
-    """An ITM head that orders every candidate list correctly, with margins around `offset`: offset + 1 for the true
-    pair, offset for every other pair."""
+    """An ITM head that orders every candidate list correctly, with margins around `offset`: offset
+    + 1 for the true pair, offset for every other pair."""
 
     def __init__(self, tok, offset):
         super().__init__(tok)
@@ -146,8 +157,9 @@ def test_itm_reranked_candidates_stay_on_top_whatever_the_margins(toy, offset):
 
 
 def test_one_itc_embedding_for_pretraining_retrieval_fine_tuning_and_the_api(toy):
-    """Issue 10 item 3: retrieval, the fine-tuning ITC head and the Python API embed an image or a text exactly as
-    the reference computation (projection of the pooled single-modality pass, L2-normalised), and a pair is refused."""
+    """Issue 10 item 3: retrieval, the fine-tuning ITC head and the Python API embed an image or a
+    text exactly as the reference computation (projection of the pooled single-modality pass,
+    L2-normalised), and a pair is refused."""
     tok, records = toy
     cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
     cfg.model.vocab_size = tok.get_vocab_size()
@@ -158,13 +170,16 @@ def test_one_itc_embedding_for_pretraining_retrieval_fine_tuning_and_the_api(toy
     batch = data.task_collate(tok, length, 0)([ds[i] for i in range(len(ds))])
     with torch.no_grad():
         ref_image = F.normalize(model.itc_image_proj(model(image=batch["image"]).pooled), dim=-1)
-        ref_text = F.normalize(model.itc_text_proj(model(input_ids=batch["input_ids"],
-                                                         attention_mask=batch["attention_mask"]).pooled), dim=-1)
+        ref_text = F.normalize(model.itc_text_proj(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooled),
+            dim=-1)
         zi, zt = tasks.TaskModel(model, tasks.TASKS["roco_retrieval"])(batch)
         api = Model(model, tok, cfg)
         paths, texts = [r["image"] for r in records], [r["texts"][0] for r in records]
-        for image, text in ((zi, zt), (retrieval.embed_images(model, paths, size, torch.device("cpu")),
-                                       retrieval.embed_texts(model, texts, tok, length, torch.device("cpu"))),
+        for image, text in ((zi, zt), (retrieval.embed_images(model, paths, size,
+                                                              torch.device("cpu")),
+                                       retrieval.embed_texts(model, texts, tok, length,
+                                                             torch.device("cpu"))),
                             (api.encode_images(paths), api.encode_texts(texts))):
             torch.testing.assert_close(image, ref_image, rtol=0, atol=1e-6)
             torch.testing.assert_close(text, ref_text, rtol=0, atol=1e-6)
@@ -173,37 +188,42 @@ def test_one_itc_embedding_for_pretraining_retrieval_fine_tuning_and_the_api(toy
 
 
 def test_zero_shot_retrieval_through_the_one_evaluation(toy):
-    """eval.py's zero-shot retrieval and finetune.py's evaluation are the one tasks.evaluate, with explicit settings:
-    a bare backbone (the ITC head is its own) gives the same recalls as retrieval_metrics, and says its timing."""
+    """eval.py's zero-shot retrieval and finetune.py's evaluation are the one tasks.evaluate, with
+    explicit settings: a bare backbone (the ITC head is its own) gives the same recalls as
+    retrieval_metrics, and says its timing."""
     tok, records = toy
     cfg = build(FinetuneConfig, FINETUNE_PRESETS["tiny"])
     said = []
     m = tasks.evaluate(MatchedEncoder(tok, shift=1), tasks.TASKS["roco_retrieval"], records, tok,
-                       image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len, device=torch.device("cpu"),
-                       print0=said.append)
+                       image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len,
+                       device=torch.device("cpu"), print0=said.append)
     assert [m[f"i2t_r{k}"] for k in (1, 5, 10)] == [0.0, 0.0, 1.0] and m["pairs"] == 8
-    assert len(said) == 1 and said[0].startswith("retrieval: 8 images x 8 texts = 16 encoder passes")
+    assert (len(said) == 1
+            and said[0].startswith("retrieval: 8 images x 8 texts = 16 encoder passes"))
 
 
 @pytest.fixture(scope="module")
 def pretrained(world, tmp_path_factory):  # noqa: F811
     out = str(tmp_path_factory.mktemp("pre"))
-    train.main(["--preset", "tiny", "--synth-root", world[0], "--steps", "2", "--eval-pairs", "0", "--out", out])
+    train.main(["--preset", "tiny", "--synth-root", world[0], "--steps", "2",
+                "--eval-pairs", "0", "--out", out])
     return out
 
 
 def test_zero_shot_from_a_pretraining_checkpoint(pretrained, tmp_path, capsys):
     out = tmp_path / "zs"
-    eval_script.main(["--task", "roco_retrieval", "--ckpt", pretrained, "--rerank-top", "4", "--num-workers", "0",
-                      "--out", str(out)])
+    eval_script.main(["--task", "roco_retrieval", "--ckpt", pretrained, "--rerank-top", "4",
+                      "--num-workers", "0", "--out", str(out)])
     r = json.loads((out / "results.json").read_text())
-    assert r["zero_shot"] is True and r["task"] == "roco_retrieval" and TASK_KEYS[tasks.RETRIEVE] <= set(r["metrics"])
+    assert (r["zero_shot"] is True and r["task"] == "roco_retrieval"
+            and TASK_KEYS[tasks.RETRIEVE] <= set(r["metrics"]))
     assert "encoder passes and one matrix product" in capsys.readouterr().out
-    eval_script.main(["--task", "chexpert", "--ckpt", pretrained, "--num-workers", "0", "--out", str(out)])
+    eval_script.main(["--task", "chexpert", "--ckpt", pretrained,
+                      "--num-workers", "0", "--out", str(out)])
     r = json.loads((out / "results.json").read_text())
     assert r["metrics"]["prompts"][:2] == ["atelectasis", "no atelectasis"]
-    assert set(r["metrics"]["per_class"]) == {"Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-                                              "Pleural Effusion"}
+    assert set(r["metrics"]["per_class"]) == {"Atelectasis", "Cardiomegaly", "Consolidation",
+                                              "Edema", "Pleural Effusion"}
     with pytest.raises(SystemExit, match="fine-tune first"):
         eval_script.main(["--task", "vqa_rad", "--ckpt", pretrained])
 
@@ -224,7 +244,8 @@ def test_eval_reproduces_the_fine_tuning_test_metrics(name, world, tmp_path):  #
 def _fake_results(folder, task, metrics, init, frac=1.0):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump({"task": task, "metrics": metrics, "init": init, "config": {"data_frac": frac}}, f)
+        json.dump({"task": task, "metrics": metrics, "init": init,
+                   "config": {"data_frac": frac}}, f)
 
 
 def test_table_from_results_files(tmp_path, capsys):
@@ -239,7 +260,8 @@ def test_table_from_results_files(tmp_path, capsys):
     assert lines[4].startswith("| scratch, 1% train | 50.0 | -")
     table = json.loads((tmp_path / "table.json").read_text())
     assert [r["run"] for r in table["rows"]] == ["pre-trained", "scratch", "scratch, 1% train"]
-    assert table["rows"][0]["cells"]["CheXpert AUROC"]["runs"] == [str(tmp_path / "a" / "results.json")]
+    assert (table["rows"][0]["cells"]["CheXpert AUROC"]["runs"]
+            == [str(tmp_path / "a" / "results.json")])
 
 
 def test_eval_errors(tmp_path):
@@ -251,10 +273,12 @@ def test_eval_errors(tmp_path):
         eval_script.main(["--table", str(tmp_path)])
 
 
-def test_fine_tuning_at_a_longer_text_length_than_pre_training(pretrained, world, tmp_path, monkeypatch):  # noqa: F811
-    """--max-text-len 40 from a checkpoint pre-trained at 24: the position table is extended (the learned rows kept,
-    rows 1..23 repeated after them) before training, the fine-tuned checkpoint records 40, and eval.py rebuilds it and
-    reproduces the test metrics. (Before: refused as 'another architecture'.)"""
+def test_fine_tuning_at_a_longer_text_length_than_pre_training(
+        pretrained, world, tmp_path, monkeypatch):  # noqa: F811
+    """--max-text-len 40 from a checkpoint pre-trained at 24: the position table is extended
+    (the learned rows kept, rows 1..23 repeated after them) before training, the fine-tuned
+    checkpoint records 40, and eval.py rebuilds it and reproduces the test metrics. (Before:
+    refused as 'another architecture'.)"""
     extended, real = {}, finetune.set_text_len
 
     def keep_a_copy(backbone, n):  # the table as fine-tuning starts from it
@@ -435,19 +459,21 @@ def test_retrieval_pairs_are_the_papers_protocol_or_the_whole_split(
         eval_script.main(["--task", "chexpert", "--ckpt", pretrained, "--retrieval-pairs", "all"])
 
 
-def test_zero_shot_grounding_of_ms_cxr_with_overlays_and_the_api(pretrained, world, tmp_path):  # noqa: F811
-    """eval.py --task ms_cxr scores each map method and the two baselines on the prepared test split, draws the
-    overlays, and the API's ground gives the very maps eval.py scored."""
+def test_zero_shot_grounding_of_ms_cxr_with_overlays_and_the_api(
+        pretrained, world, tmp_path):  # noqa: F811
+    """eval.py --task ms_cxr scores each map method and the two baselines on the prepared test
+    split, draws the overlays, and the API's ground gives the very maps eval.py scored."""
     out = tmp_path / "ground"
-    eval_script.main(["--task", "ms_cxr", "--ckpt", pretrained, "--num-workers", "0", "--overlays", "2",
-                      "--precision", "fp32", "--out", str(out)])
+    eval_script.main(["--task", "ms_cxr", "--ckpt", pretrained, "--num-workers", "0",
+                      "--overlays", "2", "--precision", "fp32", "--out", str(out)])
     r = json.loads((out / "results.json").read_text())
     m = r["metrics"]
     test = data.read_split(os.path.join(world[1], "ms_cxr"), "test")
     assert r["zero_shot"] and r["task"] == "ms_cxr" and m["pairs"] == len(test) > 0
     assert set(grounding.METHODS) | {"uniform", "box_prior"} <= set(m)
     assert m["method"] == grounding.DEFAULT and m["cnr"] == m[grounding.DEFAULT]["cnr"]
-    # a constant map has no contrast and, min-max scaled, selects nothing but the whole film at every threshold
+    # a constant map has no contrast and, min-max scaled, selects nothing but the whole film at
+    # every threshold
     assert m["uniform"]["cnr"] == 0.0
     films = [Image.open(test[i]["image"]) for i in range(2)]
     pngs = sorted((out / "overlays").glob("*.png"))
@@ -455,9 +481,11 @@ def test_zero_shot_grounding_of_ms_cxr_with_overlays_and_the_api(pretrained, wor
     for t, film in zip(test[:2], films):
         with Image.open(out / "overlays" / f"{t['id']}.png") as png:
             assert png.size == (len(grounding.METHODS) * film.width, film.height)
-    # the API's maps are over the film's own pixels and score what eval.py scored for the default method
+    # the API's maps are over the film's own pixels and score what eval.py scored for the default
+    # method
     model = ptunifier_min.load(pretrained)
     maps = model.ground([test[i]["image"] for i in range(len(test))], [t["text"] for t in test])
     assert [tuple(x.shape) for x in maps] == [(t["height"], t["width"]) for t in test]
-    scores = [metrics.cnr(x, metrics.box_mask(t["boxes"], t["width"], t["height"])) for x, t in zip(maps, test)]
+    scores = [metrics.cnr(x, metrics.box_mask(t["boxes"], t["width"], t["height"]))
+              for x, t in zip(maps, test)]
     assert abs(float(np.mean(scores)) - m["cnr"]) < 1e-4

@@ -12,7 +12,8 @@ import torch.nn as nn
 from ptunifier_min.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_ids
 from ptunifier_min import generation, nlg, tasks
 from ptunifier_min.config import ModelConfig
-from ptunifier_min.generation import (TextDecoder, beam_search, encoder_memory, generation_loss, greedy)
+from ptunifier_min.generation import (TextDecoder, beam_search, encoder_memory,
+                                      generation_loss, greedy)
 from ptunifier_min.model import PTUnifier
 
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -20,11 +21,12 @@ A, B_, C, D_ = 5, 6, 7, 8  # ordinary tokens of the hand-built tables
 
 
 def backbone(seed=0, dropout=0.0, **over):
-    """A tiny backbone whose weights look pre-trained: every tensor nudged off its init (norms no longer all ones),
-    so that 'copied from the backbone' cannot pass by coincidence."""
+    """A tiny backbone whose weights look pre-trained: every tensor nudged off its init (norms no
+    longer all ones), so that 'copied from the backbone' cannot pass by coincidence."""
     torch.manual_seed(seed)
-    model = PTUnifier(ModelConfig(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2, heads=2, pool_size=8,
-                                  k_v=4, k_l=3, itc_dim=16, vocab_size=50, dropout=dropout, **over))
+    model = PTUnifier(ModelConfig(image_size=32, patch_size=8, max_text_len=24, dim=32, depth=2,
+                                  heads=2, pool_size=8, k_v=4, k_l=3, itc_dim=16, vocab_size=50,
+                                  dropout=dropout, **over))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -41,8 +43,9 @@ def memory_batch(B=3, S=9, D=32, seed=1):
 
 
 class TableDecoder(nn.Module):
-    """A stand-in decoder: next-token log-probs from a hand-written table indexed by the last token, plus a per-example
-    bias read from memory[:, 0, :V]. Exact arithmetic, so beam-search expectations can be computed by hand."""
+    """A stand-in decoder: next-token log-probs from a hand-written table indexed by the last token,
+    plus a per-example bias read from memory[:, 0, :V]. Exact arithmetic, so beam-search
+    expectations can be computed by hand."""
 
     def __init__(self, rows, V=10, max_len=64):
         super().__init__()
@@ -50,13 +53,15 @@ class TableDecoder(nn.Module):
         for prev, nxt in rows.items():
             for tok, p in nxt.items():
                 table[prev, tok] = p
-        self.register_buffer("logp", table.log().log_softmax(-1))  # [V, V] next-token log-probs given the last token
+        # [V, V] next-token log-probs given the last token
+        self.register_buffer("logp", table.log().log_softmax(-1))
         self.max_len = max_len
 
     def forward(self, ids, memory, memory_mask=None):
         return self.logp[ids] + memory[:, :1, :self.logp.shape[0]]  # [B, T, V]
 
-    # the cached-decoding interface: the "cache" is each row's bias, which only depends on the memory
+    # the cached-decoding interface: the "cache" is each row's bias,
+    # which only depends on the memory
     def start_cache(self, memory, beams=1):
         return TableCache(memory[:, 0, :self.logp.shape[0]].repeat_interleave(beams, 0))
 
@@ -76,13 +81,14 @@ def no_memory(B=1, V=10):
     return torch.zeros(B, 1, V)
 
 
-# ---- initialisation and tying ---------------------------------------------------------------------------------------
+# ---- initialisation and tying --------------------------------------------------------------------
 def test_decoder_starts_from_backbone_blocks_with_fresh_cross_attention():
     bb = backbone()
     dec = TextDecoder(bb, max_len=32)
     assert len(dec.blocks) == 2
     for blk, dblk in zip(bb.blocks, dec.blocks):
-        for name, value in blk.state_dict().items():  # norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2
+        # norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2
+        for name, value in blk.state_dict().items():
             copied = dblk.state_dict()[name]
             assert torch.equal(copied, value), name
             assert copied.data_ptr() != value.data_ptr(), f"{name} is shared, not copied"
@@ -91,13 +97,15 @@ def test_decoder_starts_from_backbone_blocks_with_fresh_cross_attention():
         assert not torch.allclose(q, dblk.attn.qkv.weight[:D], atol=1e-3)
         assert 0.015 < q.std() < 0.025 and 0.015 < dblk.cross_attn.kv.weight.std() < 0.025
         assert torch.equal(dblk.norm_cross.weight, torch.ones(D))
-    assert torch.equal(dec.norm.weight, bb.norm.weight) and dec.norm.weight.data_ptr() != bb.norm.weight.data_ptr()
+    assert (torch.equal(dec.norm.weight, bb.norm.weight)
+            and dec.norm.weight.data_ptr() != bb.norm.weight.data_ptr())
     # positions: the backbone's 24 rows, then fresh ones
     assert torch.equal(dec.position_embeddings.weight[:24], bb.position_embeddings.weight)
     assert 0.015 < dec.position_embeddings.weight[24:].std() < 0.025
     # the decoder embeds text exactly as the encoder embeds its textual part
     ids = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(dec.embed(ids), bb.embed_text(ids) + bb.token_type_embeddings.weight[1])
+    torch.testing.assert_close(dec.embed(ids),
+                               bb.embed_text(ids) + bb.token_type_embeddings.weight[1])
     # copies, not views: changing the encoder later leaves the decoder alone
     before = dec.blocks[0].attn.qkv.weight.clone()
     with torch.no_grad():
@@ -150,14 +158,16 @@ def test_embeddings_and_output_are_tied_to_the_backbone():
     loss.backward()
     g = bb.word_embeddings.weight.grad
     assert g[10].abs().sum() > 0  # input side
-    assert g[40].abs().sum() > 0  # 40 is never an input: its gradient comes from the tied output projection
+    # 40 is never an input: its gradient comes from the tied output projection
+    assert g[40].abs().sum() > 0
     for name, p in dec.named_parameters():  # every decoder parameter takes part
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     opt.step()
-    assert not torch.equal(bb.word_embeddings.weight, emb) and not torch.equal(bb.mlm_head.dense.weight, dense)
+    assert (not torch.equal(bb.word_embeddings.weight, emb)
+            and not torch.equal(bb.mlm_head.dense.weight, dense))
 
 
-# ---- attention masks ------------------------------------------------------------------------------------------------
+# ---- attention masks -----------------------------------------------------------------------------
 def test_causal_later_tokens_do_not_change_earlier_logits():
     dec = TextDecoder(backbone(), max_len=32)
     memory, mask = memory_batch()
@@ -185,32 +195,38 @@ def test_cross_attention_ignores_encoder_padding(manual):
     assert not torch.allclose(a[0], b[0])
     torch.testing.assert_close(a[1:], b[1:])
     # and the mask is what does it: unmasked, the padded change is seen
-    assert not torch.allclose(dec(ids, padded, None, manual_attention=manual)[0], dec(ids, memory, None)[0])
+    assert not torch.allclose(dec(ids, padded, None, manual_attention=manual)[0],
+                              dec(ids, memory, None)[0])
 
 
 def test_sdpa_equals_manual_attention():
     dec = TextDecoder(backbone(), max_len=32)
     memory, mask = memory_batch()
     ids = torch.randint(5, 50, (3, 8), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(dec(ids, memory, mask), dec(ids, memory, mask, manual_attention=True))
+    torch.testing.assert_close(dec(ids, memory, mask),
+                               dec(ids, memory, mask, manual_attention=True))
 
 
 def test_encoder_padding_is_invisible_end_to_end():
-    """Findings -> memory -> decoder: what sits under the findings' padding cannot reach the summary's logits."""
+    """Findings -> memory -> decoder: what sits under the findings' padding cannot
+    reach the summary's logits."""
     bb = backbone()
     dec = TextDecoder(bb, max_len=32)
     findings = torch.tensor([[CLS, 10, 11, SEP, PAD, PAD], [CLS, 12, 13, 14, 15, SEP]])
     fmask = findings != PAD
     memory, mmask = encoder_memory(bb, input_ids=findings, attention_mask=fmask)
     n_vis = 1 + bb.cfg.k_v
-    assert mmask.shape == (2, n_vis + 6) and mmask[:, :n_vis].all() and torch.equal(mmask[:, n_vis:], fmask)
+    assert (mmask.shape == (2, n_vis + 6) and mmask[:, :n_vis].all()
+            and torch.equal(mmask[:, n_vis:], fmask))
     other = findings.clone()
     other[0, 4:] = 33
     memory2, _ = encoder_memory(bb, input_ids=other, attention_mask=fmask)
-    assert not torch.allclose(memory[0, n_vis + 4:], memory2[0, n_vis + 4:])  # the padded states did change
+    # the padded states did change
+    assert not torch.allclose(memory[0, n_vis + 4:], memory2[0, n_vis + 4:])
     ids = torch.tensor([[CLS, 20, 21, 22]] * 2)
     torch.testing.assert_close(dec(ids, memory, mmask), dec(ids, memory2, mmask))
-    # the collate's padding flag (known on the host) gives the same memory and mask as reading the mask
+    # the collate's padding flag (known on the host) gives the same
+    # memory and mask as reading the mask
     given, given_mask = encoder_memory(bb, input_ids=findings, attention_mask=fmask, padded=True)
     assert torch.equal(given, memory) and torch.equal(given_mask, mmask)
     full = torch.ones_like(fmask)
@@ -220,7 +236,7 @@ def test_encoder_padding_is_invisible_end_to_end():
     assert mmask is None and memory.shape == (2, 17 + bb.cfg.k_l + 2, 32)
 
 
-# ---- loss -----------------------------------------------------------------------------------------------------------
+# ---- loss ----------------------------------------------------------------------------------------
 def test_generation_loss_matches_hand_computation():
     logits = torch.tensor([[[0.0, 1.0, 2.0, 0.5], [1.0, -1.0, 0.0, 3.0], [5.0, 5.0, 5.0, 5.0]],
                            [[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]])
@@ -242,17 +258,19 @@ def test_generation_loss_matches_hand_computation():
     assert abs(generation_loss(logits.bfloat16(), targets, 0).item() - hand) < 0.02
 
 
-# ---- decoding -------------------------------------------------------------------------------------------------------
+# ---- decoding ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_beam_search_finds_what_greedy_misses(use_cache):
-    # greedy takes A (0.6), then [SEP] (0.34): p = 0.204. Beam 2 also keeps B (0.4), then [SEP] (0.95): p = 0.38.
+    # greedy takes A (0.6), then [SEP] (0.34): p = 0.204. Beam 2 also keeps B
+    # (0.4), then [SEP] (0.95): p = 0.38.
     dec = TableDecoder({CLS: {A: 0.6, B_: 0.4}, A: {SEP: 0.34, C: 0.33, D_: 0.33}, B_: {SEP: 0.95},
                         C: {SEP: 1.0}, D_: {SEP: 1.0}})
     args = (no_memory(), None, CLS, SEP, PAD)
     assert greedy(dec, *args, use_cache=use_cache) == [[A]]
     assert beam_search(dec, *args, beam_size=1, use_cache=use_cache) == [[A]]
     for lp in (0.0, 1.0):
-        assert beam_search(dec, *args, beam_size=2, length_penalty=lp, use_cache=use_cache) == [[B_]]
+        assert (beam_search(dec, *args, beam_size=2, length_penalty=lp, use_cache=use_cache)
+                == [[B_]])
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -273,7 +291,8 @@ def test_length_penalty_convention(use_cache):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_beam_search_rows_are_independent(use_cache):
-    """Batched over B x beam: each example's result equals decoding it alone (catches row bookkeeping slips)."""
+    """Batched over B x beam: each example's result equals decoding it alone
+    (catches row bookkeeping slips)."""
     g = torch.Generator().manual_seed(0)
     dec = TableDecoder({})
     dec.logp = torch.randn(10, 10, generator=g).log_softmax(-1)
@@ -287,8 +306,9 @@ def test_beam_search_rows_are_independent(use_cache):
 
 
 def test_cached_step_logits_equal_the_forward_pass():
-    """Step by step through the cache, the logits at every position equal those of the whole-prefix forward pass,
-    with encoder padding, also after rows are re-selected (reordered) as beam search does."""
+    """Step by step through the cache, the logits at every position equal those of the
+    whole-prefix forward pass, with encoder padding, also after rows are re-selected
+    (reordered) as beam search does."""
     dec = TextDecoder(backbone(), max_len=16).eval()
     memory, mask = memory_batch()  # rows 0 and 2 have encoder padding
     ids = torch.randint(5, 50, (6, 10), generator=torch.Generator().manual_seed(0))
@@ -300,7 +320,8 @@ def test_cached_step_logits_equal_the_forward_pass():
         for t in range(6):
             torch.testing.assert_close(dec.step(ids[:, t], cache, rows_mask), full[:, t])
         assert len(cache) == 6
-        # swap the two rows of example 0, duplicate row 2 of example 1: the cache must follow its rows
+        # swap the two rows of example 0, duplicate row 2 of example 1:
+        # the cache must follow its rows
         rows = torch.tensor([1, 0, 2, 2, 5, 4])
         cache.reorder(rows)
         ids = ids[rows]
@@ -312,17 +333,20 @@ def test_cached_step_logits_equal_the_forward_pass():
         padded[0, 6:] = 100.0
         other = dec.start_cache(padded, beams=2)
         first = dec.start_cache(memory, beams=2)
-        torch.testing.assert_close(dec.step(ids[:, 0], other, rows_mask), dec.step(ids[:, 0], first, rows_mask))
+        torch.testing.assert_close(dec.step(ids[:, 0], other, rows_mask),
+                                   dec.step(ids[:, 0], first, rows_mask))
 
 
 @pytest.mark.parametrize("manual", [False, True])
 def test_cached_decoding_gives_the_same_tokens(manual):
-    """Greedy and beam search with the cache emit exactly the tokens of the uncached search (whole prefix recomputed at
-    every step), for several beam sizes and length penalties, with padding in the memory mask."""
+    """Greedy and beam search with the cache emit exactly the tokens of the uncached search
+    (whole prefix recomputed at every step), for several beam sizes and length penalties, with
+    padding in the memory mask."""
     dec = TextDecoder(backbone(seed=3), max_len=16)
     with torch.no_grad():
-        # sharper next-token distributions than the near-uniform random ones, which a memory (and its padding) sways:
-        # hypotheses of varied lengths, some ending in [SEP], so that beam size, penalty and mask all matter
+        # sharper next-token distributions than the near-uniform random ones, which a memory (and
+        # its padding) sways: hypotheses of varied lengths, some ending in [SEP], so that beam
+        # size, penalty and mask all matter
         dec.backbone.word_embeddings.weight.mul_(8.0)
         for blk in dec.blocks:
             for lin in (blk.cross_attn.q, blk.cross_attn.kv, blk.cross_attn.proj):
@@ -343,14 +367,16 @@ def test_cached_decoding_gives_the_same_tokens(manual):
             assert cached == beam_search(dec, *args, **kw, use_cache=False), (K, lp)
             outs.add(tuple(map(tuple, cached)))
     lengths = {len(h) for hyps in outs for h in hyps}
-    assert len(outs) > 3 and len(lengths) > 3, (outs, lengths)  # the settings disagree: the comparison has teeth
+    # the settings disagree: the comparison has teeth
+    assert len(outs) > 3 and len(lengths) > 3, (outs, lengths)
     assert beam_search(dec, memory, None, CLS, SEP, PAD, **kw) != cached  # and so does the mask
 
 
 def test_beam_one_equals_greedy_and_runs_repeat():
     dec = TextDecoder(backbone(dropout=0.5), max_len=16)
     memory, mask = memory_batch()
-    dec.train()  # dropout on: decoding must switch it off (deterministic) and restore the mode after
+    # dropout on: decoding must switch it off (deterministic) and restore the mode after
+    dec.train()
     g = greedy(dec, memory, mask, CLS, SEP, PAD, max_len=12)
     assert dec.training
     assert greedy(dec, memory, mask, CLS, SEP, PAD, max_len=12) == g

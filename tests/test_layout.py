@@ -21,27 +21,32 @@ TOOLS = ("ablations", "bench", "poolreport")  # experiments and benchmarks, not 
 
 
 def _loaded_after(code):
-    """Run code in a fresh interpreter at the repository root; return the ptunifier_min modules it left loaded (a
-    fresh process, because this one has long imported everything)."""
-    report = "import json, sys; print(json.dumps(sorted(m for m in sys.modules if m.startswith('ptunifier_min'))))"
-    run = subprocess.run([sys.executable, "-c", f"{code}\n{report}"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    """Run code in a fresh interpreter at the repository root; return the ptunifier_min modules it
+    left loaded (a fresh process, because this one has long imported everything)."""
+    report = ("import json, sys; "
+              "print(json.dumps(sorted(m for m in sys.modules if m.startswith('ptunifier_min'))))")
+    run = subprocess.run([sys.executable, "-c", f"{code}\n{report}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def test_the_method_never_imports_the_data_plumbing():
-    # every module of ptunifier_min/ itself (config, model, objectives, data, tasks, ... and any added later)
-    modules = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "ptunifier_min", "*.py")))
+    # every module of ptunifier_min/ itself (config, model, objectives, data,
+    # tasks, ... and any added later)
+    modules = sorted(os.path.basename(p)[:-3]
+                     for p in glob.glob(os.path.join(REPO, "ptunifier_min", "*.py")))
     assert {"model", "objectives", "tasks", "data"} <= set(modules)
-    loaded = _loaded_after("import " + ", ".join(f"ptunifier_min.{m}" for m in modules if m != "__init__"))
+    loaded = _loaded_after("import "
+                           + ", ".join(f"ptunifier_min.{m}" for m in modules if m != "__init__"))
     assert {f"ptunifier_min.{m}" for m in ("model", "objectives", "tasks", "data")} <= set(loaded)
     assert [m for m in loaded if m.startswith(PLUMBING)] == []
 
 
 def test_the_scripts_do_not_load_the_generator_at_import():
     loaded = _loaded_after("import train, finetune, eval")
-    assert "ptunifier_min.datasets.source" in loaded  # ensure_prepared: imported, so the check below is not vacuous
+    # ensure_prepared: imported, so the check below is not vacuous
+    assert "ptunifier_min.datasets.source" in loaded
     assert [m for m in loaded if m in GENERATOR] == []
 
 
@@ -55,7 +60,8 @@ import types
 from ptunifier_min.datasets.source import ensure_prepared
 cfg = types.SimpleNamespace(data_root={str(root)!r}, tokenizer={str(tok)!r})
 assert ensure_prepared(cfg, ["roco"], proc=None, print0=print) == ({str(root)!r}, {str(tok)!r})
-try:  # the other outcome on a data root: a missing folder, refused with the command that prepares it
+# the other outcome on a data root: a missing folder, refused with the command that prepares it
+try:
     ensure_prepared(cfg, ["roco", "chexpert"], proc=None, print0=print)
     raise AssertionError("a missing prepared folder was accepted")
 except SystemExit as e:
@@ -67,8 +73,8 @@ except SystemExit as e:
 
 @pytest.mark.parametrize("module", GENERATOR)
 def test_the_data_commands_run(module):
-    run = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("usage:")
 
@@ -79,8 +85,8 @@ def _read(path):
 
 
 def _named_modules(path):
-    """Every module a `python -m M` command or a `from M import` line in the file names (docstrings, error
-    messages, README examples): a stale one is a command a user copies and that fails."""
+    """Every module a `python -m M` command or a `from M import` line in the file names (docstrings,
+    error messages, README examples): a stale one is a command a user copies and that fails."""
     text = _read(path)
     return set(re.findall(r"python -m (ptunifier_min[\w.]*)", text)) | \
         set(re.findall(r"from (ptunifier_min[\w.]*) import", text))
@@ -141,11 +147,12 @@ def test_every_command_and_file_the_readme_names_exists():
 
 
 def test_the_code_a_reader_reads_fits_in_100_columns():
-    # the package, the three scripts and the tools (the tests may run wider); the one exception is
-    # the task table, one row per task so that it reads as a table
+    # the package, the three scripts, the tools and the tests; the one exception is the task table,
+    # one row per task so that it reads as a table
     paths = glob.glob(os.path.join(REPO, "ptunifier_min", "**", "*.py"), recursive=True)
     paths += glob.glob(os.path.join(REPO, "tools", "*.py"))
     paths += [os.path.join(REPO, f) for f in ("train.py", "finetune.py", "eval.py")]
+    paths += glob.glob(os.path.join(REPO, "tests", "**", "*.py"), recursive=True)
     assert len(paths) > 20, "the file pattern has gone stale"
     wide = []
     for path in paths:

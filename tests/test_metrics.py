@@ -18,10 +18,11 @@ import ptb_cases  # tests/ptb_cases.py: the generated report text and the jar's 
 from ptunifier_min import metrics, nlg
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None,
-                                reason="java is not on PATH: pycocoevalcap's PTBTokenizer and METEOR are java programs")
+                                reason="java is not on PATH: pycocoevalcap's PTBTokenizer and "
+                                       "METEOR are java programs")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Classification
 
 
@@ -30,10 +31,12 @@ def test_auroc_matches_sklearn_with_ties(seed):
     from sklearn.metrics import roc_auc_score
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, 200)
-    scores = np.round(rng.normal(size=200) + labels, 1)  # one decimal: many tied scores, across both classes
+    # one decimal: many tied scores, across both classes
+    scores = np.round(rng.normal(size=200) + labels, 1)
     assert len(np.unique(scores)) < 100
     assert metrics.auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
-    # torch tensors (bf16 included) are accepted; bf16 rounds the scores, so compare with sklearn on the same values
+    # torch tensors (bf16 included) are accepted; bf16 rounds the scores, so compare
+    # with sklearn on the same values
     t = torch.tensor(scores).bfloat16()
     assert metrics.auroc(t, torch.tensor(labels)) == pytest.approx(
         roc_auc_score(labels, t.double().numpy()), abs=1e-12)
@@ -68,9 +71,11 @@ def test_macro_auroc_leaves_undefined_classes_out():
         assert out["per_class"][names[c]] == pytest.approx(e, abs=1e-12)
     assert out["macro"] == pytest.approx(np.mean(expected), abs=1e-12)
     # sklearn's own macro average over the defined columns agrees
-    assert out["macro"] == pytest.approx(roc_auc_score(labels[:, defined], scores[:, defined], average="macro"))
+    assert out["macro"] == pytest.approx(roc_auc_score(labels[:, defined],
+                                                       scores[:, defined], average="macro"))
     # one class given as [N] (RSNA) and a split where nothing is defined
-    assert metrics.macro_auroc(scores[:, 0], labels[:, 0], ["Pneumonia"])["macro"] == pytest.approx(expected[0])
+    assert (metrics.macro_auroc(scores[:, 0], labels[:, 0], ["Pneumonia"])["macro"]
+            == pytest.approx(expected[0]))
     none = metrics.macro_auroc(scores[:, [1, 3]], labels[:, [1, 3]], ["Cardiomegaly", "Edema"])
     assert none["macro"] is None and none["undefined"] == ["Cardiomegaly", "Edema"]
     with pytest.raises(ValueError):
@@ -83,14 +88,16 @@ def test_accuracy_matches_sklearn():
     target = rng.integers(0, 3, 101)
     pred = np.where(rng.random(101) < 0.6, target, rng.integers(0, 3, 101))
     assert metrics.accuracy(pred, target) == pytest.approx(accuracy_score(target, pred), abs=1e-12)
-    assert metrics.accuracy(torch.tensor(pred), torch.tensor(target)) == pytest.approx(accuracy_score(target, pred))
+    assert (metrics.accuracy(torch.tensor(pred), torch.tensor(target))
+            == pytest.approx(accuracy_score(target, pred)))
     with pytest.raises(ValueError):
         metrics.accuracy([1, 2], [1])
 
 
 def test_vqa_accuracy_counts_out_of_vocabulary_answers_as_wrong():
     pred = [0, 1, 2, -1, 3, 3, 5, 0]
-    target = [0, 1, 0, -1, -1, 3, 5, 1]  # two answers out of vocabulary; pred -1 == target -1 is still wrong
+    # two answers out of vocabulary; pred -1 == target -1 is still wrong
+    target = [0, 1, 0, -1, -1, 3, 5, 1]
     kind = ["closed", "closed", "closed", "open", "open", "open", "open", "closed"]
     out = metrics.vqa_accuracy(pred, target, kind)
     assert out["overall"] == pytest.approx(4 / 8)
@@ -103,14 +110,16 @@ def test_vqa_accuracy_counts_out_of_vocabulary_answers_as_wrong():
         metrics.vqa_accuracy([1], [1], ["yes/no"])
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Text generation
 
 
 def _corpus(seed, n=60):
-    """Tokenised refs / hyps over a small vocabulary, so that n-grams repeat and match; lengths from 0 to 30."""
+    """Tokenised refs / hyps over a small vocabulary, so that n-grams repeat and
+    match; lengths from 0 to 30."""
     rng = random.Random(seed)
-    vocab = "the heart lungs are clear no effusion pleural normal size left right lobe mild stable".split()
+    vocab = ("the heart lungs are clear no effusion pleural normal size left right lobe mild "
+             "stable").split()
 
     def sentence(lo, hi):
         return " ".join(rng.choice(vocab) for _ in range(rng.randint(lo, hi)))
@@ -143,7 +152,8 @@ def test_bleu_rouge_cider_match_pycocoevalcap(seed):
 def test_bleu_brevity_penalty_both_ways():
     from pycocoevalcap.bleu.bleu import Bleu
     refs, hyps = _corpus(0)
-    short = {k: " ".join(v.split()[:3]) for k, v in hyps.items()}  # hypotheses shorter than references: penalty
+    # hypotheses shorter than references: penalty
+    short = {k: " ".join(v.split()[:3]) for k, v in hyps.items()}
     long = {k: v + " " + refs[k][0] for k, v in hyps.items()}  # longer: no penalty
     for h in (short, long):
         expected = Bleu(4).compute_score(refs, {k: [v] for k, v in h.items()}, verbose=0)[0]
@@ -154,12 +164,14 @@ def test_bleu_brevity_penalty_both_ways():
 def test_lcs_matches_the_quadratic_table():
     rng = random.Random(0)
     for _ in range(200):
-        a = [rng.choice("abcd") for _ in range(rng.randint(0, 70))]  # > 64 tokens: past one machine word
+        # > 64 tokens: past one machine word
+        a = [rng.choice("abcd") for _ in range(rng.randint(0, 70))]
         b = [rng.choice("abcd") for _ in range(rng.randint(0, 70))]
         table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
         for i in range(len(a)):
             for j in range(len(b)):
-                table[i + 1][j + 1] = table[i][j] + 1 if a[i] == b[j] else max(table[i][j + 1], table[i + 1][j])
+                table[i + 1][j + 1] = (table[i][j] + 1 if a[i] == b[j]
+                                       else max(table[i][j + 1], table[i + 1][j]))
         assert nlg._lcs(a, b) == table[-1][-1]
 
 
@@ -175,18 +187,21 @@ def test_scores_of_perfect_and_disjoint_hypotheses():
         nlg.bleu(refs, {1: "the heart"})
 
 
-# Inputs and what pycocoevalcap's java PTBTokenizer (CoreNLP 3.4.1, -lowerCase, punctuation filter) returned for them.
+# Inputs and what pycocoevalcap's java PTBTokenizer (CoreNLP 3.4.1, -lowerCase,
+# punctuation filter) returned for them.
 PTB_CASES = [
     ("No acute cardiopulmonary process.", "no acute cardiopulmonary process"),
     ("The heart size is normal (stable). Left-sided effusion, e.g. small; see [prior] {x}.",
-     "the heart size is normal -lrb- stable -rrb- left-sided effusion e.g. small see -lsb- prior -rsb- -lcb- x -rcb-"),
+     "the heart size is normal -lrb- stable -rrb- left-sided effusion e.g. small see -lsb- "
+     "prior -rsb- -lcb- x -rcb-"),
     ("It's the patient's 2nd x-ray; don't compare w/ 3.5 cm & 1,000 mL 5% at 10:30 a.m.",
      "it 's the patient 's 2nd x-ray do n't compare w / 3.5 cm & 1,000 ml 5 % at 10:30 a.m."),
     ("\"Quoted\" and 'single' `tick` -- dash - hyphen ... ellipsis?! Really!!",
      "quoted and single tick dash hyphen ellipsis ?! really !!"),
     ("___ ___. Dr. Smith's impression: 1. No pneumothorax. 2. ET tube 4.5cm above carina.",
      "___ ___ dr. smith 's impression 1 no pneumothorax 2 et tube 4.5 cm above carina"),
-    ("___-year-old man, ___ on ___ at ___ a.m.; x___", "___ year-old man ___ on ___ at ___ a.m. x ___"),
+    ("___-year-old man, ___ on ___ at ___ a.m.; x___",
+     "___ year-old man ___ on ___ at ___ a.m. x ___"),
     ("Can't won't CANNOT gonna Mr. U.S. etc. vs. St. Jan.",
      "ca n't wo n't can not gon na mr. u.s. etc. vs. st. jan."),
     ("AP/PA chest x-ray 12/03/2019, T12-L1 level. NG tube's tip: stomach!",
@@ -202,7 +217,8 @@ PTB_CASES = [
      "cm. x-ray. normal. s/p cabg c/w pneumonia w/o effusion and/or atelectasis"),
     ("5\u201310 mm \u2014 \u201ccurly\u201d \u2018quotes\u2019 and patient\u2019s film\u2026",
      "5 10 mm curly quotes and patient 's film"),
-    ("-5 and +5, 5-10 mm, 5 - 10 mm, -5-10, --- and .... and ..", "-5 and +5 5-10 mm 5 10 mm -5 -10 and and"),
+    ("-5 and +5, 5-10 mm, 5 - 10 mm, -5-10, --- and .... and ..",
+     "-5 and +5 5-10 mm 5 10 mm -5 -10 and and"),
     ("°C 38° ±2 ×3 µg, 50% > 5 < 7 = 2+ edema, a/b/c, 1/2/3",
      "° c 38 ° ± 2 × 3 µg 50 % > 5 < 7 = 2 + edema a/b/c 1/2/3"),
     ("under_score __init__ a___b normal.the dr.X word.Another",
@@ -210,10 +226,12 @@ PTB_CASES = [
     ("(1) 2) a) -lrb- R. lung, Rt. lung, L. side, II. IV. I.",
      "-lrb- 1 -rrb- 2 -rrb- a -rrb- -lrb- r. lung rt. lung l. side ii iv i."),
     # issue 8: a list number touching the next word, and inline tags, as in real reports
-    ("1.Severe cardiomegaly. 2.No evidence of effusion.", "1 severe cardiomegaly 2 no evidence of effusion"),
+    ("1.Severe cardiomegaly. 2.No evidence of effusion.",
+     "1 severe cardiomegaly 2 no evidence of effusion"),
     ("Findings:<BR>1.Normal.<br/>2.Clear <XXXX> XXXX </p><p class='x'>",
      "findings <br> 1 normal <br/> 2 clear <xxxx> xxxx </p> <p\xa0class='x'>"),
-    ("etc.t 5.a I. The y'all '99 'tis ----- \u2018\u2019 \u00bd $5 \u20ac5 \u00a3 AT&T &amp; &lt;5 :) x_x c++",
+    ("etc.t 5.a I. The y'all '99 'tis ----- \u2018\u2019 \u00bd $5 \u20ac5 \u00a3 AT&T "
+     "&amp; &lt;5 :) x_x c++",
      "etc. t 5 a i the y' all '99 't is ----- `' 1/2 $ 5 $ 5 # at&t & < 5 :-rrb- x_x c++"),
     ("http://a.org/x?y=1. dr.x@mgh.org (555) 123-4567 x\u00adray #tag @user \u00aba\u00bb",
      "http://a.org/x?y=1 dr.x@mgh.org -lrb-555-rrb-\xa0123-4567 xray #tag @user a"),
@@ -232,20 +250,24 @@ def _ptb(texts):
 
 
 def _reports(seed, n):
-    """Report-like lines: words, abbreviations, measurements, dates, punctuation attached as in real text."""
+    """Report-like lines: words, abbreviations, measurements, dates,
+    punctuation attached as in real text."""
     rng = random.Random(seed)
-    words = ("the heart size is normal no focal consolidation pleural effusion or pneumothorax mediastinal contours "
-             "are unremarkable lungs clear ET tube tip NG PICC line SVC right left lower lobe atelectasis mild severe "
-             "interval change compared to prior study AP PA lateral portable x-ray CXR Dr. ___ ___ patient's there's "
-             "isn't doesn't can't cannot s/p CABG c/w w/o and/or Rt. Lt. approx. e.g. i.e. vs. etc. cm mm T12-L1 "
-             "post-operative well-defined ___-year-old re-demonstrated non-specific sternotomy wires IV COPD CHF "
-             "U.S. q.d. St. Mr. Jan. Mass. mass PA. Pa. No. Fig. p.m. a.m. hemidiaphragm 12-lead lines/tubes").split()
+    words = ("the heart size is normal no focal consolidation pleural effusion or pneumothorax "
+             "mediastinal contours are unremarkable lungs clear ET tube tip NG PICC line SVC right "
+             "left lower lobe atelectasis mild severe interval change compared to prior study AP "
+             "PA lateral portable x-ray CXR Dr. ___ ___ patient's there's isn't doesn't can't "
+             "cannot s/p CABG c/w w/o and/or Rt. Lt. approx. e.g. i.e. vs. etc. cm mm T12-L1 "
+             "post-operative well-defined ___-year-old re-demonstrated non-specific sternotomy "
+             "wires IV COPD CHF U.S. q.d. St. Mr. Jan. Mass. mass PA. Pa. No. Fig. p.m. a.m. "
+             "hemidiaphragm 12-lead lines/tubes").split()
     attach = ["", "", "", "", ".", ".", ",", ":", ";", ")", ").", "?", "%", "\u2019s"]
 
     def number():
         a, b = rng.randint(0, 20), rng.randint(0, 9)
-        return rng.choice([f"{a}", f"{a}.{b}", f"{a}.{b}-{b + 1}.{a}", f"{a}-{a + b}", f"{b}/{a + 1}/2019",
-                           f"{a}:{b}5", f"{a}.{b}cm", f"{a},{b}00", f"{a} x {b}"])
+        return rng.choice([f"{a}", f"{a}.{b}", f"{a}.{b}-{b + 1}.{a}", f"{a}-{a + b}",
+                           f"{b}/{a + 1}/2019", f"{a}:{b}5", f"{a}.{b}cm",
+                           f"{a},{b}00", f"{a} x {b}"])
 
     lines = []
     for _ in range(n):
@@ -253,7 +275,8 @@ def _reports(seed, n):
         for _ in range(rng.randint(3, 30)):
             w = rng.choice(words) if rng.random() < 0.8 else number()
             w = rng.choice([w, w, w, w.upper(), w.capitalize()])
-            suffix = rng.choice(attach[:-1] if w.lower() == "cannot" else attach)  # java: "cannot's" -> cannot 's
+            # java: "cannot's" -> cannot 's
+            suffix = rng.choice(attach[:-1] if w.lower() == "cannot" else attach)
             w = rng.choice(["", "", "", "", "", "(", "\"", "[", "\u201c"]) + w + suffix
             items.append(w)
             if rng.random() < 0.03:
@@ -265,7 +288,8 @@ def _reports(seed, n):
 @needs_java
 def test_nlg_tokenize_matches_java_ptbtokenizer():
     cases = [t for t, _ in PTB_CASES]
-    assert _ptb(cases) == [e for _, e in PTB_CASES]  # the recorded expectations are still what java says
+    # the recorded expectations are still what java says
+    assert _ptb(cases) == [e for _, e in PTB_CASES]
     lines = _reports(0, 400)
     mismatches = [(line, java, nlg.nlg_tokenize(line)) for line, java in zip(lines, _ptb(lines))
                   if nlg.nlg_tokenize(line) != java]
@@ -311,26 +335,31 @@ def test_a_line_break_inside_a_caption_counts_as_a_space():
 
 
 def _ptb_fixture():
-    """tests/data/ptb_tokenizer_cases.json: generated report text and what the jar made of it (tests/ptb_cases.py)."""
+    """tests/data/ptb_tokenizer_cases.json: generated report text and what the jar made
+    of it (tests/ptb_cases.py)."""
     with open(ptb_cases.FIXTURE, encoding="utf-8") as f:
         return json.load(f)
 
 
 def test_nlg_tokenize_equals_the_jar_on_generated_report_text():
-    """Thousands of report-like lines through our port and through the jar: identical, token for token.
+    """Thousands of report-like lines through our port and through the
+    jar: identical, token for token.
 
-    Against the live jar when java is installed (which must also still agree with the stored outputs), against the
-    stored jar outputs otherwise, so that this check never skips.
+    Against the live jar when java is installed (which must also still agree with the stored
+    outputs), against the stored jar outputs otherwise, so that this check never skips.
     """
     cases = _ptb_fixture()["sentences"]
     sentences, jar = [s for s, _ in cases], [j for _, j in cases]
     assert sentences == ptb_cases.report_sentences(0, ptb_cases.N_CASES), \
-        "tests/ptb_cases.py changed: regenerate the fixture with `python tests/ptb_cases.py` (needs java)"
+        ("tests/ptb_cases.py changed: regenerate the fixture with `python tests/ptb_cases.py` "
+         "(needs java)")
     if shutil.which("java") is not None:
-        assert ptb_cases.jar_tokenize(sentences) == jar, "the jar no longer gives the stored outputs"
+        assert (ptb_cases.jar_tokenize(sentences)
+                == jar), "the jar no longer gives the stored outputs"
     ours = nlg.nlg_tokenize_captions(sentences)
     mismatches = [(s, j, o) for s, j, o in zip(sentences, jar, ours) if j != o]
-    assert not mismatches, f"{len(mismatches)} lines differ from the jar (text, jar, ours): {mismatches[:3]}"
+    assert not mismatches, (f"{len(mismatches)} lines differ from the jar (text, jar, ours): "
+                            f"{mismatches[:3]}")
     # the jar reads all captions as one text: the next caption can change the last token of this one
     assert nlg.nlg_tokenize_captions(["Segment I.", "The heart.", "No.", "5 lines", "No."]) == [
         "segment i", "the heart", "no.", "5 lines", "no"]
@@ -338,13 +367,15 @@ def test_nlg_tokenize_equals_the_jar_on_generated_report_text():
 
 
 def test_nlg_metrics_equal_pycocoevalcap_on_report_pairs():
-    """BLEU-1..4, ROUGE-L and CIDEr-D of nlg_metrics on raw report text equal pycocoevalcap's scorers on the jar's
-    tokens (COCOEvalCap's pipeline) to 1e-9, on a few hundred report pairs with list numbers, <BR> tags, XXXX."""
+    """BLEU-1..4, ROUGE-L and CIDEr-D of nlg_metrics on raw report text equal pycocoevalcap's
+    scorers on the jar's tokens (COCOEvalCap's pipeline) to 1e-9, on a few hundred report pairs with
+    list numbers, <BR> tags, XXXX."""
     pairs = _ptb_fixture()["pairs"]
     refs, hyps = {k: r for k, r, *_ in pairs}, {k: h for k, _, h, *_ in pairs}
     gts, res = {k: jr for k, _, _, jr, _ in pairs}, {k: [jh] for k, _, _, _, jh in pairs}
     assert (refs, hyps) == ptb_cases.report_pairs(0, ptb_cases.N_PAIRS), \
-        "tests/ptb_cases.py changed: regenerate the fixture with `python tests/ptb_cases.py` (needs java)"
+        ("tests/ptb_cases.py changed: regenerate the fixture with `python tests/ptb_cases.py` "
+         "(needs java)")
     if shutil.which("java") is not None:
         assert ptb_cases.coco_tokenize(refs, hyps) == (gts, {k: v[0] for k, v in res.items()})
     out = nlg.nlg_metrics(refs, hyps)
@@ -353,7 +384,8 @@ def test_nlg_metrics_equal_pycocoevalcap_on_report_pairs():
 
 @needs_java
 def test_nlg_metrics_match_the_coco_pipeline():
-    """Raw text -> PTBTokenizer -> pycocoevalcap scorers, against nlg_metrics on the same raw text."""
+    """Raw text -> PTBTokenizer -> pycocoevalcap scorers, against
+    nlg_metrics on the same raw text."""
     lines = _reports(1, 90)
     refs = {i: lines[3 * i:3 * i + 2] for i in range(30)}
     hyps = {i: lines[3 * i + 2] if i % 3 else lines[3 * i] for i in range(30)}
@@ -368,12 +400,15 @@ def test_nlg_metrics_match_the_coco_pipeline():
 
 @needs_java
 @pytest.mark.skipif(os.environ.get("PTU_SLOW_TESTS") != "1",
-                    reason="METEOR's java program loads a 62 MB paraphrase table (10-20 s); set PTU_SLOW_TESTS=1")
+                    reason="METEOR's java program loads a 62 MB paraphrase table (10-20 s); "
+                           "set PTU_SLOW_TESTS=1")
 def test_meteor_recorded_value():
     refs = {1: ["The heart is normal.", "Heart size normal."], 2: ["No effusion or pneumothorax."]}
     hyps = {1: "the heart is normal", 2: "No pleural effusion."}
-    # METEOR 1.5 (pycocoevalcap's jar) on the tokenised text: per sample 1.0 and 0.2038..., corpus 0.392445...
-    assert nlg.nlg_metrics(refs, hyps, with_meteor=True)["METEOR"] == pytest.approx(0.3924454735221665, abs=1e-6)
+    # METEOR 1.5 (pycocoevalcap's jar) on the tokenised text: per sample 1.0
+    # and 0.2038..., corpus 0.392445...
+    assert (nlg.nlg_metrics(refs, hyps, with_meteor=True)["METEOR"]
+            == pytest.approx(0.3924454735221665, abs=1e-6))
 
 
 def test_meteor_says_what_to_install(monkeypatch):
@@ -389,7 +424,8 @@ def test_meteor_says_what_to_install(monkeypatch):
 
 
 def assert_equals_pycocoevalcap(out, gts, res):
-    """nlg_metrics' BLEU-1..4, ROUGE-L and CIDEr-D equal pycocoevalcap's scorers on the jar's tokens, to 1e-9."""
+    """nlg_metrics' BLEU-1..4, ROUGE-L and CIDEr-D equal pycocoevalcap's scorers
+    on the jar's tokens, to 1e-9."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge

@@ -30,7 +30,8 @@ def test_shapes_for_three_input_kinds(mode):
     img, ids, mask = batch()
     P = 1 + (32 // 8) ** 2
     k_v, k_l = (0, 0) if mode == "none" else (cfg.k_v, cfg.k_l)
-    for kw, n_vis, n_txt in [(dict(image=img), P, k_l + 2), (dict(input_ids=ids, attention_mask=mask), 1 + k_v, 7),
+    for kw, n_vis, n_txt in [(dict(image=img), P, k_l + 2),
+                             (dict(input_ids=ids, attention_mask=mask), 1 + k_v, 7),
                              (dict(image=img, input_ids=ids, attention_mask=mask), P, 7)]:
         enc = model(**kw)
         assert enc.hidden.shape == (3, n_vis + n_txt, cfg.dim)
@@ -44,11 +45,13 @@ def test_shapes_for_three_input_kinds(mode):
 
 @pytest.mark.parametrize("manual", [False, True])
 def test_reading_only_the_pooled_or_textual_states_gives_the_same_states_and_gradients(manual):
-    """read="pooled" / "text": the last block computes only those positions. Its states, and every parameter's
-    gradient of a loss on them, equal those of the whole pass (the products differ in rows only: 1e-6)."""
+    """read="pooled" / "text": the last block computes only those positions. Its states, and
+    every parameter's gradient of a loss on them, equal those of the whole pass (the products
+    differ in rows only: 1e-6)."""
     cfg = tiny()
     torch.manual_seed(0)
-    model = PTUnifier(cfg).train()  # train mode: the pool queries of a training pass; tiny's dropout is 0
+    # train mode: the pool queries of a training pass; tiny's dropout is 0
+    model = PTUnifier(cfg).train()
     img, ids, mask = batch()
     for kw in (dict(image=img), dict(input_ids=ids, attention_mask=mask),
                dict(image=img, input_ids=ids, attention_mask=mask)):
@@ -67,20 +70,24 @@ def test_reading_only_the_pooled_or_textual_states_gives_the_same_states_and_gra
             for states in (expected, part.hidden):
                 model.zero_grad(set_to_none=True)
                 (states * weights).sum().backward(retain_graph=True)
-                grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+                grads.append({n: p.grad.clone()
+                              for n, p in model.named_parameters() if p.grad is not None})
             assert grads[0].keys() == grads[1].keys()
-            for n, g in grads[0].items():  # within 1e-5 of the tensor's largest entry (a key bias's is ~0)
-                assert (grads[1][n] - g).abs().max() <= 1e-5 * g.abs().max(), f"{read}: gradient of {n}"
+            # within 1e-5 of the tensor's largest entry (a key bias's is ~0)
+            for n, g in grads[0].items():
+                assert ((grads[1][n] - g).abs().max()
+                        <= 1e-5 * g.abs().max()), f"{read}: gradient of {n}"
 
 
 def test_flops_of_a_pass_that_reads_some_rows():
-    """All rows: the 6 N T + 12 L D T^2 estimate. Fewer: the last block's key and value projections stay for every
-    position, its other products only for the rows computed."""
+    """All rows: the 6 N T + 12 L D T^2 estimate. Fewer: the last block's key and value projections
+    stay for every position, its other products only for the rows computed."""
     cfg = tiny()
     L, D, T, H = cfg.depth, cfg.dim, 50, int(cfg.dim * cfg.mlp_ratio)
     N = L * (4 * D * D + 2 * H * D)
     assert flops_per_pass(cfg, T) == flops_per_pass(cfg, T, T) == 6 * N * T + 12 * L * D * T * T
-    last_rows = 6 * (2 * D * D + 2 * H * D) + 12 * D * T  # per row computed: query, output, MLP, attention
+    # per row computed: query, output, MLP, attention
+    last_rows = 6 * (2 * D * D + 2 * H * D) + 12 * D * T
     assert flops_per_pass(cfg, T) - flops_per_pass(cfg, T, 2) == last_rows * (T - 2)
 
 
@@ -131,21 +138,25 @@ def test_static_prompts_are_shared_and_none_is_empty():
 
 
 def test_cosine_selection_ignores_row_norms_and_dot_does_not():
-    """Pool variant: a row scaled up wins every dot-product query but no cosine one it did not already win."""
+    """Pool variant: a row scaled up wins every dot-product query but no cosine
+    one it did not already win."""
     torch.manual_seed(0)
-    q = torch.randn(6, 4).abs()  # queries in the positive orthant, as is row 7: a positive dot product with each
+    # queries in the positive orthant, as is row 7: a positive dot product with each
+    q = torch.randn(6, 4).abs()
     dot, cos = Prompts("pool", 10, 2, 4), Prompts("pool", 10, 2, 4, select="cosine")
     with torch.no_grad():
         dot.weight.normal_()
         dot.weight[7] = 1000 * F.normalize(torch.rand(4), dim=0)
         cos.weight.copy_(dot.weight)
     assert (dot(q)[1][:, 0] == 7).all()  # the long row is every query's first choice
-    expected = (F.normalize(q, dim=-1) @ F.normalize(cos.weight.detach(), dim=-1).t()).topk(2).indices
+    expected = (F.normalize(q, dim=-1)
+                @ F.normalize(cos.weight.detach(), dim=-1).t()).topk(2).indices
     assert torch.equal(cos(q)[1], expected) and not (expected[:, 0] == 7).all()
 
 
 def test_separate_keys_select_and_only_the_pull_term_trains_them():
-    """L2P's key-value pool: selection by the keys, the rows inserted; the keys get gradient from `pull` only."""
+    """L2P's key-value pool: selection by the keys, the rows inserted; the keys
+    get gradient from `pull` only."""
     torch.manual_seed(0)
     pool = Prompts("pool", 10, 3, 4, keys="separate")
     torch.nn.init.normal_(pool.weight)
@@ -155,12 +166,14 @@ def test_separate_keys_select_and_only_the_pull_term_trains_them():
     assert torch.equal(idx, (q @ pool.key.detach().t()).topk(3).indices)
     assert torch.equal(prompts, pool.weight.detach()[idx])
     prompts.sum().backward(retain_graph=True)
-    assert pool.key.grad is None  # top-k has no gradient: without the pull term the keys never learn
+    # top-k has no gradient: without the pull term the keys never learn
+    assert pool.key.grad is None
     terms["pull"].backward()
     expected = 1 - F.cosine_similarity(q.detach()[:, None], pool.key.detach()[idx], dim=-1).mean()
     torch.testing.assert_close(terms["pull"], expected)
     assert torch.equal(pool.key.grad.abs().sum(1) > 0, torch.isin(torch.arange(10), idx.flatten()))
-    assert q.grad is None or not q.grad.abs().sum()  # the query is detached in the pull term (L2P: a frozen query)
+    # the query is detached in the pull term (L2P: a frozen query)
+    assert q.grad is None or not q.grad.abs().sum()
 
 
 def test_balance_term_is_one_for_uniform_use_and_grows_as_the_pool_collapses():
@@ -169,7 +182,8 @@ def test_balance_term_is_one_for_uniform_use_and_grows_as_the_pool_collapses():
         pool.weight.copy_(torch.eye(4))
     # each query picks another row and the softmax scores are uniform across the batch: f = P = 1/4
     torch.testing.assert_close(pool(10 * torch.eye(4))[2]["balance"], torch.tensor(1.0))
-    collapsed = pool(10 * torch.eye(4)[[0, 0, 0, 0]])[2]["balance"]  # every query picks row 0 with p ~ 1
+    # every query picks row 0 with p ~ 1
+    collapsed = pool(10 * torch.eye(4)[[0, 0, 0, 0]])[2]["balance"]
     assert collapsed > 3.9  # N * 1 * P_0 ~ 4
 
 
@@ -185,7 +199,8 @@ def test_missing_text_with_no_prompts_is_the_empty_text():
 def test_config_validation():
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(dim=30, heads=4)
-    with pytest.raises(ValueError, match="--prompt-mode"):  # the flag's name (issue 9: errors name the flag)
+    # the flag's name (issue 9: errors name the flag)
+    with pytest.raises(ValueError, match="--prompt-mode"):
         ModelConfig(prompt_mode="dynamic")
 
 
@@ -194,7 +209,8 @@ def test_each_pass_feeds_the_blocks_exactly_these_tokens(clip_like):
     """The sequence each pass kind hands to the first block, written out position by position from
     the parameters: a change of convention (a position or type embedding dropped or added, prompts
     given positions, another query) fails here. clip_like: norm_pre and the BERT embedding norm."""
-    cfg = tiny(prompt_mode="pool", **(dict(norm_pre=True, text_norm_eps=1e-12) if clip_like else {}))
+    cfg = tiny(prompt_mode="pool",
+               **(dict(norm_pre=True, text_norm_eps=1e-12) if clip_like else {}))
     model = PTUnifier(cfg).eval()
     with torch.no_grad():  # no parameter left at its neutral init (zero biases, unit norms)
         for p in model.parameters():
@@ -231,7 +247,8 @@ def test_each_pass_feeds_the_blocks_exactly_these_tokens(clip_like):
             text_only = tower_input(torch.cat([m.cls_token[0] + pos_v[:1], prompts_v]), text_part)
             pair = tower_input(image_part, text_part)
             for kw, want in [(dict(image=img[b:b + 1]), image_only),
-                             (dict(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]), text_only),
+                             (dict(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]),
+                              text_only),
                              (dict(image=img[b:b + 1], input_ids=ids[b:b + 1],
                                    attention_mask=mask[b:b + 1]), pair)]:
                 fed.clear()

@@ -1,5 +1,6 @@
-"""MS-CXR: the synthetic release (boxes where the renderer drew each finding, on films of the MIMIC-CXR world), and
-prepare ms_cxr on it and on hand-edited rows: the phrase records, the splits, the box prior and every error."""
+"""MS-CXR: the synthetic release (boxes where the renderer drew each finding, on films of the
+MIMIC-CXR world), and prepare ms_cxr on it and on hand-edited rows: the phrase records, the splits,
+the box prior and every error."""
 
 import csv
 import os
@@ -50,17 +51,20 @@ def test_one_record_per_phrase_with_all_its_boxes_on_its_mimic_film(release, tmp
     for row in rows:
         by_phrase.setdefault((row["dicom_id"], row["label_text"]), []).append(row)
     assert sum(len(r) for r in records.values()) == len(by_phrase)
-    assert meta["dropped"] == {"box_rows_merged": len(rows) - len(by_phrase)} and len(rows) > len(by_phrase)
+    assert (meta["dropped"] == {"box_rows_merged": len(rows) - len(by_phrase)}
+            and len(rows) > len(by_phrase))
     for split, recs in records.items():
         assert recs, split
         for r in recs:
             got = by_phrase[(os.path.basename(r["image"])[:-4], r["text"])]
             assert r["boxes"] == [[float(x[k]) for k in "xywh"] for x in got]
             assert {x["split"] for x in got} == {split} and r["category"] == got[0]["category_name"]
-            with Image.open(r["image"]) as film:  # the MIMIC-CXR-JPG file, at the size its row states
+            # the MIMIC-CXR-JPG file, at the size its row states
+            with Image.open(r["image"]) as film:
                 assert film.size == (r["width"], r["height"])
             assert r["image"].startswith(str(raw / "mimic_cxr" / "files"))
-            assert manifests.check_record(r, meta, required=("id", "image", "text", "boxes")) is None
+            assert manifests.check_record(r, meta,
+                                          required=("id", "image", "text", "boxes")) is None
     # the official split is MIMIC's, by patient: no patient in two splits
     patients = {s: {r["image"].split(os.sep)[-3] for r in recs} for s, recs in records.items()}
     assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
@@ -71,11 +75,13 @@ def test_one_record_per_phrase_with_all_its_boxes_on_its_mimic_film(release, tmp
 
 
 def test_the_boxes_are_those_of_the_very_film_saved_in_the_mimic_tree(release):
-    """MS-CXR's rows are computed by drawing a MIMIC-CXR film again from its own random keys: that film must be the
-    one saved (up to JPEG), and the rows' boxes those render_cxr returned for it, one per box, finding by finding."""
+    """MS-CXR's rows are computed by drawing a MIMIC-CXR film again from its own random keys: that
+    film must be the one saved (up to JPEG), and the rows' boxes those render_cxr returned for it,
+    one per box, finding by finding."""
     raw, rows = release
     jobs = synth._mimic_studies(raw / "mimic_cxr", 0, synth.SCALES["tiny"])[1]
-    by_path = {str(path.relative_to(raw / "mimic_cxr")): (state, keys) for _, state, keys, path in jobs}
+    by_path = {str(path.relative_to(raw / "mimic_cxr")): (state, keys)
+               for _, state, keys, path in jobs}
     films = {}
     for r in rows:
         films.setdefault(r["path"], []).append(r)
@@ -86,8 +92,10 @@ def test_the_boxes_are_those_of_the_very_film_saved_in_the_mimic_tree(release):
         h, w = state.get("size") or synth._size(rng)
         img, _, found = synth.render_cxr(state, rng, h, w)
         saved = np.asarray(Image.open(raw / "mimic_cxr" / path), dtype=np.float32)
-        assert saved.shape == img.shape and np.abs(saved - img).mean() < 4.0  # JPEG's loss only (~3)
-        want = sorted([synth.MS_CXR_CATEGORY[f], [round(v, 1) for v in b]] for f, bs in found.items() for b in bs
+        # JPEG's loss only (~3)
+        assert saved.shape == img.shape and np.abs(saved - img).mean() < 4.0
+        want = sorted([synth.MS_CXR_CATEGORY[f], [round(v, 1) for v in b]]
+                      for f, bs in found.items() for b in bs
                       if f in synth.MS_CXR_CATEGORY and state["status"].get(f) == "pos")
         got = sorted([r["category_name"], [float(r[k]) for k in "xywh"]] for r in film_rows)
         assert got == want
@@ -103,11 +111,14 @@ def test_the_boxes_are_those_of_the_very_film_saved_in_the_mimic_tree(release):
     (lambda r: r.update(y="nan"), "expected finite numbers"),
     (lambda r: r.update(x="a"), "is not numeric"),
     (lambda r: r.update(category_name="Fracture"), "category_name 'Fracture' is not one of"),
-    (lambda r: r.update(image_width="12.5"), "image_width = '12.5'; expected a positive whole number"),
+    (lambda r: r.update(image_width="12.5"),
+     "image_width = '12.5'; expected a positive whole number"),
     (lambda r: r.update(split="dev"), "split 'dev' is not one of"),
     (lambda r: r.update(label_text=" "), "no value for label_text"),
-    (lambda r: r.update(path=r["path"].replace(r["dicom_id"], "other")), "the MIMIC-CXR-JPG file of its dicom_id"),
-    (lambda r: r.update(path="files/p10/p10000000/s50000000/" + r["dicom_id"] + ".jpg"), "not found"),
+    (lambda r: r.update(path=r["path"].replace(r["dicom_id"], "other")),
+     "the MIMIC-CXR-JPG file of its dicom_id"),
+    (lambda r: r.update(path="files/p10/p10000000/s50000000/" + r["dicom_id"] + ".jpg"),
+     "not found"),
 ])
 def test_a_bad_row_is_named_and_nothing_is_written(release, tmp_path, edit, message):
     raw, rows = release
@@ -127,7 +138,8 @@ def test_a_stated_size_that_is_not_the_films_is_refused(release, tmp_path):
     for r in rows:
         if r["dicom_id"] == dicom:
             r["image_width"] = str(int(r["image_width"]) * 2)
-    with pytest.raises(ValueError, match=r"its row gives image_width x image_height .* but the image file"):
+    with pytest.raises(ValueError,
+                       match=r"its row gives image_width x image_height .* but the image file"):
         _prepare(raw, tmp_path / "prepared", rows)
     assert not (tmp_path / "prepared" / "ms_cxr" / "meta.json").exists()
 
@@ -147,7 +159,8 @@ def test_v1_0_0_without_a_split_column_is_split_by_patient(release, tmp_path):
     folder = _prepare(raw, tmp_path / "prepared", old, name="MS_CXR_Local_Alignment_v1.0.0.csv")
     meta = read_meta(str(folder))
     assert meta["rules"]["split"].startswith("no split column (v1.0.0)")
-    patients = {s: {r["image"].split(os.sep)[-3] for r in read_split(str(folder), s)} for s in P.SPLITS}
+    patients = {s: {r["image"].split(os.sep)[-3] for r in read_split(str(folder), s)}
+                for s in P.SPLITS}
     assert all(patients.values())
     assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
                 or patients["val"] & patients["test"])
@@ -160,7 +173,8 @@ def test_mimic_root_is_asked_for_where_needed_only(release, tmp_path):
     with pytest.raises(ValueError, match="pass --mimic-root"):
         P.prepare("ms_cxr", str(raw / "ms_cxr"), str(tmp_path))
     with pytest.raises(ValueError, match="read by ms_cxr only"):
-        P.prepare("chexpert", str(raw / "chexpert"), str(tmp_path), mimic_root=str(raw / "mimic_cxr"))
+        P.prepare("chexpert", str(raw / "chexpert"), str(tmp_path),
+                  mimic_root=str(raw / "mimic_cxr"))
     with pytest.raises(FileNotFoundError, match="--mimic-root .*nowhere: folder not found"):
         P.prepare("ms_cxr", str(raw / "ms_cxr"), str(tmp_path), mimic_root=str(raw / "nowhere"))
 

@@ -21,8 +21,8 @@ def batch(B=6, T=9):
     ids = torch.randint(5, 100, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, 5:] = False
-    return {"image": torch.randint(0, 256, (B, 1, 32, 32), dtype=torch.uint8, generator=g), "input_ids": ids,
-            "attention_mask": mask, "image_id": torch.arange(B)}
+    return {"image": torch.randint(0, 256, (B, 1, 32, 32), dtype=torch.uint8, generator=g),
+            "input_ids": ids, "attention_mask": mask, "image_id": torch.arange(B)}
 
 
 def watched_model():
@@ -39,11 +39,14 @@ def test_watch_reads_the_gradient_that_reaches_each_pool_and_the_selection_histo
     loss, _, selected = pretraining_loss(model, b, ITC_DRAWS, cfg)
     loss.backward()
     watch.count(selected)
-    expected = {k: getattr(model, f"{k}_prompts").weight.grad.norm().item() for k in ("visual", "textual")}
-    hist = {k: torch.bincount(selected[k].flatten(), minlength=cfg.model.pool_size) for k in selected}
+    expected = {k: getattr(model, f"{k}_prompts").weight.grad.norm().item()
+                for k in ("visual", "textual")}
+    hist = {k: torch.bincount(selected[k].flatten(), minlength=cfg.model.pool_size)
+            for k in selected}
     rec = watch.read(model)
     for k in ("visual", "textual"):
-        assert rec[f"pool_grad_norm_{k}"] == pytest.approx(expected[k], rel=1e-5) and expected[k] > 0
+        assert (rec[f"pool_grad_norm_{k}"] == pytest.approx(expected[k], rel=1e-5)
+                and expected[k] > 0)
         assert ((rec[f"selected_{k}_rows"], rec[f"selected_{k}_entropy"])
                 == poolwatch.pool_usage(hist[k]))
         assert f"probe_topk_changed_{k}" not in rec  # nothing to compare with at the first read
@@ -54,11 +57,13 @@ def test_watch_counts_the_share_of_probe_slots_whose_row_changed():
     _, model, _, watch = watched_model()
     watch.read(model)
     before = watch.probe_selection(model)["textual"]
-    with torch.no_grad():  # move one chosen row away from every query: each input loses it from its top-k
+    # move one chosen row away from every query: each input loses it from its top-k
+    with torch.no_grad():
         row = before[0, 0]
         model.textual_prompts.weight[row] = -100 * model.textual_prompts.weight[row].sign()
     after = watch.probe_selection(model)["textual"]
-    changed = 1 - sum(len(set(a.tolist()) & set(c.tolist())) for a, c in zip(before, after)) / before.numel()
+    changed = 1 - sum(len(set(a.tolist()) & set(c.tolist()))
+                      for a, c in zip(before, after)) / before.numel()
     assert 0 < changed < 1
     assert watch.read(model)["probe_topk_changed_textual"] == pytest.approx(changed)
 
@@ -68,7 +73,8 @@ def test_final_query_is_the_first_token_after_a_pass_of_the_modality_alone():
     torch.manual_seed(0)
     model = PTUnifier(cfg.model).eval()
     with torch.no_grad():
-        model.token_type_embeddings.weight.zero_()  # then the image alone is exactly a plain ViT pass
+        # then the image alone is exactly a plain ViT pass
+        model.token_type_embeddings.weight.zero_()
     image = batch()["image"]
     query = model._query(model.embed_image(image), None, 0)
     torch.testing.assert_close(query, model.forward_vision(image)[:, 0])
@@ -82,7 +88,8 @@ def test_final_query_is_the_first_token_after_a_pass_of_the_modality_alone():
     (dict(pool_keys="separate"), "--w-pool-pull"),
     (dict(w_pool_balance=0.1, objectives="mlm,itm"), "need itc"),
     (dict(w_pool_pull=0.1, prompt_mode="static"), "--prompt-mode pool"),
-    (dict(pool_select="cosine", prompt_mode="none"), "--pool-select cosine only apply to --prompt-mode pool"),
+    (dict(pool_select="cosine", prompt_mode="none"),
+     "--pool-select cosine only apply to --prompt-mode pool"),
 ])
 def test_pool_variant_flags_that_cannot_work_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
@@ -97,4 +104,5 @@ def test_weighted_pool_terms_enter_the_loss_and_separate_keys_learn_through_them
     expected = stats["itc_loss"] + 0.5 * stats["pool_pull"] + 0.25 * stats["pool_balance"]
     torch.testing.assert_close(loss.detach(), expected)
     loss.backward()
-    assert model.visual_prompts.key.grad.abs().sum() > 0 and model.textual_prompts.key.grad.abs().sum() > 0
+    assert (model.visual_prompts.key.grad.abs().sum() > 0
+            and model.textual_prompts.key.grad.abs().sum() > 0)

@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 import finetune  # noqa: E402
 import ptunifier_min  # noqa: E402
 import train  # noqa: E402
-from test_finetune import world  # noqa: E402, F401  (the shared tiny synthetic world fixture, every task prepared)
+# the shared tiny synthetic world fixture, every task prepared
+from test_finetune import world  # noqa: E402, F401
 
 from ptunifier_min.tokenizer import SPECIAL_TOKENS, encode_texts, load_tokenizer, special_ids
 from ptunifier_min import checkpoint, pretrained  # noqa: E402
@@ -28,10 +29,11 @@ from ptunifier_min.model import PTUnifier, pixel_table  # noqa: E402
 from ptunifier_min.pretrained import interpolate_pos_embed  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, dim=32, depth=2, heads=2, max_text_len=24)
-HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
-          patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+          image_size=32, patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-WORDS = ["pleural", "effusion", "no", "left", "small", "the", "heart", "is", "normal", "size", ".", "##s"]
+WORDS = ["pleural", "effusion", "no", "left", "small", "the", "heart", "is",
+         "normal", "size", ".", "##s"]
 
 
 def hf_vit(eps=1e-12):
@@ -46,14 +48,15 @@ def hf_clip():
 
 
 def hub_state(model, folder):
-    """The tensors as save_pretrained writes them: the names of the files on the Hugging Face hub (transformers 5
-    renames some modules in memory, never in the files)."""
+    """The tensors as save_pretrained writes them: the names of the files on the Hugging Face hub
+    (transformers 5 renames some modules in memory, never in the files)."""
     model.save_pretrained(folder)
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
 def randomise_norms(model):
-    """transformers initialises LayerNorms to (1, 0) and some biases to 0: random values make the test see them."""
+    """transformers initialises LayerNorms to (1, 0) and some biases to 0: random
+    values make the test see them."""
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.ndim == 1:
@@ -62,7 +65,8 @@ def randomise_norms(model):
 
 def vit_to_timm(sd):
     """HF ViTModel names -> timm's (what a timm checkpoint holds), q/k/v fused in that order."""
-    out = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
+    out = {"cls_token": sd["embeddings.cls_token"],
+           "pos_embed": sd["embeddings.position_embeddings"],
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
            "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"],
@@ -72,8 +76,9 @@ def vit_to_timm(sd):
         for w in ("weight", "bias"):
             qkv = [sd[h + f"attention.attention.{n}.{w}"] for n in ("query", "key", "value")]
             out[b + f"attn.qkv.{w}"] = torch.cat(qkv)
-            for src, dst in (("layernorm_before", "norm1"), ("layernorm_after", "norm2"), ("attention.output.dense",
-                             "attn.proj"), ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")):
+            for src, dst in (("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+                             ("attention.output.dense", "attn.proj"),
+                             ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")):
                 out[b + f"{dst}.{w}"] = sd[h + f"{src}.{w}"]
     return out
 
@@ -82,19 +87,22 @@ def clip_to(sd, names):
     """HF CLIP vision names (no prefix) -> timm's CLIP names or OpenAI's `visual.*` names."""
     timm = names == "timm"
     out = {("cls_token" if timm else "visual.class_embedding"): sd["embeddings.class_embedding"],
-           ("pos_embed" if timm else "visual.positional_embedding"): sd["embeddings.position_embedding.weight"],
-           ("patch_embed.proj.weight" if timm else "visual.conv1.weight"): sd["embeddings.patch_embedding.weight"]}
+           ("pos_embed" if timm else "visual.positional_embedding"):
+               sd["embeddings.position_embedding.weight"],
+           ("patch_embed.proj.weight" if timm else "visual.conv1.weight"):
+               sd["embeddings.patch_embedding.weight"]}
     for w in ("weight", "bias"):
         out[f"norm_pre.{w}" if timm else f"visual.ln_pre.{w}"] = sd[f"pre_layrnorm.{w}"]
         out[f"norm.{w}" if timm else f"visual.ln_post.{w}"] = sd[f"post_layernorm.{w}"]
     if not timm:
-        out["visual.proj"] = torch.zeros(32, 16)  # CLIP's projection to the joint space: listed as unused
+        # CLIP's projection to the joint space: listed as unused
+        out["visual.proj"] = torch.zeros(32, 16)
     for i in range(2):
         h = f"encoder.layers.{i}."
         b = f"blocks.{i}." if timm else f"visual.transformer.resblocks.{i}."
         table = (("layer_norm1", "norm1", "ln_1"), ("layer_norm2", "norm2", "ln_2"),
-                 ("self_attn.out_proj", "attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.fc1", "mlp.c_fc"),
-                 ("mlp.fc2", "mlp.fc2", "mlp.c_proj"))
+                 ("self_attn.out_proj", "attn.proj", "attn.out_proj"),
+                 ("mlp.fc1", "mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.fc2", "mlp.c_proj"))
         for w in ("weight", "bias"):
             qkv = torch.cat([sd[h + f"self_attn.{n}_proj.{w}"] for n in "qkv"])
             out[b + (f"attn.qkv.{w}" if timm else f"attn.in_proj_{w}")] = qkv
@@ -107,7 +115,8 @@ def imported_model(path, lines=None, given=("heads",), **over):
     """given: the flags the user gave; by default --heads, which a user of a timm or OpenAI file
     must give for the tiny sources' 16-wide heads (such files do not record the head count)."""
     cfg = ModelConfig(**{**TINY, **over})
-    say = (lambda *a: lines.append(" ".join(map(str, a)))) if lines is not None else (lambda *a: None)
+    say = ((lambda *a: lines.append(" ".join(map(str, a)))) if lines is not None
+           else (lambda *a: None))
     imported = pretrained.prepare(path, "", None, cfg, say, frozenset(given))
     model = PTUnifier(cfg).eval()
     pretrained.load_into(model, imported, say)
@@ -118,7 +127,7 @@ def image(B=3, size=32):
     return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-# ---- vision: every format exact on the image tokens ------------------------------------------------------------------
+# ---- vision: every format exact on the image tokens ----------------------------------------------
 def test_hf_vit_safetensors_and_prefixed_bin_are_exact(tmp_path):
     src = hf_vit()
     randomise_norms(src)
@@ -127,7 +136,8 @@ def test_hf_vit_safetensors_and_prefixed_bin_are_exact(tmp_path):
         ref = src(pixel_values=image()).last_hidden_state
     lines = []
     model = imported_model(str(tmp_path / "vit" / "model.safetensors"), lines)
-    assert (model.cfg.norm_eps, model.cfg.act, model.cfg.norm_pre, model.cfg.patch_bias) == (1e-12, "gelu", False, True)
+    assert ((model.cfg.norm_eps, model.cfg.act, model.cfg.norm_pre, model.cfg.patch_bias)
+            == (1e-12, "gelu", False, True))
     with torch.no_grad():
         torch.testing.assert_close(model.forward_vision(image()), ref, atol=1e-5, rtol=0)
     out = "\n".join(lines)
@@ -139,8 +149,8 @@ def test_hf_vit_safetensors_and_prefixed_bin_are_exact(tmp_path):
     hub = load_file(tmp_path / "vit" / "model.safetensors")
     torch.save({f"vit.{k}": v for k, v in hub.items()}, tmp_path / "bin" / "pytorch_model.bin")
     with torch.no_grad():
-        torch.testing.assert_close(imported_model(str(tmp_path / "bin" / "pytorch_model.bin")).forward_vision(image()),
-                                   ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(imported_model(str(tmp_path / "bin" / "pytorch_model.bin"))
+                                   .forward_vision(image()), ref, atol=1e-5, rtol=0)
 
 
 def test_timm_named_vit_is_exact(tmp_path):
@@ -149,10 +159,11 @@ def test_timm_named_vit_is_exact(tmp_path):
     save_file(vit_to_timm(hub_state(src, tmp_path / "hf")), str(tmp_path / "timm.safetensors"))
     lines = []
     model = imported_model(str(tmp_path / "timm.safetensors"), lines)
-    assert (model.cfg.norm_eps, model.cfg.act) == (1e-6, "gelu") and "head.weight" in "\n".join(lines)
+    assert ((model.cfg.norm_eps, model.cfg.act) == (1e-6, "gelu")
+            and "head.weight" in "\n".join(lines))
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_vision(image()), src(pixel_values=image()).last_hidden_state,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.forward_vision(image()),
+                                   src(pixel_values=image()).last_hidden_state, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fmt", ["hf_clip_vision", "hf_clip_model", "timm_clip", "openai_clip"])
@@ -164,8 +175,10 @@ def test_clip_formats_are_exact(fmt, tmp_path):
         path = tmp_path / "model.safetensors"
     else:
         path = tmp_path / "w.safetensors"
-        if fmt == "hf_clip_model":  # a CLIPModel holds the vision tower under vision_model. next to the text tower
-            state = {**{f"vision_model.{k}": v for k, v in sd.items()}, "logit_scale": torch.tensor(2.6),
+        # a CLIPModel holds the vision tower under vision_model. next to the text tower
+        if fmt == "hf_clip_model":
+            state = {**{f"vision_model.{k}": v for k, v in sd.items()},
+                     "logit_scale": torch.tensor(2.6),
                      "text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(4, 4)}
         else:
             state = clip_to(sd, "timm" if fmt == "timm_clip" else "openai")
@@ -173,10 +186,12 @@ def test_clip_formats_are_exact(fmt, tmp_path):
     lines = []
     model = imported_model(str(path), lines)
     cfg = model.cfg
-    assert (cfg.norm_pre, cfg.act, cfg.norm_eps, cfg.patch_bias) == (True, "quick_gelu", 1e-5, False)
+    assert ((cfg.norm_pre, cfg.act, cfg.norm_eps, cfg.patch_bias)
+            == (True, "quick_gelu", 1e-5, False))
     with torch.no_grad():
         out = src(pixel_values=image())
-        # CLIP applies post_layernorm to the CLS token only (pooler_output); ours is the final norm of every token
+        # CLIP applies post_layernorm to the CLS token only (pooler_output); ours
+        # is the final norm of every token
         ref = src.post_layernorm(out.last_hidden_state)
         torch.testing.assert_close(ref[:, 0], out.pooler_output)
         torch.testing.assert_close(model.forward_vision(image()), ref, atol=1e-5, rtol=0)
@@ -327,27 +342,30 @@ def test_refusals_name_the_problem(tmp_path):
     path = str(tmp_path / "model.safetensors")
     with pytest.raises(SystemExit, match="dim: file 32 vs config 64"):
         imported_model(path, dim=64, heads=2)
-    torch.save({"w": torch.nn.Linear(2, 2)}, tmp_path / "pickled.bin")  # a pickled module: refused, not executed
+    # a pickled module: refused, not executed
+    torch.save({"w": torch.nn.Linear(2, 2)}, tmp_path / "pickled.bin")
     with pytest.raises(ValueError, match="weights_only"):
         pretrained.read_state_dict(str(tmp_path / "pickled.bin"))
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a ViT / CLIP vision checkpoint"):
         imported_model(str(tmp_path / "other.safetensors"))
     sd = vit_to_timm(load_file(path))
-    sd["blocks.0.ls1.gamma"] = torch.ones(32)  # LayerScale: ignoring it would change the function, so refuse
+    # LayerScale: ignoring it would change the function, so refuse
+    sd["blocks.0.ls1.gamma"] = torch.ones(32)
     save_file(sd, str(tmp_path / "ls.safetensors"))
     with pytest.raises(ValueError, match="ls1.gamma"):
         imported_model(str(tmp_path / "ls.safetensors"))
 
 
-# ---- text: BERT (WordPiece) and RoBERTa (byte-level BPE) embeddings -------------------------------------------------
+# ---- text: BERT (WordPiece) and RoBERTa (byte-level BPE) embeddings ------------------------------
 def bert_files(tmp_path):
     os.makedirs(tmp_path, exist_ok=True)
     vocab = SPECIAL_TOKENS + WORDS
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     torch.manual_seed(0)
-    src = transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
-                                                         num_attention_heads=2, intermediate_size=64,
+    src = transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), hidden_size=32,
+                                                         num_hidden_layers=1, num_attention_heads=2,
+                                                         intermediate_size=64,
                                                          max_position_embeddings=40)).eval()
     randomise_norms(src)
     src.save_pretrained(tmp_path)
@@ -360,11 +378,14 @@ def roberta_files(tmp_path):
     merges = [("p", "l"), ("e", "u"), ("pl", "eu"), ("Ġ", "e"), ("Ġe", "f")]
     vocab = ["<s>", "<pad>", "</s>", "<unk>"] + alphabet + ["".join(m) for m in merges] + ["<mask>"]
     (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n"
+                                         + "\n".join(" ".join(m) for m in merges) + "\n")
     torch.manual_seed(0)
     src = transformers.RobertaModel(transformers.RobertaConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=40, pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5)).eval()  # roberta-base
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64,
+        # roberta-base
+        max_position_embeddings=40, pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5)).eval()
     randomise_norms(src)
     src.save_pretrained(tmp_path)
     return src
@@ -378,7 +399,8 @@ def test_text_embeddings_equal_the_source(kind, tmp_path):
     sp = special_ids(tok)
     if kind == "roberta":
         assert [sp[k] for k in ("cls", "sep", "pad", "mask")] == [0, 2, 1, len(tok.get_vocab()) - 1]
-        ref_tok = transformers.RobertaTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+        ref_tok = transformers.RobertaTokenizer(str(tmp_path / "vocab.json"),
+                                                str(tmp_path / "merges.txt"))
         assert ids[0].tolist() == ref_tok("left pleural effusion")["input_ids"]
     cfg = ModelConfig(**TINY, vocab_size=tok.get_vocab_size(), cls_id=sp["cls"], sep_id=sp["sep"])
     lines = []
@@ -386,19 +408,24 @@ def test_text_embeddings_equal_the_source(kind, tmp_path):
     model = PTUnifier(cfg).eval()
     pretrained.load_into(model, imported, lines.append)
     assert cfg.text_norm_eps == (1e-12 if kind == "bert" else 1e-5)
-    assert "encoder.layer.N.attention.self.query.weight" in "\n".join(lines)  # the text encoder's blocks: unused
+    # the text encoder's blocks: unused
+    assert "encoder.layer.N.attention.self.query.weight" in "\n".join(lines)
     with torch.no_grad():
-        # RoBERTa's own position ids start at padding_idx + 1 = 2 for an unpadded text: the import shifted ours
-        torch.testing.assert_close(model.embed_text(ids), src.embeddings(input_ids=ids), atol=1e-6, rtol=0)
+        # RoBERTa's own position ids start at padding_idx + 1 = 2 for an
+        # unpadded text: the import shifted ours
+        torch.testing.assert_close(model.embed_text(ids),
+                                   src.embeddings(input_ids=ids), atol=1e-6, rtol=0)
     bad = ModelConfig(**{**TINY, "dim": 64}, vocab_size=tok.get_vocab_size())
     with pytest.raises(SystemExit, match="widths must match"):
         pretrained.prepare("", str(tmp_path / "model.safetensors"), tok, bad, lines.append)
 
 
 def test_default_model_is_unchanged_by_the_new_fields():
-    """No norm_pre, no text norm, the patch bias: the parameter list of a default model is what it was."""
+    """No norm_pre, no text norm, the patch bias: the parameter list of a
+    default model is what it was."""
     names = set(PTUnifier(ModelConfig()).state_dict())
-    assert not any(n.startswith(("norm_pre", "text_norm")) for n in names) and "patch_embed.proj.bias" in names
+    assert (not any(n.startswith(("norm_pre", "text_norm")) for n in names)
+            and "patch_embed.proj.bias" in names)
 
 
 def test_paper_preset_takes_the_papers_rates_only_with_init_vision():
@@ -407,11 +434,12 @@ def test_paper_preset_takes_the_papers_rates_only_with_init_vision():
     assert (cfg.lr_backbone, cfg.lr_head) == (1e-4, 5e-4)
     cfg = parse_args(TrainConfig, PRESETS, base + ["--init-vision", "clip.safetensors"])
     assert (cfg.lr_backbone, cfg.lr_head) == (1e-5, 5e-5)
-    cfg = parse_args(TrainConfig, PRESETS, base + ["--init-vision", "c.safetensors", "--lr-backbone", "2e-5"])
+    cfg = parse_args(TrainConfig, PRESETS,
+                     base + ["--init-vision", "c.safetensors", "--lr-backbone", "2e-5"])
     assert (cfg.lr_backbone, cfg.lr_head) == (2e-5, 5e-5)
 
 
-# ---- end to end ------------------------------------------------------------------------------------------------------
+# ---- end to end ----------------------------------------------------------------------------------
 def test_train_and_finetune_start_from_transformers_files(world, tmp_path, capsys):  # noqa: F811
     synth_root = world[0]  # the tiny world every task is prepared in (test_finetune.py)
     clip = hf_clip()
@@ -419,8 +447,9 @@ def test_train_and_finetune_start_from_transformers_files(world, tmp_path, capsy
     roberta_files(tmp_path / "rob")
     bert_files(tmp_path / "bert")
     out = tmp_path / "pre"
-    model = train.main(["--preset", "tiny", "--synth-root", synth_root, "--out", str(out), "--eval-pairs", "0",
-                        "--steps", "2", "--init-vision", str(tmp_path / "clip" / "model.safetensors"),
+    model = train.main(["--preset", "tiny", "--synth-root", synth_root, "--out", str(out),
+                        "--eval-pairs", "0", "--steps", "2",
+                        "--init-vision", str(tmp_path / "clip" / "model.safetensors"),
                         "--init-text", str(tmp_path / "rob" / "model.safetensors"),
                         "--tokenizer", str(tmp_path / "rob" / "vocab.json"),
                         "--whole-word", "true"])  # train.py's words for RoBERTa's BPE
@@ -437,10 +466,12 @@ def test_train_and_finetune_start_from_transformers_files(world, tmp_path, capsy
     init = parse_args(FinetuneConfig, FINETUNE_PRESETS, ["--task", "chexpert", "--init", str(out)])
     finetune.resolve_init(init, print)
     assert [init.model.pixel_mean, init.model.pixel_std] == clip_pixels
-    assert load_tokenizer(checkpoint.checkpoint_tokenizer(ckpt)).get_vocab_size() == model.cfg.vocab_size
+    assert (load_tokenizer(checkpoint.checkpoint_tokenizer(ckpt)).get_vocab_size()
+            == model.cfg.vocab_size)
     fin = tmp_path / "fin"
-    finetune.main(["--preset", "tiny", "--synth-root", synth_root, "--task", "chexpert", "--out", str(fin),
-                   "--steps", "2", "--eval-every", "2", "--init-vision", str(tmp_path / "clip" / "model.safetensors"),
+    finetune.main(["--preset", "tiny", "--synth-root", synth_root, "--task", "chexpert",
+                   "--out", str(fin), "--steps", "2", "--eval-every", "2",
+                   "--init-vision", str(tmp_path / "clip" / "model.safetensors"),
                    "--init-text", str(tmp_path / "bert" / "model.safetensors"),
                    "--tokenizer", str(tmp_path / "bert" / "vocab.txt")])
     result = json.loads((fin / "results.json").read_text())

@@ -1,9 +1,10 @@
-"""Run folders are owned, and resuming is honest (issue 9): a lock per --out, no re-run into an earlier run unless
---resume or --overwrite (which moves it aside), keep-last that deletes only this run's checkpoints, atomic writes that
-say "disk full", resume that refuses what cannot change and applies what may (learning rates included), a log cut
-back to the resumed step, and SIGTERM / SIGINT that say where the last checkpoint is and how to resume.
-What a killed run leaves is removed when it starts again; --resume of the other script's run is
-refused naming the right script; clear errors reach the user without a traceback."""
+"""Run folders are owned, and resuming is honest (issue 9): a lock per --out, no re-run into an
+earlier run unless --resume or --overwrite (which moves it aside), keep-last that deletes only this
+run's checkpoints, atomic writes that say "disk full", resume that refuses what cannot change and
+applies what may (learning rates included), a log cut back to the resumed step, and SIGTERM / SIGINT
+that say where the last checkpoint is and how to resume. What a killed run leaves is removed when it
+starts again; --resume of the other script's run is refused naming the right script; clear errors
+reach the user without a traceback."""
 
 import errno
 import json
@@ -22,7 +23,8 @@ import train
 from ptunifier_min.tokenizer import load_tokenizer
 from ptunifier_min.files import write_json
 from ptunifier_min import checkpoint, distributed, files, optim, runs, tasks
-from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, from_dict
+from ptunifier_min.config import FINETUNE_PRESETS, PRESETS, FinetuneConfig, TrainConfig, build, \
+    from_dict
 from ptunifier_min.model import PTUnifier
 from ptunifier_min.datasets.source import ensure_prepared, train_tokenizer
 from test_finetune import killed_at
@@ -32,21 +34,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The tiny synthetic world at the place test_finetune.py uses, so that one session prepares it once."""
+    """The tiny synthetic world at the place test_finetune.py uses, so that
+    one session prepares it once."""
     root = str(tmp_path_factory.getbasetemp() / "ptu_world")
     cfg = build(FinetuneConfig, {**FINETUNE_PRESETS["tiny"], "synth_root": root})
-    ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", tasks.TASKS["chexpert"].folder], distributed.Dist(),
-                    lambda *a: None)
+    ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", tasks.TASKS["chexpert"].folder],
+                    distributed.Dist(), lambda *a: None)
     return root
 
 
 def pretrain(world, out, *extra):
-    return train.main(["--preset", "tiny", "--synth-root", world, "--out", str(out), "--eval-pairs", "0",
-                       "--precision", "fp32", *map(str, extra)])
+    return train.main(["--preset", "tiny", "--synth-root", world, "--out", str(out),
+                       "--eval-pairs", "0", "--precision", "fp32", *map(str, extra)])
 
 
 def log_steps(out):
-    """The steps of the training records in out/log.jsonl, in file order (validation records left out)."""
+    """The steps of the training records in out/log.jsonl, in file order
+    (validation records left out)."""
     with open(os.path.join(out, "log.jsonl")) as f:
         return [r["step"] for r in map(json.loads, f) if any(k.endswith("loss") for k in r)]
 
@@ -55,8 +59,10 @@ def loads(ckpt):
     """The checkpoint exists, its config rebuilds its model and its weights load into it."""
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg = json.load(f)["config"]
-    model = PTUnifier((from_dict(FinetuneConfig, cfg) if "task" in cfg else from_dict(TrainConfig, cfg)).model)
-    if "task" in cfg:  # a fine-tuned checkpoint also holds its task head: check the backbone's tensors
+    model = PTUnifier((from_dict(FinetuneConfig, cfg)
+                       if "task" in cfg else from_dict(TrainConfig, cfg)).model)
+    # a fine-tuned checkpoint also holds its task head: check the backbone's tensors
+    if "task" in cfg:
         state = load_file(os.path.join(ckpt, "model.safetensors"))
         own = model.state_dict()
         return all(state[f"backbone.{k}"].shape == v.shape for k, v in own.items())
@@ -69,15 +75,18 @@ def tiny_model():
     return cfg, PTUnifier(cfg.model)
 
 
-# ---- keep-last, atomic writes, the log ------------------------------------------------------------------------------
+# ---- keep-last, atomic writes, the log -----------------------------------------------------------
 def test_keep_last_removes_only_the_checkpoints_this_run_wrote(tmp_path):
-    """The issue's `--steps 20` then `--steps 10 --save-every 10`: the old rule kept the last of sorted(step_*), so an
-    earlier run's step_0000020 outlived the new step_0000010 and `latest` named a deleted folder."""
+    """The issue's `--steps 20` then `--steps 10 --save-every 10`: the old rule kept the last
+    of sorted(step_*), so an earlier run's step_0000020 outlived the new step_0000010 and
+    `latest` named a deleted folder."""
     cfg, model = tiny_model()
     checkpoint.save_checkpoint(str(tmp_path / "earlier"), 20, model, cfg, {"step": 20})
-    os.replace(tmp_path / "earlier" / "step_0000020", tmp_path / "step_0000020")  # written by another process
+    # written by another process
+    os.replace(tmp_path / "earlier" / "step_0000020", tmp_path / "step_0000020")
     checkpoint.save_checkpoint(str(tmp_path), 10, model, cfg, {"step": 10})
-    assert checkpoint.resolve_checkpoint(str(tmp_path)).endswith("step_0000010") and loads(tmp_path / "step_0000010")
+    assert (checkpoint.resolve_checkpoint(str(tmp_path)).endswith("step_0000010")
+            and loads(tmp_path / "step_0000010"))
     assert (tmp_path / "step_0000020").is_dir()  # not ours to delete
     checkpoint.save_checkpoint(str(tmp_path), 15, model, cfg, {"step": 15})
     assert not (tmp_path / "step_0000010").exists() and (tmp_path / "step_0000020").is_dir()
@@ -96,7 +105,8 @@ def test_full_disk_during_a_checkpoint_says_so_and_leaves_the_previous_one(tmp_p
         checkpoint.save_checkpoint(str(tmp_path), 10, model, cfg, {"step": 10})
     assert str(tmp_path / "step_0000010") in str(e.value)
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_0000005"]  # no .tmp_ folder left behind
-    assert checkpoint.resolve_checkpoint(str(tmp_path)).endswith("step_0000005") and loads(tmp_path / "step_0000005")
+    assert (checkpoint.resolve_checkpoint(str(tmp_path)).endswith("step_0000005")
+            and loads(tmp_path / "step_0000005"))
 
 
 class _FullDisk:
@@ -131,7 +141,8 @@ def test_full_disk_during_a_json_write_keeps_the_previous_file(tmp_path, monkeyp
         write_json(str(path), {"after": 2})
     assert str(path) in str(e.value)
     monkeypatch.undo()
-    assert os.listdir(tmp_path) == ["results.json"] and json.loads(path.read_text()) == {"before": 1}
+    assert (os.listdir(tmp_path) == ["results.json"]
+            and json.loads(path.read_text()) == {"before": 1})
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "trainer.pt"])
@@ -182,7 +193,8 @@ def test_full_disk_and_damaged_checkpoints_end_the_scripts_with_the_message_alon
 
 def test_log_is_cut_back_to_the_resumed_step(tmp_path):
     path = tmp_path / "log.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7))
+                    + '{"step": 7, "lo')
     log = runs.Log(str(path), True, resume_step=4)
     log.write({"step": 5, "loss": 0.5})
     log.f.close()
@@ -215,16 +227,20 @@ def test_a_killed_runs_temporaries_are_removed_when_it_is_resumed_or_overwritten
     assert checkpoint.resolve_checkpoint(str(resumed)).endswith("step_0000005")
 
 
-# ---- the lock --------------------------------------------------------------------------------------------------------
+# ---- the lock ------------------------------------------------------------------------------------
 def test_second_run_on_one_out_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {REPO!r}); "
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import sys, time; sys.path.insert(0, {REPO!r}); "
                                "from ptunifier_min import runs; "
-                               f"runs.claim_run_folder({str(out)!r}); print('claimed', flush=True); time.sleep(120)"],
+                               f"runs.claim_run_folder({str(out)!r}); "
+                               "print('claimed', flush=True); "
+                               "time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "claimed"
-        with pytest.raises(SystemExit, match=f"in use by another run \\(pid {holder.pid} on .*, started "):
+        with pytest.raises(SystemExit,
+                           match=f"in use by another run \\(pid {holder.pid} on .*, started "):
             runs.claim_run_folder(str(out))
     finally:
         holder.kill()  # SIGKILL: no clean-up code runs
@@ -237,23 +253,26 @@ def test_unwritable_out_is_refused_before_any_data_is_read(tmp_path):
     with pytest.raises(SystemExit, match="cannot write to --out"):
         runs.claim_run_folder(str(tmp_path / "a_file" / "run"))
     with pytest.raises(SystemExit, match="cannot write to --out"):
-        train.main(["--preset", "tiny", "--synth-root", str(tmp_path / "world"), "--out", str(tmp_path / "a_file")])
+        train.main(["--preset", "tiny", "--synth-root", str(tmp_path / "world"),
+                    "--out", str(tmp_path / "a_file")])
     assert not (tmp_path / "world").exists()  # stopped before the synthetic world was made
 
 
-# ---- train.py end to end ---------------------------------------------------------------------------------------------
+# ---- train.py end to end -------------------------------------------------------------------------
 def test_rerun_into_an_earlier_run_is_refused_and_overwrite_moves_it_aside(world, tmp_path, capsys):
     out = tmp_path / "run"
     pretrain(world, out, "--steps", 4, "--save-every", 2)
     with pytest.raises(SystemExit, match="holds an earlier run .*--resume.*--overwrite"):
         pretrain(world, out, "--steps", 2, "--save-every", 2)
-    assert checkpoint.resolve_checkpoint(str(out)).endswith("step_0000004") and loads(out / "step_0000004")
+    assert (checkpoint.resolve_checkpoint(str(out)).endswith("step_0000004")
+            and loads(out / "step_0000004"))
 
     pretrain(world, out, "--steps", 2, "--save-every", 2, "--overwrite")
     # data.json: what the run read
     moved = "config.json, data.json, latest, log.jsonl, step_0000004"
     assert f"--overwrite: moved the earlier run's {moved} aside" in capsys.readouterr().out
-    assert checkpoint.resolve_checkpoint(str(out)).endswith("step_0000002") and loads(out / "step_0000002")
+    assert (checkpoint.resolve_checkpoint(str(out)).endswith("step_0000002")
+            and loads(out / "step_0000002"))
     aside = [n for n in os.listdir(out) if n.startswith(".replaced-")]
     assert len(aside) == 1 and loads(checkpoint.resolve_checkpoint(str(out / aside[0])))
     assert max(log_steps(out)) == 2  # a fresh log, not the earlier run's with this one appended
@@ -263,10 +282,12 @@ def test_resume_refuses_what_cannot_change(world, tmp_path):
     out = tmp_path / "run"
     pretrain(world, out, "--steps", 2, "--save-every", 2)
     with pytest.raises(SystemExit) as e:
-        pretrain(world, out, "--steps", 4, "--resume", out, "--batch-size", 4, "--query-pooling", "max",
-                 "--itc-temperature", 0.1, "--objectives", "mlm,itc", "--seed", 1)
+        pretrain(world, out, "--steps", 4, "--resume", out, "--batch-size", 4,
+                 "--query-pooling", "max", "--itc-temperature", 0.1,
+                 "--objectives", "mlm,itc", "--seed", 1)
     message = str(e.value)
-    for name in ("--batch-size 8 -> 4", "--query-pooling 'mean' -> 'max'", "--itc-temperature 0.07 -> 0.1",
+    for name in ("--batch-size 8 -> 4", "--query-pooling 'mean' -> 'max'",
+                 "--itc-temperature 0.07 -> 0.1",
                  "--objectives 'mlm,itm,itc' -> 'mlm,itc'", "--seed 0 -> 1"):
         assert name in message, message
     assert "--steps" not in message  # a resumed run may run longer
@@ -277,7 +298,8 @@ def test_resume_from_nothing_is_an_error_naming_the_flag(world, tmp_path):
         pretrain(world, tmp_path / "run", "--resume", tmp_path / "nothing")
 
 
-def test_resume_applies_new_learning_rates_and_logs_every_step_once(world, tmp_path, monkeypatch, capsys):
+def test_resume_applies_new_learning_rates_and_logs_every_step_once(world, tmp_path,
+                                                                    monkeypatch, capsys):
     out = tmp_path / "run"
     common = ["--steps", 8, "--save-every", 4, "--log-every", 1]
     real = train.pretraining_loss
@@ -286,17 +308,19 @@ def test_resume_applies_new_learning_rates_and_logs_every_step_once(world, tmp_p
     with pytest.raises(KeyboardInterrupt):
         pretrain(world, out, *common)
     monkeypatch.setattr(train, "pretraining_loss", real)
-    assert log_steps(out) == [1, 2, 3, 4, 5, 6] and checkpoint.resolve_checkpoint(str(out)).endswith("step_0000004")
+    assert (log_steps(out) == [1, 2, 3, 4, 5, 6]
+            and checkpoint.resolve_checkpoint(str(out)).endswith("step_0000004"))
 
     capsys.readouterr()
     pretrain(world, out, *common, "--resume", out, "--lr-backbone", 5e-4, "--lr-head", 5e-4)
     schedule = optim.warmup_linear(8, TrainConfig().warmup_frac)
     rows = {r["step"]: r for r in map(json.loads, open(out / "log.jsonl")) if "lr_backbone" in r}
-    for step in (5, 6, 7):  # the new peak, at the resumed position of the schedule (the old code kept 1e-3)
+    # the new peak, at the resumed position of the schedule (the old code kept 1e-3)
+    for step in (5, 6, 7):
         assert rows[step]["lr_backbone"] == pytest.approx(5e-4 * schedule(step)), step
     assert log_steps(out) == list(range(1, 9))  # steps 5 and 6 once, from the resumed run
-    assert "changed for the rest of the run: --lr-backbone 0.001 -> 0.0005, --lr-head 0.001 -> 0.0005" in \
-        capsys.readouterr().out
+    assert ("changed for the rest of the run: --lr-backbone 0.001 -> 0.0005, "
+            "--lr-head 0.001 -> 0.0005" in capsys.readouterr().out)
     assert json.loads((out / "config.json").read_text())["lr_head"] == 5e-4
 
 
@@ -319,9 +343,11 @@ def test_resuming_the_other_scripts_run_names_the_script_that_continues_it(world
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_says_where_the_checkpoint_is_and_how_to_resume(world, tmp_path, sig):
     out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--preset", "tiny", "--synth-root", world, "--out", str(out),
-           "--eval-pairs", "0", "--steps", "100000", "--save-every", "2", "--log-every", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--preset", "tiny",
+           "--synth-root", world, "--out", str(out), "--eval-pairs", "0", "--steps", "100000",
+           "--save-every", "2", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "latest").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -330,20 +356,23 @@ def test_stop_signal_says_where_the_checkpoint_is_and_how_to_resume(world, tmp_p
     assert proc.returncode == 128 + sig, err[-2000:]
     last = err.strip().splitlines()[-1]
     ckpt = checkpoint.resolve_checkpoint(str(out))
-    assert last.startswith(f"{signal.Signals(sig).name}: stopped; the last checkpoint is {ckpt}") and \
+    assert last.startswith(f"{signal.Signals(sig).name}: stopped; the last "
+                           f"checkpoint is {ckpt}") and \
         last.endswith(f"--resume {out}"), last
     assert loads(ckpt) and not [n for n in os.listdir(out) if n.startswith(".tmp")]
     runs.claim_run_folder(str(out), resume=str(out))  # the lock went with the process
 
 
-# ---- finetune.py -----------------------------------------------------------------------------------------------------
+# ---- finetune.py ---------------------------------------------------------------------------------
 def fine_tune(world, *extra):
-    finetune.main(["--preset", "tiny", "--synth-root", world, "--task", "chexpert", "--init", "scratch",
-                   "--eval-every", "2", "--precision", "fp32", *map(str, extra)])
+    finetune.main(["--preset", "tiny", "--synth-root", world,
+                   "--task", "chexpert", "--init", "scratch", "--eval-every", "2",
+                   "--precision", "fp32", *map(str, extra)])
 
 
 def test_finetune_rerun_into_its_default_folder(world, tmp_path, monkeypatch):
-    """The issue's case: a re-run into the default folder exited 0 with results.json naming a deleted checkpoint."""
+    """The issue's case: a re-run into the default folder exited 0 with results.json
+    naming a deleted checkpoint."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs" / "finetune" / "chexpert-scratch"
     fine_tune(world, "--steps", 4)
@@ -355,7 +384,8 @@ def test_finetune_rerun_into_its_default_folder(world, tmp_path, monkeypatch):
     assert os.path.samefile(checkpoint.resolve_checkpoint(str(out)), results["checkpoint"])
 
 
-def test_finetune_resume_refuses_what_cannot_change_and_cuts_the_log(world, tmp_path, monkeypatch, capsys):
+def test_finetune_resume_refuses_what_cannot_change_and_cuts_the_log(world, tmp_path,
+                                                                     monkeypatch, capsys):
     out = tmp_path / "ft"
     real = optim.optimizer_step
     killed_at_step_4 = killed_at(4, real)
@@ -366,10 +396,11 @@ def test_finetune_resume_refuses_what_cannot_change_and_cuts_the_log(world, tmp_
     monkeypatch.setattr(optim, "optimizer_step", real)
     assert log_steps(out) == [1, 2, 3]
     with pytest.raises(SystemExit) as e:
-        fine_tune(world, "--steps", 6, "--log-every", 1, "--out", out, "--resume", out, "--data-frac", 0.5,
-                  "--val-max", 4)
+        fine_tune(world, "--steps", 6, "--log-every", 1, "--out", out, "--resume", out,
+                  "--data-frac", 0.5, "--val-max", 4)
     assert "--data-frac 1.0 -> 0.5" in str(e.value) and "--val-max 128 -> 4" in str(e.value)
-    fine_tune(world, "--steps", 6, "--log-every", 1, "--out", out, "--resume", out, "--lr-head", 5e-4)
+    fine_tune(world, "--steps", 6, "--log-every", 1, "--out", out,
+              "--resume", out, "--lr-head", 5e-4)
     assert "--lr-head 0.001 -> 0.0005" in capsys.readouterr().out
     assert log_steps(out) == [1, 2, 3, 4, 5, 6]
 

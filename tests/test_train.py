@@ -29,12 +29,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def synth_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("world"))
     cfg = build(TrainConfig, {**PRESETS["tiny"], "synth_root": root})
-    source.ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", "roco_retrieval"], distributed.Dist(), print)
+    source.ensure_prepared(cfg, ["roco", "medicat", "mimic_cxr", "roco_retrieval"],
+                           distributed.Dist(), print)
     return root
 
 
 def flags(synth_root, out, *extra):
-    return ["--preset", "tiny", "--synth-root", synth_root, "--out", str(out), "--eval-pairs", "8", *map(str, extra)]
+    return ["--preset", "tiny", "--synth-root", synth_root, "--out", str(out),
+            "--eval-pairs", "8", *map(str, extra)]
 
 
 def read_log(out):
@@ -53,8 +55,8 @@ def test_tiny_run_learns_and_its_checkpoint_loads_back(synth_root, tmp_path):
     first, last = log[min(log)], log[max(log)]
     assert last["mlm_loss"] < first["mlm_loss"] - 0.3, (first, last)
     assert last["itc_loss"] < first["itc_loss"]
-    assert {"itm_acc", "itc_acc", "logit_scale", "lr_backbone", "pairs_per_s", "selected_visual_rows",
-            "selected_textual_entropy"} <= set(last)
+    assert {"itm_acc", "itc_acc", "logit_scale", "lr_backbone", "pairs_per_s",
+            "selected_visual_rows", "selected_textual_entropy"} <= set(last)
     ckpt = checkpoint.resolve_checkpoint(str(tmp_path))
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg = from_dict(TrainConfig, json.load(f)["config"])
@@ -73,7 +75,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(synth_root, tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *flags(synth_root, out, *common)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline:  # kill it somewhere after the step-8 checkpoint, mid-epoch, before the end
+    # kill it somewhere after the step-8 checkpoint, mid-epoch, before the end
+    while time.time() < deadline:
         latest = out / "latest"
         if latest.exists() and latest.read_text().strip() >= "step_0000008":
             break
@@ -205,7 +208,8 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(synth_ro
 
 def test_torchrun_two_processes_stay_identical(synth_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO, "train.py"), *flags(synth_root, tmp_path, "--steps", 6, "--batch-size", 4)]
+           os.path.join(REPO, "train.py"),
+           *flags(synth_root, tmp_path, "--steps", 6, "--batch-size", 4)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -213,26 +217,32 @@ def test_torchrun_two_processes_stay_identical(synth_root, tmp_path):
     assert "global batch 8 = 4 per device x 1 accumulation x 2 ranks" in run.stdout
     assert checkpoint.resolve_checkpoint(str(tmp_path)).endswith("step_0000006")
     assert "on 8 synthetic ROCO test pairs" in run.stdout  # no --data-root: the embedded world
-    # pool usage counts every rank's selections: what 1 process selects for the same global batch (before: rank 0's)
+    # pool usage counts every rank's selections: what 1 process selects for the same
+    # global batch (before: rank 0's)
     train.main(flags(synth_root, tmp_path / "one", "--steps", 6, "--batch-size", 8))
     two, one = read_log(tmp_path), read_log(tmp_path / "one")
     assert sorted(two) == sorted(one) == [5, 6]
     for step in one:
         for k in ("selected_visual", "selected_textual"):
             assert two[step][f"{k}_rows"] == one[step][f"{k}_rows"], (step, k)
-            assert two[step][f"{k}_entropy"] == pytest.approx(one[step][f"{k}_entropy"], rel=1e-9), (step, k)
+            assert (two[step][f"{k}_entropy"]
+                    == pytest.approx(one[step][f"{k}_entropy"], rel=1e-9)), (step, k)
 
 
-def test_logged_loss_is_the_weighted_total_and_real_data_is_not_called_synthetic(synth_root, tmp_path, capsys):
-    prepared = os.path.join(synth_root, "tiny", "prepared")  # given as --data-root, as a user's prepared data is
-    train.main(["--preset", "tiny", "--data-root", prepared, "--out", str(tmp_path), "--eval-pairs", "8",
-                "--steps", "3", "--log-every", "1", "--w-mlm", "0.5", "--w-itc", "2"])
+def test_logged_loss_is_the_weighted_total_and_real_data_is_not_called_synthetic(
+        synth_root, tmp_path, capsys):
+    # given as --data-root, as a user's prepared data is
+    prepared = os.path.join(synth_root, "tiny", "prepared")
+    train.main(["--preset", "tiny", "--data-root", prepared, "--out", str(tmp_path),
+                "--eval-pairs", "8", "--steps", "3", "--log-every", "1",
+                "--w-mlm", "0.5", "--w-itc", "2"])
     out = capsys.readouterr().out
     assert "zero-shot retrieval on 8 ROCO test pairs" in out
     log = read_log(tmp_path)
     assert sorted(log) == [1, 2, 3]
     for rec in log.values():  # the optimised total, not the unweighted sum
-        assert rec["loss"] == pytest.approx(0.5 * rec["mlm_loss"] + rec["itm_loss"] + 2 * rec["itc_loss"], rel=1e-6)
+        assert rec["loss"] == pytest.approx(0.5 * rec["mlm_loss"] + rec["itm_loss"]
+                                            + 2 * rec["itc_loss"], rel=1e-6)
 
 
 def test_non_finite_steps_are_skipped_then_stop_training(synth_root, tmp_path, monkeypatch):
@@ -254,7 +264,8 @@ def test_non_finite_steps_are_skipped_then_stop_training(synth_root, tmp_path, m
     with open(tmp_path / "log.jsonl") as f:
         skipped = [json.loads(line)["step"] for line in f if "skipped" in line]
     assert skipped == [3, 7, 8, 9]
-    assert checkpoint.resolve_checkpoint(str(tmp_path)).endswith("step_0000005")  # the last good checkpoint is intact
+    # the last good checkpoint is intact
+    assert checkpoint.resolve_checkpoint(str(tmp_path)).endswith("step_0000005")
     model = PTUnifier(from_dict(TrainConfig, json.load(open(tmp_path / "config.json"))).model)
     checkpoint.load_weights(str(tmp_path), model)
     assert all(torch.isfinite(p).all() for p in model.parameters())

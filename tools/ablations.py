@@ -826,7 +826,8 @@ def parser(description, out, jobs, finetunes):
     p.add_argument("--finetunes", default=",".join(finetunes),
                    help=f"comma-separated fine-tunes (default: all: {', '.join(finetunes)})")
     p.add_argument("--jobs", type=at_least(1), default=jobs,
-                   help=f"runs at once; each subprocess gets cores / jobs threads (default: {jobs})")
+                   help=f"runs at once; each subprocess gets cores / jobs threads "
+                        f"(default: {jobs})")
     p.add_argument("--preset", default="cpu", choices=sorted(config.PRESETS),
                    help="train.py and finetune.py preset (default: cpu, the main job's; tiny for "
                         "a smoke test)")

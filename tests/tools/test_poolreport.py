@@ -17,13 +17,15 @@ from tools import poolreport
 
 
 def test_attention_maps_are_the_attention_the_blocks_computed():
-    """Recomputing each block from the captured maps gives the next block's input: they are the real attention."""
+    """Recomputing each block from the captured maps gives the next block's input:
+    they are the real attention."""
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = PTUnifier(cfg.model).eval()
     b = batch()
     inputs = []
-    hooks = [blk.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for blk in model.blocks]
+    hooks = [blk.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+             for blk in model.blocks]
     enc, maps = poolreport._attention_maps(model, input_ids=b["input_ids"],
                                            attention_mask=b["attention_mask"], heads_mean=False)
     for h in hooks:
@@ -53,17 +55,20 @@ def test_attention_report_equals_the_uniform_share_when_attention_is_uniform():
     for name in ("image_only", "text_only"):
         r = report[name]
         assert r["cls_to_prompts"] == pytest.approx(r["uniform_cls_to_prompts"], abs=1e-5)
-        assert r["prompts_to_present_modality"] == pytest.approx(r["uniform_prompts_to_present_modality"], abs=1e-5)
+        assert (r["prompts_to_present_modality"]
+                == pytest.approx(r["uniform_prompts_to_present_modality"], abs=1e-5))
     k_l = cfg.model.k_l
     assert report["image_only"]["uniform_cls_to_prompts"] == pytest.approx(k_l / (1 + 16 + k_l + 2))
 
 
-def test_a_run_logs_the_pool_diagnostics_and_the_command_reports_on_its_checkpoint(synth_root, tmp_path, capsys):
-    train.main(["--preset", "tiny", "--synth-root", synth_root, "--out", str(tmp_path), "--eval-pairs", "0",
-                "--steps", "10", "--log-every", "5"])
+def test_a_run_logs_the_pool_diagnostics_and_the_command_reports_on_its_checkpoint(
+        synth_root, tmp_path, capsys):
+    train.main(["--preset", "tiny", "--synth-root", synth_root, "--out", str(tmp_path),
+                "--eval-pairs", "0", "--steps", "10", "--log-every", "5"])
     with open(tmp_path / "log.jsonl") as f:
         logged = [json.loads(line) for line in f]
-    assert {"pool_grad_norm_visual", "pool_grad_norm_textual", "pool_pull", "pool_balance"} <= set(logged[0])
+    assert ({"pool_grad_norm_visual", "pool_grad_norm_textual", "pool_pull", "pool_balance"}
+            <= set(logged[0]))
     assert 0 <= logged[1]["probe_topk_changed_textual"] <= 1
     report = poolreport.main([str(tmp_path), "--pairs", "8", "--out", str(tmp_path / "ps.json")])
     with open(tmp_path / "ps.json") as f:

@@ -1,6 +1,6 @@
-"""tools/table2.py: the tables and verdicts from hand-made results, the commands of a seed's runs, and
-one tiny call end to end (pre-training, the zero-shot evaluations, a fine-tune from the checkpoint
-and from scratch), which a second call does not run again."""
+"""tools/table2.py: the tables and verdicts from hand-made results, the commands of a seed's runs,
+and one tiny call end to end (pre-training, the zero-shot evaluations, a fine-tune from the
+checkpoint and from scratch), which a second call does not run again."""
 
 import argparse
 import json
@@ -44,7 +44,8 @@ def test_tables_and_verdicts_from_hand_made_results():
     one = {arm: {0: r[0]} for arm, r in results.items()}
     text1 = table2.report(one)[0]
     assert "inconclusive (n<2)" in text1 and "| pretrained | 1 | 70.0 |" in text1
-    # zero-shot and grounding rows: similarity's CNR 1.72 ± 0.02 beats the box prior's (0.81) on every seed
+    # zero-shot and grounding rows: similarity's CNR 1.72 ± 0.02 beats the box prior's (0.81) on
+    # every seed
     assert "| pre-trained | 3 | 72.0 ± 2.0 |" in text
     assert "| similarity | 3 | 1.720 ± 0.020 | 72.0 ± 2.0 |" in text
     assert summary["grounding"]["similarity vs box_prior (cnr)"]["verdict"] == "held"
@@ -52,12 +53,13 @@ def test_tables_and_verdicts_from_hand_made_results():
 
 
 def test_a_seeds_commands(tmp_path):
-    ns = argparse.Namespace(out=str(tmp_path), preset="tiny", steps=6, finetune_steps=2, data_root="",
-                            synth_root="w", finetunes=["chexpert-1pct", "radnli"])
+    ns = argparse.Namespace(out=str(tmp_path), preset="tiny", steps=6, finetune_steps=2,
+                            data_root="", synth_root="w", finetunes=["chexpert-1pct", "radnli"])
     run, steps = table2.plan("pretrained", 3, ns)
     assert run == os.path.join(str(tmp_path), "pretrained", "seed3")
     names = [s.name for s in steps]
-    assert names == ["pretrain", *(f"zeroshot-{n}" for n in table2.ZERO_SHOT), "chexpert-1pct", "radnli"]
+    assert names == ["pretrain", *(f"zeroshot-{n}" for n in table2.ZERO_SHOT), "chexpert-1pct",
+                     "radnli"]
     pretrain = " ".join(steps[0].cmd)
     assert "train.py --preset tiny --steps 6 --num-workers 1 --synth-root w --seed 3" in pretrain
     chex = " ".join(steps[-2].cmd)
@@ -71,13 +73,13 @@ def test_a_seeds_commands(tmp_path):
 def test_unknown_finetunes_are_refused(capsys):
     with pytest.raises(SystemExit):
         table2.main(["--finetunes", "chexpert,nope"])
-    assert "unknown nope" in capsys.readouterr().err
+    assert "unknown --finetunes nope" in capsys.readouterr().err
 
 
 def test_a_tiny_call_end_to_end(world, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "t2"
-    argv = ["--preset", "tiny", "--steps", "4", "--finetune-steps", "2", "--seeds", "0", "--jobs", "2",
-            "--finetunes", "radnli", "--synth-root", world[0], "--out", str(out)]
+    argv = ["--preset", "tiny", "--steps", "4", "--finetune-steps", "2", "--seeds", "0",
+            "--jobs", "2", "--finetunes", "radnli", "--synth-root", world[0], "--out", str(out)]
     summary = table2.main(argv)
     said = capsys.readouterr().out
     assert "pretrained seed0 pretrain: " in said and "scratch seed0 radnli: " in said
