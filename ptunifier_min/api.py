@@ -217,9 +217,9 @@ class Model:
 
     def ground(self, images, texts, method=grounding.DEFAULT):
         """Where the model looks for each sentence on its film: a list of [H, W] float maps, each
-        over its image's own pixels (higher = more; grounding.py: method "similarity" from the
-        dual-encoder passes, "gradcam" from the fusion pass and the ITM head). images and texts
-        pair up one to one."""
+        over its image's own pixels (higher = more; grounding.py: method "gradcam", the default,
+        from the fusion pass and the ITM head, "similarity" from the dual-encoder passes). images
+        and texts pair up one to one."""
         images, texts = _image_list(images), _text_list(texts, "texts")
         n = _aligned("ground", images=images, texts=texts)
         out = []

@@ -1,6 +1,6 @@
 """Where the model looks: a map over a film for a sentence (phrase grounding, as MS-CXR scores it).
 
-    heat = patch_maps(model, pixels, ids, mask, method="similarity")  # [B, g, g], the patch grid
+    heat = patch_maps(model, pixels, ids, mask, method="gradcam")  # [B, g, g], the patch grid
     img_map = to_image(heat[0], width, height)                        # [H, W], the film's pixels
     overlay(film, img_map, boxes).save("overlay.png")
 
@@ -32,11 +32,11 @@ from .images import ImageTransform, load_image
 from .tokenizer import encode_texts
 
 METHODS = ("similarity", "gradcam")
-DEFAULT = "similarity"  # the method of the headline numbers and of the API (see docs/grounding.md)
+DEFAULT = "gradcam"  # the headline method and the API's: the higher CNR (docs/grounding.md)
 BATCH = 32  # films per pass; under torchrun, the unit of a rank's share
 
 
-def patch_maps(model, pixels, input_ids, attention_mask, method="similarity"):
+def patch_maps(model, pixels, input_ids, attention_mask, method=DEFAULT):
     """[B, g, g] maps of B films (uint8 pixels [B, 1, S, S], the model's input) for B sentences
     (input_ids, attention_mask [B, T]), by `method` (METHODS). model: the backbone (PTUnifier)."""
     g = model.cfg.image_size // model.cfg.patch_size
