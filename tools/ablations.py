@@ -879,6 +879,27 @@ def parse_args(argv=None):
     return parse(p, argv, {"arms": ARMS, "finetunes": FINETUNES})
 
 
+def tabulate(out, report):
+    """Rebuild <out>/tables.md and summary.json from every result.json present (report(results) ->
+    (markdown, summary)); print the tables; return (results, summary)."""
+    results = load_results(out)
+    if not results:
+        raise SystemExit(f"no result.json under {out}/<arm>/seed<S>/: nothing to tabulate")
+    text, summary = report(results)
+    print(text, end="")
+    write_atomic(os.path.join(out, "tables.md"), text)
+    write_json(os.path.join(out, "summary.json"), summary)
+    print(f"tables: {os.path.join(out, 'tables.md')}, numbers: {os.path.join(out, 'summary.json')}")
+    return results, summary
+
+
+def stop_on(failures):
+    if failures:
+        raise SystemExit(f"{len(failures)} run(s) failed: {'; '.join(failures)}; each step's .out "
+                         "file in its run folder says why; run the same command again to retry "
+                         "them")
+
+
 def check_recipe(args, recipe=None):
     """Refuse to mix recipes in one --out: outputs count as done whatever flags made them."""
     recipe = recipe or {"preset": args.preset, "steps": args.steps, "eval_pairs": args.eval_pairs,
@@ -920,20 +941,10 @@ def main(argv=None):
               f"into {args.out}, {args.jobs} at a time; "
               f"each step's console goes to <run>/<step>.out")
         failures = run_all(args)
-    results = load_results(args.out)
-    if not results:
-        raise SystemExit(f"no result.json under {args.out}/<arm>/seed<S>/: nothing to tabulate")
-    text, summary = report(results)
-    print(text, end="")
-    write_atomic(os.path.join(args.out, "tables.md"), text)
-    write_json(os.path.join(args.out, "summary.json"), summary)
+    results, summary = tabulate(args.out, report)
     figure = loss_curves(args.out, sorted(results), os.path.join(args.out, "loss_curves.png"))
-    print(f"tables: {os.path.join(args.out, 'tables.md')}, "
-          f"numbers: {os.path.join(args.out, 'summary.json')}, pre-training losses: {figure}")
-    if failures:
-        raise SystemExit(f"{len(failures)} run(s) failed: {'; '.join(failures)}; "
-                         "each step's .out file in its run folder says why; "
-                         "run the same command again to retry them")
+    print(f"pre-training losses: {figure}")
+    stop_on(failures)
     return summary
 
 

@@ -28,7 +28,6 @@ import eval as eval_script  # noqa: E402
 from ptunifier_min import config, tasks  # noqa: E402
 from ptunifier_min.datasets import source  # noqa: E402
 from ptunifier_min.distributed import Dist  # noqa: E402
-from ptunifier_min.files import write_atomic, write_json  # noqa: E402
 from tools import ablations  # noqa: E402
 from tools.ablations import Step, fmt, markdown, paired, read_json  # noqa: E402
 
@@ -185,17 +184,8 @@ def main(argv=None):
               "step's console goes to <run>/<step>.out")
         failures = ablations.run_all(args, runs, ablations.Runner(args, plan, result),
                                      desc="Table 2 runs")
-    results = ablations.load_results(args.out)
-    if not results:
-        raise SystemExit(f"no result.json under {args.out}/<arm>/seed<S>/: nothing to tabulate")
-    text, summary = report(results)
-    print(text, end="")
-    write_atomic(os.path.join(args.out, "tables.md"), text)
-    write_json(os.path.join(args.out, "summary.json"), summary)
-    print(f"tables: {os.path.join(args.out, 'tables.md')}")
-    if failures:
-        raise SystemExit(f"{len(failures)} run(s) failed: {'; '.join(failures)}; each step's .out "
-                         "file in its run folder says why; run the same command again to retry")
+    _, summary = ablations.tabulate(args.out, report)
+    ablations.stop_on(failures)
     return summary
 
 
