@@ -400,7 +400,7 @@ def test_nlg_metrics_match_the_coco_pipeline():
 
 @needs_java
 @pytest.mark.skipif(os.environ.get("PTU_SLOW_TESTS") != "1",
-                    reason="METEOR's java program loads a 62 MB paraphrase table (seconds per call); "
+                    reason="METEOR's java program loads a 62 MB paraphrase table (slow); "
                            "set PTU_SLOW_TESTS=1")
 def test_meteor_recorded_value():
     refs = {1: ["The heart is normal.", "Heart size normal."], 2: ["No effusion or pneumothorax."]}
