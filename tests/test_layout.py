@@ -17,7 +17,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUMBING = "ptunifier_min.datasets"
 GENERATOR = ("ptunifier_min.datasets.synth", "ptunifier_min.datasets.prepare")
-TOOLS = ("ablations", "bench", "poolreport")  # experiments and benchmarks, not the method
+TOOLS = ("ablations", "bench", "poolreport", "table2")  # experiments and benchmarks, not the method
 
 
 def _loaded_after(code):
