@@ -290,11 +290,15 @@ def test_killed_run_resumes_exactly(world, tmp_path, monkeypatch):
 
     ref, res = losses(tmp_path / "ref"), losses(out)
     assert sorted(res) == list(range(1, 9)) and res == ref
-    a, b = (json.loads(open(os.path.join(p, "results.json")).read())
-            for p in (tmp_path / "ref", out))
+    assert_same_selection(tmp_path / "ref", out)
+
+
+def assert_same_selection(ref, out):
+    """Two fine-tuning runs selected the same step, scored it alike and saved the same weights."""
+    a, b = (json.loads(open(os.path.join(p, "results.json")).read()) for p in (ref, out))
     assert a["best_step"] == b["best_step"] and a["metrics"] == b["metrics"]
     wa, wb = (load_file(os.path.join(checkpoint.resolve_checkpoint(str(p)), "model.safetensors"))
-              for p in (tmp_path / "ref", out))
+              for p in (ref, out))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -318,12 +322,7 @@ def test_stop_signal_saves_the_step_in_flight_and_resumes_to_the_uninterrupted_e
     assert stop_lines == [f"SIGTERM: stopped; the last checkpoint is {ckpt}: run the same command "
                           f"with --resume {out}"]
     finetune.main([*flags, "--out", out, "--resume", out])
-    a, b = (json.loads(open(os.path.join(p, "results.json")).read())
-            for p in (tmp_path / "ref", out))
-    assert a["best_step"] == b["best_step"] and a["metrics"] == b["metrics"]
-    wa, wb = (load_file(os.path.join(checkpoint.resolve_checkpoint(str(p)), "model.safetensors"))
-              for p in (tmp_path / "ref", out))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_selection(tmp_path / "ref", out)
 
 
 # ---- text lengths at fine-tuning (long inputs and targets) ---------------------------------------
