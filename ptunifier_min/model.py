@@ -230,7 +230,7 @@ class Prompts(nn.Module):
     """Stand-ins for a missing modality: none, k static prompts, or the top-k rows of a pool.
 
     Pool mode (paper eq. 4): scores = query . pool rows, the k best rows in score order become the
-    prompts. The rows are gathered by indexing the pool parameter, so the selected rows receive
+    prompts. The rows are gathered from the pool parameter, so the selected rows receive
     gradients (the authors' code ran this under no_grad: its pools never learned). top-k has no
     gradient, which is fine: the rows learn to be good prompts, and since the scores use the same
     rows, that also moves which queries pick them. Two variants of the prompt-pool literature (the
@@ -266,12 +266,13 @@ class Prompts(nn.Module):
             q, kk = F.normalize(q, dim=-1), F.normalize(kk, dim=-1)
         scores = matmul_fp32(q, kk.t())  # [B, N]; fp32 so bf16 rounding never flips a selection
         idx = scores.topk(self.k, dim=-1).indices  # [B, k], best first
-        pull = 1 - F.cosine_similarity(query.detach().float()[:, None], keys[idx].float(),
-                                       dim=-1).mean()
+        # F.embedding, not t[idx]: a row chosen several times sums its gradients in a fixed order
+        pull = 1 - F.cosine_similarity(query.detach().float()[:, None],
+                                       F.embedding(idx, keys).float(), dim=-1).mean()
         ones = torch.ones(idx.numel(), device=idx.device)  # counted on the device: no host read
         counts = torch.zeros(len(keys), device=idx.device).index_add_(0, idx.flatten(), ones)
         balance = len(keys) * (counts / idx.numel() * scores.softmax(-1).mean(0)).sum()
-        return self.weight[idx], idx, {"pull": pull, "balance": balance}
+        return F.embedding(idx, self.weight), idx, {"pull": pull, "balance": balance}
 
 
 @dataclass
@@ -359,7 +360,6 @@ class PTUnifier(nn.Module):
             self.logit_scale.fill_(math.log(1 / self.cfg.itc_temperature))
         self.clamp_logit_scale()
 
-    # ---- embeddings -----------------------------------------------------------------------------
     def embed_image(self, image):
         if image.dtype == torch.uint8:  # the loaders' pixels [B, 1, H, W]: normalised here
             image = normalize(image, self.pixel_values)
@@ -451,7 +451,6 @@ class PTUnifier(nn.Module):
             x = blk(x, None, manual_attention)
         return self.norm(x)  # [B, 1 + N, D]
 
-    # ---- heads ----------------------------------------------------------------------------------
     def mlm_logits(self, h):
         """[M, D] states at masked positions -> [M, V] vocabulary logits (decoder tied to
         word_embeddings)."""

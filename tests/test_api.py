@@ -113,7 +113,7 @@ def test_refusals_name_the_file(runs, tmp_path):
 
 
 def test_every_text_pass_of_the_api_and_retrieval_says_whether_it_pads(runs, monkeypatch):
-    """Issue 11: the model reads the mask on the device (a host wait) only when the caller
+    """The model reads the mask on the device (a host wait) only when the caller
     leaves `padded` to it; the API and retrieval know it from the host's copy of the mask,
     and the answer must be right."""
     calls = []

@@ -1,4 +1,4 @@
-"""Issue 11 item 4: PTUnifier's forward compiles whole (no graph break) for each kind of pass
+"""PTUnifier's forward compiles whole (no graph break) for each kind of pass
 pre-training makes, and --compile is on by default where it pays (CUDA), off on a CPU."""
 
 import json

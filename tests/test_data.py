@@ -261,9 +261,9 @@ def test_pretrain_dataset_is_a_function_of_seed_epoch_index(tmp_path, tok):
     assert batch["index"].tolist() == [0, 1, 2, 3]
 
 
-# ---- lean batches (issue 11 item 2): uint8 pixels from the loader, normalised on the device ------
+# ---- lean batches: uint8 pixels from the loader, normalised on the device ------------------------
 def _old_transform(t, img, rng=None):
-    """The float transform as it was before issue 11, written out: the reference
+    """The float transform as it was before the lean batches, written out: the reference
     every pixel must still equal."""
     w, h = img.size
     box = t._random_box(w, h, rng) if t.train and t.random_resized_crop else t._center_box(w, h)

@@ -132,7 +132,7 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_mlm_grad_accumulation_is_exact():
-    """Item 7: 1 process at batch 2B equals batch B with --grad-accum 2, in masks,
+    """1 process at batch 2B equals batch B with --grad-accum 2, in masks,
     loss and gradients (1e-5): every micro-step divides by the masked tokens of the
     whole step, not by its own."""
     results = {}

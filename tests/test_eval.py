@@ -133,11 +133,11 @@ class ITMMargins(ITMKnowsBetter):
 
 @pytest.mark.parametrize("offset", [-10.0, -3.0, -1.5, -0.5, 0.0, 2.0, 10.0])
 def test_itm_reranked_candidates_stay_on_top_whatever_the_margins(toy, offset):
-    """Item 1: the re-ranked top-k stays above the rest of its row, ordered by the ITM margin.
-    (Before: scored max|sim| + 1 + margin, so margins below about -1 sank the whole top-k under
-    the other candidates.) The re-ranking now works from the embeddings, with no matrix to
-    inspect: each image's own text, 3rd by ITC, comes first with the top 3 re-ranked, and keeps
-    its ITC rank (3rd) when only the top 2 are."""
+    """The re-ranked top-k stays above the rest of its row, ordered by the ITM margin.
+    (A score of max|sim| + 1 + margin would sink the whole top-k under the other candidates for
+    margins below about -1.) The re-ranking works from the embeddings, with no matrix to inspect:
+    each image's own text, 3rd by ITC, comes first with the top 3 re-ranked, and keeps its ITC
+    rank (3rd) when only the top 2 are."""
     tok, records = toy
     n = len(records)
     # [N_img, N_txt]: the own text 3rd by ITC
@@ -157,7 +157,7 @@ def test_itm_reranked_candidates_stay_on_top_whatever_the_margins(toy, offset):
 
 
 def test_one_itc_embedding_for_pretraining_retrieval_fine_tuning_and_the_api(toy):
-    """Issue 10 item 3: retrieval, the fine-tuning ITC head and the Python API embed an image or a
+    """Retrieval, the fine-tuning ITC head and the Python API embed an image or a
     text exactly as the reference computation (projection of the pooled single-modality pass,
     L2-normalised), and a pair is refused."""
     tok, records = toy

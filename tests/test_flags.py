@@ -1,4 +1,4 @@
-"""Every flag is validated at parse time (issue 9): a value outside its range is a usage error (exit
+"""Every flag is validated at parse time: a value outside its range is a usage error (exit
 2) that names the flag and what is allowed, before any data is read; never a traceback hours in, nor
 a run that trains on it (a negative learning rate used to ascend the gradient and exit 0)."""
 

@@ -225,7 +225,7 @@ PTB_CASES = [
      "under_score __ init __ a ___ b normal.the dr.x word.another"),
     ("(1) 2) a) -lrb- R. lung, Rt. lung, L. side, II. IV. I.",
      "-lrb- 1 -rrb- 2 -rrb- a -rrb- -lrb- r. lung rt. lung l. side ii iv i."),
-    # issue 8: a list number touching the next word, and inline tags, as in real reports
+    # a list number touching the next word, and inline tags, as in real reports
     ("1.Severe cardiomegaly. 2.No evidence of effusion.",
      "1 severe cardiomegaly 2 no evidence of effusion"),
     ("Findings:<BR>1.Normal.<br/>2.Clear <XXXX> XXXX </p><p class='x'>",

@@ -129,6 +129,31 @@ def test_prompt_pool_selects_top_k_and_trains_exactly_those_rows():
     assert torch.equal(touched, torch.isin(torch.arange(10), expected.flatten()))
 
 
+@pytest.mark.parametrize("keys", ["shared", "separate"])
+def test_pool_gradients_are_the_same_on_every_run(keys):
+    # Rows chosen by many inputs sum many gradients. Indexing's backward adds them with atomics
+    # across threads, in an order that varies from run to run, so identical runs drifted apart;
+    # the gather must add them in a fixed order. Two threads: one would hide the race.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        pool = Prompts("pool", pool_size=64, k=8, dim=128, keys=keys)
+        torch.nn.init.normal_(pool.weight)
+        if pool.key is not None:
+            torch.nn.init.normal_(pool.key)
+        q, g = torch.randn(256, 128), torch.randn(256, 8, 128)
+        grads = set()
+        for _ in range(30):
+            pool.zero_grad()
+            prompts, _, terms = pool(q)
+            ((prompts * g).sum() + terms["pull"]).backward()
+            grads.add(b"".join(p.grad.numpy().tobytes() for p in pool.parameters()))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(grads) == 1
+
+
 def test_static_prompts_are_shared_and_none_is_empty():
     static = Prompts("static", pool_size=10, k=3, dim=4)
     p, idx, terms = static(torch.randn(5, 4))
@@ -199,7 +224,7 @@ def test_missing_text_with_no_prompts_is_the_empty_text():
 def test_config_validation():
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(dim=30, heads=4)
-    # the flag's name (issue 9: errors name the flag)
+    # errors name the flag
     with pytest.raises(ValueError, match="--prompt-mode"):
         ModelConfig(prompt_mode="dynamic")
 

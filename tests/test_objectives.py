@@ -199,7 +199,7 @@ def test_a_rank_that_exchanges_no_image_still_takes_part_in_the_exchange(tmp_pat
 
 
 def test_itm_negatives_exclude_same_text_and_same_file(monkeypatch):
-    """Item 4: a negative must show another file AND carry another text (a
+    """A negative must show another file AND carry another text (a
     shared sentence is a true match)."""
     # pairs 2 and 3 show one file (a figure under two ids)
     image_id = torch.tensor([10, 11, 12, 12, 13, 14])
@@ -232,7 +232,7 @@ def test_itm_negatives_exclude_same_text_and_same_file(monkeypatch):
 
 
 def test_pretraining_batches_carry_the_image_file(tmp_path):
-    """Item 4: the collate gives every sample an int64 identity of its resolved image file,
+    """The collate gives every sample an int64 identity of its resolved image file,
     equal for one file under two records (here through a symbolic link), different for different
     files, the same in every process."""
     tok = train_tokenizer(["no pneumothorax. small effusion."] * 3, 60,
@@ -315,7 +315,7 @@ def test_hard_negatives_follow_the_similarities():
 
 
 def test_hard_negatives_are_sharp_at_a_global_batch_of_256():
-    """Item 2: ALBEF samples from softmax(sim / temperature); softmax of raw cosines
+    """ALBEF samples from softmax(sim / temperature); softmax of raw cosines
     in [-1, 1] is nearly uniform."""
     G = 256
     g = torch.Generator().manual_seed(0)
@@ -349,14 +349,14 @@ def test_hard_negative_itm_trains():
     loss, stats, _ = pretraining_step_loss(model, fake_batch(), cfg)
     loss.backward()
     assert torch.isfinite(loss) and model.itm_head.fc1.weight.grad.abs().sum() > 0
-    # the logged `loss` is the weighted total that is optimised (item 9)
+    # the logged `loss` is the weighted total that is optimised
     weighted = 0.5 * stats["mlm_loss"] + stats["itm_loss"] + 2.0 * stats["itc_loss"]
     assert (stats["loss"] == loss.detach()
             and float(stats["loss"]) == pytest.approx(float(weighted), rel=1e-6))
 
 
 def test_contrastive_products_and_losses_are_fp32_under_bf16_autocast():
-    """Item 3: inside a bf16 autocast a.float() @ b.float().t() is still a bf16
+    """Inside a bf16 autocast a.float() @ b.float().t() is still a bf16
     product (0.1 off at scale 100)."""
     g = torch.Generator().manual_seed(0)
     zi, zt = (F.normalize(torch.randn(64, 32, generator=g), dim=-1) for _ in range(2))
@@ -386,7 +386,7 @@ def test_contrastive_products_and_losses_are_fp32_under_bf16_autocast():
 
 
 def test_logit_scale_is_clamped_after_the_step_not_in_the_forward_pass():
-    """Item 6: a clamp in the forward pass zeroes the gradient past log(100), so the
+    """A clamp in the forward pass zeroes the gradient past log(100), so the
     scale could never come back."""
     cfg = build(TrainConfig, {**PRESETS["tiny"], "objectives": "itc", "vocab_size": 100})
     model = PTUnifier(cfg.model)
@@ -408,7 +408,7 @@ def test_logit_scale_is_clamped_after_the_step_not_in_the_forward_pass():
     assert fixed.itc_scale().item() == pytest.approx(100)
 
 
-# ---- lean batches (issue 11 item 2): uint8 pixels through the step, ITM exchanging uint8 rows ----
+# ---- lean batches: uint8 pixels through the step, ITM exchanging uint8 rows --------------------
 def _lean_case(hard=False):
     """A tiny pre-training model and a global batch of 8 as uint8 pixels [8, 1, 32, 32] with
     duplicate files and texts across the halves, plus the same images as the float [8, 3, 32,

@@ -1,5 +1,5 @@
-"""--precision auto by the device's capability, the attention kernel by device and precision (issue
-11, item 5), and the CPU runs' malloc setting. No test here depends on the machine's own CPU: the
+"""--precision auto by the device's capability, the attention kernel by device and precision,
+and the CPU runs' malloc setting. No test here depends on the machine's own CPU: the
 flags are monkeypatched or read from files written here."""
 
 import os

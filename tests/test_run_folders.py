@@ -1,4 +1,4 @@
-"""Run folders are owned, and resuming is honest (issue 9): a lock per --out, no re-run into an
+"""Run folders are owned, and resuming is honest: a lock per --out, no re-run into an
 earlier run unless --resume or --overwrite (which moves it aside), keep-last that deletes only this
 run's checkpoints, atomic writes that say "disk full", resume that refuses what cannot change and
 applies what may (learning rates included), a log cut back to the resumed step, and SIGTERM / SIGINT

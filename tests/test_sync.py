@@ -1,4 +1,4 @@
-"""Issue 11 item 3: train.py's step makes the host wait for the device once per optimizer step (the
+"""train.py's step makes the host wait for the device once per optimizer step (the
 non-finite decision in optim.all_finite), never inside a micro-step.
 
 A CPU has no device to wait for, so the test looks for what would make a GPU's host wait: every read
@@ -155,10 +155,10 @@ def watch_train(monkeypatch, argv):
 
 def test_a_training_step_waits_for_the_device_once(synth_root, tmp_path, monkeypatch):
     """3 steps, 2 micro-steps each, a logging step among them; every objective, hard negatives and
-    whole-word masking (both add draws), prompt pools (pool-usage counts). Fails on the code before
-    issue 11: bool(mask.all()) in every pass, chosen.any() in masking, boolean indexing of the MLM
-    positions, ITM's lonely-row check and multinomial, the [CLS] [SEP] ids made in forward,
-    bincount of the pool selections."""
+    whole-word masking (both add draws), prompt pools (pool-usage counts). Fails on each of the
+    waits a step can hide: bool(mask.all()) in every pass, chosen.any() in masking, boolean indexing
+    of the MLM positions, ITM's lonely-row check and multinomial, the [CLS] [SEP] ids made in
+    forward, bincount of the pool selections."""
     steps = 3
     watch = watch_train(monkeypatch, [str(a) for a in [
         "--preset", "tiny", "--synth-root", synth_root, "--out", tmp_path, "--precision", "fp32",
