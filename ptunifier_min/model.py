@@ -230,13 +230,13 @@ class Prompts(nn.Module):
     """Stand-ins for a missing modality: none, k static prompts, or the top-k rows of a pool.
 
     Pool mode (paper eq. 4): scores = query . pool rows, the k best rows in score order become the
-    prompts. The rows are gathered from the pool parameter, so the selected rows receive
-    gradients (the authors' code ran this under no_grad: its pools never learned). top-k has no
-    gradient, which is fine: the rows learn to be good prompts, and since the scores use the same
-    rows, that also moves which queries pick them. Two variants of the prompt-pool literature (the
-    paper's form is the default): select="cosine" scores normalised query and keys, so that a row's
-    norm cannot win every query; keys="separate" selects by a key per row and inserts the row
-    (L2P's key-value pool, Wang et al. 2022): the keys learn only through the pull term.
+    prompts. The rows are gathered from the pool parameter, so the selected rows receive gradients
+    (the authors' code ran this under no_grad: its pools never learned). top-k has no gradient,
+    which is fine: the rows learn to be good prompts, and since the scores use the same rows, that
+    also moves which queries pick them. Two variants of the prompt-pool literature (the paper's form
+    is the default): select="cosine" scores normalised query and keys, so that a row's norm cannot
+    win every query; keys="separate" selects by a key per row and inserts the row (L2P's key-value
+    pool, Wang et al. 2022): the keys learn only through the pull term.
     """
 
     def __init__(self, mode, pool_size, k, dim, select="dot", keys="shared"):
@@ -266,7 +266,7 @@ class Prompts(nn.Module):
             q, kk = F.normalize(q, dim=-1), F.normalize(kk, dim=-1)
         scores = matmul_fp32(q, kk.t())  # [B, N]; fp32 so bf16 rounding never flips a selection
         idx = scores.topk(self.k, dim=-1).indices  # [B, k], best first
-        # F.embedding, not t[idx]: a row chosen several times sums its gradients in a fixed order
+        # F.embedding, not indexing: its backward sums a row chosen several times in a fixed order
         pull = 1 - F.cosine_similarity(query.detach().float()[:, None],
                                        F.embedding(idx, keys).float(), dim=-1).mean()
         ones = torch.ones(idx.numel(), device=idx.device)  # counted on the device: no host read
