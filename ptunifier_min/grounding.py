@@ -32,7 +32,7 @@ from .images import ImageTransform, load_image
 from .tokenizer import encode_texts
 
 METHODS = ("similarity", "gradcam")
-DEFAULT = "gradcam"  # the headline method and the API's: the higher CNR (docs/grounding.md)
+DEFAULT = "gradcam"  # the headline method and the API's: the steadier CNR (docs/grounding.md)
 BATCH = 32  # films per pass; under torchrun, the unit of a rank's share
 
 
