@@ -25,8 +25,6 @@ import os
 import sys
 from dataclasses import dataclass
 
-import torch
-
 from ptunifier_min import checkpoint, data, distributed, grounding, manifests, runs, tasks
 from ptunifier_min import config as config_lib
 from ptunifier_min.config import FinetuneConfig
@@ -187,9 +185,7 @@ def main(argv=None):
                    "eval_config": dataclasses.asdict(args)}
         write_json(os.path.join(args.out, "results.json"), results)
         print0(f"wrote {os.path.join(args.out, 'results.json')}")
-    distributed.barrier(proc)
-    if proc.world > 1:
-        torch.distributed.destroy_process_group()
+    distributed.leave(proc)
     return 0
 
 

@@ -302,9 +302,8 @@ def main(argv=None):
         write_json(os.path.join(cfg.out, "results.json"), results)
         print0(f"test {task.name} (weights of step {best['step']}): " + report(test))
         print0(f"results: {os.path.join(cfg.out, 'results.json')}; checkpoint: {path}")
-    distributed.barrier(proc)
-    if proc.world > 1:
-        torch.distributed.destroy_process_group()
+    del train_model  # before the process group ends (distributed.leave)
+    distributed.leave(proc)
 
 
 def resolve_init(cfg, print0):

@@ -222,9 +222,8 @@ def main(argv=None):
                                                   f"[{100 * min(1, k / len(test)):.2f}]"
                                                   for k in (1, 5, 10)))
         log.write({"step": cfg.steps, "zero_shot_retrieval": r})  # r["pairs"]: how many
-    distributed.barrier(proc)
-    if proc.world > 1:
-        torch.distributed.destroy_process_group()
+    del train_model  # before the process group ends (distributed.leave)
+    distributed.leave(proc)
     return model
 
 

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import gc
 import os
 import random
 
@@ -189,6 +190,18 @@ def seed_everything(seed):
 def barrier(proc):
     if proc.world > 1:
         dist.barrier()
+
+
+def leave(proc):
+    """The end of a job: wait for every rank, then end the process group. The caller drops its DDP
+    wrapper first: DDP's reducer holds the group, and when a reducer is the group's last holder
+    its destructor joins gloo's worker threads with the GIL held, while a worker that releases a
+    finished collective's tensors waits for the GIL: both hang. Collected here, while the group is
+    still registered, the reducer is never the last holder."""
+    barrier(proc)
+    if proc.world > 1:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def shard(n, proc, unit=1):

@@ -5,6 +5,7 @@ the text lengths chosen from the data and the truncated shares, and exact resume
 DDP processes that each restore their own RNG), after a kill or a stop signal."""
 
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -466,6 +467,9 @@ def _resume_worker(rank, world, synth_root, out, ports):
         finetune.main([*flags, "--out", f"{out}/killed"])
     except KeyboardInterrupt:
         pass
+    # the killed run's DDP wrapper lives on in a reference cycle (the traceback's frames): freed
+    # now, while its process group is still registered (distributed.leave says why)
+    gc.collect()
     optim.optimizer_step = real
     # ends the process group
     finetune.main([*flags, "--out", f"{out}/killed", "--resume", f"{out}/killed"])
